@@ -1,0 +1,59 @@
+"""lmcodec: lossless compression with a language model as the probability model.
+
+>>> import lmcodec
+>>> blob = lmcodec.compress(b"Hello, world!\\n")
+>>> lmcodec.decompress(blob)
+b'Hello, world!\\n'
+
+Use :class:`Codec` to keep a model loaded across many calls.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .codec import Codec, Settings, Stats
+from .errors import (
+    ArchiveError,
+    ChecksumError,
+    CorruptArchiveError,
+    EnvironmentMismatchError,
+    LMCodecError,
+    ModelError,
+    ModelMismatchError,
+    NotAnArchiveError,
+    PromptMismatchError,
+    TruncatedArchiveError,
+    UnsupportedFormatError,
+    UsageError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArchiveError", "ChecksumError", "Codec", "CorruptArchiveError", "EnvironmentMismatchError",
+    "LMCodecError", "ModelError", "ModelMismatchError", "NotAnArchiveError", "PromptMismatchError",
+    "Settings", "Stats", "TruncatedArchiveError", "UnsupportedFormatError", "UsageError",
+    "compress", "decompress",
+]
+
+_codecs: dict[str | None, Codec] = {}
+
+
+def _codec(model: str | os.PathLike | None) -> Codec:
+    key = None if model is None else str(model)
+    if key not in _codecs:
+        _codecs[key] = Codec(model)
+    return _codecs[key]
+
+
+def compress(data: bytes, *, prompt: bytes | str | None = None,
+             model: str | os.PathLike | None = None) -> bytes:
+    """Compress ``data`` with ``model`` (default smollm2-135m), optionally keyed by ``prompt``."""
+    return _codec(model).compress(data, prompt)
+
+
+def decompress(blob: bytes, *, prompt: bytes | str | None = None,
+               model: str | os.PathLike | None = None) -> bytes:
+    """Recover the original bytes; raises an :class:`LMCodecError` subclass on any problem."""
+    return _codec(model).decompress(blob, prompt)

@@ -1,0 +1,206 @@
+"""A lean batched Llama-family forward pass with a preallocated KV cache.
+
+The coder needs one next-token distribution per position, and the decoder can
+only compute them one step at a time.  So the encoder computes them the same
+way: :class:`Lockstep` advances ``B`` segments together, one token each per
+step, through exactly the kernels, shapes and thread count the decoder will use.
+That, not any numerical tolerance, is what makes the two sides agree bit for bit.
+
+Context handling: every segment starts from the same *prefix* (start token +
+prompt), prefilled once at batch 1 and copied into each row of the cache.  When
+a segment outgrows the cache, the oldest non-prefix entries are overwritten
+(a ring buffer); the prefix stays as an attention sink.  RoPE is applied with
+absolute positions when a key is written, so relative offsets stay exact.
+
+Device-agnostic: the same code runs on CPU and CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ModelError, UsageError
+from .models import ArchConfig, LoadedModel
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is usable, else ``cpu``."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"device must be auto, cpu or cuda, not {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("device 'cuda' requested but no CUDA GPU is available")
+    return device
+
+
+def pick_dtype(dtype: str, device: str) -> str:
+    """``auto`` -> float32 on CPU (bf16 is ~6x slower there), bfloat16 on CUDA."""
+    if dtype == "auto":
+        return "float32" if device == "cpu" else "bfloat16"
+    if dtype not in DTYPES:
+        raise UsageError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    return dtype
+
+
+@contextmanager
+def torch_threads(n: int):
+    """Run with exactly ``n`` intra-op threads: CPU kernels split work by thread count."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+class Engine:
+    """Fused weights of one model on one device in one dtype."""
+
+    def __init__(self, model: LoadedModel, device: str = "cpu", dtype: str = "float32"):
+        a: ArchConfig = model.arch
+        self.arch = a
+        self.device = torch.device(device)
+        self.dtype = DTYPES[dtype]
+        w = model.weights
+        pre = "model."
+
+        def get(name: str) -> torch.Tensor:
+            try:
+                t = w[pre + name]
+            except KeyError as exc:
+                raise ModelError(f"weight {name!r} missing from the model") from exc
+            return t.to(self.device, self.dtype).contiguous()
+
+        def opt(name: str) -> torch.Tensor | None:
+            return get(name) if pre + name in w else None
+
+        self.embed = get("embed_tokens.weight")
+        self.norm = get("norm.weight")
+        self.lm_head = self.embed if a.tie_word_embeddings else (
+            w["lm_head.weight"].to(self.device, self.dtype).contiguous())
+        self.layers = []
+        for i in range(a.num_layers):
+            p = f"layers.{i}."
+            qkv_b = [opt(p + f"self_attn.{n}_proj.bias") for n in "qkv"]
+            self.layers.append(dict(
+                attn_norm=get(p + "input_layernorm.weight"),
+                wqkv=torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"]).contiguous(),
+                bqkv=torch.cat(qkv_b) if all(b is not None for b in qkv_b) else None,
+                wo=get(p + "self_attn.o_proj.weight"),
+                mlp_norm=get(p + "post_attention_layernorm.weight"),
+                wgu=torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]).contiguous(),
+                wd=get(p + "mlp.down_proj.weight"),
+            ))
+        hd = a.head_dim
+        self.inv_freq = 1.0 / (a.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+        self.q_size = a.num_heads * hd
+        self.kv_size = a.num_kv_heads * hd
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ang = positions.to(torch.float64)[:, None] * self.inv_freq[None, :]
+        ang = torch.cat([ang, ang], dim=-1)
+        return (ang.cos().to(self.device, self.dtype), ang.sin().to(self.device, self.dtype))
+
+    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.arch.rms_norm_eps)
+        return weight * xf.to(x.dtype)
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor, length: int,
+                all_positions: bool = False) -> torch.Tensor:
+        """Run ``ids`` [B, T] at ``positions`` [T], writing K/V at cache ``slots`` [T].
+
+        Attention covers cache entries ``[0, length)``; when T > 1 (prefill) the
+        entries are the T new ones and a causal mask applies.  Returns the
+        float32 logits of the last position, [B, V] (of every position, [B, T, V],
+        with ``all_positions``: used to measure, never to code).
+        """
+        a = self.arch
+        B, T = ids.shape
+        nh, nkv, hd = a.num_heads, a.num_kv_heads, a.head_dim
+        group = nh // nkv
+        cos, sin = self._rope(positions)
+        mask = None
+        if T > 1:
+            mask = torch.ones(T, length, dtype=torch.bool, device=self.device).tril(length - T)
+        x = F.embedding(ids, self.embed)
+        scale = 1.0 / math.sqrt(hd)
+        for li, layer in enumerate(self.layers):
+            h = self._rms(x, layer["attn_norm"])
+            qkv = F.linear(h, layer["wqkv"], layer["bqkv"])
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = self._rotate(q.view(B, T, nh, hd), cos[:, None, :], sin[:, None, :])
+            k = self._rotate(k.view(B, T, nkv, hd), cos[:, None, :], sin[:, None, :])
+            k_cache[li].index_copy_(2, slots, k.transpose(1, 2))
+            v_cache[li].index_copy_(2, slots, v.view(B, T, nkv, hd).transpose(1, 2))
+            keys = k_cache[li, :, :, :length]            # [B, nkv, L, hd]
+            values = v_cache[li, :, :, :length]
+            qg = q.view(B, T, nkv, group, hd).permute(0, 2, 3, 1, 4).reshape(B, nkv, group * T, hd)
+            scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * scale
+            if mask is not None:
+                scores = scores.view(B, nkv, group, T, length).masked_fill(~mask, float("-inf"))
+                scores = scores.view(B, nkv, group * T, length)
+            attn = torch.softmax(scores, dim=-1).to(self.dtype)
+            out = torch.matmul(attn, values)             # [B, nkv, group*T, hd]
+            out = out.view(B, nkv, group, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, nh * hd)
+            x = x + F.linear(out, layer["wo"])
+            h = self._rms(x, layer["mlp_norm"])
+            gate, up = F.linear(h, layer["wgu"]).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer["wd"])
+        x = self._rms(x if all_positions else x[:, -1], self.norm)
+        return F.linear(x, self.lm_head).float()
+
+
+class Lockstep:
+    """``batch`` segments advancing together, one token per segment per step."""
+
+    def __init__(self, engine: Engine, prefix: list[int], batch: int, context: int):
+        a = engine.arch
+        if not prefix:
+            raise ValueError("prefix must hold at least the start token")
+        if len(prefix) > context // 2:
+            raise ValueError("prefix longer than half the context")
+        self.engine = engine
+        self.context = context
+        self.sink = len(prefix)
+        shape = (a.num_layers, batch, a.num_kv_heads, context, a.head_dim)
+        dev = engine.device
+        self.k = torch.zeros(shape, dtype=engine.dtype, device=dev)
+        self.v = torch.zeros(shape, dtype=engine.dtype, device=dev)
+        # Prefill the shared prefix once at batch 1, then copy it into every row.
+        p = len(prefix)
+        pk = torch.zeros((a.num_layers, 1, a.num_kv_heads, context, a.head_dim), dtype=engine.dtype, device=dev)
+        pv = torch.zeros_like(pk)
+        idx = torch.arange(p, device=dev)
+        logits = engine.forward(torch.tensor([prefix], device=dev), idx.cpu(), idx, pk, pv, p)
+        self.k[:, :, :, :p] = pk[:, :, :, :p]
+        self.v[:, :, :, :p] = pv[:, :, :, :p]
+        self.logits = logits.expand(batch, -1).contiguous()
+        self.position = p
+
+    def advance(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row [B]; return the next logits [B, V] (float32)."""
+        pos = self.position
+        ring = self.context - self.sink
+        slot = pos if pos < self.context else self.sink + (pos - self.sink) % ring
+        length = min(pos + 1, self.context)
+        dev = self.engine.device
+        self.logits = self.engine.forward(
+            tokens.view(-1, 1).to(dev), torch.tensor([pos]), torch.tensor([slot], device=dev),
+            self.k, self.v, length)
+        self.position = pos + 1
+        return self.logits
