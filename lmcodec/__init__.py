@@ -23,6 +23,7 @@ from .errors import (
     ModelMismatchError,
     NotAnArchiveError,
     PromptMismatchError,
+    ResourceLimitError,
     TruncatedArchiveError,
     UnsupportedFormatError,
     UsageError,
@@ -33,7 +34,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ArchiveError", "ChecksumError", "Codec", "CorruptArchiveError", "EnvironmentMismatchError",
     "LMCodecError", "ModelError", "ModelMismatchError", "NotAnArchiveError", "PromptMismatchError",
-    "Settings", "Stats", "TruncatedArchiveError", "UnsupportedFormatError", "UsageError",
+    "ResourceLimitError", "Settings", "Stats", "TruncatedArchiveError", "UnsupportedFormatError", "UsageError",
     "compress", "decompress",
 ]
 

@@ -94,7 +94,7 @@ def coding_options(fn):
         click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True),
         click.option("--dtype", default="auto", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
                      show_default=True),
-        click.option("--threads", type=click.IntRange(1, 1024), default=None,
+        click.option("--threads", type=click.IntRange(1, 256), default=None,
                      help="CPU threads (recorded: the decoder uses the same number)."),
         click.option("--batch-size", type=click.IntRange(1, 65535), default=None,
                      help="Segments coded side by side [CPU 64, CUDA 512]."),

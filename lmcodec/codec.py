@@ -21,7 +21,7 @@ import zstandard
 from . import models
 from .coder import SegmentDecoder, SegmentEncoder
 from .container import Block, End, Header, Method, Reader, content_hasher, digest, prompt_check
-from .engine import Engine, Lockstep, pick_device, pick_dtype, torch_threads
+from .engine import Engine, Lockstep, kv_bytes, pick_device, pick_dtype, torch_threads
 from .errors import (
     ArchiveError,
     ChecksumError,
@@ -31,6 +31,7 @@ from .errors import (
     ModelError,
     ModelMismatchError,
     PromptMismatchError,
+    ResourceLimitError,
     UsageError,
 )
 from .frequencies import probability_table, surprisal_bits
@@ -47,6 +48,14 @@ ZSTD_LEVEL = 19
 BINARY_SYMBOLS_PER_BYTE = 0.6
 
 Progress = Callable[[int], None]
+
+
+def max_kv_bytes() -> int:
+    """Refuse to allocate more KV cache than this (``LMCODEC_MAX_KV_GIB``, default 16)."""
+    try:
+        return int(float(os.environ.get("LMCODEC_MAX_KV_GIB", "16")) * 2**30)
+    except ValueError:
+        return 16 * 2**30
 
 
 @dataclass(frozen=True)
@@ -69,8 +78,8 @@ class Settings:
         batch = self.batch_size or DEFAULT_BATCH[device]
         if self.method not in ("auto", "lm", "zstd", "raw"):
             raise UsageError(f"method must be auto, lm, zstd or raw, not {self.method!r}")
-        if not 1 <= threads <= 1024 or not 1 <= batch <= 65535:
-            raise UsageError("threads must be 1..1024 and batch size 1..65535")
+        if not 1 <= threads <= 256 or not 1 <= batch <= 65535:
+            raise UsageError("threads must be 1..256 and batch size 1..65535")
         if not 16 <= self.context <= 1 << 20 or not 1 <= self.segment_tokens <= 1 << 30:
             raise UsageError("context must be 16..1048576 tokens and segment tokens >= 1")
         if not 4096 <= self.block_size <= 64 << 20:
@@ -218,9 +227,16 @@ class Codec:
         bytes, spread evenly over the block's tokens.
         """
         total, done, reported = sum(lengths), 0, 0
+        rows = min(len(lengths), s.batch_size)
+        need = kv_bytes(engine.arch, s.dtype, rows, min(s.context, len(prefix) + max(lengths, default=0)))
+        if need > max_kv_bytes():
+            raise ResourceLimitError(
+                f"coding needs {need / 2**30:.1f} GiB of KV cache (batch {rows} x context "
+                f"{s.context}), over the {max_kv_bytes() / 2**30:.1f} GiB limit "
+                "(LMCODEC_MAX_KV_GIB)")
         for start in range(0, len(lengths), s.batch_size):
             batch = lengths[start:start + s.batch_size]
-            run = Lockstep(engine, prefix, len(batch), s.context)
+            run = Lockstep(engine, prefix, len(batch), s.context, max(batch))
             feed = np.full(len(batch), prefix[-1], dtype=np.int64)
             for t in range(max(batch)):
                 rows = [i for i, n in enumerate(batch) if t < n]

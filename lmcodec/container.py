@@ -187,7 +187,7 @@ class Reader:
         (mfp, tfp, pcheck, dev, dt, threads, batch, context, seg, esc, block_size) = _PARAMS.unpack(params)
         devices = {v: k for k, v in DEVICES.items()}
         dtypes = {v: k for k, v in DTYPES.items()}
-        if (flags & ~FLAG_PROMPT or dev not in devices or dt not in dtypes or not 1 <= threads
+        if (flags & ~FLAG_PROMPT or dev not in devices or dt not in dtypes or not 1 <= threads <= 256
                 or not 1 <= batch or not 4 <= context or not 1 <= seg or not 1 <= esc <= 30
                 or not 1 <= block_size <= MAX_BLOCK_SIZE):
             raise CorruptArchiveError("archive header has invalid parameters")

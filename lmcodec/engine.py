@@ -165,17 +165,29 @@ class Engine:
         return F.linear(x, self.lm_head).float()
 
 
-class Lockstep:
-    """``batch`` segments advancing together, one token per segment per step."""
+def kv_bytes(arch: ArchConfig, dtype: str, rows: int, capacity: int) -> int:
+    """Memory the KV cache of ``rows`` x ``capacity`` tokens takes."""
+    per_token = 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * DTYPES[dtype].itemsize
+    return per_token * rows * capacity
 
-    def __init__(self, engine: Engine, prefix: list[int], batch: int, context: int):
+
+class Lockstep:
+    """``batch`` segments advancing together, one token per segment per step.
+
+    The cache holds ``min(context, len(prefix) + longest)`` entries: a segment
+    never needs more, so short inputs get small caches.  Encoder and decoder
+    know both numbers, so they allocate the same shapes.
+    """
+
+    def __init__(self, engine: Engine, prefix: list[int], batch: int, context: int, longest: int):
         a = engine.arch
         if not prefix:
             raise ValueError("prefix must hold at least the start token")
         if len(prefix) > context // 2:
             raise ValueError("prefix longer than half the context")
         self.engine = engine
-        self.context = context
+        self.context = min(context, len(prefix) + longest)
+        context = self.context
         self.sink = len(prefix)
         shape = (a.num_layers, batch, a.num_kv_heads, context, a.head_dim)
         dev = engine.device

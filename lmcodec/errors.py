@@ -57,3 +57,7 @@ class PromptMismatchError(LMCodecError):
 
 class EnvironmentMismatchError(LMCodecError):
     """This machine cannot reproduce the encoder's computation (device, dtype)."""
+
+
+class ResourceLimitError(LMCodecError):
+    """Coding would need more memory than the configured limit allows."""

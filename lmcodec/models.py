@@ -215,10 +215,19 @@ def _convert(directory: Path, gguf: str | None, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+_LOADED: dict[bytes, LoadedModel] = {}
+
+
 def load(model: str | os.PathLike | None = None) -> LoadedModel:
-    """Load a model by registry name or path, converting and caching on first use."""
+    """Load a model by registry name or path, converting and caching on first use.
+
+    Loaded models are shared within the process (keyed by fingerprint): weights
+    are read-only, and a second copy would only cost memory.
+    """
     name, directory, gguf = resolve(model)
     fingerprint = _fingerprint_cached(_source_files(directory, gguf))
+    if fingerprint in _LOADED:
+        return _LOADED[fingerprint]
     target = cache_dir() / "models" / fingerprint.hex()
     if not (target / "weights.safetensors").is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -233,4 +242,5 @@ def load(model: str | os.PathLike | None = None) -> LoadedModel:
     except Exception as exc:
         raise ModelError(f"model cache {target} is unreadable ({exc}); delete it and retry") from exc
     source = str(directory / gguf) if gguf else str(directory)
-    return LoadedModel(name, arch, weights, tokenizer, fingerprint, source)
+    _LOADED[fingerprint] = LoadedModel(name, arch, weights, tokenizer, fingerprint, source)
+    return _LOADED[fingerprint]

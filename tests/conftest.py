@@ -1,0 +1,63 @@
+"""Shared fixtures: the real default model, loaded once per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import lmcodec  # noqa: E402
+from lmcodec import models  # noqa: E402
+from lmcodec.tokens import ByteTokenizer  # noqa: E402
+
+# Small segments keep the lockstep short (steps = segment length) so round trips
+# through the real 135M model take seconds, while still exercising several
+# segments, several batches and the sliding window.
+FAST = dict(segment_tokens=24, batch_size=3, context=32, threads=2)
+
+SAMPLES = {
+    "empty": b"",
+    "one_byte": b"A",
+    "prose": b"Alice was beginning to get very tired of sitting by her sister on the bank.\n",
+    "code": b"def f(x):\n    return x * 2  # double\n\nprint(f(21))\n",
+    "emoji_cjk": "Grüße 😀👍🏽 中文字符 日本語 한국어\n".encode(),
+    "invalid_utf8": b"ok \xff\xfe\xc3( \xed\xa0\x80 \xf4\x90\x80\x80 end",
+    "crlf": b"line one\r\nline two\r\n\r\n",
+    "nul_and_controls": b"a\x00b\x04c\x06d\x13\x14\x16\x1d\x7f e",
+    "special_tokens": b"<|endoftext|><|im_start|>user\nhi<|im_end|>\n<s></s>",
+    "missing_bytes": bytes([0xC0, 0xC1, 0xF1, 0xF2] + list(range(0xF5, 0x100))),
+    "random": bytes(range(256)) * 3,
+}
+
+
+@pytest.fixture(scope="session")
+def loaded_model():
+    return models.load()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(loaded_model):
+    return ByteTokenizer(loaded_model.tokenizer, loaded_model.arch.vocab_size)
+
+
+@pytest.fixture(scope="session")
+def codec(loaded_model):
+    return lmcodec.Codec(**FAST)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, loaded_model):
+    """A real, different model: a 2-layer random Llama sharing SmolLM2's tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    d = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=loaded_model.arch.vocab_size, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    PreTrainedTokenizerFast(tokenizer_object=loaded_model.tokenizer).save_pretrained(d)
+    return d

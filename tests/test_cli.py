@@ -1,0 +1,201 @@
+"""The command line, through click's runner and real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from lmcodec.cli import main
+
+FAST = ["--segment-tokens", "24", "--batch-size", "3", "--context", "32", "--threads", "2"]
+TEXT = b"The cat sat on the mat.\r\nThe dog sat on the log.\n"
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    p = tmp_path / "note.txt"
+    p.write_bytes(TEXT)
+    return p
+
+
+def run(runner, *args, input=None):
+    return runner.invoke(main, ["-q", *map(str, args)], input=input, catch_exceptions=False)
+
+
+def test_compress_then_decompress_file(runner, text_file):
+    r = run(runner, "compress", *FAST, text_file)
+    assert r.exit_code == 0, r.output
+    archive = text_file.with_name("note.txt.lmc")
+    assert archive.exists() and text_file.exists()  # input kept by default
+    text_file.unlink()
+    r = run(runner, "decompress", archive)
+    assert r.exit_code == 0, r.output
+    assert text_file.read_bytes() == TEXT
+    assert archive.exists()
+
+
+def test_refuses_to_overwrite_without_force(runner, text_file):
+    assert run(runner, "compress", *FAST, text_file).exit_code == 0
+    archive = text_file.with_name("note.txt.lmc")
+    before = archive.read_bytes()
+    r = run(runner, "compress", *FAST, text_file)
+    assert r.exit_code == 1
+    assert "already exists" in r.stderr and "Traceback" not in r.output
+    assert archive.read_bytes() == before
+    assert run(runner, "compress", "-f", *FAST, text_file).exit_code == 0
+    r = run(runner, "decompress", archive)
+    assert r.exit_code == 1 and "already exists" in r.stderr
+    assert text_file.read_bytes() == TEXT
+
+
+def test_rm_removes_input_only_after_success(runner, text_file):
+    assert run(runner, "compress", "--rm", *FAST, text_file).exit_code == 0
+    assert not text_file.exists()
+    archive = text_file.with_name("note.txt.lmc")
+    assert run(runner, "decompress", "--rm", archive).exit_code == 0
+    assert not archive.exists() and text_file.read_bytes() == TEXT
+
+
+def test_stdin_to_stdout(runner):
+    r = runner.invoke(main, ["-q", "compress", *FAST, "-"], input=TEXT)
+    assert r.exit_code == 0
+    archive = r.stdout_bytes
+    assert archive.startswith(b"\x89LMC")
+    r = runner.invoke(main, ["-q", "decompress", "-"], input=archive)
+    assert r.exit_code == 0 and r.stdout_bytes == TEXT
+
+
+def test_stdout_flag_and_output_option(runner, text_file, tmp_path):
+    r = run(runner, "compress", "-c", *FAST, text_file)
+    assert r.exit_code == 0 and r.stdout_bytes.startswith(b"\x89LMC")
+    out = tmp_path / "custom.bin"
+    assert run(runner, "compress", *FAST, "-o", out, text_file).exit_code == 0
+    r = run(runner, "decompress", "-c", out)
+    assert r.stdout_bytes == TEXT
+    r = run(runner, "decompress", out)
+    assert r.exit_code == 2 and "unknown suffix" in r.stderr
+
+
+def test_prompt_file_and_wrong_prompt(runner, text_file, tmp_path):
+    key = tmp_path / "key.txt"
+    key.write_text("animals on furniture")
+    assert run(runner, "compress", *FAST, "--prompt-file", key, text_file).exit_code == 0
+    archive = text_file.with_name("note.txt.lmc")
+    r = run(runner, "decompress", "-c", "--prompt", "wrong", archive)
+    assert r.exit_code == 1 and "wrong prompt" in r.stderr
+    assert r.stderr.count("\n") == 1
+    r = run(runner, "decompress", "-c", "--prompt-file", key, archive)
+    assert r.exit_code == 0 and r.stdout_bytes == TEXT
+
+
+def test_corrupt_archive_leaves_no_output(runner, text_file):
+    assert run(runner, "compress", *FAST, text_file).exit_code == 0
+    archive = text_file.with_name("note.txt.lmc")
+    data = bytearray(archive.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    archive.write_bytes(bytes(data))
+    text_file.unlink()
+    r = run(runner, "decompress", archive)
+    assert r.exit_code == 1
+    assert r.stderr.startswith("lmcodec: error:") and r.stderr.count("\n") == 1
+    assert not text_file.exists()
+    assert [p.name for p in archive.parent.iterdir()] == ["note.txt.lmc"]
+
+
+def test_truncated_archive_and_not_an_archive(runner, text_file, tmp_path):
+    assert run(runner, "compress", *FAST, text_file).exit_code == 0
+    archive = text_file.with_name("note.txt.lmc")
+    cut = tmp_path / "cut.lmc"
+    cut.write_bytes(archive.read_bytes()[:-7])
+    r = run(runner, "test", cut)
+    assert r.exit_code == 1 and "truncated" in r.stderr
+    r = run(runner, "test", text_file)
+    assert r.exit_code == 1 and "not an lmcodec archive" in r.stderr
+
+
+def test_missing_input_and_unwritable_output(runner, tmp_path, text_file):
+    r = run(runner, "compress", tmp_path / "nope.txt")
+    assert r.exit_code == 1 and "No such file" in r.stderr
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user that ignores permissions")
+        r = run(runner, "compress", *FAST, "-o", locked / "x.lmc", text_file)
+        assert r.exit_code == 1 and "Permission denied" in r.stderr
+        assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o700)
+
+
+def test_unwritable_output_as_root_uses_a_missing_directory(runner, tmp_path, text_file):
+    r = run(runner, "compress", *FAST, "-o", tmp_path / "no" / "dir" / "x.lmc", text_file)
+    assert r.exit_code == 1 and "No such file" in r.stderr
+
+
+def test_info_json(runner, text_file):
+    assert run(runner, "compress", *FAST, text_file).exit_code == 0
+    r = run(runner, "info", "--json", text_file.with_name("note.txt.lmc"))
+    doc = json.loads(r.stdout)
+    assert doc["model"] == "smollm2-135m" and doc["original_bytes"] == len(TEXT)
+    assert doc["segment_tokens"] == 24 and doc["threads"] == 2
+    assert doc["archive_bytes"] == text_file.with_name("note.txt.lmc").stat().st_size
+    assert doc["blocks"][0]["method"] in ("lm", "zstd", "raw")
+
+
+def test_test_and_verify_commands(runner, text_file):
+    r = run(runner, "verify", *FAST, text_file)
+    assert r.exit_code == 0 and "OK" in r.stdout
+    assert run(runner, "compress", *FAST, text_file).exit_code == 0
+    r = runner.invoke(main, ["test", str(text_file.with_name("note.txt.lmc"))])
+    assert r.exit_code == 0 and "OK" in r.stderr
+
+
+def test_compress_verify_flag(runner, text_file):
+    r = run(runner, "compress", "--verify", *FAST, text_file)
+    assert r.exit_code == 0
+    assert text_file.with_name("note.txt.lmc").exists()
+
+
+def test_bpb_json(runner, text_file):
+    r = run(runner, "bpb", "--json", *FAST, text_file)
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    row = doc["files"][0]
+    assert row["bytes"] == len(TEXT)
+    for key in ("model_bpb", "lmcodec_bpb", "gzip_bpb", "zstd_bpb", "xz_bpb"):
+        assert row[key] > 0
+    assert doc["total"]["bytes"] == len(TEXT)
+
+
+def test_bad_option_values(runner, text_file):
+    r = runner.invoke(main, ["compress", "--method", "nope", str(text_file)])
+    assert r.exit_code == 2
+    r = runner.invoke(main, ["compress", "-o", "x", str(text_file), str(text_file)])
+    assert r.exit_code == 2 and "single input" in r.stderr
+    r = runner.invoke(main, ["compress", "--prompt", "a", "--prompt-file", str(text_file), str(text_file)])
+    assert r.exit_code == 2
+
+
+def test_entry_point_subprocess(tmp_path, text_file):
+    """The installed script, stdin -> stdout, in a fresh interpreter."""
+    exe = Path(sys.executable).with_name("lmcodec")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "lmcodec.cli"]
+    enc = subprocess.run(cmd + ["-q", "compress", *FAST, "-c", "-"], input=TEXT, capture_output=True, check=True)
+    dec = subprocess.run(cmd + ["-q", "decompress", "-c", "-"], input=enc.stdout, capture_output=True, check=True)
+    assert dec.stdout == TEXT
+    bad = subprocess.run(cmd + ["decompress", "-c", "-"], input=b"garbage", capture_output=True)
+    assert bad.returncode == 1
+    assert bad.stderr.decode().strip() == "lmcodec: error: not an lmcodec archive (bad magic bytes)"
