@@ -407,5 +407,9 @@ def info(ctx: Context, archive, as_json):
             click.echo(f"{k}: {v}")
 
 
+from .probe_cli import probe_command  # noqa: E402
+main.add_command(probe_command, "probe")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
