@@ -37,8 +37,8 @@ from .errors import (
 from .frequencies import probability_table, surprisal_bits
 from .tokens import ByteTokenizer
 
-DEFAULT_SEGMENT_TOKENS = 1024
-DEFAULT_CONTEXT = 1024
+DEFAULT_SEGMENT_TOKENS = 2048
+DEFAULT_CONTEXT = 2048
 DEFAULT_BATCH = {"cpu": 64, "cuda": 512}
 DEFAULT_BLOCK_SIZE = 4 << 20
 DEFAULT_ESCAPE_BITS = 16

@@ -1,0 +1,1 @@
+"""Reproducible benchmarks: ``python -m benchmarks.run`` and ``python -m benchmarks.speed``."""

@@ -1,0 +1,118 @@
+"""Throughput of lmcodec both ways, next to the same model's plain forward pass.
+
+    python -m benchmarks.speed [--file PATH] [--device auto|cpu|cuda] [--batch-size N]
+                               [--segment-tokens N] [--context N] [--threads N] [--json OUT]
+
+Prints bytes/s and tokens/s for compression and decompression, the settings,
+and the ratio of the codec's tokens/s to a plain full-sequence forward over
+the same tokens (windows of ``segment-tokens``, batched) measured in the same
+run: the yardstick for how much the step-by-step coding loop costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .corpus import corpus_root
+
+
+def plain_forward_tokens_per_s(codec, symbols, segment: int, batch: int) -> float:
+    """Tokens/s of a full causal forward over ``segment``-token windows, ``batch`` at a time."""
+    from lmcodec.engine import torch_threads
+
+    model, tok = codec._load(codec._model_arg)
+    s = codec.settings.resolved()
+    engine = codec._engine(model, s.device, s.dtype)
+    ids = torch.from_numpy(tok.model_inputs(symbols))
+    n = (len(ids) // segment) * segment
+    if n == 0:
+        segment, n = len(ids), len(ids)
+    windows = ids[:n].view(-1, segment)
+    a = engine.arch
+    done, t0 = 0, time.perf_counter()
+    with torch_threads(s.threads), torch.inference_mode():
+        for start in range(0, len(windows), batch):
+            w = windows[start:start + batch].to(engine.device)
+            shape = (a.num_layers, len(w), a.num_kv_heads, segment, a.head_dim)
+            k = torch.zeros(shape, dtype=engine.dtype, device=engine.device)
+            v = torch.zeros_like(k)
+            pos = torch.arange(segment)
+            engine.forward(w, pos, pos.to(engine.device), k, v, segment, all_positions=True)
+            done += w.numel()
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize()
+    return done / (time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--file", default=None, help="input [corpus canterbury/alice29.txt]")
+    ap.add_argument("--corpus", default=None)
+    ap.add_argument("--bytes", type=int, default=None, help="use only the first N bytes")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    for opt in ("threads", "batch-size", "segment-tokens", "context"):
+        ap.add_argument(f"--{opt}", type=int, default=None)
+    ap.add_argument("--json", default=None, help="also write the figures to this file")
+    args = ap.parse_args(argv)
+
+    import lmcodec
+    from lmcodec.engine import pick_device
+
+    path = Path(args.file) if args.file else corpus_root(args.corpus) / "canterbury" / "alice29.txt"
+    data = path.read_bytes()[: args.bytes]
+    settings = {k: getattr(args, k) for k in ("device", "dtype", "threads", "batch_size",
+                                              "segment_tokens", "context") if getattr(args, k) is not None}
+    codec = lmcodec.Codec(args.model, **settings)
+    s = codec.settings.resolved()
+    _, tok = codec._load(args.model)
+    symbols = tok.encode(data)
+    device = pick_device(args.device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    blob = codec.compress(data)
+    t1 = time.perf_counter()
+    back = codec.decompress(blob)
+    t2 = time.perf_counter()
+    if back != data:
+        print("speed: round trip FAILED", file=sys.stderr)
+        return 1
+    segments = -(-len(symbols) // s.segment_tokens)
+    fwd = plain_forward_tokens_per_s(codec, symbols, s.segment_tokens, min(s.batch_size, max(1, segments)))
+    st = codec.last_stats
+    res = {
+        "file": str(path), "bytes": len(data), "tokens": int(len(symbols)), "device": device,
+        "device_name": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+        "torch": torch.__version__, "threads": s.threads, "dtype": s.dtype, "batch_size": s.batch_size,
+        "segment_tokens": s.segment_tokens, "context": s.context, "segments": segments,
+        "archive_bytes": len(blob), "bpb": 8 * len(blob) / len(data), "model_bpb": st.model_bpb,
+        "compress_Bps": len(data) / (t1 - t0), "decompress_Bps": len(data) / (t2 - t1),
+        "compress_tokps": len(symbols) / (t1 - t0), "decompress_tokps": len(symbols) / (t2 - t1),
+        "forward_tokps": fwd,
+    }
+    res["compress_vs_forward"] = res["compress_tokps"] / fwd
+    res["decompress_vs_forward"] = res["decompress_tokps"] / fwd
+    print(f"{path.name}: {len(data)} bytes, {len(symbols)} tokens, {segments} segments of "
+          f"{s.segment_tokens}, context {s.context}, batch {s.batch_size}, {s.threads} threads, "
+          f"{device} {s.dtype}")
+    print(f"  ratio      {res['bpb']:.3f} bits/byte (model {res['model_bpb']:.3f})")
+    print(f"  compress   {res['compress_Bps']:8.0f} B/s  {res['compress_tokps']:8.1f} tok/s  "
+          f"({res['compress_vs_forward']:.0%} of plain forward)")
+    print(f"  decompress {res['decompress_Bps']:8.0f} B/s  {res['decompress_tokps']:8.1f} tok/s  "
+          f"({res['decompress_vs_forward']:.0%} of plain forward)")
+    print(f"  plain forward {fwd:8.1f} tok/s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
