@@ -7,7 +7,6 @@ import io
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import click

@@ -23,12 +23,10 @@ from .coder import SegmentDecoder, SegmentEncoder
 from .container import Block, End, Header, Method, Reader, content_hasher, digest, prompt_check
 from .engine import Engine, Lockstep, kv_bytes, pick_device, pick_dtype, torch_threads
 from .errors import (
-    ArchiveError,
     ChecksumError,
     CorruptArchiveError,
     EnvironmentMismatchError,
     LMCodecError,
-    ModelError,
     ModelMismatchError,
     PromptMismatchError,
     ResourceLimitError,
@@ -257,33 +255,35 @@ class Codec:
                       prompt is not None, s.device, s.dtype, s.threads, s.batch_size, s.context,
                       s.segment_tokens, s.escape_bits, s.block_size)
 
-    def _lm_block(self, raw: bytes, symbols: np.ndarray, prompt: bytes | None, s: Settings,
-                  stats: Stats) -> Block:
+    def _lm_block(self, raw: bytes, symbols: np.ndarray, prompt: bytes | None,
+                  s: Settings) -> tuple[Block, float]:
+        """Code ``symbols`` with the model; return the block and its ideal bits."""
         model, tok = self._load(self._model_arg)
         engine = self._engine(model, s.device, s.dtype)
         lengths = self.layout(len(symbols), s.segment_tokens)
         offsets = np.cumsum([0] + lengths)
         inputs = tok.model_inputs(symbols)
         encoders = [SegmentEncoder() for _ in lengths]
-        bits = [0.0]
+        bits = 0.0
 
         def step(t: int, table: np.ndarray, segs: list[int]) -> np.ndarray:
+            nonlocal bits
             local = [g % s.batch_size for g in segs]
-            syms = np.array([symbols[offsets[g] + t] for g in segs])
-            for g, i, sym in zip(segs, local, syms):
-                encoders[g].encode(int(sym), table[i])
-            bits[0] += float(surprisal_bits(table[local], syms).sum())
-            return inputs[offsets[segs] + t]
+            at = offsets[segs] + t
+            for g, i, sym in zip(segs, local, symbols[at].tolist()):
+                encoders[g].encode(sym, table[i])
+            bits += float(surprisal_bits(table[local], symbols[at]).sum())
+            return inputs[at]
 
         with torch_threads(s.threads), torch.inference_mode():
             self._run(engine, self._prefix(tok, prompt, s.context), lengths, s, step, len(raw))
-        payloads = [e.finish() for e in encoders]
-        stats.model_bits += bits[0]
-        stats.lm_payload_bytes += sum(len(p) for p in payloads)
-        return Block.build(Method.LM, raw, payloads, lengths)
+        return Block.build(Method.LM, raw, [e.finish() for e in encoders], lengths), bits
 
     def _encode_block(self, raw: bytes, prompt: bytes | None, s: Settings, stats: Stats) -> Block:
-        candidates = [Block.build(Method.RAW, raw, [raw], [0])]
+        """The smallest of the allowed methods for this block (``auto``: all three)."""
+        candidates = []
+        if s.method in ("auto", "raw"):
+            candidates.append(Block.build(Method.RAW, raw, [raw], [0]))
         if s.method in ("auto", "zstd"):
             packed = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(raw)
             candidates.append(Block.build(Method.ZSTD, raw, [packed], [0]))
@@ -292,21 +292,17 @@ class Codec:
             _, tok = self._load(self._model_arg)
             symbols = tok.encode(raw)
             if s.method == "lm" or len(symbols) <= BINARY_SYMBOLS_PER_BYTE * len(raw):
-                saved = (stats.model_bits, stats.lm_payload_bytes)
-                lm = self._lm_block(raw, symbols, prompt, s, stats)
+                lm, bits = self._lm_block(raw, symbols, prompt, s)
                 candidates.append(lm)
         if lm is None:
             self._tick(len(raw))
-        if s.method in ("lm", "zstd"):
-            candidates = candidates[1:]
         best = min(candidates, key=lambda b: len(b.pack()))
-        if lm is not None:
-            if best is lm:
-                stats.lm_bytes += len(raw)
-                stats.tokens += lm.n_tokens
-                stats.escapes += int((symbols >= tok.vocab_size).sum())
-            else:  # the model lost to a stored block: its bits are not in the archive
-                stats.model_bits, stats.lm_payload_bytes = saved
+        if best is lm:  # only coded bits that end up in the archive count
+            stats.model_bits += bits
+            stats.lm_payload_bytes += sum(len(p) for p in lm.payloads)
+            stats.lm_bytes += len(raw)
+            stats.tokens += lm.n_tokens
+            stats.escapes += int((symbols >= tok.vocab_size).sum())
         stats.methods.append(best.method.name.lower())
         return best
 
@@ -318,7 +314,7 @@ class Codec:
         stats = Stats()
         if s.method in ("auto", "lm"):
             header = self._header(s, prompt)
-        else:  # stored-only archives still name the default model, but never load it
+        else:  # stored-only archives name no model and never load one
             header = Header("", bytes(16), bytes(16), prompt_check(prompt), prompt is not None,
                             s.device, s.dtype, s.threads, s.batch_size, s.context,
                             s.segment_tokens, s.escape_bits, s.block_size)
@@ -435,7 +431,7 @@ class Codec:
                 total += len(raw)
                 check.update(raw)
                 n_blocks += 1
-        except (ArchiveError, LMCodecError):
+        except LMCodecError:
             raise
         except (ValueError, OverflowError, MemoryError, RuntimeError) as exc:
             raise CorruptArchiveError(f"archive could not be decoded ({type(exc).__name__}: {exc})") from exc
