@@ -60,6 +60,21 @@ def torch_threads(n: int):
         torch.set_num_threads(old)
 
 
+def _pin_cuda_numerics() -> None:
+    """Fix the process-wide CUDA matmul switches that change results.
+
+    Encoder and decoder must not depend on what the host program set (TF32,
+    reduced-precision reductions), and cuBLAS needs a fixed workspace to pick
+    deterministic algorithms.
+    """
+    import os
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+
+
 class Engine:
     """Fused weights of one model on one device in one dtype."""
 
@@ -67,6 +82,8 @@ class Engine:
         a: ArchConfig = model.arch
         self.arch = a
         self.device = torch.device(device)
+        if self.device.type == "cuda":
+            _pin_cuda_numerics()
         self.dtype = DTYPES[dtype]
         w = model.weights
         pre = "model."
