@@ -6,6 +6,7 @@ import functools
 import io
 import json
 import os
+import stat
 import sys
 from pathlib import Path
 
@@ -159,7 +160,9 @@ def _open_input(name: str):
     if path.is_dir():
         raise UsageError(f"{name} is a directory")
     f = open(path, "rb")
-    return f, os.fstat(f.fileno()).st_size
+    st = os.fstat(f.fileno())
+    # Only a regular file's size is known: a FIFO (<(cat x.lmc)) reports 0.
+    return f, st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
 def _write_to(target: Path | None, force: bool, work):
@@ -406,9 +409,13 @@ def info(ctx: Context, archive, as_json):
             click.echo(f"{k}: {v}")
 
 
-from .probe_cli import probe_command  # noqa: E402
-main.add_command(probe_command, "probe")
-
-
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    # Run as `python -m lmcodec.cli`: go through the package module so the probe
+    # command's import of lmcodec.cli finds this module's objects, not a copy.
+    from lmcodec.cli import main as _main
+
+    _main()
+else:
+    from .probe_cli import probe_command
+
+    main.add_command(probe_command, "probe")

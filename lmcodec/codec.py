@@ -9,7 +9,10 @@ computation exactly -- same device, dtype, thread count, batch layout, context.
 from __future__ import annotations
 
 import io
+import math
 import os
+import struct
+import zlib
 import time
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Iterator
@@ -20,7 +23,8 @@ import zstandard
 
 from . import models
 from .coder import SegmentDecoder, SegmentEncoder
-from .container import Block, End, Header, Method, Reader, content_hasher, digest, prompt_check
+from .container import (Block, End, Header, Method, Reader, content_hasher, digest, prompt_check,
+                        segment_layout)
 from .engine import Engine, Lockstep, kv_bytes, pick_device, pick_dtype, torch_threads
 from .errors import (
     ChecksumError,
@@ -44,6 +48,10 @@ ZSTD_LEVEL = 19
 #: Above this many symbols per byte the data is not text the model can help
 #: with (text is ~0.27); skip the slow LM pass and store it with zstd or raw.
 BINARY_SYMBOLS_PER_BYTE = 0.6
+
+#: Bytes of the prompt's tail tokenized per token of prefix kept (a token is
+#: rarely over 16 bytes), bounding the work a huge prompt causes.
+PROMPT_TAIL_BYTES_PER_TOKEN = 16
 
 Progress = Callable[[int], None]
 
@@ -162,6 +170,7 @@ class Codec:
         self._models: dict[str, models.LoadedModel] = {}
         self._engines: dict[tuple, Engine] = {}
         self._tokenizers: dict[str, ByteTokenizer] = {}
+        self._prefixes: dict[tuple, list[int]] = {}
 
     def _tick(self, nbytes: int) -> None:
         if self.progress is not None and nbytes:
@@ -192,27 +201,35 @@ class Codec:
                     "pass it with --model PATH")
             spec = header.model_name
         model, tok = self._load(spec)
-        if model.model_fingerprint != header.model_fingerprint or tok.fingerprint != header.tokenizer_fingerprint:
+        if model.model_fingerprint == header.model_fingerprint and tok.fingerprint != header.tokenizer_fingerprint:
+            raise ModelMismatchError(
+                f"wrong tokenizer: archive needs tokenizer {header.tokenizer_fingerprint.hex()[:16]}, "
+                f"model {model.name!r} has {tok.fingerprint.hex()[:16]}")
+        if model.model_fingerprint != header.model_fingerprint:
             raise ModelMismatchError(
                 f"wrong model: archive needs {header.model_name!r} "
                 f"(fingerprint {header.model_fingerprint.hex()[:16]}), "
                 f"got {model.name!r} (fingerprint {model.model_fingerprint.hex()[:16]})")
         return model, tok
 
-    @staticmethod
-    def _prefix(tok: ByteTokenizer, prompt: bytes | None, context: int) -> list[int]:
-        """Start token + the prompt's last tokens (at most half the context)."""
-        ids = [tok.start_token]
-        if prompt:
-            ids += tok.model_inputs(tok.encode(prompt)).tolist()[-(context // 2 - 1):]
-        return ids
+    def _prefix(self, tok: ByteTokenizer, prompt: bytes | None, context: int) -> list[int]:
+        """Start token + the prompt's last tokens (at most half the context).
+
+        Only the prompt's last ``PROMPT_TAIL_BYTES_PER_TOKEN * keep`` bytes are
+        tokenized (both sides do the same), so a 100 MB prompt costs what a
+        short one does; the whole prompt is still hashed for the prompt check.
+        """
+        if not prompt:
+            return [tok.start_token]
+        key = (tok.fingerprint, prompt_check(prompt), len(prompt), context)
+        if key not in self._prefixes:
+            keep = context // 2 - 1
+            tail = prompt[-PROMPT_TAIL_BYTES_PER_TOKEN * keep:]
+            self._prefixes[key] = [tok.start_token] + tok.model_inputs(tok.encode(tail)).tolist()[-keep:]
+        return self._prefixes[key]
 
     # -- segment layout -------------------------------------------------------------
-    @staticmethod
-    def layout(n_symbols: int, segment_tokens: int) -> list[int]:
-        """Token count of each segment: full segments, then the remainder."""
-        full, rest = divmod(n_symbols, segment_tokens)
-        return [segment_tokens] * full + ([rest] if rest else [])
+    layout = staticmethod(segment_layout)
 
     def _run(self, engine: Engine, prefix: list[int], lengths: list[int], s: Settings,
              step: Callable[[int, np.ndarray, list[int]], np.ndarray], nbytes: int) -> None:
@@ -370,6 +387,14 @@ class Codec:
                      header.segment_tokens, header.context, header.block_size, header.escape_bits)
         if any(e.n_tokens == 0 for e in block.segments):
             raise CorruptArchiveError("LM block has an empty segment")
+        # Even the likeliest symbol costs -log2(1 - (alphabet-1)/2^24) bits after
+        # quantization (every other symbol keeps a frequency >= 1), so a payload
+        # bounds its token count; a forged count cannot make the model run for hours.
+        min_bits = -math.log2(1 - (tok.alphabet_size - 1) / 2**24)
+        for i, e in enumerate(block.segments):
+            if e.n_tokens * min_bits > 8 * e.payload_len + 64:
+                raise CorruptArchiveError(f"LM segment {i} declares {e.n_tokens} tokens, more than its "
+                                          f"{e.payload_len}-byte payload can hold")
         engine = self._engine(model, s.device, s.dtype)
         lengths = [e.n_tokens for e in block.segments]
         decoders = [SegmentDecoder(p) for p in block.payloads]
@@ -433,8 +458,10 @@ class Codec:
                 n_blocks += 1
         except LMCodecError:
             raise
-        except (ValueError, OverflowError, MemoryError, RuntimeError) as exc:
-            raise CorruptArchiveError(f"archive could not be decoded ({type(exc).__name__}: {exc})") from exc
+        except (ValueError, OverflowError, MemoryError, RuntimeError, IndexError, KeyError, TypeError,
+                struct.error, zlib.error, zstandard.ZstdError) as exc:
+            first = (str(exc).splitlines() or [""])[0][:200]
+            raise CorruptArchiveError(f"archive could not be decoded ({type(exc).__name__}: {first})") from exc
         if (rec.total_len, rec.check, rec.n_blocks) != (total, check.digest(), n_blocks):
             raise ChecksumError("archive content does not match its end record (blocks missing, "
                                 "reordered or spliced)")

@@ -27,7 +27,13 @@ from .errors import (
 MAGIC = b"\x89LMC"
 VERSION = 1
 MAX_BLOCK_SIZE = 64 << 20
+MIN_BLOCK_SIZE = 4096
 MAX_NAME = 255
+MAX_CONTEXT = 1 << 20
+MAX_SEGMENT_TOKENS = 1 << 30
+#: Streams of unknown length (pipes) are read in pieces of this size, so memory
+#: grows with the bytes that actually arrive, never with a declared length.
+READ_CHUNK = 1 << 20
 
 _HEAD = struct.Struct("<4sBB")                  # magic, version, flags
 _PARAMS = struct.Struct("<16s16s8sBBHHIIBI")    # fps, prompt check, device..block size
@@ -142,35 +148,106 @@ class End:
         return body + _CRC.pack(zlib.crc32(body))
 
 
+def lm_payload_limit(n_tokens: int) -> int:
+    """The largest payload an honest encoder can write for ``n_tokens`` symbols.
+
+    The coder quantizes to 24-bit fixed point and gives every symbol a frequency
+    of at least 1, so no symbol costs more than 24 bits (3 bytes); the range
+    coder adds at most a few words when it is sealed.
+    """
+    return 4 * n_tokens + 16
+
+
+def zstd_payload_limit(raw_len: int) -> int:
+    """A generous bound on one zstd frame holding ``raw_len`` bytes (cf. ZSTD_COMPRESSBOUND)."""
+    return raw_len + (raw_len >> 7) + 1024
+
+
+def segment_layout(n_tokens: int, segment_tokens: int) -> list[int]:
+    """Token count of each segment of a block: full segments, then the remainder."""
+    full, rest = divmod(n_tokens, segment_tokens)
+    return [segment_tokens] * full + ([rest] if rest else [])
+
+
+def _zstd_content_size(payload: bytes) -> int | None:
+    """The content size a zstd frame declares in its header (None: absent or unreadable)."""
+    import zstandard
+
+    try:
+        size = zstandard.get_frame_parameters(payload).content_size
+    except zstandard.ZstdError:
+        return None
+    return None if size == zstandard.CONTENTSIZE_UNKNOWN else size
+
+
 class Reader:
     """Parses an archive from a binary stream, one structure at a time.
 
     ``limit`` is the number of bytes known to remain (the file size), or None for
     a pipe; declared lengths larger than what remains are rejected before reading.
+    Without a limit, large structures are read in :data:`READ_CHUNK` pieces, so a
+    hostile length costs memory only for the bytes that really arrive.
+
+    Every structural field is checked against what an encoder can write: a block
+    that passes :meth:`next` has a method, length, segment layout and payload sizes
+    that are mutually consistent and consistent with the header, and the end
+    record must agree with the blocks before it (their number and total length).
+
+    ``prescan``: when the stream is seekable and its size known (a file, a
+    buffer), :meth:`header` first walks the whole archive -- every structure,
+    every CRC, the end record, no trailing bytes -- and then seeks back, so a
+    damaged archive is refused before the first block is decoded (before the
+    model runs).  A pipe is checked block by block as it streams.
     """
 
-    def __init__(self, stream: BinaryIO, limit: int | None = None):
+    def __init__(self, stream: BinaryIO, limit: int | None = None, *, prescan: bool = True):
         self._s = stream
         self._left = limit
+        self._prescan = prescan
         self.offset = 0
+        self._blocks = 0
+        self._total = 0
 
     def _read(self, n: int, what: str) -> bytes:
-        if self._left is not None and n > self._left:
+        if n < 0 or (self._left is not None and n > self._left):
             raise TruncatedArchiveError(f"archive truncated in {what} (offset {self.offset})")
-        data = self._s.read(n)
-        if len(data) != n:
+        if n <= READ_CHUNK:
+            data = self._s.read(n)
+        else:
+            parts, got = [], 0
+            while got < n:
+                part = self._s.read(min(READ_CHUNK, n - got))
+                if not part:
+                    break
+                parts.append(part)
+                got += len(part)
+            data = b"".join(parts)
+        if data is None or len(data) != n:
             raise TruncatedArchiveError(f"archive truncated in {what} (offset {self.offset})")
         self.offset += n
         if self._left is not None:
             self._left -= n
         return data
 
+    def _skim(self, n: int, what: str, keep: int) -> tuple[int, bytes]:
+        """CRC32 of the next ``n`` bytes, read in pieces; also return the first ``keep`` bytes."""
+        crc, head, done = 0, b"", 0
+        while done < n:
+            part = self._read(min(READ_CHUNK, n - done), what)
+            if done < keep:
+                head += part[:keep - done]
+            crc = zlib.crc32(part, crc)
+            done += len(part)
+        return crc, head
+
     def header(self) -> Header:
-        head = self._s.read(_HEAD.size)
+        head = self._s.read(_HEAD.size) or b""
         self.offset += len(head)
         if self._left is not None:
             self._left -= len(head)
-        if len(head) < 4 or head[:4] != MAGIC:
+        if not head:
+            raise NotAnArchiveError("not an lmcodec archive (empty input)")
+        if head[:4] != MAGIC[:len(head[:4])]:
             raise NotAnArchiveError("not an lmcodec archive (bad magic bytes)")
         if len(head) < _HEAD.size:
             raise TruncatedArchiveError("archive truncated in header")
@@ -187,52 +264,125 @@ class Reader:
         (mfp, tfp, pcheck, dev, dt, threads, batch, context, seg, esc, block_size) = _PARAMS.unpack(params)
         devices = {v: k for k, v in DEVICES.items()}
         dtypes = {v: k for k, v in DTYPES.items()}
+        # The ranges an encoder can write (see Settings.resolved in codec.py).
         if (flags & ~FLAG_PROMPT or dev not in devices or dt not in dtypes or not 1 <= threads <= 256
-                or not 1 <= batch or not 4 <= context or not 1 <= seg or not 1 <= esc <= 30
-                or not 1 <= block_size <= MAX_BLOCK_SIZE):
+                or not 1 <= batch or not 16 <= context <= MAX_CONTEXT
+                or not 1 <= seg <= MAX_SEGMENT_TOKENS or not 4 <= esc <= 30
+                or not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE):
             raise CorruptArchiveError("archive header has invalid parameters")
         try:
             model_name = name.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise CorruptArchiveError("archive header has an invalid model name") from exc
-        return Header(model_name, mfp, tfp, pcheck, bool(flags & FLAG_PROMPT), devices[dev],
-                      dtypes[dt], threads, batch, context, seg, esc, block_size)
+        header = Header(model_name, mfp, tfp, pcheck, bool(flags & FLAG_PROMPT), devices[dev],
+                        dtypes[dt], threads, batch, context, seg, esc, block_size)
+        if self._prescan and self._left is not None and _seekable(self._s):
+            self._scan(header)
+        return header
+
+    def _scan(self, header: Header) -> None:
+        """Check every structure up to the end of the archive, then rewind to the first block."""
+        state = (self._s.tell(), self._left, self.offset)
+        try:
+            while not isinstance(self._record(header, keep=False), End):
+                pass
+            if not self.at_eof():
+                raise CorruptArchiveError("trailing data after the end of the archive")
+        finally:
+            pos, self._left, self.offset = state
+            self._blocks = self._total = 0
+            self._s.seek(pos)
 
     def next(self, header: Header) -> Block | End:
-        """The next block (payloads CRC-checked) or the end record."""
+        """The next block (structure checked, payloads CRC-checked) or the end record."""
+        return self._record(header, keep=True)
+
+    def _record(self, header: Header, keep: bool) -> Block | End:
         tag = self._read(1, "block tag")
+        start = self.offset - 1
         if tag[0] == END_TAG:
             body = tag + self._read(_END.size - 1, "end record")
             (crc,) = _CRC.unpack(self._read(_CRC.size, "end record"))
             if zlib.crc32(body) != crc:
                 raise CorruptArchiveError("archive end record is corrupted (CRC mismatch)")
             _, total, check, n_blocks = _END.unpack(body)
+            if (n_blocks, total) != (self._blocks, self._total):
+                raise CorruptArchiveError(
+                    f"archive end record (offset {start}) does not match its blocks: it declares "
+                    f"{n_blocks} blocks / {total} bytes, the archive has {self._blocks} / {self._total} "
+                    "(blocks missing or spliced)")
             return End(total, check, n_blocks)
         if tag[0] != BLOCK_TAG:
-            raise CorruptArchiveError(f"unknown record tag 0x{tag[0]:02x} at offset {self.offset - 1}")
+            raise CorruptArchiveError(f"unknown record tag 0x{tag[0]:02x} at offset {start}")
         body = tag + self._read(_BLOCK.size - 1, "block header")
         _, method, raw_len, check, n_seg = _BLOCK.unpack(body)
-        # Bound the table by what the data can hold before reading it.
-        if n_seg > max(raw_len, 1) or n_seg * _SEGMENT.size > (self._left if self._left is not None else 1 << 40):
-            raise CorruptArchiveError("block declares an impossible number of segments")
+        # Bound the table by what the block and the data can hold before reading it:
+        # every segment codes at least one byte, and the table must fit in what remains.
+        if (n_seg > max(1, min(raw_len, header.block_size))
+                or (self._left is not None and n_seg * _SEGMENT.size > self._left)):
+            raise CorruptArchiveError(f"block at offset {start} declares an impossible number of segments")
         table = self._read(n_seg * _SEGMENT.size, "segment table")
         (crc,) = _CRC.unpack(self._read(_CRC.size, "block header"))
         if zlib.crc32(body + table) != crc:
-            raise CorruptArchiveError("block header is corrupted (CRC mismatch)")
-        if method not in Method.__members__.values() or raw_len > header.block_size:
-            raise CorruptArchiveError("block header has invalid fields")
+            raise CorruptArchiveError(f"block header at offset {start} is corrupted (CRC mismatch)")
+        if method not in set(Method) or raw_len > header.block_size:
+            raise CorruptArchiveError(f"block at offset {start} has invalid fields")
+        method = Method(method)
         entries = [SegmentEntry(*_SEGMENT.unpack_from(table, i * _SEGMENT.size)) for i in range(n_seg)]
-        if Method(method) != Method.LM and (n_seg != 1 or entries[0].n_tokens):
-            raise CorruptArchiveError("stored block must have exactly one segment")
-        if sum(e.n_tokens for e in entries) > raw_len:
-            raise CorruptArchiveError("block declares more tokens than bytes")
-        payloads = []
+        self._check_layout(method, raw_len, entries, header, start)
+        payloads, first = [], b""
         for i, e in enumerate(entries):
-            p = self._read(e.payload_len, f"payload of segment {i}")
-            if zlib.crc32(p) != e.payload_crc:
+            what = f"payload of segment {i}"
+            if keep:
+                p = self._read(e.payload_len, what)
+                crc, first = zlib.crc32(p), first or p
+                payloads.append(p)
+            else:
+                crc, head = self._skim(e.payload_len, what, keep=_ZSTD_HEAD)
+                first = first or head
+            if crc != e.payload_crc:
                 raise CorruptArchiveError(f"segment {i} payload is corrupted (CRC mismatch)")
-            payloads.append(p)
-        return Block(Method(method), raw_len, check, entries, payloads)
+        if method == Method.ZSTD and _zstd_content_size(first[:_ZSTD_HEAD]) != raw_len:
+            # The decompressor allocates what the frame declares: never trust it.
+            raise CorruptArchiveError(f"zstd block at offset {start} does not declare its length")
+        self._blocks += 1
+        self._total += raw_len
+        return Block(method, raw_len, check, entries, payloads)
+
+    @staticmethod
+    def _check_layout(method: Method, raw_len: int, entries: list[SegmentEntry],
+                      header: Header, start: int) -> None:
+        """Reject a segment table that no encoder writes (before reading payloads)."""
+        def bad(why: str) -> CorruptArchiveError:
+            return CorruptArchiveError(f"block at offset {start}: {why}")
+
+        if method != Method.LM:
+            if len(entries) != 1 or entries[0].n_tokens:
+                raise bad("a stored block must have exactly one segment")
+            size = entries[0].payload_len
+            if (size != raw_len) if method == Method.RAW else (size > zstd_payload_limit(raw_len)):
+                raise bad("stored payload length does not match the block length")
+            return
+        lengths = [e.n_tokens for e in entries]
+        total = sum(lengths)
+        if total > raw_len:
+            raise bad("more tokens than bytes")
+        if lengths != segment_layout(total, header.segment_tokens):
+            raise bad("segment token counts do not match the header's segment size")
+        for i, e in enumerate(entries):
+            if e.payload_len % 4 or not 4 <= e.payload_len <= lm_payload_limit(e.n_tokens):
+                raise bad(f"segment {i} has an impossible payload length {e.payload_len}")
 
     def at_eof(self) -> bool:
         return not self._s.read(1)
+
+
+#: A zstd frame header is at most 18 bytes (magic, descriptor, window, dict id, size).
+_ZSTD_HEAD = 18
+
+
+def _seekable(stream: BinaryIO) -> bool:
+    try:
+        return bool(stream.seekable())
+    except (AttributeError, OSError, ValueError):
+        return False

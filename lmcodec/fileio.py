@@ -28,18 +28,85 @@ def install_signal_handlers() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
 
 
+class _Output:
+    """The temporary output file, whose write errors name the real destination.
+
+    A full disk (ENOSPC, or EFBIG past a file-size limit) raises from ``write``
+    with no file name; the user should read which output could not be written,
+    not a bare "File too large" or the hidden temporary name.
+    """
+
+    def __init__(self, f: BinaryIO, path: Path):
+        self._f = f
+        self._path = path
+
+    def _named(self, exc: OSError) -> OSError:
+        if exc.filename is None and exc.errno is not None:
+            return type(exc)(exc.errno, exc.strerror, str(self._path))
+        return exc
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as exc:
+            named = self._named(exc)
+            if named is exc:
+                raise
+            raise named from exc
+
+    def flush(self) -> None:
+        try:
+            self._f.flush()
+        except OSError as exc:
+            named = self._named(exc)
+            if named is exc:
+                raise
+            raise named from exc
+
+    def writable(self) -> bool:
+        return True
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_output(path: Path, force: bool) -> Iterator[BinaryIO]:
-    """Yield a file to write; on success it replaces ``path``, on failure it vanishes."""
+    """Yield a file to write; on success it replaces ``path``, on failure it vanishes.
+
+    The temporary file is hidden (``.NAME.XXXXXX.tmp``) in the destination
+    directory, so the final rename is atomic; errors name ``path``, never the
+    temporary file.  The result gets the usual permissions (0666 less the
+    umask), not mkstemp's 0600.
+    """
+    path = Path(path)
     if path.exists() and not force:
         raise FileExistsError(f"{path} already exists; use -f to overwrite")
+    if path.exists() and not path.is_file() and not path.is_dir():
+        # A device or FIFO (-f -o /dev/null): write into it; renaming over it would replace it.
+        with open(path, "wb") as f:
+            yield _Output(f, path)
+        return
     directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        if exc.errno is None:
+            raise
+        raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
     try:
         with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
+            out = _Output(f, path)
+            yield out
+            out.flush()
             os.fsync(f.fileno())
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -202,3 +202,40 @@ def test_decoder_in_another_process_with_other_thread_settings(tmp_path, encode_
                          capture_output=True, text=True,
                          env={**base, "OMP_NUM_THREADS": decode_threads, "MKL_NUM_THREADS": decode_threads})
     assert out.stdout == "OK"
+
+
+def test_huge_prompt_costs_only_its_tail(codec):
+    """Only the prompt's tail is tokenized; the whole prompt still keys the archive."""
+    big = b"the quick brown fox jumps over the lazy dog. " * 50_000  # 2.2 MB
+    blob = codec.compress(TEXT, prompt=big)
+    assert codec.decompress(blob, prompt=big) == TEXT
+    with pytest.raises(PromptMismatchError):
+        codec.decompress(blob, prompt=b"X" + big[1:])
+    assert all(len(p) <= FAST["context"] // 2 for p in codec._prefixes.values())
+
+
+def test_forged_token_count_is_refused_before_the_model_runs(codec):
+    """A 4-byte payload cannot hold a million tokens: refuse instead of running for hours."""
+    import io
+
+    from lmcodec.container import Block, End, Header, Method, digest, prompt_check
+
+    honest = Reader_header(codec.compress(TEXT))
+    n = 1 << 20
+    header = Header(honest.model_name, honest.model_fingerprint, honest.tokenizer_fingerprint,
+                    prompt_check(None), False, "cpu", "float32", 2, 1, 32, n, 16, 4 << 20)
+    raw = b"a" * n
+    block = Block.build(Method.LM, raw, [bytes(4)], [n])
+    blob = header.pack() + block.pack() + End(n, digest(raw), 1).pack()
+    with pytest.raises(CorruptArchiveError, match="more than its 4-byte payload"):
+        codec.decompress_stream(io.BytesIO(blob), io.BytesIO(), size=len(blob))
+
+
+def test_decompress_from_a_pipe_path(tmp_path):
+    """A FIFO reports size 0; the CLI must treat it as a stream of unknown length."""
+    arc = tmp_path / "a.lmc"
+    arc.write_bytes(Codec(method="zstd").compress(TEXT))
+    r = subprocess.run(["bash", "-c", f"{sys.executable} -m lmcodec.cli -q decompress -c <(cat {arc})"],
+                       capture_output=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == TEXT

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lmcodec
-from lmcodec.container import MAGIC, Block, End, Header, Method, Reader, digest, prompt_check
+from lmcodec.container import MAGIC, Block, End, Header, Method, Reader, digest, prompt_check, segment_layout
 from lmcodec.errors import (
     ArchiveError,
     CorruptArchiveError,
@@ -48,10 +48,11 @@ def archives(draw):
         raw = draw(st.binary(max_size=64))
         if draw(st.booleans()):
             block = Block.build(Method.RAW, raw, [raw], [0])
-        else:
-            n = draw(st.integers(1, max(1, len(raw))))
-            payloads = [draw(st.binary(max_size=16)) for _ in range(n if raw else 0)]
-            tokens = [1] * len(payloads)
+        else:  # what an encoder writes: the header's segment layout, whole 32-bit words
+            n = draw(st.integers(1, len(raw))) if raw else 0
+            tokens = segment_layout(n, header.segment_tokens)
+            payloads = [draw(st.binary(min_size=4, max_size=16).map(lambda p: p[:len(p) // 4 * 4]))
+                        for _ in tokens]
             block = Block.build(Method.LM, raw, payloads, tokens)
         blocks.append(block)
         parts.append(block.pack())

@@ -1,0 +1,696 @@
+"""Reliability: hostile archives, corruption, faults and signals never crash, hang or lie.
+
+* property tests: arbitrary bytes and *re-signed* hostile fields (valid CRCs, so
+  the deeper checks are reached) give an :class:`LMCodecError`, and no length
+  field makes the parser read or allocate more than the data holds;
+* a small corruption campaign over real archives (scripts/corruption_campaign.py
+  runs the big one);
+* wrong prompt and wrong model are refused before the model runs;
+* CLI faults in real subprocesses: unwritable output, disk full, SIGINT/SIGTERM,
+  bounded memory on a large stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import os
+import resource
+import signal
+import stat
+import struct
+import subprocess
+import sys
+import threading
+import time
+import tracemalloc
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zstandard
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import lmcodec
+from lmcodec.coder import SegmentDecoder, SegmentEncoder
+from lmcodec.container import (READ_CHUNK, Block, End, Header, Method, Reader, digest,
+                               lm_payload_limit, segment_layout)
+from lmcodec.errors import (ArchiveError, ChecksumError, CorruptArchiveError, LMCodecError,
+                            ModelMismatchError, PromptMismatchError, TruncatedArchiveError)
+from lmcodec.fileio import atomic_output
+
+
+ROOT = Path(__file__).resolve().parents[1]
+HYPO = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def _load_campaign():
+    spec = importlib.util.spec_from_file_location("corruption_campaign", ROOT / "scripts" / "corruption_campaign.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# -- helpers ------------------------------------------------------------------------
+
+class Pipe(io.RawIOBase):
+    """A non-seekable stream (like stdin) that records the largest read request."""
+
+    def __init__(self, data: bytes):
+        self._b = io.BytesIO(data)
+        self.largest = 0
+        self.consumed = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        self.largest = max(self.largest, n if n >= 0 else 1 << 62)
+        out = self._b.read(n)
+        self.consumed += len(out)
+        return out
+
+    def readinto(self, b) -> int:  # what io.BufferedReader calls
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+
+def parse(blob: bytes, pipe: bool = False):
+    """Parse a whole archive with the container alone (no decoding)."""
+    src = Pipe(blob) if pipe else io.BytesIO(blob)
+    reader = Reader(src, None if pipe else len(blob))
+    header = reader.header()
+    blocks = []
+    while True:
+        rec = reader.next(header)
+        if isinstance(rec, End):
+            return header, blocks, rec, src
+        blocks.append(rec)
+
+
+def stored_header(**kw) -> Header:
+    fields = dict(model_name="", model_fingerprint=bytes(16), tokenizer_fingerprint=bytes(16),
+                  prompt_check=bytes(8), has_prompt=False, device="cpu", dtype="float32", threads=2,
+                  batch_size=3, context=32, segment_tokens=24, escape_bits=16, block_size=4096)
+    fields.update(kw)
+    return Header(**fields)
+
+
+def signed_block(method: int, raw_len: int, check: bytes, entries, payload: bytes = b"") -> bytes:
+    table = struct.pack("<BBI8sI", 0x42, method, raw_len, check, len(entries))
+    table += b"".join(struct.pack("<III", *e) for e in entries)
+    return table + struct.pack("<I", zlib.crc32(table)) + payload
+
+
+def signed_end(total: int, check: bytes, n_blocks: int) -> bytes:
+    body = struct.pack("<BQ8sI", 0x45, total, check, n_blocks)
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def resign_header(buf: bytearray) -> None:
+    end = 7 + buf[6] + 59
+    struct.pack_into("<I", buf, end, zlib.crc32(bytes(buf[:end])))
+
+
+def one_line_error(exc: BaseException) -> None:
+    assert isinstance(exc, LMCodecError), f"{type(exc).__name__}: {exc}"
+    msg = str(exc)
+    assert msg.strip() and "\n" not in msg, repr(msg)
+
+
+_NO_MODEL = lmcodec.Codec()  # never loads a model unless an archive gets that far
+
+
+class ReachedModel(BaseException):
+    pass
+
+
+def decode_without_model(blob: bytes, prompt=None):
+    """Codec.decompress, but reaching the model is a test failure (it must be refused before)."""
+    def refuse(*a, **k):
+        raise ReachedModel()
+
+    _NO_MODEL._run = refuse
+    try:
+        return _NO_MODEL.decompress(blob, prompt)
+    except LMCodecError as exc:
+        one_line_error(exc)
+        return exc
+
+
+# -- property tests: the container and the segment table ------------------------------
+
+@HYPO
+@given(st.binary(max_size=400))
+def test_arbitrary_bytes_after_a_valid_magic_fail_cleanly(tail):
+    for blob in (tail, b"\x89LMC" + tail, b"\x89LMC\x01" + tail, b"\x89LMC\x01\x00" + tail):
+        assert isinstance(decode_without_model(blob), LMCodecError)
+        with pytest.raises(LMCodecError):  # the module-level API too
+            lmcodec.decompress(blob)
+        with pytest.raises(ArchiveError):
+            parse(blob, pipe=True)
+
+
+@HYPO
+@given(name=st.binary(max_size=40), dev=st.integers(0, 255), dt=st.integers(0, 255),
+       threads=st.integers(0, 0xFFFF), batch=st.integers(0, 0xFFFF), context=st.integers(0, 2**32 - 1),
+       seg=st.integers(0, 2**32 - 1), esc=st.integers(0, 255), block_size=st.integers(0, 2**32 - 1),
+       flags=st.integers(0, 255), prompt=st.booleans())
+def test_resigned_hostile_header_fields(name, dev, dt, threads, batch, context, seg, esc, block_size,
+                                        flags, prompt):
+    """Any header field value with a valid CRC: a clean refusal, or an in-range header."""
+    head = b"\x89LMC\x01" + bytes([flags, len(name)]) + name + struct.pack(
+        "<16s16s8sBBHHIIBI", bytes(16), bytes(16), bytes(8), dev, dt, threads, batch, context, seg, esc,
+        block_size)
+    blob = head + struct.pack("<I", zlib.crc32(head)) + signed_end(0, digest(b""), 0)
+    try:
+        header, blocks, end, _ = parse(blob)
+    except ArchiveError as exc:
+        one_line_error(exc)
+    else:
+        assert 1 <= header.threads <= 256 and 16 <= header.context <= 1 << 20
+        assert 1 <= header.segment_tokens <= 1 << 30 and 4 <= header.escape_bits <= 30
+        assert 4096 <= header.block_size <= 64 << 20 and blocks == [] and end.total_len == 0
+    out = decode_without_model(blob, b"p" if flags & 1 else None)
+    assert out == b"" or isinstance(out, LMCodecError)
+
+
+u32 = st.integers(0, 2**32 - 1)
+small_or_huge = st.one_of(st.integers(0, 64), u32, st.sampled_from([2**32 - 1, 2**31, 4096, 4097]))
+
+
+@HYPO
+@given(method=st.integers(0, 255), raw_len=small_or_huge, n_seg=small_or_huge,
+       entries=st.lists(st.tuples(small_or_huge, small_or_huge, u32), max_size=6),
+       payload=st.binary(max_size=64), crc_ok=st.booleans(), pipe=st.booleans(), data=st.data())
+def test_resigned_hostile_block_fields(method, raw_len, n_seg, entries, payload, crc_ok, pipe, data):
+    """Signed block headers and segment tables with any values: refused without over-reading.
+
+    ``n_seg`` may disagree with the table actually present; payload CRCs are made
+    to match when asked, so the length and layout checks are what must hold.
+    """
+    if crc_ok:
+        entries = [(t, len(payload), zlib.crc32(payload)) for t, _, _ in entries]
+    table = struct.pack("<BBI8sI", 0x42, method, raw_len, bytes(8), n_seg)
+    table += b"".join(struct.pack("<III", *e) for e in entries)
+    tail = data.draw(st.sampled_from([b"", payload, payload * 3]))
+    blob = (stored_header().pack() + table + struct.pack("<I", zlib.crc32(table)) + tail
+            + signed_end(raw_len & 0xFFFF, bytes(8), 1))
+    tracemalloc.start()
+    try:
+        try:
+            _, blocks, _, src = parse(blob, pipe=pipe)
+        except ArchiveError as exc:
+            one_line_error(exc)
+            src = None
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # Nothing proportional to a declared length: memory and read requests follow the data.
+    assert peak < 64 * len(blob) + 256 * 1024, peak
+    if src is not None and pipe:
+        assert src.largest <= READ_CHUNK
+    assert isinstance(decode_without_model(blob), LMCodecError)
+
+
+@HYPO
+@given(total=st.integers(0, 2**64 - 1), n_blocks=u32, check=st.binary(min_size=8, max_size=8))
+def test_resigned_end_record_must_match_the_blocks(total, n_blocks, check):
+    raw = b"hello, world"
+    blob = (stored_header().pack() + Block.build(Method.RAW, raw, [raw], [0]).pack()
+            + signed_end(total, check, n_blocks))
+    result = decode_without_model(blob)
+    if (total, n_blocks, check) == (len(raw), 1, digest(raw)):
+        assert result == raw
+    else:
+        assert isinstance(result, (CorruptArchiveError, ChecksumError))
+
+
+@HYPO
+@given(seg=st.integers(1, 300), full=st.integers(0, 4), rest=st.integers(0, 299), data=st.data())
+def test_lm_segment_table_is_checked_against_the_header(seg, full, rest, data):
+    """Token counts must follow the header's segment layout and payloads fit their tokens."""
+    n_tokens = full * seg + rest % seg
+    assume(n_tokens > 0)
+    payload_len = data.draw(st.one_of(st.integers(0, 24), st.integers(4 * seg, 4 * seg + 24)))
+    header = stored_header(segment_tokens=seg, block_size=1 << 16)
+    layout = segment_layout(n_tokens, seg)
+    payload = bytes(payload_len)
+    entries = [(n, payload_len, zlib.crc32(payload)) for n in layout]
+    blob = (header.pack() + signed_block(Method.LM, n_tokens, bytes(8), entries, payload * len(layout))
+            + signed_end(n_tokens, bytes(8), 1))
+    ok = all(payload_len % 4 == 0 and 4 <= payload_len <= lm_payload_limit(n) for n in layout)
+    if ok:
+        assert len(parse(blob)[1]) == 1
+    else:
+        with pytest.raises(CorruptArchiveError, match="payload length"):
+            parse(blob)
+    # Off-layout token counts (one token moved between segments) are refused.
+    if len(layout) >= 2:
+        bad = [(layout[0] - 1, payload_len, zlib.crc32(payload)),
+               (layout[1] + 1, payload_len, zlib.crc32(payload))] + entries[2:]
+        blob = (header.pack() + signed_block(Method.LM, n_tokens, bytes(8), bad, payload * len(layout))
+                + signed_end(n_tokens, bytes(8), 1))
+        with pytest.raises(CorruptArchiveError, match="segment size"):
+            parse(blob)
+
+
+def test_huge_lengths_from_a_pipe_are_read_in_pieces():
+    """A 4 GiB payload length on a stream of unknown size: read requests stay small."""
+    entries = [(0, 2**32 - 1, 0)]
+    blob = stored_header(block_size=64 << 20).pack() + signed_block(Method.RAW, 2**32 - 1, bytes(8), entries)
+    with pytest.raises(CorruptArchiveError):  # raw_len over the block size
+        parse(blob, pipe=True)
+    blob = (stored_header(block_size=64 << 20).pack()
+            + signed_block(Method.RAW, 60 << 20, bytes(8), [(0, 60 << 20, 0)]) + b"x" * 5000)
+    tracemalloc.start()
+    try:
+        with pytest.raises(TruncatedArchiveError):
+            parse(blob, pipe=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * READ_CHUNK
+
+
+def test_zstd_frame_declaring_more_than_the_block_is_refused_before_allocation():
+    """A 2 KB zstd frame that inflates to 64 MiB inside a block that says 4000 bytes.
+
+    zstandard allocates the size a frame declares (max_output_size does not
+    apply then), so the container checks the frame's declared size first.
+    """
+    bomb = zstandard.ZstdCompressor(level=1).compress(bytes(64 << 20))
+    assert len(bomb) < 4000
+    blob = (stored_header().pack()
+            + signed_block(Method.ZSTD, 4000, bytes(8), [(0, len(bomb), zlib.crc32(bomb))], bomb)
+            + signed_end(4000, bytes(8), 1))
+    tracemalloc.start()
+    try:
+        err = decode_without_model(blob)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert isinstance(err, CorruptArchiveError) and "zstd block" in str(err), err
+    assert peak < 8 << 20
+
+
+@HYPO
+@given(payload=st.binary(max_size=64).map(lambda b: b[:len(b) // 4 * 4]), seed=st.integers(0, 2**16),
+       steps=st.integers(1, 40))
+def test_range_decoder_on_arbitrary_payloads(payload, seed, steps):
+    """The coder on garbage: symbols inside the alphabet, or a CorruptArchiveError."""
+    rng = np.random.default_rng(seed)
+    alphabet = 300
+    dec = SegmentDecoder(payload)
+    for _ in range(steps):
+        row = rng.dirichlet(np.full(alphabet, 0.05))
+        try:
+            sym = dec.decode(row)
+        except CorruptArchiveError as exc:
+            one_line_error(exc)
+            return
+        assert 0 <= sym < alphabet
+
+
+@HYPO
+@given(symbols=st.lists(st.integers(0, 299), min_size=1, max_size=200), seed=st.integers(0, 2**16))
+def test_lm_payload_limit_holds_for_the_worst_symbols(symbols, seed):
+    """The payload bound the container enforces is never hit by an honest encoder."""
+    rng = np.random.default_rng(seed)
+    rows = [rng.dirichlet(np.full(300, 0.01)) for _ in symbols]
+    enc = SegmentEncoder()
+    for s, row in zip(symbols, rows):
+        enc.encode(s, row)
+    payload = enc.finish()
+    assert len(payload) % 4 == 0 and 4 <= len(payload) <= lm_payload_limit(len(symbols))
+
+
+def test_truncated_magic_is_named_truncated():
+    with pytest.raises(TruncatedArchiveError):
+        parse(b"\x89LM")
+    with pytest.raises(lmcodec.NotAnArchiveError, match="empty"):
+        parse(b"")
+
+
+# -- hostile fields of a real LM archive (each case runs the model for at most 2 steps) --
+
+@pytest.fixture(scope="module")
+def tiny_lm(codec):
+    text = b"Hi there"
+    blob = codec.compress(text)
+    assert codec.last_stats.methods == ["lm"]
+    return text, blob
+
+
+@settings(deadline=None, max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_resigned_fields_of_a_real_lm_archive(codec, tiny_lm, data):
+    """Change any header or block field of a real LM archive and re-sign it: exact or refused."""
+    text, blob = tiny_lm
+    buf = bytearray(blob)
+    p = 7 + buf[6]
+    h_end = p + 63
+    fields = {"device": (p + 40, "B"), "dtype": (p + 41, "B"), "threads": (p + 42, "H"),
+              "batch": (p + 44, "H"), "context": (p + 46, "I"), "segment_tokens": (p + 50, "I"),
+              "escape_bits": (p + 54, "B"), "block_size": (p + 55, "I"),
+              "raw_len": (h_end + 2, "I"), "n_segments": (h_end + 14, "I"),
+              "tokens": (h_end + 18, "I"), "payload_len": (h_end + 22, "I"), "method": (h_end + 1, "B")}
+    name = data.draw(st.sampled_from(sorted(fields)))
+    off, fmt = fields[name]
+    top = 2 ** (8 * struct.calcsize(fmt)) - 1
+    value = data.draw(st.one_of(st.integers(0, 40), st.integers(0, top)))
+    if name == "threads":
+        value = data.draw(st.integers(0, 4))  # valid but hundreds of threads on 2 cores only crawl
+    old = struct.unpack_from("<" + fmt, buf, off)[0]
+    assume(value != old)
+    struct.pack_into("<" + fmt, buf, off, value)
+    resign_header(buf)
+    n_seg = struct.unpack_from("<I", buf, h_end + 14)[0]
+    table_end = h_end + 18 + 12 * min(n_seg, 1)
+    struct.pack_into("<I", buf, table_end, zlib.crc32(bytes(buf[h_end:table_end])))
+    try:
+        out = codec.decompress(bytes(buf))
+    except LMCodecError as exc:
+        one_line_error(exc)
+    else:
+        assert out == text, (name, value)
+
+
+# -- the corruption campaign, small --------------------------------------------------
+
+def test_corruption_campaign_small(codec):
+    campaign = _load_campaign()
+    t0 = time.perf_counter()
+    corpus = campaign.build_corpus(codec, small=True)
+    cases = campaign.make_cases(corpus, count=300, seed=7, deep=2)
+    report = campaign.run_cases(codec, cases, timeout=60)
+    assert report["total"] == 300
+    assert report["failures_total"] == 0, campaign.format_report(report)
+    assert report["wrong_output"] == report["crash"] == report["hang"] == 0
+    assert report["rejected"] + report["exact_original"] == 300
+    # Nearly everything is refused by CRCs and structure checks before the model runs.
+    assert report["reached_model"] <= 2 + 3, campaign.format_report(report)
+    assert time.perf_counter() - t0 < 60
+
+
+# -- wrong prompt and wrong model: named, and found before the model runs ---------------
+
+@pytest.fixture(scope="module")
+def prompted(codec):
+    text = b"It was the best of times, it was the worst of times.\n"
+    return text, codec.compress(text, prompt="the key")
+
+
+def _counting(codec):
+    calls = []
+    original = codec._run
+
+    def run(*a, **k):
+        calls.append(1)
+        return original(*a, **k)
+
+    return calls, run, original
+
+
+def test_wrong_prompt_is_refused_before_the_model_and_after_the_header_only(codec, prompted):
+    _, blob = prompted
+    calls, run, original = _counting(codec)
+    codec._run = run
+    try:
+        with pytest.raises(PromptMismatchError, match="wrong prompt"):
+            codec.decompress(blob, prompt="another key")
+        # From a pipe, nothing past the header is read.
+        pipe = Pipe(blob + b"\x00" * (1 << 20))
+        with pytest.raises(PromptMismatchError, match="wrong prompt"):
+            codec.decompress_stream(io.BufferedReader(pipe, 64), io.BytesIO(), prompt="another key")
+        assert pipe.consumed < 200
+    finally:
+        vars(codec).pop("_run", None)
+    assert calls == []
+
+
+def test_wrong_model_fingerprint_is_named_before_the_model_runs(codec, prompted):
+    text, blob = prompted
+    buf = bytearray(blob)
+    p = 7 + buf[6]
+    expected = {p: r"wrong model: archive needs 'smollm2-135m' \(fingerprint [0-9a-f]{16}\)",
+                p + 16: r"wrong tokenizer: archive needs tokenizer [0-9a-f]{16}, model 'smollm2-135m' has"}
+    for off, message in expected.items():  # the model, then the tokenizer fingerprint
+        bad = bytearray(buf)
+        bad[off] ^= 0x01
+        resign_header(bad)
+        calls, run, original = _counting(codec)
+        codec._run = run
+        try:
+            with pytest.raises(ModelMismatchError, match=message):
+                codec.decompress(bytes(bad), prompt="the key")
+        finally:
+            vars(codec).pop("_run", None)
+        assert calls == []
+
+
+def test_unregistered_model_name_is_named(codec, prompted):
+    _, blob = prompted
+    buf = bytearray(blob)
+    p = 7 + buf[6]
+    new = b"my-private-model"
+    buf[6:p] = bytes([len(new)]) + new
+    resign_header(buf)
+    with pytest.raises(ModelMismatchError, match="'my-private-model'.*not registered"):
+        codec.decompress(bytes(buf), prompt="the key")
+
+
+# -- CLI faults in real subprocesses ---------------------------------------------------
+
+CLI = [sys.executable, "-c", "import sys; from lmcodec.cli import main; sys.exit(main(prog_name='lmcodec'))"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
+
+
+def _default_signals():
+    """A child that can be interrupted even when this test runs in the background."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _fsize_limit(nbytes: int):
+    def pre():
+        _default_signals()
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
+    return pre
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.endswith(".tmp") or p.name.startswith("."))
+
+
+def _assert_one_line_error(r: subprocess.CompletedProcess | tuple, code: int = 1):
+    rc, err = (r.returncode, r.stderr) if isinstance(r, subprocess.CompletedProcess) else r
+    err = err.decode() if isinstance(err, bytes) else err
+    assert rc == code, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lmcodec: error: "), err
+    return lines[0]
+
+
+@pytest.fixture
+def work(tmp_path):
+    src = tmp_path / "in.txt"
+    src.write_bytes(os.urandom(150_000))
+    return tmp_path, src, _sha(src)
+
+
+def test_unwritable_output_locations(work):
+    tmp, src, sha = work
+    not_a_dir = tmp / "plain-file"
+    not_a_dir.write_bytes(b"x")
+    targets = [(tmp / "missing" / "dir" / "out.lmc", "No such file"),
+               (not_a_dir / "out.lmc", "Not a directory")]
+    locked = tmp / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    if not os.access(locked, os.W_OK):  # as root, permissions do not stop writes
+        targets.append((locked / "out.lmc", "Permission denied"))
+    try:
+        for target, reason in targets:
+            r = subprocess.run(CLI + ["-q", "compress", "--method", "raw", "-o", str(target), str(src)],
+                               capture_output=True, env=ENV, timeout=120)
+            line = _assert_one_line_error(r)
+            assert reason in line and ".tmp" not in line, line
+            assert not target.exists()
+    finally:
+        locked.chmod(0o700)
+    assert _leftovers(tmp) == [] and list(locked.iterdir()) == [] and _sha(src) == sha
+
+
+def test_disk_full_leaves_nothing_behind(work):
+    tmp, src, sha = work
+    out = tmp / "out.lmc"
+    r = subprocess.run(CLI + ["-q", "compress", "--method", "raw", "-o", str(out), str(src)],
+                       capture_output=True, env=ENV, timeout=120, preexec_fn=_fsize_limit(64 * 1024))
+    line = _assert_one_line_error(r)
+    assert line == f"lmcodec: error: {out}: File too large", line
+    assert not out.exists() and _leftovers(tmp) == [] and _sha(src) == sha
+    # Decompression into a full disk: same guarantees (the archive is made without the limit).
+    arc = tmp / "in.txt.lmc"
+    subprocess.run(CLI + ["-q", "compress", "--method", "raw", str(src)], check=True, env=ENV, timeout=120)
+    arc_sha = _sha(arc)
+    restored = tmp / "restored.txt"
+    r = subprocess.run(CLI + ["-q", "decompress", "-o", str(restored), str(arc)],
+                       capture_output=True, env=ENV, timeout=120, preexec_fn=_fsize_limit(64 * 1024))
+    assert _assert_one_line_error(r) == f"lmcodec: error: {restored}: File too large"
+    assert not restored.exists() and _sha(arc) == arc_sha and _sha(src) == sha
+    assert _leftovers(tmp) == []
+
+
+def test_atomic_output_in_process(tmp_path):
+    """Whole file or nothing; the destination (not the temporary file) is named; normal permissions."""
+    target = tmp_path / "out.bin"
+    with pytest.raises(RuntimeError):
+        with atomic_output(target, force=False) as f:
+            f.write(b"partial")
+            raise RuntimeError("fail half way")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_output(target, force=False) as f:
+        f.write(b"whole")
+    assert target.read_bytes() == b"whole"
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
+    with pytest.raises(FileExistsError):
+        with atomic_output(target, force=False):
+            pass
+    with pytest.raises(NotADirectoryError) as info:
+        with atomic_output(target / "below-a-file", force=True):
+            pass
+    assert info.value.filename == str(target / "below-a-file")
+
+
+def test_forced_output_to_a_fifo_is_written_in_place(tmp_path):
+    """-f -o onto a FIFO or device writes into it; it is never renamed over (think /dev/null)."""
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    src = tmp_path / "in.txt"
+    src.write_bytes(b"hello fifo\n" * 100)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    r = subprocess.run(CLI + ["-q", "compress", "--method", "zstd", "-f", "-o", str(fifo), str(src)],
+                       capture_output=True, env=ENV, timeout=120)
+    reader.join(60)
+    assert r.returncode == 0, r.stderr
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and _leftovers(tmp_path) == []
+    assert decode_without_model(got[0]) == src.read_bytes()
+
+
+LONG_TEXT = (b"It was the best of times, it was the worst of times, it was the age of wisdom, it was "
+             b"the age of foolishness, it was the epoch of belief, it was the epoch of incredulity, "
+             b"it was the season of Light, it was the season of Darkness, it was the spring of hope, "
+             b"it was the winter of despair, we had everything before us, we had nothing before us.\n")
+
+
+def _interrupt(cmd: list[str], directory: Path, sig: int, after: float = 3.0):
+    """Start ``cmd``, wait until its temporary output exists, wait ``after`` s, send ``sig``."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV,
+                            preexec_fn=_default_signals)
+    deadline = time.monotonic() + 90
+    while not any(p.name.endswith(".tmp") for p in directory.iterdir()):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no temporary output appeared"
+        time.sleep(0.05)
+    time.sleep(after)
+    assert proc.poll() is None, "finished before the signal: make the input larger"
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    return proc.returncode, err.decode()
+
+
+@pytest.mark.parametrize("sig,code,word", [(signal.SIGINT, 130, "interrupted"),
+                                           (signal.SIGTERM, 143, "terminated")])
+def test_signal_during_compression(tmp_path, sig, code, word):
+    src = tmp_path / "book.txt"
+    src.write_bytes(LONG_TEXT * 12)  # ~4 KB: about a minute with the default layout
+    sha = _sha(src)
+    rc, err = _interrupt(CLI + ["-q", "compress", "--method", "lm", "--threads", "2", str(src)], tmp_path, sig)
+    assert rc == code and err.strip() == f"lmcodec: {word}", err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["book.txt"] and _sha(src) == sha
+
+
+TALE = (b"There were a king with a large jaw and a queen with a plain face, on the throne of England; "
+        b"there were a king with a large jaw and a queen with a fair face, on the throne of France. In "
+        b"both countries it was clearer than crystal to the lords of the State preserves of loaves and "
+        b"fishes, that things in general were settled for ever. It was the year of Our Lord one thousand "
+        b"seven hundred and seventy-five. Spiritual revelations were conceded to England at that favoured "
+        b"period, as at this. Mrs. Southcott had recently attained her five-and-twentieth blessed "
+        b"birthday, of whom a prophetic private in the Life Guards had heralded the sublime appearance by "
+        b"announcing that arrangements were made for the swallowing up of London and Westminster.\n")
+
+
+@pytest.fixture(scope="module")
+def long_archive(codec, tmp_path_factory):
+    d = tmp_path_factory.mktemp("long")
+    arc = d / "book.txt.lmc"
+    arc.write_bytes(codec.compress(TALE))  # ~8 batches of 24 steps to decode with the FAST layout
+    assert codec.last_stats.methods == ["lm"]
+    return arc
+
+
+@pytest.mark.parametrize("sig,code,word", [(signal.SIGINT, 130, "interrupted"),
+                                           (signal.SIGTERM, 143, "terminated")])
+def test_signal_during_decompression(tmp_path, long_archive, sig, code, word):
+    arc = tmp_path / long_archive.name
+    arc.write_bytes(long_archive.read_bytes())
+    sha = _sha(arc)
+    rc, err = _interrupt(CLI + ["-q", "decompress", str(arc)], tmp_path, sig, after=1.0)
+    assert rc == code and err.strip() == f"lmcodec: {word}", err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [arc.name] and _sha(arc) == sha
+
+
+def _peak_rss_mib(proc: subprocess.Popen) -> tuple[int, float]:
+    """Wait for ``proc`` and return (exit code, its own peak RSS in MiB)."""
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_maxrss / 1024
+
+
+_GEN = ("import sys, hashlib\nn = int(sys.argv[1]); h = hashlib.blake2b(digest_size=16)\n"
+        "line = b''.join(b'%06d the quick brown fox jumps over the lazy dog\\n' % i for i in range(20000))\n"
+        "while n > 0:\n    b = line[:n]; sys.stdout.buffer.write(b); h.update(b); n -= len(b)\n"
+        "sys.stdout.flush(); sys.stderr.write(h.hexdigest())\n")
+
+
+def test_large_stdin_stream_has_bounded_memory():
+    """192 MiB through compress | decompress pipes: peak RSS does not grow with the input."""
+    size = 192 << 20
+    base = subprocess.Popen(CLI + ["-q", "compress", "--method", "raw", "-c", "-"], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, env=ENV)
+    base.stdin.write(b"x")
+    base.stdin.close()
+    rc, base_rss = _peak_rss_mib(base)
+    assert rc == 0
+    gen = subprocess.Popen([sys.executable, "-c", _GEN, str(size)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    enc = subprocess.Popen(CLI + ["-q", "compress", "--method", "raw", "-c", "-"], stdin=gen.stdout,
+                           stdout=subprocess.PIPE, env=ENV)
+    gen.stdout.close()
+    dec = subprocess.Popen(CLI + ["-q", "decompress", "-c", "-"], stdin=enc.stdout, stdout=subprocess.PIPE,
+                           env=ENV)
+    enc.stdout.close()
+    h, n = hashlib.blake2b(digest_size=16), 0
+    while chunk := dec.stdout.read(1 << 20):
+        h.update(chunk)
+        n += len(chunk)
+    expected = gen.stderr.read().decode()
+    gen.wait()
+    (rc_enc, enc_rss), (rc_dec, dec_rss) = _peak_rss_mib(enc), _peak_rss_mib(dec)
+    assert (rc_enc, rc_dec) == (0, 0) and n == size and h.hexdigest() == expected
+    # Default 4 MiB blocks: a few blocks' worth of buffers, not the 192 MiB input.
+    assert enc_rss - base_rss < 64, (base_rss, enc_rss)
+    assert dec_rss - base_rss < 64, (base_rss, dec_rss)
