@@ -40,28 +40,23 @@ class _Output:
         self._f = f
         self._path = path
 
-    def _named(self, exc: OSError) -> OSError:
-        if exc.filename is None and exc.errno is not None:
-            return type(exc)(exc.errno, exc.strerror, str(self._path))
-        return exc
+    @contextmanager
+    def _naming_destination(self) -> Iterator[None]:
+        """Report OS errors under the destination's name, not the temp file's."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.filename is not None or exc.errno is None:
+                raise
+            raise type(exc)(exc.errno, exc.strerror, str(self._path)) from exc
 
     def write(self, data) -> int:
-        try:
+        with self._naming_destination():
             return self._f.write(data)
-        except OSError as exc:
-            named = self._named(exc)
-            if named is exc:
-                raise
-            raise named from exc
 
     def flush(self) -> None:
-        try:
+        with self._naming_destination():
             self._f.flush()
-        except OSError as exc:
-            named = self._named(exc)
-            if named is exc:
-                raise
-            raise named from exc
 
     def writable(self) -> bool:
         return True
