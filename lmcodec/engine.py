@@ -75,6 +75,44 @@ def _pin_cuda_numerics() -> None:
     torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
 
 
+class Linear:
+    """``y = x W^T + b`` with the fastest exact kernel this device offers.
+
+    On CPU in float32 the weight is prepacked once for oneDNN, whose kernels run
+    small-batch products (the decoder's shape: a few dozen rows) up to 2x
+    faster than MKL's ``sgemm`` behind ``F.linear``, which repacks the weight at
+    every call.  Elsewhere it is ``F.linear``.  Encoder and decoder make the
+    same choice on the same machine, so both compute the same bits.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self.weight, self.bias = weight, bias
+        self._packed = _pack_for_onednn(weight)
+        if self._packed is not None:
+            self.weight = None  # the packed copy replaces it
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+def onednn_usable() -> bool:
+    """Whether this torch build has oneDNN's prepacked linear (x86 and ARM CPU builds do)."""
+    try:
+        return (torch.backends.mkldnn.is_available()
+                and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+                and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _pack_for_onednn(weight: torch.Tensor) -> torch.Tensor | None:
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not onednn_usable():
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(weight, None)
+
+
 class Engine:
     """Fused weights of one model on one device in one dtype."""
 
@@ -100,20 +138,21 @@ class Engine:
 
         self.embed = get("embed_tokens.weight")
         self.norm = get("norm.weight")
-        self.lm_head = self.embed if a.tie_word_embeddings else (
-            w["lm_head.weight"].to(self.device, self.dtype).contiguous())
+        self.lm_head = Linear(self.embed if a.tie_word_embeddings else (
+            w["lm_head.weight"].to(self.device, self.dtype).contiguous()))
         self.layers = []
         for i in range(a.num_layers):
             p = f"layers.{i}."
             qkv_b = [opt(p + f"self_attn.{n}_proj.bias") for n in "qkv"]
             self.layers.append(dict(
                 attn_norm=get(p + "input_layernorm.weight"),
-                wqkv=torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"]).contiguous(),
-                bqkv=torch.cat(qkv_b) if all(b is not None for b in qkv_b) else None,
-                wo=get(p + "self_attn.o_proj.weight"),
+                qkv=Linear(torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"]).contiguous(),
+                           torch.cat(qkv_b) if all(b is not None for b in qkv_b) else None),
+                o=Linear(get(p + "self_attn.o_proj.weight")),
                 mlp_norm=get(p + "post_attention_layernorm.weight"),
-                wgu=torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]).contiguous(),
-                wd=get(p + "mlp.down_proj.weight"),
+                gate_up=Linear(torch.cat([get(p + "mlp.gate_proj.weight"),
+                                          get(p + "mlp.up_proj.weight")]).contiguous()),
+                down=Linear(get(p + "mlp.down_proj.weight")),
             ))
         hd = a.head_dim
         self.inv_freq = 1.0 / (a.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
@@ -136,6 +175,29 @@ class Engine:
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
 
+    def _attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: int,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of ``q`` [B, T, nh, hd] over cache entries ``[0, length)``.
+
+        The query heads sharing a KV head are stacked into one matrix, so each
+        cached key and value is read once per step for all of them: a decoding
+        step is bound by reading the cache, not by arithmetic.
+        """
+        a = self.arch
+        B, T, nh, hd = q.shape
+        nkv = a.num_kv_heads
+        group = nh // nkv
+        keys = k_cache[:, :, :length]                    # [B, nkv, L, hd]
+        values = v_cache[:, :, :length]
+        qg = q.view(B, T, nkv, group, hd).permute(0, 2, 3, 1, 4).reshape(B, nkv, group * T, hd)
+        scores = torch.matmul(qg, keys.transpose(-1, -2)).float()
+        if mask is not None:
+            scores = scores.view(B, nkv, group, T, length).masked_fill(~mask, float("-inf"))
+            scores = scores.view(B, nkv, group * T, length)
+        attn = torch.softmax(scores, dim=-1).to(self.dtype)
+        out = torch.matmul(attn, values)                 # [B, nkv, group*T, hd]
+        return out.view(B, nkv, group, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, nh * hd)
+
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, length: int,
                 all_positions: bool = False) -> torch.Tensor:
@@ -149,37 +211,35 @@ class Engine:
         a = self.arch
         B, T = ids.shape
         nh, nkv, hd = a.num_heads, a.num_kv_heads, a.head_dim
-        group = nh // nkv
         cos, sin = self._rope(positions)
         mask = None
-        if T > 1:
+        if 1 < T < length:
             mask = torch.ones(T, length, dtype=torch.bool, device=self.device).tril(length - T)
         x = F.embedding(ids, self.embed)
         scale = 1.0 / math.sqrt(hd)
         for li, layer in enumerate(self.layers):
             h = self._rms(x, layer["attn_norm"])
-            qkv = F.linear(h, layer["wqkv"], layer["bqkv"])
+            qkv = layer["qkv"](h)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q = self._rotate(q.view(B, T, nh, hd), cos[:, None, :], sin[:, None, :])
+            # The softmax scale goes on q (B*nh*hd values), not on the scores
+            # (B*nh*length): for head_dim 64 it is 1/8, exact either way.
+            q = self._rotate(q.view(B, T, nh, hd), cos[:, None, :], sin[:, None, :]) * scale
             k = self._rotate(k.view(B, T, nkv, hd), cos[:, None, :], sin[:, None, :])
             k_cache[li].index_copy_(2, slots, k.transpose(1, 2))
             v_cache[li].index_copy_(2, slots, v.view(B, T, nkv, hd).transpose(1, 2))
-            keys = k_cache[li, :, :, :length]            # [B, nkv, L, hd]
-            values = v_cache[li, :, :, :length]
-            qg = q.view(B, T, nkv, group, hd).permute(0, 2, 3, 1, 4).reshape(B, nkv, group * T, hd)
-            scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * scale
-            if mask is not None:
-                scores = scores.view(B, nkv, group, T, length).masked_fill(~mask, float("-inf"))
-                scores = scores.view(B, nkv, group * T, length)
-            attn = torch.softmax(scores, dim=-1).to(self.dtype)
-            out = torch.matmul(attn, values)             # [B, nkv, group*T, hd]
-            out = out.view(B, nkv, group, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, nh * hd)
-            x = x + F.linear(out, layer["wo"])
+            if T > 1 and length == T:  # prefill from an empty cache: fused causal kernel
+                out = F.scaled_dot_product_attention(
+                    q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, nkv, hd).transpose(1, 2),
+                    is_causal=True, scale=1.0, enable_gqa=True)
+                out = out.transpose(1, 2).reshape(B, T, nh * hd)
+            else:
+                out = self._attend(q, k_cache[li], v_cache[li], length, mask)
+            x = x + layer["o"](out)
             h = self._rms(x, layer["mlp_norm"])
-            gate, up = F.linear(h, layer["wgu"]).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer["wd"])
+            gate, up = layer["gate_up"](h).chunk(2, dim=-1)
+            x = x + layer["down"](F.silu(gate) * up)
         x = self._rms(x if all_positions else x[:, -1], self.norm)
-        return F.linear(x, self.lm_head).float()
+        return self.lm_head(x).float()
 
 
 def kv_bytes(arch: ArchConfig, dtype: str, rows: int, capacity: int) -> int:
