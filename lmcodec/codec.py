@@ -9,7 +9,6 @@ computation exactly -- same device, dtype, thread count, batch layout, context.
 from __future__ import annotations
 
 import io
-import math
 import os
 import struct
 import zlib
@@ -36,7 +35,7 @@ from .errors import (
     ResourceLimitError,
     UsageError,
 )
-from .frequencies import probability_table, surprisal_bits
+from .frequencies import MIN_TOKEN_BITS, StepTables
 from .tokens import ByteTokenizer
 
 DEFAULT_SEGMENT_TOKENS = 2048
@@ -232,12 +231,12 @@ class Codec:
     layout = staticmethod(segment_layout)
 
     def _run(self, engine: Engine, prefix: list[int], lengths: list[int], s: Settings,
-             step: Callable[[int, np.ndarray, list[int]], np.ndarray], nbytes: int) -> None:
+             step: Callable[[int, StepTables, list[int]], np.ndarray], nbytes: int) -> None:
         """Drive the model over segments in batches of ``s.batch_size``.
 
-        ``step(t, table, rows)`` codes position ``t`` of the active ``rows`` with
-        their probability rows and returns the symbols it coded (model inputs
-        for the next step).  Encoder and decoder share this loop, so they share
+        ``step(t, tables, segs)`` codes position ``t`` of the active segments
+        ``segs`` (row ``g % batch_size`` of ``tables``) and returns the model
+        inputs for the next step.  Encoder and decoder share this loop, so they share
         the exact sequence of model calls.  Progress is reported in input
         bytes, spread evenly over the block's tokens.
         """
@@ -255,8 +254,8 @@ class Codec:
             feed = np.full(len(batch), prefix[-1], dtype=np.int64)
             for t in range(max(batch)):
                 rows = [i for i, n in enumerate(batch) if t < n]
-                table = probability_table(run.logits, s.escape_bits)
-                coded = step(t, table, [start + i for i in rows])
+                tables = StepTables(run.logits, s.escape_bits)
+                coded = step(t, tables, [start + i for i in rows])
                 feed[rows] = coded
                 if t + 1 < max(batch):
                     run.advance(torch.from_numpy(feed))
@@ -283,13 +282,11 @@ class Codec:
         encoders = [SegmentEncoder() for _ in lengths]
         bits = 0.0
 
-        def step(t: int, table: np.ndarray, segs: list[int]) -> np.ndarray:
+        def step(t: int, tables: StepTables, segs: list[int]) -> np.ndarray:
             nonlocal bits
-            local = [g % s.batch_size for g in segs]
             at = offsets[segs] + t
-            for g, i, sym in zip(segs, local, symbols[at].tolist()):
-                encoders[g].encode(sym, table[i])
-            bits += float(surprisal_bits(table[local], symbols[at]).sum())
+            for g, sym in zip(segs, symbols[at].tolist()):
+                bits += encoders[g].encode_token(tables, g % s.batch_size, sym)
             return inputs[at]
 
         with torch_threads(s.threads), torch.inference_mode():
@@ -387,12 +384,11 @@ class Codec:
                      header.segment_tokens, header.context, header.block_size, header.escape_bits)
         if any(e.n_tokens == 0 for e in block.segments):
             raise CorruptArchiveError("LM block has an empty segment")
-        # Even the likeliest symbol costs -log2(1 - (alphabet-1)/2^24) bits after
-        # quantization (every other symbol keeps a frequency >= 1), so a payload
-        # bounds its token count; a forged count cannot make the model run for hours.
-        min_bits = -math.log2(1 - (tok.alphabet_size - 1) / 2**24)
+        # Every token costs at least MIN_TOKEN_BITS (the stage-1 *other* symbol
+        # keeps a floor of mass), so a payload bounds its token count; a forged
+        # count cannot make the model run for hours.
         for i, e in enumerate(block.segments):
-            if e.n_tokens * min_bits > 8 * e.payload_len + 64:
+            if e.n_tokens * MIN_TOKEN_BITS > 8 * e.payload_len + 64:
                 raise CorruptArchiveError(f"LM segment {i} declares {e.n_tokens} tokens, more than its "
                                           f"{e.payload_len}-byte payload can hold")
         engine = self._engine(model, s.device, s.dtype)
@@ -401,10 +397,10 @@ class Codec:
         symbols = [np.zeros(n, dtype=np.int64) for n in lengths]
         vocab = tok.vocab_size
 
-        def step(t: int, table: np.ndarray, segs: list[int]) -> np.ndarray:
+        def step(t: int, tables: StepTables, segs: list[int]) -> np.ndarray:
             out = np.empty(len(segs), dtype=np.int64)
             for k, g in enumerate(segs):
-                sym = decoders[g].decode(table[g % s.batch_size])
+                sym = decoders[g].decode_token(tables, g % s.batch_size)
                 symbols[g][t] = sym
                 out[k] = sym if sym < vocab else tok.placeholder
             return out

@@ -25,7 +25,7 @@ from .errors import (
 )
 
 MAGIC = b"\x89LMC"
-VERSION = 1
+VERSION = 2
 MAX_BLOCK_SIZE = 64 << 20
 MIN_BLOCK_SIZE = 4096
 MAX_NAME = 255
@@ -149,13 +149,15 @@ class End:
 
 
 def lm_payload_limit(n_tokens: int) -> int:
-    """The largest payload an honest encoder can write for ``n_tokens`` symbols.
+    """The largest payload an honest encoder can write for ``n_tokens`` tokens.
 
-    The coder quantizes to 24-bit fixed point and gives every symbol a frequency
-    of at least 1, so no symbol costs more than 24 bits (3 bytes); the range
-    coder adds at most a few words when it is sealed.
+    The coder quantizes to 24-bit fixed point and gives every entry a frequency
+    of at least 1, so one stage costs at most 24 bits; a second stage follows
+    only the *other* symbol, whose mass floor (2^-8) keeps it under 9 bits.
+    So a token costs under 33 bits (5 bytes); sealing the range coder adds at
+    most a few words.
     """
-    return 4 * n_tokens + 16
+    return 5 * n_tokens + 16
 
 
 def zstd_payload_limit(raw_len: int) -> int:
