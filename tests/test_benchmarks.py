@@ -70,3 +70,33 @@ def test_clear_errors_for_missing_corpus_and_bad_manifest(corpus, tmp_path, caps
     assert run.main(["--suite", "tiny", "--corpus", str(corpus), "--no-lmcodec"]) == 2
     assert "does not match MANIFEST" in capsys.readouterr().err
     assert run.main(["--suite", "nope", "--corpus", str(corpus)]) == 2
+
+
+def test_speed_benchmark_round_trips_and_reports_both_directions(corpus, tmp_path, capsys):
+    from benchmarks import speed
+
+    out = tmp_path / "speed.json"
+    assert speed.main(["--file", str(corpus / "texts/a.txt"), "--device", "cpu", "--json", str(out),
+                       *FAST]) == 0
+    doc = json.loads(out.read_text())
+    for key in ("compress_Bps", "decompress_Bps", "compress_tokps", "decompress_tokps", "forward_tokps",
+                "compress_vs_forward", "decompress_vs_forward"):
+        assert doc[key] > 0, key
+    assert doc["device"] == "cpu" and doc["segment_tokens"] == 24 and doc["batch_size"] == 3
+    assert "decompress" in capsys.readouterr().out
+
+
+def test_alphabet_benchmark_compares_full_rows_with_two_stages(corpus, tmp_path):
+    from benchmarks import alphabet
+
+    out = tmp_path / "alphabet.json"
+    assert alphabet.main(["--file", str(corpus / "texts/a.txt"), "--top-k", "4,64",
+                          "--segment-tokens", "16", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    full = doc["full"]["bytes"]
+    for k in ("4", "64"):
+        two = doc["two_stage"][k]
+        assert 0 <= two["stage2_share"] <= 1
+        # The stages multiply out to the full row: sizes agree up to the coder's last words.
+        assert abs(two["bytes"] - full) <= 8 + 0.01 * full
+    assert doc["two_stage"]["4"]["stage2_share"] >= doc["two_stage"]["64"]["stage2_share"]

@@ -1,0 +1,136 @@
+"""What the two-stage (top-k + other) coding rows cost in ratio, and what they save.
+
+    python -m benchmarks.alphabet [--file PATH] [--corpus DIR] [--bytes N]
+                                  [--top-k 16,64,256,1024] [--segment-tokens N] [--json OUT]
+
+Scores the file with the model (full causal forward over ``segment-tokens``
+windows, the same distributions the codec sees up to rounding), then codes
+every token with constriction twice: once under the full alphabet row (format
+version 1), once in two stages for each ``k`` (format version 2).  Prints the
+coded sizes, the model's ideal size, the share of tokens that needed stage 2,
+and the time building a step's rows takes for 64 rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .corpus import corpus_root
+
+
+def model_logits(codec, symbols: np.ndarray, segment: int) -> torch.Tensor:
+    """[n, V] float32 next-token logits for every symbol, window by window."""
+    from lmcodec.engine import torch_threads
+
+    model, tok = codec._load(codec._model_arg)
+    s = codec.settings.resolved()
+    engine = codec._engine(model, s.device, s.dtype)
+    inputs = torch.from_numpy(tok.model_inputs(symbols))
+    a = engine.arch
+    out = []
+    with torch_threads(s.threads), torch.inference_mode():
+        for start in range(0, len(inputs), segment):
+            ids = torch.cat([torch.tensor([tok.start_token]), inputs[start:start + segment]])[:-1]
+            n = len(ids)
+            shape = (a.num_layers, 1, a.num_kv_heads, n, a.head_dim)
+            k = torch.zeros(shape, dtype=engine.dtype, device=engine.device)
+            pos = torch.arange(n)
+            logits = engine.forward(ids[None].to(engine.device), pos, pos.to(engine.device), k,
+                                    torch.zeros_like(k), n, all_positions=True)
+            out.append(logits[0].cpu())
+    return torch.cat(out)
+
+
+def code_full(logits: torch.Tensor, symbols: np.ndarray, escape_bits: int) -> tuple[int, float]:
+    """Bytes of one stream coding every symbol under its full alphabet row; ideal bits."""
+    from lmcodec.coder import SegmentEncoder
+    from lmcodec.frequencies import probability_table, surprisal_bits
+
+    enc, ideal = SegmentEncoder(), 0.0
+    for c in range(0, len(symbols), 512):
+        table = probability_table(logits[c:c + 512], escape_bits)
+        sym = symbols[c:c + 512]
+        for row, s in zip(table, sym.tolist()):
+            enc.encode(s, row)
+        ideal += float(surprisal_bits(table, sym).sum())
+    return len(enc.finish()), ideal
+
+
+def code_two_stage(logits: torch.Tensor, symbols: np.ndarray, escape_bits: int,
+                   k: int) -> tuple[int, int]:
+    """Bytes of one stream coding every symbol in two stages; tokens that needed stage 2."""
+    from lmcodec.coder import SegmentEncoder
+    from lmcodec.frequencies import StepTables
+
+    enc, second = SegmentEncoder(), 0
+    for c in range(0, len(symbols), 512):
+        tables = StepTables(logits[c:c + 512], escape_bits, top_k=k)
+        for i, s in enumerate(symbols[c:c + 512].tolist()):
+            second += tables.index(i, s) == tables.other
+            enc.encode_token(tables, i, s)
+    return len(enc.finish()), second
+
+
+def rows_ms(logits: torch.Tensor, escape_bits: int, k: int | None, rows: int = 64) -> float:
+    """Milliseconds to build one step's coding rows for ``rows`` rows."""
+    from lmcodec.frequencies import StepTables, probability_table
+
+    x = logits[:rows]
+    t0 = time.perf_counter()
+    for _ in range(5):
+        probability_table(x, escape_bits) if k is None else StepTables(x, escape_bits, top_k=k)
+    return (time.perf_counter() - t0) / 5 * 1e3
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.alphabet", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--file", default=None, help="input [corpus canterbury/alice29.txt]")
+    ap.add_argument("--corpus", default=None)
+    ap.add_argument("--bytes", type=int, default=None, help="use only the first N bytes")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--top-k", default="16,64,256,1024")
+    ap.add_argument("--segment-tokens", type=int, default=2048)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    import lmcodec
+    from lmcodec.codec import DEFAULT_ESCAPE_BITS
+
+    path = Path(args.file) if args.file else corpus_root(args.corpus) / "canterbury" / "alice29.txt"
+    data = path.read_bytes()[: args.bytes]
+    codec = lmcodec.Codec(args.model, device="cpu", **({"threads": args.threads} if args.threads else {}))
+    _, tok = codec._load(args.model)
+    symbols = tok.encode(data)
+    t0 = time.perf_counter()
+    logits = model_logits(codec, symbols, args.segment_tokens)
+    print(f"{path.name}: {len(data)} bytes, {len(symbols)} tokens, scored in {time.perf_counter() - t0:.0f} s")
+    esc = DEFAULT_ESCAPE_BITS
+    full_bytes, ideal = code_full(logits, symbols, esc)
+    res = {"file": str(path), "bytes": len(data), "tokens": int(len(symbols)),
+           "segment_tokens": args.segment_tokens, "ideal_bits": ideal,
+           "full": {"bytes": full_bytes, "rows_ms_64": rows_ms(logits, esc, None)}, "two_stage": {}}
+    print(f"  ideal (model)       {ideal / 8:9.0f} bytes  {ideal / len(data):.4f} bits/byte")
+    print(f"  full alphabet row   {full_bytes:9d} bytes  {8 * full_bytes / len(data):.4f} bits/byte  "
+          f"rows for 64: {res['full']['rows_ms_64']:.1f} ms")
+    for k in (int(x) for x in args.top_k.split(",")):
+        n, second = code_two_stage(logits, symbols, esc, k)
+        ms = rows_ms(logits, esc, k)
+        res["two_stage"][k] = {"bytes": n, "stage2_share": second / len(symbols), "rows_ms_64": ms}
+        print(f"  top-{k:<5d} + other   {n:9d} bytes  {8 * n / len(data):.4f} bits/byte  "
+              f"({n / full_bytes - 1:+.3%} vs full row), stage 2 for {second / len(symbols):.2%} of tokens, "
+              f"rows for 64: {ms:.1f} ms")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
