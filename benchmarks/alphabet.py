@@ -18,6 +18,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -25,8 +26,11 @@ import torch
 from .corpus import corpus_root
 
 
-def model_logits(codec, symbols: np.ndarray, segment: int) -> torch.Tensor:
-    """[n, V] float32 next-token logits for every symbol, window by window."""
+def model_windows(codec, symbols: np.ndarray, segment: int) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+    """([n, V] float32 next-token logits, their n symbols), one window at a time.
+
+    One window's logits are ~400 MB at 2,048 tokens; a whole file's would not fit.
+    """
     from lmcodec.engine import torch_threads
 
     model, tok = codec._load(codec._model_arg)
@@ -34,48 +38,53 @@ def model_logits(codec, symbols: np.ndarray, segment: int) -> torch.Tensor:
     engine = codec._engine(model, s.device, s.dtype)
     inputs = torch.from_numpy(tok.model_inputs(symbols))
     a = engine.arch
-    out = []
-    with torch_threads(s.threads), torch.inference_mode():
-        for start in range(0, len(inputs), segment):
-            ids = torch.cat([torch.tensor([tok.start_token]), inputs[start:start + segment]])[:-1]
-            n = len(ids)
-            shape = (a.num_layers, 1, a.num_kv_heads, n, a.head_dim)
+    for start in range(0, len(inputs), segment):
+        ids = torch.cat([torch.tensor([tok.start_token]), inputs[start:start + segment]])[:-1]
+        n = len(ids)
+        shape = (a.num_layers, 1, a.num_kv_heads, n, a.head_dim)
+        with torch_threads(s.threads), torch.inference_mode():
             k = torch.zeros(shape, dtype=engine.dtype, device=engine.device)
             pos = torch.arange(n)
             logits = engine.forward(ids[None].to(engine.device), pos, pos.to(engine.device), k,
                                     torch.zeros_like(k), n, all_positions=True)
-            out.append(logits[0].cpu())
-    return torch.cat(out)
+        yield logits[0].cpu(), symbols[start:start + n]
 
 
-def code_full(logits: torch.Tensor, symbols: np.ndarray, escape_bits: int) -> tuple[int, float]:
-    """Bytes of one stream coding every symbol under its full alphabet row; ideal bits."""
-    from lmcodec.coder import SegmentEncoder
-    from lmcodec.frequencies import probability_table, surprisal_bits
+class FullRows:
+    """One stream coding every symbol under its full alphabet row (format v1)."""
 
-    enc, ideal = SegmentEncoder(), 0.0
-    for c in range(0, len(symbols), 512):
-        table = probability_table(logits[c:c + 512], escape_bits)
-        sym = symbols[c:c + 512]
-        for row, s in zip(table, sym.tolist()):
-            enc.encode(s, row)
-        ideal += float(surprisal_bits(table, sym).sum())
-    return len(enc.finish()), ideal
+    def __init__(self, escape_bits: int):
+        from lmcodec.coder import SegmentEncoder
+
+        self.escape_bits, self.enc, self.ideal = escape_bits, SegmentEncoder(), 0.0
+
+    def add(self, logits: torch.Tensor, symbols: np.ndarray) -> None:
+        from lmcodec.frequencies import probability_table, surprisal_bits
+
+        for c in range(0, len(symbols), 512):
+            table = probability_table(logits[c:c + 512], self.escape_bits)
+            sym = symbols[c:c + 512]
+            for row, s in zip(table, sym.tolist()):
+                self.enc.encode(s, row)
+            self.ideal += float(surprisal_bits(table, sym).sum())
 
 
-def code_two_stage(logits: torch.Tensor, symbols: np.ndarray, escape_bits: int,
-                   k: int) -> tuple[int, int]:
-    """Bytes of one stream coding every symbol in two stages; tokens that needed stage 2."""
-    from lmcodec.coder import SegmentEncoder
-    from lmcodec.frequencies import StepTables
+class TwoStage:
+    """One stream coding every symbol in two stages with top-``k`` rows (format v2 uses 256)."""
 
-    enc, second = SegmentEncoder(), 0
-    for c in range(0, len(symbols), 512):
-        tables = StepTables(logits[c:c + 512], escape_bits, top_k=k)
-        for i, s in enumerate(symbols[c:c + 512].tolist()):
-            second += tables.index(i, s) == tables.other
-            enc.encode_token(tables, i, s)
-    return len(enc.finish()), second
+    def __init__(self, escape_bits: int, k: int):
+        from lmcodec.coder import SegmentEncoder
+
+        self.escape_bits, self.k, self.enc, self.second = escape_bits, k, SegmentEncoder(), 0
+
+    def add(self, logits: torch.Tensor, symbols: np.ndarray) -> None:
+        from lmcodec.frequencies import StepTables
+
+        for c in range(0, len(symbols), 512):
+            tables = StepTables(logits[c:c + 512], self.escape_bits, top_k=self.k)
+            for i, s in enumerate(symbols[c:c + 512].tolist()):
+                self.second += tables.index(i, s) == tables.other
+                self.enc.encode_token(tables, i, s)
 
 
 def rows_ms(logits: torch.Tensor, escape_bits: int, k: int | None, rows: int = 64) -> float:
@@ -109,24 +118,32 @@ def main(argv: list[str] | None = None) -> int:
     codec = lmcodec.Codec(args.model, device="cpu", **({"threads": args.threads} if args.threads else {}))
     _, tok = codec._load(args.model)
     symbols = tok.encode(data)
-    t0 = time.perf_counter()
-    logits = model_logits(codec, symbols, args.segment_tokens)
-    print(f"{path.name}: {len(data)} bytes, {len(symbols)} tokens, scored in {time.perf_counter() - t0:.0f} s")
     esc = DEFAULT_ESCAPE_BITS
-    full_bytes, ideal = code_full(logits, symbols, esc)
+    ks = [int(x) for x in args.top_k.split(",")]
+    full, stages = FullRows(esc), {k: TwoStage(esc, k) for k in ks}
+    timing: dict = {}
+    t0 = time.perf_counter()
+    for logits, sym in model_windows(codec, symbols, args.segment_tokens):
+        if not timing:
+            timing = {"full": rows_ms(logits, esc, None), **{k: rows_ms(logits, esc, k) for k in ks}}
+        full.add(logits, sym)
+        for st in stages.values():
+            st.add(logits, sym)
+    print(f"{path.name}: {len(data)} bytes, {len(symbols)} tokens, scored and coded in "
+          f"{time.perf_counter() - t0:.0f} s")
+    full_bytes, ideal = len(full.enc.finish()), full.ideal
     res = {"file": str(path), "bytes": len(data), "tokens": int(len(symbols)),
            "segment_tokens": args.segment_tokens, "ideal_bits": ideal,
-           "full": {"bytes": full_bytes, "rows_ms_64": rows_ms(logits, esc, None)}, "two_stage": {}}
+           "full": {"bytes": full_bytes, "rows_ms_64": timing["full"]}, "two_stage": {}}
     print(f"  ideal (model)       {ideal / 8:9.0f} bytes  {ideal / len(data):.4f} bits/byte")
     print(f"  full alphabet row   {full_bytes:9d} bytes  {8 * full_bytes / len(data):.4f} bits/byte  "
-          f"rows for 64: {res['full']['rows_ms_64']:.1f} ms")
-    for k in (int(x) for x in args.top_k.split(",")):
-        n, second = code_two_stage(logits, symbols, esc, k)
-        ms = rows_ms(logits, esc, k)
-        res["two_stage"][k] = {"bytes": n, "stage2_share": second / len(symbols), "rows_ms_64": ms}
+          f"rows for 64: {timing['full']:.1f} ms")
+    for k, st in stages.items():
+        n, share = len(st.enc.finish()), st.second / len(symbols)
+        res["two_stage"][k] = {"bytes": n, "stage2_share": share, "rows_ms_64": timing[k]}
         print(f"  top-{k:<5d} + other   {n:9d} bytes  {8 * n / len(data):.4f} bits/byte  "
-              f"({n / full_bytes - 1:+.3%} vs full row), stage 2 for {second / len(symbols):.2%} of tokens, "
-              f"rows for 64: {ms:.1f} ms")
+              f"({n / full_bytes - 1:+.3%} vs full row), stage 2 for {share:.2%} of tokens, "
+              f"rows for 64: {timing[k]:.1f} ms")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
     return 0
