@@ -22,8 +22,15 @@ from .frequencies import StepTables
 _FAMILY = constriction.stream.model.Categorical(perfect=False)
 
 
+#: The least share of a row the quantizer gives any entry (frequency 1 of 2^24).
+_LEAST = 2.0 ** -24
+
+
 def _bits(row: np.ndarray, symbol: int) -> float:
-    return -math.log2(row[symbol] / row.sum())
+    """-log2 of ``symbol``'s share of ``row``.  A share that underflowed to 0 in
+    float32 is still coded at the quantizer's floor, so it is counted there."""
+    total = row.sum()
+    return -math.log2(max(row[symbol] / total, _LEAST))
 
 
 class SegmentEncoder:

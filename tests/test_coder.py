@@ -72,10 +72,12 @@ def test_two_stage_round_trip(seed, n, vocab, top_k, temperature):
     bits = [enc.encode_token(tables, i, int(s)) for i, s in enumerate(symbols)]
     dec = SegmentDecoder(enc.finish())
     assert [dec.decode_token(tables, i) for i in range(n)] == symbols.tolist()
-    # The two stages multiply out to the full table wherever *other* is above its floor.
-    above = tables.head[:, -1] > OTHER_FLOOR
+    # The two stages multiply out to the full table wherever no floor applies: the
+    # *other* floor, or the quantizer's 2^-24 (where a float32 share may underflow).
+    plain = (tables.head[:, -1] > OTHER_FLOOR) & (full[np.arange(n), symbols] > 2.0 ** -20)
     ideal = surprisal_bits(full, symbols)
-    assert np.allclose(np.array(bits)[above], ideal[above], rtol=1e-5, atol=1e-6)
+    assert np.allclose(np.array(bits)[plain], ideal[plain], rtol=1e-5, atol=1e-6)
+    assert max(bits) < 24 + 24 + 1e-9  # each stage is counted at most at the quantizer's floor
 
 
 def test_two_stage_rows_are_the_full_table_split():
