@@ -37,17 +37,11 @@ def model_windows(codec, symbols: np.ndarray, segment: int) -> Iterator[tuple[to
     s = codec.settings.resolved()
     engine = codec._engine(model, s.device, s.dtype)
     inputs = torch.from_numpy(tok.model_inputs(symbols))
-    a = engine.arch
     for start in range(0, len(inputs), segment):
         ids = torch.cat([torch.tensor([tok.start_token]), inputs[start:start + segment]])[:-1]
-        n = len(ids)
-        shape = (a.num_layers, 1, a.num_kv_heads, n, a.head_dim)
         with torch_threads(s.threads), torch.inference_mode():
-            k = torch.zeros(shape, dtype=engine.dtype, device=engine.device)
-            pos = torch.arange(n)
-            logits = engine.forward(ids[None].to(engine.device), pos, pos.to(engine.device), k,
-                                    torch.zeros_like(k), n, all_positions=True)
-        yield logits[0].cpu(), symbols[start:start + n]
+            logits = engine.score(ids[None])
+        yield logits[0].cpu(), symbols[start:start + len(ids)]
 
 
 class FullRows:

@@ -43,12 +43,8 @@ def plain_forward_tokens_per_s(codec, symbols, segment: int, batch: int) -> floa
     done, t0 = 0, time.perf_counter()
     with torch_threads(s.threads), torch.inference_mode():
         for start in range(0, len(windows), batch):
-            w = windows[start:start + batch].to(engine.device)
-            shape = (a.num_layers, len(w), a.num_kv_heads, segment, a.head_dim)
-            k = torch.zeros(shape, dtype=engine.dtype, device=engine.device)
-            v = torch.zeros_like(k)
-            pos = torch.arange(segment)
-            engine.forward(w, pos, pos.to(engine.device), k, v, segment, all_positions=True)
+            w = windows[start:start + batch]
+            engine.score(w)
             done += w.numel()
         if engine.device.type == "cuda":
             torch.cuda.synchronize()

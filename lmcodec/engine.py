@@ -241,6 +241,20 @@ class Engine:
         x = self._rms(x if all_positions else x[:, -1], self.norm)
         return self.lm_head(x).float()
 
+    def score(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits at every position of ``ids`` [B, T] from one causal pass, [B, T, V].
+
+        Used to measure (probe, benchmarks), never to code: the coder needs the
+        step-by-step computation the decoder can repeat.
+        """
+        a = self.arch
+        B, T = ids.shape
+        shape = (a.num_layers, B, a.num_kv_heads, T, a.head_dim)
+        k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        pos = torch.arange(T)
+        return self.forward(ids.to(self.device), pos, pos.to(self.device), k, torch.zeros_like(k), T,
+                            all_positions=True)
+
 
 def kv_bytes(arch: ArchConfig, dtype: str, rows: int, capacity: int) -> int:
     """Memory the KV cache of ``rows`` x ``capacity`` tokens takes."""

@@ -274,8 +274,6 @@ def score_symbols(engine: Engine, tok: ByteTokenizer, prefix: list[int], symbols
     plan = plan_windows(n, len(prefix), window, min_context)
     batch = batch_size or _auto_batch(engine, window, len(plan))
     out = _Scores(np.zeros(n), np.zeros((n, top_k), np.int64), np.zeros((n, top_k)), np.zeros(n, np.int64))
-    a = engine.arch
-    dev = engine.device
     p = len(prefix)
     for b0 in range(0, len(plan), batch):
         group = plan[b0:b0 + batch]
@@ -284,13 +282,7 @@ def score_symbols(engine: Engine, tok: ByteTokenizer, prefix: list[int], symbols
         for row, (ctx, _, end) in enumerate(group):
             ids[row, :p] = prefix
             ids[row, p:p + end - ctx] = inputs[ctx:end]
-        shape = (a.num_layers, len(group), a.num_kv_heads, T, a.head_dim)
-        k = torch.zeros(shape, dtype=engine.dtype, device=dev)
-        v = torch.zeros(shape, dtype=engine.dtype, device=dev)
-        pos = torch.arange(T)
-        logits = engine.forward(torch.from_numpy(ids).to(dev), pos, pos.to(dev), k, v, T,
-                                all_positions=True)
-        del k, v
+        logits = engine.score(torch.from_numpy(ids))
         for row, (ctx, start, end) in enumerate(group):
             # Logits at window position i predict the token at i + 1.
             first = p + (start - ctx) - 1

@@ -32,11 +32,8 @@ def hf_llama(loaded: models.LoadedModel):
 
 def engine_logits(engine: Engine, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[T, V] logits from one causal pass, and from T lockstep steps at batch 1."""
-    a = engine.arch
     n = len(ids)
-    k = torch.zeros(a.num_layers, 1, a.num_kv_heads, n, a.head_dim)
-    pos = torch.arange(n)
-    full = engine.forward(ids[None], pos, pos, k, torch.zeros_like(k), n, all_positions=True)[0]
+    full = engine.score(ids[None])[0]
     run = Lockstep(engine, [int(ids[0])], 1, 4 * n, n)
     steps = [run.logits[0].clone()] + [run.advance(ids[t:t + 1])[0].clone() for t in range(1, n)]
     return full, torch.stack(steps)
