@@ -23,7 +23,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .corpus import corpus_root
+from .corpus import add_file_args, read_file_arg
 
 
 def model_windows(codec, symbols: np.ndarray, segment: int) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
@@ -94,10 +94,7 @@ def rows_ms(logits: torch.Tensor, escape_bits: int, k: int | None, rows: int = 6
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.alphabet", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--file", default=None, help="input [corpus canterbury/alice29.txt]")
-    ap.add_argument("--corpus", default=None)
-    ap.add_argument("--bytes", type=int, default=None, help="use only the first N bytes")
-    ap.add_argument("--model", default=None)
+    add_file_args(ap)
     ap.add_argument("--top-k", default="16,64,256,1024")
     ap.add_argument("--segment-tokens", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=None)
@@ -107,8 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     import lmcodec
     from lmcodec.codec import DEFAULT_ESCAPE_BITS
 
-    path = Path(args.file) if args.file else corpus_root(args.corpus) / "canterbury" / "alice29.txt"
-    data = path.read_bytes()[: args.bytes]
+    path, data = read_file_arg(args)
     codec = lmcodec.Codec(args.model, device="cpu", **({"threads": args.threads} if args.threads else {}))
     _, tok = codec._load(args.model)
     symbols = tok.encode(data)

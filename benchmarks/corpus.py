@@ -62,3 +62,21 @@ def load_suite(root: Path, suite: str) -> list[tuple[str, bytes, str]]:
             raise CorpusError(f"{rel}: not listed in MANIFEST.sha256")
         files.append((rel, data, sha))
     return files
+
+
+#: The one-file benchmarks' default input.
+DEFAULT_FILE = "canterbury/alice29.txt"
+
+
+def add_file_args(ap) -> None:
+    """``--file``, ``--corpus``, ``--bytes`` and ``--model``: what a one-file benchmark reads."""
+    ap.add_argument("--file", default=None, help=f"input [corpus {DEFAULT_FILE}]")
+    ap.add_argument("--corpus", default=None)
+    ap.add_argument("--bytes", type=int, default=None, help="use only the first N bytes")
+    ap.add_argument("--model", default=None)
+
+
+def read_file_arg(args) -> tuple[Path, bytes]:
+    """The path and bytes :func:`add_file_args`'s options name."""
+    path = Path(args.file) if args.file else corpus_root(args.corpus) / DEFAULT_FILE
+    return path, path.read_bytes()[: args.bytes]

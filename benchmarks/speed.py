@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .corpus import corpus_root
+from .corpus import add_file_args, read_file_arg
 
 
 def plain_forward_tokens_per_s(codec, symbols, segment: int, batch: int) -> float:
@@ -53,10 +53,7 @@ def plain_forward_tokens_per_s(codec, symbols, segment: int, batch: int) -> floa
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--file", default=None, help="input [corpus canterbury/alice29.txt]")
-    ap.add_argument("--corpus", default=None)
-    ap.add_argument("--bytes", type=int, default=None, help="use only the first N bytes")
-    ap.add_argument("--model", default=None)
+    add_file_args(ap)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     for opt in ("threads", "batch-size", "segment-tokens", "context"):
@@ -69,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     import lmcodec
     from lmcodec.engine import pick_device
 
-    path = Path(args.file) if args.file else corpus_root(args.corpus) / "canterbury" / "alice29.txt"
-    data = path.read_bytes()[: args.bytes]
+    path, data = read_file_arg(args)
     settings = {k: getattr(args, k) for k in ("device", "dtype", "threads", "batch_size",
                                               "segment_tokens", "context") if getattr(args, k) is not None}
     codec = lmcodec.Codec(args.model, **settings)
