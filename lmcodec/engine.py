@@ -76,7 +76,7 @@ def _pin_cuda_numerics() -> None:
 
 
 class Linear:
-    """``y = x W^T + b`` with the fastest exact kernel this device offers.
+    """``y = x W^T + b`` with the fastest deterministic kernel this device offers.
 
     On CPU in float32 the weight is prepacked once for oneDNN, whose kernels run
     small-batch products (the decoder's shape: a few dozen rows) up to 2x
