@@ -46,6 +46,7 @@ import time
 import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -185,6 +186,27 @@ def _hostile_int(rng: random.Random, size: int, old: int) -> int:
     return value if value != old else (old + 1) & top
 
 
+def _valid_threads(rng: random.Random, size: int, old: int) -> int:
+    """A valid thread count: hundreds of threads on 2 cores only crawl.  (Draws a
+    hostile value first, so the random sequence matches the other fields'.)"""
+    _hostile_int(rng, size, old)
+    return rng.choice([1, 3, 4])
+
+
+def _overwrite(rng: random.Random, buf: bytearray, name: str, off: int, fmt: str,
+               pick: Callable[[random.Random, int, int], int] = _hostile_int) -> str:
+    """Overwrite one field: random bytes for a digest ("8s"), ``pick``'s value for an
+    integer; return what changed."""
+    if fmt == "8s":
+        buf[off:off + 8] = rng.randbytes(8)
+        return name
+    size = struct.calcsize(fmt)
+    old = struct.unpack_from("<" + fmt, buf, off)[0]
+    new = pick(rng, size, old)
+    struct.pack_into("<" + fmt, buf, off, new)
+    return f"{name} {old} -> {new}"
+
+
 def random_case(rng: random.Random, corpus: list[Sample], kind: str) -> Case:
     s = rng.choice(corpus)
     buf = bytearray(s.blob)
@@ -237,17 +259,9 @@ def random_case(rng: random.Random, corpus: list[Sample], kind: str) -> Case:
             buf[6:p] = bytes([len(new)]) + new
             header_end = 7 + len(new) + 59 + 4
             what = f"name {new!r}"
-        elif fmt == "8s":
-            buf[off:off + 8] = rng.randbytes(8)
-            header_end, what = s.header_end, name
         else:
-            size = struct.calcsize(fmt)
-            old = struct.unpack_from("<" + fmt, buf, off)[0]
-            new = _hostile_int(rng, size, old)
-            if name == "threads":
-                new = rng.choice([1, 3, 4])  # a valid count: hundreds of threads on 2 cores only crawl
-            struct.pack_into("<" + fmt, buf, off, new)
-            header_end, what = s.header_end, f"{name} {old} -> {new}"
+            what = _overwrite(rng, buf, name, off, fmt, _valid_threads if name == "threads" else _hostile_int)
+            header_end = s.header_end
         _resign(buf, 0, header_end - 4)
         return Case(kind, s.name, what, bytes(buf), s.original, s.prompt, deep=s.lm)
     if kind == "resign-block":
@@ -262,15 +276,7 @@ def random_case(rng: random.Random, corpus: list[Sample], kind: str) -> Case:
             fields += [(f"seg{i}.tokens", e, "I"), (f"seg{i}.payload_len", e + 4, "I"),
                        (f"seg{i}.payload_crc", e + 8, "I")]
         name, off, fmt = rng.choice(fields)
-        if fmt == "8s":
-            buf[off:off + 8] = rng.randbytes(8)
-            what = name
-        else:
-            size = struct.calcsize(fmt)
-            old = struct.unpack_from("<" + fmt, buf, off)[0]
-            new = _hostile_int(rng, size, old)
-            struct.pack_into("<" + fmt, buf, off, new)
-            what = f"{name} {old} -> {new}"
+        what = _overwrite(rng, buf, name, off, fmt)
         _resign(buf, b, blk["table_end"])
         # Only a changed block checksum of an LM block survives to the model (and fails after it).
         return Case(kind, s.name, what, bytes(buf), s.original, s.prompt, deep=s.lm and name == "check")
@@ -278,15 +284,7 @@ def random_case(rng: random.Random, corpus: list[Sample], kind: str) -> Case:
         e = s.end_start
         name, off, fmt = rng.choice([("tag", e, "B"), ("total", e + 1, "Q"), ("check", e + 9, "8s"),
                                      ("n_blocks", e + 17, "I")])
-        if fmt == "8s":
-            buf[off:off + 8] = rng.randbytes(8)
-            what = name
-        else:
-            size = struct.calcsize(fmt)
-            old = struct.unpack_from("<" + fmt, buf, off)[0]
-            new = _hostile_int(rng, size, old)
-            struct.pack_into("<" + fmt, buf, off, new)
-            what = f"{name} {old} -> {new}"
+        what = _overwrite(rng, buf, name, off, fmt)
         _resign(buf, e, e + 21)
         return Case(kind, s.name, what, bytes(buf), s.original, s.prompt, deep=s.lm and name == "check")
     raise ValueError(kind)
