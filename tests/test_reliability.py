@@ -26,6 +26,7 @@ import threading
 import time
 import tracemalloc
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -412,7 +413,9 @@ def prompted(codec):
     return text, codec.compress(text, prompt="the key")
 
 
-def _counting(codec):
+@contextmanager
+def model_must_not_run(codec):
+    """Fail the test if ``codec`` runs the model inside the block."""
     calls = []
     original = codec._run
 
@@ -420,14 +423,17 @@ def _counting(codec):
         calls.append(1)
         return original(*a, **k)
 
-    return calls, run, original
+    codec._run = run
+    try:
+        yield
+    finally:
+        vars(codec).pop("_run", None)
+    assert calls == [], "the model ran"
 
 
 def test_wrong_prompt_is_refused_before_the_model_and_after_the_header_only(codec, prompted):
     _, blob = prompted
-    calls, run, original = _counting(codec)
-    codec._run = run
-    try:
+    with model_must_not_run(codec):
         with pytest.raises(PromptMismatchError, match="wrong prompt"):
             codec.decompress(blob, prompt="another key")
         # From a pipe, nothing past the header is read.
@@ -435,9 +441,6 @@ def test_wrong_prompt_is_refused_before_the_model_and_after_the_header_only(code
         with pytest.raises(PromptMismatchError, match="wrong prompt"):
             codec.decompress_stream(io.BufferedReader(pipe, 64), io.BytesIO(), prompt="another key")
         assert pipe.consumed < 200
-    finally:
-        vars(codec).pop("_run", None)
-    assert calls == []
 
 
 def test_wrong_model_fingerprint_is_named_before_the_model_runs(codec, prompted):
@@ -450,14 +453,8 @@ def test_wrong_model_fingerprint_is_named_before_the_model_runs(codec, prompted)
         bad = bytearray(buf)
         bad[off] ^= 0x01
         resign_header(bad)
-        calls, run, original = _counting(codec)
-        codec._run = run
-        try:
-            with pytest.raises(ModelMismatchError, match=message):
-                codec.decompress(bytes(bad), prompt="the key")
-        finally:
-            vars(codec).pop("_run", None)
-        assert calls == []
+        with model_must_not_run(codec), pytest.raises(ModelMismatchError, match=message):
+            codec.decompress(bytes(bad), prompt="the key")
 
 
 def test_unregistered_model_name_is_named(codec, prompted):
