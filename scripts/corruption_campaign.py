@@ -51,6 +51,7 @@ from typing import Callable
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import lmcodec  # noqa: E402
+from lmcodec.container import VERSION  # noqa: E402
 from lmcodec.errors import LMCodecError  # noqa: E402
 
 LM_SETTINGS = dict(segment_tokens=24, batch_size=3, context=32, threads=2)
@@ -186,6 +187,14 @@ def _hostile_int(rng: random.Random, size: int, old: int) -> int:
     return value if value != old else (old + 1) & top
 
 
+def _maybe_resign_header(rng: random.Random, buf: bytearray, s) -> str:
+    """Half the time, fix the header CRC after a change (" re-signed"), else leave it ("")."""
+    if rng.random() < 0.5:
+        _resign(buf, 0, s.header_end - 4)
+        return " re-signed"
+    return ""
+
+
 def _valid_threads(rng: random.Random, size: int, old: int) -> int:
     """A valid thread count: hundreds of threads on 2 cores only crawl.  (Draws a
     hostile value first, so the random sequence matches the other fields'.)"""
@@ -229,12 +238,9 @@ def random_case(rng: random.Random, corpus: list[Sample], kind: str) -> Case:
         return Case(kind, f"{s.name}+{donor.name}", f"[:{i}] + [{j}:]", s.blob[:i] + donor.blob[j:],
                     donor.original, s.prompt)
     if kind == "version":
-        buf[4] = rng.choice([v for v in range(256) if v != 1])
-        signed = rng.random() < 0.5
-        if signed:
-            _resign(buf, 0, s.header_end - 4)
-        return Case(kind, s.name, f"version {buf[4]}{' re-signed' if signed else ''}", bytes(buf),
-                    s.original, s.prompt)
+        buf[4] = rng.choice([v for v in range(256) if v != VERSION])
+        signed = _maybe_resign_header(rng, buf, s)
+        return Case(kind, s.name, f"version {buf[4]}{signed}", bytes(buf), s.original, s.prompt)
     if kind == "fingerprint":
         which = rng.choice(["model", "tokenizer"])
         off = p if which == "model" else p + 16
@@ -242,12 +248,9 @@ def random_case(rng: random.Random, corpus: list[Sample], kind: str) -> Case:
             _flip(buf, off * 8 + rng.randrange(128))
         else:
             buf[off:off + 16] = rng.randbytes(16)
-        signed = rng.random() < 0.5
-        if signed:
-            _resign(buf, 0, s.header_end - 4)
+        signed = _maybe_resign_header(rng, buf, s)
         # A stored-only archive never loads a model: a re-signed fingerprint is harmless there.
-        return Case(kind, s.name, f"{which} fingerprint{' re-signed' if signed else ''}", bytes(buf),
-                    s.original, s.prompt)
+        return Case(kind, s.name, f"{which} fingerprint{signed}", bytes(buf), s.original, s.prompt)
     if kind == "resign-header":
         fields = [("flags", 5, "B"), ("device", p + 40, "B"), ("dtype", p + 41, "B"),
                   ("threads", p + 42, "H"), ("batch", p + 44, "H"), ("context", p + 46, "I"),
