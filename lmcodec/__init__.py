@@ -29,7 +29,7 @@ from .errors import (
     UsageError,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ArchiveError", "ChecksumError", "Codec", "CorruptArchiveError", "EnvironmentMismatchError",

@@ -14,7 +14,7 @@ import click
 
 from . import __version__
 from .codec import Codec, Stats
-from .container import End, Method, Reader
+from .container import VERSION, End, Method, Reader
 from .errors import LMCodecError, UsageError
 from .fileio import Terminated, atomic_output, install_signal_handlers
 from .baselines import classical_sizes
@@ -91,17 +91,16 @@ def model_options(fn):
 
 def coding_options(fn):
     opts = [
-        click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True),
-        click.option("--dtype", default="auto", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-                     show_default=True),
+        click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True,
+                     help="Where the model runs (not recorded: results are identical everywhere)."),
         click.option("--threads", type=click.IntRange(1, 256), default=None,
-                     help="CPU threads (recorded: the decoder uses the same number)."),
-        click.option("--batch-size", type=click.IntRange(1, 65535), default=None,
-                     help="Segments coded side by side [CPU 64, CUDA 512]."),
+                     help="CPU threads (not recorded: results do not depend on them)."),
         click.option("--segment-tokens", type=click.IntRange(1, 1 << 30), default=None,
                      help="Tokens per independent segment [2048]."),
-        click.option("--context", type=click.IntRange(16, 1 << 20), default=None,
+        click.option("--context", type=click.IntRange(16, 8192), default=None,
                      help="Model context window in tokens (sliding past it) [2048]."),
+        click.option("--lanes", type=click.IntRange(1, 4096), default=None,
+                     help="Segments per coded stream (decoded side by side) [64]."),
         click.option("--block-size", type=click.IntRange(4096, 64 << 20), default=None,
                      help="Bytes per independently checked block [4 MiB]."),
         click.option("--method", type=click.Choice(["auto", "lm", "zstd", "raw"]), default="auto",
@@ -379,17 +378,16 @@ def info(ctx: Context, archive, as_json):
             if isinstance(rec, End):
                 break
             blocks.append({"method": rec.method.name.lower(), "bytes": rec.raw_len,
-                           "segments": len(rec.segments) if rec.method == Method.LM else 0,
+                           "segments": len(rec.tokens), "streams": len(rec.streams) if rec.method == Method.LM else 0,
                            "tokens": rec.n_tokens,
                            "stored_bytes": sum(len(p) for p in rec.payloads)})
         archive_bytes = reader.offset
     doc = {
-        "format_version": 1, "model": header.model_name or None,
+        "format_version": VERSION, "model": header.model_name or None,
         "model_fingerprint": header.model_fingerprint.hex(),
         "tokenizer_fingerprint": header.tokenizer_fingerprint.hex(),
-        "prompt": header.has_prompt, "device": header.device, "dtype": header.dtype,
-        "threads": header.threads, "batch_size": header.batch_size, "context": header.context,
-        "segment_tokens": header.segment_tokens, "escape_bits": header.escape_bits,
+        "prompt": header.has_prompt, "context": header.context,
+        "segment_tokens": header.segment_tokens, "lanes": header.lanes,
         "block_size": header.block_size, "original_bytes": rec.total_len,
         "archive_bytes": archive_bytes, "content_checksum": rec.check.hex(),
         "bits_per_byte": 8 * archive_bytes / rec.total_len if rec.total_len else None,
@@ -402,7 +400,7 @@ def info(ctx: Context, archive, as_json):
         if k == "blocks":
             for i, b in enumerate(v):
                 click.echo(f"block {i}: {b['method']}, {b['bytes']} bytes, {b['segments']} segments, "
-                           f"{b['tokens']} tokens, {b['stored_bytes']} stored bytes")
+                           f"{b['streams']} streams, {b['tokens']} tokens, {b['stored_bytes']} stored bytes")
         elif isinstance(v, float):
             click.echo(f"{k}: {v:.4f}")
         else:

@@ -1,9 +1,11 @@
 """The :class:`Codec`: bytes -> tokens -> segments -> model -> coder -> archive, and back.
 
 One object owns a loaded model (loading costs seconds, so keep the object for
-many calls).  Compression settings live on the object; decompression takes
-every setting from the archive, because the decoder must repeat the encoder's
-computation exactly -- same device, dtype, thread count, batch layout, context.
+many calls).  Compression settings live on the object; decompression takes the
+coding layout (context, segment size, lanes) from the archive.  The engine is
+exact (docs/ENGINE.md), so nothing about the machine is recorded: the encoder
+scores each segment in one parallel pass, the decoder steps through them with
+whatever device, threads and batch size suit it, and both get the same bits.
 """
 
 from __future__ import annotations
@@ -21,32 +23,36 @@ import torch
 import zstandard
 
 from . import models
-from .coder import SegmentDecoder, SegmentEncoder
-from .container import (Block, End, Header, Method, Reader, content_hasher, digest, prompt_check,
-                        segment_layout)
-from .engine import Engine, Lockstep, kv_bytes, pick_device, pick_dtype, torch_threads
+from .coder import StreamDecoder, StreamEncoder
+from .container import (MAX_CONTEXT, MAX_LANES, MIN_CONTEXT, Block, End, Header, Method, Reader, content_hasher,
+                        digest, prompt_check, segment_layout, stream_groups)
+from .engine import Engine, kv_bytes, pick_device, torch_threads
 from .errors import (
     ChecksumError,
     CorruptArchiveError,
-    EnvironmentMismatchError,
     LMCodecError,
     ModelMismatchError,
     PromptMismatchError,
     ResourceLimitError,
     UsageError,
 )
-from .frequencies import MIN_TOKEN_BITS, StepTables
+from .frequencies import MIN_TOKEN_BITS, CodingTables
+from .quantize import IntModel, load_int_model
+from .runner import Lockstep, Prefix, prefill, score_segment
 from .tokens import ByteTokenizer
 
 DEFAULT_SEGMENT_TOKENS = 2048
 DEFAULT_CONTEXT = 2048
-DEFAULT_BATCH = {"cpu": 64, "cuda": 512}
+DEFAULT_LANES = 64
+#: Rows the decoder advances together (several streams at once); its own choice.
+DECODE_ROWS = {"cpu": 64, "cuda": 1024}
 DEFAULT_BLOCK_SIZE = 4 << 20
-DEFAULT_ESCAPE_BITS = 16
 ZSTD_LEVEL = 19
 #: Above this many symbols per byte the data is not text the model can help
 #: with (text is ~0.27); skip the slow LM pass and store it with zstd or raw.
 BINARY_SYMBOLS_PER_BYTE = 0.6
+#: Positions whose coding rows are built at once (bounds the [rows, vocab] tensors).
+TABLE_CHUNK = 256
 
 #: Bytes of the prompt's tail tokenized per token of prefix kept (a token is
 #: rarely over 16 bytes), bounding the work a huge prompt causes.
@@ -65,34 +71,35 @@ def max_kv_bytes() -> int:
 
 @dataclass(frozen=True)
 class Settings:
-    """Compression parameters; all of them are recorded in the archive header."""
+    """Compression parameters.  The coding layout (context, segment tokens,
+    lanes, block size) is recorded in the archive; device and threads are this
+    machine's business only (results do not depend on them)."""
 
     device: str = "auto"
-    dtype: str = "auto"
     threads: int | None = None
-    batch_size: int | None = None
     segment_tokens: int = DEFAULT_SEGMENT_TOKENS
     context: int = DEFAULT_CONTEXT
+    lanes: int = DEFAULT_LANES
     block_size: int = DEFAULT_BLOCK_SIZE
-    escape_bits: int = DEFAULT_ESCAPE_BITS
     method: str = "auto"  # auto | lm | zstd | raw
+    decode_rows: int | None = None
 
     def resolved(self) -> "Settings":
         device = pick_device(self.device)
         threads = self.threads or max(1, min(torch.get_num_threads(), 8))
-        batch = self.batch_size or DEFAULT_BATCH[device]
         if self.method not in ("auto", "lm", "zstd", "raw"):
             raise UsageError(f"method must be auto, lm, zstd or raw, not {self.method!r}")
-        if not 1 <= threads <= 256 or not 1 <= batch <= 65535:
-            raise UsageError("threads must be 1..256 and batch size 1..65535")
-        if not 16 <= self.context <= 1 << 20 or not 1 <= self.segment_tokens <= 1 << 30:
-            raise UsageError("context must be 16..1048576 tokens and segment tokens >= 1")
+        if not 1 <= threads <= 256:
+            raise UsageError("threads must be 1..256")
+        if not MIN_CONTEXT <= self.context <= MAX_CONTEXT or not 1 <= self.segment_tokens <= 1 << 30:
+            raise UsageError(f"context must be {MIN_CONTEXT}..{MAX_CONTEXT} tokens and segment tokens >= 1")
+        if not 1 <= self.lanes <= MAX_LANES:
+            raise UsageError(f"lanes must be 1..{MAX_LANES}")
         if not 4096 <= self.block_size <= 64 << 20:
             raise UsageError("block size must be 4 KiB..64 MiB")
-        if not 4 <= self.escape_bits <= 30:
-            raise UsageError("escape bits must be 4..30")
-        return Settings(device, pick_dtype(self.dtype, device), threads, batch, self.segment_tokens,
-                        self.context, self.block_size, self.escape_bits, self.method)
+        rows = self.decode_rows or DECODE_ROWS[device]
+        return Settings(device, threads, self.segment_tokens, self.context, self.lanes, self.block_size,
+                        self.method, max(1, rows))
 
 
 @dataclass
@@ -166,31 +173,42 @@ class Codec:
         self.settings = Settings(**settings)
         self.progress = progress
         self.last_stats: Stats | None = None
-        self._models: dict[str, models.LoadedModel] = {}
+        self._models: dict[str, tuple[IntModel, ByteTokenizer, str]] = {}
         self._engines: dict[tuple, Engine] = {}
-        self._tokenizers: dict[str, ByteTokenizer] = {}
         self._prefixes: dict[tuple, list[int]] = {}
 
     def _tick(self, nbytes: int) -> None:
         if self.progress is not None and nbytes:
             self.progress(nbytes)
 
+    def _start_block(self, nbytes: int, ntokens: int) -> None:
+        """Progress inside a block is reported in input bytes, spread evenly over its tokens."""
+        self._progress_state = [nbytes, max(1, ntokens), 0, 0]
+
+    def _tick_tokens(self, n: int) -> None:
+        nbytes, ntokens, done, reported = self._progress_state
+        done += n
+        now = nbytes * min(done, ntokens) // ntokens
+        self._tick(now - reported)
+        self._progress_state = [nbytes, ntokens, done, now]
+
     # -- model plumbing ---------------------------------------------------------------
-    def _load(self, spec: str | os.PathLike | None) -> tuple[models.LoadedModel, ByteTokenizer]:
+    def _load(self, spec: str | os.PathLike | None) -> tuple[IntModel, ByteTokenizer, str]:
+        """(integer model, tokenizer, display name) of a model argument, loaded once."""
         key = str(spec) if spec is not None else models.DEFAULT_MODEL
         if key not in self._models:
             m = models.load(spec)
-            self._models[key] = m
-            self._tokenizers[key] = ByteTokenizer(m.tokenizer, m.arch.vocab_size)
-        return self._models[key], self._tokenizers[key]
+            tok = ByteTokenizer(m.tokenizer, m.arch.vocab_size)
+            self._models[key] = (load_int_model(m, tok.fingerprint), tok, m.name)
+        return self._models[key]
 
-    def _engine(self, model: models.LoadedModel, device: str, dtype: str) -> Engine:
-        key = (model.model_fingerprint, device, dtype)
+    def _engine(self, model: IntModel, device: str) -> Engine:
+        key = (model.fingerprint, device)
         if key not in self._engines:
-            self._engines[key] = Engine(model, device, dtype)
+            self._engines[key] = Engine(model, device)
         return self._engines[key]
 
-    def _model_for(self, header: Header) -> tuple[models.LoadedModel, ByteTokenizer]:
+    def _model_for(self, header: Header) -> tuple[IntModel, ByteTokenizer]:
         spec = self._model_arg
         if spec is None:
             if header.model_name not in models.REGISTRY:
@@ -199,16 +217,16 @@ class Codec:
                     f"(fingerprint {header.model_fingerprint.hex()[:16]}), which is not registered; "
                     "pass it with --model PATH")
             spec = header.model_name
-        model, tok = self._load(spec)
-        if model.model_fingerprint == header.model_fingerprint and tok.fingerprint != header.tokenizer_fingerprint:
-            raise ModelMismatchError(
-                f"wrong tokenizer: archive needs tokenizer {header.tokenizer_fingerprint.hex()[:16]}, "
-                f"model {model.name!r} has {tok.fingerprint.hex()[:16]}")
-        if model.model_fingerprint != header.model_fingerprint:
+        model, tok, name = self._load(spec)
+        if model.fingerprint != header.model_fingerprint:
+            if tok.fingerprint != header.tokenizer_fingerprint:
+                raise ModelMismatchError(
+                    f"wrong model: archive needs {header.model_name!r} (tokenizer "
+                    f"{header.tokenizer_fingerprint.hex()[:16]}), {name!r} has tokenizer {tok.fingerprint.hex()[:16]}")
             raise ModelMismatchError(
                 f"wrong model: archive needs {header.model_name!r} "
                 f"(fingerprint {header.model_fingerprint.hex()[:16]}), "
-                f"got {model.name!r} (fingerprint {model.model_fingerprint.hex()[:16]})")
+                f"got {name!r} (fingerprint {model.fingerprint.hex()[:16]})")
         return model, tok
 
     def _prefix(self, tok: ByteTokenizer, prompt: bytes | None, context: int) -> list[int]:
@@ -227,83 +245,88 @@ class Codec:
             self._prefixes[key] = [tok.start_token] + tok.model_inputs(tok.encode(tail)).tolist()[-keep:]
         return self._prefixes[key]
 
-    # -- segment layout -------------------------------------------------------------
+    # -- segment layout ---------------------------------------------------------------
     layout = staticmethod(segment_layout)
 
-    def _run(self, engine: Engine, prefix: list[int], lengths: list[int], s: Settings,
-             step: Callable[[int, StepTables, list[int]], np.ndarray], nbytes: int) -> None:
-        """Drive the model over segments in batches of ``s.batch_size``.
-
-        ``step(t, tables, segs)`` codes position ``t`` of the active segments
-        ``segs`` (row ``g % batch_size`` of ``tables``) and returns the model
-        inputs for the next step.  Encoder and decoder share this loop, so they share
-        the exact sequence of model calls.  Progress is reported in input
-        bytes, spread evenly over the block's tokens.
-        """
-        total, done, reported = sum(lengths), 0, 0
-        rows = min(len(lengths), s.batch_size)
-        need = kv_bytes(engine.arch, s.dtype, rows, min(s.context, len(prefix) + max(lengths, default=0)))
+    def _check_memory(self, model: IntModel, rows: int, slots: int) -> None:
+        need = kv_bytes(model.arch, rows, slots)
         if need > max_kv_bytes():
             raise ResourceLimitError(
-                f"coding needs {need / 2**30:.1f} GiB of KV cache (batch {rows} x context "
-                f"{s.context}), over the {max_kv_bytes() / 2**30:.1f} GiB limit "
-                "(LMCODEC_MAX_KV_GIB)")
-        for start in range(0, len(lengths), s.batch_size):
-            batch = lengths[start:start + s.batch_size]
-            run = Lockstep(engine, prefix, len(batch), s.context, max(batch))
-            feed = np.full(len(batch), prefix[-1], dtype=np.int64)
-            for t in range(max(batch)):
-                rows = [i for i, n in enumerate(batch) if t < n]
-                tables = StepTables(run.logits, s.escape_bits)
-                coded = step(t, tables, [start + i for i in rows])
-                feed[rows] = coded
-                if t + 1 < max(batch):
-                    run.advance(torch.from_numpy(feed))
-                done += len(rows)
-                now = nbytes * done // total
-                self._tick(now - reported)
-                reported = now
+                f"coding needs {need / 2**30:.1f} GiB of KV cache ({rows} rows x {slots} slots), over the "
+                f"{max_kv_bytes() / 2**30:.1f} GiB limit (LMCODEC_MAX_KV_GIB)")
 
     # -- compression ------------------------------------------------------------------
     def _header(self, s: Settings, prompt: bytes | None) -> Header:
-        model, tok = self._load(self._model_arg)
-        return Header(model.name, model.model_fingerprint, tok.fingerprint, prompt_check(prompt),
-                      prompt is not None, s.device, s.dtype, s.threads, s.batch_size, s.context,
-                      s.segment_tokens, s.escape_bits, s.block_size)
+        model, tok, name = self._load(self._model_arg)
+        return Header(name, model.fingerprint, tok.fingerprint, prompt_check(prompt), prompt is not None,
+                      s.context, s.segment_tokens, s.lanes, s.block_size)
+
+    def _segment_rows(self, engine: Engine, pre: Prefix, inputs: np.ndarray, symbols: np.ndarray,
+                      context: int, alphabet: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+        """One parallel pass over a segment: its coding rows and symbols, both stages.
+
+        Returns (stage-1 rows, buckets, stage-2 rows, places, exact code length in bits).
+        """
+        h, e = score_segment(engine, pre, inputs[:-1], context)
+        s1, s2, bk, pl, bits = [], [], [], [], 0.0
+        for c in range(0, len(symbols), TABLE_CHUNK):
+            sym = symbols[c:c + TABLE_CHUNK]
+            tables = CodingTables(engine.logits(h[c:c + TABLE_CHUNK], e[c:c + TABLE_CHUNK]), alphabet)
+            b, j = tables.split(sym)
+            rows1, rows2 = tables.stage1(), tables.stage2(b)
+            idx = np.arange(len(sym))
+            bits += float(2 * 24 * len(sym) - np.log2(rows1[idx, b].astype(np.float64)).sum()
+                          - np.log2(rows2[idx, j].astype(np.float64)).sum())
+            s1.append(rows1.astype(np.int32))
+            s2.append(rows2.astype(np.int32))
+            bk.append(b)
+            pl.append(j)
+            self._tick_tokens(len(sym))
+        return np.concatenate(s1), np.concatenate(bk), np.concatenate(s2), np.concatenate(pl), bits
 
     def _lm_block(self, raw: bytes, symbols: np.ndarray, prompt: bytes | None,
                   s: Settings) -> tuple[Block, float]:
-        """Code ``symbols`` with the model; return the block and its ideal bits."""
-        model, tok = self._load(self._model_arg)
-        engine = self._engine(model, s.device, s.dtype)
+        """Code ``symbols`` with the model; return the block and its exact code length in bits.
+
+        Each stream carries ``lanes`` segments in step-major order: at step t,
+        the stage-1 symbols of every segment still running, then their stage-2
+        symbols -- the order the decoder meets them.
+        """
+        model, tok, _ = self._load(self._model_arg)
+        engine = self._engine(model, s.device)
         lengths = self.layout(len(symbols), s.segment_tokens)
         offsets = np.cumsum([0] + lengths)
         inputs = tok.model_inputs(symbols)
-        encoders = [SegmentEncoder() for _ in lengths]
-        bits = 0.0
-
-        def step(t: int, tables: StepTables, segs: list[int]) -> np.ndarray:
-            nonlocal bits
-            at = offsets[segs] + t
-            for g, sym in zip(segs, symbols[at].tolist()):
-                bits += encoders[g].encode_token(tables, g % s.batch_size, sym)
-            return inputs[at]
-
+        payloads, bits = [], 0.0
+        self._start_block(len(raw), len(symbols))
         with torch_threads(s.threads), torch.inference_mode():
-            self._run(engine, self._prefix(tok, prompt, s.context), lengths, s, step, len(raw))
-        return Block.build(Method.LM, raw, [e.finish() for e in encoders], lengths), bits
+            pre = prefill(engine, self._prefix(tok, prompt, s.context))
+            for group in stream_groups(len(lengths), s.lanes):
+                rows = []
+                for g in group:
+                    seg = slice(offsets[g], offsets[g + 1])
+                    *r, b = self._segment_rows(engine, pre, inputs[seg], symbols[seg], s.context, tok.alphabet_size)
+                    rows.append(r)
+                    bits += b
+                enc = StreamEncoder()
+                for t in range(max(lengths[g] for g in group)):
+                    live = [r for g, r in zip(group, rows) if t < lengths[g]]
+                    enc.encode(np.array([r[1][t] for r in live]), np.stack([r[0][t] for r in live]))
+                    enc.encode(np.array([r[3][t] for r in live]), np.stack([r[2][t] for r in live]))
+                payloads.append(enc.finish())
+        return Block.build(Method.LM, raw, payloads, lengths), bits
 
     def _encode_block(self, raw: bytes, prompt: bytes | None, s: Settings, stats: Stats) -> Block:
         """The smallest of the allowed methods for this block (``auto``: all three)."""
         candidates = []
         if s.method in ("auto", "raw"):
-            candidates.append(Block.build(Method.RAW, raw, [raw], [0]))
+            candidates.append(Block.build(Method.RAW, raw, [raw], []))
         if s.method in ("auto", "zstd"):
             packed = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(raw)
-            candidates.append(Block.build(Method.ZSTD, raw, [packed], [0]))
+            candidates.append(Block.build(Method.ZSTD, raw, [packed], []))
         lm = None
         if s.method in ("auto", "lm"):
-            _, tok = self._load(self._model_arg)
+            _, tok, _ = self._load(self._model_arg)
             symbols = tok.encode(raw)
             if s.method == "lm" or len(symbols) <= BINARY_SYMBOLS_PER_BYTE * len(raw):
                 lm, bits = self._lm_block(raw, symbols, prompt, s)
@@ -330,8 +353,7 @@ class Codec:
             header = self._header(s, prompt)
         else:  # stored-only archives name no model and never load one
             header = Header("", bytes(16), bytes(16), prompt_check(prompt), prompt is not None,
-                            s.device, s.dtype, s.threads, s.batch_size, s.context,
-                            s.segment_tokens, s.escape_bits, s.block_size)
+                            s.context, s.segment_tokens, s.lanes, s.block_size)
         out = header.pack()
         dst.write(out)
         total, check, n_blocks = 0, content_hasher(), 0
@@ -377,40 +399,69 @@ class Codec:
 
     def _decode_lm(self, block: Block, header: Header, prompt: bytes | None) -> bytes:
         model, tok = self._model_for(header)
-        if header.device == "cuda" and not torch.cuda.is_available():
-            raise EnvironmentMismatchError(
-                "archive was coded on a CUDA GPU and can only be decoded on one")
-        s = Settings(header.device, header.dtype, header.threads, header.batch_size,
-                     header.segment_tokens, header.context, header.block_size, header.escape_bits)
-        if any(e.n_tokens == 0 for e in block.segments):
-            raise CorruptArchiveError("LM block has an empty segment")
-        # Every token costs at least MIN_TOKEN_BITS (the stage-1 *other* symbol
-        # keeps a floor of mass), so a payload bounds its token count; a forged
-        # count cannot make the model run for hours.
-        for i, e in enumerate(block.segments):
-            if e.n_tokens * MIN_TOKEN_BITS > 8 * e.payload_len + 64:
-                raise CorruptArchiveError(f"LM segment {i} declares {e.n_tokens} tokens, more than its "
+        s = self.settings.resolved()
+        lengths = block.tokens
+        groups = stream_groups(len(lengths), header.lanes)
+        # Every token costs at least MIN_TOKEN_BITS (stage 1 keeps a floor of mass
+        # off the top bucket), so a stream's payload bounds its token count; a
+        # forged count cannot make the model run for hours.
+        for i, (g, e) in enumerate(zip(groups, block.streams)):
+            if sum(lengths[j] for j in g) * MIN_TOKEN_BITS > 8 * e.payload_len + 64:
+                raise CorruptArchiveError(f"LM stream {i} declares more tokens than its "
                                           f"{e.payload_len}-byte payload can hold")
-        engine = self._engine(model, s.device, s.dtype)
-        lengths = [e.n_tokens for e in block.segments]
-        decoders = [SegmentDecoder(p) for p in block.payloads]
+        engine = self._engine(model, s.device)
         symbols = [np.zeros(n, dtype=np.int64) for n in lengths]
-        vocab = tok.vocab_size
-
-        def step(t: int, tables: StepTables, segs: list[int]) -> np.ndarray:
-            out = np.empty(len(segs), dtype=np.int64)
-            for k, g in enumerate(segs):
-                sym = decoders[g].decode_token(tables, g % s.batch_size)
-                symbols[g][t] = sym
-                out[k] = sym if sym < vocab else tok.placeholder
-            return out
-
+        self._start_block(block.raw_len, sum(lengths))
+        # The decoder's own choice: as many whole streams per lockstep batch as fit its row budget.
+        batches, cur = [], []
+        for i, g in enumerate(groups):
+            if cur and sum(len(groups[j]) for j in cur) + len(g) > max(s.decode_rows, header.lanes):
+                batches.append(cur)
+                cur = []
+            cur.append(i)
+        batches.append(cur)
         with torch_threads(s.threads), torch.inference_mode():
-            self._run(engine, self._prefix(tok, prompt, s.context), lengths, s, step, block.raw_len)
+            pre = prefill(engine, self._prefix(tok, prompt, header.context))
+            for batch in batches:
+                self._decode_streams(engine, pre, [groups[i] for i in batch],
+                                     [StreamDecoder(block.payloads[i]) for i in batch], lengths, symbols,
+                                     header.context, tok)
         try:
             return b"".join(tok.decode(x) for x in symbols)
         except ValueError as exc:
             raise CorruptArchiveError(f"decoded an impossible symbol ({exc})") from exc
+
+    def _decode_streams(self, engine: Engine, pre: Prefix, groups: list[range], decoders: list[StreamDecoder],
+                        lengths: list[int], symbols: list[np.ndarray], context: int, tok: ByteTokenizer) -> None:
+        """Decode several streams in one lockstep batch (rows = their segments)."""
+        segs = [g for group in groups for g in group]
+        longest = max(lengths[g] for g in segs)
+        self._check_memory(engine.model, len(segs), min(context, pre.length + longest))
+        run = Lockstep(engine, pre, len(segs), context, longest)
+        feed = np.full(len(segs), tok.placeholder, dtype=np.int64)
+        row_of = {g: i for i, g in enumerate(segs)}
+        for t in range(longest):
+            live_rows = [i for i, g in enumerate(segs) if t < lengths[g]]
+            tables = CodingTables(engine.logits(run.h[live_rows], run.e[live_rows]), tok.alphabet_size)
+            stage1 = tables.stage1()
+            at = {row: k for k, row in enumerate(live_rows)}
+            buckets = np.zeros(len(live_rows), dtype=np.int64)
+            for group, dec in zip(groups, decoders):
+                ks = [at[row_of[g]] for g in group if t < lengths[g]]
+                buckets[ks] = dec.decode(stage1[ks])
+            stage2 = tables.stage2(buckets)
+            for group, dec in zip(groups, decoders):
+                live = [g for g in group if t < lengths[g]]
+                ks = [at[row_of[g]] for g in live]
+                sym = buckets[ks] * tables.width + dec.decode(stage2[ks])
+                if (sym >= tok.alphabet_size).any():
+                    raise CorruptArchiveError("decoded a symbol outside the alphabet")
+                for g, x in zip(live, sym.tolist()):
+                    symbols[g][t] = x
+                    feed[row_of[g]] = x if x < tok.vocab_size else tok.placeholder
+            self._tick_tokens(len(live_rows))
+            if t + 1 < longest:
+                run.advance(feed)
 
     def _decode_block(self, block: Block, header: Header, prompt: bytes | None) -> bytes:
         if block.method == Method.RAW:
@@ -424,8 +475,8 @@ class Codec:
         else:
             raw = self._decode_lm(block, header, prompt)
         if len(raw) != block.raw_len or digest(raw) != block.check:
-            hint = (" -- the model computed different numbers than the encoder's "
-                    "(another CPU type, torch version or device?)") if block.method == Method.LM else ""
+            hint = (" -- the engine computed different numbers than the encoder's; run "
+                    "'lmcodec selftest' on both machines") if block.method == Method.LM else ""
             raise ChecksumError(f"decoded data does not match the original's checksum{hint}")
         if block.method != Method.LM:
             self._tick(len(raw))

@@ -1,83 +1,65 @@
-"""Entropy coding of one segment's symbols with constriction's range coder.
+"""Range coding of integer frequency rows with constriction, a batch per call.
 
-Each segment is an independent stream (``stream.queue.RangeEncoder``: first in,
-first out), so segments can be decoded side by side in any grouping the
-archive's layout allows.  A stream is a sequence of little-endian uint32 words.
+A *stream* carries the tokens of several segments (the *lanes* of a coding
+group), interleaved in step-major order: step 0's stage-1 symbols of every
+active lane, then their stage-2 symbols, then step 1, and so on.  The decoder
+reads them back in the same order with one call per stage per step.  A stream
+is constriction's ``queue.RangeEncoder`` output (first in, first out): a
+sequence of little-endian uint32 words.
 
-A token is coded in one or two steps (see :class:`~lmcodec.frequencies.StepTables`):
-its stage-1 index, then -- only if that is *other* -- the symbol itself under
-the stage-2 row.
+Exact frequencies in, exact frequencies used: constriction's
+``Categorical(perfect=False)`` gives each of the ``n`` entries of a row one
+unit of its 2^24 total and shares the other ``2^24 - n`` in proportion to the
+weights it is handed (``floor(cumulative * scale)``).  Handing it ``g - 1`` for
+integer frequencies ``g >= 1`` that sum to 2^24 makes the weights sum to
+``2^24 - n`` exactly, so ``scale`` is exactly 1, every floor is of an exact
+integer, and the coder uses precisely ``g``: no floating-point rounding enters
+the code (``tests/test_coder.py`` checks the code lengths bit for bit).
 """
 
 from __future__ import annotations
-
-import math
 
 import constriction
 import numpy as np
 
 from .errors import CorruptArchiveError
-from .frequencies import StepTables
 
 _FAMILY = constriction.stream.model.Categorical(perfect=False)
 
 
-#: The least share of a row the quantizer gives any entry (frequency 1 of 2^24).
-_LEAST = 2.0 ** -24
+def _weights(freqs: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(freqs, dtype=np.float64) - 1.0
 
 
-def _bits(row: np.ndarray, symbol: int) -> float:
-    """-log2 of ``symbol``'s share of ``row``.  A share that underflowed to 0 in
-    float32 is still coded at the quantizer's floor, so it is counted there."""
-    total = row.sum()
-    return -math.log2(max(row[symbol] / total, _LEAST))
-
-
-class SegmentEncoder:
-    """Accumulates one segment's symbols, each under its own probability row."""
+class StreamEncoder:
+    """Accumulates one stream; each call codes one symbol per row of ``freqs``."""
 
     def __init__(self) -> None:
         self._enc = constriction.stream.queue.RangeEncoder()
 
-    def encode(self, symbol: int, row: np.ndarray) -> None:
-        """Code ``symbol`` under one row of (unnormalized) float64 weights."""
-        self._enc.encode(np.array([symbol], dtype=np.int32), _FAMILY, row[None, :])
-
-    def encode_token(self, tables: StepTables, row: int, symbol: int) -> float:
-        """Code ``symbol`` under row ``row`` of ``tables``; return its ideal bits."""
-        j = tables.index(row, symbol)
-        head = tables.head[row]
-        self.encode(j, head)
-        bits = _bits(head, j)
-        if j == tables.other:
-            tail = tables.tail(row)
-            self.encode(symbol, tail)
-            bits += _bits(tail, symbol)
-        return bits
+    def encode(self, symbols: np.ndarray, freqs: np.ndarray) -> None:
+        """Code ``symbols[i]`` under integer row ``freqs[i]`` (rows sum to 2^24, entries >= 1)."""
+        if len(symbols):
+            self._enc.encode(np.ascontiguousarray(symbols, dtype=np.int32), _FAMILY, _weights(freqs))
 
     def finish(self) -> bytes:
         return self._enc.get_compressed().astype("<u4").tobytes()
 
 
-class SegmentDecoder:
-    """Reads back the symbols of one segment, given the same rows in the same order."""
+class StreamDecoder:
+    """Reads back a stream, given the same rows in the same order."""
 
     def __init__(self, payload: bytes) -> None:
         if len(payload) % 4:
-            raise CorruptArchiveError("segment payload is not a whole number of 32-bit words")
+            raise CorruptArchiveError("stream payload is not a whole number of 32-bit words")
         words = np.frombuffer(payload, dtype="<u4").astype(np.uint32)
         self._dec = constriction.stream.queue.RangeDecoder(words)
 
-    def decode(self, row: np.ndarray) -> int:
-        """The next symbol under one row of float64 weights."""
+    def decode(self, freqs: np.ndarray) -> np.ndarray:
+        """One symbol per row of ``freqs``."""
+        if not len(freqs):
+            return np.zeros(0, dtype=np.int64)
         try:
-            return int(self._dec.decode(_FAMILY, row[None, :])[0])
+            return np.asarray(self._dec.decode(_FAMILY, _weights(freqs)), dtype=np.int64)
         except Exception as exc:  # constriction raises on data that cannot be a valid stream
             raise CorruptArchiveError(f"range decoder failed: {exc}") from exc
-
-    def decode_token(self, tables: StepTables, row: int) -> int:
-        """The next symbol under row ``row`` of ``tables`` (the inverse of ``encode_token``)."""
-        j = self.decode(tables.head[row])
-        if j < tables.other:
-            return int(tables.top_ids[row, j])
-        return self.decode(tables.tail(row))

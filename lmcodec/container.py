@@ -25,29 +25,31 @@ from .errors import (
 )
 
 MAGIC = b"\x89LMC"
-VERSION = 2
+VERSION = 3
+#: Format versions this lmcodec cannot read, and the release that reads them.
+OLD_VERSIONS = {1: "lmcodec 0.1.x (before format v2)", 2: "lmcodec 0.1.x (the float engine)"}
 MAX_BLOCK_SIZE = 64 << 20
 MIN_BLOCK_SIZE = 4096
 MAX_NAME = 255
-MAX_CONTEXT = 1 << 20
+MIN_CONTEXT = 16
+MAX_CONTEXT = 8192          # the exact engine's bounds hold up to 8192 keys (docs/ENGINE.md)
 MAX_SEGMENT_TOKENS = 1 << 30
+MAX_LANES = 4096
 #: Streams of unknown length (pipes) are read in pieces of this size, so memory
 #: grows with the bytes that actually arrive, never with a declared length.
 READ_CHUNK = 1 << 20
 
 _HEAD = struct.Struct("<4sBB")                  # magic, version, flags
-_PARAMS = struct.Struct("<16s16s8sBBHHIIBI")    # fps, prompt check, device..block size
-_BLOCK = struct.Struct("<BBI8sI")               # tag, method, raw_len, check, n_segments
-_SEGMENT = struct.Struct("<III")                # n_tokens, payload_len, payload_crc
+_PARAMS = struct.Struct("<16s16s8sIIHI")        # fingerprints, prompt check, context, segment, lanes, block
+_BLOCK = struct.Struct("<BBI8sII")              # tag, method, raw_len, check, n_segments, n_streams
+_TOKENS = struct.Struct("<I")                   # tokens of one segment
+_STREAM = struct.Struct("<II")                  # payload_len, payload_crc
 _END = struct.Struct("<BQ8sI")                  # tag, total_len, check, n_blocks
 _CRC = struct.Struct("<I")
 
 FLAG_PROMPT = 1
 BLOCK_TAG = 0x42  # 'B'
 END_TAG = 0x45    # 'E'
-
-DEVICES = {"cpu": 0, "cuda": 1}
-DTYPES = {"float32": 0, "bfloat16": 1, "float16": 2}
 
 
 class Method(IntEnum):
@@ -79,20 +81,21 @@ def prompt_check(prompt: bytes | None) -> bytes:
 
 @dataclass(frozen=True)
 class Header:
-    """What a decoder needs before the first block: model, prompt and coding layout."""
+    """What a decoder needs before the first block: model, prompt and coding layout.
+
+    Nothing about the encoder's machine is recorded (device, threads, batch
+    size): the exact engine computes the same bits everywhere, so the decoder
+    chooses what suits its own machine.
+    """
 
     model_name: str
     model_fingerprint: bytes
     tokenizer_fingerprint: bytes
     prompt_check: bytes
     has_prompt: bool
-    device: str
-    dtype: str
-    threads: int
-    batch_size: int
     context: int
     segment_tokens: int
-    escape_bits: int
+    lanes: int
     block_size: int
 
     def pack(self) -> bytes:
@@ -100,41 +103,46 @@ class Header:
         body = _HEAD.pack(MAGIC, VERSION, FLAG_PROMPT if self.has_prompt else 0)
         body += bytes([len(name)]) + name + _PARAMS.pack(
             self.model_fingerprint, self.tokenizer_fingerprint, self.prompt_check,
-            DEVICES[self.device], DTYPES[self.dtype], self.threads, self.batch_size,
-            self.context, self.segment_tokens, self.escape_bits, self.block_size)
+            self.context, self.segment_tokens, self.lanes, self.block_size)
         return body + _CRC.pack(zlib.crc32(body))
 
 
 @dataclass(frozen=True)
-class SegmentEntry:
-    n_tokens: int
+class StreamEntry:
     payload_len: int
     payload_crc: int
 
 
 @dataclass
 class Block:
-    """One block of the original: its method, length, checksum and payloads."""
+    """One block of the original: its method, length, checksum, segments and streams.
+
+    An LM block lists the token count of each segment and one coded stream
+    per group of ``lanes`` consecutive segments; a stored block has no
+    segments and one stream (the raw or zstd bytes).
+    """
 
     method: Method
     raw_len: int
     check: bytes
-    segments: list[SegmentEntry] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    streams: list[StreamEntry] = field(default_factory=list)
     payloads: list[bytes] = field(default_factory=list)
 
     @property
     def n_tokens(self) -> int:
-        return sum(s.n_tokens for s in self.segments)
+        return sum(self.tokens)
 
     def pack(self) -> bytes:
-        table = _BLOCK.pack(BLOCK_TAG, self.method, self.raw_len, self.check, len(self.segments))
-        table += b"".join(_SEGMENT.pack(s.n_tokens, s.payload_len, s.payload_crc) for s in self.segments)
+        table = _BLOCK.pack(BLOCK_TAG, self.method, self.raw_len, self.check, len(self.tokens), len(self.streams))
+        table += b"".join(_TOKENS.pack(n) for n in self.tokens)
+        table += b"".join(_STREAM.pack(e.payload_len, e.payload_crc) for e in self.streams)
         return table + _CRC.pack(zlib.crc32(table)) + b"".join(self.payloads)
 
     @classmethod
     def build(cls, method: Method, raw: bytes, payloads: list[bytes], tokens: list[int]) -> "Block":
-        entries = [SegmentEntry(n, len(p), zlib.crc32(p)) for n, p in zip(tokens, payloads)]
-        return cls(method, len(raw), digest(raw), entries, payloads)
+        entries = [StreamEntry(len(p), zlib.crc32(p)) for p in payloads]
+        return cls(method, len(raw), digest(raw), list(tokens), entries, payloads)
 
 
 @dataclass(frozen=True)
@@ -149,15 +157,18 @@ class End:
 
 
 def lm_payload_limit(n_tokens: int) -> int:
-    """The largest payload an honest encoder can write for ``n_tokens`` tokens.
+    """The largest stream an honest encoder can write for ``n_tokens`` tokens.
 
-    The coder quantizes to 24-bit fixed point and gives every entry a frequency
-    of at least 1, so one stage costs at most 24 bits; a second stage follows
-    only the *other* symbol, whose mass floor (2^-8) keeps it under 9 bits.
-    So a token costs under 33 bits (5 bytes); sealing the range coder adds at
-    most a few words.
+    Stage 1 gives every bucket at least 256 of 2^24 (at most 16 bits), stage 2
+    every symbol at least 1 of 2^24 (at most 24 bits): a token costs under 40
+    bits (5 bytes); sealing the range coder adds at most a few words.
     """
     return 5 * n_tokens + 16
+
+
+def stream_groups(n_segments: int, lanes: int) -> list[range]:
+    """The segments each stream of a block carries: ``lanes`` consecutive ones."""
+    return [range(i, min(i + lanes, n_segments)) for i in range(0, n_segments, lanes)]
 
 
 def zstd_payload_limit(raw_len: int) -> int:
@@ -255,6 +266,10 @@ class Reader:
             raise TruncatedArchiveError("archive truncated in header")
         _, version, flags = _HEAD.unpack(head)
         if version != VERSION:
+            if version in OLD_VERSIONS:
+                raise UnsupportedFormatError(
+                    f"archive format version {version} is not supported by this lmcodec (it reads {VERSION}); "
+                    f"decode it with {OLD_VERSIONS[version]}")
             raise UnsupportedFormatError(
                 f"archive format version {version} is not supported (this lmcodec reads {VERSION})")
         name_len = self._read(1, "header")
@@ -263,21 +278,17 @@ class Reader:
         (crc,) = _CRC.unpack(self._read(_CRC.size, "header"))
         if zlib.crc32(head + name_len + name + params) != crc:
             raise CorruptArchiveError("archive header is corrupted (CRC mismatch)")
-        (mfp, tfp, pcheck, dev, dt, threads, batch, context, seg, esc, block_size) = _PARAMS.unpack(params)
-        devices = {v: k for k, v in DEVICES.items()}
-        dtypes = {v: k for k, v in DTYPES.items()}
+        (mfp, tfp, pcheck, context, seg, lanes, block_size) = _PARAMS.unpack(params)
         # The ranges an encoder can write (see Settings.resolved in codec.py).
-        if (flags & ~FLAG_PROMPT or dev not in devices or dt not in dtypes or not 1 <= threads <= 256
-                or not 1 <= batch or not 16 <= context <= MAX_CONTEXT
-                or not 1 <= seg <= MAX_SEGMENT_TOKENS or not 4 <= esc <= 30
+        if (flags & ~FLAG_PROMPT or not MIN_CONTEXT <= context <= MAX_CONTEXT
+                or not 1 <= seg <= MAX_SEGMENT_TOKENS or not 1 <= lanes <= MAX_LANES
                 or not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE):
             raise CorruptArchiveError("archive header has invalid parameters")
         try:
             model_name = name.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise CorruptArchiveError("archive header has an invalid model name") from exc
-        header = Header(model_name, mfp, tfp, pcheck, bool(flags & FLAG_PROMPT), devices[dev],
-                        dtypes[dt], threads, batch, context, seg, esc, block_size)
+        header = Header(model_name, mfp, tfp, pcheck, bool(flags & FLAG_PROMPT), context, seg, lanes, block_size)
         if self._prescan and self._left is not None and _seekable(self._s):
             self._scan(header)
         return header
@@ -317,24 +328,27 @@ class Reader:
         if tag[0] != BLOCK_TAG:
             raise CorruptArchiveError(f"unknown record tag 0x{tag[0]:02x} at offset {start}")
         body = tag + self._read(_BLOCK.size - 1, "block header")
-        _, method, raw_len, check, n_seg = _BLOCK.unpack(body)
-        # Bound the table by what the block and the data can hold before reading it:
-        # every segment codes at least one byte, and the table must fit in what remains.
-        if (n_seg > max(1, min(raw_len, header.block_size))
-                or (self._left is not None and n_seg * _SEGMENT.size > self._left)):
+        _, method, raw_len, check, n_seg, n_str = _BLOCK.unpack(body)
+        # Bound the tables by what the block and the data can hold before reading them:
+        # every segment codes at least one byte, and the tables must fit in what remains.
+        table_len = n_seg * _TOKENS.size + n_str * _STREAM.size
+        if (n_seg > min(raw_len, header.block_size) or not 1 <= n_str <= max(1, n_seg)
+                or (self._left is not None and table_len > self._left)):
             raise CorruptArchiveError(f"block at offset {start} declares an impossible number of segments")
-        table = self._read(n_seg * _SEGMENT.size, "segment table")
+        table = self._read(table_len, "segment table")
         (crc,) = _CRC.unpack(self._read(_CRC.size, "block header"))
         if zlib.crc32(body + table) != crc:
             raise CorruptArchiveError(f"block header at offset {start} is corrupted (CRC mismatch)")
         if method not in set(Method) or raw_len > header.block_size:
             raise CorruptArchiveError(f"block at offset {start} has invalid fields")
         method = Method(method)
-        entries = [SegmentEntry(*_SEGMENT.unpack_from(table, i * _SEGMENT.size)) for i in range(n_seg)]
-        self._check_layout(method, raw_len, entries, header, start)
+        tokens = [_TOKENS.unpack_from(table, i * _TOKENS.size)[0] for i in range(n_seg)]
+        at = n_seg * _TOKENS.size
+        entries = [StreamEntry(*_STREAM.unpack_from(table, at + i * _STREAM.size)) for i in range(n_str)]
+        self._check_layout(method, raw_len, tokens, entries, header, start)
         payloads, first = [], b""
         for i, e in enumerate(entries):
-            what = f"payload of segment {i}"
+            what = f"payload of stream {i}"
             if keep:
                 p = self._read(e.payload_len, what)
                 crc, first = zlib.crc32(p), first or p
@@ -343,37 +357,40 @@ class Reader:
                 crc, head = self._skim(e.payload_len, what, keep=_ZSTD_HEAD)
                 first = first or head
             if crc != e.payload_crc:
-                raise CorruptArchiveError(f"segment {i} payload is corrupted (CRC mismatch)")
+                raise CorruptArchiveError(f"stream {i} payload is corrupted (CRC mismatch)")
         if method == Method.ZSTD and _zstd_content_size(first[:_ZSTD_HEAD]) != raw_len:
             # The decompressor allocates what the frame declares: never trust it.
             raise CorruptArchiveError(f"zstd block at offset {start} does not declare its length")
         self._blocks += 1
         self._total += raw_len
-        return Block(method, raw_len, check, entries, payloads)
+        return Block(method, raw_len, check, tokens, entries, payloads)
 
     @staticmethod
-    def _check_layout(method: Method, raw_len: int, entries: list[SegmentEntry],
+    def _check_layout(method: Method, raw_len: int, tokens: list[int], entries: list[StreamEntry],
                       header: Header, start: int) -> None:
-        """Reject a segment table that no encoder writes (before reading payloads)."""
+        """Reject a block table that no encoder writes (before reading payloads)."""
         def bad(why: str) -> CorruptArchiveError:
             return CorruptArchiveError(f"block at offset {start}: {why}")
 
         if method != Method.LM:
-            if len(entries) != 1 or entries[0].n_tokens:
-                raise bad("a stored block must have exactly one segment")
+            if tokens or len(entries) != 1:
+                raise bad("a stored block must have no segments and exactly one stream")
             size = entries[0].payload_len
             if (size != raw_len) if method == Method.RAW else (size > zstd_payload_limit(raw_len)):
                 raise bad("stored payload length does not match the block length")
             return
-        lengths = [e.n_tokens for e in entries]
-        total = sum(lengths)
+        total = sum(tokens)
         if total > raw_len:
             raise bad("more tokens than bytes")
-        if lengths != segment_layout(total, header.segment_tokens):
+        if not tokens or tokens != segment_layout(total, header.segment_tokens):
             raise bad("segment token counts do not match the header's segment size")
-        for i, e in enumerate(entries):
-            if e.payload_len % 4 or not 4 <= e.payload_len <= lm_payload_limit(e.n_tokens):
-                raise bad(f"segment {i} has an impossible payload length {e.payload_len}")
+        groups = stream_groups(len(tokens), header.lanes)
+        if len(entries) != len(groups):
+            raise bad("stream count does not match the header's lanes")
+        for i, (e, g) in enumerate(zip(entries, groups)):
+            n = sum(tokens[j] for j in g)
+            if e.payload_len % 4 or not 4 <= e.payload_len <= lm_payload_limit(n):
+                raise bad(f"stream {i} has an impossible payload length {e.payload_len}")
 
     def at_eof(self) -> bool:
         return not self._s.read(1)

@@ -1,32 +1,47 @@
-"""A lean batched Llama-family forward pass with a preallocated KV cache.
+"""The exact engine: a Llama-family forward pass in integer arithmetic.
 
-The coder needs one next-token distribution per position, and the decoder can
-only compute them one step at a time.  So the encoder computes them the same
-way: :class:`Lockstep` advances ``B`` segments together, one token each per
-step, through exactly the kernels, shapes and thread count the decoder will use.
-That, not any numerical tolerance, is what makes the two sides agree bit for bit.
+Every value is an integer and every step is specified to the bit
+(docs/ENGINE.md), so the same tokens give the same logits -- and so the same
+coding frequencies -- on any CPU or GPU, with any thread count, batch size or
+batch composition, whether a sequence is run in one parallel pass or one token
+at a time.  That is what makes archives portable, and it lets the encoder score
+a whole segment in one pass while the decoder goes step by step.
 
-Context handling: every segment starts from the same *prefix* (start token +
-prompt), prefilled once at batch 1 and copied into each row of the cache.  When
-a segment outgrows the cache, the oldest non-prefix entries are overwritten
-(a ring buffer); the prefix stays as an attention sink.  RoPE is applied with
-absolute positions when a key is written, so relative offsets stay exact.
+Formats (``F`` = fractional bits; "row" = one token):
 
-Device-agnostic: the same code runs on CPU and CUDA tensors.
+* residual stream: int64 at F = 16, clamped to +-2^40;
+* activations entering a product: int16 range (|x| <= 32639) with a
+  power-of-two exponent per row (real = x * 2^exp), split into two int8 halves
+  so each product is an int8 x int8 GEMM with exact int32 sums (``torch._int_mm``);
+* q, k, v, gate, up, attention output: int64 at F = 16;
+* KV cache: int8 per (token, head) with the head's max magnitude (int32);
+* logits: int64 ``lam`` with a per-row exponent (real logit = lam * 2^exp).
+
+The :class:`Engine` is device-agnostic; :mod:`lmcodec.kernels` holds the
+attention kernel, and :mod:`lmcodec.reference` the plain reference it is
+tested against.
 """
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from .errors import ModelError, UsageError
-from .models import ArchConfig, LoadedModel
+from . import fixedmath, kernels
+from .errors import UsageError
+from .quantize import IntLinear, IntModel
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+RESID_FRAC = 16
+RESID_LIMIT = 1 << 40
+ACT_FRAC = 16                # q, k, v, gate, up, attention output
+QKV_LIMIT = (1 << 24) - 1
+MLP_LIMIT = (1 << 26) - 1
+ACT_MAX = 32639              # int16 operands: x = 256 hi + lo with hi, lo in [-128, 127]
+Q_MAX = 32767                # queries stay int16 inside the attention kernel
+RSQRT_BITS = 24              # 1/rms at 24 fractional bits
+_POW2 = [1 << k for k in range(63)]
 
 
 def pick_device(device: str) -> str:
@@ -40,18 +55,12 @@ def pick_device(device: str) -> str:
     return device
 
 
-def pick_dtype(dtype: str, device: str) -> str:
-    """``auto`` -> float32 on CPU (bf16 is ~6x slower there), bfloat16 on CUDA."""
-    if dtype == "auto":
-        return "float32" if device == "cpu" else "bfloat16"
-    if dtype not in DTYPES:
-        raise UsageError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-    return dtype
-
-
 @contextmanager
-def torch_threads(n: int):
-    """Run with exactly ``n`` intra-op threads: CPU kernels split work by thread count."""
+def torch_threads(n: int | None):
+    """Run with ``n`` intra-op threads (speed only: results do not depend on it)."""
+    if not n:
+        yield
+        return
     old = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -60,250 +69,248 @@ def torch_threads(n: int):
         torch.set_num_threads(old)
 
 
-def _pin_cuda_numerics() -> None:
-    """Fix the process-wide CUDA matmul switches that change results.
+# -- integer helpers -------------------------------------------------------------------------
+def round_shift(x: torch.Tensor, s) -> torch.Tensor:
+    """``x / 2^s`` rounded half up, for s >= 0 (an int or a broadcastable tensor); an int s < 0 shifts left."""
+    if isinstance(s, int):
+        return x if s == 0 else ((x + (1 << (s - 1))) >> s if s > 0 else x << -s)
+    return (x + ((torch.ones_like(s) << s) >> 1)) >> s
 
-    Encoder and decoder must not depend on what the host program set (TF32,
-    reduced-precision reductions), and cuBLAS needs a fixed workspace to pick
-    deterministic algorithms.
+
+def bit_length(m: torch.Tensor) -> torch.Tensor:
+    """Bits needed for each non-negative int64 (0 for 0), by exact comparisons."""
+    pow2 = torch.tensor(_POW2, dtype=torch.int64, device=m.device)
+    return (m.unsqueeze(-1) >= pow2).sum(-1)
+
+
+def fit_shift(m: torch.Tensor, limit: int) -> torch.Tensor:
+    """Least s >= 0 with round_shift(m, s) <= limit, for m >= 0 (limit >= 2^14)."""
+    s = (bit_length(m) - 15).clamp(min=0)
+    over = round_shift(m, s) > limit
+    return s + over.to(torch.int64)
+
+
+def to_int16_rows(x: torch.Tensor, limit: int = ACT_MAX) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row (last dim): ``(round_shift(x, s), s)`` with the least s that fits ``limit``."""
+    s = fit_shift(x.abs().amax(dim=-1, keepdim=True), limit)
+    return round_shift(x, s), s
+
+
+def isqrt(n: torch.Tensor) -> torch.Tensor:
+    """floor(sqrt(n)) for int64 0 <= n < 2^60: a float estimate, then exact integer corrections."""
+    r = torch.sqrt(n.to(torch.float64)).floor().to(torch.int64)
+    for _ in range(2):
+        r = torch.where(r * r > n, r - 1, r)
+        r = torch.where((r + 1) * (r + 1) <= n, r + 1, r)
+    return r
+
+
+def int_matmul(x16: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Exact ``x16 @ w.T`` for |x16| <= 32639 (int64 [M, K]) and int8 ``w`` [N, K] -> int64 [M, N].
+
+    x = 256 hi + lo with hi, lo in [-128, 127]; both halves go through one
+    int8 x int8 -> int32 GEMM (sums below 2^31 for K < 2^17), combined in int64.
     """
-    import os
+    m = x16.shape[0]
+    hi = (x16 + 128) >> 8
+    lo = x16 - (hi << 8)
+    both = torch.cat([hi, lo]).to(torch.int8)
+    y = _int_mm(both, w)
+    return (y[:m].to(torch.int64) << 8) + y[m:].to(torch.int64)
 
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
-    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+
+def _int_mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    if a.device.type == "cuda" and a.shape[0] <= 16:  # cuBLASLt needs M > 16
+        pad = torch.zeros((17 - a.shape[0], a.shape[1]), dtype=a.dtype, device=a.device)
+        return torch._int_mm(torch.cat([a, pad]), w.t())[: a.shape[0]]
+    return torch._int_mm(a, w.t())
 
 
-class Linear:
-    """``y = x W^T + b`` with the fastest deterministic kernel this device offers.
+def requant(y: torch.Tensor, lin: IntLinear, exp: torch.Tensor, frac: int) -> torch.Tensor:
+    """A product ``y`` (rows with exponent ``exp``) times the weights' scales, at ``frac`` bits.
 
-    On CPU in float32 the weight is prepacked once for oneDNN, whose kernels run
-    small-batch products (the decoder's shape: a few dozen rows) up to 2x
-    faster than MKL's ``sgemm`` behind ``F.linear``, which repacks the weight at
-    every call.  Elsewhere it is ``F.linear``.  Encoder and decoder make the
-    same choice on the same machine, so both compute the same bits.
+    real = y * mult * 2^(exp - shift); result = round(real * 2^frac).  |y * mult| < 2^58.
     """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        self.weight, self.bias = weight, bias
-        self._packed = _pack_for_onednn(weight)
-        if self._packed is not None:
-            self.weight = None  # the packed copy replaces it
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self._packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+    prod = y * lin.mult
+    s = lin.shift - exp - frac
+    right = round_shift(prod, s.clamp(min=0))
+    left = prod.clamp(-(1 << 40), 1 << 40) << (-s).clamp(min=0, max=20)
+    return torch.where(s >= 0, right, left)
 
 
-def onednn_usable() -> bool:
-    """Whether this torch build has oneDNN's prepacked linear (x86 and ARM CPU builds do)."""
-    try:
-        return (torch.backends.mkldnn.is_available()
-                and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-                and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-    except (AttributeError, RuntimeError):
-        return False
+@dataclass
+class Logits:
+    """Exact logits: real logit[i, v] = lam[i, v] * 2^exp[i]."""
+
+    lam: torch.Tensor   # int64 [N, V]
+    exp: torch.Tensor   # int64 [N, 1]
 
 
-def _pack_for_onednn(weight: torch.Tensor) -> torch.Tensor | None:
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not onednn_usable():
-        return None
-    return torch.ops.mkldnn._reorder_linear_weight(weight, None)
+@dataclass
+class KVCache:
+    """Per layer: int8 keys/values [rows, kv heads, slots, head dim] and their magnitudes."""
+
+    k: list[torch.Tensor]
+    kmax: list[torch.Tensor]
+    v: list[torch.Tensor]
+    vmax: list[torch.Tensor]
+
+    @classmethod
+    def empty(cls, model: IntModel, rows: int, slots: int, device) -> "KVCache":
+        a = model.arch
+        shape = (rows, a.num_kv_heads, slots, a.head_dim)
+        mk = lambda: [torch.zeros(shape, dtype=torch.int8, device=device) for _ in range(a.num_layers)]
+        ms = lambda: [torch.zeros(shape[:3], dtype=torch.int32, device=device) for _ in range(a.num_layers)]
+        return cls(mk(), ms(), mk(), ms())
+
+    def copy_rows(self, src: "KVCache", n_slots: int) -> None:
+        """Every row of self takes row 0 of ``src`` in slots [0, n_slots) (the shared prefix)."""
+        for mine, theirs in ((self.k, src.k), (self.kmax, src.kmax), (self.v, src.v), (self.vmax, src.vmax)):
+            for layer, (m, t) in enumerate(zip(mine, theirs)):
+                m[:, :, :n_slots] = t[:1, :, :n_slots]
+
+
+def kv_bytes(model_arch, rows: int, slots: int) -> int:
+    """Memory of a :class:`KVCache` (int8 values, int32 magnitudes)."""
+    return 2 * model_arch.num_layers * rows * model_arch.num_kv_heads * slots * (model_arch.head_dim + 4)
+
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 [..., hd] -> (int8 round(127 x / max|x|), int32 max|x|) per head vector."""
+    xmax = x.abs().amax(dim=-1, keepdim=True)
+    safe = xmax.clamp(min=1)
+    q = torch.div(2 * kernels.KV_MAX * x + safe, 2 * safe, rounding_mode="floor")
+    return q.to(torch.int8), xmax.squeeze(-1).to(torch.int32)
 
 
 class Engine:
-    """Fused weights of one model on one device in one dtype."""
+    """The exact forward pass of one :class:`~lmcodec.quantize.IntModel` on one device."""
 
-    def __init__(self, model: LoadedModel, device: str = "cpu", dtype: str = "float32"):
-        a: ArchConfig = model.arch
-        self.arch = a
+    def __init__(self, model: IntModel, device: str = "cpu"):
         self.device = torch.device(device)
-        if self.device.type == "cuda":
-            _pin_cuda_numerics()
-        self.dtype = DTYPES[dtype]
-        w = model.weights
-        pre = "model."
-
-        def get(name: str) -> torch.Tensor:
-            try:
-                t = w[pre + name]
-            except KeyError as exc:
-                raise ModelError(f"weight {name!r} missing from the model") from exc
-            return t.to(self.device, self.dtype).contiguous()
-
-        def opt(name: str) -> torch.Tensor | None:
-            return get(name) if pre + name in w else None
-
-        self.embed = get("embed_tokens.weight")
-        self.norm = get("norm.weight")
-        self.lm_head = Linear(self.embed if a.tie_word_embeddings else (
-            w["lm_head.weight"].to(self.device, self.dtype).contiguous()))
-        self.layers = []
-        for i in range(a.num_layers):
-            p = f"layers.{i}."
-            qkv_b = [opt(p + f"self_attn.{n}_proj.bias") for n in "qkv"]
-            self.layers.append(dict(
-                attn_norm=get(p + "input_layernorm.weight"),
-                qkv=Linear(torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"]).contiguous(),
-                           torch.cat(qkv_b) if all(b is not None for b in qkv_b) else None),
-                o=Linear(get(p + "self_attn.o_proj.weight")),
-                mlp_norm=get(p + "post_attention_layernorm.weight"),
-                gate_up=Linear(torch.cat([get(p + "mlp.gate_proj.weight"),
-                                          get(p + "mlp.up_proj.weight")]).contiguous()),
-                down=Linear(get(p + "mlp.down_proj.weight")),
-            ))
-        hd = a.head_dim
-        self.inv_freq = 1.0 / (a.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
-        self.q_size = a.num_heads * hd
-        self.kv_size = a.num_kv_heads * hd
-
-    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ang = positions.to(torch.float64)[:, None] * self.inv_freq[None, :]
-        ang = torch.cat([ang, ang], dim=-1)
-        return (ang.cos().to(self.device, self.dtype), ang.sin().to(self.device, self.dtype))
-
-    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.arch.rms_norm_eps)
-        return weight * xf.to(x.dtype)
-
-    @staticmethod
-    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
-
-    def _attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: int,
-                mask: torch.Tensor | None) -> torch.Tensor:
-        """Attention of ``q`` [B, T, nh, hd] over cache entries ``[0, length)``.
-
-        The query heads sharing a KV head are stacked into one matrix, so each
-        cached key and value is read once per step for all of them: a decoding
-        step is bound by reading the cache, not by arithmetic.
-        """
+        self.model = model.to(str(self.device)) if self.device.type != "cpu" else model
+        self.arch = model.arch
         a = self.arch
-        B, T, nh, hd = q.shape
-        nkv = a.num_kv_heads
-        group = nh // nkv
-        keys = k_cache[:, :, :length]                    # [B, nkv, L, hd]
-        values = v_cache[:, :, :length]
-        qg = q.view(B, T, nkv, group, hd).permute(0, 2, 3, 1, 4).reshape(B, nkv, group * T, hd)
-        scores = torch.matmul(qg, keys.transpose(-1, -2)).float()
-        if mask is not None:
-            scores = scores.view(B, nkv, group, T, length).masked_fill(~mask, float("-inf"))
-            scores = scores.view(B, nkv, group * T, length)
-        attn = torch.softmax(scores, dim=-1).to(self.dtype)
-        out = torch.matmul(attn, values)                 # [B, nkv, group*T, hd]
-        return out.view(B, nkv, group, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, nh * hd)
+        if a.num_heads % a.num_kv_heads or a.head_dim % 2:
+            raise UsageError("unsupported attention shape")
+        self.q_size = a.num_heads * a.head_dim
+        self.kv_size = a.num_kv_heads * a.head_dim
+        self._sigmoid = torch.as_tensor(fixedmath.sigmoid_table(), device=self.device)
+        self._rope_n = 0
+        self._cos = self._sin = None
+        # eps in the units of rows shifted right by s: eps * 2^(2 (16 - s)) = eps_q32 / 4^s.
+        eps = [round_half_up_shift(model.eps_q32, 2 * s) for s in range(64)]
+        self._eps = torch.tensor(eps, dtype=torch.int64, device=self.device)
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                k_cache: torch.Tensor, v_cache: torch.Tensor, length: int,
-                all_positions: bool = False) -> torch.Tensor:
-        """Run ``ids`` [B, T] at ``positions`` [T], writing K/V at cache ``slots`` [T].
+    @property
+    def fingerprint(self) -> bytes:
+        return self.model.fingerprint
 
-        Attention covers cache entries ``[0, length)``; when T > 1 (prefill) the
-        entries are the T new ones and a causal mask applies.  Returns the
-        float32 logits of the last position, [B, V] (of every position, [B, T, V],
-        with ``all_positions``: used to measure, never to code).
+    # -- building blocks -------------------------------------------------------------------
+    def _rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        need = int(positions.max()) + 1
+        if need > self._rope_n:
+            n = max(need, 2 * self._rope_n, 4096)
+            cos, sin = fixedmath.rope_tables(self.model.rope_theta, self.arch.head_dim, n)
+            self._cos = torch.as_tensor(cos, device=self.device)
+            self._sin = torch.as_tensor(sin, device=self.device)
+            self._rope_n = n
+        pos = positions.to(self.device)
+        return self._cos[pos], self._sin[pos]
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate [B, T, heads, hd] by [T, hd/2] tables (Q16), rounded back to F = 16."""
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        c, s = cos[None, :, None, :], sin[None, :, None, :]
+        r1 = round_shift(x1 * c - x2 * s, fixedmath.ROPE_BITS)
+        r2 = round_shift(x2 * c + x1 * s, fixedmath.ROPE_BITS)
+        return torch.cat([r1, r2], dim=-1).clamp(-QKV_LIMIT, QKV_LIMIT)
+
+    def _rmsnorm(self, x: torch.Tensor, gain: torch.Tensor, gain_shift: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """RMSNorm of residual rows -> (int16-range rows, exponent per row)."""
+        k = x.shape[-1]
+        s = (bit_length(x.abs().amax(dim=-1, keepdim=True)) - 15).clamp(min=0)
+        xs = round_shift(x, s)                               # |xs| <= 2^15
+        ss = (xs * xs).sum(dim=-1, keepdim=True)             # < K 2^30
+        d = (ss + k * self._eps[s]).clamp(min=1)
+        rinv = isqrt(torch.div(k << (2 * RSQRT_BITS), d, rounding_mode="floor"))  # ~ 2^24 / rms
+        t = xs * gain * rinv                                 # < 2^15 2^15 2^29
+        h, s2 = to_int16_rows(t)
+        return h, s2 - RSQRT_BITS - gain_shift
+
+    def _linear(self, x16: torch.Tensor, exp: torch.Tensor, lin: IntLinear, frac: int) -> torch.Tensor:
+        y = requant(int_matmul(x16, lin.weight), lin, exp, frac)
+        return y if lin.bias is None else y + lin.bias
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Residual rows of tokens: the int8 embedding row times its scale, at F = 16."""
+        e = self.model.embed
+        rows = e.weight[ids].to(torch.int64) * e.mult[ids].unsqueeze(-1)
+        return round_shift(rows, e.shift - RESID_FRAC)
+
+    # -- the pass ----------------------------------------------------------------------------
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor,
+                key_ranges: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run ``ids`` [B, T] at ``positions`` [T], writing K/V at cache ``slots`` [T] of rows 0..B-1.
+
+        Query ``(row, t)`` attends to cache slots ``[0, a) + [b, c)`` of its row,
+        where ``key_ranges = (a, b, c)`` are [T] tensors.  Returns the final
+        normalized hidden rows ``(h16 [B*T, H], exp [B*T, 1])``; :meth:`logits`
+        turns any subset of them into logits.
         """
         a = self.arch
         B, T = ids.shape
         nh, nkv, hd = a.num_heads, a.num_kv_heads, a.head_dim
-        cos, sin = self._rope(positions)
-        mask = None
-        if 1 < T < length:
-            mask = torch.ones(T, length, dtype=torch.bool, device=self.device).tril(length - T)
-        x = F.embedding(ids, self.embed)
-        scale = 1.0 / math.sqrt(hd)
-        for li, layer in enumerate(self.layers):
-            h = self._rms(x, layer["attn_norm"])
-            qkv = layer["qkv"](h)
+        dev = self.device
+        ids = ids.to(dev)
+        slots = slots.to(dev)
+        cos, sin = self._rope_tables(positions)
+        x = self.embed(ids).view(B * T, a.hidden_size)
+        crow = torch.arange(B, device="cpu").repeat_interleave(T)
+        ka, kb, kc_ = (r.repeat(B).cpu() for r in key_ranges)
+        for li, layer in enumerate(self.model.layers):
+            h, e = self._rmsnorm(x, layer.attn_gain, layer.attn_gain_shift)
+            qkv = self._linear(h, e, layer.qkv, ACT_FRAC).clamp(-QKV_LIMIT, QKV_LIMIT)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            # The softmax scale goes on q (B*nh*hd values), not on the scores
-            # (B*nh*length): for head_dim 64 it is 1/8, exact either way.
-            q = self._rotate(q.view(B, T, nh, hd), cos[:, None, :], sin[:, None, :]) * scale
-            k = self._rotate(k.view(B, T, nkv, hd), cos[:, None, :], sin[:, None, :])
-            k_cache[li].index_copy_(2, slots, k.transpose(1, 2))
-            v_cache[li].index_copy_(2, slots, v.view(B, T, nkv, hd).transpose(1, 2))
-            if T > 1 and length == T:  # prefill from an empty cache: fused causal kernel
-                out = F.scaled_dot_product_attention(
-                    q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, nkv, hd).transpose(1, 2),
-                    is_causal=True, scale=1.0, enable_gqa=True)
-                out = out.transpose(1, 2).reshape(B, T, nh * hd)
-            else:
-                out = self._attend(q, k_cache[li], v_cache[li], length, mask)
-            x = x + layer["o"](out)
-            h = self._rms(x, layer["mlp_norm"])
-            gate, up = layer["gate_up"](h).chunk(2, dim=-1)
-            x = x + layer["down"](F.silu(gate) * up)
-        x = self._rms(x if all_positions else x[:, -1], self.norm)
-        return self.lm_head(x).float()
+            q = self._rope(q.reshape(B, T, nh, hd), cos, sin)
+            k = self._rope(k.reshape(B, T, nkv, hd), cos, sin)
+            k8, kmax = quantize_kv(k)
+            v8, vmax = quantize_kv(v.reshape(B, T, nkv, hd))
+            cache.k[li][:B, :, slots] = k8.transpose(1, 2)
+            cache.kmax[li][:B, :, slots] = kmax.transpose(1, 2)
+            cache.v[li][:B, :, slots] = v8.transpose(1, 2)
+            cache.vmax[li][:B, :, slots] = vmax.transpose(1, 2)
+            q16, qe = to_int16_rows(q, Q_MAX)                     # per (token, head)
+            o = self._attend(q16.reshape(B * T, nh, hd), qe.reshape(B * T, nh), li, cache, crow, ka, kb, kc_)
+            o16, eo = to_int16_rows(o.reshape(B * T, nh * hd))
+            x = (x + self._linear(o16, eo - ACT_FRAC, layer.o, RESID_FRAC)).clamp(-RESID_LIMIT, RESID_LIMIT)
+            h, e = self._rmsnorm(x, layer.mlp_gain, layer.mlp_gain_shift)
+            gu = self._linear(h, e, layer.gate_up, ACT_FRAC).clamp(-MLP_LIMIT, MLP_LIMIT)
+            g, u = gu.chunk(2, dim=-1)
+            idx = (round_shift(g, ACT_FRAC - fixedmath.SIGMOID_STEP_BITS)
+                   .clamp(-fixedmath.SIGMOID_RANGE << fixedmath.SIGMOID_STEP_BITS,
+                          fixedmath.SIGMOID_RANGE << fixedmath.SIGMOID_STEP_BITS))
+            silu = round_shift(g * self._sigmoid[idx + (fixedmath.SIGMOID_RANGE << fixedmath.SIGMOID_STEP_BITS)],
+                               fixedmath.SIGMOID_VALUE_BITS)
+            a16, ea = to_int16_rows(silu * u)                     # silu * u at F = 32
+            x = (x + self._linear(a16, ea - 2 * ACT_FRAC, layer.down, RESID_FRAC)).clamp(-RESID_LIMIT, RESID_LIMIT)
+        return self._rmsnorm(x, self.model.final_gain, self.model.final_gain_shift)
 
-    def score(self, ids: torch.Tensor) -> torch.Tensor:
-        """Logits at every position of ``ids`` [B, T] from one causal pass, [B, T, V].
+    def _attend(self, q16, qe, li, cache, crow, a, b, c) -> torch.Tensor:
+        args = (q16.to(torch.int16), qe, cache.k[li], cache.kmax[li], cache.v[li], cache.vmax[li])
+        rng = (crow, a, b, c)
+        if self.device.type != "cpu":
+            rng = tuple(t.to(self.device) for t in rng)
+        return kernels.attend(*args, *rng)
 
-        Used to measure (probe, benchmarks), never to code: the coder needs the
-        step-by-step computation the decoder can repeat.
-        """
-        a = self.arch
-        B, T = ids.shape
-        shape = (a.num_layers, B, a.num_kv_heads, T, a.head_dim)
-        k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        pos = torch.arange(T)
-        return self.forward(ids.to(self.device), pos, pos.to(self.device), k, torch.zeros_like(k), T,
-                            all_positions=True)
-
-
-def kv_bytes(arch: ArchConfig, dtype: str, rows: int, capacity: int) -> int:
-    """Memory the KV cache of ``rows`` x ``capacity`` tokens takes."""
-    per_token = 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * DTYPES[dtype].itemsize
-    return per_token * rows * capacity
+    def logits(self, h16: torch.Tensor, exp: torch.Tensor) -> Logits:
+        """Exact logits of final hidden rows: lam = (h16 W_head^T) * mult, exp = row exp - shift."""
+        head = self.model.head
+        lam = int_matmul(h16, head.weight) * head.mult
+        return Logits(lam, exp - head.shift)
 
 
-class Lockstep:
-    """``batch`` segments advancing together, one token per segment per step.
-
-    The cache holds ``min(context, len(prefix) + longest)`` entries: a segment
-    never needs more, so short inputs get small caches.  Encoder and decoder
-    know both numbers, so they allocate the same shapes.
-    """
-
-    def __init__(self, engine: Engine, prefix: list[int], batch: int, context: int, longest: int):
-        a = engine.arch
-        if not prefix:
-            raise ValueError("prefix must hold at least the start token")
-        if len(prefix) > context // 2:
-            raise ValueError("prefix longer than half the context")
-        self.engine = engine
-        self.context = min(context, len(prefix) + longest)
-        context = self.context
-        self.sink = len(prefix)
-        shape = (a.num_layers, batch, a.num_kv_heads, context, a.head_dim)
-        dev = engine.device
-        self.k = torch.zeros(shape, dtype=engine.dtype, device=dev)
-        self.v = torch.zeros(shape, dtype=engine.dtype, device=dev)
-        # Prefill the shared prefix once at batch 1, then copy it into every row.
-        p = len(prefix)
-        pk = torch.zeros((a.num_layers, 1, a.num_kv_heads, context, a.head_dim), dtype=engine.dtype, device=dev)
-        pv = torch.zeros_like(pk)
-        idx = torch.arange(p, device=dev)
-        logits = engine.forward(torch.tensor([prefix], device=dev), idx.cpu(), idx, pk, pv, p)
-        self.k[:, :, :, :p] = pk[:, :, :, :p]
-        self.v[:, :, :, :p] = pv[:, :, :, :p]
-        self.logits = logits.expand(batch, -1).contiguous()
-        self.position = p
-
-    def advance(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row [B]; return the next logits [B, V] (float32)."""
-        pos = self.position
-        ring = self.context - self.sink
-        slot = pos if pos < self.context else self.sink + (pos - self.sink) % ring
-        length = min(pos + 1, self.context)
-        dev = self.engine.device
-        self.logits = self.engine.forward(
-            tokens.view(-1, 1).to(dev), torch.tensor([pos]), torch.tensor([slot], device=dev),
-            self.k, self.v, length)
-        self.position = pos + 1
-        return self.logits
+def round_half_up_shift(x: int, s: int) -> int:
+    """Python-int version of :func:`round_shift` that also shifts left for s < 0."""
+    return (x + (1 << (s - 1))) >> s if s > 0 else x << -s

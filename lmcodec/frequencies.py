@@ -1,27 +1,30 @@
-"""Model logits -> the probability rows the entropy coder quantizes.
+"""Exact logits -> the integer frequencies the range coder uses.
 
-The alphabet is the vocabulary plus 256 escape symbols (see :mod:`lmcodec.tokens`).
-The model's softmax gets mass ``1 - 2**-escape_bits``; the escapes share the rest
-evenly.  :func:`probability_table` builds that full table (used to *measure*).
+The alphabet is the vocabulary plus 256 escape symbols (:mod:`lmcodec.tokens`),
+padded to ``256 * width`` and cut into 256 *buckets* of ``width`` consecutive
+symbols (SmolLM2: 49,152 + 256 = 256 x 193, no padding).  A symbol is coded in
+two stages, each with 24-bit integer frequencies summing to exactly 2^24:
 
-For *coding*, :class:`StepTables` splits each row in two stages, so a
-vocabulary-sized row rarely leaves the device or reaches the coder:
+* stage 1: its bucket, under the buckets' masses;
+* stage 2: its place in the bucket, under the masses within that bucket.
 
-* stage 1 (every token): the ``TOP_K`` likeliest tokens, in the order
-  ``torch.topk`` returns them, plus one *other* symbol that carries the
-  remaining mass (never less than ``OTHER_FLOOR``);
-* stage 2 (only after *other*): the full alphabet with the top tokens zeroed.
+So only rows of 256 and ``width`` integers ever reach the host and the coder,
+and the coder needs no branch: every token is two symbols.
 
-The product of the two stages is the full table, so the split costs no ratio
-(measured in ``docs/SPEED.md``); it saves moving ``B x 49k`` float64 values to
-the host and quantizing them at every step.  The softmax and top-k run in
-float32 on the model's device, the small rows in float64 on the host, with
-fixed operations: identical logits give identical rows on both sides.
+Everything is integer arithmetic (docs/ENGINE.md):
 
-Quantization to integers happens in constriction's ``Categorical(perfect=False)``
-model: a deterministic leaky quantizer to 24-bit fixed point that normalizes
-the row and gives every symbol a frequency of at least 1, so any symbol stays
-codable.
+    d_v  = max_v lam - lam_v                           (int64)
+    U_v  = base-2 exponent of e^(-d_v * 2^exp), 10 fractional bits, capped at 31 * 1024
+    p_v  = EXP2[U_v mod 1024] >> (U_v div 1024)        in [0, 2^30]
+    p_escape = max(1, sum_v p_v >> 24)                 (each of the 256 escapes)
+    m_b  = sum of p over bucket b
+    stage 1: g_b = 256 + floor(m_b (2^24 - 2^16) / sum m), the rest to the largest m_b
+    stage 2: g_j = 1 + floor(p_j (2^24 - width) / m_b), the rest to the largest p_j
+
+Every bucket keeps at least 256 / 2^24, so the other 255 buckets hold at least
+65,280 / 2^24 of stage 1: a token always costs more than
+:data:`MIN_TOKEN_BITS`, which bounds how many tokens a payload can declare.
+Ties for "the largest" go to the lowest index.
 """
 
 from __future__ import annotations
@@ -31,65 +34,107 @@ import math
 import numpy as np
 import torch
 
+from . import fixedmath
+from .engine import Logits, bit_length
+from .kernels import _log2e_over
 from .tokens import ESCAPES
 
-#: Tokens in the stage-1 alphabet; the rest are reached through *other*.
-TOP_K = 256
-#: Least mass of the *other* symbol.  It makes every token cost at least
-#: :data:`MIN_TOKEN_BITS`, which bounds how many tokens a payload can hold.
-OTHER_FLOOR = 2.0 ** -8
-#: Bits every coded token costs at least (half the floor: quantization slack).
-MIN_TOKEN_BITS = -math.log2(1.0 - OTHER_FLOOR / 2)
+PRECISION = 24
+TOTAL = 1 << PRECISION
+BUCKETS = 256
+BUCKET_FLOOR = 256
+#: round(2^30 log2(e)): logit differences -> base-2 exponent.
+LOG2E_OUT = _log2e_over(1, 30)
+OUT_U_CAP = 31 << fixedmath.EXP2_FRAC_BITS
+OUT_D_CAP = (1 << 31) - 1
+OUT_PRE_LIMIT = 36
+#: Bits every coded token costs at least (stage 1 keeps 255 * 256 / 2^24 off the top bucket).
+MIN_TOKEN_BITS = -math.log2(1.0 - (BUCKETS - 1) * BUCKET_FLOOR / TOTAL)
+
+_EXP2 = fixedmath.exp2_table()
 
 
-def probability_table(logits: torch.Tensor, escape_bits: int) -> np.ndarray:
-    """[B, V] float32 logits -> [B, V + 256] float64 probabilities (rows sum to 1)."""
-    eps = 2.0 ** -escape_bits
-    probs = torch.softmax(logits.to("cpu", torch.float64), dim=-1) * (1.0 - eps)
-    esc = torch.full((probs.shape[0], ESCAPES), eps / ESCAPES, dtype=torch.float64)
-    return torch.cat([probs, esc], dim=1).numpy()
+def bucket_width(alphabet: int) -> int:
+    """Symbols per bucket: the alphabet padded to a multiple of 256."""
+    return -(-alphabet // BUCKETS)
 
 
-def surprisal_bits(table: np.ndarray, symbols: np.ndarray) -> np.ndarray:
-    """-log2 p(symbol) under each row: the ideal code length the coder approaches."""
-    return -np.log2(table[np.arange(len(symbols)), symbols])
+def model_weights(logits: Logits) -> torch.Tensor:
+    """Unnormalized integer probabilities p [N, V] in [0, 2^30] (the best token: 2^30)."""
+    lam = logits.lam
+    d = lam.amax(dim=-1, keepdim=True) - lam
+    s = 20 - logits.exp                                   # total right shift of d * LOG2E_OUT
+    pre = (s - OUT_PRE_LIMIT).clamp(min=0)
+    rest = (s - pre).clamp(min=0)
+    dd = (d >> pre).clamp(max=OUT_D_CAP)
+    u = ((dd * LOG2E_OUT) >> rest).clamp(max=OUT_U_CAP)
+    table = torch.as_tensor(_EXP2, device=lam.device)
+    return table[u & 1023] >> (u >> 10)
 
 
-class StepTables:
-    """The coding rows of one lockstep step: ``B`` rows, kept on the model's device.
+def _spread_rest(freq: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """Add what the floors left of 2^24 to the entry of largest mass (first on ties)."""
+    rest = TOTAL - freq.sum(dim=-1, keepdim=True)
+    top = mass.argmax(dim=-1, keepdim=True)
+    return freq.scatter_add(-1, top, rest)
 
-    ``head[i]`` is row ``i``'s stage-1 row (``k + 1`` float64 weights) and
-    ``top_ids[i]`` the tokens its first ``k`` entries stand for; :meth:`tail`
-    fetches a stage-2 row only when a row needs one.
+
+class CodingTables:
+    """Coding frequencies for ``N`` positions, kept on the model's device.
+
+    :meth:`stage1` gives the bucket rows, :meth:`stage2` the within-bucket row
+    of one chosen bucket per position; both as int64 numpy arrays whose rows
+    sum to 2^24 with every entry >= 1.
     """
 
-    def __init__(self, logits: torch.Tensor, escape_bits: int, top_k: int = TOP_K):
-        self.eps = 2.0 ** -escape_bits
-        self.vocab = logits.shape[-1]
-        self.k = min(top_k, self.vocab)
-        self._probs = torch.softmax(logits.float(), dim=-1)
-        top_p, top_i = torch.topk(self._probs, self.k, dim=-1, sorted=True)
-        self._top_i = top_i
-        self.top_ids = top_i.cpu().numpy()
-        head = top_p.to("cpu", torch.float64).numpy() * (1.0 - self.eps)
-        other = np.maximum(1.0 - head.sum(axis=1), OTHER_FLOOR)
-        self.head = np.concatenate([head, other[:, None]], axis=1)
+    def __init__(self, logits: Logits, alphabet: int):
+        p = model_weights(logits)
+        n, vocab = p.shape
+        if alphabet != vocab + ESCAPES:
+            raise ValueError("alphabet must be the vocabulary plus the escapes")
+        self.alphabet = alphabet
+        self.width = bucket_width(alphabet)
+        esc = (p.sum(dim=-1, keepdim=True) >> 24).clamp(min=1)
+        pad = BUCKETS * self.width - alphabet
+        full = torch.cat([p, esc.expand(n, ESCAPES), torch.zeros((n, pad), dtype=p.dtype, device=p.device)], 1)
+        self.p = full.view(n, BUCKETS, self.width)
+        self.mass = self.p.sum(dim=-1)                                  # [N, 256] < width * 2^30
+        pre = max(0, int(bit_length(torch.tensor(self.width))) + 30 - 38)
+        m = self.mass >> pre                                            # so m * 2^24 < 2^62
+        free = TOTAL - BUCKETS * BUCKET_FLOOR
+        g = BUCKET_FLOOR + torch.div(m * free, m.sum(dim=-1, keepdim=True).clamp(min=1), rounding_mode="floor")
+        self._stage1 = _spread_rest(g, m)
 
-    @property
-    def other(self) -> int:
-        """Stage-1 index of the *other* symbol."""
-        return self.k
+    def __len__(self) -> int:
+        return self.p.shape[0]
 
-    def index(self, row: int, symbol: int) -> int:
-        """Stage-1 index of ``symbol`` in ``row``: its top-k rank, or :attr:`other`."""
-        hit = np.flatnonzero(self.top_ids[row] == symbol)
-        return int(hit[0]) if hit.size else self.k
+    def stage1(self) -> np.ndarray:
+        return self._stage1.cpu().numpy()
 
-    def tail(self, row: int) -> np.ndarray:
-        """Stage-2 row: the full alphabet (float64) with ``row``'s top tokens zeroed."""
-        p = self._probs[row].clone()
-        p[self._top_i[row]] = 0.0
-        out = np.empty(self.vocab + ESCAPES, dtype=np.float64)
-        out[: self.vocab] = p.to("cpu", torch.float64).numpy() * (1.0 - self.eps)
-        out[self.vocab:] = self.eps / ESCAPES
-        return out
+    def _stage2_rows(self, p: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+        free = TOTAL - self.width
+        g = 1 + torch.div(p * free, mass.clamp(min=1), rounding_mode="floor")
+        return _spread_rest(g, p)
+
+    def stage2(self, buckets: np.ndarray) -> np.ndarray:
+        """Within-bucket rows [N, width] for one bucket per position."""
+        idx = torch.as_tensor(np.asarray(buckets, dtype=np.int64), device=self.p.device)
+        rows = torch.arange(len(self), device=self.p.device)
+        return self._stage2_rows(self.p[rows, idx], self.mass[rows, idx].unsqueeze(-1)).cpu().numpy()
+
+    def split(self, symbols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Symbols -> (bucket, place in bucket)."""
+        return np.divmod(np.asarray(symbols, dtype=np.int64), self.width)
+
+    def probabilities(self) -> torch.Tensor:
+        """The exact coding probability of every symbol, float64 [N, alphabet] (to measure)."""
+        g2 = self._stage2_rows(self.p, self.mass.unsqueeze(-1))       # [N, 256, width]
+        prob = (self._stage1.unsqueeze(-1).to(torch.float64) * g2.to(torch.float64)) / float(TOTAL) ** 2
+        return prob.view(len(self), -1)[:, : self.alphabet]
+
+    def bits(self, symbols: np.ndarray) -> np.ndarray:
+        """Exact code length, -log2 of the coding probability, of one symbol per position."""
+        b, j = self.split(symbols)
+        g1 = self.stage1()[np.arange(len(self)), b]
+        g2 = self.stage2(b)[np.arange(len(self)), j]
+        return 2 * PRECISION - np.log2(g1.astype(np.float64)) - np.log2(g2.astype(np.float64))

@@ -1,0 +1,219 @@
+"""The exact engine's constant tables, built by integer-only code.
+
+Every transcendental value the engine uses -- powers of two for the softmaxes,
+the logistic function for SiLU, the cosines and sines of RoPE -- comes from a
+table made here with Python integers (arbitrary precision fixed point), never
+from libm, numpy or torch float functions, whose last bits differ between
+platforms and library versions.  The algorithms below are part of the engine's
+specification: the same code gives the same table bytes on every machine, and
+the tables' digest is part of the model fingerprint (see :mod:`lmcodec.quantize`).
+
+Fixed-point convention: an integer ``x`` at ``bits`` fractional bits stands for
+``x / 2**bits``; products are rounded back with :func:`_mul`.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from functools import lru_cache
+
+import numpy as np
+
+#: Working precision of the series (fractional bits).  The tables keep at most
+#: 30 bits, so the 2^-100 series error never reaches them except at exact ties.
+WORK_BITS = 100
+
+#: Fractional bits of the base-2 exponent the softmaxes look up (1024 steps per octave).
+EXP2_FRAC_BITS = 10
+#: Fractional bits of the values of :func:`exp2_table` (2^30 = 1.0).
+EXP2_VALUE_BITS = 30
+
+#: SiLU's logistic table: inputs from -SIGMOID_RANGE to +SIGMOID_RANGE in steps
+#: of 2^-SIGMOID_STEP_BITS, values at SIGMOID_VALUE_BITS fractional bits.
+SIGMOID_RANGE = 16
+SIGMOID_STEP_BITS = 10
+SIGMOID_VALUE_BITS = 16
+
+#: Fractional bits of the RoPE cosines and sines.
+ROPE_BITS = 16
+
+
+def _round_shift(x: int, s: int) -> int:
+    """``x / 2**s`` rounded half up (floor of x/2^s + 1/2), for Python ints."""
+    return (x + (1 << (s - 1))) >> s if s > 0 else x << -s
+
+
+def _mul(a: int, b: int, bits: int = WORK_BITS) -> int:
+    return _round_shift(a * b, bits)
+
+
+def _div(a: int, b: int, bits: int = WORK_BITS) -> int:
+    """``a / b`` at ``bits`` fractional bits, rounded half up (b > 0)."""
+    return (2 * (a << bits) + b) // (2 * b)
+
+
+@lru_cache(maxsize=None)
+def ln2(bits: int = WORK_BITS) -> int:
+    """ln 2 = 2 atanh(1/3) = 2 * sum 1 / ((2k+1) 3^(2k+1)), at ``bits`` fractional bits."""
+    one = 1 << (bits + 8)
+    total, k = 0, 0
+    while True:
+        term = one // ((2 * k + 1) * 3 ** (2 * k + 1))
+        if not term:
+            break
+        total += term
+        k += 1
+    return _round_shift(2 * total, 8)
+
+
+@lru_cache(maxsize=None)
+def pi(bits: int = WORK_BITS) -> int:
+    """pi = 16 atan(1/5) - 4 atan(1/239) (Machin), at ``bits`` fractional bits."""
+    def atan_inv(n: int) -> int:
+        one = 1 << (bits + 8)
+        total, k, power = 0, 0, n
+        while True:
+            term = one // ((2 * k + 1) * power)
+            if not term:
+                return total
+            total += -term if k % 2 else term
+            k += 1
+            power *= n * n
+    return _round_shift(16 * atan_inv(5) - 4 * atan_inv(239), 8)
+
+
+def exp_fixed(x: int, bits: int = WORK_BITS) -> int:
+    """e^x for a fixed-point ``x`` (any sign), at ``bits`` fractional bits.
+
+    Range reduction x = k ln2 + r with |r| <= ln2/2, then the Taylor series of e^r.
+    """
+    l2 = ln2(bits)
+    k = (2 * x + l2) // (2 * l2)
+    r = x - k * l2
+    one = 1 << bits
+    total, term, n = one, one, 1
+    while term:
+        term = _mul(term, r, bits) // n
+        total += term
+        n += 1
+    return total << k if k >= 0 else _round_shift(total, -k)
+
+
+def ln_fixed(x: Fraction, bits: int = WORK_BITS) -> int:
+    """ln x for a positive rational ``x``: x = m 2^k, m in [1, 2), ln m = 2 atanh((m-1)/(m+1))."""
+    if x <= 0:
+        raise ValueError("ln of a non-positive number")
+    k = 0
+    while x >= 2:
+        x /= 2
+        k += 1
+    while x < 1:
+        x *= 2
+        k -= 1
+    y = Fraction(x - 1, x + 1)
+    yy = y * y
+    total, power, n = Fraction(0), y, 0
+    limit = Fraction(1, 1 << (bits + 8))
+    while power > limit:
+        total += power / (2 * n + 1)
+        power *= yy
+        n += 1
+    return k * ln2(bits) + _round_shift(int(2 * total * (1 << (bits + 8))), 8)
+
+
+def cos_sin_fixed(angle: int, bits: int = WORK_BITS) -> tuple[int, int]:
+    """cos and sin of a fixed-point angle (radians), reduced modulo 2 pi, by Taylor series."""
+    two_pi = 2 * pi(bits)
+    a = angle % two_pi
+    if a > two_pi // 2:
+        a -= two_pi
+    one = 1 << bits
+    c, s = one, a
+    term_c, term_s, n = one, a, 1
+    while term_c or term_s:
+        term_c = -_mul(_mul(term_c, a, bits), a, bits) // ((2 * n - 1) * (2 * n))
+        term_s = -_mul(_mul(term_s, a, bits), a, bits) // ((2 * n) * (2 * n + 1))
+        c += term_c
+        s += term_s
+        n += 1
+    return c, s
+
+
+@lru_cache(maxsize=None)
+def exp2_table() -> np.ndarray:
+    """``T[f] = round(2^30 * 2^(-f/1024))`` for f in [0, 1024): int64, T[0] = 2^30.
+
+    The softmaxes compute ``2^-u`` for a fixed-point ``u >= 0`` (10 fractional
+    bits) as ``T[u mod 1024] >> (u div 1024)``.
+    """
+    step = 1 << EXP2_FRAC_BITS
+    l2 = ln2()
+    out = [_round_shift(exp_fixed(-(f * l2) // step), WORK_BITS - EXP2_VALUE_BITS) for f in range(step)]
+    return np.array(out, dtype=np.int64)
+
+
+@lru_cache(maxsize=None)
+def log2e(bits: int) -> int:
+    """log2(e) = 1 / ln 2 at ``bits`` fractional bits."""
+    return _div(1 << WORK_BITS, ln2(), bits)
+
+
+@lru_cache(maxsize=None)
+def sigmoid_table() -> np.ndarray:
+    """``S[i] = round(2^16 / (1 + e^-x))`` for x = (i - 16384) / 1024, i in [0, 32768]: int64.
+
+    Built from ``e^-(k/1024)`` by repeated multiplication with ``e^-(1/1024)``
+    at 100 fractional bits (the product's error stays far below the table's 2^-16).
+    """
+    n = SIGMOID_RANGE << SIGMOID_STEP_BITS
+    one = 1 << WORK_BITS
+    step = exp_fixed(-(one >> SIGMOID_STEP_BITS))
+    e = one
+    pos = []  # round(2^16 / (1 + e^-x)) for x = k/1024, k = 0..n
+    for _ in range(n + 1):
+        pos.append(_div(1 << SIGMOID_VALUE_BITS, one + e, WORK_BITS))
+        e = _mul(e, step)
+    full = 1 << SIGMOID_VALUE_BITS
+    neg = [full - v for v in reversed(pos[1:])]  # sigmoid(-x) = 1 - sigmoid(x)
+    return np.array(neg + pos, dtype=np.int64)
+
+
+@lru_cache(maxsize=None)
+def _rope_base(rope_theta: Fraction, half: int) -> list[int]:
+    """Angular frequencies theta_i = base^(-i/half) at WORK_BITS, i in [0, half)."""
+    ln_base = ln_fixed(rope_theta)
+    return [exp_fixed(-(i * ln_base) // half) for i in range(half)]
+
+
+ROPE_BLOCK = 64
+
+
+@lru_cache(maxsize=8)
+def rope_tables(rope_theta: Fraction, head_dim: int, positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of ``p * theta_i`` at 16 fractional bits, [positions, head_dim/2] int64.
+
+    Exact series give cos/sin of ``b * theta_i`` (b < 64) and of ``64 a * theta_i``
+    at 30 fractional bits; a position ``64 a + b`` combines them by the angle-sum
+    formula in int64 and rounds to 16 bits.  Integer-only, so every machine
+    builds the same table.
+    """
+    half = head_dim // 2
+    thetas = _rope_base(rope_theta, half)
+    n_hi = -(-positions // ROPE_BLOCK)
+    lo = np.empty((2, ROPE_BLOCK, half), dtype=np.int64)
+    hi = np.empty((2, n_hi, half), dtype=np.int64)
+    for i, th in enumerate(thetas):
+        for b in range(ROPE_BLOCK):
+            c, s = cos_sin_fixed(b * th)
+            lo[0, b, i], lo[1, b, i] = _round_shift(c, WORK_BITS - 30), _round_shift(s, WORK_BITS - 30)
+        for a in range(n_hi):
+            c, s = cos_sin_fixed(a * ROPE_BLOCK * th)
+            hi[0, a, i], hi[1, a, i] = _round_shift(c, WORK_BITS - 30), _round_shift(s, WORK_BITS - 30)
+    p = np.arange(positions)
+    ca, sa = hi[0, p // ROPE_BLOCK], hi[1, p // ROPE_BLOCK]
+    cb, sb = lo[0, p % ROPE_BLOCK], lo[1, p % ROPE_BLOCK]
+    shift = 60 - ROPE_BITS
+    half_ulp = 1 << (shift - 1)
+    cos = (ca * cb - sa * sb + half_ulp) >> shift
+    sin = (sa * cb + ca * sb + half_ulp) >> shift
+    return cos, sin
