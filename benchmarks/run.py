@@ -110,9 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="also compress each file with a fitting prompt and report the bytes it saves")
     ap.add_argument("--no-lmcodec", action="store_true", help="classical compressors only")
     ap.add_argument("--fresh", action="store_true", help="ignore results saved by an earlier run")
-    for opt in ("device", "dtype"):
-        ap.add_argument(f"--{opt}", default="auto")
-    for opt in ("threads", "batch-size", "segment-tokens", "context", "block-size"):
+    ap.add_argument("--device", default="auto")
+    for opt in ("threads", "lanes", "decode-rows", "segment-tokens", "context", "block-size"):
         ap.add_argument(f"--{opt}", type=int, default=None)
     ap.add_argument("-q", "--quiet", action="store_true")
     args = ap.parse_args(argv)
@@ -131,12 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     import lmcodec
+    import lmcodec.quantize
     from lmcodec import models
     from lmcodec.engine import pick_device
     from tqdm import tqdm
 
     settings = {k: getattr(args, k.replace("-", "_")) for k in
-                ("device", "dtype", "threads", "batch-size", "segment-tokens", "context", "block-size")}
+                ("device", "threads", "lanes", "decode-rows", "segment-tokens", "context", "block-size")}
     settings = {k.replace("-", "_"): v for k, v in settings.items() if v is not None}
     codec = lmcodec.Codec(args.model, **settings)
     resolved = codec.settings.resolved()
@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"suite": args.suite, "date": datetime.date.today().isoformat(), "commit": _commit(),
             "machine": _machine(device), "device": device, "model": name, "model_bytes": model_bytes,
             "settings": (f"segment {resolved.segment_tokens} tokens, context {resolved.context}, "
-                         f"batch {resolved.batch_size}, {resolved.threads} threads, {resolved.dtype}"),
+                         f"lanes {resolved.lanes}, {resolved.threads} threads, exact engine "
+                         f"{lmcodec.quantize.SPEC_VERSION}"),
             "key": key, "prompt": prompt.decode("utf-8", "replace") if prompt else None,
             "baselines": "Python bindings: gzip/lzma/bz2 (stdlib), python-zstandard, brotli"}
 

@@ -1,12 +1,13 @@
 """Throughput of lmcodec both ways, next to the same model's plain forward pass.
 
-    python -m benchmarks.speed [--file PATH] [--device auto|cpu|cuda] [--batch-size N]
+    python -m benchmarks.speed [--file PATH] [--device auto|cpu|cuda] [--lanes N] [--decode-rows N]
                                [--segment-tokens N] [--context N] [--threads N] [--json OUT]
 
 Prints bytes/s and tokens/s for compression and decompression, the settings,
-and the ratio of the codec's tokens/s to a plain full-sequence forward over
-the same tokens (windows of ``segment-tokens``, batched) measured in the same
-run: the yardstick for how much the step-by-step coding loop costs.
+and the ratio of the codec's tokens/s to a plain full-sequence forward of the
+same exact engine over the same tokens (windows of ``segment-tokens``, logits
+and symbol weights of every position) measured in the same run: the yardstick
+for what the coding around the model costs.
 """
 
 from __future__ import annotations
@@ -23,28 +24,27 @@ from .corpus import add_file_args, read_file_arg
 
 
 def plain_forward_tokens_per_s(codec, symbols, segment: int, batch: int) -> float:
-    """Tokens/s of a full causal forward over ``segment``-token windows, ``batch`` at a time.
-
-    Logits of every position are computed (that is the model's whole job), so
-    ``batch`` is capped to keep them under ~1 GiB.
-    """
+    """Tokens/s of a causal forward over ``segment``-token windows, ``batch`` at a time,
+    with the output head and the symbol weights of every position (the model's whole job)."""
+    from lmcodec.codec import TABLE_CHUNK
     from lmcodec.engine import torch_threads
+    from lmcodec.runner import score_ids
 
-    model, tok = codec._load(codec._model_arg)
+    model, tok, _ = codec._load(codec._model_arg)
     s = codec.settings.resolved()
-    engine = codec._engine(model, s.device, s.dtype)
+    engine = codec._engine(model, s.device)
     ids = torch.from_numpy(tok.model_inputs(symbols))
     n = (len(ids) // segment) * segment
     if n == 0:
         segment, n = len(ids), len(ids)
     windows = ids[:n].view(-1, segment)
-    a = engine.arch
-    batch = max(1, min(batch, 2**28 // (segment * a.vocab_size)))
     done, t0 = 0, time.perf_counter()
     with torch_threads(s.threads), torch.inference_mode():
         for start in range(0, len(windows), batch):
             w = windows[start:start + batch]
-            engine.score(w)
+            h, e = score_ids(engine, w)
+            for c in range(0, len(h), TABLE_CHUNK):
+                engine.weights(h[c:c + TABLE_CHUNK], e[c:c + TABLE_CHUNK], tok.alphabet_size)
             done += w.numel()
         if engine.device.type == "cuda":
             torch.cuda.synchronize()
@@ -55,11 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.split("\n\n")[0])
     add_file_args(ap)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto")
-    for opt in ("threads", "batch-size", "segment-tokens", "context"):
+    for opt in ("threads", "lanes", "decode-rows", "segment-tokens", "context"):
         ap.add_argument(f"--{opt}", type=int, default=None)
     ap.add_argument("--forward-batch", type=int, default=None,
-                    help="windows per plain forward call [cpu: 1, the fastest there; cuda: batch size]")
+                    help="windows per plain forward call [cpu: 1, the fastest there; cuda: 16]")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     args = ap.parse_args(argv)
 
@@ -67,11 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     from lmcodec.engine import pick_device
 
     path, data = read_file_arg(args)
-    settings = {k: getattr(args, k) for k in ("device", "dtype", "threads", "batch_size",
+    settings = {k: getattr(args, k) for k in ("device", "threads", "lanes", "decode_rows",
                                               "segment_tokens", "context") if getattr(args, k) is not None}
     codec = lmcodec.Codec(args.model, **settings)
     s = codec.settings.resolved()
-    _, tok = codec._load(args.model)
+    _, tok, _ = codec._load(args.model)
     symbols = tok.encode(data)
     device = pick_device(args.device)
     if device == "cuda":
@@ -85,13 +84,13 @@ def main(argv: list[str] | None = None) -> int:
         print("speed: round trip FAILED", file=sys.stderr)
         return 1
     segments = -(-len(symbols) // s.segment_tokens)
-    fwd_batch = args.forward_batch or (1 if device == "cpu" else min(s.batch_size, segments))
+    fwd_batch = args.forward_batch or (1 if device == "cpu" else min(16, segments))
     fwd = plain_forward_tokens_per_s(codec, symbols, s.segment_tokens, fwd_batch)
     st = codec.last_stats
     res = {
         "file": str(path), "bytes": len(data), "tokens": int(len(symbols)), "device": device,
         "device_name": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
-        "torch": torch.__version__, "threads": s.threads, "dtype": s.dtype, "batch_size": s.batch_size,
+        "torch": torch.__version__, "threads": s.threads, "lanes": s.lanes, "decode_rows": s.decode_rows,
         "segment_tokens": s.segment_tokens, "context": s.context, "segments": segments,
         "archive_bytes": len(blob), "bpb": 8 * len(blob) / len(data), "model_bpb": st.model_bpb,
         "compress_Bps": len(data) / (t1 - t0), "decompress_Bps": len(data) / (t2 - t1),
@@ -101,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     res["compress_vs_forward"] = res["compress_tokps"] / fwd
     res["decompress_vs_forward"] = res["decompress_tokps"] / fwd
     print(f"{path.name}: {len(data)} bytes, {len(symbols)} tokens, {segments} segments of "
-          f"{s.segment_tokens}, context {s.context}, batch {s.batch_size}, {s.threads} threads, "
-          f"{device} {s.dtype}")
+          f"{s.segment_tokens}, context {s.context}, lanes {s.lanes}, decode rows {s.decode_rows}, "
+          f"{s.threads} threads, {device}")
     print(f"  ratio      {res['bpb']:.3f} bits/byte (model {res['model_bpb']:.3f})")
     print(f"  compress   {res['compress_Bps']:8.0f} B/s  {res['compress_tokps']:8.1f} tok/s  "
           f"({res['compress_vs_forward']:.0%} of plain forward)")

@@ -283,6 +283,42 @@ def test_cmd(ctx: Context, archives, prompt, prompt_file, model):
         ctx.say(f"{name}: OK ({n} bytes)")
 
 
+@main.command()
+@click.option("--model", "-m", default=None, metavar="NAME|PATH", help="Model [smollm2-135m].")
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
+@click.option("--threads", type=click.IntRange(1, 256), default=None)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+@handle_errors
+def selftest(ctx: Context, model, device, threads, as_json):
+    """Check that this machine computes the engine's bits (exit 0 only if it does).
+
+    Digests a built-in text's coding frequencies and compares the digest with
+    the one recorded for the model; also checks that the decoder's step-by-step
+    path equals the encoder's parallel pass.
+    """
+    from . import selftest as st
+    from .engine import torch_threads
+
+    codec = _codec(model, device=device, threads=threads)
+    s = codec.settings.resolved()
+    int_model, tok, name = codec._load(model)
+    with torch_threads(s.threads):
+        res = st.run(codec._engine(int_model, s.device), tok)
+    doc = {"model": name, "fingerprint": res.fingerprint, "device": s.device, "threads": s.threads,
+           "tokens": res.tokens, "digest": res.digest, "golden": res.golden,
+           "step_equals_pass": res.steps_agree, "ok": res.ok}
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        for k, v in doc.items():
+            click.echo(f"{k}: {v}")
+        if res.golden is None:
+            click.echo("(no golden digest is recorded for this model: compare the digest across machines)")
+    if not res.ok:
+        _fail("this machine does not compute the exact engine's bits: its archives are not portable", 1)
+
+
 class _Discard(io.RawIOBase):
     def writable(self) -> bool:
         return True

@@ -271,7 +271,7 @@ class Codec:
         s1, s2, bk, pl, bits = [], [], [], [], 0.0
         for c in range(0, len(symbols), TABLE_CHUNK):
             sym = symbols[c:c + TABLE_CHUNK]
-            tables = CodingTables(engine.logits(h[c:c + TABLE_CHUNK], e[c:c + TABLE_CHUNK]), alphabet)
+            tables = CodingTables(engine.weights(h[c:c + TABLE_CHUNK], e[c:c + TABLE_CHUNK], alphabet), alphabet)
             b, j = tables.split(sym)
             rows1, rows2 = tables.stage1(), tables.stage2(b)
             idx = np.arange(len(sym))
@@ -442,7 +442,8 @@ class Codec:
         row_of = {g: i for i, g in enumerate(segs)}
         for t in range(longest):
             live_rows = [i for i, g in enumerate(segs) if t < lengths[g]]
-            tables = CodingTables(engine.logits(run.h[live_rows], run.e[live_rows]), tok.alphabet_size)
+            tables = CodingTables(engine.weights(run.h[live_rows], run.e[live_rows], tok.alphabet_size),
+                                  tok.alphabet_size)
             stage1 = tables.stage1()
             at = {row: k for k, row in enumerate(live_rows)}
             buckets = np.zeros(len(live_rows), dtype=np.int64)

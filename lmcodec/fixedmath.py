@@ -158,6 +158,12 @@ def log2e(bits: int) -> int:
     return _div(1 << WORK_BITS, ln2(), bits)
 
 
+def log2e_over(divisor: int, bits: int) -> int:
+    """round(2^bits * log2(e) / divisor), halves up (an engine constant)."""
+    v = log2e(WORK_BITS)
+    return ((v << bits) // divisor + (1 << (WORK_BITS - 1))) >> WORK_BITS
+
+
 @lru_cache(maxsize=None)
 def sigmoid_table() -> np.ndarray:
     """``S[i] = round(2^16 / (1 + e^-x))`` for x = (i - 16384) / 1024, i in [0, 32768]: int64.

@@ -1,4 +1,4 @@
-"""Exact logits -> the integer frequencies the range coder uses.
+"""Integer symbol weights -> the integer frequencies the range coder uses.
 
 The alphabet is the vocabulary plus 256 escape symbols (:mod:`lmcodec.tokens`),
 padded to ``256 * width`` and cut into 256 *buckets* of ``width`` consecutive
@@ -11,13 +11,11 @@ two stages, each with 24-bit integer frequencies summing to exactly 2^24:
 So only rows of 256 and ``width`` integers ever reach the host and the coder,
 and the coder needs no branch: every token is two symbols.
 
-Everything is integer arithmetic (docs/ENGINE.md):
+Everything is integer arithmetic (docs/ENGINE.md).  The engine's output step
+(:meth:`lmcodec.engine.Engine.weights`) gives each symbol a weight p: tokens
+2^30 * 2^-(logit gap * log2 e) in fixed point, each escape max(1, sum p >> 24).
+Then, with m_b the sum of p over bucket b:
 
-    d_v  = max_v lam - lam_v                           (int64)
-    U_v  = base-2 exponent of e^(-d_v * 2^exp), 10 fractional bits, capped at 31 * 1024
-    p_v  = EXP2[U_v mod 1024] >> (U_v div 1024)        in [0, 2^30]
-    p_escape = max(1, sum_v p_v >> 24)                 (each of the 256 escapes)
-    m_b  = sum of p over bucket b
     stage 1: g_b = 256 + floor(m_b (2^24 - 2^16) / sum m), the rest to the largest m_b
     stage 2: g_j = 1 + floor(p_j (2^24 - width) / m_b), the rest to the largest p_j
 
@@ -29,29 +27,10 @@ Ties for "the largest" go to the lowest index.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
-from . import fixedmath
-from .engine import Logits, bit_length
-from .kernels import _log2e_over
-from .tokens import ESCAPES
-
-PRECISION = 24
-TOTAL = 1 << PRECISION
-BUCKETS = 256
-BUCKET_FLOOR = 256
-#: round(2^30 log2(e)): logit differences -> base-2 exponent.
-LOG2E_OUT = _log2e_over(1, 30)
-OUT_U_CAP = 31 << fixedmath.EXP2_FRAC_BITS
-OUT_D_CAP = (1 << 31) - 1
-OUT_PRE_LIMIT = 36
-#: Bits every coded token costs at least (stage 1 keeps 255 * 256 / 2^24 off the top bucket).
-MIN_TOKEN_BITS = -math.log2(1.0 - (BUCKETS - 1) * BUCKET_FLOOR / TOTAL)
-
-_EXP2 = fixedmath.exp2_table()
+from .spec import BUCKET_FLOOR, BUCKETS, MIN_TOKEN_BITS, PRECISION, TOTAL  # noqa: F401  (re-exported)
 
 
 def bucket_width(alphabet: int) -> int:
@@ -59,17 +38,8 @@ def bucket_width(alphabet: int) -> int:
     return -(-alphabet // BUCKETS)
 
 
-def model_weights(logits: Logits) -> torch.Tensor:
-    """Unnormalized integer probabilities p [N, V] in [0, 2^30] (the best token: 2^30)."""
-    lam = logits.lam
-    d = lam.amax(dim=-1, keepdim=True) - lam
-    s = 20 - logits.exp                                   # total right shift of d * LOG2E_OUT
-    pre = (s - OUT_PRE_LIMIT).clamp(min=0)
-    rest = (s - pre).clamp(min=0)
-    dd = (d >> pre).clamp(max=OUT_D_CAP)
-    u = ((dd * LOG2E_OUT) >> rest).clamp(max=OUT_U_CAP)
-    table = torch.as_tensor(_EXP2, device=lam.device)
-    return table[u & 1023] >> (u >> 10)
+def _bitlen(n: int) -> int:
+    return int(n).bit_length()
 
 
 def _spread_rest(freq: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
@@ -87,19 +57,15 @@ class CodingTables:
     sum to 2^24 with every entry >= 1.
     """
 
-    def __init__(self, logits: Logits, alphabet: int):
-        p = model_weights(logits)
-        n, vocab = p.shape
-        if alphabet != vocab + ESCAPES:
-            raise ValueError("alphabet must be the vocabulary plus the escapes")
+    def __init__(self, weights: torch.Tensor, alphabet: int):
+        """``weights``: [N, 256, width] int64 from :meth:`lmcodec.engine.Engine.weights`."""
         self.alphabet = alphabet
         self.width = bucket_width(alphabet)
-        esc = (p.sum(dim=-1, keepdim=True) >> 24).clamp(min=1)
-        pad = BUCKETS * self.width - alphabet
-        full = torch.cat([p, esc.expand(n, ESCAPES), torch.zeros((n, pad), dtype=p.dtype, device=p.device)], 1)
-        self.p = full.view(n, BUCKETS, self.width)
+        if weights.shape[1:] != (BUCKETS, self.width):
+            raise ValueError("weights do not match the alphabet")
+        self.p = weights
         self.mass = self.p.sum(dim=-1)                                  # [N, 256] < width * 2^30
-        pre = max(0, int(bit_length(torch.tensor(self.width))) + 30 - 38)
+        pre = max(0, _bitlen(self.width) - 8)
         m = self.mass >> pre                                            # so m * 2^24 < 2^62
         free = TOTAL - BUCKETS * BUCKET_FLOOR
         g = BUCKET_FLOOR + torch.div(m * free, m.sum(dim=-1, keepdim=True).clamp(min=1), rounding_mode="floor")

@@ -8,10 +8,10 @@ Language Models"), the signal is the ratio of the model's code length to
 zlib's: ``zlib_ratio = bpb / zlib_bpb``.  A low ratio means the model finds
 the text much easier than its surface statistics would explain.
 
-Per token we report what the coder would pay: the probability the model gave
-the actual continuation (from the same probability table the coder
-quantizes, so escaped bytes have a probability too), its surprisal in bits and
-the model's top alternatives.  Runs of confidently predicted tokens that span
+Per token we report what the coder pays: the probability the exact engine's
+integer coding frequencies give the actual continuation (so escaped bytes have
+a probability too, and the figures are the same on every machine), its
+surprisal in bits and the model's top alternatives.  Runs of confidently predicted tokens that span
 several words are flagged as likely memorized spans.
 
 With a prompt, the text is scored twice -- after the prompt and without it --
@@ -33,10 +33,12 @@ import numpy as np
 import torch
 
 from . import models
-from .codec import DEFAULT_ESCAPE_BITS
-from .engine import Engine, pick_device, pick_dtype
+from .engine import Engine, pick_device
 from .errors import UsageError
-from .frequencies import probability_table
+from .frequencies import CodingTables
+from .quantize import load_int_model
+from .runner import score_ids
+from .spec import MAX_KEYS
 from .tokens import ByteTokenizer
 
 #: Version of the JSON document :meth:`ProbeResult.to_json` produces.  Bump it
@@ -46,7 +48,7 @@ DEFAULT_WINDOW = 1024
 DEFAULT_MIN_CONTEXT = 512
 DEFAULT_TOP_K = 5
 #: Bytes of float32 logits one forward pass may produce (batch x window x vocab).
-LOGITS_BUDGET = {"cpu": 1 << 30, "cuda": 4 << 30}
+LOGITS_BUDGET = {"cpu": 1 << 30, "cuda": 4 << 30}   # hidden rows of a batch (their tables go in chunks)
 #: Probability-table rows converted to float64 at once (bounds peak memory).
 TABLE_CHUNK = 256
 
@@ -236,15 +238,16 @@ class _Scores:
 
 
 def _auto_batch(engine: Engine, window: int, n_windows: int) -> int:
-    per_row = window * engine.arch.vocab_size * 4
+    per_row = window * engine.arch.intermediate_size * 2 * 8 * 4   # the widest activations, int64
     return max(1, min(n_windows, LOGITS_BUDGET.get(engine.device.type, 1 << 30) // per_row))
 
 
-def _score_rows(logits: torch.Tensor, symbols: np.ndarray, top_k: int, escape_bits: int,
-                out: _Scores, at: int) -> None:
-    """Probability of each actual symbol (and the top-k) from logits rows [R, V]."""
-    for c in range(0, logits.shape[0], TABLE_CHUNK):
-        table = probability_table(logits[c:c + TABLE_CHUNK], escape_bits)
+def _score_rows(engine: Engine, h: torch.Tensor, e: torch.Tensor, symbols: np.ndarray, top_k: int,
+                alphabet: int, out: _Scores, at: int) -> None:
+    """Coding probability of each actual symbol (and the top-k) from hidden rows [R, H]."""
+    for c in range(0, h.shape[0], TABLE_CHUNK):
+        rows = slice(c, c + TABLE_CHUNK)
+        table = CodingTables(engine.weights(h[rows], e[rows], alphabet), alphabet).probabilities().cpu().numpy()
         syms = symbols[c:c + TABLE_CHUNK]
         idx = np.arange(len(syms))
         p = table[idx, syms]
@@ -262,9 +265,8 @@ def _score_rows(logits: torch.Tensor, symbols: np.ndarray, top_k: int, escape_bi
 def score_symbols(engine: Engine, tok: ByteTokenizer, prefix: list[int], symbols: np.ndarray, *,
                   window: int = DEFAULT_WINDOW, min_context: int = DEFAULT_MIN_CONTEXT,
                   top_k: int = DEFAULT_TOP_K, batch_size: int | None = None,
-                  escape_bits: int = DEFAULT_ESCAPE_BITS,
                   progress: Callable[[int], None] | None = None) -> _Scores:
-    """Score every symbol after ``prefix`` with full causal forwards over batched windows.
+    """Score every symbol after ``prefix`` with causal passes over batched windows.
 
     Windows of one batch are right-padded to the same length; causal attention
     means padding never reaches the positions that are read.
@@ -282,15 +284,15 @@ def score_symbols(engine: Engine, tok: ByteTokenizer, prefix: list[int], symbols
         for row, (ctx, _, end) in enumerate(group):
             ids[row, :p] = prefix
             ids[row, p:p + end - ctx] = inputs[ctx:end]
-        logits = engine.score(torch.from_numpy(ids))
+        h, e = score_ids(engine, torch.from_numpy(ids))
         for row, (ctx, start, end) in enumerate(group):
-            # Logits at window position i predict the token at i + 1.
-            first = p + (start - ctx) - 1
-            rows = logits[row, first:first + end - start]
-            _score_rows(rows, symbols[start:end], top_k, escape_bits, out, start)
+            # The pass at window position i predicts the token at i + 1.
+            first = row * T + p + (start - ctx) - 1
+            rows = slice(first, first + end - start)
+            _score_rows(engine, h[rows], e[rows], symbols[start:end], top_k, tok.alphabet_size, out, start)
             if progress is not None:
                 progress(end - start)
-        del logits
+        del h, e
     return out
 
 
@@ -361,10 +363,10 @@ def flag_spans(tokens: list[TokenScore], thresholds: Thresholds) -> list[Span]:
 _ENGINES: dict[tuple, Engine] = {}
 
 
-def _engine(model: models.LoadedModel, device: str, dtype: str) -> Engine:
-    key = (model.model_fingerprint, device, dtype)
+def _engine(model: models.LoadedModel, tok: ByteTokenizer, device: str) -> Engine:
+    key = (model.model_fingerprint, device)
     if key not in _ENGINES:
-        _ENGINES[key] = Engine(model, device, dtype)
+        _ENGINES[key] = Engine(load_int_model(model, tok.fingerprint), device)
     return _ENGINES[key]
 
 
@@ -378,8 +380,8 @@ def probe(data: bytes | str, *, prompt: bytes | str | None = None,
           model: str | os.PathLike | models.LoadedModel | None = None,
           top_k: int = DEFAULT_TOP_K, window: int = DEFAULT_WINDOW,
           min_context: int = DEFAULT_MIN_CONTEXT, thresholds: Thresholds = Thresholds(),
-          batch_size: int | None = None, device: str = "auto", dtype: str = "float32",
-          escape_bits: int = DEFAULT_ESCAPE_BITS, progress: Progress | None = None) -> ProbeResult:
+          batch_size: int | None = None, device: str = "auto",
+          progress: Progress | None = None) -> ProbeResult:
     """Score ``data`` token by token under ``model`` (default smollm2-135m).
 
     The context is ``[start token] + prompt tokens + text tokens``; only the
@@ -392,8 +394,8 @@ def probe(data: bytes | str, *, prompt: bytes | str | None = None,
     prompt = _as_bytes(prompt)
     if not data:
         raise UsageError("nothing to probe: the text is empty")
-    if not 32 <= window <= 1 << 16:
-        raise UsageError("the window must be 32..65536 tokens")
+    if not 32 <= window <= MAX_KEYS:
+        raise UsageError(f"the window must be 32..{MAX_KEYS} tokens")
     if not 0 <= min_context < window:
         raise UsageError("the minimum context must be >= 0 and smaller than the window")
     if not 0 <= top_k <= 100:
@@ -403,9 +405,8 @@ def probe(data: bytes | str, *, prompt: bytes | str | None = None,
     thresholds.check()
     m = model if isinstance(model, models.LoadedModel) else models.load(model)
     device = pick_device(device)
-    dtype = pick_dtype(dtype, device)
     tok = ByteTokenizer(m.tokenizer, m.arch.vocab_size)
-    engine = _engine(m, device, dtype)
+    engine = _engine(m, tok, device)
     symbols = tok.encode(data)
     prefix = [tok.start_token]
     prompt_ids: list[int] = []
@@ -419,8 +420,7 @@ def probe(data: bytes | str, *, prompt: bytes | str | None = None,
         if progress is not None:
             progress(done[0], total)
 
-    common = dict(window=window, min_context=min_context, batch_size=batch_size,
-                  escape_bits=escape_bits, progress=tick)
+    common = dict(window=window, min_context=min_context, batch_size=batch_size, progress=tick)
     with torch.inference_mode():
         scores = score_symbols(engine, tok, prefix + prompt_ids, symbols, top_k=top_k, **common)
         without = None
@@ -454,5 +454,5 @@ def probe(data: bytes | str, *, prompt: bytes | str | None = None,
         bits_without_prompt=float(-np.log2(without.probability).sum()) if without is not None else None,
         thresholds=thresholds,
         settings={"window": window, "min_context": min_context, "top_k": top_k,
-                  "escape_bits": escape_bits, "device": device, "dtype": dtype},
+                  "device": device},
     )

@@ -14,7 +14,6 @@ from pathlib import Path
 import click
 
 from .cli import Context, _prompt, handle_errors
-from .engine import DTYPES
 from .errors import UsageError
 from .fileio import atomic_output
 from .probe import (DEFAULT_MIN_CONTEXT, DEFAULT_TOP_K, DEFAULT_WINDOW, ProbeResult, Thresholds, probe)
@@ -112,12 +111,11 @@ def format_summary(result: ProbeResult) -> list[str]:
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=None,
               help="Windows per forward pass [auto: ~1 GiB of logits on CPU].")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
-@click.option("--dtype", default="float32", type=click.Choice(list(DTYPES)), show_default=True)
 @click.pass_obj
 @handle_errors
 def probe_command(ctx: Context, text, file, prompt, prompt_file, model, as_json, html_out, png_out,
                   summary_only, top_k, min_probability, min_tokens, min_words, window, min_context,
-                  batch_size, device, dtype):
+                  batch_size, device):
     """Memorization probe: per-token probabilities, bits/byte vs zlib, likely memorized spans.
 
     Scores TEXT (or --file FILE) under the model: each token's probability and
@@ -140,7 +138,7 @@ def probe_command(ctx: Context, text, file, prompt, prompt_file, model, as_json,
     try:
         result = probe(data, prompt=key, model=model, top_k=top_k, window=window, min_context=min_context,
                        thresholds=Thresholds(min_probability, min_tokens, min_words), batch_size=batch_size,
-                       device=device, dtype=dtype, progress=progress)
+                       device=device, progress=progress)
     finally:
         bar.close()
     if html_out is not None:

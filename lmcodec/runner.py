@@ -46,6 +46,19 @@ def prefill(engine: Engine, prefix: list[int]) -> Prefix:
     return Prefix(cache, n, h[-1:], e[-1:])
 
 
+def score_ids(engine: Engine, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden rows of every position of ``ids`` [B, T] (positions 0..T-1, causal, no window).
+
+    Row ``b * T + i`` predicts the token after position i.  Used to measure
+    (probe, benchmarks); T is at most the engine's key limit.
+    """
+    B, T = ids.shape
+    cache = KVCache.empty(engine.model, B, T, engine.device)
+    pos = torch.arange(T)
+    zero = torch.zeros(T, dtype=torch.int64)
+    return engine.forward(ids, pos, cache, pos, (zero, zero, pos + 1))
+
+
 def score_segment(engine: Engine, pre: Prefix, inputs: np.ndarray, context: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Hidden rows predicting each of a segment's ``len(inputs) + 1`` tokens, in one pass.
 
@@ -66,11 +79,7 @@ def score_segment(engine: Engine, pre: Prefix, inputs: np.ndarray, context: int)
         s1 = min(s0 + SCORE_CHUNK, P + T)
         keep = max(P, s0 - window + 1)          # the earliest position this chunk's queries see
         if keep > base:                          # slide: move positions [keep, s0) down to slot P
-            n_keep = s0 - keep
-            src = slice(P + keep - base, P + s0 - base)
-            for t in (cache.k, cache.kmax, cache.v, cache.vmax):
-                for layer in t:
-                    layer[..., P:P + n_keep] = layer[..., src].clone()
+            cache.move_slots(slice(P + keep - base, P + s0 - base), P)
             base = keep
         pos = torch.arange(s0, s1)
         slot = P + pos - base

@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks import run
 
-FAST = ["--segment-tokens", "24", "--batch-size", "3", "--context", "32", "--threads", "2"]
+FAST = ["--segment-tokens", "24", "--lanes", "2", "--context", "32", "--threads", "2"]
 
 
 @pytest.fixture
@@ -82,21 +82,17 @@ def test_speed_benchmark_round_trips_and_reports_both_directions(corpus, tmp_pat
     for key in ("compress_Bps", "decompress_Bps", "compress_tokps", "decompress_tokps", "forward_tokps",
                 "compress_vs_forward", "decompress_vs_forward"):
         assert doc[key] > 0, key
-    assert doc["device"] == "cpu" and doc["segment_tokens"] == 24 and doc["batch_size"] == 3
+    assert doc["device"] == "cpu" and doc["segment_tokens"] == 24 and doc["lanes"] == 2
     assert "decompress" in capsys.readouterr().out
 
 
-def test_alphabet_benchmark_compares_full_rows_with_two_stages(corpus, tmp_path):
-    from benchmarks import alphabet
+def test_quantization_benchmark_compares_the_engine_with_the_float_model(corpus, tmp_path):
+    from benchmarks import quantization
 
-    out = tmp_path / "alphabet.json"
-    assert alphabet.main(["--file", str(corpus / "texts/a.txt"), "--top-k", "4,64",
-                          "--segment-tokens", "16", "--json", str(out)]) == 0
+    out = tmp_path / "quant.json"
+    assert quantization.main(["--file", str(corpus / "texts/a.txt"), "--window", "16", "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
-    full = doc["full"]["bytes"]
-    for k in ("4", "64"):
-        two = doc["two_stage"][k]
-        assert 0 <= two["stage2_share"] <= 1
-        # The stages multiply out to the full row: sizes agree up to the coder's last words.
-        assert abs(two["bytes"] - full) <= 8 + 0.01 * full
-    assert doc["two_stage"]["4"]["stage2_share"] >= doc["two_stage"]["64"]["stage2_share"]
+    assert doc["tokens"] > 0
+    assert doc["float_bits"] > 0 and doc["engine_bits"] > 0
+    # The integer engine is the float model quantized: within a few percent on any text.
+    assert abs(doc["engine_bits"] / doc["float_bits"] - 1) < 0.1

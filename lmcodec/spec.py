@@ -1,0 +1,44 @@
+"""The exact engine's constants (docs/ENGINE.md), in one place.
+
+Changing any of them changes the bits an archive depends on: bump
+:data:`lmcodec.quantize.SPEC_VERSION` with them.
+"""
+
+from __future__ import annotations
+
+import math
+
+from . import fixedmath
+
+RESID_FRAC = 16              # residual stream: int64 at 16 fractional bits
+RESID_LIMIT = 1 << 40
+ACT_FRAC = 16                # q, k, v, gate, up, attention output
+QKV_LIMIT = (1 << 24) - 1
+MLP_LIMIT = (1 << 26) - 1
+ACT_MAX = 32639              # operands: x = 256 hi + lo with hi, lo in [-128, 127]
+Q_MAX = 32767                # queries stay int16 inside attention
+RSQRT_BITS = 24              # 1/rms at 24 fractional bits
+KV_MAX = 127                 # int8 keys and values
+
+#: round(2^30 log2(e) / 127): scores -> base-2 exponent (the 1/sqrt(64) and 1/127 folded in).
+LOG2E_ATT = fixedmath.log2e_over(127, 30)
+ATT_SHIFT = 36
+ATT_PRESHIFT = 19
+ATT_D_CAP = 1 << 30
+ATT_U_CAP = 17 << fixedmath.EXP2_FRAC_BITS
+ATT_P_SHIFT = fixedmath.EXP2_VALUE_BITS - 16   # the best key weighs 2^16
+MAX_KEYS = 8192
+
+#: round(2^30 log2(e)): logit differences -> base-2 exponent.
+LOG2E_OUT = fixedmath.log2e_over(1, 30)
+OUT_U_CAP = 31 << fixedmath.EXP2_FRAC_BITS
+OUT_D_CAP = (1 << 31) - 1
+OUT_PRE_LIMIT = 36
+
+from .tokens import ESCAPES  # noqa: E402  one escape symbol per byte value
+PRECISION = 24               # coding frequencies sum to 2^24
+TOTAL = 1 << PRECISION
+BUCKETS = 256
+BUCKET_FLOOR = 256
+#: Bits every coded token costs at least (stage 1 keeps 255 * 256 / 2^24 off the top bucket).
+MIN_TOKEN_BITS = -math.log2(1.0 - (BUCKETS - 1) * BUCKET_FLOOR / TOTAL)

@@ -1,0 +1,115 @@
+"""The proof that archives are portable: the engine equals the plain reference, bit for bit.
+
+``lmcodec.reference`` implements docs/ENGINE.md in plain int64 numpy, one token
+at a time.  Here the real default model runs through the engine in every way
+the codec uses it -- one parallel pass (also in chunks over a sliding cache),
+step by step, batch 1 and batch 3, the rows in another order, 1 and 2
+threads, the numba kernels and the tensor-operation backend (the CUDA path) --
+and every logit and every coding frequency must equal the reference's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lmcodec import ops_torch, runner, selftest
+from lmcodec.engine import Engine, torch_threads
+from lmcodec.frequencies import CodingTables
+from lmcodec.quantize import load_int_model
+from lmcodec.reference import reference_run, reference_tables
+
+TEXT = b"Alice was beginning to get very tired of sitting by her sister, \xff on the bank."
+PROMPT = b"A story:"
+CONTEXT = 9          # prefix 3 + a window of 6: the window slides within the text
+
+
+@pytest.fixture(scope="module")
+def int_model(loaded_model, tokenizer):
+    return load_int_model(loaded_model, tokenizer.fingerprint)
+
+
+@pytest.fixture(scope="module")
+def case(tokenizer):
+    prefix = [tokenizer.start_token] + tokenizer.model_inputs(tokenizer.encode(PROMPT)).tolist()[-2:]
+    symbols = tokenizer.encode(TEXT)[:14]
+    inputs = tokenizer.model_inputs(symbols)
+    return prefix, symbols, inputs
+
+
+@pytest.fixture(scope="module")
+def reference(int_model, case):
+    """Reference logits of the positions predicting each symbol (prefix's last, then the inputs)."""
+    prefix, symbols, inputs = case
+    ids = prefix + inputs[:-1].tolist()
+    lam, exp = reference_run(int_model, ids, len(prefix), CONTEXT)
+    first = len(prefix) - 1
+    return lam[first:], exp[first:]
+
+
+def engine_logits(engine, h, e):
+    lg = engine.logits(h, e)
+    return lg.lam.numpy(), lg.exp.numpy().reshape(-1)
+
+
+def assert_equal_to_reference(engine, h, e, reference, symbols, alphabet):
+    lam, exp = engine_logits(engine, h, e)
+    ref_lam, ref_exp = reference
+    assert np.array_equal(exp, ref_exp)
+    assert np.array_equal(lam, ref_lam)
+    tables = CodingTables(engine.weights(h, e, alphabet), alphabet)
+    s1 = tables.stage1()
+    b, _ = tables.split(symbols)
+    for i in range(len(symbols)):
+        r1, r2 = reference_tables(ref_lam[i], int(ref_exp[i]), alphabet)
+        assert np.array_equal(s1[i], r1), f"stage 1 differs at position {i}"
+        for bucket in {int(b[i]), 0, 255}:
+            assert np.array_equal(tables.stage2(np.array([bucket]))[0], r2[bucket])
+
+
+@pytest.mark.parametrize("ops", ["cpu", "torch"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_parallel_pass_equals_reference(int_model, tokenizer, case, reference, ops, threads, monkeypatch):
+    prefix, symbols, inputs = case
+    engine = Engine(int_model, "cpu", ops=None if ops == "cpu" else ops_torch)
+    # Chunks of 4 positions: the pass also slides its cache the way long segments do.
+    monkeypatch.setattr(runner, "SCORE_CHUNK", 4)
+    with torch_threads(threads), torch.inference_mode():
+        pre = runner.prefill(engine, prefix)
+        h, e = runner.score_segment(engine, pre, inputs[:-1], CONTEXT)
+    assert_equal_to_reference(engine, h, e, reference, symbols, tokenizer.alphabet_size)
+
+
+@pytest.mark.parametrize("ops", ["cpu", "torch"])
+@pytest.mark.parametrize("row", [0, 2])
+def test_steps_in_a_batch_equal_reference(int_model, tokenizer, case, reference, ops, row):
+    """Step by step, our sequence in row ``row`` of 3 (the others are other texts)."""
+    prefix, symbols, inputs = case
+    engine = Engine(int_model, "cpu", ops=None if ops == "cpu" else ops_torch)
+    rng = np.random.default_rng(row)
+    n = len(symbols)
+    hs, es = [], []
+    with torch_threads(2), torch.inference_mode():
+        pre = runner.prefill(engine, prefix)
+        run = runner.Lockstep(engine, pre, 3, CONTEXT, n)
+        for t in range(n):
+            hs.append(run.h[row:row + 1].clone())
+            es.append(run.e[row:row + 1].clone())
+            feed = rng.integers(0, tokenizer.vocab_size, 3)
+            feed[row] = inputs[t]
+            run.advance(feed)
+    assert_equal_to_reference(engine, torch.cat(hs), torch.cat(es), reference, symbols, tokenizer.alphabet_size)
+
+
+def test_golden_digest(int_model, tokenizer):
+    """The built-in text's frequencies hash to the recorded constant (also `lmcodec selftest`)."""
+    res = selftest.run(Engine(int_model, "cpu"), tokenizer)
+    assert res.steps_agree
+    assert res.golden is not None, f"no golden digest recorded for fingerprint {res.fingerprint}"
+    assert res.digest == res.golden
+
+
+def test_golden_digest_on_the_tensor_backend(int_model, tokenizer):
+    res = selftest.run(Engine(int_model, "cpu", ops=ops_torch), tokenizer)
+    assert res.ok and res.digest == selftest.GOLDEN[res.fingerprint]
