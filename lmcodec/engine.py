@@ -32,7 +32,7 @@ import torch
 from . import fixedmath, ops_torch
 from .errors import UsageError
 from .quantize import IntLinear, IntModel
-from .spec import ACT_FRAC, BUCKETS, RESID_FRAC
+from .spec import ACT_FRAC, BUCKETS, MAX_HEAD_DIM, RESID_FRAC
 
 
 def pick_device(device: str) -> str:
@@ -148,8 +148,8 @@ class Engine:
         self.arch = model.arch
         self.ops = ops or backend(self.device)
         a = self.arch
-        if a.num_heads % a.num_kv_heads or a.head_dim % 2:
-            raise UsageError("unsupported attention shape")
+        if a.num_heads % a.num_kv_heads or a.head_dim % 2 or a.head_dim > MAX_HEAD_DIM:
+            raise UsageError(f"unsupported attention shape (head dim {a.head_dim}: even, at most {MAX_HEAD_DIM})")
         self.q_size = a.num_heads * a.head_dim
         self.kv_size = a.num_kv_heads * a.head_dim
         self._sigmoid = torch.as_tensor(fixedmath.sigmoid_table(), device=self.device)

@@ -164,6 +164,30 @@ def log2e_over(divisor: int, bits: int) -> int:
     return ((v << bits) // divisor + (1 << (WORK_BITS - 1))) >> WORK_BITS
 
 
+def att_log2e(head_dim: int, bits: int = 33) -> int:
+    """round(2^bits * log2(e) / (127 * sqrt(head_dim))), halves up: attention scores ->
+    base-2 exponent, with the softmax scale 1/sqrt(head_dim) and the keys' 1/127 folded in.
+    (head_dim 64: round(2^30 log2(e) / 127).)"""
+    w = WORK_BITS
+    num = log2e(w) << bits                        # at w fractional bits
+    den = 127 * isqrt_int(head_dim << (2 * w))    # 127 sqrt(hd), at w fractional bits
+    return (2 * num + den) // (2 * den)
+
+
+def isqrt_int(n: int) -> int:
+    """floor(sqrt(n)) of a Python int (Newton's method, integer-only)."""
+    if n < 0:
+        raise ValueError("isqrt of a negative number")
+    if n < 2:
+        return n
+    x = 1 << ((n.bit_length() + 1) // 2)
+    while True:
+        y = (x + n // x) // 2
+        if y >= x:
+            return x
+        x = y
+
+
 @lru_cache(maxsize=None)
 def sigmoid_table() -> np.ndarray:
     """``S[i] = round(2^16 / (1 + e^-x))`` for x = (i - 16384) / 1024, i in [0, 32768]: int64.

@@ -20,7 +20,7 @@ import torch
 
 from . import fixedmath
 from .spec import (ACT_FRAC, ACT_MAX, ATT_D_CAP, ATT_P_SHIFT, ATT_PRESHIFT, ATT_SHIFT, ATT_U_CAP, BUCKETS,
-                   ESCAPES, KV_MAX, LOG2E_ATT, LOG2E_OUT, MLP_LIMIT, OUT_D_CAP, OUT_PRE_LIMIT, OUT_U_CAP, Q_MAX,
+                   ESCAPES, KV_MAX, LOG2E_OUT, MLP_LIMIT, OUT_D_CAP, OUT_PRE_LIMIT, OUT_U_CAP, Q_MAX,
                    QKV_LIMIT, RESID_FRAC, RESID_LIMIT, RSQRT_BITS)
 
 if "NUMBA_CACHE_DIR" not in os.environ:  # site-packages may be read-only
@@ -214,7 +214,7 @@ def _mlp(y, mult, shift, exp, sig, out, oshift):  # pragma: no cover - compiled
 
 
 @njit(parallel=True, **_JIT)
-def _attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c, exp2, out):  # pragma: no cover - compiled
+def _attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c, exp2, lc, out):  # pragma: no cover - compiled
     n_q, nh, hd = q16.shape
     nkv = kt.shape[1]
     group = nh // nkv
@@ -226,7 +226,7 @@ def _attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c, exp2, out):  # pragma: n
         n2 = c[n] - b[n]
         off = b[n]
         length = n1 + n2
-        s = np.zeros((group, length), np.int32)
+        s = np.zeros((group, length), np.int32)   # |s| < 2^31 for head dims up to 256
         for g in range(group):
             sg = s[g]
             sg2 = sg[n1:]
@@ -252,7 +252,7 @@ def _attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c, exp2, out):  # pragma: n
             total = np.int64(0)
             for jj in range(length):
                 dd = min((zmax - z[jj]) >> sh, ATT_D_CAP)
-                u = (dd * LOG2E_ATT) >> ATT_SHIFT
+                u = (dd * lc) >> ATT_SHIFT
                 if u >= ATT_U_CAP:
                     continue
                 p = exp2[u & 1023] >> ((u >> 10) + ATT_P_SHIFT)
@@ -352,7 +352,7 @@ def attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c):
     _threads()
     out = torch.empty(tuple(q16.shape), dtype=torch.int64)
     _attend(_np(q16), _np(qe), _np(kt), _np(kmax), _np(vc), _np(vmax), _np(crow), _np(a), _np(b), _np(c),
-            _EXP2, _np(out))
+            _EXP2, fixedmath.att_log2e(q16.shape[-1]), _np(out))
     return out
 
 

@@ -15,7 +15,7 @@ import torch
 
 from . import fixedmath
 from .spec import (ACT_MAX, ATT_D_CAP, ATT_P_SHIFT, ATT_PRESHIFT, ATT_SHIFT, ATT_U_CAP, BUCKETS, ESCAPES,
-                   KV_MAX, LOG2E_ATT, LOG2E_OUT, MLP_LIMIT, OUT_D_CAP, OUT_PRE_LIMIT, OUT_U_CAP, Q_MAX,
+                   KV_MAX, LOG2E_OUT, MLP_LIMIT, OUT_D_CAP, OUT_PRE_LIMIT, OUT_U_CAP, Q_MAX,
                    QKV_LIMIT, RESID_FRAC, RESID_LIMIT, ACT_FRAC, RSQRT_BITS)
 
 _POW2 = [1 << k for k in range(63)]
@@ -147,7 +147,7 @@ def attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c) -> torch.Tensor:
     dev = q16.device
     k = kt[crow].to(torch.float64)                                   # [N, nkv, hd, S]
     q = q16.view(n_q, nkv, group, hd).to(torch.float64)
-    # |s| < 2^28: exact in float64 on every device (CUDA has no int64 GEMM).
+    # |s| < 2^31: exact in float64 on every device (CUDA has no int64 GEMM).
     s = torch.matmul(q, k).to(torch.int64)                           # [N, nkv, G, S]
     z = s * kmax[crow].to(torch.int64)[:, :, None, :]
     j = torch.arange(slots, device=dev)
@@ -156,7 +156,7 @@ def attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c) -> torch.Tensor:
     low = torch.tensor(-(1 << 62), dtype=torch.int64, device=dev)
     zmax = torch.where(valid, z, low).amax(dim=-1, keepdim=True)
     d = ((zmax - z) >> (ATT_PRESHIFT - qe).view(n_q, nkv, group, 1)).clamp(max=ATT_D_CAP)
-    u = ((d * LOG2E_ATT) >> ATT_SHIFT).clamp(max=ATT_U_CAP)
+    u = ((d * fixedmath.att_log2e(hd)) >> ATT_SHIFT).clamp(max=ATT_U_CAP)
     table = torch.as_tensor(fixedmath.exp2_table(), device=dev)
     p = table[u & 1023] >> ((u >> 10) + ATT_P_SHIFT)
     p = torch.where(valid & (u < ATT_U_CAP), p, torch.zeros_like(p))

@@ -20,8 +20,10 @@ Q_MAX = 32767                # queries stay int16 inside attention
 RSQRT_BITS = 24              # 1/rms at 24 fractional bits
 KV_MAX = 127                 # int8 keys and values
 
-#: round(2^30 log2(e) / 127): scores -> base-2 exponent (the 1/sqrt(64) and 1/127 folded in).
-LOG2E_ATT = fixedmath.log2e_over(127, 30)
+#: Scores -> base-2 exponent for head dim 64: round(2^30 log2(e) / 127); any head dim
+#: uses fixedmath.att_log2e(head_dim) (the softmax's 1/sqrt(hd) and the keys' 1/127 folded in).
+LOG2E_ATT = fixedmath.att_log2e(64)
+MAX_HEAD_DIM = 256           # |s| = |q16 . k8| < 256 * 2^15 * 127 < 2^31
 ATT_SHIFT = 36
 ATT_PRESHIFT = 19
 ATT_D_CAP = 1 << 30

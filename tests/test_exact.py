@@ -61,11 +61,14 @@ def assert_equal_to_reference(engine, h, e, reference, symbols, alphabet):
     tables = CodingTables(engine.weights(h, e, alphabet), alphabet)
     s1 = tables.stage1()
     b, _ = tables.split(symbols)
+    s2 = {bucket: tables.stage2(np.full(len(symbols), bucket)) for bucket in (0, 255)}
+    s2_own = tables.stage2(b)
     for i in range(len(symbols)):
         r1, r2 = reference_tables(ref_lam[i], int(ref_exp[i]), alphabet)
         assert np.array_equal(s1[i], r1), f"stage 1 differs at position {i}"
-        for bucket in {int(b[i]), 0, 255}:
-            assert np.array_equal(tables.stage2(np.array([bucket]))[0], r2[bucket])
+        assert np.array_equal(s2_own[i], r2[b[i]]), f"stage 2 differs at position {i}"
+        for bucket, rows in s2.items():
+            assert np.array_equal(rows[i], r2[bucket])
 
 
 @pytest.mark.parametrize("ops", ["cpu", "torch"])
@@ -113,3 +116,30 @@ def test_golden_digest(int_model, tokenizer):
 def test_golden_digest_on_the_tensor_backend(int_model, tokenizer):
     res = selftest.run(Engine(int_model, "cpu", ops=ops_torch), tokenizer)
     assert res.ok and res.digest == selftest.GOLDEN[res.fingerprint]
+
+
+def test_another_model_shape_equals_reference(tiny_model_dir):
+    """A 2-layer model with head dim 16 (another softmax scale): pass and steps equal the reference."""
+    from lmcodec import models
+    from lmcodec.tokens import ByteTokenizer
+
+    loaded = models.load(tiny_model_dir)
+    tok = ByteTokenizer(loaded.tokenizer, loaded.arch.vocab_size)
+    im = load_int_model(loaded, tok.fingerprint)
+    assert im.arch.head_dim == 16
+    prefix = [tok.start_token]
+    symbols = tok.encode(b"Some other words, and 42 numbers.")[:10]
+    inputs = tok.model_inputs(symbols)
+    lam, exp = reference_run(im, prefix + inputs[:-1].tolist(), 1, 6)
+    engine = Engine(im, "cpu")
+    with torch.inference_mode():
+        pre = runner.prefill(engine, prefix)
+        h, e = runner.score_segment(engine, pre, inputs[:-1], 6)
+        run = runner.Lockstep(engine, pre, 2, 6, len(symbols))
+        steps = []
+        for t in range(len(symbols)):
+            steps.append(engine.logits(run.h[1:2], run.e[1:2]).lam.numpy()[0])
+            run.advance(np.array([0, inputs[t]]))
+    lg = engine.logits(h, e)
+    assert np.array_equal(lg.lam.numpy(), lam) and np.array_equal(lg.exp.numpy().reshape(-1), exp)
+    assert np.array_equal(np.stack(steps), lam)
