@@ -443,6 +443,24 @@ def info(ctx: Context, archive, as_json):
             click.echo(f"{k}: {v}")
 
 
+def _accept_global_flags_after_subcommand(group: click.Group) -> None:
+    """``lmcodec compress -q FILE`` works like ``lmcodec -q compress FILE`` (gzip habits)."""
+    def setter(attr):
+        def callback(ctx, param, value):
+            if value:
+                setattr(ctx.find_object(Context), attr, True)
+        return callback
+
+    for cmd in group.commands.values():
+        names = {o for p in cmd.params for o in getattr(p, "opts", [])}
+        if "--quiet" not in names:
+            cmd.params.append(click.Option(["-q", "--quiet"], is_flag=True, expose_value=False,
+                                           callback=setter("quiet"), help="No progress bars or messages."))
+        if "--debug" not in names:
+            cmd.params.append(click.Option(["--debug"], is_flag=True, expose_value=False,
+                                           callback=setter("debug"), help="Show Python tracebacks on errors."))
+
+
 if __name__ == "__main__":  # pragma: no cover
     # Run as `python -m lmcodec.cli`: go through the package module so the probe
     # command's import of lmcodec.cli finds this module's objects, not a copy.
@@ -453,3 +471,4 @@ else:
     from .probe_cli import probe_command
 
     main.add_command(probe_command, "probe")
+    _accept_global_flags_after_subcommand(main)
