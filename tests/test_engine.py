@@ -165,3 +165,17 @@ def test_fingerprint_is_by_content_not_name(loaded_model, tokenizer, tiny_model_
     b = load_int_model(renamed, tt.fingerprint).fingerprint
     assert a == b
     assert a != load_int_model(loaded_model, tokenizer.fingerprint).fingerprint
+
+
+def test_both_cpu_gemm_kernels_give_the_same_integers(monkeypatch):
+    from lmcodec import engine as eng
+
+    rng = np.random.default_rng(2)
+    x = torch.from_numpy(rng.integers(-32639, 32640, size=(19, 1536))).to(torch.int16)
+    x[0] = 32639
+    w = torch.from_numpy(rng.integers(-127, 128, size=(64, 1536))).to(torch.int8)
+    w[:, :] = torch.where(torch.rand(64, 1536) < 0.5, w, torch.full_like(w, -127))
+    ref = x.numpy().astype(np.int64) @ w.numpy().astype(np.int64).T
+    for kind in ("int8", "float32"):
+        monkeypatch.setattr(eng, "_GEMM_KIND", kind)
+        assert np.array_equal(ops_torch.combine(int_mm(x, w)).numpy(), ref), kind
