@@ -104,14 +104,19 @@ class Settings:
 
 @dataclass
 class Stats:
-    """What a compression run measured; ``model_bits`` is the ideal code length."""
+    """What a compression run measured.
+
+    ``model_bits`` is the exact code length of the coded symbols under the
+    engine's integer frequencies (-log2 of stage 1 times stage 2): the size
+    the range coder approaches, up to its few words per stream.
+    """
 
     input_bytes: int = 0
     output_bytes: int = 0
     tokens: int = 0
     lm_bytes: int = 0          # input bytes coded by the model (not stored by fallback)
     lm_payload_bytes: int = 0  # range-coder payload bytes of those blocks
-    model_bits: float = 0.0    # sum of -log2 p over the coded symbols
+    model_bits: float = 0.0    # sum of -log2 (coding probability) over the coded symbols
     escapes: int = 0
     seconds: float = 0.0
     methods: list[str] = field(default_factory=list)
@@ -123,7 +128,7 @@ class Stats:
 
     @property
     def model_bpb(self) -> float:
-        """The model's cross-entropy in bits per byte over the LM-coded bytes."""
+        """The model's code length in bits per byte over the LM-coded bytes."""
         return self.model_bits / self.lm_bytes if self.lm_bytes else 0.0
 
     @property

@@ -94,14 +94,32 @@ class ArchConfig:
 
 @dataclass
 class LoadedModel:
-    """Weights, shape, tokenizer and fingerprints of one model, ready for the engine."""
+    """Shape, tokenizer and fingerprint of one model; its float weights load on first use.
+
+    The exact engine needs the float weights only once, to derive its integer
+    model (cached by :mod:`lmcodec.quantize`), so later runs never read them.
+    """
 
     name: str
     arch: ArchConfig
-    weights: dict[str, torch.Tensor]
+    weights_path: Path
     tokenizer: "object"  # tokenizers.Tokenizer
     model_fingerprint: bytes
     source: str
+
+    @property
+    def weights(self) -> dict[str, torch.Tensor]:
+        cached = self.__dict__.get("_weights")
+        if cached is None:
+            from safetensors.torch import load_file
+
+            try:
+                cached = load_file(str(self.weights_path))
+            except Exception as exc:
+                raise ModelError(f"model cache {self.weights_path} is unreadable ({exc}); "
+                                 "delete it and retry") from exc
+            self.__dict__["_weights"] = cached
+        return cached
 
 
 def cache_dir() -> Path:
@@ -232,15 +250,13 @@ def load(model: str | os.PathLike | None = None) -> LoadedModel:
     if not (target / "weights.safetensors").is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         _convert(directory, gguf, target)
-    from safetensors.torch import load_file
     from tokenizers import Tokenizer
 
     try:
         arch = ArchConfig(**json.loads((target / "arch.json").read_text()))
-        weights = load_file(str(target / "weights.safetensors"))
         tokenizer = Tokenizer.from_file(str(target / "tokenizer.json"))
     except Exception as exc:
         raise ModelError(f"model cache {target} is unreadable ({exc}); delete it and retry") from exc
     source = str(directory / gguf) if gguf else str(directory)
-    _LOADED[fingerprint] = LoadedModel(name, arch, weights, tokenizer, fingerprint, source)
+    _LOADED[fingerprint] = LoadedModel(name, arch, target / "weights.safetensors", tokenizer, fingerprint, source)
     return _LOADED[fingerprint]
