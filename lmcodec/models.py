@@ -245,7 +245,15 @@ def load(model: str | os.PathLike | None = None) -> LoadedModel:
     name, directory, gguf = resolve(model)
     fingerprint = _fingerprint_cached(_source_files(directory, gguf))
     if fingerprint in _LOADED:
-        return _LOADED[fingerprint]
+        cached = _LOADED[fingerprint]
+        if cached.name == name:
+            return cached
+        # The same files under another name: share the loaded parts, keep the name given.
+        renamed = LoadedModel(name, cached.arch, cached.weights_path, cached.tokenizer, fingerprint,
+                              str(directory / gguf) if gguf else str(directory))
+        if "_weights" in cached.__dict__:
+            renamed.__dict__["_weights"] = cached.__dict__["_weights"]
+        return renamed
     target = cache_dir() / "models" / fingerprint.hex()
     if not (target / "weights.safetensors").is_file():
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -14,8 +14,8 @@ from lmcodec.tokens import ByteTokenizer  # noqa: E402
 
 # Small segments keep the lockstep short (steps = segment length) so round trips
 # through the real 135M model take seconds, while still exercising several
-# segments, several batches and the sliding window.
-FAST = dict(segment_tokens=24, batch_size=3, context=32, threads=2)
+# segments, several streams (2 segments each) and the sliding window.
+FAST = dict(segment_tokens=24, lanes=2, context=32, threads=2)
 
 SAMPLES = {
     "empty": b"",

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from lmcodec.cli import main
 
-FAST = ["--segment-tokens", "24", "--batch-size", "3", "--context", "32", "--threads", "2"]
+FAST = ["--segment-tokens", "24", "--lanes", "2", "--context", "32", "--threads", "2"]
 TEXT = b"The cat sat on the mat.\r\nThe dog sat on the log.\n"
 
 
@@ -150,9 +150,17 @@ def test_info_json(runner, text_file):
     r = run(runner, "info", "--json", text_file.with_name("note.txt.lmc"))
     doc = json.loads(r.stdout)
     assert doc["model"] == "smollm2-135m" and doc["original_bytes"] == len(TEXT)
-    assert doc["segment_tokens"] == 24 and doc["threads"] == 2
+    assert doc["format_version"] == 3
+    assert doc["segment_tokens"] == 24 and doc["lanes"] == 2 and doc["context"] == 32
+    # Nothing about the encoder's machine is recorded.
+    assert not {"threads", "device", "dtype", "batch_size", "escape_bits"} & set(doc)
     assert doc["archive_bytes"] == text_file.with_name("note.txt.lmc").stat().st_size
-    assert doc["blocks"][0]["method"] in ("lm", "zstd", "raw")
+    block = doc["blocks"][0]
+    assert block["method"] in ("lm", "zstd", "raw")
+    if block["method"] == "lm":
+        assert block["streams"] == -(-block["segments"] // 2) and block["tokens"] > 0
+    else:
+        assert block["segments"] == block["streams"] == block["tokens"] == 0
 
 
 def test_test_and_verify_commands(runner, text_file):
@@ -183,6 +191,11 @@ def test_bpb_json(runner, text_file):
 def test_bad_option_values(runner, text_file):
     r = runner.invoke(main, ["compress", "--method", "nope", str(text_file)])
     assert r.exit_code == 2
+    # Options of the float engine are gone; the layout options have the v3 ranges.
+    for args in (["--dtype", "float32"], ["--batch-size", "3"], ["--escape-bits", "16"], ["--lanes", "0"],
+                 ["--lanes", "4097"], ["--context", "8193"], ["--context", "15"]):
+        r = runner.invoke(main, ["compress", *args, "-c", str(text_file)])
+        assert r.exit_code == 2, (args, r.output)
     r = runner.invoke(main, ["compress", "-o", "x", str(text_file), str(text_file)])
     assert r.exit_code == 2 and "single input" in r.stderr
     r = runner.invoke(main, ["compress", "--prompt", "a", "--prompt-file", str(text_file), str(text_file)])
@@ -199,3 +212,67 @@ def test_entry_point_subprocess(tmp_path, text_file):
     bad = subprocess.run(cmd + ["decompress", "-c", "-"], input=b"garbage", capture_output=True)
     assert bad.returncode == 1
     assert bad.stderr.decode().strip() == "lmcodec: error: not an lmcodec archive (bad magic bytes)"
+
+
+def test_lanes_and_largest_context_are_accepted(runner, text_file):
+    r = run(runner, "compress", "-c", "--method", "zstd", "--lanes", "4096", "--context", "8192", text_file)
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["-q", "decompress", "-c", "-"], input=r.stdout_bytes)
+    assert r.exit_code == 0 and r.stdout_bytes == TEXT
+
+
+def _v2_archive() -> bytes:
+    """A format-v2 archive (as lmcodec 0.1.x wrote it: raw method, valid CRCs)."""
+    import struct
+    import zlib
+
+    from lmcodec.container import End, digest
+
+    head = b"\x89LMC" + bytes([2, 0, 0]) + struct.pack(
+        "<16s16s8sBBHHIIBI", bytes(16), bytes(16), bytes(8), 0, 0, 2, 3, 32, 24, 16, 4096)
+    head += struct.pack("<I", zlib.crc32(head))
+    table = struct.pack("<BBI8sI", 0x42, 0, len(TEXT), digest(TEXT), 1)
+    table += struct.pack("<III", 0, len(TEXT), zlib.crc32(TEXT))
+    return head + table + struct.pack("<I", zlib.crc32(table)) + TEXT + End(len(TEXT), digest(TEXT), 1).pack()
+
+
+def test_v2_archive_is_refused_naming_the_release_that_reads_it(runner, tmp_path):
+    arc = tmp_path / "old.txt.lmc"
+    arc.write_bytes(_v2_archive())
+    for cmd in ("decompress", "test", "info"):
+        r = run(runner, cmd, arc)
+        assert r.exit_code == 1, r.output
+        assert r.stderr.startswith("lmcodec: error: archive format version 2 ") and r.stderr.count("\n") == 1
+        assert "decode it with lmcodec 0.1.x" in r.stderr
+    assert not (tmp_path / "old.txt").exists()
+
+
+def test_same_gguf_under_another_name_decodes(runner, text_file, tmp_path):
+    """The archive's fingerprint is the model's content: a renamed copy of the GGUF
+    (``--model newpath``) decodes an archive made with the registered model, and back."""
+    import shutil
+
+    from lmcodec import models
+
+    _, directory, gguf = models.resolve("smollm2-135m")
+    # A fixed name keeps lmcodec's conversion cache warm across runs (first run: ~30 s).
+    copy = tmp_path / "my-copy.gguf"
+    shutil.copyfile(directory / gguf, copy)
+    assert run(runner, "compress", *FAST, "--method", "lm", text_file).exit_code == 0
+    archive = text_file.with_name("note.txt.lmc")
+    r = run(runner, "decompress", "-c", "--model", copy, archive)
+    assert r.exit_code == 0, r.output
+    assert r.stdout_bytes == TEXT
+    # And an archive made with the copy names it, and decodes with the registered model.
+    r = run(runner, "compress", "-c", *FAST, "--method", "lm", "--model", copy, text_file)
+    assert r.exit_code == 0, r.output
+    info = tmp_path / "copy.lmc"
+    info.write_bytes(r.stdout_bytes)
+    doc = json.loads(run(runner, "info", "--json", info).stdout)
+    original = json.loads(run(runner, "info", "--json", archive).stdout)
+    assert doc["model"] == "my-copy.gguf" and doc["model_fingerprint"] == original["model_fingerprint"]
+    r = run(runner, "decompress", "-c", "--model", "smollm2-135m", info)
+    assert r.exit_code == 0 and r.stdout_bytes == TEXT
+    # Without --model the name is not registered: named, not guessed.
+    r = run(runner, "decompress", "-c", info)
+    assert r.exit_code == 1 and "'my-copy.gguf'" in r.stderr and "not registered" in r.stderr

@@ -11,7 +11,7 @@ import pytest
 
 import lmcodec
 from lmcodec import Codec
-from lmcodec.container import Reader
+from lmcodec.container import Reader, stream_groups
 from lmcodec.errors import (
     ArchiveError,
     ChecksumError,
@@ -65,10 +65,11 @@ def test_stats_report_the_model_cross_entropy(codec):
     stats = codec.analyze(TEXT * 2)
     assert stats.tokens > 20
     assert 0.2 < stats.model_bpb < 4
-    # Range coder flush costs up to a few words per segment; far from 0.5% on tiny segments
-    # but bounded: at most 8 bytes per segment over the ideal.
+    # Range coder flush costs up to a few words per stream; far from 0.5% on tiny streams
+    # but bounded: at most 8 bytes per stream (``lanes`` segments) over the ideal.
     n_segments = -(-stats.tokens // FAST["segment_tokens"])
-    assert stats.model_bits / 8 <= stats.lm_payload_bytes <= stats.model_bits / 8 + 8 * n_segments
+    n_streams = len(stream_groups(n_segments, FAST["lanes"]))
+    assert stats.model_bits / 8 <= stats.lm_payload_bytes <= stats.model_bits / 8 + 8 * n_streams
 
 
 def test_defaults_round_trip(loaded_model):
@@ -79,8 +80,8 @@ def test_defaults_round_trip(loaded_model):
 
 
 def test_sliding_window_and_many_batches(codec):
-    """Segments far longer than the context (ring buffer) and more segments than a batch."""
-    c = Codec(segment_tokens=70, batch_size=2, context=20, threads=2)
+    """Segments far longer than the context (ring buffer), more streams than a decoder batch."""
+    c = Codec(segment_tokens=70, lanes=1, context=20, threads=2, decode_rows=2)
     data = TEXT * 4
     blob = c.compress(data)
     assert len(c.layout(c.last_stats.tokens, 70)) >= 3
@@ -88,7 +89,7 @@ def test_sliding_window_and_many_batches(codec):
 
 
 def test_block_boundaries(codec):
-    c = Codec(block_size=4096, **{**FAST, "batch_size": 64})
+    c = Codec(block_size=4096, **{**FAST, "lanes": 64})
     data = (TEXT * 70)[:9000]
     blob = c.compress(data)
     assert len(c.last_stats.methods) == 3
@@ -120,6 +121,34 @@ def test_wrong_model_is_named(codec, tiny_model_dir):
         explicit.decompress(blob)
     with pytest.raises(ModelMismatchError, match="wrong model"):
         other.decompress(codec.compress(TEXT))
+
+
+def test_same_model_under_another_name_decodes(tiny_model_dir, tmp_path):
+    """The fingerprint is the integer engine's model (weights, tables, tokenizer), not
+    the path: a copy of the model directory under a new name decodes the archive."""
+    import shutil
+
+    other = Codec(tiny_model_dir, method="lm", **FAST)
+    blob = other.compress(TEXT)
+    header = Reader_header(blob)
+    assert header.model_name == tiny_model_dir.name
+    copy = tmp_path / "renamed-tiny-llama"
+    shutil.copytree(tiny_model_dir, copy)
+    assert Codec(copy).decompress(blob) == TEXT
+    blob2 = Codec(copy, method="lm", **FAST).compress(TEXT)
+    assert Reader_header(blob2).model_fingerprint == header.model_fingerprint
+    assert Codec(tiny_model_dir).decompress(blob2) == TEXT
+
+
+def test_archive_names_the_model_directory_it_was_given(tiny_model_dir, tmp_path):
+    """Two paths with the same files share one loaded model, but each archive names its own."""
+    import shutil
+
+    Codec(tiny_model_dir, method="lm", **FAST).compress(TEXT)  # loads (and names) the original first
+    copy = tmp_path / "renamed-tiny-llama"
+    shutil.copytree(tiny_model_dir, copy)
+    blob = Codec(copy, method="lm", **FAST).compress(TEXT)
+    assert Reader_header(blob).model_name == "renamed-tiny-llama"
 
 
 def Reader_header(blob):
@@ -154,10 +183,11 @@ def test_checksum_catches_a_wrong_decode(codec):
     blob = bytearray(codec.compress(TEXT))
     header = Reader_header(bytes(blob))
     start = len(header.pack())
-    fmt = struct.Struct("<BBI8sI")
-    tag, method, raw_len, check, n_seg = fmt.unpack_from(blob, start)
+    fmt = struct.Struct("<BBI8sII")
+    tag, method, raw_len, check, n_seg, n_str = fmt.unpack_from(blob, start)
+    assert (tag, method) == (0x42, 2) and n_str == len(stream_groups(n_seg, FAST["lanes"]))
     blob[start + 6] ^= 0xFF  # first byte of the block digest
-    table_end = start + fmt.size + 12 * n_seg
+    table_end = start + fmt.size + 4 * n_seg + 8 * n_str
     struct.pack_into("<I", blob, table_end, zlib.crc32(bytes(blob[start:table_end])))
     with pytest.raises(ChecksumError):
         codec.decompress(bytes(blob))
@@ -181,7 +211,7 @@ _SUBPROCESS = """
 import sys, os
 import lmcodec
 data = open(sys.argv[2], 'rb').read()
-c = lmcodec.Codec(segment_tokens=24, batch_size=int(sys.argv[3]), context=32, threads=2)
+c = lmcodec.Codec(segment_tokens=24, lanes=2, context=32, threads=int(sys.argv[3]), decode_rows=int(sys.argv[5]))
 if sys.argv[1] == 'compress':
     open(sys.argv[4], 'wb').write(c.compress(data, prompt='key'))
 else:
@@ -189,19 +219,92 @@ else:
 """
 
 
-@pytest.mark.parametrize("encode_threads,decode_threads,batch", [("2", "1", "3"), ("1", "2", "1")])
-def test_decoder_in_another_process_with_other_thread_settings(tmp_path, encode_threads, decode_threads, batch):
-    """The archive fixes the thread count; the decoder's environment must not matter."""
+@pytest.mark.parametrize("encode_threads,decode_threads,decode_rows", [("2", "1", "1"), ("1", "2", "3")])
+def test_decoder_in_another_process_with_other_thread_settings(tmp_path, encode_threads, decode_threads,
+                                                               decode_rows):
+    """Nothing about the encoder's machine is recorded: another process with another
+    OMP_NUM_THREADS, thread count and decoder batch decodes the archive."""
     src = tmp_path / "in.txt"
     src.write_bytes(TEXT * 2 + "naïve café ☕\n".encode())
     arc = tmp_path / "in.lmc"
     base = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    subprocess.run([sys.executable, "-c", _SUBPROCESS, "compress", src, batch, arc], check=True,
+    subprocess.run([sys.executable, "-c", _SUBPROCESS, "compress", src, encode_threads, arc, "64"], check=True,
                    env={**base, "OMP_NUM_THREADS": encode_threads, "MKL_NUM_THREADS": encode_threads})
-    out = subprocess.run([sys.executable, "-c", _SUBPROCESS, "decompress", src, batch, arc], check=True,
-                         capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", _SUBPROCESS, "decompress", src, decode_threads, arc, decode_rows],
+                         check=True, capture_output=True, text=True,
                          env={**base, "OMP_NUM_THREADS": decode_threads, "MKL_NUM_THREADS": decode_threads})
     assert out.stdout == "OK"
+    # The encoder is deterministic too: this process, with its own threads, writes the same bytes.
+    here = Codec(segment_tokens=24, lanes=2, context=32, threads=2).compress(src.read_bytes(), prompt="key")
+    assert here == arc.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def multi_stream():
+    """An archive with several streams of several segments, and a partial last stream."""
+    data = PROSE + "naïve café ☕ 中文\n".encode()
+    c = Codec(segment_tokens=10, lanes=4, context=24, threads=2)
+    blob = c.compress(data)
+    block = _blocks(blob)[0]
+    assert block.method.name == "LM" and len(block.tokens) == 9 and len(block.streams) == 3
+    assert block.tokens[-1] < 10  # a short last segment, alone in the last stream
+    return data, blob
+
+
+def _blocks(blob):
+    import io
+
+    from lmcodec.container import End
+
+    reader = Reader(io.BytesIO(blob), len(blob))
+    header = reader.header()
+    out = []
+    while not isinstance(rec := reader.next(header), End):
+        out.append(rec)
+    return out
+
+
+@pytest.mark.parametrize("decode_rows", [1, 5, 8, 9, 64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_any_decoder_batch_and_thread_count_decodes(multi_stream, decode_rows, threads):
+    """decode_rows and threads are the decoder's own choice: every choice gives the original.
+
+    Streams of 4, 4 and 1 segments: rows 1 decodes one stream at a time, 5 the
+    first alone then the other two, 8 two then one, 9 and 64 all three at once."""
+    data, blob = multi_stream
+    assert Codec(threads=threads, decode_rows=decode_rows).decompress(blob) == data
+
+
+def test_encoder_threads_do_not_change_the_archive(multi_stream):
+    data, blob = multi_stream
+    for threads in (1, 2, 3):
+        assert Codec(segment_tokens=10, lanes=4, context=24, threads=threads).compress(data) == blob
+
+
+def test_lanes_change_the_streams_not_the_model_bits():
+    """Lanes only regroup segments into streams: the coding frequencies, hence the
+    model's code length, are the same; every layout decodes."""
+    data = TEXT * 2
+    runs = {}
+    for lanes in (1, 2, 5, 4096):
+        c = Codec(segment_tokens=12, lanes=lanes, context=24, threads=2)
+        blob = c.compress(data)
+        runs[lanes] = (blob, c.last_stats)
+        n_seg = len(_blocks(blob)[0].tokens)
+        assert len(_blocks(blob)[0].streams) == -(-n_seg // lanes)
+        assert Codec(threads=2, decode_rows=2).decompress(blob) == data
+    bits = {round(st.model_bits, 6) for _, st in runs.values()}
+    assert len(bits) == 1, bits
+    assert runs[1][1].lm_payload_bytes >= runs[4096][1].lm_payload_bytes
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_cpu_archive_decodes_on_cuda_and_back(multi_stream):
+    data, blob = multi_stream
+    assert Codec(device="cuda").decompress(blob) == data
+    gpu = Codec(segment_tokens=10, lanes=4, context=24, device="cuda").compress(data)
+    assert gpu == blob
+    assert Codec(device="cpu", threads=2).decompress(gpu) == data
 
 
 def test_huge_prompt_costs_only_its_tail(codec):
@@ -223,7 +326,7 @@ def test_forged_token_count_is_refused_before_the_model_runs(codec):
     honest = Reader_header(codec.compress(TEXT))
     n = 1 << 20
     header = Header(honest.model_name, honest.model_fingerprint, honest.tokenizer_fingerprint,
-                    prompt_check(None), False, "cpu", "float32", 2, 1, 32, n, 16, 4 << 20)
+                    prompt_check(None), False, 32, n, 16, 4 << 20)
     raw = b"a" * n
     block = Block.build(Method.LM, raw, [bytes(4)], [n])
     blob = header.pack() + block.pack() + End(n, digest(raw), 1).pack()

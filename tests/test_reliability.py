@@ -37,13 +37,15 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import lmcodec
-from lmcodec.coder import SegmentDecoder, SegmentEncoder
-from lmcodec.container import (MAGIC, READ_CHUNK, VERSION, Block, End, Header, Method, Reader, digest,
-                               lm_payload_limit, segment_layout)
+from conftest import FAST
+from lmcodec import ops_torch
+from lmcodec.coder import StreamDecoder, StreamEncoder
+from lmcodec.container import (MAGIC, MAX_CONTEXT, MAX_LANES, READ_CHUNK, VERSION, Block, End, Header, Method,
+                               Reader, digest, lm_payload_limit, segment_layout, stream_groups)
 from lmcodec.errors import (ArchiveError, ChecksumError, CorruptArchiveError, LMCodecError,
                             ModelMismatchError, PromptMismatchError, TruncatedArchiveError)
 from lmcodec.fileio import atomic_output
-from lmcodec.frequencies import StepTables
+from lmcodec.frequencies import BUCKET_FLOOR, BUCKETS, MIN_TOKEN_BITS, TOTAL, CodingTables, bucket_width
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,15 +101,20 @@ def parse(blob: bytes, pipe: bool = False):
 
 def stored_header(**kw) -> Header:
     fields = dict(model_name="", model_fingerprint=bytes(16), tokenizer_fingerprint=bytes(16),
-                  prompt_check=bytes(8), has_prompt=False, device="cpu", dtype="float32", threads=2,
-                  batch_size=3, context=32, segment_tokens=24, escape_bits=16, block_size=4096)
+                  prompt_check=bytes(8), has_prompt=False, context=32, segment_tokens=24, lanes=2,
+                  block_size=4096)
     fields.update(kw)
     return Header(**fields)
 
 
-def signed_block(method: int, raw_len: int, check: bytes, entries, payload: bytes = b"") -> bytes:
-    table = struct.pack("<BBI8sI", 0x42, method, raw_len, check, len(entries))
-    table += b"".join(struct.pack("<III", *e) for e in entries)
+def signed_block(method: int, raw_len: int, check: bytes, tokens, entries, payload: bytes = b"",
+                 n_seg: int | None = None, n_str: int | None = None) -> bytes:
+    """A block table with a valid CRC: ``tokens`` per segment, ``entries`` (length, CRC) per
+    stream; ``n_seg`` / ``n_str`` override the declared counts (to disagree with the table)."""
+    table = struct.pack("<BBI8sII", 0x42, method, raw_len, check,
+                        len(tokens) if n_seg is None else n_seg, len(entries) if n_str is None else n_str)
+    table += b"".join(struct.pack("<I", n) for n in tokens)
+    table += b"".join(struct.pack("<II", *e) for e in entries)
     return table + struct.pack("<I", zlib.crc32(table)) + payload
 
 
@@ -116,8 +123,11 @@ def signed_end(total: int, check: bytes, n_blocks: int) -> bytes:
     return body + struct.pack("<I", zlib.crc32(body))
 
 
+HEADER_PARAMS = 54  # fingerprints 16 + 16, prompt check 8, context 4, segment tokens 4, lanes 2, block size 4
+
+
 def resign_header(buf: bytearray) -> None:
-    end = 7 + buf[6] + 59
+    end = 7 + buf[6] + HEADER_PARAMS
     struct.pack_into("<I", buf, end, zlib.crc32(bytes(buf[:end])))
 
 
@@ -135,11 +145,15 @@ class ReachedModel(BaseException):
 
 
 def decode_without_model(blob: bytes, prompt=None):
-    """Codec.decompress, but reaching the model is a test failure (it must be refused before)."""
+    """Codec.decompress, but reaching the model is a test failure (it must be refused before).
+
+    ``Codec._engine`` is where an LM block's decoding starts running the model:
+    after the structure checks, the token bound and the model fingerprints.
+    """
     def refuse(*a, **k):
         raise ReachedModel()
 
-    _NO_MODEL._run = refuse
+    _NO_MODEL._engine = refuse
     try:
         return _NO_MODEL.decompress(blob, prompt)
     except LMCodecError as exc:
@@ -161,24 +175,21 @@ def test_arbitrary_bytes_after_a_valid_magic_fail_cleanly(tail):
 
 
 @HYPO
-@given(name=st.binary(max_size=40), dev=st.integers(0, 255), dt=st.integers(0, 255),
-       threads=st.integers(0, 0xFFFF), batch=st.integers(0, 0xFFFF), context=st.integers(0, 2**32 - 1),
-       seg=st.integers(0, 2**32 - 1), esc=st.integers(0, 255), block_size=st.integers(0, 2**32 - 1),
-       flags=st.integers(0, 255), prompt=st.booleans())
-def test_resigned_hostile_header_fields(name, dev, dt, threads, batch, context, seg, esc, block_size,
-                                        flags, prompt):
+@given(name=st.binary(max_size=40), context=st.one_of(st.integers(0, 9000), st.integers(0, 2**32 - 1)),
+       seg=st.integers(0, 2**32 - 1), lanes=st.one_of(st.integers(0, 5000), st.integers(0, 0xFFFF)),
+       block_size=st.integers(0, 2**32 - 1), flags=st.integers(0, 255), prompt=st.booleans())
+def test_resigned_hostile_header_fields(name, context, seg, lanes, block_size, flags, prompt):
     """Any header field value with a valid CRC: a clean refusal, or an in-range header."""
     head = V + bytes([flags, len(name)]) + name + struct.pack(
-        "<16s16s8sBBHHIIBI", bytes(16), bytes(16), bytes(8), dev, dt, threads, batch, context, seg, esc,
-        block_size)
+        "<16s16s8sIIHI", bytes(16), bytes(16), bytes(8), context, seg, lanes, block_size)
     blob = head + struct.pack("<I", zlib.crc32(head)) + signed_end(0, digest(b""), 0)
     try:
         header, blocks, end, _ = parse(blob)
     except ArchiveError as exc:
         one_line_error(exc)
     else:
-        assert 1 <= header.threads <= 256 and 16 <= header.context <= 1 << 20
-        assert 1 <= header.segment_tokens <= 1 << 30 and 4 <= header.escape_bits <= 30
+        assert 16 <= header.context <= MAX_CONTEXT and 1 <= header.lanes <= MAX_LANES
+        assert 1 <= header.segment_tokens <= 1 << 30
         assert 4096 <= header.block_size <= 64 << 20 and blocks == [] and end.total_len == 0
     out = decode_without_model(blob, b"p" if flags & 1 else None)
     assert out == b"" or isinstance(out, LMCodecError)
@@ -189,21 +200,24 @@ small_or_huge = st.one_of(st.integers(0, 64), u32, st.sampled_from([2**32 - 1, 2
 
 
 @HYPO
-@given(method=st.integers(0, 255), raw_len=small_or_huge, n_seg=small_or_huge,
-       entries=st.lists(st.tuples(small_or_huge, small_or_huge, u32), max_size=6),
-       payload=st.binary(max_size=64), crc_ok=st.booleans(), pipe=st.booleans(), data=st.data())
-def test_resigned_hostile_block_fields(method, raw_len, n_seg, entries, payload, crc_ok, pipe, data):
-    """Signed block headers and segment tables with any values: refused without over-reading.
+@given(method=st.integers(0, 255), raw_len=small_or_huge, n_seg=small_or_huge, n_str=small_or_huge,
+       tokens=st.lists(small_or_huge, max_size=6), entries=st.lists(st.tuples(small_or_huge, u32), max_size=6),
+       payload=st.binary(max_size=64), crc_ok=st.booleans(), counts_ok=st.booleans(), pipe=st.booleans(),
+       data=st.data())
+def test_resigned_hostile_block_fields(method, raw_len, n_seg, n_str, tokens, entries, payload, crc_ok,
+                                       counts_ok, pipe, data):
+    """Signed block headers and tables with any values: refused without over-reading.
 
-    ``n_seg`` may disagree with the table actually present; payload CRCs are made
-    to match when asked, so the length and layout checks are what must hold.
+    The declared segment and stream counts may disagree with the table actually
+    present (unless ``counts_ok``); payload CRCs are made to match when asked, so
+    the length and layout checks are what must hold.
     """
     if crc_ok:
-        entries = [(t, len(payload), zlib.crc32(payload)) for t, _, _ in entries]
-    table = struct.pack("<BBI8sI", 0x42, method, raw_len, bytes(8), n_seg)
-    table += b"".join(struct.pack("<III", *e) for e in entries)
+        entries = [(len(payload), zlib.crc32(payload)) for _ in entries]
+    if counts_ok:
+        n_seg, n_str = len(tokens), len(entries)
     tail = data.draw(st.sampled_from([b"", payload, payload * 3]))
-    blob = (stored_header().pack() + table + struct.pack("<I", zlib.crc32(table)) + tail
+    blob = (stored_header().pack() + signed_block(method, raw_len, bytes(8), tokens, entries, tail, n_seg, n_str)
             + signed_end(raw_len & 0xFFFF, bytes(8), 1))
     tracemalloc.start()
     try:
@@ -226,7 +240,7 @@ def test_resigned_hostile_block_fields(method, raw_len, n_seg, entries, payload,
 @given(total=st.integers(0, 2**64 - 1), n_blocks=u32, check=st.binary(min_size=8, max_size=8))
 def test_resigned_end_record_must_match_the_blocks(total, n_blocks, check):
     raw = b"hello, world"
-    blob = (stored_header().pack() + Block.build(Method.RAW, raw, [raw], [0]).pack()
+    blob = (stored_header().pack() + Block.build(Method.RAW, raw, [raw], []).pack()
             + signed_end(total, check, n_blocks))
     result = decode_without_model(blob)
     if (total, n_blocks, check) == (len(raw), 1, digest(raw)):
@@ -236,42 +250,51 @@ def test_resigned_end_record_must_match_the_blocks(total, n_blocks, check):
 
 
 @HYPO
-@given(seg=st.integers(1, 300), full=st.integers(0, 4), rest=st.integers(0, 299), data=st.data())
-def test_lm_segment_table_is_checked_against_the_header(seg, full, rest, data):
-    """Token counts must follow the header's segment layout and payloads fit their tokens."""
+@given(seg=st.integers(1, 300), full=st.integers(0, 6), rest=st.integers(0, 299), lanes=st.integers(1, 4),
+       data=st.data())
+def test_lm_segment_table_is_checked_against_the_header(seg, full, rest, lanes, data):
+    """Token counts must follow the header's segment layout, the streams its lanes,
+    and each stream's payload must fit the tokens of its segments."""
     n_tokens = full * seg + rest % seg
     assume(n_tokens > 0)
     payload_len = data.draw(st.one_of(st.integers(0, 24), st.integers(4 * seg, 4 * seg + 24)))
-    header = stored_header(segment_tokens=seg, block_size=1 << 16)
+    header = stored_header(segment_tokens=seg, lanes=lanes, block_size=1 << 16)
     layout = segment_layout(n_tokens, seg)
+    groups = stream_groups(len(layout), lanes)
     payload = bytes(payload_len)
-    entries = [(n, payload_len, zlib.crc32(payload)) for n in layout]
-    blob = (header.pack() + signed_block(Method.LM, n_tokens, bytes(8), entries, payload * len(layout))
-            + signed_end(n_tokens, bytes(8), 1))
-    ok = all(payload_len % 4 == 0 and 4 <= payload_len <= lm_payload_limit(n) for n in layout)
+    entries = [(payload_len, zlib.crc32(payload))] * len(groups)
+
+    def archive(tokens, streams):
+        return (header.pack() + signed_block(Method.LM, n_tokens, bytes(8), tokens, streams,
+                                             payload * len(streams)) + signed_end(n_tokens, bytes(8), 1))
+
+    ok = all(payload_len % 4 == 0 and 4 <= payload_len <= lm_payload_limit(sum(layout[i] for i in g))
+             for g in groups)
     if ok:
-        assert len(parse(blob)[1]) == 1
+        assert len(parse(archive(layout, entries))[1]) == 1
     else:
         with pytest.raises(CorruptArchiveError, match="payload length"):
-            parse(blob)
+            parse(archive(layout, entries))
     # Off-layout token counts (one token moved between segments) are refused.
     if len(layout) >= 2:
-        bad = [(layout[0] - 1, payload_len, zlib.crc32(payload)),
-               (layout[1] + 1, payload_len, zlib.crc32(payload))] + entries[2:]
-        blob = (header.pack() + signed_block(Method.LM, n_tokens, bytes(8), bad, payload * len(layout))
-                + signed_end(n_tokens, bytes(8), 1))
+        bad = [layout[0] - 1, layout[1] + 1] + layout[2:]
         with pytest.raises(CorruptArchiveError, match="segment size"):
-            parse(blob)
+            parse(archive(bad, entries))
+    # One stream too many or too few for the header's lanes is refused.
+    for streams in (entries + entries[:1], entries[:-1]):
+        if streams:
+            with pytest.raises(CorruptArchiveError, match="stream count|impossible number"):
+                parse(archive(layout, streams))
 
 
 def test_huge_lengths_from_a_pipe_are_read_in_pieces():
     """A 4 GiB payload length on a stream of unknown size: read requests stay small."""
-    entries = [(0, 2**32 - 1, 0)]
-    blob = stored_header(block_size=64 << 20).pack() + signed_block(Method.RAW, 2**32 - 1, bytes(8), entries)
+    entries = [(2**32 - 1, 0)]
+    blob = stored_header(block_size=64 << 20).pack() + signed_block(Method.RAW, 2**32 - 1, bytes(8), [], entries)
     with pytest.raises(CorruptArchiveError):  # raw_len over the block size
         parse(blob, pipe=True)
     blob = (stored_header(block_size=64 << 20).pack()
-            + signed_block(Method.RAW, 60 << 20, bytes(8), [(0, 60 << 20, 0)]) + b"x" * 5000)
+            + signed_block(Method.RAW, 60 << 20, bytes(8), [], [(60 << 20, 0)]) + b"x" * 5000)
     tracemalloc.start()
     try:
         with pytest.raises(TruncatedArchiveError):
@@ -291,7 +314,7 @@ def test_zstd_frame_declaring_more_than_the_block_is_refused_before_allocation()
     bomb = zstandard.ZstdCompressor(level=1).compress(bytes(64 << 20))
     assert len(bomb) < 4000
     blob = (stored_header().pack()
-            + signed_block(Method.ZSTD, 4000, bytes(8), [(0, len(bomb), zlib.crc32(bomb))], bomb)
+            + signed_block(Method.ZSTD, 4000, bytes(8), [], [(len(bomb), zlib.crc32(bomb))], bomb)
             + signed_end(4000, bytes(8), 1))
     tracemalloc.start()
     try:
@@ -303,38 +326,92 @@ def test_zstd_frame_declaring_more_than_the_block_is_refused_before_allocation()
     assert peak < 8 << 20
 
 
+def _rows(rng, n: int, k: int, spread: float) -> np.ndarray:
+    """Integer frequency rows (every entry >= 1, each row summing to 2^24)."""
+    w = np.exp(rng.normal(size=(n, k)) * spread)
+    g = 1 + np.floor(w / w.sum(1, keepdims=True) * (TOTAL - k)).astype(np.int64)
+    g[np.arange(n), w.argmax(1)] += TOTAL - g.sum(1)
+    return g
+
+
 @HYPO
 @given(payload=st.binary(max_size=64).map(lambda b: b[:len(b) // 4 * 4]), seed=st.integers(0, 2**16),
-       steps=st.integers(1, 40))
-def test_range_decoder_on_arbitrary_payloads(payload, seed, steps):
-    """The coder on garbage: symbols inside the alphabet, or a CorruptArchiveError."""
+       steps=st.integers(1, 40), lanes=st.integers(1, 5))
+def test_range_decoder_on_arbitrary_payloads(payload, seed, steps, lanes):
+    """The coder on garbage, both stages, several lanes a call: symbols inside each row, or a
+    CorruptArchiveError."""
     rng = np.random.default_rng(seed)
-    alphabet = 300
-    dec = SegmentDecoder(payload)
+    dec = StreamDecoder(payload)
     for _ in range(steps):
-        row = rng.dirichlet(np.full(alphabet, 0.05))
-        try:
-            sym = dec.decode(row)
-        except CorruptArchiveError as exc:
-            one_line_error(exc)
-            return
-        assert 0 <= sym < alphabet
+        for k in (BUCKETS, 193):
+            try:
+                sym = dec.decode(_rows(rng, lanes, k, 3.0))
+            except CorruptArchiveError as exc:
+                one_line_error(exc)
+                return
+            assert sym.shape == (lanes,) and sym.min() >= 0 and sym.max() < k
+
+
+def _tables(rng, n: int, vocab: int = 300, scale: int = 1 << 26) -> CodingTables:
+    """Coding tables of ``n`` positions from random integer logits, via the engine's output step."""
+    alphabet = vocab + 256
+    lam = torch.from_numpy(rng.integers(-scale, scale + 1, size=(n, vocab)))
+    hi = (lam + 128) >> 8
+    y = torch.cat([hi, lam - (hi << 8)]).to(torch.int32)
+    exp = torch.full((n, 1), -20, dtype=torch.int64)
+    w = ops_torch.weights(y, torch.ones(vocab, dtype=torch.int64), exp, alphabet, bucket_width(alphabet))
+    return CodingTables(w, alphabet)
 
 
 @HYPO
-@given(n=st.integers(1, 200), seed=st.integers(0, 2**16), escapes=st.booleans())
-def test_lm_payload_limit_holds_for_the_worst_symbols(n, seed, escapes):
-    """The payload bound the container enforces is never hit by an honest encoder,
-    not even when every token is the least likely one (both stages at their worst)."""
+@given(n=st.integers(1, 200), lanes=st.integers(1, 8), seed=st.integers(0, 2**16), worst=st.booleans())
+def test_lm_payload_limit_holds_for_the_worst_symbols(n, lanes, seed, worst):
+    """The payload bound the container enforces (per stream) is never hit by an honest
+    encoder, not even when every symbol is the least likely one of both stages."""
     rng = np.random.default_rng(seed)
-    logits = torch.from_numpy(rng.normal(size=(n, 300)).astype(np.float32) * 30)
-    tables = StepTables(logits, escape_bits=30, top_k=8)
-    worst = (300 + rng.integers(0, 256, n)) if escapes else logits.argmin(1).numpy()
-    enc = SegmentEncoder()
-    for i, s in enumerate(worst):
-        enc.encode_token(tables, i, int(s))
+    layout = segment_layout(n, max(1, -(-n // lanes)))   # ``lanes`` segments in one stream
+    enc = StreamEncoder()
+    if worst:  # the extremes the tables allow: stage 1 at the floor (16 bits), stage 2 at 1 (24 bits)
+        s1 = np.full(BUCKETS, BUCKET_FLOOR, dtype=np.int64)
+        s1[0] += TOTAL - s1.sum()
+        s2 = np.ones(193, dtype=np.int64)
+        s2[0] += TOTAL - s2.sum()
+        for t in range(max(layout)):
+            live = sum(t < m for m in layout)
+            enc.encode(np.full(live, BUCKETS - 1), np.repeat(s1[None], live, 0))
+            enc.encode(np.full(live, 192), np.repeat(s2[None], live, 0))
+    else:      # real tables, least likely bucket and least likely place in it
+        tables = _tables(rng, n)
+        s1 = tables.stage1()
+        b = s1.argmin(1)
+        s2 = tables.stage2(b)
+        j = s2.argmin(1)
+        offsets = np.cumsum([0] + layout)
+        for t in range(max(layout)):
+            rows = [offsets[i] + t for i, m in enumerate(layout) if t < m]
+            enc.encode(b[rows], s1[rows])
+            enc.encode(j[rows], s2[rows])
     payload = enc.finish()
     assert len(payload) % 4 == 0 and 4 <= len(payload) <= lm_payload_limit(n)
+    # And the decoder's token bound (MIN_TOKEN_BITS) never refuses an honest stream.
+    assert n * MIN_TOKEN_BITS <= 8 * len(payload) + 64
+
+
+def test_token_bound_admits_the_most_predictable_honest_stream():
+    """The cheapest tokens the tables allow (top bucket at 2^24 - 255*256, a certain place):
+    the payload still satisfies the decoder's bound n * MIN_TOKEN_BITS <= 8 * payload + 64."""
+    s1 = np.full(BUCKETS, BUCKET_FLOOR, dtype=np.int64)
+    s1[7] += TOTAL - s1.sum()
+    s2 = np.ones(193, dtype=np.int64)
+    s2[3] += TOTAL - s2.sum()
+    n = 20000
+    enc = StreamEncoder()
+    for _ in range(n // 100):
+        enc.encode(np.full(100, 7), np.repeat(s1[None], 100, 0))
+        enc.encode(np.full(100, 3), np.repeat(s2[None], 100, 0))
+    payload = enc.finish()
+    assert n * MIN_TOKEN_BITS <= 8 * len(payload) + 64
+    assert len(payload) <= lm_payload_limit(n)
 
 
 def test_truncated_magic_is_named_truncated():
@@ -347,10 +424,11 @@ def test_truncated_magic_is_named_truncated():
 # -- hostile fields of a real LM archive (each case runs the model for at most 2 steps) --
 
 @pytest.fixture(scope="module")
-def tiny_lm(codec):
+def tiny_lm():
     text = b"Hi there"
-    blob = codec.compress(text)
-    assert codec.last_stats.methods == ["lm"]
+    c = lmcodec.Codec(method="lm", **FAST)  # auto would store 8 bytes raw (as small as LM here)
+    blob = c.compress(text)
+    assert c.last_stats.methods == ["lm"]
     return text, blob
 
 
@@ -361,24 +439,21 @@ def test_resigned_fields_of_a_real_lm_archive(codec, tiny_lm, data):
     text, blob = tiny_lm
     buf = bytearray(blob)
     p = 7 + buf[6]
-    h_end = p + 63
-    fields = {"device": (p + 40, "B"), "dtype": (p + 41, "B"), "threads": (p + 42, "H"),
-              "batch": (p + 44, "H"), "context": (p + 46, "I"), "segment_tokens": (p + 50, "I"),
-              "escape_bits": (p + 54, "B"), "block_size": (p + 55, "I"),
-              "raw_len": (h_end + 2, "I"), "n_segments": (h_end + 14, "I"),
-              "tokens": (h_end + 18, "I"), "payload_len": (h_end + 22, "I"), "method": (h_end + 1, "B")}
+    h_end = p + HEADER_PARAMS + 4
+    assert struct.unpack_from("<II", buf, h_end + 14) == (1, 1)  # one segment, one stream
+    fields = {"context": (p + 40, "I"), "segment_tokens": (p + 44, "I"), "lanes": (p + 48, "H"),
+              "block_size": (p + 50, "I"), "method": (h_end + 1, "B"), "raw_len": (h_end + 2, "I"),
+              "n_segments": (h_end + 14, "I"), "n_streams": (h_end + 18, "I"), "tokens": (h_end + 22, "I"),
+              "payload_len": (h_end + 26, "I"), "payload_crc": (h_end + 30, "I")}
     name = data.draw(st.sampled_from(sorted(fields)))
     off, fmt = fields[name]
     top = 2 ** (8 * struct.calcsize(fmt)) - 1
     value = data.draw(st.one_of(st.integers(0, 40), st.integers(0, top)))
-    if name == "threads":
-        value = data.draw(st.integers(0, 4))  # valid but hundreds of threads on 2 cores only crawl
     old = struct.unpack_from("<" + fmt, buf, off)[0]
     assume(value != old)
     struct.pack_into("<" + fmt, buf, off, value)
     resign_header(buf)
-    n_seg = struct.unpack_from("<I", buf, h_end + 14)[0]
-    table_end = h_end + 18 + 12 * min(n_seg, 1)
+    table_end = h_end + 22 + 4 + 8   # where the honest table ends (the CRC stays there)
     struct.pack_into("<I", buf, table_end, zlib.crc32(bytes(buf[h_end:table_end])))
     try:
         out = codec.decompress(bytes(buf))
@@ -417,17 +492,17 @@ def prompted(codec):
 def model_must_not_run(codec):
     """Fail the test if ``codec`` runs the model inside the block."""
     calls = []
-    original = codec._run
+    original = codec._engine
 
-    def run(*a, **k):
+    def engine(*a, **k):  # every LM block's decoding gets its engine here, before the model runs
         calls.append(1)
         return original(*a, **k)
 
-    codec._run = run
+    codec._engine = engine
     try:
         yield
     finally:
-        vars(codec).pop("_run", None)
+        vars(codec).pop("_engine", None)
     assert calls == [], "the model ran"
 
 
@@ -447,14 +522,23 @@ def test_wrong_model_fingerprint_is_named_before_the_model_runs(codec, prompted)
     text, blob = prompted
     buf = bytearray(blob)
     p = 7 + buf[6]
-    expected = {p: r"wrong model: archive needs 'smollm2-135m' \(fingerprint [0-9a-f]{16}\)",
-                p + 16: r"wrong tokenizer: archive needs tokenizer [0-9a-f]{16}, model 'smollm2-135m' has"}
-    for off, message in expected.items():  # the model, then the tokenizer fingerprint
+    expected = {(p,): r"wrong model: archive needs 'smollm2-135m' \(fingerprint [0-9a-f]{16}\), "
+                      r"got 'smollm2-135m' \(fingerprint [0-9a-f]{16}\)",
+                (p, p + 16): r"wrong model: archive needs 'smollm2-135m' \(tokenizer [0-9a-f]{16}\), "
+                             r"'smollm2-135m' has tokenizer [0-9a-f]{16}"}
+    for offsets, message in expected.items():  # the model, then the model and its tokenizer
         bad = bytearray(buf)
-        bad[off] ^= 0x01
+        for off in offsets:
+            bad[off] ^= 0x01
         resign_header(bad)
         with model_must_not_run(codec), pytest.raises(ModelMismatchError, match=message):
             codec.decompress(bytes(bad), prompt="the key")
+    # The model fingerprint covers the tokenizer table: when it matches, the tokenizer field
+    # (there for the message above) is not consulted, and the block digest vouches for the output.
+    bad = bytearray(buf)
+    bad[p + 16] ^= 0x01
+    resign_header(bad)
+    assert codec.decompress(bytes(bad), prompt="the key") == text
 
 
 def test_unregistered_model_name_is_named(codec, prompted):
@@ -638,11 +722,14 @@ TALE = (b"There were a king with a large jaw and a queen with a plain face, on t
 
 
 @pytest.fixture(scope="module")
-def long_archive(codec, tmp_path_factory):
+def long_archive(tmp_path_factory):
     d = tmp_path_factory.mktemp("long")
     arc = d / "book.txt.lmc"
-    arc.write_bytes(codec.compress(TALE))  # ~8 batches of 24 steps to decode with the FAST layout
-    assert codec.last_stats.methods == ["lm"]
+    # One segment: the decoder steps through its ~150 tokens one at a time (the encoder
+    # scores it in one pass), so decoding lasts seconds while encoding does not.
+    c = lmcodec.Codec(segment_tokens=400, lanes=1, context=32, threads=2)
+    arc.write_bytes(c.compress(TALE))
+    assert c.last_stats.methods == ["lm"] and c.last_stats.tokens > 100
     return arc
 
 
