@@ -43,7 +43,7 @@ from .tokens import ByteTokenizer
 
 #: Version of the JSON document :meth:`ProbeResult.to_json` produces.  Bump it
 #: whenever a key is added, removed or changes meaning.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_WINDOW = 1024
 DEFAULT_MIN_CONTEXT = 512
 DEFAULT_TOP_K = 5

@@ -287,7 +287,7 @@ def test_lanes_change_the_streams_not_the_model_bits():
     data = TEXT * 2
     runs = {}
     for lanes in (1, 2, 5, 4096):
-        c = Codec(segment_tokens=12, lanes=lanes, context=24, threads=2)
+        c = Codec(segment_tokens=12, lanes=lanes, context=24, threads=2, method="lm")
         blob = c.compress(data)
         runs[lanes] = (blob, c.last_stats)
         n_seg = len(_blocks(blob)[0].tokens)
@@ -330,7 +330,7 @@ def test_forged_token_count_is_refused_before_the_model_runs(codec):
     raw = b"a" * n
     block = Block.build(Method.LM, raw, [bytes(4)], [n])
     blob = header.pack() + block.pack() + End(n, digest(raw), 1).pack()
-    with pytest.raises(CorruptArchiveError, match="more than its 4-byte payload"):
+    with pytest.raises(CorruptArchiveError, match="more tokens than its 4-byte payload"):
         codec.decompress_stream(io.BytesIO(blob), io.BytesIO(), size=len(blob))
 
 

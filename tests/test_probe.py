@@ -28,8 +28,7 @@ TOP_KEYS = {"schema", "model", "bytes", "bits", "bpb", "zlib_bpb", "zlib_ratio",
 TOKEN_KEYS = {"text", "id", "offset", "probability", "surprisal_bits", "rank", "word", "alternatives"}
 WORD_KEYS = {"text", "start_token", "end_token", "probability", "surprisal_bits"}
 SPAN_KEYS = {"start_token", "end_token", "text", "mean_probability"}
-SETTINGS_KEYS = {"window", "min_context", "top_k", "escape_bits", "device", "dtype", "min_probability",
-                 "min_tokens", "min_words"}
+SETTINGS_KEYS = {"window", "min_context", "top_k", "device", "min_probability", "min_tokens", "min_words"}
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +118,7 @@ def test_values_are_sane(result):
 def test_json_schema_is_stable(result, prompted):
     for doc in (result.to_json(), prompted.to_json()):
         doc = json.loads(json.dumps(doc))
-        assert set(doc) == TOP_KEYS and doc["schema"] == SCHEMA_VERSION == 1
+        assert set(doc) == TOP_KEYS and doc["schema"] == SCHEMA_VERSION == 2
         assert set(doc["settings"]) == SETTINGS_KEYS
         assert doc["model"] == "smollm2-135m" and doc["bytes"] == len(TEXT)
         assert all(set(t) == TOKEN_KEYS for t in doc["tokens"])
