@@ -6,6 +6,9 @@ hostile archive fails with a named :class:`ArchiveError`, early and cheaply.
 The original bytes are covered twice: a BLAKE2b-64 digest per block (catches a
 wrong decode of that block as soon as it is done) and one over the whole
 content in the end record (catches reordered, dropped or spliced blocks).
+
+Integers are unsigned LEB128 varints (:func:`encode_varint`), so small files
+pay little framing; a varint must be minimal and at most 10 bytes.
 """
 
 from __future__ import annotations
@@ -35,21 +38,63 @@ MIN_CONTEXT = 16
 MAX_CONTEXT = 8192          # the exact engine's bounds hold up to 8192 keys (docs/ENGINE.md)
 MAX_SEGMENT_TOKENS = 1 << 30
 MAX_LANES = 4096
+MAX_LEVEL = 9               # Header.level: 0 = custom settings, 1..9 = a compression level
 #: Streams of unknown length (pipes) are read in pieces of this size, so memory
 #: grows with the bytes that actually arrive, never with a declared length.
 READ_CHUNK = 1 << 20
 
+#: The largest value a varint field may hold, and the most bytes a varint may take.
+VARINT_MAX = (1 << 64) - 1
+VARINT_MAX_BYTES = 10
+
 _HEAD = struct.Struct("<4sBB")                  # magic, version, flags
-_PARAMS = struct.Struct("<16s16s8sIIHI")        # fingerprints, prompt check, context, segment, lanes, block
-_BLOCK = struct.Struct("<BBI8sII")              # tag, method, raw_len, check, n_segments, n_streams
-_TOKENS = struct.Struct("<I")                   # tokens of one segment
-_STREAM = struct.Struct("<II")                  # payload_len, payload_crc
-_END = struct.Struct("<BQ8sI")                  # tag, total_len, check, n_blocks
 _CRC = struct.Struct("<I")
+MODEL_FINGERPRINT_BYTES = 16
+TOKENIZER_FINGERPRINT_BYTES = 8                 # the first 8 bytes of the tokenizer's 16-byte fingerprint
+CHECK_BYTES = 8                                 # BLAKE2b-64 digests and the prompt check
+#: The smallest stream-table entry: a one-byte payload-length varint and the payload's CRC32.
+MIN_STREAM_ENTRY = 1 + _CRC.size
 
 FLAG_PROMPT = 1
+FLAG_MODEL = 2
 BLOCK_TAG = 0x42  # 'B'
 END_TAG = 0x45    # 'E'
+
+
+def encode_varint(value: int) -> bytes:
+    """``value`` (0 .. 2^64 - 1) as an unsigned LEB128 varint: 7 bits a byte, low first."""
+    if not 0 <= value <= VARINT_MAX:
+        raise ValueError(f"varint value out of range: {value}")
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def decode_varint(data: bytes | bytearray | memoryview, pos: int = 0, max_value: int = VARINT_MAX,
+                  what: str = "varint") -> tuple[int, int]:
+    """Decode the varint at ``data[pos:]``; return (value, position after it).
+
+    Refused with :class:`CorruptArchiveError`: a non-minimal encoding (a final
+    zero byte after the first), one longer than :data:`VARINT_MAX_BYTES`, or a
+    value above ``max_value``.  Data that ends inside the varint is a
+    :class:`TruncatedArchiveError`.  Never reads past ``data``.
+    """
+    value = 0
+    for i in range(VARINT_MAX_BYTES):
+        if pos + i >= len(data):
+            raise TruncatedArchiveError(f"archive truncated in {what}")
+        b = data[pos + i]
+        value |= (b & 0x7F) << (7 * i)
+        if not b & 0x80:
+            if b == 0 and i:
+                raise CorruptArchiveError(f"{what} is not a minimal varint")
+            if value > max_value:
+                raise CorruptArchiveError(f"{what} is out of range ({value} > {max_value})")
+            return value, pos + i + 1
+    raise CorruptArchiveError(f"{what} is a varint longer than {VARINT_MAX_BYTES} bytes")
 
 
 class Method(IntEnum):
@@ -86,6 +131,12 @@ class Header:
     Nothing about the encoder's machine is recorded (device, threads, batch
     size): the exact engine computes the same bits everywhere, so the decoder
     chooses what suits its own machine.
+
+    The archive keeps the first :data:`TOKENIZER_FINGERPRINT_BYTES` bytes of the
+    tokenizer fingerprint (the model fingerprint covers the whole tokenizer
+    table; this prefix only names a tokenizer mismatch), and names no model at
+    all when ``model_name`` is empty and both fingerprints are zero (stored-only
+    archives).  Without a prompt no prompt check is stored (it reads back as zeros).
     """
 
     model_name: str
@@ -97,13 +148,34 @@ class Header:
     segment_tokens: int
     lanes: int
     block_size: int
+    level: int = 0
+
+    def names_model(self) -> bool:
+        """Whether the archive records a model (flag bit 1): a name or a non-zero fingerprint."""
+        return bool(self.model_name) or any(self.model_fingerprint) or any(
+            self.tokenizer_fingerprint[:TOKENIZER_FINGERPRINT_BYTES])
 
     def pack(self) -> bytes:
-        name = self.model_name.encode("utf-8")[:MAX_NAME]
-        body = _HEAD.pack(MAGIC, VERSION, FLAG_PROMPT if self.has_prompt else 0)
-        body += bytes([len(name)]) + name + _PARAMS.pack(
-            self.model_fingerprint, self.tokenizer_fingerprint, self.prompt_check,
-            self.context, self.segment_tokens, self.lanes, self.block_size)
+        if (len(self.model_fingerprint) != MODEL_FINGERPRINT_BYTES
+                or len(self.tokenizer_fingerprint) < TOKENIZER_FINGERPRINT_BYTES
+                or len(self.prompt_check) != CHECK_BYTES):
+            raise ValueError("header fingerprints or prompt check have the wrong length")
+        if not self.has_prompt and any(self.prompt_check):
+            raise ValueError("a prompt check without a prompt")
+        if not 0 <= self.level <= MAX_LEVEL:
+            raise ValueError(f"level must be 0..{MAX_LEVEL}")
+        named = self.names_model()
+        flags = (FLAG_PROMPT if self.has_prompt else 0) | (FLAG_MODEL if named else 0)
+        body = _HEAD.pack(MAGIC, VERSION, flags) + bytes([self.level])
+        body += b"".join(encode_varint(v) for v in (self.context, self.segment_tokens, self.lanes,
+                                                    self.block_size))
+        if named:
+            # At most MAX_NAME bytes, cut at a character boundary so the name stays UTF-8.
+            name = self.model_name.encode("utf-8")[:MAX_NAME].decode("utf-8", "ignore").encode("utf-8")
+            body += bytes([len(name)]) + name + self.model_fingerprint
+            body += self.tokenizer_fingerprint[:TOKENIZER_FINGERPRINT_BYTES]
+        if self.has_prompt:
+            body += self.prompt_check
         return body + _CRC.pack(zlib.crc32(body))
 
 
@@ -117,9 +189,11 @@ class StreamEntry:
 class Block:
     """One block of the original: its method, length, checksum, segments and streams.
 
-    An LM block lists the token count of each segment and one coded stream
-    per group of ``lanes`` consecutive segments; a stored block has no
-    segments and one stream (the raw or zstd bytes).
+    An LM block has one coded stream per group of ``lanes`` consecutive
+    segments; ``tokens`` lists the token count of each segment.  The archive
+    stores only their total: the segments are always
+    ``segment_layout(total, segment_tokens)``.  A stored block has no segments
+    and one stream (the raw or zstd bytes).
     """
 
     method: Method
@@ -134,10 +208,27 @@ class Block:
         return sum(self.tokens)
 
     def pack(self) -> bytes:
-        table = _BLOCK.pack(BLOCK_TAG, self.method, self.raw_len, self.check, len(self.tokens), len(self.streams))
-        table += b"".join(_TOKENS.pack(n) for n in self.tokens)
-        table += b"".join(_STREAM.pack(e.payload_len, e.payload_crc) for e in self.streams)
-        return table + _CRC.pack(zlib.crc32(table)) + b"".join(self.payloads)
+        """The block table and its CRC, then the payloads.
+
+        A stored block the format cannot express (segments, other than one
+        stream, a raw payload of another length than the block) is a ValueError.
+        """
+        table = bytearray([BLOCK_TAG, self.method]) + encode_varint(self.raw_len) + self.check
+        if self.method == Method.LM:
+            table += encode_varint(sum(self.tokens))
+            for e in self.streams:
+                table += encode_varint(e.payload_len) + _CRC.pack(e.payload_crc)
+        else:
+            if self.tokens or len(self.streams) != 1:
+                raise ValueError("a stored block has no segments and exactly one stream")
+            e = self.streams[0]
+            if self.method == Method.RAW:
+                if e.payload_len != self.raw_len:
+                    raise ValueError("a raw block's payload is its raw bytes")
+            else:
+                table += encode_varint(e.payload_len)
+            table += _CRC.pack(e.payload_crc)
+        return bytes(table) + _CRC.pack(zlib.crc32(table)) + b"".join(self.payloads)
 
     @classmethod
     def build(cls, method: Method, raw: bytes, payloads: list[bytes], tokens: list[int]) -> "Block":
@@ -152,7 +243,7 @@ class End:
     n_blocks: int
 
     def pack(self) -> bytes:
-        body = _END.pack(END_TAG, self.total_len, self.check, self.n_blocks)
+        body = bytes([END_TAG]) + encode_varint(self.total_len) + encode_varint(self.n_blocks) + self.check
         return body + _CRC.pack(zlib.crc32(body))
 
 
@@ -169,6 +260,17 @@ def lm_payload_limit(n_tokens: int) -> int:
 def stream_groups(n_segments: int, lanes: int) -> list[range]:
     """The segments each stream of a block carries: ``lanes`` consecutive ones."""
     return [range(i, min(i + lanes, n_segments)) for i in range(0, n_segments, lanes)]
+
+
+def stream_count(n_tokens: int, segment_tokens: int, lanes: int) -> int:
+    """How many streams an LM block of ``n_tokens`` tokens has: ``len(stream_groups(...))``."""
+    return -(-(-(-n_tokens // segment_tokens)) // lanes)
+
+
+def stream_tokens(i: int, n_tokens: int, segment_tokens: int, lanes: int) -> int:
+    """Tokens carried by stream ``i`` of such a block (its segments' total), without listing them."""
+    per_stream = segment_tokens * lanes
+    return max(0, min(n_tokens, (i + 1) * per_stream) - i * per_stream)
 
 
 def zstd_payload_limit(raw_len: int) -> int:
@@ -253,6 +355,16 @@ class Reader:
             done += len(part)
         return crc, head
 
+    def _varint(self, body: bytearray, where: str, what: str) -> int:
+        """Read one varint byte by byte (appending its bytes to ``body``), at most 10 bytes."""
+        start = len(body)
+        while True:
+            b = self._read(1, where)
+            body += b
+            if not b[0] & 0x80 or len(body) - start == VARINT_MAX_BYTES:
+                break
+        return decode_varint(body, start, what=what)[0]
+
     def header(self) -> Header:
         head = self._s.read(_HEAD.size) or b""
         self.offset += len(head)
@@ -272,23 +384,38 @@ class Reader:
                     f"decode it with {OLD_VERSIONS[version]}")
             raise UnsupportedFormatError(
                 f"archive format version {version} is not supported (this lmcodec reads {VERSION})")
-        name_len = self._read(1, "header")
-        name = self._read(name_len[0], "header")
-        params = self._read(_PARAMS.size, "header")
+        body = bytearray(head)
+        level = self._read(1, "header")[0]
+        body.append(level)
+        context, seg, lanes, block_size = (self._varint(body, "header", f"archive header {what}")
+                                           for what in ("context", "segment tokens", "lanes", "block size"))
+        name, mfp, tfp, pcheck = b"", bytes(MODEL_FINGERPRINT_BYTES), bytes(TOKENIZER_FINGERPRINT_BYTES), bytes(8)
+        if flags & FLAG_MODEL:
+            name_len = self._read(1, "header")
+            name = self._read(name_len[0], "header")
+            mfp = self._read(MODEL_FINGERPRINT_BYTES, "header")
+            tfp = self._read(TOKENIZER_FINGERPRINT_BYTES, "header")
+            body += name_len + name + mfp + tfp
+        if flags & FLAG_PROMPT:
+            pcheck = self._read(CHECK_BYTES, "header")
+            body += pcheck
         (crc,) = _CRC.unpack(self._read(_CRC.size, "header"))
-        if zlib.crc32(head + name_len + name + params) != crc:
+        if zlib.crc32(body) != crc:
             raise CorruptArchiveError("archive header is corrupted (CRC mismatch)")
-        (mfp, tfp, pcheck, context, seg, lanes, block_size) = _PARAMS.unpack(params)
-        # The ranges an encoder can write (see Settings.resolved in codec.py).
-        if (flags & ~FLAG_PROMPT or not MIN_CONTEXT <= context <= MAX_CONTEXT
+        # The ranges an encoder can write (see Settings.resolved in codec.py); a header that
+        # says it names a model names one (an encoder sets the flag exactly then).
+        if (flags & ~(FLAG_PROMPT | FLAG_MODEL) or level > MAX_LEVEL
+                or not MIN_CONTEXT <= context <= MAX_CONTEXT
                 or not 1 <= seg <= MAX_SEGMENT_TOKENS or not 1 <= lanes <= MAX_LANES
-                or not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE):
+                or not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE
+                or (flags & FLAG_MODEL and not (name or any(mfp) or any(tfp)))):
             raise CorruptArchiveError("archive header has invalid parameters")
         try:
             model_name = name.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise CorruptArchiveError("archive header has an invalid model name") from exc
-        header = Header(model_name, mfp, tfp, pcheck, bool(flags & FLAG_PROMPT), context, seg, lanes, block_size)
+        header = Header(model_name, mfp, tfp, pcheck, bool(flags & FLAG_PROMPT), context, seg, lanes, block_size,
+                        level)
         if self._prescan and self._left is not None and _seekable(self._s):
             self._scan(header)
         return header
@@ -313,12 +440,15 @@ class Reader:
     def _record(self, header: Header, keep: bool) -> Block | End:
         tag = self._read(1, "block tag")
         start = self.offset - 1
+        body = bytearray(tag)
         if tag[0] == END_TAG:
-            body = tag + self._read(_END.size - 1, "end record")
+            total = self._varint(body, "end record", "archive end record total length")
+            n_blocks = self._varint(body, "end record", "archive end record block count")
+            check = self._read(CHECK_BYTES, "end record")
+            body += check
             (crc,) = _CRC.unpack(self._read(_CRC.size, "end record"))
             if zlib.crc32(body) != crc:
                 raise CorruptArchiveError("archive end record is corrupted (CRC mismatch)")
-            _, total, check, n_blocks = _END.unpack(body)
             if (n_blocks, total) != (self._blocks, self._total):
                 raise CorruptArchiveError(
                     f"archive end record (offset {start}) does not match its blocks: it declares "
@@ -327,25 +457,48 @@ class Reader:
             return End(total, check, n_blocks)
         if tag[0] != BLOCK_TAG:
             raise CorruptArchiveError(f"unknown record tag 0x{tag[0]:02x} at offset {start}")
-        body = tag + self._read(_BLOCK.size - 1, "block header")
-        _, method, raw_len, check, n_seg, n_str = _BLOCK.unpack(body)
-        # Bound the tables by what the block and the data can hold before reading them:
-        # every segment codes at least one byte, and the tables must fit in what remains.
-        table_len = n_seg * _TOKENS.size + n_str * _STREAM.size
-        if (n_seg > min(raw_len, header.block_size) or not 1 <= n_str <= max(1, n_seg)
-                or (self._left is not None and table_len > self._left)):
-            raise CorruptArchiveError(f"block at offset {start} declares an impossible number of segments")
-        table = self._read(table_len, "segment table")
+        # The table's shape follows from the method, the lengths and the header, so each is
+        # checked before the next is read: nothing is allocated from an unchecked count.
+        method = self._read(1, "block header")
+        body += method
+        if method[0] not in _METHODS:
+            raise CorruptArchiveError(f"block at offset {start} has invalid fields (method {method[0]})")
+        method = Method(method[0])
+        raw_len = self._varint(body, "block header", f"block at offset {start}: raw length")
+        if raw_len > header.block_size:
+            raise CorruptArchiveError(f"block at offset {start} has invalid fields "
+                                      f"(raw length {raw_len} over the block size {header.block_size})")
+        check = self._read(CHECK_BYTES, "block header")
+        body += check
+        n_tokens = 0
+        if method == Method.LM:
+            n_tokens = self._varint(body, "block header", f"block at offset {start}: token count")
+            if not 1 <= n_tokens <= raw_len:  # every token codes at least one byte
+                raise CorruptArchiveError(f"block at offset {start} declares an impossible number of tokens "
+                                          f"({n_tokens} for {raw_len} bytes; more tokens than bytes or none)")
+            n_streams = stream_count(n_tokens, header.segment_tokens, header.lanes)
+            # Bound the table by what the block and the data can hold before reading it.
+            if (n_streams > min(raw_len, header.block_size)
+                    or (self._left is not None and n_streams * MIN_STREAM_ENTRY + _CRC.size > self._left)):
+                raise CorruptArchiveError(f"block at offset {start} declares an impossible number of "
+                                          f"streams ({n_streams})")
+            entries = []
+            for i in range(n_streams):
+                length = self._varint(body, "stream table", f"block at offset {start}: stream {i} length")
+                crc = self._read(_CRC.size, "stream table")
+                body += crc
+                entries.append(StreamEntry(length, _CRC.unpack(crc)[0]))
+        else:
+            length = raw_len
+            if method == Method.ZSTD:
+                length = self._varint(body, "block header", f"block at offset {start}: payload length")
+            crc = self._read(_CRC.size, "block header")
+            body += crc
+            entries = [StreamEntry(length, _CRC.unpack(crc)[0])]
         (crc,) = _CRC.unpack(self._read(_CRC.size, "block header"))
-        if zlib.crc32(body + table) != crc:
+        if zlib.crc32(body) != crc:
             raise CorruptArchiveError(f"block header at offset {start} is corrupted (CRC mismatch)")
-        if method not in set(Method) or raw_len > header.block_size:
-            raise CorruptArchiveError(f"block at offset {start} has invalid fields")
-        method = Method(method)
-        tokens = [_TOKENS.unpack_from(table, i * _TOKENS.size)[0] for i in range(n_seg)]
-        at = n_seg * _TOKENS.size
-        entries = [StreamEntry(*_STREAM.unpack_from(table, at + i * _STREAM.size)) for i in range(n_str)]
-        self._check_layout(method, raw_len, tokens, entries, header, start)
+        self._check_layout(method, raw_len, n_tokens, entries, header, start)
         payloads, first = [], b""
         for i, e in enumerate(entries):
             what = f"payload of stream {i}"
@@ -363,38 +516,31 @@ class Reader:
             raise CorruptArchiveError(f"zstd block at offset {start} does not declare its length")
         self._blocks += 1
         self._total += raw_len
+        # The segments are derived, not stored; the pre-scan (keep=False) never lists them.
+        tokens = segment_layout(n_tokens, header.segment_tokens) if keep and method == Method.LM else []
         return Block(method, raw_len, check, tokens, entries, payloads)
 
     @staticmethod
-    def _check_layout(method: Method, raw_len: int, tokens: list[int], entries: list[StreamEntry],
+    def _check_layout(method: Method, raw_len: int, n_tokens: int, entries: list[StreamEntry],
                       header: Header, start: int) -> None:
         """Reject a block table that no encoder writes (before reading payloads)."""
         def bad(why: str) -> CorruptArchiveError:
             return CorruptArchiveError(f"block at offset {start}: {why}")
 
         if method != Method.LM:
-            if tokens or len(entries) != 1:
-                raise bad("a stored block must have no segments and exactly one stream")
-            size = entries[0].payload_len
-            if (size != raw_len) if method == Method.RAW else (size > zstd_payload_limit(raw_len)):
+            if method == Method.ZSTD and entries[0].payload_len > zstd_payload_limit(raw_len):
                 raise bad("stored payload length does not match the block length")
             return
-        total = sum(tokens)
-        if total > raw_len:
-            raise bad("more tokens than bytes")
-        if not tokens or tokens != segment_layout(total, header.segment_tokens):
-            raise bad("segment token counts do not match the header's segment size")
-        groups = stream_groups(len(tokens), header.lanes)
-        if len(entries) != len(groups):
-            raise bad("stream count does not match the header's lanes")
-        for i, (e, g) in enumerate(zip(entries, groups)):
-            n = sum(tokens[j] for j in g)
+        for i, e in enumerate(entries):
+            n = stream_tokens(i, n_tokens, header.segment_tokens, header.lanes)
             if e.payload_len % 4 or not 4 <= e.payload_len <= lm_payload_limit(n):
                 raise bad(f"stream {i} has an impossible payload length {e.payload_len}")
 
     def at_eof(self) -> bool:
         return not self._s.read(1)
 
+
+_METHODS = frozenset(int(m) for m in Method)
 
 #: A zstd frame header is at most 18 bytes (magic, descriptor, window, dict id, size).
 _ZSTD_HEAD = 18

@@ -7,17 +7,19 @@ several blocks).  Each one is then corrupted many ways:
 
 * ``flip-header-bit``: every bit of every header, one at a time (exhaustive);
 * ``truncate-boundary``: cut at, just before and just after every structure
-  boundary (header fields, block header, token table, stream table, block CRC,
-  each payload, end record);
+  boundary (every header field, every block-table field and stream entry, the
+  block CRC, each payload, every end-record field);
 * ``flip-random``: 1-3 random bits anywhere;  ``truncate-random``;
 * ``splice``: a prefix of one archive + a suffix of another (random offsets,
   half of them at structure boundaries);
 * ``version`` / ``fingerprint``: the format version or the model / tokenizer
-  fingerprint changed, with and without re-signing the header CRC;
+  fingerprint changed (in a stored-only archive, which names no model, a model
+  section is inserted), with and without re-signing the header CRC;
 * ``resign-header`` / ``resign-block`` / ``resign-end``: one field of a header,
-  block header, token or stream table, or end record changed to a random or
-  hostile value and the CRC recomputed with zlib.crc32, so the deeper checks are
-  reached.
+  block table (stream entries included) or end record changed to a random or
+  hostile value -- a varint field re-encoded (its length may change), or
+  replaced by a non-minimal or overlong encoding -- and the CRC recomputed with
+  zlib.crc32, so the deeper checks are reached.
 
 Every result must be the exact original (e.g. a re-signed parameter a stored
 block does not use) or an :class:`lmcodec.LMCodecError` with a one-line
@@ -28,8 +30,9 @@ Decoding an LM archive runs the 135M model (tens of ms a step on a CPU), so
 the campaign counts how many cases reached the model (``Codec._engine``, where
 an LM block's decoding starts running it): nearly all must be refused by the
 CRC and structure checks first.  Mutations that by construction can only be
-caught after the model ran (a re-signed block checksum, a changed coding
-parameter of an LM archive) are limited to ``--deep`` cases.
+caught after the model ran (a re-signed block checksum, a token count the
+block can still hold, a changed coding parameter of an LM archive) are
+limited to ``--deep`` cases.
 
     python scripts/corruption_campaign.py --count 10000 --seed 1 --json campaign.json
 """
@@ -48,23 +51,19 @@ import time
 import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import lmcodec  # noqa: E402
-from lmcodec.container import VERSION  # noqa: E402
+from lmcodec.container import VERSION, decode_varint, encode_varint  # noqa: E402
 from lmcodec.errors import LMCodecError  # noqa: E402
 
 LM_SETTINGS = dict(segment_tokens=24, lanes=2, context=32, threads=2)
 
-#: Format v3 sizes (lmcodec/container.py): header parameters after the model name,
-#: fixed part of a block header, one token count, one stream entry, end record.
-PARAMS = 54          # model fp 16, tokenizer fp 16, prompt check 8, context 4, segment tokens 4, lanes 2, block size 4
-BLOCK_FIXED = 22     # tag 1, method 1, raw_len 4, check 8, n_segments 4, n_streams 4
-TOKEN = 4
-STREAM = 8           # payload_len 4, payload_crc 4
-END = 25             # tag 1, total 8, check 8, n_blocks 4, CRC 4
+#: Format v3 (lmcodec/container.py, docs/FORMAT.md): a field is (name, start, end, kind), kind one of
+#: "u8", "varint", "u32" (a CRC32 inside a table), "8s" / "16s" (digests, fingerprints) or "name".
+FLAG_PROMPT, FLAG_MODEL = 1, 2
+LM_METHOD, RAW_METHOD = 2, 0
 
 TEXTS = {
     "prose": (b"It was the best of times, it was the worst of times, it was the age of wisdom, "
@@ -80,6 +79,19 @@ PROMPT = b"A Tale of Two Cities, by Charles Dickens. Book the First: Recalled to
 
 
 @dataclass
+class Record:
+    """One CRC-covered structure: its fields, where it starts, where its CRC is."""
+
+    kind: str                            # "header", "block" or "end"
+    start: int
+    crc: int                             # offset of the CRC32 of [start, crc)
+    fields: list[tuple[str, int, int, str]] = field(default_factory=list)
+    payload_ends: list[int] = field(default_factory=list)
+    method: int = -1
+    raw_len: int = 0
+
+
+@dataclass
 class Sample:
     name: str
     blob: bytes
@@ -87,44 +99,100 @@ class Sample:
     prompt: bytes | None
     lm: bool
     header_end: int = 0
-    params: int = 0                      # offset of the fixed header parameters
-    blocks: list[dict] = field(default_factory=list)
+    records: list[Record] = field(default_factory=list)
     end_start: int = 0
 
+    @property
+    def header(self) -> Record:
+        return self.records[0]
+
+    @property
+    def blocks(self) -> list[Record]:
+        return [r for r in self.records if r.kind == "block"]
+
+    def hfield(self, name: str) -> tuple[str, int, int, str] | None:
+        """A header field by name (None: not in this archive)."""
+        return next((f for f in self.header.fields if f[0] == name), None)
+
     def boundaries(self) -> list[int]:
-        p = self.params
-        b = {0, 4, 5, 6, 7, p, p + 16, p + 32, p + 40, p + 44, p + 48, p + 50, p + PARAMS, self.header_end,
-             self.end_start, self.end_start + 1, self.end_start + 9, self.end_start + 17, self.end_start + 21,
-             len(self.blob)}
-        for blk in self.blocks:
-            s = blk["start"]
-            b |= {s, s + 1, s + 2, s + 6, s + 14, s + 18, blk["fixed_end"], blk["streams_start"],
-                  blk["table_end"], blk["crc_end"], *blk["payload_ends"]}
+        b = {0, 4, len(self.blob)}
+        for r in self.records:
+            b |= {r.start, r.crc, r.crc + 4, *r.payload_ends}
+            for _, start, end, kind in r.fields:
+                b |= {start, end} | ({start + 1} if kind == "name" else set())  # a name: after its length
         return sorted(b)
 
 
+def _varint_at(blob: bytes, pos: int) -> tuple[int, int]:
+    return decode_varint(blob, pos)
+
+
 def describe(sample: Sample) -> Sample:
-    """Fill in the structure offsets of a valid archive."""
+    """Fill in the structure of a valid archive: every field of every record."""
     blob = sample.blob
-    n = blob[6]
-    sample.params = 7 + n
-    sample.header_end = sample.params + PARAMS + 4
-    pos = sample.header_end
+    flags = blob[5]
+    h = Record("header", 0, 0, [("magic", 0, 4, "magic"), ("version", 4, 5, "u8"), ("flags", 5, 6, "u8"),
+                                ("level", 6, 7, "u8")])
+    pos = 7
+    for name in ("context", "segment_tokens", "lanes", "block_size"):
+        _, end = _varint_at(blob, pos)
+        h.fields.append((name, pos, end, "varint"))
+        pos = end
+    if flags & FLAG_MODEL:
+        n = blob[pos]
+        h.fields += [("name", pos, pos + 1 + n, "name"), ("model_fingerprint", pos + 1 + n, pos + 17 + n, "16s"),
+                     ("tokenizer_fingerprint", pos + 17 + n, pos + 25 + n, "8s")]
+        pos += 25 + n
+    if flags & FLAG_PROMPT:
+        h.fields.append(("prompt_check", pos, pos + 8, "8s"))
+        pos += 8
+    h.crc = pos
+    sample.records = [h]
+    sample.header_end = pos = pos + 4
+    seg = decode_varint(blob, sample.hfield("segment_tokens")[1])[0]
+    lanes = decode_varint(blob, sample.hfield("lanes")[1])[0]
     while blob[pos] == 0x42:
-        n_seg, n_str = struct.unpack_from("<II", blob, pos + 14)
-        fixed_end = pos + BLOCK_FIXED
-        streams_start = fixed_end + TOKEN * n_seg
-        table_end = streams_start + STREAM * n_str
-        ends, p = [], table_end + 4
-        for i in range(n_str):
-            p += struct.unpack_from("<I", blob, streams_start + STREAM * i)[0]
-            ends.append(p)
-        sample.blocks.append(dict(start=pos, fixed_end=fixed_end, streams_start=streams_start,
-                                  table_end=table_end, crc_end=table_end + 4, payload_ends=ends,
-                                  n_seg=n_seg, n_str=n_str))
+        r = Record("block", pos, 0, [("tag", pos, pos + 1, "u8"), ("method", pos + 1, pos + 2, "u8")])
+        r.method = blob[pos + 1]
+        r.raw_len, p = _varint_at(blob, pos + 2)
+        r.fields += [("raw_len", pos + 2, p, "varint"), ("check", p, p + 8, "8s")]
+        p += 8
+        lengths = []
+        if r.method == LM_METHOD:
+            n_tokens, end = _varint_at(blob, p)
+            r.fields.append(("n_tokens", p, end, "varint"))
+            p = end
+            for i in range(-(-(-(-n_tokens // seg)) // lanes)):
+                length, end = _varint_at(blob, p)
+                r.fields += [(f"stream{i}.payload_len", p, end, "varint"),
+                             (f"stream{i}.payload_crc", end, end + 4, "u32")]
+                lengths.append(length)
+                p = end + 4
+        else:
+            length = r.raw_len
+            if r.method != RAW_METHOD:
+                length, end = _varint_at(blob, p)
+                r.fields.append(("payload_len", p, end, "varint"))
+                p = end
+            r.fields.append(("payload_crc", p, p + 4, "u32"))
+            lengths.append(length)
+            p += 4
+        r.crc = p
+        p += 4
+        for length in lengths:
+            p += length
+            r.payload_ends.append(p)
+        sample.records.append(r)
         pos = p
     sample.end_start = pos
-    assert pos + END == len(blob), sample.name
+    e = Record("end", pos, 0, [("tag", pos, pos + 1, "u8")])
+    total_end = _varint_at(blob, pos + 1)[1]
+    blocks_end = _varint_at(blob, total_end)[1]
+    e.fields += [("total", pos + 1, total_end, "varint"), ("n_blocks", total_end, blocks_end, "varint"),
+                 ("check", blocks_end, blocks_end + 8, "8s")]
+    e.crc = blocks_end + 8
+    sample.records.append(e)
+    assert e.crc + 4 == len(blob), sample.name
     return sample
 
 
@@ -193,40 +261,67 @@ def exhaustive_cases(corpus: list[Sample]) -> list[Case]:
     return cases
 
 
-def _hostile_int(rng: random.Random, size: int, old: int) -> int:
-    top = (1 << (8 * size)) - 1
+VARINT_TOP = (1 << 64) - 1
+
+
+def _hostile_int(rng: random.Random, bits: int, old: int) -> int:
+    top = (1 << bits) - 1
     choices = [0, 1, top, top - 1, old + 1, max(old - 1, 0), old * 2, old // 2,
-               rng.randrange(top + 1), 1 << rng.randrange(8 * size)]
+               rng.randrange(top + 1), 1 << rng.randrange(bits), rng.randrange(1 << rng.randrange(1, bits + 1))]
     value = rng.choice(choices) & top
     return value if value != old else (old + 1) & top
 
 
-def _maybe_resign_header(rng: random.Random, buf: bytearray, s) -> str:
+def _maybe_resign_header(rng: random.Random, buf: bytearray, crc_at: int) -> str:
     """Half the time, fix the header CRC after a change (" re-signed"), else leave it ("")."""
     if rng.random() < 0.5:
-        _resign(buf, 0, s.header_end - 4)
+        _resign(buf, 0, crc_at)
         return " re-signed"
     return ""
 
 
-def _overwrite(rng: random.Random, buf: bytearray, name: str, off: int, fmt: str,
-               pick: Callable[[random.Random, int, int], int] = _hostile_int) -> str:
-    """Overwrite one field: random bytes for a digest ("8s"), ``pick``'s value for an
-    integer; return what changed."""
-    if fmt == "8s":
-        buf[off:off + 8] = rng.randbytes(8)
-        return name
-    size = struct.calcsize(fmt)
-    old = struct.unpack_from("<" + fmt, buf, off)[0]
-    new = pick(rng, size, old)
-    struct.pack_into("<" + fmt, buf, off, new)
-    return f"{name} {old} -> {new}"
+def _new_bytes(rng: random.Random, name: str, old: bytes, kind: str) -> tuple[bytes, str, int | None]:
+    """Hostile bytes for one field: (new bytes, what changed, the new integer or None)."""
+    if kind in ("8s", "16s"):
+        return rng.randbytes(len(old)), name, None
+    if kind == "u8":
+        new = _hostile_int(rng, 8, old[0])
+        return bytes([new]), f"{name} {old[0]} -> {new}", new
+    if kind == "u32":
+        o = struct.unpack("<I", old)[0]
+        new = _hostile_int(rng, 32, o)
+        return struct.pack("<I", new), f"{name} {o} -> {new}", new
+    assert kind == "varint", kind
+    o = decode_varint(old)[0]
+    r = rng.random()
+    if r < 0.08:   # the same value, non-minimal (padded with zero groups)
+        pad = rng.randrange(1, 4)
+        enc = bytearray(old)
+        enc[-1] |= 0x80
+        return bytes(enc) + b"\x80" * (pad - 1) + b"\x00", f"{name} {o} non-minimal (+{pad} bytes)", None
+    if r < 0.12:   # longer than 10 bytes
+        return b"\xff" * rng.randrange(10, 13) + b"\x01", f"{name} overlong varint", None
+    new = _hostile_int(rng, 64, o)
+    return encode_varint(new), f"{name} {o} -> {new}", new
+
+
+def _replace(rng: random.Random, s: Sample, rec: Record, fields) -> tuple[bytearray, str, str, int | None]:
+    """Overwrite one field of ``rec`` and re-sign the record's CRC (wherever the change moved it).
+
+    Returns (buffer, field name, what changed, the new integer value or None).
+    """
+    name, start, end, kind = rng.choice(fields)
+    buf = bytearray(s.blob)
+    new, what, value = _new_bytes(rng, name, s.blob[start:end], kind)
+    buf[start:end] = new
+    _resign(buf, rec.start, rec.crc + len(new) - (end - start))
+    return buf, name, what, value
 
 
 def random_case(rng: random.Random, corpus: list[Sample], kind: str) -> Case:
     s = rng.choice(corpus)
     buf = bytearray(s.blob)
-    p = s.params
+    h = s.header
     if kind == "flip-random":
         bits = rng.sample(range(len(buf) * 8), k=min(len(buf) * 8, rng.choice([1, 1, 2, 3])))
         for bit in bits:
@@ -246,55 +341,55 @@ def random_case(rng: random.Random, corpus: list[Sample], kind: str) -> Case:
                     donor.original, s.prompt)
     if kind == "version":
         buf[4] = rng.choice([v for v in range(256) if v != VERSION])
-        signed = _maybe_resign_header(rng, buf, s)
+        signed = _maybe_resign_header(rng, buf, h.crc)
         return Case(kind, s.name, f"version {buf[4]}{signed}", bytes(buf), s.original, s.prompt)
     if kind == "fingerprint":
         which = rng.choice(["model", "tokenizer"])
-        off = p if which == "model" else p + 16
-        if rng.random() < 0.5:
-            _flip(buf, off * 8 + rng.randrange(128))
+        f = s.hfield(f"{which}_fingerprint")
+        crc_at = h.crc
+        if f is None:
+            # A stored-only archive names no model: give it a model section (the flag, a name,
+            # fingerprints) -- it never loads a model, so re-signed this is harmless.
+            at = s.hfield("block_size")[2]
+            section = bytes([12]) + b"smollm2-135m" + rng.randbytes(24)
+            buf[5] |= FLAG_MODEL
+            buf[at:at] = section
+            crc_at += len(section)
+            what = f"{which} fingerprint (model section inserted)"
         else:
-            buf[off:off + 16] = rng.randbytes(16)
-        signed = _maybe_resign_header(rng, buf, s)
-        # A stored-only archive never loads a model: a re-signed fingerprint is harmless there.
-        return Case(kind, s.name, f"{which} fingerprint{signed}", bytes(buf), s.original, s.prompt)
+            _, start, end, _ = f
+            if rng.random() < 0.5:
+                _flip(buf, start * 8 + rng.randrange(8 * (end - start)))
+            else:
+                buf[start:end] = rng.randbytes(end - start)
+            what = f"{which} fingerprint"
+        signed = _maybe_resign_header(rng, buf, crc_at)
+        return Case(kind, s.name, f"{what}{signed}", bytes(buf), s.original, s.prompt)
     if kind == "resign-header":
-        fields = [("flags", 5, "B"), ("context", p + 40, "I"), ("segment_tokens", p + 44, "I"),
-                  ("lanes", p + 48, "H"), ("block_size", p + 50, "I"), ("prompt_check", p + 32, "8s"),
-                  ("name", 7, "name")]
-        name, off, fmt = rng.choice(fields)
+        fields = [f for f in h.fields if f[0] in ("flags", "level", "context", "segment_tokens", "lanes",
+                                                  "block_size", "prompt_check", "name")]
+        name, start, end, fmt = rng.choice(fields)
         if fmt == "name":
             new = rng.choice([b"", b"smollm2-135m", b"smollm2-360m", rng.randbytes(rng.randrange(1, 12))])
-            buf[6:p] = bytes([len(new)]) + new
-            header_end = 7 + len(new) + PARAMS + 4
+            buf[start:end] = bytes([len(new)]) + new
+            _resign(buf, 0, h.crc + len(new) + 1 - (end - start))
             what = f"name {new!r}"
         else:
-            what = _overwrite(rng, buf, name, off, fmt)
-            header_end = s.header_end
-        _resign(buf, 0, header_end - 4)
+            buf, _, what, _ = _replace(rng, s, h, [(name, start, end, fmt)])
         return Case(kind, s.name, what, bytes(buf), s.original, s.prompt, deep=s.lm)
     if kind == "resign-block":
         if not s.blocks:
             return random_case(rng, corpus, "resign-end")
         blk = rng.choice(s.blocks)
-        b = blk["start"]
-        fields = [("tag", b, "B"), ("method", b + 1, "B"), ("raw_len", b + 2, "I"), ("check", b + 6, "8s"),
-                  ("n_segments", b + 14, "I"), ("n_streams", b + 18, "I")]
-        fields += [(f"seg{i}.tokens", blk["fixed_end"] + TOKEN * i, "I") for i in range(blk["n_seg"])]
-        for i in range(blk["n_str"]):
-            e = blk["streams_start"] + STREAM * i
-            fields += [(f"stream{i}.payload_len", e, "I"), (f"stream{i}.payload_crc", e + 4, "I")]
-        name, off, fmt = rng.choice(fields)
-        what = _overwrite(rng, buf, name, off, fmt)
-        _resign(buf, b, blk["table_end"])
-        # Only a changed block checksum of an LM block survives to the model (and fails after it).
-        return Case(kind, s.name, what, bytes(buf), s.original, s.prompt, deep=s.lm and name == "check")
+        buf, name, what, value = _replace(rng, s, blk, blk.fields)
+        # Only a changed block checksum of an LM block, or a token count it can still hold,
+        # survives to the model (and fails after it).
+        deep = s.lm and (name == "check" or (name == "n_tokens" and value is not None
+                                             and 1 <= value <= blk.raw_len))
+        return Case(kind, s.name, what, bytes(buf), s.original, s.prompt, deep=deep)
     if kind == "resign-end":
-        e = s.end_start
-        name, off, fmt = rng.choice([("tag", e, "B"), ("total", e + 1, "Q"), ("check", e + 9, "8s"),
-                                     ("n_blocks", e + 17, "I")])
-        what = _overwrite(rng, buf, name, off, fmt)
-        _resign(buf, e, e + 21)
+        e = s.records[-1]
+        buf, name, what, _ = _replace(rng, s, e, e.fields)
         return Case(kind, s.name, what, bytes(buf), s.original, s.prompt, deep=s.lm and name == "check")
     raise ValueError(kind)
 

@@ -178,16 +178,22 @@ def test_trailing_garbage(codec):
 
 def test_checksum_catches_a_wrong_decode(codec):
     """Re-sign a block whose digest is wrong: the decoder must refuse, not return bytes."""
+    import io
     import struct
+
+    from lmcodec.container import decode_varint
 
     blob = bytearray(codec.compress(TEXT))
     header = Reader_header(bytes(blob))
     start = len(header.pack())
-    fmt = struct.Struct("<BBI8sII")
-    tag, method, raw_len, check, n_seg, n_str = fmt.unpack_from(blob, start)
-    assert (tag, method) == (0x42, 2) and n_str == len(stream_groups(n_seg, FAST["lanes"]))
-    blob[start + 6] ^= 0xFF  # first byte of the block digest
-    table_end = start + fmt.size + 4 * n_seg + 8 * n_str
+    tag, method = blob[start:start + 2]
+    raw_len, check_at = decode_varint(blob, start + 2)  # tag, method, raw length, then the digest
+    reader = Reader(io.BytesIO(bytes(blob)), len(blob))
+    block = reader.next(reader.header())
+    assert (tag, method, raw_len) == (0x42, 2, len(TEXT))
+    assert len(block.streams) == len(stream_groups(len(block.tokens), FAST["lanes"]))
+    blob[check_at] ^= 0xFF  # first byte of the block digest
+    table_end = start + len(block.pack()) - sum(len(p) for p in block.payloads) - 4
     struct.pack_into("<I", blob, table_end, zlib.crc32(bytes(blob[start:table_end])))
     with pytest.raises(ChecksumError):
         codec.decompress(bytes(blob))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+import tracemalloc
 import zlib
 
 import pytest
@@ -11,9 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lmcodec
-from lmcodec.container import (MAGIC, MAX_CONTEXT, MAX_LANES, OLD_VERSIONS, VERSION, Block, End, Header, Method,
-                               Reader, StreamEntry, digest, lm_payload_limit, prompt_check, segment_layout,
-                               stream_groups)
+from lmcodec.container import (MAGIC, MAX_CONTEXT, MAX_LANES, OLD_VERSIONS, VARINT_MAX, VERSION, Block, End,
+                               Header, Method, Reader, StreamEntry, decode_varint, digest, encode_varint,
+                               lm_payload_limit, prompt_check, segment_layout, stream_count, stream_groups,
+                               stream_tokens)
 from lmcodec.errors import (
     ArchiveError,
     CorruptArchiveError,
@@ -22,18 +24,32 @@ from lmcodec.errors import (
     UnsupportedFormatError,
 )
 
-headers = st.builds(
-    Header,
-    model_name=st.text(max_size=40),
-    model_fingerprint=st.binary(min_size=16, max_size=16),
-    tokenizer_fingerprint=st.binary(min_size=16, max_size=16),
-    prompt_check=st.binary(min_size=8, max_size=8),
-    has_prompt=st.booleans(),
-    context=st.integers(16, MAX_CONTEXT),
-    segment_tokens=st.one_of(st.integers(1, 8), st.integers(1, 1 << 30)),
-    lanes=st.one_of(st.integers(1, 4), st.integers(1, MAX_LANES)),
-    block_size=st.integers(4096, 64 << 20),
-)
+@st.composite
+def headers(draw):
+    """Headers as an encoder writes them: an LM archive names its model (the tokenizer's
+    8-byte prefix is what the archive keeps), a stored-only one names none; the prompt
+    check is zeros exactly when there is no prompt."""
+    has_prompt = draw(st.booleans())
+    if draw(st.booleans()):
+        model = dict(model_name=draw(st.text(max_size=40).filter(lambda n: len(n.encode()) <= 255)),
+                     model_fingerprint=draw(st.binary(min_size=16, max_size=16)),
+                     tokenizer_fingerprint=draw(st.binary(min_size=8, max_size=8)))
+    else:
+        model = dict(model_name="", model_fingerprint=bytes(16), tokenizer_fingerprint=bytes(8))
+    return Header(**model,
+                  prompt_check=draw(st.binary(min_size=8, max_size=8)) if has_prompt else bytes(8),
+                  has_prompt=has_prompt,
+                  context=draw(st.integers(16, MAX_CONTEXT)),
+                  segment_tokens=draw(st.one_of(st.integers(1, 8), st.integers(1, 1 << 30))),
+                  lanes=draw(st.one_of(st.integers(1, 4), st.integers(1, MAX_LANES))),
+                  block_size=draw(st.integers(4096, 64 << 20)),
+                  level=draw(st.integers(0, 9)))
+
+
+def ref_varint(n: int) -> bytes:
+    """An independent LEB128 encoder (the documented layout): 7 bits a byte, low first."""
+    groups = [(n >> s) & 0x7F for s in range(0, max(n.bit_length(), 1), 7)]
+    return bytes(g | 0x80 for g in groups[:-1]) + bytes(groups[-1:])
 
 
 def _words(max_len: int):
@@ -43,7 +59,7 @@ def _words(max_len: int):
 
 @st.composite
 def archives(draw):
-    header = draw(headers.filter(lambda h: len(h.model_name.encode()) <= 255))
+    header = draw(headers())
     parts = [header.pack()]
     content = b""
     blocks = []
@@ -99,7 +115,7 @@ def test_pack_parse_round_trip(arch):
 
 
 @settings(max_examples=200, deadline=None)
-@given(headers.filter(lambda h: len(h.model_name.encode()) <= 255))
+@given(headers())
 def test_header_pack_parse_round_trip(header):
     blob = header.pack() + End(0, digest(b""), 0).pack()
     assert Reader(io.BytesIO(blob), len(blob)).header() == header
@@ -107,18 +123,188 @@ def test_header_pack_parse_round_trip(header):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.integers(0, 2**32 - 1), max_size=20), st.lists(st.tuples(st.integers(0, 2**32 - 1),
-       st.integers(0, 2**32 - 1)), max_size=8), st.sampled_from(list(Method)), st.integers(0, 2**32 - 1),
-       st.binary(min_size=8, max_size=8))
-def test_block_table_layout(tokens, streams, method, raw_len, check):
+@given(headers())
+def test_header_layout(header):
+    """The packed header is exactly the documented layout (docs/FORMAT.md)."""
+    named = bool(header.model_name) or any(header.model_fingerprint) or any(header.tokenizer_fingerprint)
+    flags = header.has_prompt | (2 * named)
+    body = MAGIC + bytes([3, flags, header.level])
+    body += b"".join(ref_varint(v) for v in (header.context, header.segment_tokens, header.lanes,
+                                             header.block_size))
+    if named:
+        name = header.model_name.encode()
+        body += bytes([len(name)]) + name + header.model_fingerprint + header.tokenizer_fingerprint
+    if header.has_prompt:
+        body += header.prompt_check
+    assert header.pack() == body + struct.pack("<I", zlib.crc32(body))
+    # 7 + varints + (1 + n + 24 if it names a model) + (8 with a prompt) + 4
+    size = 7 + sum(len(ref_varint(v)) for v in (header.context, header.segment_tokens, header.lanes,
+                                                header.block_size))
+    size += (25 + len(header.model_name.encode())) * named + 8 * header.has_prompt + 4
+    assert len(header.pack()) == size
+
+
+def test_header_keeps_the_tokenizer_prefix_and_omits_what_it_does_not_need():
+    h = Header("smollm2-135m", bytes(range(16)), bytes(range(100, 116)), bytes(8), False, 2048, 2048, 64, 4 << 20)
+    blob = h.pack()
+    assert len(blob) == 57  # 7 + varints 2 + 2 + 1 + 4 + name 1 + 12 + fingerprints 16 + 8 + CRC 4
+    got = Reader(io.BytesIO(blob + End(0, digest(b""), 0).pack())).header()
+    assert got.tokenizer_fingerprint == bytes(range(100, 108)) and got.level == 0
+    assert got == Header("smollm2-135m", bytes(range(16)), bytes(range(100, 108)), bytes(8), False, 2048, 2048,
+                         64, 4 << 20)
+    # Stored-only: no model fields at all; they read back as zeros.
+    stored = Header("", bytes(16), bytes(16), bytes(8), False, 2048, 2048, 64, 4 << 20, level=9)
+    assert len(stored.pack()) == 7 + 9 + 4 and stored.pack()[5] == 0 and stored.pack()[6] == 9
+    got = Reader(io.BytesIO(stored.pack())).header()
+    assert (got.model_name, got.model_fingerprint, got.tokenizer_fingerprint) == ("", bytes(16), bytes(8))
+    # A prompt adds its 8-byte check.
+    p = Header("", bytes(16), bytes(8), prompt_check(b"k"), True, 2048, 2048, 64, 4 << 20)
+    assert len(p.pack()) == len(stored.pack()) + 8 and Reader(io.BytesIO(p.pack())).header() == p
+    # What the format cannot hold is refused when packing.
+    for bad in (dict(level=10), dict(has_prompt=False, prompt_check=b"x" * 8), dict(model_fingerprint=bytes(8)),
+                dict(tokenizer_fingerprint=bytes(7))):
+        with pytest.raises(ValueError):
+            Header(**{**vars(p), **bad}).pack()
+
+
+def _resigned_header(body: bytes) -> bytes:
+    return body + struct.pack("<I", zlib.crc32(body)) + End(0, digest(b""), 0).pack()
+
+
+@settings(max_examples=300, deadline=None)
+@given(flags=st.integers(0, 255), level=st.integers(0, 255),
+       values=st.lists(st.one_of(st.integers(0, 20000), st.integers(0, VARINT_MAX)), min_size=4, max_size=4),
+       name=st.binary(max_size=12), fps=st.binary(min_size=24, max_size=24), pcheck=st.binary(min_size=8, max_size=8))
+def test_resigned_header_fields_parse_in_range_or_fail_cleanly(flags, level, values, name, fps, pcheck):
+    """Any value in any header field, with a valid CRC: an in-range header or a clean refusal."""
+    body = MAGIC + bytes([3, flags, level]) + b"".join(encode_varint(v) for v in values)
+    if flags & 2:
+        body += bytes([len(name)]) + name + fps
+    if flags & 1:
+        body += pcheck
+    blob = _resigned_header(body)
+    try:
+        h = Reader(io.BytesIO(blob), len(blob)).header()
+    except ArchiveError as exc:
+        assert "\n" not in str(exc)
+        context, seg, lanes, block = values
+        name_ok = not flags & 2 or ((name or any(fps)) and _utf8(name))
+        assert (flags & ~3 or level > 9 or not 16 <= context <= MAX_CONTEXT or not 1 <= seg <= 1 << 30
+                or not 1 <= lanes <= MAX_LANES or not 4096 <= block <= 64 << 20 or not name_ok)
+    else:
+        assert (h.context, h.segment_tokens, h.lanes, h.block_size, h.level) == (*values, level)
+        assert h.has_prompt == bool(flags & 1) and h.prompt_check == (pcheck if flags & 1 else bytes(8))
+        if flags & 2:
+            assert (h.model_name.encode(), h.model_fingerprint + h.tokenizer_fingerprint) == (name, fps)
+        else:
+            assert (h.model_name, h.model_fingerprint, h.tokenizer_fingerprint) == ("", bytes(16), bytes(8))
+        assert h.pack() == blob[:len(h.pack())]  # one encoding per header
+
+
+def _utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def test_header_refuses_what_no_encoder_writes():
+    ok = MAGIC + bytes([3, 0, 0]) + b"".join(encode_varint(v) for v in (32, 4, 2, 4096))
+    assert Reader(io.BytesIO(_resigned_header(ok))).header().level == 0
+    for body in (MAGIC + bytes([3, 4, 0]) + ok[7:],                          # an unknown flag bit
+                 MAGIC + bytes([3, 0, 10]) + ok[7:],                         # level 10
+                 MAGIC + bytes([3, 2, 0]) + ok[7:] + bytes(1 + 24),          # names a model, but none
+                 ok[:7] + b"\xa0\x00" + ok[8:],                               # non-minimal context (32 in 2 bytes)
+                 ok[:7] + b"\xff" * 10 + b"\x01" + ok[8:]):                   # an 11-byte varint
+        with pytest.raises(CorruptArchiveError):
+            Reader(io.BytesIO(_resigned_header(body))).header()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.integers(0, 300), st.integers(0, VARINT_MAX)))
+def test_varint_round_trip(n):
+    b = encode_varint(n)
+    assert b == ref_varint(n) and 1 <= len(b) <= 10 and len(b) == max(1, -(-n.bit_length() // 7))
+    assert decode_varint(b) == (n, len(b))
+    assert decode_varint(b"xy" + b + b"tail", 2) == (n, 2 + len(b))
+    assert decode_varint(b, max_value=n) == (n, len(b))
+    if n:
+        with pytest.raises(CorruptArchiveError, match="out of range"):
+            decode_varint(b, max_value=n - 1)
+    for cut in range(len(b)):  # data that ends inside it is truncated, never read past
+        with pytest.raises(TruncatedArchiveError):
+            decode_varint(memoryview(b)[:cut])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 2**63), st.integers(1, 9))
+def test_varint_non_minimal_and_overlong_are_refused(n, pad):
+    b = bytearray(encode_varint(n))
+    b[-1] |= 0x80
+    padded = bytes(b) + b"\x80" * (pad - 1) + b"\x00"  # the same value, with zero groups after it
+    with pytest.raises(CorruptArchiveError):
+        decode_varint(padded)
+    with pytest.raises(CorruptArchiveError, match="longer than 10"):
+        decode_varint(b"\x80" * 10 + b"\x00")
+    with pytest.raises(CorruptArchiveError, match="longer than 10"):
+        decode_varint(b"\xff" * 11)
+    with pytest.raises(CorruptArchiveError, match="out of range"):  # 10 bytes, above 2^64 - 1
+        decode_varint(b"\xff" * 9 + b"\x02")
+    for bad in (-1, VARINT_MAX + 1):
+        with pytest.raises(ValueError):
+            encode_varint(bad)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, VARINT_MAX), st.lists(st.tuples(st.integers(0, VARINT_MAX), st.integers(0, 2**32 - 1)),
+       max_size=8), st.sampled_from(list(Method)), st.integers(0, VARINT_MAX), st.binary(min_size=8, max_size=8))
+def test_block_table_layout(n_tokens, streams, method, raw_len, check):
     """The packed block table is exactly the documented layout (docs/FORMAT.md)."""
     entries = [StreamEntry(*e) for e in streams]
-    packed = Block(method, raw_len, check, tokens, entries, []).pack()
-    fixed = struct.pack("<BBI8sII", 0x42, method, raw_len, check, len(tokens), len(entries))
-    table = fixed + b"".join(struct.pack("<I", n) for n in tokens)
-    table += b"".join(struct.pack("<II", e.payload_len, e.payload_crc) for e in entries)
+    fixed = bytes([0x42, method]) + ref_varint(raw_len) + check
+    if method == Method.LM:
+        packed = Block(method, raw_len, check, [n_tokens], entries, []).pack()
+        table = fixed + ref_varint(n_tokens)
+        table += b"".join(ref_varint(e.payload_len) + struct.pack("<I", e.payload_crc) for e in entries)
+    else:
+        e = StreamEntry(raw_len if method == Method.RAW else streams[0][0] if streams else 7, 99)
+        packed = Block(method, raw_len, check, [], [e], []).pack()
+        table = fixed + (ref_varint(e.payload_len) if method == Method.ZSTD else b"") + struct.pack("<I", 99)
     assert packed == table + struct.pack("<I", zlib.crc32(table))
-    assert len(fixed) == 22
+    assert len(fixed) == 2 + len(ref_varint(raw_len)) + 8
+
+
+@settings(max_examples=200, deadline=None)
+@given(seg=st.integers(1, 64), lanes=st.integers(1, 8), raw_len=st.integers(1, 3000), data=st.data())
+def test_block_tables_with_arbitrary_token_counts_and_streams(seg, lanes, raw_len, data):
+    """Any token count: the streams follow from it; honest entries parse back, others fail cleanly."""
+    header = _header(segment_tokens=seg, lanes=lanes)
+    n = data.draw(st.integers(1, raw_len))
+    layout = segment_layout(n, seg)
+    groups = stream_groups(len(layout), lanes)
+    assert stream_count(n, seg, lanes) == len(groups)
+    assert [stream_tokens(i, n, seg, lanes) for i in range(len(groups))] == [sum(layout[j] for j in g)
+                                                                              for g in groups]
+    payloads = [data.draw(_words(lm_payload_limit(sum(layout[j] for j in g)))) for g in groups]
+    raw = bytes(raw_len)
+    honest = Block.build(Method.LM, raw, payloads, layout)
+    blob = header.pack() + honest.pack() + End(raw_len, digest(raw), 1).pack()
+    assert _parse(blob)[1] == [honest]
+    # Arbitrary entries (any count, any lengths and CRCs) under a valid block CRC.
+    entries = data.draw(st.lists(st.tuples(st.one_of(st.integers(0, 80), st.integers(0, VARINT_MAX)),
+                                           st.integers(0, 2**32 - 1)), max_size=len(groups) + 2))
+    forged = Block(Method.LM, raw_len, digest(raw), layout, [StreamEntry(*e) for e in entries], [])
+    tail = b"".join(payloads)
+    blob = header.pack() + forged.pack() + tail + End(raw_len, digest(raw), 1).pack()
+    try:
+        _, blocks, _ = _parse(blob)
+    except ArchiveError as exc:
+        assert "\n" not in str(exc)
+    else:  # only what an honest encoder could have written gets through
+        assert len(blocks) == 1 and blocks[0].tokens == layout and len(blocks[0].streams) == len(groups)
+        for i, e in enumerate(blocks[0].streams):
+            assert e.payload_len % 4 == 0 and 4 <= e.payload_len <= lm_payload_limit(stream_tokens(i, n, seg, lanes))
 
 
 @settings(max_examples=100, deadline=None)
@@ -201,13 +387,26 @@ def test_old_versions_are_refused_naming_the_release_that_reads_them(version):
         lmcodec.Codec().decompress(bytes(blob))
 
 
-def test_huge_declared_segment_count_is_refused_before_allocation():
-    header = lmcodec.Codec(method="raw").compress(b"")[:-25]  # header only, end record dropped
-    for n_seg, n_str in ((0xFFFFFFFF, 1), (1 << 20, 0xFFFFFFFF), (0, 0xFFFFFFFF)):
-        body = struct.pack("<BBI8sII", 0x42, Method.LM, 1 << 20, bytes(8), n_seg, n_str)
-        blob = header + body + struct.pack("<I", zlib.crc32(body))
-        with pytest.raises((CorruptArchiveError, TruncatedArchiveError)):
-            _parse(blob)
+def test_huge_declared_token_count_is_refused_before_allocation():
+    """Token counts implying millions of streams (1-token segments, one lane): refused from the
+    counts and the bytes that remain, before anything is allocated from them."""
+    for pipe in (False, True):
+        for seg, lanes, raw_len, n in ((1, 1, 4096, 4096), (1, 1, 1 << 20, 1 << 20), (1, 1, 4096, VARINT_MAX),
+                                       (1, 1, VARINT_MAX, 1), (2048, 4096, 4096, 0)):
+            header = _header(segment_tokens=seg, lanes=lanes, block_size=4096).pack()
+            body = bytes([0x42, Method.LM]) + encode_varint(raw_len) + bytes(8) + encode_varint(n)
+            body += encode_varint(4) + bytes(4)  # one stream entry, where thousands are implied
+            blob = header + body + struct.pack("<I", zlib.crc32(body)) + bytes(4)
+            tracemalloc.start()
+            try:
+                with pytest.raises((CorruptArchiveError, TruncatedArchiveError)):
+                    reader = Reader(io.BytesIO(blob), None if pipe else len(blob))
+                    h = reader.header()
+                    reader.next(h)
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            assert peak < 64 * 1024, (seg, lanes, raw_len, n, peak)
 
 
 def _lm_block_archive(header: Header, tokens: list[int], payload_lens: list[int]) -> bytes:
@@ -218,7 +417,7 @@ def _lm_block_archive(header: Header, tokens: list[int], payload_lens: list[int]
 
 
 def _header(**kw) -> Header:
-    fields = dict(model_name="", model_fingerprint=bytes(16), tokenizer_fingerprint=bytes(16),
+    fields = dict(model_name="", model_fingerprint=bytes(16), tokenizer_fingerprint=bytes(8),
                   prompt_check=bytes(8), has_prompt=False, context=32, segment_tokens=4, lanes=2,
                   block_size=4096)
     fields.update(kw)
@@ -226,14 +425,30 @@ def _header(**kw) -> Header:
 
 
 def test_stream_count_must_follow_the_lanes():
+    """The stream table has exactly one entry per ``lanes`` segments of the token count:
+    a table written for other lanes does not parse (its CRC is not where the header puts it)."""
     h = _header()
     tokens = [4, 4, 4, 1]                     # 4 segments, 2 lanes: 2 streams
     assert len(_parse(_lm_block_archive(h, tokens, [8, 8]))[1][0].streams) == 2
     for streams in ([8], [8, 8, 8], [8, 8, 8, 8]):
-        with pytest.raises(CorruptArchiveError, match="stream count"):
+        with pytest.raises(CorruptArchiveError, match="CRC mismatch|impossible number|varint"):
             _parse(_lm_block_archive(h, tokens, streams))
     # The same block under a header with 4 lanes needs exactly one stream.
     assert len(_parse(_lm_block_archive(_header(lanes=4), tokens, [8]))[1][0].streams) == 1
+    with pytest.raises(CorruptArchiveError):
+        _parse(_lm_block_archive(_header(lanes=4), tokens, [8, 8]))
+
+
+def test_token_count_must_fit_the_block():
+    """At least one token, at most one per byte (the segments are derived from the count)."""
+    h = _header()
+    for n, raw_len in ((0, 5), (6, 5), (1, 0)):
+        body = bytes([0x42, Method.LM]) + encode_varint(raw_len) + bytes(8) + encode_varint(n)
+        body += (encode_varint(4) + struct.pack("<I", zlib.crc32(bytes(4)))) * max(1, stream_count(n, 4, 2))
+        blob = h.pack() + body + struct.pack("<I", zlib.crc32(body)) + bytes(4) + End(raw_len, bytes(8), 1).pack()
+        with pytest.raises(CorruptArchiveError, match="impossible number of tokens"):
+            _parse(blob)
+    assert _parse(_lm_block_archive(h, [4, 1], [8]))[1][0].tokens == [4, 1]
 
 
 def test_stream_payload_bound_is_per_group():
@@ -248,13 +463,27 @@ def test_stream_payload_bound_is_per_group():
 
 
 def test_stored_blocks_have_no_segments_and_one_stream():
-    h = _header()
+    """The format has no room for segments or a second stream in a stored block (and a raw
+    block's payload is its bytes): the writer refuses such a block."""
     raw = b"hello"
-    for tokens, payloads in (([1], [raw]), ([], [raw, raw]), ([], [])):
-        block = Block.build(Method.RAW, raw, payloads, tokens)
-        blob = h.pack() + block.pack() + End(len(raw), digest(raw), 1).pack()
-        with pytest.raises(CorruptArchiveError):
-            _parse(blob)
+    for method in (Method.RAW, Method.ZSTD):
+        for tokens, payloads in (([1], [raw]), ([], [raw, raw]), ([], [])):
+            with pytest.raises(ValueError):
+                Block.build(method, raw, payloads, tokens).pack()
+    with pytest.raises(ValueError):
+        Block.build(Method.RAW, raw, [raw + b"!"], []).pack()
+    # A zstd payload longer than any frame of the block is refused by the reader.
+    h = _header()
+    big = bytes(5 + 1024 + 1)
+    block = Block.build(Method.ZSTD, raw, [big], [])
+    with pytest.raises(CorruptArchiveError, match="stored payload length"):
+        _parse(h.pack() + block.pack() + End(len(raw), digest(raw), 1).pack())
+
+
+def test_end_record_layout():
+    end = End(3721, bytes(range(8)), 1)
+    body = b"\x45" + ref_varint(3721) + ref_varint(1) + bytes(range(8))
+    assert end.pack() == body + struct.pack("<I", zlib.crc32(body)) and len(end.pack()) == 16
 
 
 def test_prompt_check_distinguishes_prompts():

@@ -40,8 +40,9 @@ import lmcodec
 from conftest import FAST
 from lmcodec import ops_torch
 from lmcodec.coder import StreamDecoder, StreamEncoder
-from lmcodec.container import (MAGIC, MAX_CONTEXT, MAX_LANES, READ_CHUNK, VERSION, Block, End, Header, Method,
-                               Reader, digest, lm_payload_limit, segment_layout, stream_groups)
+from lmcodec.container import (MAGIC, MAX_CONTEXT, MAX_LANES, READ_CHUNK, VARINT_MAX, VERSION, Block, End, Header,
+                               Method, Reader, decode_varint, digest, encode_varint, lm_payload_limit,
+                               segment_layout, stream_count, stream_groups)
 from lmcodec.errors import (ArchiveError, ChecksumError, CorruptArchiveError, LMCodecError,
                             ModelMismatchError, PromptMismatchError, TruncatedArchiveError)
 from lmcodec.fileio import atomic_output
@@ -100,34 +101,72 @@ def parse(blob: bytes, pipe: bool = False):
 
 
 def stored_header(**kw) -> Header:
-    fields = dict(model_name="", model_fingerprint=bytes(16), tokenizer_fingerprint=bytes(16),
+    fields = dict(model_name="", model_fingerprint=bytes(16), tokenizer_fingerprint=bytes(8),
                   prompt_check=bytes(8), has_prompt=False, context=32, segment_tokens=24, lanes=2,
                   block_size=4096)
     fields.update(kw)
     return Header(**fields)
 
 
-def signed_block(method: int, raw_len: int, check: bytes, tokens, entries, payload: bytes = b"",
-                 n_seg: int | None = None, n_str: int | None = None) -> bytes:
-    """A block table with a valid CRC: ``tokens`` per segment, ``entries`` (length, CRC) per
-    stream; ``n_seg`` / ``n_str`` override the declared counts (to disagree with the table)."""
-    table = struct.pack("<BBI8sII", 0x42, method, raw_len, check,
-                        len(tokens) if n_seg is None else n_seg, len(entries) if n_str is None else n_str)
-    table += b"".join(struct.pack("<I", n) for n in tokens)
-    table += b"".join(struct.pack("<II", *e) for e in entries)
+varint = encode_varint
+
+
+def signed_block(method: int, raw_len: int, check: bytes, n_tokens: int, entries, payload: bytes = b"") -> bytes:
+    """A block table in the v3 layout with a valid CRC, whatever its values.
+
+    LM blocks (method 2) declare ``n_tokens`` and list ``entries`` (payload length,
+    CRC) -- as many as given, whether or not the header's layout implies that many.
+    Other methods (raw 0, zstd 1, any unknown byte) write ``entries[0]`` as a stored
+    block does: a raw block only its CRC, the others the length and the CRC; with
+    no entry, nothing.
+    """
+    table = bytes([0x42, method]) + varint(raw_len) + check
+    if method == Method.LM:
+        table += varint(n_tokens) + b"".join(varint(n) + struct.pack("<I", c) for n, c in entries)
+    elif entries:
+        n, c = entries[0]
+        table += (b"" if method == Method.RAW else varint(n)) + struct.pack("<I", c)
     return table + struct.pack("<I", zlib.crc32(table)) + payload
 
 
 def signed_end(total: int, check: bytes, n_blocks: int) -> bytes:
-    body = struct.pack("<BQ8sI", 0x45, total, check, n_blocks)
+    body = b"\x45" + varint(total) + varint(n_blocks) + check
     return body + struct.pack("<I", zlib.crc32(body))
 
 
-HEADER_PARAMS = 54  # fingerprints 16 + 16, prompt check 8, context 4, segment tokens 4, lanes 2, block size 4
+def signed_header(flags: int, level: int, params, name: bytes = b"", fingerprints: bytes = bytes(24),
+                  pcheck: bytes = bytes(8)) -> bytes:
+    """A v3 header with a valid CRC: ``params`` are the four varint fields (context, segment
+    tokens, lanes, block size), each an int or its raw bytes; the model fields are written when
+    flag bit 1 is set, the prompt check when bit 0 is."""
+    body = V + bytes([flags, level]) + b"".join(p if isinstance(p, bytes) else varint(p) for p in params)
+    if flags & 2:
+        body += bytes([len(name)]) + name + fingerprints
+    if flags & 1:
+        body += pcheck
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def header_fields(buf) -> dict[str, tuple[int, int]]:
+    """(start, end) of every field of the v3 header at the start of ``buf``."""
+    out = {"flags": (5, 6), "level": (6, 7)}
+    pos = 7
+    for name in ("context", "segment_tokens", "lanes", "block_size"):
+        end = decode_varint(buf, pos)[1]
+        out[name], pos = (pos, end), end
+    if buf[5] & 2:
+        out["name"] = (pos, pos + 1 + buf[pos])
+        pos += 1 + buf[pos]
+        out["model_fingerprint"], out["tokenizer_fingerprint"] = (pos, pos + 16), (pos + 16, pos + 24)
+        pos += 24
+    if buf[5] & 1:
+        out["prompt_check"], pos = (pos, pos + 8), pos + 8
+    out["crc"] = (pos, pos + 4)
+    return out
 
 
 def resign_header(buf: bytearray) -> None:
-    end = 7 + buf[6] + HEADER_PARAMS
+    end = header_fields(buf)["crc"][0]
     struct.pack_into("<I", buf, end, zlib.crc32(bytes(buf[:end])))
 
 
@@ -174,50 +213,55 @@ def test_arbitrary_bytes_after_a_valid_magic_fail_cleanly(tail):
             parse(blob, pipe=True)
 
 
+varint_field = st.one_of(st.integers(0, 9000), st.integers(0, 2**32 - 1), st.integers(0, VARINT_MAX),
+                         st.binary(min_size=1, max_size=11))   # raw bytes: non-minimal, overlong, cut short
+
+
 @HYPO
-@given(name=st.binary(max_size=40), context=st.one_of(st.integers(0, 9000), st.integers(0, 2**32 - 1)),
-       seg=st.integers(0, 2**32 - 1), lanes=st.one_of(st.integers(0, 5000), st.integers(0, 0xFFFF)),
-       block_size=st.integers(0, 2**32 - 1), flags=st.integers(0, 255), prompt=st.booleans())
-def test_resigned_hostile_header_fields(name, context, seg, lanes, block_size, flags, prompt):
+@given(name=st.binary(max_size=40), fingerprints=st.binary(min_size=24, max_size=24),
+       params=st.lists(varint_field, min_size=4, max_size=4), flags=st.integers(0, 255), level=st.integers(0, 255),
+       pcheck=st.binary(min_size=8, max_size=8))
+def test_resigned_hostile_header_fields(name, fingerprints, params, flags, level, pcheck):
     """Any header field value with a valid CRC: a clean refusal, or an in-range header."""
-    head = V + bytes([flags, len(name)]) + name + struct.pack(
-        "<16s16s8sIIHI", bytes(16), bytes(16), bytes(8), context, seg, lanes, block_size)
-    blob = head + struct.pack("<I", zlib.crc32(head)) + signed_end(0, digest(b""), 0)
+    blob = signed_header(flags, level, params, name, fingerprints, pcheck) + signed_end(0, digest(b""), 0)
     try:
         header, blocks, end, _ = parse(blob)
     except ArchiveError as exc:
         one_line_error(exc)
     else:
         assert 16 <= header.context <= MAX_CONTEXT and 1 <= header.lanes <= MAX_LANES
-        assert 1 <= header.segment_tokens <= 1 << 30
+        assert 1 <= header.segment_tokens <= 1 << 30 and 0 <= header.level <= 9
         assert 4096 <= header.block_size <= 64 << 20 and blocks == [] and end.total_len == 0
+        assert header.pack() == blob[:len(header.pack())]  # the one encoding of these values
     out = decode_without_model(blob, b"p" if flags & 1 else None)
     assert out == b"" or isinstance(out, LMCodecError)
 
 
 u32 = st.integers(0, 2**32 - 1)
-small_or_huge = st.one_of(st.integers(0, 64), u32, st.sampled_from([2**32 - 1, 2**31, 4096, 4097]))
+small_or_huge = st.one_of(st.integers(0, 64), u32, st.integers(0, VARINT_MAX),
+                          st.sampled_from([2**32 - 1, 2**31, 4096, 4097, VARINT_MAX]))
 
 
 @HYPO
-@given(method=st.integers(0, 255), raw_len=small_or_huge, n_seg=small_or_huge, n_str=small_or_huge,
-       tokens=st.lists(small_or_huge, max_size=6), entries=st.lists(st.tuples(small_or_huge, u32), max_size=6),
+@given(method=st.integers(0, 255), raw_len=small_or_huge, n_tokens=small_or_huge,
+       entries=st.lists(st.tuples(small_or_huge, u32), max_size=6),
        payload=st.binary(max_size=64), crc_ok=st.booleans(), counts_ok=st.booleans(), pipe=st.booleans(),
        data=st.data())
-def test_resigned_hostile_block_fields(method, raw_len, n_seg, n_str, tokens, entries, payload, crc_ok,
-                                       counts_ok, pipe, data):
+def test_resigned_hostile_block_fields(method, raw_len, n_tokens, entries, payload, crc_ok, counts_ok, pipe, data):
     """Signed block headers and tables with any values: refused without over-reading.
 
-    The declared segment and stream counts may disagree with the table actually
-    present (unless ``counts_ok``); payload CRCs are made to match when asked, so
-    the length and layout checks are what must hold.
+    The stream table may hold more or fewer entries than the declared token count
+    implies (unless ``counts_ok``: then the count implies exactly the entries present);
+    payload CRCs are made to match when asked, so the length and layout checks are
+    what must hold.
     """
     if crc_ok:
         entries = [(len(payload), zlib.crc32(payload)) for _ in entries]
-    if counts_ok:
-        n_seg, n_str = len(tokens), len(entries)
+    if counts_ok and entries:  # 24-token segments, 2 lanes: 48 tokens a stream
+        n_tokens = 48 * (len(entries) - 1) + data.draw(st.integers(1, 48))
+        assert stream_count(n_tokens, 24, 2) == len(entries)
     tail = data.draw(st.sampled_from([b"", payload, payload * 3]))
-    blob = (stored_header().pack() + signed_block(method, raw_len, bytes(8), tokens, entries, tail, n_seg, n_str)
+    blob = (stored_header().pack() + signed_block(method, raw_len, bytes(8), n_tokens, entries, tail)
             + signed_end(raw_len & 0xFFFF, bytes(8), 1))
     tracemalloc.start()
     try:
@@ -237,7 +281,8 @@ def test_resigned_hostile_block_fields(method, raw_len, n_seg, n_str, tokens, en
 
 
 @HYPO
-@given(total=st.integers(0, 2**64 - 1), n_blocks=u32, check=st.binary(min_size=8, max_size=8))
+@given(total=st.integers(0, VARINT_MAX), n_blocks=st.one_of(u32, st.integers(0, VARINT_MAX)),
+       check=st.binary(min_size=8, max_size=8))
 def test_resigned_end_record_must_match_the_blocks(total, n_blocks, check):
     raw = b"hello, world"
     blob = (stored_header().pack() + Block.build(Method.RAW, raw, [raw], []).pack()
@@ -252,9 +297,9 @@ def test_resigned_end_record_must_match_the_blocks(total, n_blocks, check):
 @HYPO
 @given(seg=st.integers(1, 300), full=st.integers(0, 6), rest=st.integers(0, 299), lanes=st.integers(1, 4),
        data=st.data())
-def test_lm_segment_table_is_checked_against_the_header(seg, full, rest, lanes, data):
-    """Token counts must follow the header's segment layout, the streams its lanes,
-    and each stream's payload must fit the tokens of its segments."""
+def test_lm_stream_table_is_checked_against_the_header(seg, full, rest, lanes, data):
+    """The token count fits the block, the streams follow the header's segment size and
+    lanes, and each stream's payload must fit the tokens of its segments."""
     n_tokens = full * seg + rest % seg
     assume(n_tokens > 0)
     payload_len = data.draw(st.one_of(st.integers(0, 24), st.integers(4 * seg, 4 * seg + 24)))
@@ -264,37 +309,38 @@ def test_lm_segment_table_is_checked_against_the_header(seg, full, rest, lanes, 
     payload = bytes(payload_len)
     entries = [(payload_len, zlib.crc32(payload))] * len(groups)
 
-    def archive(tokens, streams):
-        return (header.pack() + signed_block(Method.LM, n_tokens, bytes(8), tokens, streams,
-                                             payload * len(streams)) + signed_end(n_tokens, bytes(8), 1))
+    def archive(n, streams, raw_len=n_tokens):
+        return (header.pack() + signed_block(Method.LM, raw_len, bytes(8), n, streams, payload * len(streams))
+                + signed_end(raw_len, bytes(8), 1))
 
     ok = all(payload_len % 4 == 0 and 4 <= payload_len <= lm_payload_limit(sum(layout[i] for i in g))
              for g in groups)
     if ok:
-        assert len(parse(archive(layout, entries))[1]) == 1
+        blocks = parse(archive(n_tokens, entries))[1]
+        assert len(blocks) == 1 and blocks[0].tokens == layout and blocks[0].n_tokens == n_tokens
     else:
         with pytest.raises(CorruptArchiveError, match="payload length"):
-            parse(archive(layout, entries))
-    # Off-layout token counts (one token moved between segments) are refused.
-    if len(layout) >= 2:
-        bad = [layout[0] - 1, layout[1] + 1] + layout[2:]
-        with pytest.raises(CorruptArchiveError, match="segment size"):
-            parse(archive(bad, entries))
-    # One stream too many or too few for the header's lanes is refused.
+            parse(archive(n_tokens, entries))
+    # More tokens than bytes, or none, is refused (the segments are derived from the count).
+    for n, raw_len in ((n_tokens + 1, n_tokens), (0, n_tokens)):
+        with pytest.raises(CorruptArchiveError, match="impossible number of tokens"):
+            parse(archive(n, entries, raw_len))
+    # One stream too many or too few for the header's lanes is refused: the table the
+    # header implies ends elsewhere, so its CRC does not check (or the count cannot fit).
     for streams in (entries + entries[:1], entries[:-1]):
         if streams:
-            with pytest.raises(CorruptArchiveError, match="stream count|impossible number"):
-                parse(archive(layout, streams))
+            with pytest.raises(CorruptArchiveError, match="CRC mismatch|impossible number|varint"):
+                parse(archive(n_tokens, streams))
 
 
 def test_huge_lengths_from_a_pipe_are_read_in_pieces():
     """A 4 GiB payload length on a stream of unknown size: read requests stay small."""
     entries = [(2**32 - 1, 0)]
-    blob = stored_header(block_size=64 << 20).pack() + signed_block(Method.RAW, 2**32 - 1, bytes(8), [], entries)
+    blob = stored_header(block_size=64 << 20).pack() + signed_block(Method.RAW, 2**32 - 1, bytes(8), 0, entries)
     with pytest.raises(CorruptArchiveError):  # raw_len over the block size
         parse(blob, pipe=True)
     blob = (stored_header(block_size=64 << 20).pack()
-            + signed_block(Method.RAW, 60 << 20, bytes(8), [], [(60 << 20, 0)]) + b"x" * 5000)
+            + signed_block(Method.RAW, 60 << 20, bytes(8), 0, [(60 << 20, 0)]) + b"x" * 5000)
     tracemalloc.start()
     try:
         with pytest.raises(TruncatedArchiveError):
@@ -314,7 +360,7 @@ def test_zstd_frame_declaring_more_than_the_block_is_refused_before_allocation()
     bomb = zstandard.ZstdCompressor(level=1).compress(bytes(64 << 20))
     assert len(bomb) < 4000
     blob = (stored_header().pack()
-            + signed_block(Method.ZSTD, 4000, bytes(8), [], [(len(bomb), zlib.crc32(bomb))], bomb)
+            + signed_block(Method.ZSTD, 4000, bytes(8), 0, [(len(bomb), zlib.crc32(bomb))], bomb)
             + signed_end(4000, bytes(8), 1))
     tracemalloc.start()
     try:
@@ -435,32 +481,49 @@ def tiny_lm():
 @settings(deadline=None, max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_resigned_fields_of_a_real_lm_archive(codec, tiny_lm, data):
-    """Change any header or block field of a real LM archive and re-sign it: exact or refused."""
+    """Change any header or block field of a real LM archive and re-sign it: exact or refused.
+
+    The archive is rebuilt from its fields with one value changed (a varint may change
+    its length) and every CRC recomputed, so the deeper checks are reached.
+    """
     text, blob = tiny_lm
-    buf = bytearray(blob)
-    p = 7 + buf[6]
-    h_end = p + HEADER_PARAMS + 4
-    assert struct.unpack_from("<II", buf, h_end + 14) == (1, 1)  # one segment, one stream
-    fields = {"context": (p + 40, "I"), "segment_tokens": (p + 44, "I"), "lanes": (p + 48, "H"),
-              "block_size": (p + 50, "I"), "method": (h_end + 1, "B"), "raw_len": (h_end + 2, "I"),
-              "n_segments": (h_end + 14, "I"), "n_streams": (h_end + 18, "I"), "tokens": (h_end + 22, "I"),
-              "payload_len": (h_end + 26, "I"), "payload_crc": (h_end + 30, "I")}
+    h, blocks, end, _ = parse(blob)
+    (blk,) = blocks
+    assert blk.method == Method.LM and len(blk.tokens) == 1 and len(blk.streams) == 1  # one segment, one stream
+    fields = dict(level=h.level, context=h.context, segment_tokens=h.segment_tokens, lanes=h.lanes,
+                  block_size=h.block_size, method=int(blk.method), raw_len=blk.raw_len, n_tokens=blk.n_tokens,
+                  payload_len=blk.streams[0].payload_len, payload_crc=blk.streams[0].payload_crc)
+    tops = dict(level=255, method=255, payload_crc=2**32 - 1)
     name = data.draw(st.sampled_from(sorted(fields)))
-    off, fmt = fields[name]
-    top = 2 ** (8 * struct.calcsize(fmt)) - 1
+    top = tops.get(name, VARINT_MAX)
     value = data.draw(st.one_of(st.integers(0, 40), st.integers(0, top)))
-    old = struct.unpack_from("<" + fmt, buf, off)[0]
-    assume(value != old)
-    struct.pack_into("<" + fmt, buf, off, value)
-    resign_header(buf)
-    table_end = h_end + 22 + 4 + 8   # where the honest table ends (the CRC stays there)
-    struct.pack_into("<I", buf, table_end, zlib.crc32(bytes(buf[h_end:table_end])))
+    assume(value != fields[name])
+    v = {**fields, name: value}
+    head = signed_header(blob[5], v["level"], [v["context"], v["segment_tokens"], v["lanes"], v["block_size"]],
+                         h.model_name.encode(), h.model_fingerprint + h.tokenizer_fingerprint, h.prompt_check)
+    buf = (head + signed_block(v["method"], v["raw_len"], blk.check, v["n_tokens"],
+                               [(v["payload_len"], v["payload_crc"])], blk.payloads[0]) + end.pack())
+    assert buf != blob
     try:
-        out = codec.decompress(bytes(buf))
+        out = codec.decompress(buf)
     except LMCodecError as exc:
         one_line_error(exc)
     else:
         assert out == text, (name, value)
+
+
+def test_real_lm_archive_rebuilds_from_its_fields(tiny_lm):
+    """The rebuild above is faithful: unchanged fields give the archive back byte for byte."""
+    _, blob = tiny_lm
+    h, (blk,), end, _ = parse(blob)
+    assert blob[5] == 2 and header_fields(blob)["crc"][1] == len(h.pack())  # names the model, no prompt
+    head = signed_header(2, h.level, [h.context, h.segment_tokens, h.lanes, h.block_size], h.model_name.encode(),
+                         h.model_fingerprint + h.tokenizer_fingerprint)
+    assert head == h.pack()
+    rebuilt = (head + signed_block(blk.method, blk.raw_len, blk.check, blk.n_tokens,
+                                   [(blk.streams[0].payload_len, blk.streams[0].payload_crc)], blk.payloads[0])
+               + signed_end(end.total_len, end.check, end.n_blocks))
+    assert rebuilt == blob
 
 
 # -- the corruption campaign, small --------------------------------------------------
@@ -521,10 +584,11 @@ def test_wrong_prompt_is_refused_before_the_model_and_after_the_header_only(code
 def test_wrong_model_fingerprint_is_named_before_the_model_runs(codec, prompted):
     text, blob = prompted
     buf = bytearray(blob)
-    p = 7 + buf[6]
+    f = header_fields(buf)
+    p, t = f["model_fingerprint"][0], f["tokenizer_fingerprint"][0]
     expected = {(p,): r"wrong model: archive needs 'smollm2-135m' \(fingerprint [0-9a-f]{16}\), "
                       r"got 'smollm2-135m' \(fingerprint [0-9a-f]{16}\)",
-                (p, p + 16): r"wrong model: archive needs 'smollm2-135m' \(tokenizer [0-9a-f]{16}\), "
+                (p, t): r"wrong model: archive needs 'smollm2-135m' \(tokenizer [0-9a-f]{16}\), "
                              r"'smollm2-135m' has tokenizer [0-9a-f]{16}"}
     for offsets, message in expected.items():  # the model, then the model and its tokenizer
         bad = bytearray(buf)
@@ -536,7 +600,7 @@ def test_wrong_model_fingerprint_is_named_before_the_model_runs(codec, prompted)
     # The model fingerprint covers the tokenizer table: when it matches, the tokenizer field
     # (there for the message above) is not consulted, and the block digest vouches for the output.
     bad = bytearray(buf)
-    bad[p + 16] ^= 0x01
+    bad[t] ^= 0x01
     resign_header(bad)
     assert codec.decompress(bytes(bad), prompt="the key") == text
 
@@ -544,9 +608,9 @@ def test_wrong_model_fingerprint_is_named_before_the_model_runs(codec, prompted)
 def test_unregistered_model_name_is_named(codec, prompted):
     _, blob = prompted
     buf = bytearray(blob)
-    p = 7 + buf[6]
+    start, stop = header_fields(buf)["name"]
     new = b"my-private-model"
-    buf[6:p] = bytes([len(new)]) + new
+    buf[start:stop] = bytes([len(new)]) + new
     resign_header(buf)
     with pytest.raises(ModelMismatchError, match="'my-private-model'.*not registered"):
         codec.decompress(bytes(buf), prompt="the key")
