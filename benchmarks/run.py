@@ -111,8 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-lmcodec", action="store_true", help="classical compressors only")
     ap.add_argument("--fresh", action="store_true", help="ignore results saved by an earlier run")
     ap.add_argument("--device", default="auto")
-    for opt in ("threads", "lanes", "decode-rows", "segment-tokens", "context", "block-size"):
+    for opt in ("level", "threads", "lanes", "decode-rows", "segment-tokens", "context", "block-size"):
         ap.add_argument(f"--{opt}", type=int, default=None)
+    ap.add_argument("--mixer", default=None, help="online models: none, all or a comma list [the level's]")
     ap.add_argument("-q", "--quiet", action="store_true")
     args = ap.parse_args(argv)
 
@@ -133,11 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     import lmcodec.quantize
     from lmcodec import models
     from lmcodec.engine import pick_device
+    from lmcodec.mixing import MixerConfig
     from tqdm import tqdm
 
     settings = {k: getattr(args, k.replace("-", "_")) for k in
-                ("device", "threads", "lanes", "decode-rows", "segment-tokens", "context", "block-size")}
+                ("device", "level", "threads", "lanes", "decode-rows", "segment-tokens", "context", "block-size")}
     settings = {k.replace("-", "_"): v for k, v in settings.items() if v is not None}
+    if args.mixer is not None:
+        settings["mixer"] = MixerConfig.parse(args.mixer).mask
     codec = lmcodec.Codec(args.model, **settings)
     resolved = codec.settings.resolved()
     device = pick_device(args.device)
@@ -148,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     key = _settings_key({**resolved.__dict__, "model": name, "lm": not args.no_lmcodec}, prompt)
     meta = {"suite": args.suite, "date": datetime.date.today().isoformat(), "commit": _commit(),
             "machine": _machine(device), "device": device, "model": name, "model_bytes": model_bytes,
-            "settings": (f"segment {resolved.segment_tokens} tokens, context {resolved.context}, "
+            "settings": (f"level {resolved.level or 'custom'}, online models "
+                         f"{MixerConfig(resolved.mixer).describe()}, "
+                         f"segment {resolved.segment_tokens} tokens, context {resolved.context}, "
                          f"lanes {resolved.lanes}, {resolved.threads} threads, exact engine "
                          f"{lmcodec.quantize.SPEC_VERSION}"),
             "key": key, "prompt": prompt.decode("utf-8", "replace") if prompt else None,

@@ -22,11 +22,13 @@ import torch
 
 from .corpus import add_file_args, read_file_arg
 
+#: Positions whose symbol weights the plain forward builds at once.
+TABLE_CHUNK = 256
+
 
 def plain_forward_tokens_per_s(codec, symbols, segment: int, batch: int) -> float:
     """Tokens/s of a causal forward over ``segment``-token windows, ``batch`` at a time,
     with the output head and the symbol weights of every position (the model's whole job)."""
-    from lmcodec.codec import TABLE_CHUNK
     from lmcodec.engine import torch_threads
     from lmcodec.runner import score_ids
 
@@ -55,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.split("\n\n")[0])
     add_file_args(ap)
     ap.add_argument("--device", default="auto")
-    for opt in ("threads", "lanes", "decode-rows", "segment-tokens", "context"):
+    for opt in ("threads", "lanes", "decode-rows", "segment-tokens", "context", "level"):
         ap.add_argument(f"--{opt}", type=int, default=None)
+    ap.add_argument("--mixer", default=None, help="online models: none, all or a comma list [the level's]")
     ap.add_argument("--forward-batch", type=int, default=None,
                     help="windows per plain forward call [cpu: 1, the fastest there; cuda: 16]")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
@@ -66,8 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     from lmcodec.engine import pick_device
 
     path, data = read_file_arg(args)
+    ap_mixer = getattr(args, "mixer", None)
     settings = {k: getattr(args, k) for k in ("device", "threads", "lanes", "decode_rows",
-                                              "segment_tokens", "context") if getattr(args, k) is not None}
+                                              "segment_tokens", "context", "level") if getattr(args, k) is not None}
+    if ap_mixer is not None:
+        from lmcodec.mixing import MixerConfig
+        settings["mixer"] = MixerConfig.parse(ap_mixer).mask
     codec = lmcodec.Codec(args.model, **settings)
     s = codec.settings.resolved()
     _, tok, _ = codec._load(args.model)
@@ -92,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         "device_name": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
         "torch": torch.__version__, "threads": s.threads, "lanes": s.lanes, "decode_rows": s.decode_rows,
         "segment_tokens": s.segment_tokens, "context": s.context, "segments": segments,
+        "level": s.level, "mixer": s.mixer,
         "archive_bytes": len(blob), "bpb": 8 * len(blob) / len(data), "model_bpb": st.model_bpb,
         "compress_Bps": len(data) / (t1 - t0), "decompress_Bps": len(data) / (t2 - t1),
         "compress_tokps": len(symbols) / (t1 - t0), "decompress_tokps": len(symbols) / (t2 - t1),
@@ -100,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     res["compress_vs_forward"] = res["compress_tokps"] / fwd
     res["decompress_vs_forward"] = res["decompress_tokps"] / fwd
     print(f"{path.name}: {len(data)} bytes, {len(symbols)} tokens, {segments} segments of "
-          f"{s.segment_tokens}, context {s.context}, lanes {s.lanes}, decode rows {s.decode_rows}, "
+          f"{s.segment_tokens}, context {s.context}, level {s.level or 'custom'}, mixer {s.mixer:#x}, "
+          f"lanes {s.lanes}, decode rows {s.decode_rows}, "
           f"{s.threads} threads, {device}")
     print(f"  ratio      {res['bpb']:.3f} bits/byte (model {res['model_bpb']:.3f})")
     print(f"  compress   {res['compress_Bps']:8.0f} B/s  {res['compress_tokps']:8.1f} tok/s  "

@@ -13,10 +13,11 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .codec import Codec, Stats
+from .codec import DEFAULT_LEVEL, Codec, Stats
 from .container import VERSION, End, Method, Reader
 from .errors import LMCodecError, UsageError
 from .fileio import Terminated, atomic_output, install_signal_handlers
+from .mixing import MixerConfig
 from .baselines import classical_sizes
 
 SUFFIX = ".lmc"
@@ -95,10 +96,16 @@ def coding_options(fn):
                      help="Where the model runs (not recorded: results are identical everywhere)."),
         click.option("--threads", type=click.IntRange(1, 256), default=None,
                      help="CPU threads (not recorded: results do not depend on them)."),
+        click.option("--level", "-l", "level", type=click.IntRange(1, 9), default=None,
+                     help=f"Compression level, also as -1 ... -9 [{DEFAULT_LEVEL}]: segment length, context "
+                          "and online models (docs/LEVELS.md)."),
         click.option("--segment-tokens", type=click.IntRange(1, 1 << 30), default=None,
-                     help="Tokens per independent segment [2048]."),
+                     help="Tokens per independent segment (overrides the level)."),
         click.option("--context", type=click.IntRange(16, 8192), default=None,
-                     help="Model context window in tokens (sliding past it) [2048]."),
+                     help="Model context window in tokens, sliding past it (overrides the level)."),
+        click.option("--mixer", type=MixerChoice(), default=None, metavar="MODELS",
+                     help="Online models mixed with the LM (overrides the level): none, all, or a comma "
+                          "list of match, order0 ... order4."),
         click.option("--lanes", type=click.IntRange(1, 4096), default=None,
                      help="Segments per coded stream (decoded side by side) [64]."),
         click.option("--block-size", type=click.IntRange(4096, 64 << 20), default=None,
@@ -108,7 +115,23 @@ def coding_options(fn):
     ]
     for opt in reversed(opts):
         fn = opt(fn)
+    for n in range(9, 0, -1):  # gzip/zstd habit: -1 (fastest) ... -9 (smallest)
+        fn = click.option(f"-{n}", "level", flag_value=n, hidden=True)(fn)
     return fn
+
+
+class MixerChoice(click.ParamType):
+    """``none``, ``all`` or a comma list of online models -> a MixerConfig mask."""
+
+    name = "models"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        try:
+            return MixerConfig.parse(value).mask
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
 
 
 def _prompt(prompt: str | None, prompt_file: Path | None) -> bytes | None:
@@ -422,7 +445,8 @@ def info(ctx: Context, archive, as_json):
         "format_version": VERSION, "model": header.model_name or None,
         "model_fingerprint": header.model_fingerprint.hex(),
         "tokenizer_fingerprint": header.tokenizer_fingerprint.hex(),
-        "prompt": header.has_prompt, "context": header.context,
+        "prompt": header.has_prompt, "level": header.level or "custom",
+        "online_models": MixerConfig(header.mixer).describe(), "context": header.context,
         "segment_tokens": header.segment_tokens, "lanes": header.lanes,
         "block_size": header.block_size, "original_bytes": rec.total_len,
         "archive_bytes": archive_bytes, "content_checksum": rec.check.hex(),

@@ -10,6 +10,7 @@ whatever device, threads and batch size suit it, and both get the same bits.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import struct
@@ -36,13 +37,42 @@ from .errors import (
     ResourceLimitError,
     UsageError,
 )
-from .frequencies import MIN_TOKEN_BITS, CodingTables
+from .frequencies import MIN_TOKEN_BITS, PRECISION, CodingTables
+from .mixing import ALL as MIXER_ALL
+from .mixing import MixerConfig, StreamMixer
 from .quantize import IntModel, load_int_model
 from .runner import Lockstep, Prefix, prefill, score_segment
 from .tokens import ByteTokenizer
 
-DEFAULT_SEGMENT_TOKENS = 2048
-DEFAULT_CONTEXT = 2048
+
+
+@dataclass(frozen=True)
+class Level:
+    """What a compression level sets: segment length, context and the online models.
+
+    Longer segments mean fewer cold starts (a segment's first tokens see no
+    context) but fewer segments for the decoder to advance side by side;
+    the online models (lmcodec.mixing) cost decode time.  The table was chosen
+    from measurements (docs/LEVELS.md).
+    """
+
+    segment_tokens: int
+    context: int
+    mixer: int
+
+
+LEVELS = {
+    1: Level(512, 512, 0),
+    2: Level(1024, 1024, 0),
+    3: Level(2048, 2048, 0),
+    4: Level(2048, 2048, MIXER_ALL),
+    5: Level(4096, 2048, MIXER_ALL),
+    6: Level(8192, 2048, MIXER_ALL),
+    7: Level(16384, 2048, MIXER_ALL),
+    8: Level(32768, 2048, MIXER_ALL),
+    9: Level(1 << 30, 2048, MIXER_ALL),
+}
+DEFAULT_LEVEL = 5
 DEFAULT_LANES = 64
 #: Rows the decoder advances together (several streams at once); its own choice.
 DECODE_ROWS = {"cpu": 64, "cuda": 1024}
@@ -51,8 +81,9 @@ ZSTD_LEVEL = 19
 #: Above this many symbols per byte the data is not text the model can help
 #: with (text is ~0.27); skip the slow LM pass and store it with zstd or raw.
 BINARY_SYMBOLS_PER_BYTE = 0.6
-#: Positions whose coding rows are built at once (bounds the [rows, vocab] tensors).
-TABLE_CHUNK = 256
+#: Steps of a stream whose LM weights the encoder computes at once (bounds the
+#: [steps x lanes, alphabet] int64 tensor: 8 x 64 x 49,408 x 8 bytes = 202 MB).
+STEP_CHUNK = 8
 
 #: Bytes of the prompt's tail tokenized per token of prefix kept (a token is
 #: rarely over 16 bytes), bounding the work a huge prompt causes.
@@ -71,35 +102,57 @@ def max_kv_bytes() -> int:
 
 @dataclass(frozen=True)
 class Settings:
-    """Compression parameters.  The coding layout (context, segment tokens,
-    lanes, block size) is recorded in the archive; device and threads are this
-    machine's business only (results do not depend on them)."""
+    """Compression parameters.
+
+    A ``level`` (1..9, default :data:`DEFAULT_LEVEL`) sets the segment length,
+    context and online models; any of them given explicitly overrides it (the
+    archive then records level 0, "custom").  The coding layout (level,
+    context, segment tokens, lanes, mixer, block size) is recorded in the
+    archive; device, threads and decode rows are this machine's business only
+    (results do not depend on them).
+    """
 
     device: str = "auto"
     threads: int | None = None
-    segment_tokens: int = DEFAULT_SEGMENT_TOKENS
-    context: int = DEFAULT_CONTEXT
+    segment_tokens: int | None = None
+    context: int | None = None
     lanes: int = DEFAULT_LANES
     block_size: int = DEFAULT_BLOCK_SIZE
     method: str = "auto"  # auto | lm | zstd | raw
     decode_rows: int | None = None
+    mixer: int | None = None     # online models mixed with the LM (lmcodec.mixing.MixerConfig mask)
+    level: int | None = None
 
     def resolved(self) -> "Settings":
+        """Every field filled in and checked; ``level`` is 0 when an explicit field overrides it."""
+        level = DEFAULT_LEVEL if self.level is None else self.level
+        if level not in LEVELS:
+            raise UsageError(f"level must be 1..{max(LEVELS)}, not {level}")
+        base = LEVELS[level]
+        seg = base.segment_tokens if self.segment_tokens is None else self.segment_tokens
+        context = base.context if self.context is None else self.context
+        mixer = base.mixer if self.mixer is None else self.mixer
+        if (seg, context, mixer) != (base.segment_tokens, base.context, base.mixer):
+            level = 0
         device = pick_device(self.device)
         threads = self.threads or max(1, min(torch.get_num_threads(), 8))
         if self.method not in ("auto", "lm", "zstd", "raw"):
             raise UsageError(f"method must be auto, lm, zstd or raw, not {self.method!r}")
         if not 1 <= threads <= 256:
             raise UsageError("threads must be 1..256")
-        if not MIN_CONTEXT <= self.context <= MAX_CONTEXT or not 1 <= self.segment_tokens <= 1 << 30:
+        if not MIN_CONTEXT <= context <= MAX_CONTEXT or not 1 <= seg <= 1 << 30:
             raise UsageError(f"context must be {MIN_CONTEXT}..{MAX_CONTEXT} tokens and segment tokens >= 1")
         if not 1 <= self.lanes <= MAX_LANES:
             raise UsageError(f"lanes must be 1..{MAX_LANES}")
         if not 4096 <= self.block_size <= 64 << 20:
             raise UsageError("block size must be 4 KiB..64 MiB")
+        try:
+            MixerConfig(mixer)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
         rows = self.decode_rows or DECODE_ROWS[device]
-        return Settings(device, threads, self.segment_tokens, self.context, self.lanes, self.block_size,
-                        self.method, max(1, rows))
+        return Settings(device, threads, seg, context, self.lanes, self.block_size, self.method, max(1, rows),
+                        mixer, level)
 
 
 @dataclass
@@ -181,6 +234,9 @@ class Codec:
         self._models: dict[str, tuple[IntModel, ByteTokenizer, str]] = {}
         self._engines: dict[tuple, Engine] = {}
         self._prefixes: dict[tuple, list[int]] = {}
+        self._last_prefix: list[int] = []
+        #: Set to a dict to keep segments' hidden rows between calls (benchmarks).
+        self.score_memo: dict | None = None
 
     def _tick(self, nbytes: int) -> None:
         if self.progress is not None and nbytes:
@@ -224,7 +280,7 @@ class Codec:
             spec = header.model_name
         model, tok, name = self._load(spec)
         if model.fingerprint != header.model_fingerprint:
-            if tok.fingerprint != header.tokenizer_fingerprint:
+            if tok.fingerprint[:len(header.tokenizer_fingerprint)] != header.tokenizer_fingerprint:
                 raise ModelMismatchError(
                     f"wrong model: archive needs {header.model_name!r} (tokenizer "
                     f"{header.tokenizer_fingerprint.hex()[:16]}), {name!r} has tokenizer {tok.fingerprint.hex()[:16]}")
@@ -264,38 +320,16 @@ class Codec:
     def _header(self, s: Settings, prompt: bytes | None) -> Header:
         model, tok, name = self._load(self._model_arg)
         return Header(name, model.fingerprint, tok.fingerprint, prompt_check(prompt), prompt is not None,
-                      s.context, s.segment_tokens, s.lanes, s.block_size)
-
-    def _segment_rows(self, engine: Engine, pre: Prefix, inputs: np.ndarray, symbols: np.ndarray,
-                      context: int, alphabet: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
-        """One parallel pass over a segment: its coding rows and symbols, both stages.
-
-        Returns (stage-1 rows, buckets, stage-2 rows, places, exact code length in bits).
-        """
-        h, e = score_segment(engine, pre, inputs[:-1], context)
-        s1, s2, bk, pl, bits = [], [], [], [], 0.0
-        for c in range(0, len(symbols), TABLE_CHUNK):
-            sym = symbols[c:c + TABLE_CHUNK]
-            tables = CodingTables(engine.weights(h[c:c + TABLE_CHUNK], e[c:c + TABLE_CHUNK], alphabet), alphabet)
-            b, j = tables.split(sym)
-            rows1, rows2 = tables.stage1(), tables.stage2(b)
-            idx = np.arange(len(sym))
-            bits += float(2 * 24 * len(sym) - np.log2(rows1[idx, b].astype(np.float64)).sum()
-                          - np.log2(rows2[idx, j].astype(np.float64)).sum())
-            s1.append(rows1.astype(np.int32))
-            s2.append(rows2.astype(np.int32))
-            bk.append(b)
-            pl.append(j)
-            self._tick_tokens(len(sym))
-        return np.concatenate(s1), np.concatenate(bk), np.concatenate(s2), np.concatenate(pl), bits
+                      s.context, s.segment_tokens, s.lanes, s.block_size, s.level, s.mixer)
 
     def _lm_block(self, raw: bytes, symbols: np.ndarray, prompt: bytes | None,
                   s: Settings) -> tuple[Block, float]:
         """Code ``symbols`` with the model; return the block and its exact code length in bits.
 
-        Each stream carries ``lanes`` segments in step-major order: at step t,
-        the stage-1 symbols of every segment still running, then their stage-2
-        symbols -- the order the decoder meets them.
+        Each stream carries ``lanes`` segments.  Its segments are scored in one
+        parallel pass each (the encoder knows their tokens), then coded in the
+        decoder's order: step by step, every live segment of the stream at
+        once (:meth:`_encode_stream`).
         """
         model, tok, _ = self._load(self._model_arg)
         engine = self._engine(model, s.device)
@@ -305,21 +339,66 @@ class Codec:
         payloads, bits = [], 0.0
         self._start_block(len(raw), len(symbols))
         with torch_threads(s.threads), torch.inference_mode():
-            pre = prefill(engine, self._prefix(tok, prompt, s.context))
+            self._last_prefix = self._prefix(tok, prompt, s.context)
+            pre = prefill(engine, self._last_prefix)
             for group in stream_groups(len(lengths), s.lanes):
-                rows = []
-                for g in group:
-                    seg = slice(offsets[g], offsets[g + 1])
-                    *r, b = self._segment_rows(engine, pre, inputs[seg], symbols[seg], s.context, tok.alphabet_size)
-                    rows.append(r)
-                    bits += b
-                enc = StreamEncoder()
-                for t in range(max(lengths[g] for g in group)):
-                    live = [r for g, r in zip(group, rows) if t < lengths[g]]
-                    enc.encode(np.array([r[1][t] for r in live]), np.stack([r[0][t] for r in live]))
-                    enc.encode(np.array([r[3][t] for r in live]), np.stack([r[2][t] for r in live]))
-                payloads.append(enc.finish())
+                segs = [slice(offsets[g], offsets[g + 1]) for g in group]
+                hidden = [self._score(engine, pre, inputs[seg][:-1], s.context) for seg in segs]
+                payload, b = self._encode_stream(engine, hidden, [symbols[seg] for seg in segs],
+                                                 tok.alphabet_size, MixerConfig(s.mixer))
+                payloads.append(payload)
+                bits += b
         return Block.build(Method.LM, raw, payloads, lengths), bits
+
+    def _score(self, engine: Engine, pre: Prefix, inputs: np.ndarray, context: int):
+        """A segment's hidden rows (the parallel pass), memoised when :attr:`score_memo` is a dict.
+
+        The memo lets a benchmark code the same text under several online-model
+        settings with one LM pass (the rows do not depend on the mixer).
+        """
+        if self.score_memo is None:
+            return score_segment(engine, pre, inputs, context)
+        key = (engine.fingerprint, tuple(self._last_prefix), context,
+               hashlib.blake2b(np.ascontiguousarray(inputs).tobytes(), digest_size=16).digest())
+        if key not in self.score_memo:
+            self.score_memo[key] = score_segment(engine, pre, inputs, context)
+        return self.score_memo[key]
+
+    def _encode_stream(self, engine: Engine, hidden: list[tuple[torch.Tensor, torch.Tensor]],
+                       symbols: list[np.ndarray], alphabet: int, mixer: MixerConfig) -> tuple[bytes, float]:
+        """One stream's payload from its segments' hidden rows, in step-major order.
+
+        At step t the stage-1 symbols of every live segment, then their stage-2
+        symbols -- the order the decoder meets them (:meth:`_decode_streams`).
+        Returns the payload and the exact code length in bits.
+        """
+        enc = StreamEncoder()
+        mix = StreamMixer(mixer, len(symbols), alphabet)
+        lengths = [len(x) for x in symbols]
+        bits = 0.0
+        for t0 in range(0, max(lengths), STEP_CHUNK):
+            t1 = min(t0 + STEP_CHUNK, max(lengths))
+            # The LM's weights of a chunk of steps at once (one head GEMM), then step by step.
+            rows = [(i, t) for t in range(t0, t1) for i in range(len(symbols)) if t < lengths[i]]
+            h = torch.stack([hidden[i][0][t] for i, t in rows])
+            e = torch.stack([hidden[i][1][t] for i, t in rows])
+            weights = engine.weights(h, e, alphabet)
+            at = 0
+            for t in range(t0, t1):
+                live = [i for i in range(len(symbols)) if t < lengths[i]]
+                sym = np.array([symbols[i][t] for i in live], dtype=np.int64)
+                tables = CodingTables(mix.mix(live, weights[at:at + len(live)]), alphabet)
+                at += len(live)
+                b, j = tables.split(sym)
+                rows1, rows2 = tables.stage1(), tables.stage2(b)
+                enc.encode(b, rows1)
+                enc.encode(j, rows2)
+                idx = np.arange(len(live))
+                bits += float(2 * PRECISION * len(live) - np.log2(rows1[idx, b].astype(np.float64)).sum()
+                              - np.log2(rows2[idx, j].astype(np.float64)).sum())
+                mix.update(sym.tolist())
+                self._tick_tokens(len(live))
+        return enc.finish(), bits
 
     def _encode_block(self, raw: bytes, prompt: bytes | None, s: Settings, stats: Stats) -> Block:
         """The smallest of the allowed methods for this block (``auto``: all three)."""
@@ -358,7 +437,7 @@ class Codec:
             header = self._header(s, prompt)
         else:  # stored-only archives name no model and never load one
             header = Header("", bytes(16), bytes(16), prompt_check(prompt), prompt is not None,
-                            s.context, s.segment_tokens, s.lanes, s.block_size)
+                            s.context, s.segment_tokens, s.lanes, s.block_size, s.level, s.mixer)
         out = header.pack()
         dst.write(out)
         total, check, n_blocks = 0, content_hasher(), 0
@@ -430,42 +509,49 @@ class Codec:
             for batch in batches:
                 self._decode_streams(engine, pre, [groups[i] for i in batch],
                                      [StreamDecoder(block.payloads[i]) for i in batch], lengths, symbols,
-                                     header.context, tok)
+                                     header.context, tok, MixerConfig(header.mixer))
         try:
             return b"".join(tok.decode(x) for x in symbols)
         except ValueError as exc:
             raise CorruptArchiveError(f"decoded an impossible symbol ({exc})") from exc
 
     def _decode_streams(self, engine: Engine, pre: Prefix, groups: list[range], decoders: list[StreamDecoder],
-                        lengths: list[int], symbols: list[np.ndarray], context: int, tok: ByteTokenizer) -> None:
+                        lengths: list[int], symbols: list[np.ndarray], context: int, tok: ByteTokenizer,
+                        mixer: MixerConfig) -> None:
         """Decode several streams in one lockstep batch (rows = their segments)."""
         segs = [g for group in groups for g in group]
         longest = max(lengths[g] for g in segs)
         self._check_memory(engine.model, len(segs), min(context, pre.length + longest))
         run = Lockstep(engine, pre, len(segs), context, longest)
         feed = np.full(len(segs), tok.placeholder, dtype=np.int64)
-        row_of = {g: i for i, g in enumerate(segs)}
+        alphabet = tok.alphabet_size
+        mixers = [StreamMixer(mixer, len(group), alphabet) for group in groups]
+        first = np.cumsum([0] + [len(group) for group in groups])   # row of each stream's first segment
         for t in range(longest):
-            live_rows = [i for i, g in enumerate(segs) if t < lengths[g]]
-            tables = CodingTables(engine.weights(run.h[live_rows], run.e[live_rows], tok.alphabet_size),
-                                  tok.alphabet_size)
+            # Per stream: its live lanes (segment order) and their rows in the batch.
+            live = [[i for i, g in enumerate(group) if t < lengths[g]] for group in groups]
+            rows = [first[k] + i for k, lanes in enumerate(live) for i in lanes]
+            weights = engine.weights(run.h[rows], run.e[rows], alphabet)
+            mixed, at = [], 0
+            for m, lanes in zip(mixers, live):
+                mixed.append(m.mix(lanes, weights[at:at + len(lanes)]))
+                at += len(lanes)
+            tables = CodingTables(torch.cat(mixed), alphabet)
             stage1 = tables.stage1()
-            at = {row: k for k, row in enumerate(live_rows)}
-            buckets = np.zeros(len(live_rows), dtype=np.int64)
-            for group, dec in zip(groups, decoders):
-                ks = [at[row_of[g]] for g in group if t < lengths[g]]
-                buckets[ks] = dec.decode(stage1[ks])
+            spans = np.cumsum([0] + [len(lanes) for lanes in live])
+            buckets = np.zeros(len(rows), dtype=np.int64)
+            for k, dec in enumerate(decoders):
+                buckets[spans[k]:spans[k + 1]] = dec.decode(stage1[spans[k]:spans[k + 1]])
             stage2 = tables.stage2(buckets)
-            for group, dec in zip(groups, decoders):
-                live = [g for g in group if t < lengths[g]]
-                ks = [at[row_of[g]] for g in live]
-                sym = buckets[ks] * tables.width + dec.decode(stage2[ks])
-                if (sym >= tok.alphabet_size).any():
+            for k, (group, dec, lanes) in enumerate(zip(groups, decoders, live)):
+                sym = buckets[spans[k]:spans[k + 1]] * tables.width + dec.decode(stage2[spans[k]:spans[k + 1]])
+                if (sym >= alphabet).any():
                     raise CorruptArchiveError("decoded a symbol outside the alphabet")
-                for g, x in zip(live, sym.tolist()):
-                    symbols[g][t] = x
-                    feed[row_of[g]] = x if x < tok.vocab_size else tok.placeholder
-            self._tick_tokens(len(live_rows))
+                for i, x in zip(lanes, sym.tolist()):
+                    symbols[group[i]][t] = x
+                    feed[first[k] + i] = x if x < tok.vocab_size else tok.placeholder
+                mixers[k].update(sym.tolist())
+            self._tick_tokens(len(rows))
             if t + 1 < longest:
                 run.advance(feed)
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import BinaryIO
 
+from .spec import MIXER_MASK
 from .errors import (
     CorruptArchiveError,
     NotAnArchiveError,
@@ -149,6 +150,7 @@ class Header:
     lanes: int
     block_size: int
     level: int = 0
+    mixer: int = 0          # the online models mixed with the LM (lmcodec.mixing); 0 = the LM alone
 
     def names_model(self) -> bool:
         """Whether the archive records a model (flag bit 1): a name or a non-zero fingerprint."""
@@ -164,9 +166,11 @@ class Header:
             raise ValueError("a prompt check without a prompt")
         if not 0 <= self.level <= MAX_LEVEL:
             raise ValueError(f"level must be 0..{MAX_LEVEL}")
+        if self.mixer & ~MIXER_MASK or self.mixer < 0:
+            raise ValueError(f"unknown mixer bits {self.mixer:#x}")
         named = self.names_model()
         flags = (FLAG_PROMPT if self.has_prompt else 0) | (FLAG_MODEL if named else 0)
-        body = _HEAD.pack(MAGIC, VERSION, flags) + bytes([self.level])
+        body = _HEAD.pack(MAGIC, VERSION, flags) + bytes([self.level, self.mixer])
         body += b"".join(encode_varint(v) for v in (self.context, self.segment_tokens, self.lanes,
                                                     self.block_size))
         if named:
@@ -385,8 +389,8 @@ class Reader:
             raise UnsupportedFormatError(
                 f"archive format version {version} is not supported (this lmcodec reads {VERSION})")
         body = bytearray(head)
-        level = self._read(1, "header")[0]
-        body.append(level)
+        level, mixer = self._read(2, "header")
+        body += bytes([level, mixer])
         context, seg, lanes, block_size = (self._varint(body, "header", f"archive header {what}")
                                            for what in ("context", "segment tokens", "lanes", "block size"))
         name, mfp, tfp, pcheck = b"", bytes(MODEL_FINGERPRINT_BYTES), bytes(TOKENIZER_FINGERPRINT_BYTES), bytes(8)
@@ -404,7 +408,7 @@ class Reader:
             raise CorruptArchiveError("archive header is corrupted (CRC mismatch)")
         # The ranges an encoder can write (see Settings.resolved in codec.py); a header that
         # says it names a model names one (an encoder sets the flag exactly then).
-        if (flags & ~(FLAG_PROMPT | FLAG_MODEL) or level > MAX_LEVEL
+        if (flags & ~(FLAG_PROMPT | FLAG_MODEL) or level > MAX_LEVEL or mixer & ~MIXER_MASK
                 or not MIN_CONTEXT <= context <= MAX_CONTEXT
                 or not 1 <= seg <= MAX_SEGMENT_TOKENS or not 1 <= lanes <= MAX_LANES
                 or not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE
@@ -415,7 +419,7 @@ class Reader:
         except UnicodeDecodeError as exc:
             raise CorruptArchiveError("archive header has an invalid model name") from exc
         header = Header(model_name, mfp, tfp, pcheck, bool(flags & FLAG_PROMPT), context, seg, lanes, block_size,
-                        level)
+                        level, mixer)
         if self._prescan and self._left is not None and _seekable(self._s):
             self._scan(header)
         return header

@@ -37,6 +37,11 @@ OUT_U_CAP = 31 << fixedmath.EXP2_FRAC_BITS
 OUT_D_CAP = (1 << 31) - 1
 OUT_PRE_LIMIT = 36
 
+#: The online models' bits in the archive's mixer byte (lmcodec.mixing); others are refused.
+MIXER_MATCH = 1
+MIXER_ORDERS = {0: 2, 1: 4, 2: 8, 3: 16, 4: 32}
+MIXER_MASK = MIXER_MATCH | sum(MIXER_ORDERS.values())
+
 from .tokens import ESCAPES  # noqa: E402  one escape symbol per byte value
 PRECISION = 24               # coding frequencies sum to 2^24
 TOTAL = 1 << PRECISION

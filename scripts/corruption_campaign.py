@@ -132,8 +132,8 @@ def describe(sample: Sample) -> Sample:
     blob = sample.blob
     flags = blob[5]
     h = Record("header", 0, 0, [("magic", 0, 4, "magic"), ("version", 4, 5, "u8"), ("flags", 5, 6, "u8"),
-                                ("level", 6, 7, "u8")])
-    pos = 7
+                                ("level", 6, 7, "u8"), ("mixer", 7, 8, "u8")])
+    pos = 8
     for name in ("context", "segment_tokens", "lanes", "block_size"):
         _, end = _varint_at(blob, pos)
         h.fields.append((name, pos, end, "varint"))
@@ -366,7 +366,7 @@ def random_case(rng: random.Random, corpus: list[Sample], kind: str) -> Case:
         signed = _maybe_resign_header(rng, buf, crc_at)
         return Case(kind, s.name, f"{what}{signed}", bytes(buf), s.original, s.prompt)
     if kind == "resign-header":
-        fields = [f for f in h.fields if f[0] in ("flags", "level", "context", "segment_tokens", "lanes",
+        fields = [f for f in h.fields if f[0] in ("flags", "level", "mixer", "context", "segment_tokens", "lanes",
                                                   "block_size", "prompt_check", "name")]
         name, start, end, fmt = rng.choice(fields)
         if fmt == "name":

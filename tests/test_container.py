@@ -16,6 +16,7 @@ from lmcodec.container import (MAGIC, MAX_CONTEXT, MAX_LANES, OLD_VERSIONS, VARI
                                Header, Method, Reader, StreamEntry, decode_varint, digest, encode_varint,
                                lm_payload_limit, prompt_check, segment_layout, stream_count, stream_groups,
                                stream_tokens)
+from lmcodec.spec import MIXER_MASK
 from lmcodec.errors import (
     ArchiveError,
     CorruptArchiveError,
@@ -43,7 +44,7 @@ def headers(draw):
                   segment_tokens=draw(st.one_of(st.integers(1, 8), st.integers(1, 1 << 30))),
                   lanes=draw(st.one_of(st.integers(1, 4), st.integers(1, MAX_LANES))),
                   block_size=draw(st.integers(4096, 64 << 20)),
-                  level=draw(st.integers(0, 9)))
+                  level=draw(st.integers(0, 9)), mixer=draw(st.integers(0, MIXER_MASK)))
 
 
 def ref_varint(n: int) -> bytes:
@@ -128,7 +129,7 @@ def test_header_layout(header):
     """The packed header is exactly the documented layout (docs/FORMAT.md)."""
     named = bool(header.model_name) or any(header.model_fingerprint) or any(header.tokenizer_fingerprint)
     flags = header.has_prompt | (2 * named)
-    body = MAGIC + bytes([3, flags, header.level])
+    body = MAGIC + bytes([3, flags, header.level, header.mixer])
     body += b"".join(ref_varint(v) for v in (header.context, header.segment_tokens, header.lanes,
                                              header.block_size))
     if named:
@@ -137,8 +138,8 @@ def test_header_layout(header):
     if header.has_prompt:
         body += header.prompt_check
     assert header.pack() == body + struct.pack("<I", zlib.crc32(body))
-    # 7 + varints + (1 + n + 24 if it names a model) + (8 with a prompt) + 4
-    size = 7 + sum(len(ref_varint(v)) for v in (header.context, header.segment_tokens, header.lanes,
+    # 8 + varints + (1 + n + 24 if it names a model) + (8 with a prompt) + 4
+    size = 8 + sum(len(ref_varint(v)) for v in (header.context, header.segment_tokens, header.lanes,
                                                 header.block_size))
     size += (25 + len(header.model_name.encode())) * named + 8 * header.has_prompt + 4
     assert len(header.pack()) == size
@@ -147,21 +148,21 @@ def test_header_layout(header):
 def test_header_keeps_the_tokenizer_prefix_and_omits_what_it_does_not_need():
     h = Header("smollm2-135m", bytes(range(16)), bytes(range(100, 116)), bytes(8), False, 2048, 2048, 64, 4 << 20)
     blob = h.pack()
-    assert len(blob) == 57  # 7 + varints 2 + 2 + 1 + 4 + name 1 + 12 + fingerprints 16 + 8 + CRC 4
+    assert len(blob) == 58  # 8 + varints 2 + 2 + 1 + 4 + name 1 + 12 + fingerprints 16 + 8 + CRC 4
     got = Reader(io.BytesIO(blob + End(0, digest(b""), 0).pack())).header()
     assert got.tokenizer_fingerprint == bytes(range(100, 108)) and got.level == 0
     assert got == Header("smollm2-135m", bytes(range(16)), bytes(range(100, 108)), bytes(8), False, 2048, 2048,
                          64, 4 << 20)
     # Stored-only: no model fields at all; they read back as zeros.
     stored = Header("", bytes(16), bytes(16), bytes(8), False, 2048, 2048, 64, 4 << 20, level=9)
-    assert len(stored.pack()) == 7 + 9 + 4 and stored.pack()[5] == 0 and stored.pack()[6] == 9
+    assert len(stored.pack()) == 8 + 9 + 4 and stored.pack()[5] == 0 and stored.pack()[6] == 9
     got = Reader(io.BytesIO(stored.pack())).header()
     assert (got.model_name, got.model_fingerprint, got.tokenizer_fingerprint) == ("", bytes(16), bytes(8))
     # A prompt adds its 8-byte check.
     p = Header("", bytes(16), bytes(8), prompt_check(b"k"), True, 2048, 2048, 64, 4 << 20)
     assert len(p.pack()) == len(stored.pack()) + 8 and Reader(io.BytesIO(p.pack())).header() == p
     # What the format cannot hold is refused when packing.
-    for bad in (dict(level=10), dict(has_prompt=False, prompt_check=b"x" * 8), dict(model_fingerprint=bytes(8)),
+    for bad in (dict(level=10), dict(mixer=0x40), dict(has_prompt=False, prompt_check=b"x" * 8), dict(model_fingerprint=bytes(8)),
                 dict(tokenizer_fingerprint=bytes(7))):
         with pytest.raises(ValueError):
             Header(**{**vars(p), **bad}).pack()
@@ -172,12 +173,12 @@ def _resigned_header(body: bytes) -> bytes:
 
 
 @settings(max_examples=300, deadline=None)
-@given(flags=st.integers(0, 255), level=st.integers(0, 255),
+@given(flags=st.integers(0, 255), level=st.integers(0, 255), mixer=st.integers(0, 255),
        values=st.lists(st.one_of(st.integers(0, 20000), st.integers(0, VARINT_MAX)), min_size=4, max_size=4),
        name=st.binary(max_size=12), fps=st.binary(min_size=24, max_size=24), pcheck=st.binary(min_size=8, max_size=8))
-def test_resigned_header_fields_parse_in_range_or_fail_cleanly(flags, level, values, name, fps, pcheck):
+def test_resigned_header_fields_parse_in_range_or_fail_cleanly(flags, level, mixer, values, name, fps, pcheck):
     """Any value in any header field, with a valid CRC: an in-range header or a clean refusal."""
-    body = MAGIC + bytes([3, flags, level]) + b"".join(encode_varint(v) for v in values)
+    body = MAGIC + bytes([3, flags, level, mixer]) + b"".join(encode_varint(v) for v in values)
     if flags & 2:
         body += bytes([len(name)]) + name + fps
     if flags & 1:
@@ -189,10 +190,11 @@ def test_resigned_header_fields_parse_in_range_or_fail_cleanly(flags, level, val
         assert "\n" not in str(exc)
         context, seg, lanes, block = values
         name_ok = not flags & 2 or ((name or any(fps)) and _utf8(name))
-        assert (flags & ~3 or level > 9 or not 16 <= context <= MAX_CONTEXT or not 1 <= seg <= 1 << 30
+        assert (flags & ~3 or level > 9 or mixer & ~MIXER_MASK
+                or not 16 <= context <= MAX_CONTEXT or not 1 <= seg <= 1 << 30
                 or not 1 <= lanes <= MAX_LANES or not 4096 <= block <= 64 << 20 or not name_ok)
     else:
-        assert (h.context, h.segment_tokens, h.lanes, h.block_size, h.level) == (*values, level)
+        assert (h.context, h.segment_tokens, h.lanes, h.block_size, h.level, h.mixer) == (*values, level, mixer)
         assert h.has_prompt == bool(flags & 1) and h.prompt_check == (pcheck if flags & 1 else bytes(8))
         if flags & 2:
             assert (h.model_name.encode(), h.model_fingerprint + h.tokenizer_fingerprint) == (name, fps)
@@ -210,13 +212,14 @@ def _utf8(b: bytes) -> bool:
 
 
 def test_header_refuses_what_no_encoder_writes():
-    ok = MAGIC + bytes([3, 0, 0]) + b"".join(encode_varint(v) for v in (32, 4, 2, 4096))
+    ok = MAGIC + bytes([3, 0, 0, 0]) + b"".join(encode_varint(v) for v in (32, 4, 2, 4096))
     assert Reader(io.BytesIO(_resigned_header(ok))).header().level == 0
-    for body in (MAGIC + bytes([3, 4, 0]) + ok[7:],                          # an unknown flag bit
-                 MAGIC + bytes([3, 0, 10]) + ok[7:],                         # level 10
-                 MAGIC + bytes([3, 2, 0]) + ok[7:] + bytes(1 + 24),          # names a model, but none
-                 ok[:7] + b"\xa0\x00" + ok[8:],                               # non-minimal context (32 in 2 bytes)
-                 ok[:7] + b"\xff" * 10 + b"\x01" + ok[8:]):                   # an 11-byte varint
+    for body in (MAGIC + bytes([3, 4, 0, 0]) + ok[8:],                       # an unknown flag bit
+                 MAGIC + bytes([3, 0, 10, 0]) + ok[8:],                      # level 10
+                 MAGIC + bytes([3, 0, 0, 0x40]) + ok[8:],                    # an unknown mixer bit
+                 MAGIC + bytes([3, 2, 0, 0]) + ok[8:] + bytes(1 + 24),       # names a model, but none
+                 ok[:8] + b"\xa0\x00" + ok[9:],                               # non-minimal context (32 in 2 bytes)
+                 ok[:8] + b"\xff" * 10 + b"\x01" + ok[9:]):                   # an 11-byte varint
         with pytest.raises(CorruptArchiveError):
             Reader(io.BytesIO(_resigned_header(body))).header()
 

@@ -135,11 +135,11 @@ def signed_end(total: int, check: bytes, n_blocks: int) -> bytes:
 
 
 def signed_header(flags: int, level: int, params, name: bytes = b"", fingerprints: bytes = bytes(24),
-                  pcheck: bytes = bytes(8)) -> bytes:
+                  pcheck: bytes = bytes(8), mixer: int = 0) -> bytes:
     """A v3 header with a valid CRC: ``params`` are the four varint fields (context, segment
     tokens, lanes, block size), each an int or its raw bytes; the model fields are written when
     flag bit 1 is set, the prompt check when bit 0 is."""
-    body = V + bytes([flags, level]) + b"".join(p if isinstance(p, bytes) else varint(p) for p in params)
+    body = V + bytes([flags, level, mixer]) + b"".join(p if isinstance(p, bytes) else varint(p) for p in params)
     if flags & 2:
         body += bytes([len(name)]) + name + fingerprints
     if flags & 1:
@@ -149,8 +149,8 @@ def signed_header(flags: int, level: int, params, name: bytes = b"", fingerprint
 
 def header_fields(buf) -> dict[str, tuple[int, int]]:
     """(start, end) of every field of the v3 header at the start of ``buf``."""
-    out = {"flags": (5, 6), "level": (6, 7)}
-    pos = 7
+    out = {"flags": (5, 6), "level": (6, 7), "mixer": (7, 8)}
+    pos = 8
     for name in ("context", "segment_tokens", "lanes", "block_size"):
         end = decode_varint(buf, pos)[1]
         out[name], pos = (pos, end), end
@@ -490,17 +490,18 @@ def test_resigned_fields_of_a_real_lm_archive(codec, tiny_lm, data):
     h, blocks, end, _ = parse(blob)
     (blk,) = blocks
     assert blk.method == Method.LM and len(blk.tokens) == 1 and len(blk.streams) == 1  # one segment, one stream
-    fields = dict(level=h.level, context=h.context, segment_tokens=h.segment_tokens, lanes=h.lanes,
+    fields = dict(level=h.level, mixer=h.mixer, context=h.context, segment_tokens=h.segment_tokens, lanes=h.lanes,
                   block_size=h.block_size, method=int(blk.method), raw_len=blk.raw_len, n_tokens=blk.n_tokens,
                   payload_len=blk.streams[0].payload_len, payload_crc=blk.streams[0].payload_crc)
-    tops = dict(level=255, method=255, payload_crc=2**32 - 1)
+    tops = dict(level=255, mixer=255, method=255, payload_crc=2**32 - 1)
     name = data.draw(st.sampled_from(sorted(fields)))
     top = tops.get(name, VARINT_MAX)
     value = data.draw(st.one_of(st.integers(0, 40), st.integers(0, top)))
     assume(value != fields[name])
     v = {**fields, name: value}
     head = signed_header(blob[5], v["level"], [v["context"], v["segment_tokens"], v["lanes"], v["block_size"]],
-                         h.model_name.encode(), h.model_fingerprint + h.tokenizer_fingerprint, h.prompt_check)
+                         h.model_name.encode(), h.model_fingerprint + h.tokenizer_fingerprint, h.prompt_check,
+                         v["mixer"])
     buf = (head + signed_block(v["method"], v["raw_len"], blk.check, v["n_tokens"],
                                [(v["payload_len"], v["payload_crc"])], blk.payloads[0]) + end.pack())
     assert buf != blob
@@ -518,7 +519,7 @@ def test_real_lm_archive_rebuilds_from_its_fields(tiny_lm):
     h, (blk,), end, _ = parse(blob)
     assert blob[5] == 2 and header_fields(blob)["crc"][1] == len(h.pack())  # names the model, no prompt
     head = signed_header(2, h.level, [h.context, h.segment_tokens, h.lanes, h.block_size], h.model_name.encode(),
-                         h.model_fingerprint + h.tokenizer_fingerprint)
+                         h.model_fingerprint + h.tokenizer_fingerprint, mixer=h.mixer)
     assert head == h.pack()
     rebuilt = (head + signed_block(blk.method, blk.raw_len, blk.check, blk.n_tokens,
                                    [(blk.streams[0].payload_len, blk.streams[0].payload_crc)], blk.payloads[0])
