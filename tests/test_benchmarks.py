@@ -96,3 +96,18 @@ def test_quantization_benchmark_compares_the_engine_with_the_float_model(corpus,
     assert doc["float_bits"] > 0 and doc["engine_bits"] > 0
     # The integer engine is the float model quantized: within a few percent on any text.
     assert abs(doc["engine_bits"] / doc["float_bits"] - 1) < 0.1
+
+
+def test_ablation_codes_every_variant_and_verifies_the_chosen_ones(corpus, tmp_path):
+    import json
+
+    from benchmarks import ablation
+
+    out, md = tmp_path / "ablation.json", tmp_path / "ablation.md"
+    assert ablation.main(["--corpus", str(corpus), "--files", "texts/a.txt", "--bytes", "30", "--level", "4",
+                          "--threads", "2", "--json", str(out), "--md", str(md)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ablation.VARIANTS
+    assert {r["variant"] for r in rows if r["verified"]} == {"none", "all"}
+    assert all(r["archive_bytes"] > 0 and r["bytes"] == 30 for r in rows)
+    assert rows[0]["gain"] == 0 and "| all |" in md.read_text()
