@@ -236,7 +236,6 @@ class Codec:
         self._models: dict[str, tuple[IntModel, ByteTokenizer, str]] = {}
         self._engines: dict[tuple, Engine] = {}
         self._prefixes: dict[tuple, list[int]] = {}
-        self._last_prefix: list[int] = []
         #: Set to a dict to keep segments' hidden rows between calls (benchmarks).
         self.score_memo: dict | None = None
 
@@ -341,18 +340,18 @@ class Codec:
         payloads, bits = [], 0.0
         self._start_block(len(raw), len(symbols))
         with torch_threads(s.threads), torch.inference_mode():
-            self._last_prefix = self._prefix(tok, prompt, s.context)
-            pre = prefill(engine, self._last_prefix)
+            prefix = self._prefix(tok, prompt, s.context)
+            pre = prefill(engine, prefix)
             for group in stream_groups(len(lengths), s.lanes):
                 segs = [slice(offsets[g], offsets[g + 1]) for g in group]
-                hidden = [self._score(engine, pre, inputs[seg][:-1], s.context) for seg in segs]
+                hidden = [self._score(engine, prefix, pre, inputs[seg][:-1], s.context) for seg in segs]
                 payload, b = self._encode_stream(engine, hidden, [symbols[seg] for seg in segs],
                                                  tok.alphabet_size, MixerConfig(s.mixer))
                 payloads.append(payload)
                 bits += b
         return Block.build(Method.LM, raw, payloads, lengths), bits
 
-    def _score(self, engine: Engine, pre: Prefix, inputs: np.ndarray, context: int):
+    def _score(self, engine: Engine, prefix: list[int], pre: Prefix, inputs: np.ndarray, context: int):
         """A segment's hidden rows (the parallel pass), memoised when :attr:`score_memo` is a dict.
 
         The memo lets a benchmark code the same text under several online-model
@@ -360,7 +359,7 @@ class Codec:
         """
         if self.score_memo is None:
             return score_segment(engine, pre, inputs, context)
-        key = (engine.fingerprint, tuple(self._last_prefix), context,
+        key = (engine.fingerprint, tuple(prefix), context,
                hashlib.blake2b(np.ascontiguousarray(inputs).tobytes(), digest_size=16).digest())
         if key not in self.score_memo:
             self.score_memo[key] = score_segment(engine, pre, inputs, context)
