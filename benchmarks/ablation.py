@@ -4,7 +4,7 @@
                                   [--verify VARIANTS] [--json OUT] [--md OUT]
 
 For every file, the same text is compressed with the language model alone, with
-each online model alone beside it (match, order 0 ... order 4), and with all of
+each online model alone beside it (bias, match, order 0 ... order 4), and with all of
 them (``lmcodec.mixing``).  The segments' LM pass is computed once per file and
 shared by the variants (``Codec.score_memo``: the hidden rows do not depend on
 the mixer), so a variant costs only its coding.  Sizes are whole archives.  The
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .corpus import CorpusError, corpus_root, manifest
 
-VARIANTS = ["none", "match", "order0", "order1", "order2", "order3", "order4", "all"]
+VARIANTS = ["none", "bias", "match", "order0", "order1", "order2", "order3", "order4", "all"]
 
 
 def run_file(codec, name: str, data: bytes, verify: set[str]) -> list[dict]:

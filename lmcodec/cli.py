@@ -105,7 +105,7 @@ def coding_options(fn):
                      help="Model context window in tokens, sliding past it (overrides the level)."),
         click.option("--mixer", type=MixerChoice(), default=None, metavar="MODELS",
                      help="Online models mixed with the LM (overrides the level): none, all, or a comma "
-                          "list of match, order0 ... order4."),
+                          "list of bias, match, order0 ... order4."),
         click.option("--lanes", type=click.IntRange(1, 4096), default=None,
                      help="Segments per coded stream (decoded side by side) [64]."),
         click.option("--block-size", type=click.IntRange(4096, 64 << 20), default=None,

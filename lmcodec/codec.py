@@ -379,16 +379,16 @@ class Codec:
         bits = 0.0
         for t0 in range(0, max(lengths), STEP_CHUNK):
             t1 = min(t0 + STEP_CHUNK, max(lengths))
-            # The LM's weights of a chunk of steps at once (one head GEMM), then step by step.
+            # The LM's token gaps of a chunk of steps at once (one head GEMM), then step by step.
             rows = [(i, t) for t in range(t0, t1) for i in range(len(symbols)) if t < lengths[i]]
             h = torch.stack([hidden[i][0][t] for i, t in rows])
             e = torch.stack([hidden[i][1][t] for i, t in rows])
-            weights = engine.weights(h, e, alphabet)
+            gaps = engine.gaps(h, e)
             at = 0
             for t in range(t0, t1):
                 live = [i for i in range(len(symbols)) if t < lengths[i]]
                 sym = np.array([symbols[i][t] for i in live], dtype=np.int64)
-                tables = CodingTables(mix.mix(live, weights[at:at + len(live)]), alphabet)
+                tables = CodingTables(mix.mix(live, gaps[at:at + len(live)]), alphabet)
                 at += len(live)
                 b, j = tables.split(sym)
                 rows1, rows2 = tables.stage1(), tables.stage2(b)
@@ -532,10 +532,10 @@ class Codec:
             # Per stream: its live lanes (segment order) and their rows in the batch.
             live = [[i for i, g in enumerate(group) if t < lengths[g]] for group in groups]
             rows = [first[k] + i for k, lanes in enumerate(live) for i in lanes]
-            weights = engine.weights(run.h[rows], run.e[rows], alphabet)
+            gaps = engine.gaps(run.h[rows], run.e[rows])
             mixed, at = [], 0
             for m, lanes in zip(mixers, live):
-                mixed.append(m.mix(lanes, weights[at:at + len(lanes)]))
+                mixed.append(m.mix(lanes, gaps[at:at + len(lanes)]))
                 at += len(lanes)
             tables = CodingTables(torch.cat(mixed), alphabet)
             stage1 = tables.stage1()

@@ -272,6 +272,16 @@ class Engine:
         width = -(-alphabet // BUCKETS)
         return self.ops.weights(int_mm(h16, head.weight), head.mult, exp - head.shift, alphabet, width)
 
+    def gaps(self, h16: torch.Tensor, exp: torch.Tensor) -> torch.Tensor:
+        """Each token's gap below the best logit, [N, V] int64 (ops_torch.gaps).
+
+        :func:`lmcodec.ops_torch.weights_from_gaps` turns them into the same
+        weights as :meth:`weights`; in between, the online bias
+        (:mod:`lmcodec.mixing`) shifts them.
+        """
+        head = self.model.head
+        return self.ops.gaps(int_mm(h16, head.weight), head.mult, exp - head.shift)
+
     def logits(self, h16: torch.Tensor, exp: torch.Tensor) -> Logits:
         """Exact logits of hidden rows: lam = (h W_head^T) * mult, real logit = lam * 2^exp."""
         head = self.model.head

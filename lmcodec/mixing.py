@@ -39,11 +39,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .spec import MIXER_MASK, MIXER_MATCH, MIXER_ORDERS
+from .frequencies import bucket_width
+from .ops_torch import weights_from_gaps
+from .spec import MIXER_BIAS, MIXER_MASK, MIXER_MATCH, MIXER_ORDERS, OUT_U_CAP
 from .tokens import ESCAPES
 
 #: Bits of the mixer byte recorded in the archive header (spec.py).
 MATCH_BIT = MIXER_MATCH
+BIAS_BIT = MIXER_BIAS
 ORDER_BITS = MIXER_ORDERS
 ALL = MIXER_MASK
 
@@ -57,6 +60,12 @@ RATE_SHIFT = 5          # weights move 1/32 of the way to each symbol's responsi
 MASS_BITS = 20          # a component of weight w contributes w * 2^20 to a row's total (~2^36)
 #: Per order: counts of one context are halved when their total exceeds this.
 COUNT_LIMIT = {0: 1 << 10, 1: 1 << 12, 2: 1 << 12, 3: 1 << 12, 4: 1 << 12}
+#: The adaptive bias: one value per token in units of 2^-20 bits, applied to the
+#: LM's gaps (2^-10 bits) shifted right by BIAS_FRAC; each coded token moves it
+#: BIAS_RATE units (0.1875 bits, 0.13 nats) in total, and it stays within +-BIAS_CAP.
+BIAS_FRAC = 10
+BIAS_RATE = 3 << 16
+BIAS_CAP = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -78,18 +87,22 @@ class MixerConfig:
         return bool(self.mask & MATCH_BIT)
 
     @property
+    def bias(self) -> bool:
+        return bool(self.mask & BIAS_BIT)
+
+    @property
     def enabled(self) -> bool:
         return self.mask != 0
 
     def describe(self) -> str:
         """``none`` or the models' names joined by commas (what :meth:`parse` reads)."""
-        parts = ["match"] * self.match + [f"order{k}" for k in self.orders]
+        parts = ["bias"] * self.bias + ["match"] * self.match + [f"order{k}" for k in self.orders]
         return ",".join(parts) if parts else "none"
 
     @classmethod
     def parse(cls, text: str) -> "MixerConfig":
-        """``none``, ``all`` or a comma list of ``match``, ``order0`` ... ``order4``."""
-        names = {"match": MATCH_BIT, **{f"order{k}": bit for k, bit in ORDER_BITS.items()}}
+        """``none``, ``all`` or a comma list of ``bias``, ``match``, ``order0`` ... ``order4``."""
+        names = {"bias": BIAS_BIT, "match": MATCH_BIT, **{f"order{k}": bit for k, bit in ORDER_BITS.items()}}
         mask = 0
         for part in text.replace(" ", "").split(","):
             if part == "all":
@@ -145,7 +158,9 @@ class StreamMixer:
         self.totals: dict[int, dict[tuple, int]] = {k: {} for k in self.orders}
         self.index: dict[tuple, tuple[int, int]] = {}     # last MATCH_MIN symbols -> (lane, next position)
         self.weights: dict[tuple, list[int]] = {}
+        self.bias: torch.Tensor | None = None      # [vocab] int64, created on the rows' device
         self._pending: list[_Pending] = []
+        self._lm_rows: torch.Tensor | None = None
 
     # -- prediction ---------------------------------------------------------------------
     def _initial(self) -> list[int]:
@@ -177,18 +192,35 @@ class StreamMixer:
         lane.match_lane, lane.match_pos, lane.match_len = j, pos, n
         return src[pos], n
 
-    def mix(self, lanes: list[int], p: torch.Tensor) -> torch.Tensor:
+    def lm_weights(self, u: torch.Tensor) -> torch.Tensor:
+        """The LM's symbol weights [n, 256, width] from its token gaps ``u`` [n, V], after the adaptive bias.
+
+        With the bias on, a token's gap drops by its bias (``bias >> BIAS_FRAC``)
+        and the row is shifted so that its best token again has gap 0: the
+        weights are those of the LM's logits plus a learned per-token offset.
+        """
+        if self.config.bias:
+            if self.bias is None:
+                self.bias = torch.zeros(u.shape[1], dtype=torch.int64, device=u.device)
+            u = u - (self.bias >> BIAS_FRAC)
+            u = (u - u.amin(dim=1, keepdim=True)).clamp(max=OUT_U_CAP)
+        return weights_from_gaps(u, self.alphabet, bucket_width(self.alphabet))
+
+    def mix(self, lanes: list[int], u: torch.Tensor) -> torch.Tensor:
         """Mixed integer symbol weights for one row per lane.
 
-        ``p``: the LM's weights [n, 256, width] int64 (rows in the order of
-        ``lanes``).  Returns a tensor of the same shape whose rows total about
-        2^36.  Must be followed by :meth:`update` with the rows' symbols.
+        ``u``: the LM's token gaps [n, V] int64 (:meth:`lmcodec.engine.Engine.gaps`,
+        rows in the order of ``lanes``).  Returns weights [n, 256, width] whose
+        rows total about 2^36 (2^30 times the LM's spread when only the bias or
+        nothing is on).  Must be followed by :meth:`update` with the rows' symbols.
         """
         self._pending = []
-        if not self.config.enabled or not lanes:
-            return p
+        p = self.lm_weights(u)
         n = p.shape[0]
         flat = p.reshape(n, p.shape[1] * p.shape[2])
+        self._lm_rows = flat
+        if self.n_components == 1 or not lanes:
+            return p
         totals = flat.sum(dim=1).tolist()
         scales, adds = [], []
         for row, li in enumerate(lanes):
@@ -231,13 +263,16 @@ class StreamMixer:
         floor = torch.tensor([[max(1, pend.weights[0] >> (24 - MASS_BITS))] for pend in self._pending],
                              dtype=torch.int64, device=p.device)
         out[:, vocab:self.alphabet] = torch.maximum(out[:, vocab:self.alphabet], floor)
-        self._lm_rows = flat
         return out.view_as(p)
 
     # -- learning -----------------------------------------------------------------------
     def update(self, symbols: list[int]) -> None:
         """Learn the symbols of the rows of the last :meth:`mix` (one per lane, same order)."""
-        if not self.config.enabled or not symbols:
+        if not symbols or self._lm_rows is None:
+            return
+        if self.config.bias:
+            self._learn_bias(symbols)
+        if self.n_components == 1:
             return
         lm = self._lm_rows[torch.arange(len(symbols)), torch.as_tensor(symbols)].tolist()
         for pend, x, px in zip(self._pending, symbols, lm):
@@ -245,6 +280,24 @@ class StreamMixer:
         for pend, x in zip(self._pending, symbols):
             self._append(pend.lane, x)
         self._pending = []
+
+    def _learn_bias(self, symbols: list[int]) -> None:
+        """One online gradient step of the code length on the bias, summed over the step's rows.
+
+        For a row with adapted token weights q and coded token y the step is
+        ``BIAS_RATE * ([v = y] - q_v / sum q)``, each term floored; rows whose
+        symbol is an escape teach nothing.  Summing before applying makes the
+        result independent of the rows' order.
+        """
+        vocab = self.alphabet - ESCAPES
+        y = torch.as_tensor(symbols, dtype=torch.int64, device=self._lm_rows.device)
+        ok = y < vocab
+        if not bool(ok.any()):
+            return
+        q = self._lm_rows[ok, :vocab]
+        down = torch.div(q * BIAS_RATE, q.sum(dim=1, keepdim=True), rounding_mode="floor").sum(dim=0)
+        up = torch.zeros_like(down).index_add_(0, y[ok], torch.full_like(y[ok], BIAS_RATE))
+        self.bias = (self.bias + up - down).clamp(-BIAS_CAP, BIAS_CAP)
 
     def _learn(self, pend: _Pending, x: int, px: int) -> None:
         terms = [(px * pend.lm_scale) >> MASS_BITS]

@@ -296,6 +296,23 @@ def _weights(y, mult, exp, exp2, alphabet, width, out):  # pragma: no cover - co
             row[v // width, v % width] = 0
 
 
+@njit(parallel=True, **_JIT)
+def _gaps(y, mult, exp, out):  # pragma: no cover - compiled
+    n_rows = exp.shape[0]
+    vocab = y.shape[1]
+    for i in prange(n_rows):
+        lam = np.empty(vocab, np.int64)
+        top = np.int64(-(1 << 62))
+        for v in range(vocab):
+            lam[v] = ((np.int64(y[i, v]) << 8) + np.int64(y[n_rows + i, v])) * mult[v]
+            top = max(top, lam[v])
+        s = 20 - exp[i]
+        pre = max(s - OUT_PRE_LIMIT, 0)
+        rest = max(s - pre, 0)
+        for v in range(vocab):
+            out[i, v] = min(((min((top - lam[v]) >> pre, OUT_D_CAP)) * LOG2E_OUT) >> rest, OUT_U_CAP)
+
+
 # -- the same interface as ops_torch ------------------------------------------------------------
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
@@ -361,4 +378,12 @@ def weights(y, mult, exp, alphabet: int, width: int):
     n = exp.shape[0]
     out = torch.empty((n, BUCKETS, width), dtype=torch.int64)
     _weights(_np(y), _np(mult), _np(exp).reshape(-1), _EXP2, alphabet, width, _np(out))
+    return out
+
+
+def gaps(y, mult, exp):
+    _threads()
+    n = exp.shape[0]
+    out = torch.empty((n, y.shape[1]), dtype=torch.int64)
+    _gaps(_np(y), _np(mult), _np(exp).reshape(-1), _np(out))
     return out

@@ -170,22 +170,40 @@ def attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c) -> torch.Tensor:
     return torch.div(2 * acc + den, 2 * den, rounding_mode="floor").view(n_q, nh, hd)
 
 
-def weights(y: torch.Tensor, mult: torch.Tensor, exp: torch.Tensor, alphabet: int, width: int) -> torch.Tensor:
-    """Output head product -> the integer weights of every coding symbol, [N, 256, width] int64.
+def gaps(y: torch.Tensor, mult: torch.Tensor, exp: torch.Tensor) -> torch.Tensor:
+    """Output head product -> each token's gap below the best logit, [N, V] int64.
 
-    Tokens: p = 2^30 * 2^-(max logit - logit) * log2(e) in fixed point; the 256
-    escapes: max(1, sum p >> 24) each; padding: 0 (docs/ENGINE.md, Frequencies).
+    ``u = (max logit - logit) * log2(e)`` in fixed point with 10 fractional bits
+    (so a token's weight is ``2^30 * 2^(-u / 1024)``), capped at 31 * 1024
+    (docs/ENGINE.md, Frequencies).
     """
     lam = combine(y) * mult
     d = lam.amax(dim=-1, keepdim=True) - lam
     s = 20 - exp
     pre = (s - OUT_PRE_LIMIT).clamp(min=0)
     rest = (s - pre).clamp(min=0)
-    u = (((d >> pre).clamp(max=OUT_D_CAP) * LOG2E_OUT) >> rest).clamp(max=OUT_U_CAP)
-    table = torch.as_tensor(fixedmath.exp2_table(), device=lam.device)
+    return (((d >> pre).clamp(max=OUT_D_CAP) * LOG2E_OUT) >> rest).clamp(max=OUT_U_CAP)
+
+
+def weights_from_gaps(u: torch.Tensor, alphabet: int, width: int) -> torch.Tensor:
+    """Token gaps [N, V] -> the integer weights of every coding symbol, [N, 256, width] int64.
+
+    Tokens: p = T[u mod 1024] >> (u div 1024) (fixedmath.exp2_table); the 256
+    escapes: max(1, sum p >> 24) each; padding: 0.
+    """
+    table = torch.as_tensor(fixedmath.exp2_table(), device=u.device)
     p = table[u & 1023] >> (u >> 10)
     n = p.shape[0]
     esc = (p.sum(dim=-1, keepdim=True) >> 24).clamp(min=1)
     pad = BUCKETS * width - alphabet
     full = torch.cat([p, esc.expand(n, ESCAPES), torch.zeros((n, pad), dtype=p.dtype, device=p.device)], 1)
     return full.view(n, BUCKETS, width)
+
+
+def weights(y: torch.Tensor, mult: torch.Tensor, exp: torch.Tensor, alphabet: int, width: int) -> torch.Tensor:
+    """Output head product -> the integer weights of every coding symbol, [N, 256, width] int64.
+
+    Tokens: p = 2^30 * 2^-(max logit - logit) * log2(e) in fixed point; the 256
+    escapes: max(1, sum p >> 24) each; padding: 0 (docs/ENGINE.md, Frequencies).
+    """
+    return weights_from_gaps(gaps(y, mult, exp), alphabet, width)

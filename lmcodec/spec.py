@@ -40,7 +40,8 @@ OUT_PRE_LIMIT = 36
 #: The online models' bits in the archive's mixer byte (lmcodec.mixing); others are refused.
 MIXER_MATCH = 1
 MIXER_ORDERS = {0: 2, 1: 4, 2: 8, 3: 16, 4: 32}
-MIXER_MASK = MIXER_MATCH | sum(MIXER_ORDERS.values())
+MIXER_BIAS = 64
+MIXER_MASK = MIXER_MATCH | sum(MIXER_ORDERS.values()) | MIXER_BIAS
 
 from .tokens import ESCAPES  # noqa: E402  one escape symbol per byte value
 PRECISION = 24               # coding frequencies sum to 2^24

@@ -162,7 +162,7 @@ def test_header_keeps_the_tokenizer_prefix_and_omits_what_it_does_not_need():
     p = Header("", bytes(16), bytes(8), prompt_check(b"k"), True, 2048, 2048, 64, 4 << 20)
     assert len(p.pack()) == len(stored.pack()) + 8 and Reader(io.BytesIO(p.pack())).header() == p
     # What the format cannot hold is refused when packing.
-    for bad in (dict(level=10), dict(mixer=0x40), dict(has_prompt=False, prompt_check=b"x" * 8), dict(model_fingerprint=bytes(8)),
+    for bad in (dict(level=10), dict(mixer=0x80), dict(has_prompt=False, prompt_check=b"x" * 8), dict(model_fingerprint=bytes(8)),
                 dict(tokenizer_fingerprint=bytes(7))):
         with pytest.raises(ValueError):
             Header(**{**vars(p), **bad}).pack()
@@ -216,7 +216,7 @@ def test_header_refuses_what_no_encoder_writes():
     assert Reader(io.BytesIO(_resigned_header(ok))).header().level == 0
     for body in (MAGIC + bytes([3, 4, 0, 0]) + ok[8:],                       # an unknown flag bit
                  MAGIC + bytes([3, 0, 10, 0]) + ok[8:],                      # level 10
-                 MAGIC + bytes([3, 0, 0, 0x40]) + ok[8:],                    # an unknown mixer bit
+                 MAGIC + bytes([3, 0, 0, 0x80]) + ok[8:],                    # an unknown mixer bit
                  MAGIC + bytes([3, 2, 0, 0]) + ok[8:] + bytes(1 + 24),       # names a model, but none
                  ok[:8] + b"\xa0\x00" + ok[9:],                               # non-minimal context (32 in 2 bytes)
                  ok[:8] + b"\xff" * 10 + b"\x01" + ok[9:]):                   # an 11-byte varint

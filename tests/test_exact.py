@@ -58,7 +58,10 @@ def assert_equal_to_reference(engine, h, e, reference, symbols, alphabet):
     ref_lam, ref_exp = reference
     assert np.array_equal(exp, ref_exp)
     assert np.array_equal(lam, ref_lam)
-    tables = CodingTables(engine.weights(h, e, alphabet), alphabet)
+    weights = engine.weights(h, e, alphabet)
+    # The coding path takes the gaps (Engine.gaps) and builds the weights itself (mixing.py).
+    assert torch.equal(weights, ops_torch.weights_from_gaps(engine.gaps(h, e), alphabet, weights.shape[2]))
+    tables = CodingTables(weights, alphabet)
     s1 = tables.stage1()
     b, _ = tables.split(symbols)
     s2 = {bucket: tables.stage2(np.full(len(symbols), bucket)) for bucket in (0, 255)}

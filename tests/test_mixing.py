@@ -10,17 +10,23 @@ from hypothesis import strategies as st
 
 from lmcodec import Codec
 from lmcodec.frequencies import TOTAL, CodingTables
-from lmcodec.mixing import ALL, MATCH_BIT, ORDER_BITS, MixerConfig, StreamMixer
+from lmcodec.mixing import (ALL, BIAS_BIT, BIAS_CAP, BIAS_FRAC, BIAS_RATE, MATCH_BIT, ORDER_BITS, MixerConfig,
+                            StreamMixer)
+from lmcodec.ops_torch import weights_from_gaps
+from lmcodec.spec import OUT_U_CAP
 
 ALPHABET = 49_152 + 256          # SmolLM2's: 256 buckets of 193 symbols, the last 256 escapes
 WIDTH = 193
 
 
+VOCAB = ALPHABET - 256
+
+
 def lm_rows(rng: np.random.Generator, n: int) -> torch.Tensor:
-    """Symbol weights shaped like the engine's: the best symbol 2^30, the rest below."""
-    p = rng.integers(0, 1 << 24, size=(n, 256 * WIDTH), dtype=np.int64) >> rng.integers(0, 24, size=(n, 1))
-    p[np.arange(n), rng.integers(0, ALPHABET - 256, size=n)] = 1 << 30
-    return torch.from_numpy(p).view(n, 256, WIDTH)
+    """Token gaps shaped like the engine's (Engine.gaps): the best token 0, the rest up to the cap."""
+    u = rng.integers(0, OUT_U_CAP + 1, size=(n, VOCAB), dtype=np.int64) >> rng.integers(0, 6, size=(n, 1))
+    u[np.arange(n), rng.integers(0, VOCAB, size=n)] = 0
+    return torch.from_numpy(u)
 
 
 def test_config_names_round_trip():
@@ -31,8 +37,9 @@ def test_config_names_round_trip():
     assert MixerConfig.parse("match,order2").mask == MATCH_BIT | ORDER_BITS[2]
     with pytest.raises(ValueError):
         MixerConfig.parse("order7")
+    assert MixerConfig.parse("bias").mask == BIAS_BIT and MixerConfig(ALL).bias
     with pytest.raises(ValueError):
-        MixerConfig(0x40)
+        MixerConfig(0x80)
 
 
 @settings(max_examples=25, deadline=None)
@@ -52,7 +59,7 @@ def test_mixed_rows_are_valid_coding_rows_and_deterministic(seed, mask, lanes, s
         p = lm_rows(rng, len(live))
         wa, wb = a.mix(live, p), b.mix(live, p.clone())
         assert torch.equal(wa, wb) and wa.dtype == torch.int64 and bool((wa >= 0).all())
-        assert int(wa.reshape(len(live), -1).sum(dim=1).max()) < 1 << 38   # CodingTables' int64 bound
+        assert int(wa.sum(dim=2).max()) < 1 << 38   # a bucket's mass: CodingTables' int64 bound
         tables = CodingTables(wa, ALPHABET)
         assert (tables.stage1().sum(axis=1) == TOTAL).all() and (tables.stage1() >= 1).all()
         sym = [int(seqs[i][t]) for i in live]
@@ -61,14 +68,68 @@ def test_mixed_rows_are_valid_coding_rows_and_deterministic(seed, mask, lanes, s
         a.update(sym)
         b.update(sym)
     assert a.weights == b.weights
+    assert (a.bias is None) == (b.bias is None) and (a.bias is None or torch.equal(a.bias, b.bias))
 
 
 def test_disabled_mixer_is_the_lm_itself():
     rng = np.random.default_rng(0)
-    p = lm_rows(rng, 3)
+    u = lm_rows(rng, 3)
     m = StreamMixer(MixerConfig(0), 3, ALPHABET)
-    assert m.mix([0, 1, 2], p) is p
+    assert torch.equal(m.mix([0, 1, 2], u), weights_from_gaps(u, ALPHABET, WIDTH))
     m.update([1, 2, 3])
+
+
+def reference_bias_step(bias: list[int], rows: list[list[int]], symbols: list[int]) -> tuple[list[list[int]], list[int]]:
+    """The adaptive bias as docs/ENGINE.md states it, on Python ints (the test's independent reference).
+
+    Returns the rows' adapted token weights and the bias after learning the step.
+    """
+    from lmcodec.fixedmath import exp2_table
+
+    table = [int(x) for x in exp2_table()]
+    weights = []
+    for u in rows:
+        v = [g - (b >> BIAS_FRAC) for g, b in zip(u, bias)]
+        low = min(v)
+        v = [min(x - low, OUT_U_CAP) for x in v]
+        weights.append([table[x % 1024] >> (x // 1024) for x in v])
+    new = list(bias)
+    for q, y in zip(weights, symbols):
+        if y >= VOCAB:
+            continue
+        total = sum(q)
+        for i, qi in enumerate(q):
+            new[i] -= qi * BIAS_RATE // total
+        new[y] += BIAS_RATE
+    return weights, [max(-BIAS_CAP, min(BIAS_CAP, b)) for b in new]
+
+
+def test_adaptive_bias_matches_a_plain_reference():
+    """Several steps of several rows (one an escape) against the Python-int reference, bit for bit."""
+    rng = np.random.default_rng(7)
+    m = StreamMixer(MixerConfig(BIAS_BIT), 3, ALPHABET)
+    bias = [0] * VOCAB
+    for step in range(4):
+        u = lm_rows(rng, 3)
+        sym = [int(rng.integers(0, VOCAB)), 17, VOCAB + 5 if step == 1 else 17]
+        got = m.mix([0, 1, 2], u)
+        want, bias = reference_bias_step(bias, u.tolist(), sym)
+        assert got.reshape(3, -1)[:, :VOCAB].tolist() == want
+        m.update(sym)
+        assert m.bias.tolist() == bias
+
+
+def test_adaptive_bias_learns_the_document_and_stays_bounded():
+    """A token the LM keeps under-predicting gains weight step by step, up to the cap and no further."""
+    u = torch.full((1, VOCAB), 8 * 1024, dtype=torch.int64)
+    u[0, 0] = 0
+    m = StreamMixer(MixerConfig(BIAS_BIT), 1, ALPHABET)
+    seen = []
+    for _ in range(400):
+        seen.append(int(m.mix([0], u).reshape(-1)[5]))
+        m.update([5])
+    assert seen[1] > seen[0] and seen[-1] >= seen[100] > seen[1]
+    assert int(m.bias.max()) <= BIAS_CAP and int(m.bias.min()) >= -BIAS_CAP
 
 
 def test_match_model_learns_a_repeat_the_lm_cannot_see():
@@ -87,7 +148,7 @@ def test_match_model_learns_a_repeat_the_lm_cannot_see():
     assert sizes["match"] < 0.8 * sizes["none"], sizes
 
 
-@pytest.mark.parametrize("mixer", ["match", "order0", "order1", "order2", "order3", "order4", "all"])
+@pytest.mark.parametrize("mixer", ["bias", "match", "order0", "order1", "order2", "order3", "order4", "all"])
 def test_every_online_model_round_trips_through_the_codec(mixer):
     """Each component alone (the ablation's variants) decodes to the input; the header keeps it."""
     from lmcodec.container import Reader
