@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from . import fixedmath
-from .spec import (ACT_FRAC, ACT_MAX, ATT_D_CAP, ATT_P_SHIFT, ATT_PRESHIFT, ATT_SHIFT, ATT_U_CAP, BUCKETS,
-                   ESCAPES, KV_MAX, LOG2E_OUT, MLP_LIMIT, OUT_D_CAP, OUT_PRE_LIMIT, OUT_U_CAP, Q_MAX,
+from .ops_torch import weights_from_gaps
+from .spec import (ACT_FRAC, ACT_MAX, ATT_D_CAP, ATT_P_SHIFT, ATT_PRESHIFT, ATT_SHIFT, ATT_U_CAP,
+                   KV_MAX, LOG2E_OUT, MLP_LIMIT, OUT_D_CAP, OUT_PRE_LIMIT, OUT_U_CAP, Q_MAX,
                    QKV_LIMIT, RESID_FRAC, RESID_LIMIT, RSQRT_BITS)
 
 if "NUMBA_CACHE_DIR" not in os.environ:  # site-packages may be read-only
@@ -270,33 +271,6 @@ def _attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c, exp2, lc, out):  # pragm
 
 
 @njit(parallel=True, **_JIT)
-def _weights(y, mult, exp, exp2, alphabet, width, out):  # pragma: no cover - compiled
-    n_rows = exp.shape[0]
-    vocab = y.shape[1]
-    for i in prange(n_rows):
-        lam = np.empty(vocab, np.int64)
-        top = np.int64(-(1 << 62))
-        for v in range(vocab):
-            lam[v] = ((np.int64(y[i, v]) << 8) + np.int64(y[n_rows + i, v])) * mult[v]
-            top = max(top, lam[v])
-        s = 20 - exp[i]
-        pre = max(s - OUT_PRE_LIMIT, 0)
-        rest = max(s - pre, 0)
-        row = out[i]
-        total = np.int64(0)
-        for v in range(vocab):
-            u = min(((min((top - lam[v]) >> pre, OUT_D_CAP)) * LOG2E_OUT) >> rest, OUT_U_CAP)
-            p = exp2[u & 1023] >> (u >> 10)
-            row[v // width, v % width] = p
-            total += p
-        esc = max(total >> 24, np.int64(1))
-        for v in range(vocab, vocab + ESCAPES):
-            row[v // width, v % width] = esc
-        for v in range(vocab + ESCAPES, BUCKETS * width):
-            row[v // width, v % width] = 0
-
-
-@njit(parallel=True, **_JIT)
 def _gaps(y, mult, exp, out):  # pragma: no cover - compiled
     n_rows = exp.shape[0]
     vocab = y.shape[1]
@@ -374,11 +348,8 @@ def attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c):
 
 
 def weights(y, mult, exp, alphabet: int, width: int):
-    _threads()
-    n = exp.shape[0]
-    out = torch.empty((n, BUCKETS, width), dtype=torch.int64)
-    _weights(_np(y), _np(mult), _np(exp).reshape(-1), _EXP2, alphabet, width, _np(out))
-    return out
+    """The coding symbols' weights: :func:`gaps` here, then the shared table step."""
+    return weights_from_gaps(gaps(y, mult, exp), alphabet, width)
 
 
 def gaps(y, mult, exp):
