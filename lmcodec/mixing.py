@@ -90,10 +90,6 @@ class MixerConfig:
     def bias(self) -> bool:
         return bool(self.mask & BIAS_BIT)
 
-    @property
-    def enabled(self) -> bool:
-        return self.mask != 0
-
     def describe(self) -> str:
         """``none`` or the models' names joined by commas (what :meth:`parse` reads)."""
         parts = ["bias"] * self.bias + ["match"] * self.match + [f"order{k}" for k in self.orders]
