@@ -31,8 +31,9 @@ import torch
 
 from . import fixedmath, ops_torch
 from .errors import UsageError
+from .frequencies import bucket_width
 from .quantize import IntLinear, IntModel
-from .spec import ACT_FRAC, BUCKETS, MAX_HEAD_DIM, RESID_FRAC
+from .spec import ACT_FRAC, MAX_HEAD_DIM, RESID_FRAC
 
 
 def pick_device(device: str) -> str:
@@ -268,9 +269,7 @@ class Engine:
 
     def weights(self, h16: torch.Tensor, exp: torch.Tensor, alphabet: int) -> torch.Tensor:
         """Integer weights of every coding symbol for hidden rows: [N, 256, width] int64 (frequencies.py)."""
-        head = self.model.head
-        width = -(-alphabet // BUCKETS)
-        return self.ops.weights(int_mm(h16, head.weight), head.mult, exp - head.shift, alphabet, width)
+        return ops_torch.weights_from_gaps(self.gaps(h16, exp), alphabet, bucket_width(alphabet))
 
     def gaps(self, h16: torch.Tensor, exp: torch.Tensor) -> torch.Tensor:
         """Each token's gap below the best logit, [N, V] int64 (ops_torch.gaps).

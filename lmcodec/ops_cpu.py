@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from . import fixedmath
-from .ops_torch import weights_from_gaps
 from .spec import (ACT_FRAC, ACT_MAX, ATT_D_CAP, ATT_P_SHIFT, ATT_PRESHIFT, ATT_SHIFT, ATT_U_CAP,
                    KV_MAX, LOG2E_OUT, MLP_LIMIT, OUT_D_CAP, OUT_PRE_LIMIT, OUT_U_CAP, Q_MAX,
                    QKV_LIMIT, RESID_FRAC, RESID_LIMIT, RSQRT_BITS)
@@ -345,11 +344,6 @@ def attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c):
     _attend(_np(q16), _np(qe), _np(kt), _np(kmax), _np(vc), _np(vmax), _np(crow), _np(a), _np(b), _np(c),
             _EXP2, fixedmath.att_log2e(q16.shape[-1]), _np(out))
     return out
-
-
-def weights(y, mult, exp, alphabet: int, width: int):
-    """The coding symbols' weights: :func:`gaps` here, then the shared table step."""
-    return weights_from_gaps(gaps(y, mult, exp), alphabet, width)
 
 
 def gaps(y, mult, exp):
