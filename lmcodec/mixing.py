@@ -34,6 +34,7 @@ exactly that order.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,11 +62,24 @@ MASS_BITS = 20          # a component of weight w contributes w * 2^20 to a row'
 #: Per order: counts of one context are halved when their total exceeds this.
 COUNT_LIMIT = {0: 1 << 10, 1: 1 << 12, 2: 1 << 12, 3: 1 << 12, 4: 1 << 12}
 #: The adaptive bias: one value per token in units of 2^-20 bits, applied to the
-#: LM's gaps (2^-10 bits) shifted right by BIAS_FRAC; each coded token moves it
-#: BIAS_RATE units (0.1875 bits, 0.13 nats) in total, and it stays within +-BIAS_CAP.
+#: LM's gaps (2^-10 bits) shifted right by BIAS_FRAC; it stays within +-BIAS_CAP.
+#: A token's learning rate falls with the number of times it has been coded in the
+#: stream (``bias_rates``): BIAS_RATE (1 bit) for a token not coded yet, then
+#: BIAS_RATE / sqrt(count + 1): fast for new tokens, slow for the frequent ones.
 BIAS_FRAC = 10
-BIAS_RATE = 3 << 16
+BIAS_RATE = 1 << 20
 BIAS_CAP = 16 << 20
+BIAS_COUNT_CAP = 1 << 16
+
+
+def bias_rates(rate: int = BIAS_RATE, cap: int = BIAS_COUNT_CAP) -> list[int]:
+    """Rate of a token coded ``c`` times so far, for c = 0 .. cap: ``floor(rate / sqrt(c + 1))``.
+
+    Computed exactly as ``isqrt(rate^2 // (c + 1))`` (the same number: the floor of
+    a square root does not change when its argument is floored first), so every
+    implementation builds the same table.
+    """
+    return [math.isqrt(rate * rate // (c + 1)) for c in range(cap + 1)]
 
 
 @dataclass(frozen=True)
@@ -154,7 +168,9 @@ class StreamMixer:
         self.totals: dict[int, dict[tuple, int]] = {k: {} for k in self.orders}
         self.index: dict[tuple, tuple[int, int]] = {}     # last MATCH_MIN symbols -> (lane, next position)
         self.weights: dict[tuple, list[int]] = {}
-        self.bias: torch.Tensor | None = None      # [vocab] int64, created on the rows' device
+        self.bias: torch.Tensor | None = None      # [V] int64, created on the rows' device
+        self.coded: torch.Tensor | None = None     # [vocab] int64: times each token was coded
+        self._rates: torch.Tensor | None = None
         self._pending: list[_Pending] = []
         self._lm_rows: torch.Tensor | None = None
 
@@ -280,19 +296,26 @@ class StreamMixer:
     def _learn_bias(self, symbols: list[int]) -> None:
         """One online gradient step of the code length on the bias, summed over the step's rows.
 
-        For a row with adapted token weights q and coded token y the step is
-        ``BIAS_RATE * ([v = y] - q_v / sum q)``, each term floored; rows whose
-        symbol is an escape teach nothing.  Summing before applying makes the
-        result independent of the rows' order.
+        First every row's token is counted (``coded``); then, for a row with
+        adapted token weights q and coded token y, token v moves by
+        ``r_v * ([v = y] - q_v / sum q)`` with ``r_v = bias_rates()[min(coded_v, BIAS_COUNT_CAP)]``,
+        each term floored; rows whose symbol is an escape teach nothing.
+        Summing before applying makes the result independent of the rows' order.
         """
         vocab = self.alphabet - ESCAPES
         y = torch.as_tensor(symbols, dtype=torch.int64, device=self._lm_rows.device)
         ok = y < vocab
         if not bool(ok.any()):
             return
+        y = y[ok]
+        if self.coded is None:
+            self.coded = torch.zeros(vocab, dtype=torch.int64, device=y.device)
+            self._rates = torch.tensor(bias_rates(BIAS_RATE, BIAS_COUNT_CAP), dtype=torch.int64, device=y.device)
+        self.coded.index_add_(0, y, torch.ones_like(y))
+        rate = self._rates[self.coded.clamp(max=BIAS_COUNT_CAP)]
         q = self._lm_rows[ok, :vocab]
-        down = torch.div(q * BIAS_RATE, q.sum(dim=1, keepdim=True), rounding_mode="floor").sum(dim=0)
-        up = torch.zeros_like(down).index_add_(0, y[ok], torch.full_like(y[ok], BIAS_RATE))
+        down = torch.div(q * rate, q.sum(dim=1, keepdim=True), rounding_mode="floor").sum(dim=0)
+        up = torch.zeros_like(down).index_add_(0, y, rate[y])
         self.bias = (self.bias + up - down).clamp(-BIAS_CAP, BIAS_CAP)
 
     def _learn(self, pend: _Pending, x: int, px: int) -> None:

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from lmcodec import Codec
 from lmcodec.frequencies import TOTAL, CodingTables
-from lmcodec.mixing import (ALL, BIAS_BIT, BIAS_CAP, BIAS_FRAC, BIAS_RATE, MATCH_BIT, ORDER_BITS, MixerConfig,
-                            StreamMixer)
+from lmcodec.mixing import (ALL, BIAS_BIT, BIAS_CAP, BIAS_COUNT_CAP, BIAS_FRAC, BIAS_RATE, MATCH_BIT, ORDER_BITS,
+                            MixerConfig, StreamMixer, bias_rates)
 from lmcodec.ops_torch import weights_from_gaps
 from lmcodec.spec import OUT_U_CAP
 
@@ -79,10 +79,29 @@ def test_disabled_mixer_is_the_lm_itself():
     m.update([1, 2, 3])
 
 
-def reference_bias_step(bias: list[int], rows: list[list[int]], symbols: list[int]) -> tuple[list[list[int]], list[int]]:
+def reference_rate(count: int) -> int:
+    """floor(BIAS_RATE / sqrt(count + 1)) by bisection: the largest r with r^2 (count + 1) <= BIAS_RATE^2."""
+    lo, hi = 0, BIAS_RATE + 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if mid * mid * (count + 1) <= BIAS_RATE * BIAS_RATE else (lo, mid)
+    return lo
+
+
+def test_bias_rates_are_the_floored_inverse_square_roots():
+    table = bias_rates()
+    assert len(table) == BIAS_COUNT_CAP + 1 and table[0] == BIAS_RATE and table[3] == BIAS_RATE // 2
+    for c in [0, 1, 2, 5, 7, 99, 1000, 4095, 65535, BIAS_COUNT_CAP]:
+        assert table[c] == reference_rate(c)
+    assert all(a >= b for a, b in zip(table, table[1:]))
+
+
+def reference_bias_step(bias: list[int], counts: list[int], rows: list[list[int]],
+                        symbols: list[int]) -> tuple[list[list[int]], list[int]]:
     """The adaptive bias as docs/ENGINE.md states it, on Python ints (the test's independent reference).
 
-    Returns the rows' adapted token weights and the bias after learning the step.
+    Returns the rows' adapted token weights and the bias after learning the step;
+    ``counts`` (times each token was coded) is updated in place.
     """
     from lmcodec.fixedmath import exp2_table
 
@@ -93,14 +112,18 @@ def reference_bias_step(bias: list[int], rows: list[list[int]], symbols: list[in
         low = min(v)
         v = [min(x - low, OUT_U_CAP) for x in v]
         weights.append([table[x % 1024] >> (x // 1024) for x in v])
+    for y in symbols:
+        if y < VOCAB:
+            counts[y] += 1
+    rate = [reference_rate(min(c, BIAS_COUNT_CAP)) for c in counts]
     new = list(bias)
     for q, y in zip(weights, symbols):
         if y >= VOCAB:
             continue
         total = sum(q)
         for i, qi in enumerate(q):
-            new[i] -= qi * BIAS_RATE // total
-        new[y] += BIAS_RATE
+            new[i] -= qi * rate[i] // total
+        new[y] += rate[y]
     return weights, [max(-BIAS_CAP, min(BIAS_CAP, b)) for b in new]
 
 
@@ -108,12 +131,12 @@ def test_adaptive_bias_matches_a_plain_reference():
     """Several steps of several rows (one an escape) against the Python-int reference, bit for bit."""
     rng = np.random.default_rng(7)
     m = StreamMixer(MixerConfig(BIAS_BIT), 3, ALPHABET)
-    bias = [0] * VOCAB
-    for step in range(4):
+    bias, counts = [0] * VOCAB, [0] * VOCAB
+    for step in range(5):
         u = lm_rows(rng, 3)
         sym = [int(rng.integers(0, VOCAB)), 17, VOCAB + 5 if step == 1 else 17]
         got = m.mix([0, 1, 2], u)
-        want, bias = reference_bias_step(bias, u.tolist(), sym)
+        want, bias = reference_bias_step(bias, counts, u.tolist(), sym)
         assert got.reshape(3, -1)[:, :VOCAB].tolist() == want
         m.update(sym)
         assert m.bias.tolist() == bias
