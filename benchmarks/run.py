@@ -77,8 +77,20 @@ def _machine(device: str) -> str:
     return desc
 
 
+def _code_digest() -> str:
+    """SHA-256 of lmcodec's own source: results saved by other code are not reused."""
+    import lmcodec
+
+    h = hashlib.sha256()
+    root = Path(lmcodec.__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
 def _settings_key(settings: dict, prompt: bytes | None) -> str:
-    blob = json.dumps(settings, sort_keys=True).encode() + (prompt or b"")
+    """What a saved result depends on: the settings, the prompt and the code that made it."""
+    blob = json.dumps({**settings, "code": _code_digest()}, sort_keys=True).encode() + (prompt or b"")
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
