@@ -53,6 +53,17 @@ def test_resumes_without_redoing_finished_files(corpus, tmp_path, capsys):
     assert len(json.loads((out / "results.json").read_text())["files"]) == 2
 
 
+def test_results_of_other_code_are_redone(corpus, tmp_path, capsys, monkeypatch):
+    """A saved result is reused only under the same lmcodec source (its digest is part of the key)."""
+    out = tmp_path / "out"
+    args = ["--suite", "base", "--corpus", str(corpus), "--out", str(out), *FAST]
+    assert run.main(args + ["-q"]) == 0
+    monkeypatch.setattr(run, "_code_digest", lambda: "other code")
+    capsys.readouterr()
+    assert run.main(args) == 0
+    assert "already done" not in capsys.readouterr().err
+
+
 def test_prompt_comparison(corpus, tmp_path, monkeypatch):
     monkeypatch.setitem(run.FITTING_PROMPTS, "texts/a.txt", "Alice in Wonderland.")
     out = tmp_path / "out"
