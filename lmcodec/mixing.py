@@ -34,6 +34,7 @@ exactly that order.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -72,14 +73,15 @@ BIAS_CAP = 16 << 20
 BIAS_COUNT_CAP = 1 << 16
 
 
-def bias_rates(rate: int = BIAS_RATE, cap: int = BIAS_COUNT_CAP) -> list[int]:
+@functools.cache
+def bias_rates(rate: int = BIAS_RATE, cap: int = BIAS_COUNT_CAP) -> tuple[int, ...]:
     """Rate of a token coded ``c`` times so far, for c = 0 .. cap: ``floor(rate / sqrt(c + 1))``.
 
     Computed exactly as ``isqrt(rate^2 // (c + 1))`` (the same number: the floor of
     a square root does not change when its argument is floored first), so every
     implementation builds the same table.
     """
-    return [math.isqrt(rate * rate // (c + 1)) for c in range(cap + 1)]
+    return tuple(math.isqrt(rate * rate // (c + 1)) for c in range(cap + 1))
 
 
 @dataclass(frozen=True)
@@ -168,8 +170,8 @@ class StreamMixer:
         self.totals: dict[int, dict[tuple, int]] = {k: {} for k in self.orders}
         self.index: dict[tuple, tuple[int, int]] = {}     # last MATCH_MIN symbols -> (lane, next position)
         self.weights: dict[tuple, list[int]] = {}
-        self.bias: torch.Tensor | None = None      # [V] int64, created on the rows' device
-        self.coded: torch.Tensor | None = None     # [vocab] int64: times each token was coded
+        self.bias: torch.Tensor | None = None      # [vocab] int64, created on the rows' device
+        self.coded: torch.Tensor | None = None     # [vocab] int64: times each token was coded, up to BIAS_COUNT_CAP
         self._rates: torch.Tensor | None = None
         self._pending: list[_Pending] = []
         self._lm_rows: torch.Tensor | None = None
@@ -298,7 +300,7 @@ class StreamMixer:
 
         First every row's token is counted (``coded``); then, for a row with
         adapted token weights q and coded token y, token v moves by
-        ``r_v * ([v = y] - q_v / sum q)`` with ``r_v = bias_rates()[min(coded_v, BIAS_COUNT_CAP)]``,
+        ``r_v * ([v = y] - q_v / sum q)`` with ``r_v = bias_rates()[coded_v]`` (counts stop at BIAS_COUNT_CAP),
         each term floored; rows whose symbol is an escape teach nothing.
         Summing before applying makes the result independent of the rows' order.
         """
@@ -311,8 +313,8 @@ class StreamMixer:
         if self.coded is None:
             self.coded = torch.zeros(vocab, dtype=torch.int64, device=y.device)
             self._rates = torch.tensor(bias_rates(BIAS_RATE, BIAS_COUNT_CAP), dtype=torch.int64, device=y.device)
-        self.coded.index_add_(0, y, torch.ones_like(y))
-        rate = self._rates[self.coded.clamp(max=BIAS_COUNT_CAP)]
+        self.coded.index_add_(0, y, torch.ones_like(y)).clamp_(max=BIAS_COUNT_CAP)
+        rate = self._rates[self.coded]
         q = self._lm_rows[ok, :vocab]
         down = torch.div(q * rate, q.sum(dim=1, keepdim=True), rounding_mode="floor").sum(dim=0)
         up = torch.zeros_like(down).index_add_(0, y, rate[y])
