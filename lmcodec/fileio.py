@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -19,13 +21,38 @@ class Terminated(BaseException):
     """Raised from the SIGTERM handler so ``finally`` blocks run and temp files go."""
 
 
-def _on_sigterm(signum, frame):  # pragma: no cover - exercised in a subprocess test
-    raise Terminated()
+#: Delay before a signal whose exception was swallowed is sent again (seconds).
+REDELIVER_S = 0.05
+
+
+def _on_signal(signum, frame):  # pragma: no cover - exercised in a subprocess test
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _unraisable(args, default=sys.unraisablehook) -> None:
+    """Send a signal again when its exception was raised where it cannot propagate.
+
+    Python runs a signal's handler wherever the main thread happens to be; inside
+    a ctypes callback (numba's JIT compiler calls back into Python while it
+    compiles a kernel) or a ``__del__`` the exception is only reported as
+    "Exception ignored" and the work would go on as if no signal had come.
+    Instead the report is dropped and the process signals itself again shortly,
+    by when that code has returned and the exception ends the command as usual.
+    """
+    if isinstance(args.exc_value, (Terminated, KeyboardInterrupt)):
+        signum = signal.SIGTERM if isinstance(args.exc_value, Terminated) else signal.SIGINT
+        timer = threading.Timer(REDELIVER_S, os.kill, (os.getpid(), signum))
+        timer.daemon = True
+        timer.start()
+    else:
+        default(args)
 
 
 def install_signal_handlers() -> None:
-    """Turn SIGTERM into an exception (SIGINT already raises KeyboardInterrupt)."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    """Turn SIGTERM and SIGINT into exceptions that end the command, even when first swallowed."""
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    sys.unraisablehook = _unraisable
 
 
 class _Output:

@@ -765,6 +765,33 @@ def _interrupt(cmd: list[str], directory: Path, sig: int, after: float = 3.0):
     return proc.returncode, err.decode()
 
 
+SWALLOWED = """
+import ctypes, signal, sys, time
+from lmcodec.fileio import Terminated, install_signal_handlers
+install_signal_handlers()
+def callback():  # like numba's JIT calling back into Python: an exception raised here is only reported
+    signal.raise_signal(signal.{sig})
+    for _ in range(1000):
+        pass
+try:
+    ctypes.CFUNCTYPE(None)(callback)()
+    time.sleep(10)
+    print("went on")
+except (Terminated, KeyboardInterrupt) as exc:
+    print(type(exc).__name__)
+"""
+
+
+@pytest.mark.parametrize("sig,name", [("SIGTERM", "Terminated"), ("SIGINT", "KeyboardInterrupt")])
+def test_a_signal_swallowed_inside_a_callback_still_ends_the_command(sig, name):
+    """A signal whose exception is raised inside a ctypes callback is sent again once the callback returned."""
+    t = time.monotonic()
+    res = subprocess.run([sys.executable, "-c", SWALLOWED.format(sig=sig)], capture_output=True, env=ENV,
+                         timeout=60, preexec_fn=_default_signals)
+    assert res.stdout.decode().strip() == name and res.stderr == b"", res.stderr.decode()
+    assert time.monotonic() - t < 9
+
+
 @pytest.mark.parametrize("sig,code,word", [(signal.SIGINT, 130, "interrupted"),
                                            (signal.SIGTERM, 143, "terminated")])
 def test_signal_during_compression(tmp_path, sig, code, word):
