@@ -73,7 +73,6 @@ BIAS_CAP = 16 << 20
 BIAS_COUNT_CAP = 1 << 16
 
 
-@functools.cache
 def bias_rates(rate: int = BIAS_RATE, cap: int = BIAS_COUNT_CAP) -> tuple[int, ...]:
     """Rate of a token coded ``c`` times so far, for c = 0 .. cap: ``floor(rate / sqrt(c + 1))``.
 
@@ -82,6 +81,12 @@ def bias_rates(rate: int = BIAS_RATE, cap: int = BIAS_COUNT_CAP) -> tuple[int, .
     implementation builds the same table.
     """
     return tuple(math.isqrt(rate * rate // (c + 1)) for c in range(cap + 1))
+
+
+@functools.cache
+def _rate_table(device: torch.device) -> torch.Tensor:
+    """:func:`bias_rates` as an int64 tensor, built once per device and only read (shared by every stream)."""
+    return torch.tensor(bias_rates(BIAS_RATE, BIAS_COUNT_CAP), dtype=torch.int64, device=device)
 
 
 @dataclass(frozen=True)
@@ -172,7 +177,6 @@ class StreamMixer:
         self.weights: dict[tuple, list[int]] = {}
         self.bias: torch.Tensor | None = None      # [vocab] int64, created on the rows' device
         self.coded: torch.Tensor | None = None     # [vocab] int64: times each token was coded, up to BIAS_COUNT_CAP
-        self._rates: torch.Tensor | None = None
         self._pending: list[_Pending] = []
         self._lm_rows: torch.Tensor | None = None
 
@@ -312,9 +316,8 @@ class StreamMixer:
         y = y[ok]
         if self.coded is None:
             self.coded = torch.zeros(vocab, dtype=torch.int64, device=y.device)
-            self._rates = torch.tensor(bias_rates(BIAS_RATE, BIAS_COUNT_CAP), dtype=torch.int64, device=y.device)
         self.coded.index_add_(0, y, torch.ones_like(y)).clamp_(max=BIAS_COUNT_CAP)
-        rate = self._rates[self.coded]
+        rate = _rate_table(y.device)[self.coded]
         q = self._lm_rows[ok, :vocab]
         down = torch.div(q * rate, q.sum(dim=1, keepdim=True), rounding_mode="floor").sum(dim=0)
         up = torch.zeros_like(down).index_add_(0, y, rate[y])
