@@ -242,12 +242,21 @@ class Block:
 
 @dataclass(frozen=True)
 class End:
+    """The end record.  ``check`` is ``B2`` of the whole original.
+
+    It is stored only when the archive has two blocks or more: with one block it
+    is that block's check, with none ``B2(b"")``, so storing it would repeat
+    8 bytes every small archive pays for (the reader fills it in).
+    """
+
     total_len: int
     check: bytes
     n_blocks: int
 
     def pack(self) -> bytes:
-        body = bytes([END_TAG]) + encode_varint(self.total_len) + encode_varint(self.n_blocks) + self.check
+        body = bytes([END_TAG]) + encode_varint(self.total_len) + encode_varint(self.n_blocks)
+        if self.n_blocks >= 2:
+            body += self.check
         return body + _CRC.pack(zlib.crc32(body))
 
 
@@ -326,6 +335,7 @@ class Reader:
         self.offset = 0
         self._blocks = 0
         self._total = 0
+        self._last_check = b""
 
     def _read(self, n: int, what: str) -> bytes:
         if n < 0 or (self._left is not None and n > self._left):
@@ -435,6 +445,7 @@ class Reader:
         finally:
             pos, self._left, self.offset = state
             self._blocks = self._total = 0
+            self._last_check = b""
             self._s.seek(pos)
 
     def next(self, header: Header) -> Block | End:
@@ -448,8 +459,9 @@ class Reader:
         if tag[0] == END_TAG:
             total = self._varint(body, "end record", "archive end record total length")
             n_blocks = self._varint(body, "end record", "archive end record block count")
-            check = self._read(CHECK_BYTES, "end record")
-            body += check
+            if n_blocks >= 2:
+                check = self._read(CHECK_BYTES, "end record")
+                body += check
             (crc,) = _CRC.unpack(self._read(_CRC.size, "end record"))
             if zlib.crc32(body) != crc:
                 raise CorruptArchiveError("archive end record is corrupted (CRC mismatch)")
@@ -458,6 +470,8 @@ class Reader:
                     f"archive end record (offset {start}) does not match its blocks: it declares "
                     f"{n_blocks} blocks / {total} bytes, the archive has {self._blocks} / {self._total} "
                     "(blocks missing or spliced)")
+            if n_blocks < 2:     # not stored: the one block's check, or that of no bytes
+                check = self._last_check if n_blocks else digest(b"")
             return End(total, check, n_blocks)
         if tag[0] != BLOCK_TAG:
             raise CorruptArchiveError(f"unknown record tag 0x{tag[0]:02x} at offset {start}")
@@ -520,6 +534,7 @@ class Reader:
             raise CorruptArchiveError(f"zstd block at offset {start} does not declare its length")
         self._blocks += 1
         self._total += raw_len
+        self._last_check = check
         # The segments are derived, not stored; the pre-scan (keep=False) never lists them.
         tokens = segment_layout(n_tokens, header.segment_tokens) if keep and method == Method.LM else []
         return Block(method, raw_len, check, tokens, entries, payloads)

@@ -187,10 +187,12 @@ def describe(sample: Sample) -> Sample:
     sample.end_start = pos
     e = Record("end", pos, 0, [("tag", pos, pos + 1, "u8")])
     total_end = _varint_at(blob, pos + 1)[1]
-    blocks_end = _varint_at(blob, total_end)[1]
-    e.fields += [("total", pos + 1, total_end, "varint"), ("n_blocks", total_end, blocks_end, "varint"),
-                 ("check", blocks_end, blocks_end + 8, "8s")]
-    e.crc = blocks_end + 8
+    n_blocks, blocks_end = _varint_at(blob, total_end)
+    e.fields += [("total", pos + 1, total_end, "varint"), ("n_blocks", total_end, blocks_end, "varint")]
+    e.crc = blocks_end
+    if n_blocks >= 2:        # the content check is stored from two blocks on (docs/FORMAT.md, "End")
+        e.fields.append(("check", blocks_end, blocks_end + 8, "8s"))
+        e.crc += 8
     sample.records.append(e)
     assert e.crc + 4 == len(blob), sample.name
     return sample

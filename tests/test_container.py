@@ -484,9 +484,26 @@ def test_stored_blocks_have_no_segments_and_one_stream():
 
 
 def test_end_record_layout():
+    """The content check is stored from two blocks on; with one block it is the block's check."""
     end = End(3721, bytes(range(8)), 1)
-    body = b"\x45" + ref_varint(3721) + ref_varint(1) + bytes(range(8))
+    body = b"\x45" + ref_varint(3721) + ref_varint(1)
+    assert end.pack() == body + struct.pack("<I", zlib.crc32(body)) and len(end.pack()) == 8
+    end = End(300, bytes(range(8)), 2)
+    body = b"\x45" + ref_varint(300) + ref_varint(2) + bytes(range(8))
     assert end.pack() == body + struct.pack("<I", zlib.crc32(body)) and len(end.pack()) == 16
+    assert len(End(0, digest(b""), 0).pack()) == 7
+
+
+def test_end_record_check_is_filled_in_when_not_stored():
+    import zstandard
+
+    raw = b"hello"
+    h = _header()
+    block = Block.build(Method.ZSTD, raw, [zstandard.ZstdCompressor(level=1).compress(raw)], [])
+    assert _parse(h.pack() + block.pack() + End(len(raw), bytes(8), 1).pack())[2].check == digest(raw)
+    assert _parse(h.pack() + End(0, bytes(8), 0).pack())[2].check == digest(b"")
+    two = h.pack() + block.pack() + block.pack() + End(2 * len(raw), digest(raw + raw), 2).pack()
+    assert _parse(two)[2].check == digest(raw + raw)
 
 
 def test_prompt_check_distinguishes_prompts():
