@@ -130,7 +130,8 @@ def signed_block(method: int, raw_len: int, check: bytes, n_tokens: int, entries
 
 
 def signed_end(total: int, check: bytes, n_blocks: int) -> bytes:
-    body = b"\x45" + varint(total) + varint(n_blocks) + check
+    """An end record as docs/FORMAT.md lays it out: the content check only from two blocks on."""
+    body = b"\x45" + varint(total) + varint(n_blocks) + (check if n_blocks >= 2 else b"")
     return body + struct.pack("<I", zlib.crc32(body))
 
 
