@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import pytest
 import zstandard
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 import lmcodec
@@ -297,13 +297,14 @@ def test_resigned_end_record_must_match_the_blocks(total, n_blocks, check):
 
 @HYPO
 @given(seg=st.integers(1, 300), full=st.integers(0, 6), rest=st.integers(0, 299), lanes=st.integers(1, 4),
-       data=st.data())
-def test_lm_stream_table_is_checked_against_the_header(seg, full, rest, lanes, data):
+       near_limit=st.booleans(), extra=st.integers(0, 24))
+@example(seg=35, full=3, rest=0, lanes=1, near_limit=False, extra=0)  # CI's find: a short table runs off the end
+def test_lm_stream_table_is_checked_against_the_header(seg, full, rest, lanes, near_limit, extra):
     """The token count fits the block, the streams follow the header's segment size and
     lanes, and each stream's payload must fit the tokens of its segments."""
     n_tokens = full * seg + rest % seg
     assume(n_tokens > 0)
-    payload_len = data.draw(st.one_of(st.integers(0, 24), st.integers(4 * seg, 4 * seg + 24)))
+    payload_len = 4 * seg * near_limit + extra  # tiny payloads, or ones around a segment's limit
     header = stored_header(segment_tokens=seg, lanes=lanes, block_size=1 << 16)
     layout = segment_layout(n_tokens, seg)
     groups = stream_groups(len(layout), lanes)
@@ -327,10 +328,13 @@ def test_lm_stream_table_is_checked_against_the_header(seg, full, rest, lanes, d
         with pytest.raises(CorruptArchiveError, match="impossible number of tokens"):
             parse(archive(n, entries, raw_len))
     # One stream too many or too few for the header's lanes is refused: the table the
-    # header implies ends elsewhere, so its CRC does not check (or the count cannot fit).
+    # header implies ends elsewhere, so its CRC does not check (or the count cannot fit),
+    # or -- a short table, empty payloads and a one-block end record -- it runs past the
+    # archive's end.
     for streams in (entries + entries[:1], entries[:-1]):
         if streams:
-            with pytest.raises(CorruptArchiveError, match="CRC mismatch|impossible number|varint"):
+            with pytest.raises((CorruptArchiveError, TruncatedArchiveError),
+                               match="CRC mismatch|impossible number|varint|truncated"):
                 parse(archive(n_tokens, streams))
 
 
