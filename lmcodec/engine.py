@@ -62,7 +62,15 @@ def torch_threads(n: int | None):
 
 
 def split(h16: torch.Tensor) -> torch.Tensor:
-    """int16 operand rows (|v| <= 32639) -> [hi rows; lo rows] int8 with v = 256 hi + lo."""
+    """int16 operand rows (|v| <= 32639) -> [hi rows; lo rows] int8 with v = 256 hi + lo.
+
+    On a CPU one numba pass (:func:`lmcodec.ops_cpu.split`, the same integers)
+    replaces these five tensor operations: at a decoding step's few rows their
+    dispatch cost more than the arithmetic.
+    """
+    if h16.device.type == "cpu":
+        from . import ops_cpu
+        return ops_cpu.split(h16)
     hi = (h16 + 128) >> 8
     lo = h16 - (hi << 8)
     return torch.cat([hi, lo]).to(torch.int8)

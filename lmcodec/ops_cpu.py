@@ -14,6 +14,7 @@ does not matter.
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 import torch
@@ -107,6 +108,28 @@ def _norm(x, gain, gain_shift, eps, out, exp):  # pragma: no cover - compiled
         for j in range(k):
             out[i, j] = _rshift(_rshift(x[i, j], s) * gain[j] * r, s2)
         exp[i] = s2 - RSQRT_BITS - gain_shift
+
+
+@njit(inline="always", **_JIT)
+def _split_row(h, out, i):
+    m_rows, k = h.shape
+    for j in range(k):
+        v = np.int64(h[i, j])
+        hi = (v + 128) >> 8
+        out[i, j] = hi
+        out[m_rows + i, j] = v - (hi << 8)
+
+
+@njit(**_JIT)
+def _split(h, out):  # pragma: no cover - compiled
+    for i in range(h.shape[0]):
+        _split_row(h, out, i)
+
+
+@njit(parallel=True, **_JIT)
+def _split_parallel(h, out):  # pragma: no cover - compiled
+    for i in prange(h.shape[0]):
+        _split_row(h, out, i)
 
 
 @njit(parallel=True, **_JIT)
@@ -291,15 +314,40 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
+def _empty(shape, dtype) -> tuple[torch.Tensor, np.ndarray]:
+    """A new output array and the tensor on the same memory (numpy allocates faster than torch.empty)."""
+    arr = np.empty(shape, dtype=dtype)
+    return torch.from_numpy(arr), arr
+
+
+_THREADS = threading.local()
+SPLIT_PARALLEL_ROWS = 64
+
+
 def _threads() -> None:
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    """numba's thread count follows torch's (speed only); set only when it changes (the call is slow)."""
+    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if getattr(_THREADS, "n", None) != n:
+        numba.set_num_threads(n)
+        _THREADS.n = n
+
+
+def split(h16: torch.Tensor) -> torch.Tensor:
+    """int16 operand rows (|v| <= 32639) -> [hi rows; lo rows] int8 with v = 256 hi + lo, in one pass."""
+    out, arr = _empty((2 * h16.shape[0], h16.shape[1]), np.int8)
+    if h16.shape[0] >= SPLIT_PARALLEL_ROWS:
+        _threads()
+        _split_parallel(_np(h16.contiguous()), arr)
+    else:  # a decoding step's few rows: starting threads costs more than the pass
+        _split(_np(h16.contiguous()), arr)
+    return out
 
 
 def norm(x, gain, gain_shift, eps):
     _threads()
-    out = torch.empty(x.shape, dtype=torch.int16)
-    exp = torch.empty((x.shape[0], 1), dtype=torch.int64)
-    _norm(_np(x), _np(gain), gain_shift, _np(eps), _np(out), _np(exp).reshape(-1))
+    out, out_a = _empty(x.shape, np.int16)
+    exp, exp_a = _empty((x.shape[0], 1), np.int64)
+    _norm(_np(x), _np(gain), gain_shift, _np(eps), out_a, exp_a.reshape(-1))
     return out, exp
 
 
@@ -307,9 +355,9 @@ def operand(x, limit: int = ACT_MAX):
     _threads()
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    out = torch.empty(x2.shape, dtype=torch.int16)
-    shift = torch.empty((x2.shape[0], 1), dtype=torch.int64)
-    _operand(_np(x2.contiguous()), limit, _np(out), _np(shift).reshape(-1))
+    out, out_a = _empty(x2.shape, np.int16)
+    shift, shift_a = _empty((x2.shape[0], 1), np.int64)
+    _operand(_np(x2.contiguous()), limit, out_a, shift_a.reshape(-1))
     return out.view(shape), shift.view(*shape[:-1], 1)
 
 
@@ -320,35 +368,35 @@ def residual_add(x, y, mult, shift, exp) -> None:
 
 def qkv(y, mult, shift, bias, exp, cos, sin, B, T, nh, nkv, hd, kt, kmax, vc, vmax, slots):
     _threads()
-    q16 = torch.empty((B * T, nh, hd), dtype=torch.int16)
-    qe = torch.empty((B * T, nh), dtype=torch.int64)
+    q16, q16_a = _empty((B * T, nh, hd), np.int16)
+    qe, qe_a = _empty((B * T, nh), np.int64)
     has_bias = bias is not None
     b = _np(bias) if has_bias else np.zeros(1, dtype=np.int64)
     _qkv(_np(y), _np(mult), shift, b, has_bias, _np(exp).reshape(-1), _np(cos.contiguous()), _np(sin.contiguous()),
-         T, nh, nkv, hd, _np(kt), _np(kmax), _np(vc), _np(vmax), _np(slots), _np(q16), _np(qe))
+         T, nh, nkv, hd, _np(kt), _np(kmax), _np(vc), _np(vmax), _np(slots), q16_a, qe_a)
     return q16, qe
 
 
 def mlp(y, mult, shift, exp, sigmoid):
     _threads()
     m = exp.shape[0]
-    out = torch.empty((m, y.shape[1] // 2), dtype=torch.int16)
-    oshift = torch.empty((m, 1), dtype=torch.int64)
-    _mlp(_np(y), _np(mult), shift, _np(exp).reshape(-1), _SIG, _np(out), _np(oshift).reshape(-1))
+    out, out_a = _empty((m, y.shape[1] // 2), np.int16)
+    oshift, oshift_a = _empty((m, 1), np.int64)
+    _mlp(_np(y), _np(mult), shift, _np(exp).reshape(-1), _SIG, out_a, oshift_a.reshape(-1))
     return out, oshift
 
 
 def attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c):
     _threads()
-    out = torch.empty(tuple(q16.shape), dtype=torch.int64)
+    out, out_a = _empty(tuple(q16.shape), np.int64)
     _attend(_np(q16), _np(qe), _np(kt), _np(kmax), _np(vc), _np(vmax), _np(crow), _np(a), _np(b), _np(c),
-            _EXP2, fixedmath.att_log2e(q16.shape[-1]), _np(out))
+            _EXP2, fixedmath.att_log2e(q16.shape[-1]), out_a)
     return out
 
 
 def gaps(y, mult, exp):
     _threads()
     n = exp.shape[0]
-    out = torch.empty((n, y.shape[1]), dtype=torch.int64)
-    _gaps(_np(y), _np(mult), _np(exp).reshape(-1), _np(out))
+    out, out_a = _empty((n, y.shape[1]), np.int64)
+    _gaps(_np(y), _np(mult), _np(exp).reshape(-1), out_a)
     return out
