@@ -24,6 +24,7 @@ tested against.
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -61,28 +62,13 @@ def torch_threads(n: int | None):
         torch.set_num_threads(old)
 
 
-def split(h16: torch.Tensor) -> torch.Tensor:
-    """int16 operand rows (|v| <= 32639) -> [hi rows; lo rows] int8 with v = 256 hi + lo.
-
-    On a CPU one numba pass (:func:`lmcodec.ops_cpu.split`, the same integers)
-    replaces these five tensor operations: at a decoding step's few rows their
-    dispatch cost more than the arithmetic.
-    """
-    if h16.device.type == "cpu":
-        from . import ops_cpu
-        return ops_cpu.split(h16)
-    hi = (h16 + 128) >> 8
-    lo = h16 - (hi << 8)
-    return torch.cat([hi, lo]).to(torch.int8)
-
-
 def int_mm(h16: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Exact products of operand rows with int8 weights ``w`` [N, K]: [hi rows; lo rows] int32.
 
     int8 x int8 sums stay below 2^31 for K < 2^17, so every GEMM kernel returns
     the same integers.  Two exact kernels, chosen by speed only (see :func:`gemm_kind`).
     """
-    a = split(h16)
+    a = backend(h16.device).split(h16)  # on a CPU one numba pass: at a step's few rows tensor ops cost more
     if a.device.type == "cuda" and a.shape[0] <= 16:  # cuBLASLt needs M > 16
         pad = torch.zeros((17 - a.shape[0], a.shape[1]), dtype=a.dtype, device=a.device)
         return torch._int_mm(torch.cat([a, pad]), w.t())[: a.shape[0]]
@@ -146,8 +132,13 @@ def gemm_kind() -> str:
 
 def backend(device: torch.device):
     """The integer steps for ``device``: fused numba kernels on CPU, tensor operations elsewhere."""
-    if device.type == "cpu":
-        from . import ops_cpu
+    return _backend(device.type)
+
+
+@functools.cache
+def _backend(kind: str):
+    if kind == "cpu":
+        from . import ops_cpu  # numba loads only where the CPU path runs
         return ops_cpu
     return ops_torch
 

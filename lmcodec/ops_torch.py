@@ -55,6 +55,13 @@ def isqrt(n: torch.Tensor) -> torch.Tensor:
     return r
 
 
+def split(h16: torch.Tensor) -> torch.Tensor:
+    """int16 operand rows (|v| <= 32639) -> [hi rows; lo rows] int8 with v = 256 hi + lo (what the products take)."""
+    hi = (h16 + 128) >> 8
+    lo = h16 - (hi << 8)
+    return torch.cat([hi, lo]).to(torch.int8)
+
+
 def combine(y: torch.Tensor) -> torch.Tensor:
     """[hi rows; lo rows] int32 products -> int64 sums (256 hi + lo)."""
     m = y.shape[0] // 2
