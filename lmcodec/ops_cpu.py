@@ -335,11 +335,12 @@ def _threads() -> None:
 def split(h16: torch.Tensor) -> torch.Tensor:
     """int16 operand rows (|v| <= 32639) -> [hi rows; lo rows] int8 with v = 256 hi + lo, in one pass."""
     out, arr = _empty((2 * h16.shape[0], h16.shape[1]), np.int8)
+    src = _np(h16.contiguous())
     if h16.shape[0] >= SPLIT_PARALLEL_ROWS:
         _threads()
-        _split_parallel(_np(h16.contiguous()), arr)
+        _split_parallel(src, arr)
     else:  # a decoding step's few rows: starting threads costs more than the pass
-        _split(_np(h16.contiguous()), arr)
+        _split(src, arr)
     return out
 
 
