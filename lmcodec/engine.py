@@ -194,6 +194,10 @@ def kv_bytes(model_arch, rows: int, slots: int) -> int:
     return 2 * model_arch.num_layers * rows * model_arch.num_kv_heads * slots * (model_arch.head_dim + 4)
 
 
+#: Positions per RoPE table the engine builds (a multiple of fixedmath.ROPE_BLOCK).
+ROPE_RANGE = 8192
+
+
 class Engine:
     """The exact forward pass of one :class:`~lmcodec.quantize.IntModel` on one device."""
 
@@ -208,8 +212,7 @@ class Engine:
         self.q_size = a.num_heads * a.head_dim
         self.kv_size = a.num_kv_heads * a.head_dim
         self._sigmoid = torch.as_tensor(fixedmath.sigmoid_table(), device=self.device)
-        self._rope_n = 0
-        self._cos = self._sin = None
+        self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         # eps in the units of rows shifted right by s: eps * 2^(2 (16 - s)) = eps_q32 / 4^s.
         eps = [(model.eps_q32 + (1 << (2 * s - 1))) >> (2 * s) if s else model.eps_q32 for s in range(64)]
         self._eps = torch.tensor(eps, dtype=torch.int64, device=self.device)
@@ -219,15 +222,23 @@ class Engine:
         return self.model.fingerprint
 
     def _rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        need = int(positions.max()) + 1
-        if need > self._rope_n:
-            n = max(need, 2 * self._rope_n, 4096)
-            cos, sin = fixedmath.rope_tables(self.model.rope_theta, self.arch.head_dim, n)
-            self._cos = torch.as_tensor(cos, device=self.device)
-            self._sin = torch.as_tensor(sin, device=self.device)
-            self._rope_n = n
-        pos = positions.to(self.device)
-        return self._cos[pos], self._sin[pos]
+        """cos/sin rows of ``positions`` (contiguous or a few apart), from tables of ROPE_RANGE
+        positions each, built as needed and a few kept: a long segment's positions run far
+        past the model's, but a pass only ever touches a window of them."""
+        lo, hi = int(positions.min()) // ROPE_RANGE, int(positions.max()) // ROPE_RANGE
+        parts = [self._rope_range(r) for r in range(lo, hi + 1)]
+        cos = parts[0][0] if len(parts) == 1 else torch.cat([c for c, _ in parts])
+        sin = parts[0][1] if len(parts) == 1 else torch.cat([s for _, s in parts])
+        pos = (positions - lo * ROPE_RANGE).to(self.device)
+        return cos[pos], sin[pos]
+
+    def _rope_range(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if r not in self._rope:
+            if len(self._rope) >= 4:
+                self._rope.pop(next(iter(self._rope)))
+            cos, sin = fixedmath.rope_tables(self.model.rope_theta, self.arch.head_dim, ROPE_RANGE, r * ROPE_RANGE)
+            self._rope[r] = (torch.as_tensor(cos, device=self.device), torch.as_tensor(sin, device=self.device))
+        return self._rope[r]
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Residual rows of tokens: the int8 embedding row times its scale, at 16 fractional bits."""

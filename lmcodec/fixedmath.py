@@ -219,17 +219,21 @@ ROPE_BLOCK = 64
 
 
 @lru_cache(maxsize=8)
-def rope_tables(rope_theta: Fraction, head_dim: int, positions: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin of ``p * theta_i`` at 16 fractional bits, [positions, head_dim/2] int64.
+def rope_tables(rope_theta: Fraction, head_dim: int, positions: int,
+                start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of ``p * theta_i`` at 16 fractional bits for p in [start, start + positions):
+    [positions, head_dim/2] int64.
 
     Exact series give cos/sin of ``b * theta_i`` (b < 64) and of ``64 a * theta_i``
     at 30 fractional bits; a position ``64 a + b`` combines them by the angle-sum
     formula in int64 and rounds to 16 bits.  Integer-only, so every machine
-    builds the same table.
+    builds the same table, and a position's row does not depend on ``start``
+    (long segments take their table in ranges instead of all from 0).
     """
     half = head_dim // 2
     thetas = _rope_base(rope_theta, half)
-    n_hi = -(-positions // ROPE_BLOCK)
+    a0 = start // ROPE_BLOCK
+    n_hi = -(-(start + positions) // ROPE_BLOCK) - a0
     lo = np.empty((2, ROPE_BLOCK, half), dtype=np.int64)
     hi = np.empty((2, n_hi, half), dtype=np.int64)
     for i, th in enumerate(thetas):
@@ -237,10 +241,10 @@ def rope_tables(rope_theta: Fraction, head_dim: int, positions: int) -> tuple[np
             c, s = cos_sin_fixed(b * th)
             lo[0, b, i], lo[1, b, i] = _round_shift(c, WORK_BITS - 30), _round_shift(s, WORK_BITS - 30)
         for a in range(n_hi):
-            c, s = cos_sin_fixed(a * ROPE_BLOCK * th)
+            c, s = cos_sin_fixed((a0 + a) * ROPE_BLOCK * th)
             hi[0, a, i], hi[1, a, i] = _round_shift(c, WORK_BITS - 30), _round_shift(s, WORK_BITS - 30)
-    p = np.arange(positions)
-    ca, sa = hi[0, p // ROPE_BLOCK], hi[1, p // ROPE_BLOCK]
+    p = np.arange(start, start + positions)
+    ca, sa = hi[0, p // ROPE_BLOCK - a0], hi[1, p // ROPE_BLOCK - a0]
     cb, sb = lo[0, p % ROPE_BLOCK], lo[1, p % ROPE_BLOCK]
     shift = 60 - ROPE_BITS
     half_ulp = 1 << (shift - 1)
