@@ -41,7 +41,7 @@ from .frequencies import MIN_TOKEN_BITS, PRECISION, CodingTables
 from .mixing import ALL as MIXER_ALL
 from .mixing import MixerConfig, StreamMixer
 from .quantize import IntModel, load_int_model
-from .runner import Lockstep, Prefix, prefill, score_segment
+from .runner import Lockstep, Prefix, SegmentRows, prefill, score_chunks, score_segment
 from .tokens import ByteTokenizer
 
 
@@ -61,6 +61,10 @@ class Level:
     mixer: int
 
 
+#: Segment tokens of the levels without cold starts: as many as the largest block can
+#: hold, so every block is one segment (docs/LEVELS.md: its decoder advances one row).
+WHOLE_BLOCK = 64 << 20
+
 LEVELS = {
     1: Level(512, 512, 0),
     2: Level(1024, 1024, 0),
@@ -69,23 +73,32 @@ LEVELS = {
     5: Level(4096, 2048, MIXER_ALL),
     6: Level(8192, 2048, MIXER_ALL),
     7: Level(8192, 4096, MIXER_ALL),
-    8: Level(8192, 6144, MIXER_ALL),
-    9: Level(8192, 8192, MIXER_ALL),
+    8: Level(WHOLE_BLOCK, 2048, MIXER_ALL),
+    9: Level(WHOLE_BLOCK, 4096, MIXER_ALL),
 }
-#: Segments stay within the default model's 8,192 trained positions: one 41,932-token
-#: segment of alice29 measured 1.238 bits/byte against 1.096 for segments of 8,192.
+#: Levels 1-7 cut a block into segments decoded side by side (each a cold start);
+#: 8 and 9 make a block one segment, past the model's trained positions (the prefix
+#: moves along, runner.sink_base), and decode it one token at a time.
 DEFAULT_LEVEL = 6
 DEFAULT_LANES = 64
 #: Rows the decoder advances together (several streams at once); its own choice.
 DECODE_ROWS = {"cpu": 64, "cuda": 1024}
 DEFAULT_BLOCK_SIZE = 4 << 20
+#: The decoder gathers consecutive LM blocks until their segments fill its rows or
+#: their bytes reach this (what it holds before writing; levels 8 and 9: a block is
+#: one segment, so a big file still decodes many rows at a time).
+GATHER_BYTES = 256 << 20
 ZSTD_LEVEL = 19
 #: Above this many symbols per byte the data is not text the model can help
 #: with (text is ~0.27); skip the slow LM pass and store it with zstd or raw.
 BINARY_SYMBOLS_PER_BYTE = 0.6
-#: Steps of a stream whose LM weights the encoder computes at once (bounds the
-#: [steps x lanes, alphabet] int64 tensor: 8 x 64 x 49,408 x 8 bytes = 202 MB).
-STEP_CHUNK = 8
+#: Segments of up to this many rows are scored in one go before coding (9.5 MB of
+#: rows for 8,192); longer ones chunk by chunk as the coder reaches them.
+EAGER_ROWS = 1 << 16
+#: Rows (steps x lanes) of a stream whose LM gaps the encoder computes at once: one
+#: head GEMM per chunk, and a bound on the [rows, alphabet] int64 tensor
+#: (512 x 49,408 x 8 bytes = 202 MB): 8 steps of 64 lanes, 512 steps of one.
+STEP_ROWS = 512
 
 #: Bytes of the prompt's tail tokenized per token of prefix kept (a token is
 #: rarely over 16 bytes), bounding the work a huge prompt causes.
@@ -351,21 +364,26 @@ class Codec:
                 bits += b
         return Block.build(Method.LM, raw, payloads, lengths), bits
 
-    def _score(self, engine: Engine, prefix: list[int], pre: Prefix, inputs: np.ndarray, context: int):
+    def _score(self, engine: Engine, prefix: list[int], pre: Prefix, inputs: np.ndarray,
+               context: int) -> SegmentRows:
         """A segment's hidden rows (the parallel pass), memoised when :attr:`score_memo` is a dict.
 
+        Segments of up to :data:`EAGER_ROWS` are scored at once; longer ones chunk by
+        chunk as the coder reaches them (their rows would not fit, their caches do).
         The memo lets a benchmark code the same text under several online-model
         settings with one LM pass (the rows do not depend on the mixer).
         """
         if self.score_memo is None:
-            return score_segment(engine, pre, inputs, context)
+            if len(inputs) + 1 > EAGER_ROWS:
+                return SegmentRows(score_chunks(engine, pre, inputs, context))
+            return SegmentRows(iter([score_segment(engine, pre, inputs, context)]))
         key = (engine.fingerprint, tuple(prefix), context,
                hashlib.blake2b(np.ascontiguousarray(inputs).tobytes(), digest_size=16).digest())
         if key not in self.score_memo:
             self.score_memo[key] = score_segment(engine, pre, inputs, context)
-        return self.score_memo[key]
+        return SegmentRows(iter([self.score_memo[key]]))
 
-    def _encode_stream(self, engine: Engine, hidden: list[tuple[torch.Tensor, torch.Tensor]],
+    def _encode_stream(self, engine: Engine, hidden: list[SegmentRows],
                        symbols: list[np.ndarray], alphabet: int, mixer: MixerConfig) -> tuple[bytes, float]:
         """One stream's payload from its segments' hidden rows, in step-major order.
 
@@ -377,12 +395,14 @@ class Codec:
         mix = StreamMixer(mixer, len(symbols), alphabet)
         lengths = [len(x) for x in symbols]
         bits = 0.0
-        for t0 in range(0, max(lengths), STEP_CHUNK):
-            t1 = min(t0 + STEP_CHUNK, max(lengths))
+        steps = max(1, STEP_ROWS // len(symbols))
+        for t0 in range(0, max(lengths), steps):
+            t1 = min(t0 + steps, max(lengths))
             # The LM's token gaps of a chunk of steps at once (one head GEMM), then step by step.
-            rows = [(i, t) for t in range(t0, t1) for i in range(len(symbols)) if t < lengths[i]]
-            h = torch.stack([hidden[i][0][t] for i, t in rows])
-            e = torch.stack([hidden[i][1][t] for i, t in rows])
+            part = [hidden[i].take(t0, min(t1, n)) if t0 < n else None for i, n in enumerate(lengths)]
+            rows = [(i, t - t0) for t in range(t0, t1) for i in range(len(symbols)) if t < lengths[i]]
+            h = torch.stack([part[i][0][t] for i, t in rows])
+            e = torch.stack([part[i][1][t] for i, t in rows])
             gaps = engine.gaps(h, e)
             at = 0
             for t in range(t0, t1):
@@ -482,21 +502,34 @@ class Codec:
             raise PromptMismatchError("wrong prompt: it is not the one this archive was made with")
         return header
 
-    def _decode_lm(self, block: Block, header: Header, prompt: bytes | None) -> bytes:
+    def _decode_lm(self, blocks: list[Block], header: Header, prompt: bytes | None) -> list[bytes]:
+        """The tokens of one or more LM blocks, decoded side by side; their bytes, unchecked.
+
+        Blocks are independent, so consecutive blocks' streams can share lockstep
+        batches: levels 8 and 9 make each block one segment, and without this a
+        many-block file would decode one row at a time.
+        """
         model, tok = self._model_for(header)
         s = self.settings.resolved()
-        lengths = block.tokens
-        groups = stream_groups(len(lengths), header.lanes)
-        # Every token costs at least MIN_TOKEN_BITS (stage 1 keeps a floor of mass
-        # off the top bucket), so a stream's payload bounds its token count; a
-        # forged count cannot make the model run for hours.
-        for i, (g, e) in enumerate(zip(groups, block.streams)):
-            if sum(lengths[j] for j in g) * MIN_TOKEN_BITS > 8 * e.payload_len + 64:
-                raise CorruptArchiveError(f"LM stream {i} declares more tokens than its "
-                                          f"{e.payload_len}-byte payload can hold")
+        lengths: list[int] = []
+        groups: list[range] = []
+        payloads: list[bytes] = []
+        for block in blocks:
+            first = len(lengths)
+            mine = stream_groups(len(block.tokens), header.lanes)
+            # Every token costs at least MIN_TOKEN_BITS (stage 1 keeps a floor of mass
+            # off the top bucket), so a stream's payload bounds its token count; a
+            # forged count cannot make the model run for hours.
+            for i, (g, e) in enumerate(zip(mine, block.streams)):
+                if sum(block.tokens[j] for j in g) * MIN_TOKEN_BITS > 8 * e.payload_len + 64:
+                    raise CorruptArchiveError(f"LM stream {i} declares more tokens than its "
+                                              f"{e.payload_len}-byte payload can hold")
+            lengths += block.tokens
+            groups += [range(first + g.start, first + g.stop) for g in mine]
+            payloads += block.payloads
         engine = self._engine(model, s.device)
         symbols = [np.zeros(n, dtype=np.int64) for n in lengths]
-        self._start_block(block.raw_len, sum(lengths))
+        self._start_block(sum(b.raw_len for b in blocks), sum(lengths))
         # The decoder's own choice: as many whole streams per lockstep batch as fit its row budget.
         batches, cur = [], []
         for i, g in enumerate(groups):
@@ -509,12 +542,16 @@ class Codec:
             pre = prefill(engine, self._prefix(tok, prompt, header.context))
             for batch in batches:
                 self._decode_streams(engine, pre, [groups[i] for i in batch],
-                                     [StreamDecoder(block.payloads[i]) for i in batch], lengths, symbols,
+                                     [StreamDecoder(payloads[i]) for i in batch], lengths, symbols,
                                      header.context, tok, MixerConfig(header.mixer))
-        try:
-            return b"".join(tok.decode(x) for x in symbols)
-        except ValueError as exc:
-            raise CorruptArchiveError(f"decoded an impossible symbol ({exc})") from exc
+        out, at = [], 0
+        for block in blocks:
+            try:
+                out.append(b"".join(tok.decode(x) for x in symbols[at:at + len(block.tokens)]))
+            except ValueError as exc:
+                raise CorruptArchiveError(f"decoded an impossible symbol ({exc})") from exc
+            at += len(block.tokens)
+        return out
 
     def _decode_streams(self, engine: Engine, pre: Prefix, groups: list[range], decoders: list[StreamDecoder],
                         lengths: list[int], symbols: list[np.ndarray], context: int, tok: ByteTokenizer,
@@ -556,24 +593,29 @@ class Codec:
             if t + 1 < longest:
                 run.advance(feed)
 
-    def _decode_block(self, block: Block, header: Header, prompt: bytes | None) -> bytes:
-        if block.method == Method.RAW:
-            raw = block.payloads[0]
-        elif block.method == Method.ZSTD:
-            try:
-                raw = zstandard.ZstdDecompressor().decompress(
-                    block.payloads[0], max_output_size=block.raw_len)
-            except zstandard.ZstdError as exc:
-                raise CorruptArchiveError(f"zstd block is corrupted ({exc})") from exc
+    def _decode_blocks(self, blocks: list[Block], header: Header, prompt: bytes | None) -> list[bytes]:
+        """The checked bytes of consecutive blocks (LM blocks decoded together, see _decode_lm)."""
+        if len(blocks) == 1 and blocks[0].method != Method.LM:
+            raws = [self._unpack(blocks[0])]
         else:
-            raw = self._decode_lm(block, header, prompt)
-        if len(raw) != block.raw_len or digest(raw) != block.check:
-            hint = (" -- the engine computed different numbers than the encoder's; run "
-                    "'lmcodec selftest' on both machines") if block.method == Method.LM else ""
-            raise ChecksumError(f"decoded data does not match the original's checksum{hint}")
-        if block.method != Method.LM:
-            self._tick(len(raw))
-        return raw
+            raws = self._decode_lm(blocks, header, prompt)
+        for block, raw in zip(blocks, raws):
+            if len(raw) != block.raw_len or digest(raw) != block.check:
+                hint = (" -- the engine computed different numbers than the encoder's; run "
+                        "'lmcodec selftest' on both machines") if block.method == Method.LM else ""
+                raise ChecksumError(f"decoded data does not match the original's checksum{hint}")
+            if block.method != Method.LM:
+                self._tick(len(raw))
+        return raws
+
+    @staticmethod
+    def _unpack(block: Block) -> bytes:
+        if block.method == Method.RAW:
+            return block.payloads[0]
+        try:
+            return zstandard.ZstdDecompressor().decompress(block.payloads[0], max_output_size=block.raw_len)
+        except zstandard.ZstdError as exc:
+            raise CorruptArchiveError(f"zstd block is corrupted ({exc})") from exc
 
     def decompress_stream(self, src: BinaryIO, dst: BinaryIO, prompt: bytes | str | None = None,
                           size: int | None = None) -> int:
@@ -586,16 +628,33 @@ class Codec:
         reader = Reader(src, size)
         header = self.read_header(reader, prompt)
         total, check, n_blocks = 0, content_hasher(), 0
-        try:
-            while True:
-                rec = reader.next(header)
-                if isinstance(rec, End):
-                    break
-                raw = self._decode_block(rec, header, prompt)
+        rows = self.settings.resolved().decode_rows
+        pending: list[Block] = []     # consecutive LM blocks waiting to be decoded together
+
+        def flush() -> None:
+            nonlocal total, n_blocks
+            for raw in self._decode_blocks(pending, header, prompt) if pending else []:
                 dst.write(raw)
                 total += len(raw)
                 check.update(raw)
                 n_blocks += 1
+            pending.clear()
+
+        try:
+            while True:
+                rec = reader.next(header)
+                if isinstance(rec, End):
+                    flush()
+                    break
+                if rec.method != Method.LM:
+                    flush()
+                    pending.append(rec)
+                    flush()
+                    continue
+                pending.append(rec)
+                if (sum(len(b.tokens) for b in pending) >= rows
+                        or sum(b.raw_len for b in pending) >= GATHER_BYTES):
+                    flush()
         except LMCodecError:
             raise
         except (ValueError, OverflowError, MemoryError, RuntimeError, IndexError, KeyError, TypeError,

@@ -173,11 +173,23 @@ def attend(q: np.ndarray, keys: list[tuple[np.ndarray, int]], values: list[tuple
 
 # ----------------------------------------------------------------- the model
 
-def reference_run(model, ids: list[int], prefix_len: int, context: int) -> tuple[np.ndarray, np.ndarray]:
+def sink_at(p: int, prefix_len: int, trained: int | None) -> int:
+    """Where the prefix stands for a query at position p (docs/ENGINE.md, "Long segments"):
+    0 within ``P + 4q`` positions, then ``q * (floor((p - P) / q) - 3)``, q = max(1, trained // 4)."""
+    if trained is None or p < prefix_len:
+        return 0
+    q = max(1, trained // 4)
+    return q * max(0, (p - prefix_len) // q - 3)
+
+
+def reference_run(model, ids: list[int], prefix_len: int, context: int,
+                  trained: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Run the token ids at positions 0..len(ids)-1; ids[:prefix_len] are the prefix (attention sink).
 
     Token at position p attends to positions [0, prefix_len) and
     [max(prefix_len, p-(context-prefix_len)+1), p] (for p < prefix_len simply [0, p]).
+    With ``trained`` (the model's trained positions) a query at p sees the prefix
+    as run on its own at positions [D, D + prefix_len), D = :func:`sink_at`.
     Returns (lam [len(ids), V] int64, exp [len(ids)] int64): real logit = lam * 2**exp.
     """
     a = model.arch
@@ -188,53 +200,71 @@ def reference_run(model, ids: list[int], prefix_len: int, context: int) -> tuple
     assert hd <= 256 and hd % 2 == 0
     lc = _att_constant(hd)
     group = nh // nkv
-    cos, sin = fixedmath.rope_tables(model.rope_theta, hd, n)
+    bases = sorted({sink_at(p, prefix_len, trained) for p in range(n)} - {0})
+    # The prefix at base 0 is the sequence's own first positions; each other base is a
+    # separate run of the prefix tokens alone, positions base .. base + prefix_len - 1.
+    runs = [(0, ids, n)] + [(d, ids[:prefix_len], prefix_len) for d in bases]
+    top = max(d + m for d, _, m in runs)
+    cos, sin = fixedmath.rope_tables(model.rope_theta, hd, top)
     eps = int(model.eps_q32)
 
     # Embedding: x = rshift(q_t * mult_t, shift_head - 16).
     emb = model.embed
-    xs = []
-    for t in ids:
-        row = emb.weight[t].numpy().astype(np.int64) * int(emb.mult[t])
-        xs.append(rshift(row, int(emb.shift) - 16))
+    def embed(tokens: list[int]) -> list[np.ndarray]:
+        out = []
+        for t in tokens:
+            row = emb.weight[t].numpy().astype(np.int64) * int(emb.mult[t])
+            out.append(rshift(row, int(emb.shift) - 16))
+        return out
+    xs = {d: embed(toks) for d, toks, _ in runs}
 
     for layer in model.layers:
         qkv, o = _Linear(layer.qkv), _Linear(layer.o)
         gate_up, down = _Linear(layer.gate_up), _Linear(layer.down)
         attn_gain = layer.attn_gain.numpy().astype(np.int64)
         mlp_gain = layer.mlp_gain.numpy().astype(np.int64)
-        cache_k: list[list[tuple[np.ndarray, int]]] = []   # [position][kv head] -> (k8, kmax)
-        cache_v: list[list[tuple[np.ndarray, int]]] = []
-        for p in range(n):
-            x = xs[p]
-            # Attention block.
-            h, e = rmsnorm(x, attn_gain, layer.attn_gain_shift, eps)
-            qkv_out = clamp(qkv.product(h, e, 16), QKV_LIMIT)
-            q_all = qkv_out[: nh * hd]
-            k_all = qkv_out[nh * hd: (nh + nkv) * hd]
-            v_all = qkv_out[(nh + nkv) * hd: (nh + 2 * nkv) * hd]
-            cache_k.append([quantize_cache(rope(k_all[j * hd:(j + 1) * hd], cos[p], sin[p])) for j in range(nkv)])
-            cache_v.append([quantize_cache(v_all[j * hd:(j + 1) * hd]) for j in range(nkv)])
-            keyset = key_positions(p, prefix_len, context)
-            heads = []
-            for qh in range(nh):
-                kvh = qh // group
-                q = rope(q_all[qh * hd:(qh + 1) * hd], cos[p], sin[p])
-                heads.append(attend(q, [cache_k[j][kvh] for j in keyset], [cache_v[j][kvh] for j in keyset], lc))
-            att = np.concatenate(heads)
-            s = fit(absmax(att), 32639)
-            x = clamp(x + o.product(rshift(att, s), s - 16, 16), RESIDUAL_LIMIT)
-            # MLP block.
-            h, e = rmsnorm(x, mlp_gain, layer.mlp_gain_shift, eps)
-            gu = clamp(gate_up.product(h, e, 16), GATE_UP_LIMIT)
-            g, u = gu[: a.intermediate_size], gu[a.intermediate_size:]
-            i = clamp(rshift(g, 6), 16384)
-            silu = rshift(g * SIG[i + 16384], 16)
-            act = silu * u
-            assert absmax(act) < (1 << 52)
-            s = fit(absmax(act), 32639)
-            x = clamp(x + down.product(rshift(act, s), s - 32, 16), RESIDUAL_LIMIT)
-            xs[p] = x
+        caches: dict[int, tuple[list, list]] = {}          # base -> ([position][kv head] -> (k8, kmax), v)
+        for d, _, m in sorted(runs, key=lambda r: -r[0]):    # the moved prefixes first: the run at 0 reads them
+            cache_k: list[list[tuple[np.ndarray, int]]] = []
+            cache_v: list[list[tuple[np.ndarray, int]]] = []
+            caches[d] = (cache_k, cache_v)
+            for i in range(m):
+                x = xs[d][i]
+                p = d + i
+                # Attention block.
+                h, e = rmsnorm(x, attn_gain, layer.attn_gain_shift, eps)
+                qkv_out = clamp(qkv.product(h, e, 16), QKV_LIMIT)
+                q_all = qkv_out[: nh * hd]
+                k_all = qkv_out[nh * hd: (nh + nkv) * hd]
+                v_all = qkv_out[(nh + nkv) * hd: (nh + 2 * nkv) * hd]
+                cache_k.append([quantize_cache(rope(k_all[j * hd:(j + 1) * hd], cos[p], sin[p])) for j in range(nkv)])
+                cache_v.append([quantize_cache(v_all[j * hd:(j + 1) * hd]) for j in range(nkv)])
+                if d:                                        # a moved prefix: causal among its own tokens
+                    keys = [(cache_k[j], cache_v[j]) for j in range(i + 1)]
+                else:
+                    sk, sv = caches[sink_at(i, prefix_len, trained)]
+                    keys = [((sk if j < prefix_len else cache_k)[j], (sv if j < prefix_len else cache_v)[j])
+                            for j in key_positions(i, prefix_len, context)]
+                heads = []
+                for qh in range(nh):
+                    kvh = qh // group
+                    q = rope(q_all[qh * hd:(qh + 1) * hd], cos[p], sin[p])
+                    heads.append(attend(q, [k[kvh] for k, _ in keys], [v[kvh] for _, v in keys], lc))
+                att = np.concatenate(heads)
+                s = fit(absmax(att), 32639)
+                x = clamp(x + o.product(rshift(att, s), s - 16, 16), RESIDUAL_LIMIT)
+                # MLP block.
+                h, e = rmsnorm(x, mlp_gain, layer.mlp_gain_shift, eps)
+                gu = clamp(gate_up.product(h, e, 16), GATE_UP_LIMIT)
+                g, u = gu[: a.intermediate_size], gu[a.intermediate_size:]
+                i_ = clamp(rshift(g, 6), 16384)
+                silu = rshift(g * SIG[i_ + 16384], 16)
+                act = silu * u
+                assert absmax(act) < (1 << 52)
+                s = fit(absmax(act), 32639)
+                x = clamp(x + down.product(rshift(act, s), s - 32, 16), RESIDUAL_LIMIT)
+                xs[d][i] = x
+    xs = xs[0]
 
     head = _Linear(model.head)
     final_gain = model.final_gain.numpy().astype(np.int64)

@@ -9,11 +9,20 @@ give the same logits bit for bit (docs/ENGINE.md), whatever the batch.
 
 Key sets: position ``p`` sees the prefix ``[0, P)`` and the last ``C - P``
 positions ``(p - (C - P), p]``, C being the context.
+
+Segments may run past the model's trained positions M.  Attention only sees
+relative positions (RoPE), and the window keeps every window key within C of
+its query; only the prefix, the attention sink, would drift out of range.  So
+past M the prefix is *moved*: a query at ``p`` sees the prefix as if it stood
+at positions ``[D, D + P)``, ``D = sink_base(p, P, M)``, which steps up by M/4
+every M/4 positions so the sink stays within M of every query.  Within M
+nothing moves (``D = 0``), so segments of up to M tokens are what they were.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,6 +33,25 @@ from .engine import Engine, KVCache
 SCORE_CHUNK = 2048
 
 
+def sink_step(trained: int) -> int:
+    """Positions between moves of the prefix: a quarter of the model's trained positions."""
+    return max(1, trained // 4)
+
+
+def sink_base(position: int, prefix_len: int, trained: int) -> int:
+    """Where the prefix stands for a query at ``position``: 0 while ``position < P + 4q``
+    (q = :func:`sink_step`), then ``q * (j - 3)`` in the j-th stretch of q positions, so a
+    query is never more than ``P + 4q <= P + trained`` positions past the sink."""
+    q = sink_step(trained)
+    return q * max(0, (position - prefix_len) // q - 3)
+
+
+def next_sink_move(position: int, prefix_len: int, trained: int) -> int:
+    """The first position after ``position`` whose :func:`sink_base` differs."""
+    q = sink_step(trained)
+    return prefix_len + q * max(4, (position - prefix_len) // q + 1)
+
+
 @dataclass
 class Prefix:
     """The prefix's cache (one row) and the final hidden state of its last position."""
@@ -32,18 +60,35 @@ class Prefix:
     length: int
     h: torch.Tensor      # [1, H]
     e: torch.Tensor      # [1, 1]
+    ids: list[int] = field(default_factory=list)
+    moved: dict[int, KVCache] = field(default_factory=dict)
+
+    def sink(self, engine: Engine, base: int) -> KVCache:
+        """The prefix's cache as run at positions ``[base, base + P)`` (a few kept)."""
+        if base == 0:
+            return self.cache
+        if base not in self.moved:
+            if len(self.moved) >= 2:
+                self.moved.pop(next(iter(self.moved)))
+            self.moved[base] = _run_prefix(engine, self.ids, base)[0]
+        return self.moved[base]
+
+
+def _run_prefix(engine: Engine, prefix: list[int], base: int) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
+    n = len(prefix)
+    cache = KVCache.empty(engine.model, 1, n, engine.device)
+    slot = torch.arange(n)
+    zero = torch.zeros(n, dtype=torch.int64)
+    h, e = engine.forward(torch.tensor([prefix]), slot + base, cache, slot, (zero, zero, slot + 1))
+    return cache, h, e
 
 
 def prefill(engine: Engine, prefix: list[int]) -> Prefix:
     """Run the prefix once (causal, from an empty cache)."""
     if not prefix:
         raise ValueError("prefix must hold at least the start token")
-    n = len(prefix)
-    cache = KVCache.empty(engine.model, 1, n, engine.device)
-    pos = torch.arange(n)
-    zero = torch.zeros(n, dtype=torch.int64)
-    h, e = engine.forward(torch.tensor([prefix]), pos, cache, pos, (zero, zero, pos + 1))
-    return Prefix(cache, n, h[-1:], e[-1:])
+    cache, h, e = _run_prefix(engine, prefix, 0)
+    return Prefix(cache, len(prefix), h[-1:], e[-1:], list(prefix))
 
 
 def score_ids(engine: Engine, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,31 +109,72 @@ def score_segment(engine: Engine, pre: Prefix, inputs: np.ndarray, context: int)
 
     ``inputs`` are the model inputs of the segment's tokens but the last.  Row
     0 is the prefix's last position; row i > 0 is the pass over input i - 1.
-    Long segments go in chunks of :data:`SCORE_CHUNK` positions over a sliding
-    cache that keeps the prefix and the last ``context - P`` positions.
+    """
+    hs, es = zip(*score_chunks(engine, pre, inputs, context))
+    return torch.cat(hs), torch.cat(es)
+
+
+def score_chunks(engine: Engine, pre: Prefix, inputs: np.ndarray,
+                 context: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`score_segment`'s rows, chunk by chunk as they are computed (bounded memory).
+
+    The pass goes in chunks of at most :data:`SCORE_CHUNK` positions over a sliding
+    cache that keeps the prefix and the last ``context - P`` positions; a chunk
+    never straddles a move of the prefix.  The first chunk starts with row 0.
     """
     P, C, T = pre.length, context, len(inputs)
+    trained = engine.arch.max_position_embeddings
     window = C - P
-    hs, es = [pre.h], [pre.e]
     slots_cap = P + max(0, window - 1) + min(SCORE_CHUNK, T)
     cache = KVCache.empty(engine.model, 1, slots_cap, engine.device)
     cache.copy_rows(pre.cache, P)
     base = P               # position held by slot P
+    sink = 0               # where the prefix in slots [0, P) stands
     ids = torch.as_tensor(np.asarray(inputs, dtype=np.int64))
-    for s0 in range(P, P + T, SCORE_CHUNK):
-        s1 = min(s0 + SCORE_CHUNK, P + T)
+    s0 = P
+    while s0 < P + T:
+        s1 = min(s0 + SCORE_CHUNK, P + T, next_sink_move(s0, P, trained))
         keep = max(P, s0 - window + 1)          # the earliest position this chunk's queries see
         if keep > base:                          # slide: move positions [keep, s0) down to slot P
             cache.move_slots(slice(P + keep - base, P + s0 - base), P)
             base = keep
+        if sink_base(s0, P, trained) != sink:
+            sink = sink_base(s0, P, trained)
+            cache.copy_rows(pre.sink(engine, sink), P)
         pos = torch.arange(s0, s1)
         slot = P + pos - base
         a = torch.full_like(pos, P)
         b = P + (pos - window + 1).clamp(min=P) - base
         h, e = engine.forward(ids[None, s0 - P:s1 - P], pos, cache, slot, (a, b, slot + 1))
-        hs.append(h)
-        es.append(e)
-    return torch.cat(hs), torch.cat(es)
+        yield (torch.cat([pre.h, h]), torch.cat([pre.e, e])) if s0 == P else (h, e)
+        s0 = s1
+    if T == 0:
+        yield pre.h, pre.e
+
+
+class SegmentRows:
+    """A segment's hidden rows as the coder reaches them: chunks are pulled from
+    :func:`score_chunks` when first needed and dropped once passed, so the encoder
+    holds a few chunks per segment, not the whole segment (levels 8 and 9 make a
+    4 MiB block one segment: its rows would take 1.3 GB)."""
+
+    def __init__(self, chunks: Iterator[tuple[torch.Tensor, torch.Tensor]]):
+        self._chunks = chunks
+        self._buf: list[tuple[int, torch.Tensor, torch.Tensor]] = []    # (first row, h, e)
+        self._end = 0
+
+    def take(self, t0: int, t1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows [t0, t1); later calls must not ask for rows before t0."""
+        while self._end < t1:
+            h, e = next(self._chunks)
+            self._buf.append((self._end, h, e))
+            self._end += len(h)
+        while self._buf and self._buf[0][0] + len(self._buf[0][1]) <= t0:
+            self._buf.pop(0)
+        first = self._buf[0][0]
+        h = self._buf[0][1] if len(self._buf) == 1 else torch.cat([b[1] for b in self._buf])
+        e = self._buf[0][2] if len(self._buf) == 1 else torch.cat([b[2] for b in self._buf])
+        return h[t0 - first:t1 - first], e[t0 - first:t1 - first]
 
 
 def ring_slot(pos: int, sink: int, capacity: int) -> int:
@@ -105,7 +191,9 @@ class Lockstep:
 
     def __init__(self, engine: Engine, pre: Prefix, rows: int, context: int, longest: int):
         self.engine = engine
+        self.pre = pre
         self.sink = pre.length
+        self.sink_at = 0           # where the prefix in slots [0, P) stands (sink_base)
         self.capacity = min(context, pre.length + longest)
         self.cache = KVCache.empty(engine.model, rows, self.capacity, engine.device)
         self.cache.copy_rows(pre.cache, pre.length)
@@ -117,6 +205,10 @@ class Lockstep:
     def advance(self, tokens: np.ndarray) -> None:
         """Feed one token per row; the next hidden rows land in ``self.h`` / ``self.e``."""
         pos = self.position
+        at = sink_base(pos, self.sink, self.engine.arch.max_position_embeddings)
+        if at != self.sink_at:
+            self.cache.copy_rows(self.pre.sink(self.engine, at), self.sink)
+            self.sink_at = at
         slot = ring_slot(pos, self.sink, self.capacity)
         length = min(pos + 1, self.capacity)
         zero = torch.zeros(1, dtype=torch.int64)

@@ -1,0 +1,122 @@
+"""Segments past the model's trained positions: the prefix moves along (runner.sink_base).
+
+A 2-layer random Llama trained on only 16 positions makes the moves happen every
+4 positions, so the parallel pass, the lockstep steps and the codec meet many of
+them in a few dozen tokens; both are checked against the independent reference.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from lmcodec import Codec, fixedmath, runner
+from lmcodec.engine import Engine
+from lmcodec.mixing import ALL
+from lmcodec.quantize import load_int_model
+from lmcodec.reference import reference_run, sink_at
+from lmcodec.tokens import ByteTokenizer
+
+TEXT = (b"It was the best of times, it was the worst of times, it was the age of wisdom, "
+        b"it was the age of foolishness, it was the epoch of belief.\n")
+
+
+@pytest.fixture(scope="module")
+def short_model_dir(tmp_path_factory, loaded_model):
+    """A real model with 16 trained positions (SmolLM2's tokenizer, random weights)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    d = tmp_path_factory.mktemp("short-llama")
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=loaded_model.arch.vocab_size, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=16, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    PreTrainedTokenizerFast(tokenizer_object=loaded_model.tokenizer).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def short(short_model_dir):
+    from lmcodec import models
+
+    loaded = models.load(short_model_dir)
+    tok = ByteTokenizer(loaded.tokenizer, loaded.arch.vocab_size)
+    im = load_int_model(loaded, tok.fingerprint)
+    assert im.arch.max_position_embeddings == 16
+    return im, tok
+
+
+@given(p=st.integers(0, 1 << 27), prefix=st.integers(1, 4096), trained=st.integers(4, 1 << 16))
+@settings(max_examples=300, deadline=None)
+def test_sink_base_keeps_every_query_near_the_sink(p, prefix, trained):
+    p += prefix
+    d = runner.sink_base(p, prefix, trained)
+    assert d == sink_at(p, prefix, trained)                       # engine side = reference side
+    assert 0 <= p - d < prefix + trained                          # within trained positions of the sink
+    q = runner.sink_step(trained)
+    assert (d == 0) == (p < prefix + 4 * q)                       # nothing moves within the first 4q
+    nxt = runner.next_sink_move(p, prefix, trained)
+    assert nxt > p and runner.sink_base(nxt, prefix, trained) != d
+    assert runner.sink_base(nxt - 1, prefix, trained) == d
+
+
+def test_rope_rows_do_not_depend_on_the_range():
+    full_cos, full_sin = fixedmath.rope_tables(Fraction(100000), 64, 9000)
+    for start, n in [(0, 100), (64, 1), (8190, 810), (4097, 33)]:
+        cos, sin = fixedmath.rope_tables(Fraction(100000), 64, n, start)
+        assert np.array_equal(cos, full_cos[start:start + n]) and np.array_equal(sin, full_sin[start:start + n])
+
+
+@pytest.mark.parametrize("prompt_tokens", [0, 2])
+def test_long_segment_equals_reference(short, prompt_tokens, monkeypatch):
+    """Pass (chunks of 5, not aligned to the moves) and steps past 16 positions equal the reference."""
+    im, tok = short
+    symbols = tok.encode(TEXT)[:44]
+    inputs = tok.model_inputs(symbols)
+    prefix = [tok.start_token] + tok.model_inputs(tok.encode(b"Dickens: "))[:prompt_tokens].tolist()
+    context = 9
+    lam, exp = reference_run(im, prefix + inputs[:-1].tolist(), len(prefix), context, trained=16)
+    lam, exp = lam[len(prefix) - 1:], exp[len(prefix) - 1:]
+    engine = Engine(im, "cpu")
+    monkeypatch.setattr(runner, "SCORE_CHUNK", 5)
+    with torch.inference_mode():
+        pre = runner.prefill(engine, prefix)
+        h, e = runner.score_segment(engine, pre, inputs[:-1], context)
+        run = runner.Lockstep(engine, pre, 2, context, len(symbols))
+        steps = []
+        for t in range(len(symbols)):
+            steps.append(engine.logits(run.h[0:1], run.e[0:1]).lam.numpy()[0])
+            run.advance(np.array([inputs[t], 7]))
+    lg = engine.logits(h, e)
+    assert np.array_equal(lg.lam.numpy(), lam) and np.array_equal(lg.exp.numpy().reshape(-1), exp)
+    assert np.array_equal(np.stack(steps), lam)
+    # The moves matter: without them the same pass gives other logits past position P + 16.
+    plain, _ = reference_run(im, prefix + inputs[:-1].tolist(), len(prefix), context)
+    plain = plain[len(prefix) - 1:]
+    assert np.array_equal(plain[:16], lam[:16]) and not np.array_equal(plain, lam)
+
+
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_codec_round_trip_past_the_trained_positions(short_model_dir, lanes):
+    """One segment of a whole block (as levels 8 and 9 do), online models on, a prompt too."""
+    data = TEXT * 2
+    c = Codec(short_model_dir, method="lm", segment_tokens=70, context=16, lanes=lanes, threads=2, mixer=ALL)
+    for prompt in (None, b"A Tale of Two Cities"):
+        blob = c.compress(data, prompt=prompt)
+        assert Codec(short_model_dir).decompress(blob, prompt=prompt) == data
+
+
+def test_blocks_of_one_segment_decode_side_by_side(short_model_dir):
+    """Several one-segment blocks: the decoder gathers them into one lockstep batch (or not)."""
+    data = b"".join(b"%d. " % i + TEXT for i in range(40))          # ~6 KB: two 4 KiB blocks
+    c = Codec(short_model_dir, method="lm", segment_tokens=64 << 20, context=16, lanes=1, threads=2,
+              block_size=4096, mixer=ALL)
+    blob = c.compress(data)
+    assert c.last_stats.methods == ["lm", "lm"]
+    for rows in (1, 64):
+        assert Codec(short_model_dir, decode_rows=rows, threads=2).decompress(blob) == data
