@@ -90,12 +90,18 @@ def model_options(fn):
     return fn
 
 
+def machine_options(fn):
+    """Where and how fast the model runs: never recorded, results are identical everywhere."""
+    fn = click.option("--threads", type=click.IntRange(1, 256), default=None,
+                      help="CPU threads (not recorded: results do not depend on them).")(fn)
+    fn = click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True,
+                      help="Where the model runs (not recorded: results are identical everywhere).")(fn)
+    return fn
+
+
 def coding_options(fn):
+    fn = machine_options(fn)
     opts = [
-        click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True,
-                     help="Where the model runs (not recorded: results are identical everywhere)."),
-        click.option("--threads", type=click.IntRange(1, 256), default=None,
-                     help="CPU threads (not recorded: results do not depend on them)."),
         click.option("--level", "-l", "level", type=click.IntRange(1, 9), default=None,
                      help=f"Compression level, also as -1 ... -9 [{DEFAULT_LEVEL}]: segment length, context "
                           "and online models (docs/LEVELS.md)."),
@@ -266,15 +272,16 @@ def _strip_suffix(path: Path) -> Path:
               help="Keep (default) or remove the archive after success.")
 @click.option("-f", "--force", is_flag=True, help="Overwrite existing output files.")
 @model_options
+@machine_options
 @click.pass_obj
 @handle_errors
-def decompress(ctx: Context, archives, output, stdout, keep, force, prompt, prompt_file, model):
+def decompress(ctx: Context, archives, output, stdout, keep, force, prompt, prompt_file, model, device, threads):
     """Decompress ARCHIVE(s) (FILE.lmc -> FILE; '-' reads standard input)."""
     key = _prompt(prompt, prompt_file)
     for name, target in _io_targets(archives, output, stdout, _strip_suffix):
         src, size = _open_input(name)
         bar = _progress_bar(ctx, None, f"decompress {name}")
-        codec = _codec(model, bar.update)
+        codec = _codec(model, bar.update, device=device, threads=threads)
         try:
             _write_to(target, force, lambda dst: codec.decompress_stream(src, dst, key, size))
         finally:
@@ -290,16 +297,17 @@ def decompress(ctx: Context, archives, output, stdout, keep, force, prompt, prom
 @main.command("test")
 @click.argument("archives", nargs=-1, required=True)
 @model_options
+@machine_options
 @click.pass_obj
 @handle_errors
-def test_cmd(ctx: Context, archives, prompt, prompt_file, model):
+def test_cmd(ctx: Context, archives, prompt, prompt_file, model, device, threads):
     """Decode ARCHIVE(s) and check their checksums; write nothing."""
     key = _prompt(prompt, prompt_file)
     for name in archives:
         src, size = _open_input(name)
         bar = _progress_bar(ctx, None, f"test {name}")
         try:
-            n = _codec(model, bar.update).decompress_stream(src, _Discard(), key, size)
+            n = _codec(model, bar.update, device=device, threads=threads).decompress_stream(src, _Discard(), key, size)
         finally:
             bar.close()
             src.close()

@@ -163,6 +163,20 @@ def test_info_json(runner, text_file):
         assert block["segments"] == block["streams"] == block["tokens"] == 0
 
 
+def test_level_9_makes_the_block_one_segment(runner, text_file):
+    """-9 (after the subcommand) records level 9 and a block-long segment; the archive decodes."""
+    r = run(runner, "compress", "-9", "--threads", "2", "--method", "lm", text_file)
+    assert r.exit_code == 0, r.output
+    archive = text_file.with_name("note.txt.lmc")
+    doc = json.loads(run(runner, "info", "--json", archive).stdout)
+    assert doc["level"] == 9 and doc["segment_tokens"] == 64 << 20 and doc["context"] == 4096
+    assert doc["blocks"][0]["segments"] == 1
+    text_file.unlink()
+    assert run(runner, "test", "--threads", "1", archive).exit_code == 0
+    assert run(runner, "decompress", "--device", "cpu", "--threads", "1", archive).exit_code == 0
+    assert text_file.read_bytes() == TEXT
+
+
 def test_test_and_verify_commands(runner, text_file):
     r = run(runner, "verify", *FAST, text_file)
     assert r.exit_code == 0 and "OK" in r.stdout
