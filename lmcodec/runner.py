@@ -164,7 +164,9 @@ class SegmentRows:
         self._end = 0
 
     def take(self, t0: int, t1: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows [t0, t1); later calls must not ask for rows before t0."""
+        """Rows [t0, t1), t0 < t1; later calls must not ask for rows before t0."""
+        if not 0 <= t0 < t1:
+            raise ValueError(f"row range [{t0}, {t1}) is empty")
         while self._end < t1:
             h, e = next(self._chunks)
             self._buf.append((self._end, h, e))

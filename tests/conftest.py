@@ -47,17 +47,21 @@ def codec(loaded_model):
     return lmcodec.Codec(**FAST)
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, loaded_model):
-    """A real, different model: a 2-layer random Llama sharing SmolLM2's tokenizer."""
+def make_tiny_llama(d, loaded_model, *, max_positions: int = 512, seed: int = 0):
+    """Save a 2-layer random Llama sharing SmolLM2's tokenizer in ``d`` (head dim 16)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    d = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=loaded_model.arch.vocab_size, hidden_size=64, intermediate_size=128,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=512, tie_word_embeddings=True)
+                      max_position_embeddings=max_positions, tie_word_embeddings=True)
     LlamaForCausalLM(cfg).save_pretrained(d)
     PreTrainedTokenizerFast(tokenizer_object=loaded_model.tokenizer).save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, loaded_model):
+    """A real, different model: a 2-layer random Llama sharing SmolLM2's tokenizer."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), loaded_model)

@@ -21,6 +21,8 @@ from lmcodec.quantize import load_int_model
 from lmcodec.reference import reference_run, sink_at
 from lmcodec.tokens import ByteTokenizer
 
+from conftest import make_tiny_llama
+
 TEXT = (b"It was the best of times, it was the worst of times, it was the age of wisdom, "
         b"it was the age of foolishness, it was the epoch of belief.\n")
 
@@ -28,16 +30,7 @@ TEXT = (b"It was the best of times, it was the worst of times, it was the age of
 @pytest.fixture(scope="module")
 def short_model_dir(tmp_path_factory, loaded_model):
     """A real model with 16 trained positions (SmolLM2's tokenizer, random weights)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    d = tmp_path_factory.mktemp("short-llama")
-    torch.manual_seed(1)
-    cfg = LlamaConfig(vocab_size=loaded_model.arch.vocab_size, hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=16, tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    PreTrainedTokenizerFast(tokenizer_object=loaded_model.tokenizer).save_pretrained(d)
-    return d
+    return make_tiny_llama(tmp_path_factory.mktemp("short-llama"), loaded_model, max_positions=16, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -101,9 +94,33 @@ def test_long_segment_equals_reference(short, prompt_tokens, monkeypatch):
     assert np.array_equal(plain[:16], lam[:16]) and not np.array_equal(plain, lam)
 
 
+def test_segment_rows_stream_what_the_pass_computes(short, monkeypatch):
+    """SegmentRows pulls score_chunks' chunks as asked and gives the rows score_segment gives."""
+    im, tok = short
+    inputs = tok.model_inputs(tok.encode(TEXT * 2))[:40]
+    engine = Engine(im, "cpu")
+    monkeypatch.setattr(runner, "SCORE_CHUNK", 5)
+    with torch.inference_mode():
+        pre = runner.prefill(engine, [tok.start_token])
+        h, e = runner.score_segment(engine, pre, inputs, 16)
+        rows = runner.SegmentRows(runner.score_chunks(engine, pre, inputs, 16))
+        for t0, t1 in [(0, 3), (3, 9), (9, 24), (30, 41)]:
+            ht, et = rows.take(t0, t1)
+            assert torch.equal(ht, h[t0:t1]) and torch.equal(et, e[t0:t1])
+        with pytest.raises(ValueError):
+            rows.take(41, 41)
+    assert len(h) == len(inputs) + 1
+
+
 @pytest.mark.parametrize("lanes", [1, 2])
-def test_codec_round_trip_past_the_trained_positions(short_model_dir, lanes):
-    """One segment of a whole block (as levels 8 and 9 do), online models on, a prompt too."""
+@pytest.mark.parametrize("eager_rows", [1 << 16, 8])
+def test_codec_round_trip_past_the_trained_positions(short_model_dir, lanes, eager_rows, monkeypatch):
+    """One segment of a whole block (as levels 8 and 9 do), online models on, a prompt too;
+    the encoder scoring segments at once or streaming them chunk by chunk."""
+    from lmcodec import codec as codec_module
+
+    monkeypatch.setattr(codec_module, "EAGER_ROWS", eager_rows)
+    monkeypatch.setattr(runner, "SCORE_CHUNK", 7)
     data = TEXT * 2
     c = Codec(short_model_dir, method="lm", segment_tokens=70, context=16, lanes=lanes, threads=2, mixer=ALL)
     for prompt in (None, b"A Tale of Two Cities"):
