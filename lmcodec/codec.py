@@ -633,7 +633,9 @@ class Codec:
 
         def flush() -> None:
             nonlocal total, n_blocks
-            for raw in self._decode_blocks(pending, header, prompt) if pending else []:
+            if not pending:
+                return
+            for raw in self._decode_blocks(pending, header, prompt):
                 dst.write(raw)
                 total += len(raw)
                 check.update(raw)

@@ -138,9 +138,10 @@ def score_chunks(engine: Engine, pre: Prefix, inputs: np.ndarray,
         if keep > base:                          # slide: move positions [keep, s0) down to slot P
             cache.move_slots(slice(P + keep - base, P + s0 - base), P)
             base = keep
-        if sink_base(s0, P, trained) != sink:
-            sink = sink_base(s0, P, trained)
-            cache.copy_rows(pre.sink(engine, sink), P)
+        at = sink_base(s0, P, trained)
+        if at != sink:
+            cache.copy_rows(pre.sink(engine, at), P)
+            sink = at
         pos = torch.arange(s0, s1)
         slot = P + pos - base
         a = torch.full_like(pos, P)
