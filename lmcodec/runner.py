@@ -57,11 +57,22 @@ class Prefix:
     """The prefix's cache (one row) and the final hidden state of its last position."""
 
     cache: KVCache
-    length: int
+    ids: list[int]
     h: torch.Tensor      # [1, H]
     e: torch.Tensor      # [1, 1]
-    ids: list[int] = field(default_factory=list)
     moved: dict[int, KVCache] = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+    def place(self, engine: Engine, cache: KVCache, position: int, current: int) -> int:
+        """Make slots [0, P) of every row of ``cache`` the prefix a query at ``position``
+        sees (:func:`sink_base`), if it is not already at ``current``; return where it stands."""
+        at = sink_base(position, self.length, engine.arch.max_position_embeddings)
+        if at != current:
+            cache.copy_rows(self.sink(engine, at), self.length)
+        return at
 
     def sink(self, engine: Engine, base: int) -> KVCache:
         """The prefix's cache as run at positions ``[base, base + P)`` (a few kept)."""
@@ -88,7 +99,7 @@ def prefill(engine: Engine, prefix: list[int]) -> Prefix:
     if not prefix:
         raise ValueError("prefix must hold at least the start token")
     cache, h, e = _run_prefix(engine, prefix, 0)
-    return Prefix(cache, len(prefix), h[-1:], e[-1:], list(prefix))
+    return Prefix(cache, list(prefix), h[-1:], e[-1:])
 
 
 def score_ids(engine: Engine, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,10 +149,7 @@ def score_chunks(engine: Engine, pre: Prefix, inputs: np.ndarray,
         if keep > base:                          # slide: move positions [keep, s0) down to slot P
             cache.move_slots(slice(P + keep - base, P + s0 - base), P)
             base = keep
-        at = sink_base(s0, P, trained)
-        if at != sink:
-            cache.copy_rows(pre.sink(engine, at), P)
-            sink = at
+        sink = pre.place(engine, cache, s0, sink)
         pos = torch.arange(s0, s1)
         slot = P + pos - base
         a = torch.full_like(pos, P)
@@ -208,10 +216,7 @@ class Lockstep:
     def advance(self, tokens: np.ndarray) -> None:
         """Feed one token per row; the next hidden rows land in ``self.h`` / ``self.e``."""
         pos = self.position
-        at = sink_base(pos, self.sink, self.engine.arch.max_position_embeddings)
-        if at != self.sink_at:
-            self.cache.copy_rows(self.pre.sink(self.engine, at), self.sink)
-            self.sink_at = at
+        self.sink_at = self.pre.place(self.engine, self.cache, pos, self.sink_at)
         slot = ring_slot(pos, self.sink, self.capacity)
         length = min(pos + 1, self.capacity)
         zero = torch.zeros(1, dtype=torch.int64)
