@@ -14,7 +14,7 @@ import click
 
 from . import __version__
 from .codec import DEFAULT_LEVEL, Codec, Stats
-from .container import VERSION, End, Method, Reader
+from .container import End, Method, Reader
 from .errors import LMCodecError, UsageError
 from .fileio import Terminated, atomic_output, install_signal_handlers
 from .mixing import MixerConfig
@@ -450,9 +450,9 @@ def info(ctx: Context, archive, as_json):
                            "stored_bytes": sum(len(p) for p in rec.payloads)})
         archive_bytes = reader.offset
     doc = {
-        "format_version": VERSION, "model": header.model_name or None,
-        "model_fingerprint": header.model_fingerprint.hex(),
-        "tokenizer_fingerprint": header.tokenizer_fingerprint.hex(),
+        "format_version": header.version, "model": header.model_name or None,
+        "model_fingerprint": header.model_fingerprint.hex() or None,
+        "tokenizer_fingerprint": header.tokenizer_fingerprint.hex() or None,
         "prompt": header.has_prompt, "level": header.level or "custom",
         "online_models": MixerConfig(header.mixer).describe(), "context": header.context,
         "segment_tokens": header.segment_tokens, "lanes": header.lanes,

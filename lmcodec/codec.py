@@ -25,7 +25,8 @@ import zstandard
 
 from . import models
 from .coder import StreamDecoder, StreamEncoder
-from .container import (MAX_CONTEXT, MAX_LANES, MIN_CONTEXT, Block, End, Header, Method, Reader, content_hasher,
+from .container import (DEFAULT_BLOCK_SIZE, DEFAULT_LANES, LEVELS, MAX_CONTEXT, MAX_LANES, MIN_CONTEXT,
+                        MODEL_CHECK_BYTES, Block, End, Header, Method, Reader, content_hasher,
                         digest, prompt_check, segment_layout, stream_groups)
 from .engine import Engine, kv_bytes, pick_device, torch_threads
 from .errors import (
@@ -38,52 +39,19 @@ from .errors import (
     UsageError,
 )
 from .frequencies import MIN_TOKEN_BITS, PRECISION, CodingTables
-from .mixing import ALL as MIXER_ALL
 from .mixing import MixerConfig, StreamMixer
 from .quantize import IntModel, load_int_model
 from .runner import Lockstep, Prefix, SegmentRows, prefill, score_chunks, score_segment
 from .tokens import ByteTokenizer
 
-
-
-@dataclass(frozen=True)
-class Level:
-    """What a compression level sets: segment length, context and the online models.
-
-    Longer segments mean fewer cold starts (a segment's first tokens see no
-    context) but fewer segments for the decoder to advance side by side;
-    the online models (lmcodec.mixing) cost decode time.  The table was chosen
-    from measurements (docs/LEVELS.md).
-    """
-
-    segment_tokens: int
-    context: int
-    mixer: int
-
-
-#: Segment tokens of the levels without cold starts: as many as the largest block can
-#: hold, so every block is one segment (docs/LEVELS.md: its decoder advances one row).
-WHOLE_BLOCK = 64 << 20
-
-LEVELS = {
-    1: Level(512, 512, 0),
-    2: Level(1024, 1024, 0),
-    3: Level(2048, 2048, 0),
-    4: Level(2048, 2048, MIXER_ALL),
-    5: Level(4096, 2048, MIXER_ALL),
-    6: Level(8192, 2048, MIXER_ALL),
-    7: Level(8192, 4096, MIXER_ALL),
-    8: Level(WHOLE_BLOCK, 2048, MIXER_ALL),
-    9: Level(WHOLE_BLOCK, 4096, MIXER_ALL),
-}
-#: Levels 1-7 cut a block into segments decoded side by side (each a cold start);
-#: 8 and 9 make a block one segment, past the model's trained positions (the prefix
-#: moves along, runner.sink_base), and decode it one token at a time.
+#: The levels' settings are part of the format (container.LEVELS: a header stores
+#: only the level). Levels 1-7 cut a block into segments decoded side by side (each
+#: a cold start); 8 and 9 make a block one segment, past the model's trained
+#: positions (the prefix moves along, runner.sink_base), and decode it one token at
+#: a time.
 DEFAULT_LEVEL = 6
-DEFAULT_LANES = 64
 #: Rows the decoder advances together (several streams at once); its own choice.
 DECODE_ROWS = {"cpu": 64, "cuda": 1024}
-DEFAULT_BLOCK_SIZE = 4 << 20
 #: The decoder gathers consecutive LM blocks until their segments fill its rows or
 #: their bytes reach this (what it holds before writing; levels 8 and 9: a block is
 #: one segment, so a big file still decodes many rows at a time).
@@ -293,14 +261,16 @@ class Codec:
                     "pass it with --model PATH")
             spec = header.model_name
         model, tok, name = self._load(spec)
-        if model.fingerprint != header.model_fingerprint:
-            if tok.fingerprint[:len(header.tokenizer_fingerprint)] != header.tokenizer_fingerprint:
+        stored = header.model_fingerprint   # v4: its first 8 bytes; v3: all 16
+        if model.fingerprint[:len(stored)] != stored:
+            tfp = header.tokenizer_fingerprint  # v3 only: names a tokenizer mismatch
+            if tfp and tok.fingerprint[:len(tfp)] != tfp:
                 raise ModelMismatchError(
                     f"wrong model: archive needs {header.model_name!r} (tokenizer "
-                    f"{header.tokenizer_fingerprint.hex()[:16]}), {name!r} has tokenizer {tok.fingerprint.hex()[:16]}")
+                    f"{tfp.hex()[:16]}), {name!r} has tokenizer {tok.fingerprint.hex()[:16]}")
             raise ModelMismatchError(
                 f"wrong model: archive needs {header.model_name!r} "
-                f"(fingerprint {header.model_fingerprint.hex()[:16]}), "
+                f"(fingerprint {stored.hex()[:16]}), "
                 f"got {name!r} (fingerprint {model.fingerprint.hex()[:16]})")
         return model, tok
 
@@ -333,7 +303,7 @@ class Codec:
     # -- compression ------------------------------------------------------------------
     def _header(self, s: Settings, prompt: bytes | None) -> Header:
         model, tok, name = self._load(self._model_arg)
-        return Header(name, model.fingerprint, tok.fingerprint, prompt_check(prompt), prompt is not None,
+        return Header(name, model.fingerprint[:MODEL_CHECK_BYTES], b"", prompt_check(prompt), prompt is not None,
                       s.context, s.segment_tokens, s.lanes, s.block_size, s.level, s.mixer)
 
     def _lm_block(self, raw: bytes, symbols: np.ndarray, prompt: bytes | None,
@@ -457,7 +427,7 @@ class Codec:
         if s.method in ("auto", "lm"):
             header = self._header(s, prompt)
         else:  # stored-only archives name no model and never load one
-            header = Header("", bytes(16), bytes(16), prompt_check(prompt), prompt is not None,
+            header = Header("", b"", b"", prompt_check(prompt), prompt is not None,
                             s.context, s.segment_tokens, s.lanes, s.block_size, s.level, s.mixer)
         out = header.pack()
         dst.write(out)

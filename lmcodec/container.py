@@ -29,7 +29,10 @@ from .errors import (
 )
 
 MAGIC = b"\x89LMC"
-VERSION = 3
+VERSION = 4
+#: Versions this lmcodec reads: 4 (what it writes) and 3 (lmcodec 0.2's first
+#: layout: the same blocks and end record under a longer header).
+READ_VERSIONS = (3, 4)
 #: Format versions this lmcodec cannot read, and the release that reads them.
 OLD_VERSIONS = {1: "lmcodec 0.1.x (before format v2)", 2: "lmcodec 0.1.x (the float engine)"}
 MAX_BLOCK_SIZE = 64 << 20
@@ -50,16 +53,65 @@ VARINT_MAX_BYTES = 10
 
 _HEAD = struct.Struct("<4sBB")                  # magic, version, flags
 _CRC = struct.Struct("<I")
-MODEL_FINGERPRINT_BYTES = 16
-TOKENIZER_FINGERPRINT_BYTES = 8                 # the first 8 bytes of the tokenizer's 16-byte fingerprint
+#: v4 stores the first 8 bytes of the 16-byte model fingerprint (it tells a wrong
+#: model from the right one; the content checksums catch a wrong decode anyway).
+MODEL_CHECK_BYTES = 8
+V3_MODEL_FINGERPRINT_BYTES = 16
+V3_TOKENIZER_FINGERPRINT_BYTES = 8              # the first 8 bytes of the tokenizer's fingerprint
 CHECK_BYTES = 8                                 # BLAKE2b-64 digests and the prompt check
 #: The smallest stream-table entry: a one-byte payload-length varint and the payload's CRC32.
 MIN_STREAM_ENTRY = 1 + _CRC.size
 
 FLAG_PROMPT = 1
 FLAG_MODEL = 2
+FLAG_MODEL_ID = 4       # v4: the model is a registered one, named by its one-byte id
+FLAG_LANES = 8          # v4: lanes are not DEFAULT_LANES and follow as a varint
+FLAG_BLOCK_SIZE = 16    # v4: the block size is not DEFAULT_BLOCK_SIZE and follows
+V3_FLAGS = FLAG_PROMPT | FLAG_MODEL
+V4_FLAGS = FLAG_PROMPT | FLAG_MODEL | FLAG_MODEL_ID | FLAG_LANES | FLAG_BLOCK_SIZE
 BLOCK_TAG = 0x42  # 'B'
 END_TAG = 0x45    # 'E'
+
+#: Registered models' ids in a v4 header (flag bit 2): an id is never reused.
+#: Every name of ``lmcodec.models.REGISTRY`` has one (a test checks it).
+MODEL_IDS = {1: "smollm2-135m"}
+_MODEL_ID_OF = {name: i for i, name in MODEL_IDS.items()}
+
+
+@dataclass(frozen=True)
+class Level:
+    """What a compression level sets: segment length, context and the online models.
+
+    Part of the format since v4: a header with level 1..9 stores only the level,
+    and the decoder reads these settings from this table, so a level's entry is
+    frozen once released (a new trade takes a new level or a custom header).
+    Longer segments mean fewer cold starts but fewer segments for the decoder to
+    advance side by side; the online models cost decode time (docs/LEVELS.md).
+    """
+
+    segment_tokens: int
+    context: int
+    mixer: int
+
+
+#: Segment tokens of the levels without cold starts: as many as the largest block can
+#: hold, so every block is one segment (docs/LEVELS.md: its decoder advances one row).
+WHOLE_BLOCK = 64 << 20
+
+LEVELS = {
+    1: Level(512, 512, 0),
+    2: Level(1024, 1024, 0),
+    3: Level(2048, 2048, 0),
+    4: Level(2048, 2048, MIXER_MASK),
+    5: Level(4096, 2048, MIXER_MASK),
+    6: Level(8192, 2048, MIXER_MASK),
+    7: Level(8192, 4096, MIXER_MASK),
+    8: Level(WHOLE_BLOCK, 2048, MIXER_MASK),
+    9: Level(WHOLE_BLOCK, 4096, MIXER_MASK),
+}
+#: Lanes and block size a v4 header leaves out (flag bits 3 and 4 say otherwise).
+DEFAULT_LANES = 64
+DEFAULT_BLOCK_SIZE = 4 << 20
 
 
 def encode_varint(value: int) -> bytes:
@@ -133,11 +185,14 @@ class Header:
     size): the exact engine computes the same bits everywhere, so the decoder
     chooses what suits its own machine.
 
-    The archive keeps the first :data:`TOKENIZER_FINGERPRINT_BYTES` bytes of the
-    tokenizer fingerprint (the model fingerprint covers the whole tokenizer
-    table; this prefix only names a tokenizer mismatch), and names no model at
-    all when ``model_name`` is empty and both fingerprints are zero (stored-only
-    archives).  Without a prompt no prompt check is stored (it reads back as zeros).
+    The fields hold what the archive stores.  v4 (what :meth:`pack` writes):
+    the first :data:`MODEL_CHECK_BYTES` of the model fingerprint, no tokenizer
+    fingerprint (``b""``; the model fingerprint covers the tokenizer table), a
+    registered model by its one-byte id (:data:`MODEL_IDS`), and a level's
+    settings by the level alone (:data:`LEVELS`).  v3 (read only): the whole
+    16-byte model fingerprint and 8 bytes of the tokenizer's.  An archive that
+    names no model (stored-only) reads back with an empty name and empty (v4) or
+    zero (v3) fingerprints; without a prompt the prompt check reads back as zeros.
     """
 
     model_name: str
@@ -151,15 +206,18 @@ class Header:
     block_size: int
     level: int = 0
     mixer: int = 0          # the online models mixed with the LM (lmcodec.mixing); 0 = the LM alone
+    version: int = VERSION
 
     def names_model(self) -> bool:
         """Whether the archive records a model (flag bit 1): a name or a non-zero fingerprint."""
-        return bool(self.model_name) or any(self.model_fingerprint) or any(
-            self.tokenizer_fingerprint[:TOKENIZER_FINGERPRINT_BYTES])
+        return bool(self.model_name) or any(self.model_fingerprint) or any(self.tokenizer_fingerprint)
 
     def pack(self) -> bytes:
-        if (len(self.model_fingerprint) != MODEL_FINGERPRINT_BYTES
-                or len(self.tokenizer_fingerprint) < TOKENIZER_FINGERPRINT_BYTES
+        """The v4 header and its CRC (this lmcodec writes no other version)."""
+        if self.version != VERSION:
+            raise ValueError(f"this lmcodec writes format version {VERSION} only")
+        named = self.names_model()
+        if ((named and len(self.model_fingerprint) != MODEL_CHECK_BYTES) or self.tokenizer_fingerprint
                 or len(self.prompt_check) != CHECK_BYTES):
             raise ValueError("header fingerprints or prompt check have the wrong length")
         if not self.has_prompt and any(self.prompt_check):
@@ -168,16 +226,25 @@ class Header:
             raise ValueError(f"level must be 0..{MAX_LEVEL}")
         if self.mixer & ~MIXER_MASK or self.mixer < 0:
             raise ValueError(f"unknown mixer bits {self.mixer:#x}")
-        named = self.names_model()
-        flags = (FLAG_PROMPT if self.has_prompt else 0) | (FLAG_MODEL if named else 0)
-        body = _HEAD.pack(MAGIC, VERSION, flags) + bytes([self.level, self.mixer])
-        body += b"".join(encode_varint(v) for v in (self.context, self.segment_tokens, self.lanes,
-                                                    self.block_size))
-        if named:
+        if self.level and LEVELS[self.level] != Level(self.segment_tokens, self.context, self.mixer):
+            raise ValueError(f"settings other than level {self.level}'s are level 0 (custom)")
+        model_id = _MODEL_ID_OF.get(self.model_name) if named else None
+        flags = ((FLAG_PROMPT if self.has_prompt else 0) | (FLAG_MODEL if named else 0)
+                 | (FLAG_MODEL_ID if model_id else 0) | (FLAG_LANES if self.lanes != DEFAULT_LANES else 0)
+                 | (FLAG_BLOCK_SIZE if self.block_size != DEFAULT_BLOCK_SIZE else 0))
+        body = _HEAD.pack(MAGIC, VERSION, flags) + bytes([self.level])
+        if not self.level:
+            body += bytes([self.mixer]) + encode_varint(self.context) + encode_varint(self.segment_tokens)
+        if flags & FLAG_LANES:
+            body += encode_varint(self.lanes)
+        if flags & FLAG_BLOCK_SIZE:
+            body += encode_varint(self.block_size)
+        if model_id:
+            body += bytes([model_id]) + self.model_fingerprint
+        elif named:
             # At most MAX_NAME bytes, cut at a character boundary so the name stays UTF-8.
             name = self.model_name.encode("utf-8")[:MAX_NAME].decode("utf-8", "ignore").encode("utf-8")
             body += bytes([len(name)]) + name + self.model_fingerprint
-            body += self.tokenizer_fingerprint[:TOKENIZER_FINGERPRINT_BYTES]
         if self.has_prompt:
             body += self.prompt_check
         return body + _CRC.pack(zlib.crc32(body))
@@ -391,48 +458,113 @@ class Reader:
         if len(head) < _HEAD.size:
             raise TruncatedArchiveError("archive truncated in header")
         _, version, flags = _HEAD.unpack(head)
-        if version != VERSION:
+        reads = " and ".join(map(str, READ_VERSIONS))
+        if version not in READ_VERSIONS:
             if version in OLD_VERSIONS:
                 raise UnsupportedFormatError(
-                    f"archive format version {version} is not supported by this lmcodec (it reads {VERSION}); "
+                    f"archive format version {version} is not supported by this lmcodec (it reads {reads}); "
                     f"decode it with {OLD_VERSIONS[version]}")
             raise UnsupportedFormatError(
-                f"archive format version {version} is not supported (this lmcodec reads {VERSION})")
+                f"archive format version {version} is not supported (this lmcodec reads {reads})")
         body = bytearray(head)
+        fields = self._fields_v3(body, flags) if version == 3 else self._fields_v4(body, flags)
+        (crc,) = _CRC.unpack(self._read(_CRC.size, "header"))
+        if zlib.crc32(body) != crc:
+            raise CorruptArchiveError("archive header is corrupted (CRC mismatch)")
+        header = self._checked(version, flags, **fields)
+        if self._prescan and self._left is not None and _seekable(self._s):
+            self._scan(header)
+        return header
+
+    def _fields_v3(self, body: bytearray, flags: int) -> dict:
+        """v3: level, mixer and four varints always; name, 16 + 8 fingerprint bytes."""
         level, mixer = self._read(2, "header")
         body += bytes([level, mixer])
         context, seg, lanes, block_size = (self._varint(body, "header", f"archive header {what}")
                                            for what in ("context", "segment tokens", "lanes", "block size"))
-        name, mfp, tfp, pcheck = b"", bytes(MODEL_FINGERPRINT_BYTES), bytes(TOKENIZER_FINGERPRINT_BYTES), bytes(8)
+        name, mfp, tfp = b"", bytes(V3_MODEL_FINGERPRINT_BYTES), bytes(V3_TOKENIZER_FINGERPRINT_BYTES)
         if flags & FLAG_MODEL:
-            name_len = self._read(1, "header")
-            name = self._read(name_len[0], "header")
-            mfp = self._read(MODEL_FINGERPRINT_BYTES, "header")
-            tfp = self._read(TOKENIZER_FINGERPRINT_BYTES, "header")
-            body += name_len + name + mfp + tfp
-        if flags & FLAG_PROMPT:
-            pcheck = self._read(CHECK_BYTES, "header")
-            body += pcheck
-        (crc,) = _CRC.unpack(self._read(_CRC.size, "header"))
-        if zlib.crc32(body) != crc:
-            raise CorruptArchiveError("archive header is corrupted (CRC mismatch)")
-        # The ranges an encoder can write (see Settings.resolved in codec.py); a header that
-        # says it names a model names one (an encoder sets the flag exactly then).
-        if (flags & ~(FLAG_PROMPT | FLAG_MODEL) or level > MAX_LEVEL or mixer & ~MIXER_MASK
-                or not MIN_CONTEXT <= context <= MAX_CONTEXT
-                or not 1 <= seg <= MAX_SEGMENT_TOKENS or not 1 <= lanes <= MAX_LANES
-                or not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE
-                or (flags & FLAG_MODEL and not (name or any(mfp) or any(tfp)))):
+            name = self._read_name(body)
+            mfp = self._read(V3_MODEL_FINGERPRINT_BYTES, "header")
+            tfp = self._read(V3_TOKENIZER_FINGERPRINT_BYTES, "header")
+            body += mfp + tfp
+        return dict(level=level, mixer=mixer, context=context, seg=seg, lanes=lanes, block_size=block_size,
+                    name=name, model_id=None, mfp=mfp, tfp=tfp, pcheck=self._read_prompt_check(body, flags))
+
+    def _fields_v4(self, body: bytearray, flags: int) -> dict:
+        """v4: the level, and only what it does not imply (docs/FORMAT.md)."""
+        level = self._read(1, "header")[0]
+        body.append(level)
+        mixer = context = seg = None
+        if level == 0:
+            mixer = self._read(1, "header")[0]
+            body.append(mixer)
+            context = self._varint(body, "header", "archive header context")
+            seg = self._varint(body, "header", "archive header segment tokens")
+        lanes = (self._varint(body, "header", "archive header lanes") if flags & FLAG_LANES else DEFAULT_LANES)
+        block_size = (self._varint(body, "header", "archive header block size") if flags & FLAG_BLOCK_SIZE
+                      else DEFAULT_BLOCK_SIZE)
+        name, model_id, mfp = b"", None, b""
+        if flags & FLAG_MODEL:
+            if flags & FLAG_MODEL_ID:
+                model_id = self._read(1, "header")[0]
+                body.append(model_id)
+            else:
+                name = self._read_name(body)
+            mfp = self._read(MODEL_CHECK_BYTES, "header")
+            body += mfp
+        return dict(level=level, mixer=mixer, context=context, seg=seg, lanes=lanes, block_size=block_size,
+                    name=name, model_id=model_id, mfp=mfp, tfp=b"", pcheck=self._read_prompt_check(body, flags))
+
+    def _read_name(self, body: bytearray) -> bytes:
+        name_len = self._read(1, "header")
+        name = self._read(name_len[0], "header")
+        body += name_len + name
+        return name
+
+    def _read_prompt_check(self, body: bytearray, flags: int) -> bytes:
+        if not flags & FLAG_PROMPT:
+            return bytes(CHECK_BYTES)
+        pcheck = self._read(CHECK_BYTES, "header")
+        body += pcheck
+        return pcheck
+
+    @staticmethod
+    def _checked(version: int, flags: int, *, level: int, mixer: int | None, context: int | None,
+                 seg: int | None, lanes: int, block_size: int, name: bytes, model_id: int | None,
+                 mfp: bytes, tfp: bytes, pcheck: bytes) -> Header:
+        """The header, once its fields are in the ranges an encoder can write (CRC already checked)."""
+        allowed = V3_FLAGS if version == 3 else V4_FLAGS
+        invalid = bool(flags & ~allowed) or level > MAX_LEVEL
+        if version == 4:
+            # Exactly one encoding per header: a flag bit only for a value the default is not,
+            # an id only for a named model.
+            invalid = invalid or (flags & FLAG_MODEL_ID and not flags & FLAG_MODEL) \
+                or (flags & FLAG_LANES and lanes == DEFAULT_LANES) \
+                or (flags & FLAG_BLOCK_SIZE and block_size == DEFAULT_BLOCK_SIZE)
+            if not invalid and level:
+                lv = LEVELS[level]
+                mixer, context, seg = lv.mixer, lv.context, lv.segment_tokens
+        invalid = invalid or mixer & ~MIXER_MASK or not MIN_CONTEXT <= context <= MAX_CONTEXT \
+            or not 1 <= seg <= MAX_SEGMENT_TOKENS or not 1 <= lanes <= MAX_LANES \
+            or not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE \
+            or (flags & FLAG_MODEL and model_id is None and not (name or any(mfp) or any(tfp)))
+        if invalid:
+            # The ranges an encoder can write (see Settings.resolved in codec.py); a header that
+            # says it names a model names one (an encoder sets the flag exactly then).
             raise CorruptArchiveError("archive header has invalid parameters")
+        if model_id is not None:
+            if model_id not in MODEL_IDS:
+                raise UnsupportedFormatError(
+                    f"archive names registered model #{model_id}, which this lmcodec does not know "
+                    "(a newer lmcodec wrote it)")
+            name = MODEL_IDS[model_id].encode("utf-8")
         try:
             model_name = name.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise CorruptArchiveError("archive header has an invalid model name") from exc
-        header = Header(model_name, mfp, tfp, pcheck, bool(flags & FLAG_PROMPT), context, seg, lanes, block_size,
-                        level, mixer)
-        if self._prescan and self._left is not None and _seekable(self._s):
-            self._scan(header)
-        return header
+        return Header(model_name, mfp, tfp, pcheck, bool(flags & FLAG_PROMPT), context, seg, lanes, block_size,
+                      level, mixer, version)
 
     def _scan(self, header: Header) -> None:
         """Check every structure up to the end of the archive, then rewind to the first block."""

@@ -12,8 +12,8 @@ several blocks).  Each one is then corrupted many ways:
 * ``flip-random``: 1-3 random bits anywhere;  ``truncate-random``;
 * ``splice``: a prefix of one archive + a suffix of another (random offsets,
   half of them at structure boundaries);
-* ``version`` / ``fingerprint``: the format version or the model / tokenizer
-  fingerprint changed (in a stored-only archive, which names no model, a model
+* ``version`` / ``fingerprint``: the format version or the model fingerprint
+  changed (in a stored-only archive, which names no model, a model
   section is inserted), with and without re-signing the header CRC;
 * ``resign-header`` / ``resign-block`` / ``resign-end``: one field of a header,
   block table (stream entries included) or end record changed to a random or
@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import io
 import json
 import os
 import random
@@ -60,9 +61,10 @@ from lmcodec.errors import LMCodecError  # noqa: E402
 
 LM_SETTINGS = dict(segment_tokens=24, lanes=2, context=32, threads=2)
 
-#: Format v3 (lmcodec/container.py, docs/FORMAT.md): a field is (name, start, end, kind), kind one of
-#: "u8", "varint", "u32" (a CRC32 inside a table), "8s" / "16s" (digests, fingerprints) or "name".
-FLAG_PROMPT, FLAG_MODEL = 1, 2
+#: Format v4 (lmcodec/container.py, docs/FORMAT.md): a field is (name, start, end, kind), kind one of
+#: "u8", "varint", "u32" (a CRC32 inside a table), "8s" (digests, fingerprints), "name", or "mark"
+#: (an empty field: where the header's settings end).
+FLAG_PROMPT, FLAG_MODEL, FLAG_MODEL_ID, FLAG_LANES, FLAG_BLOCK_SIZE = 1, 2, 4, 8, 16
 LM_METHOD, RAW_METHOD = 2, 0
 
 TEXTS = {
@@ -127,30 +129,43 @@ def _varint_at(blob: bytes, pos: int) -> tuple[int, int]:
     return decode_varint(blob, pos)
 
 
+def v4_header_fields(blob: bytes) -> tuple[list[tuple[str, int, int, str]], int]:
+    """The fields of the v4 header at the start of ``blob`` (docs/FORMAT.md), and where its CRC is."""
+    flags, level = blob[5], blob[6]
+    fields = [("magic", 0, 4, "magic"), ("version", 4, 5, "u8"), ("flags", 5, 6, "u8"), ("level", 6, 7, "u8")]
+    pos = 7
+    names = (["mixer", "context", "segment_tokens"] if level == 0 else []) + (
+        ["lanes"] if flags & FLAG_LANES else []) + (["block_size"] if flags & FLAG_BLOCK_SIZE else [])
+    for name in names:
+        end = pos + 1 if name == "mixer" else _varint_at(blob, pos)[1]
+        fields.append((name, pos, end, "u8" if name == "mixer" else "varint"))
+        pos = end
+    fields.append(("settings_end", pos, pos, "mark"))
+    if flags & FLAG_MODEL:
+        if flags & FLAG_MODEL_ID:
+            fields.append(("model_id", pos, pos + 1, "u8"))
+            pos += 1
+        else:
+            fields.append(("name", pos, pos + 1 + blob[pos], "name"))
+            pos += 1 + blob[pos]
+        fields.append(("model_fingerprint", pos, pos + 8, "8s"))
+        pos += 8
+    if flags & FLAG_PROMPT:
+        fields.append(("prompt_check", pos, pos + 8, "8s"))
+        pos += 8
+    return fields, pos
+
+
 def describe(sample: Sample) -> Sample:
     """Fill in the structure of a valid archive: every field of every record."""
     blob = sample.blob
-    flags = blob[5]
-    h = Record("header", 0, 0, [("magic", 0, 4, "magic"), ("version", 4, 5, "u8"), ("flags", 5, 6, "u8"),
-                                ("level", 6, 7, "u8"), ("mixer", 7, 8, "u8")])
-    pos = 8
-    for name in ("context", "segment_tokens", "lanes", "block_size"):
-        _, end = _varint_at(blob, pos)
-        h.fields.append((name, pos, end, "varint"))
-        pos = end
-    if flags & FLAG_MODEL:
-        n = blob[pos]
-        h.fields += [("name", pos, pos + 1 + n, "name"), ("model_fingerprint", pos + 1 + n, pos + 17 + n, "16s"),
-                     ("tokenizer_fingerprint", pos + 17 + n, pos + 25 + n, "8s")]
-        pos += 25 + n
-    if flags & FLAG_PROMPT:
-        h.fields.append(("prompt_check", pos, pos + 8, "8s"))
-        pos += 8
+    header_fields, pos = v4_header_fields(blob)
+    h = Record("header", 0, 0, header_fields)
     h.crc = pos
     sample.records = [h]
     sample.header_end = pos = pos + 4
-    seg = decode_varint(blob, sample.hfield("segment_tokens")[1])[0]
-    lanes = decode_varint(blob, sample.hfield("lanes")[1])[0]
+    header = lmcodec.container.Reader(io.BytesIO(blob), len(blob)).header()
+    seg, lanes = header.segment_tokens, header.lanes
     while blob[pos] == 0x42:
         r = Record("block", pos, 0, [("tag", pos, pos + 1, "u8"), ("method", pos + 1, pos + 2, "u8")])
         r.method = blob[pos + 1]
@@ -284,7 +299,7 @@ def _maybe_resign_header(rng: random.Random, buf: bytearray, crc_at: int) -> str
 
 def _new_bytes(rng: random.Random, name: str, old: bytes, kind: str) -> tuple[bytes, str, int | None]:
     """Hostile bytes for one field: (new bytes, what changed, the new integer or None)."""
-    if kind in ("8s", "16s"):
+    if kind == "8s":
         return rng.randbytes(len(old)), name, None
     if kind == "u8":
         new = _hostile_int(rng, 8, old[0])
@@ -346,30 +361,30 @@ def random_case(rng: random.Random, corpus: list[Sample], kind: str) -> Case:
         signed = _maybe_resign_header(rng, buf, h.crc)
         return Case(kind, s.name, f"version {buf[4]}{signed}", bytes(buf), s.original, s.prompt)
     if kind == "fingerprint":
-        which = rng.choice(["model", "tokenizer"])
-        f = s.hfield(f"{which}_fingerprint")
+        f = s.hfield("model_fingerprint")
         crc_at = h.crc
         if f is None:
-            # A stored-only archive names no model: give it a model section (the flag, a name,
-            # fingerprints) -- it never loads a model, so re-signed this is harmless.
-            at = s.hfield("block_size")[2]
-            section = bytes([12]) + b"smollm2-135m" + rng.randbytes(24)
-            buf[5] |= FLAG_MODEL
+            # A stored-only archive names no model: give it a model section (the flags, the
+            # registered model's id, a fingerprint) -- it never loads a model, so re-signed
+            # this is harmless.
+            at = s.hfield("settings_end")[1]
+            section = b"\x01" + rng.randbytes(8)
+            buf[5] |= FLAG_MODEL | FLAG_MODEL_ID
             buf[at:at] = section
             crc_at += len(section)
-            what = f"{which} fingerprint (model section inserted)"
+            what = "model fingerprint (model section inserted)"
         else:
             _, start, end, _ = f
             if rng.random() < 0.5:
                 _flip(buf, start * 8 + rng.randrange(8 * (end - start)))
             else:
                 buf[start:end] = rng.randbytes(end - start)
-            what = f"{which} fingerprint"
+            what = "model fingerprint"
         signed = _maybe_resign_header(rng, buf, crc_at)
         return Case(kind, s.name, f"{what}{signed}", bytes(buf), s.original, s.prompt)
     if kind == "resign-header":
         fields = [f for f in h.fields if f[0] in ("flags", "level", "mixer", "context", "segment_tokens", "lanes",
-                                                  "block_size", "prompt_check", "name")]
+                                                  "block_size", "prompt_check", "name", "model_id")]
         name, start, end, fmt = rng.choice(fields)
         if fmt == "name":
             new = rng.choice([b"", b"smollm2-135m", b"smollm2-360m", rng.randbytes(rng.randrange(1, 12))])

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lmcodec
-from lmcodec.container import (MAGIC, MAX_CONTEXT, MAX_LANES, OLD_VERSIONS, VARINT_MAX, VERSION, Block, End,
-                               Header, Method, Reader, StreamEntry, decode_varint, digest, encode_varint,
+from lmcodec.container import (LEVELS, MAGIC, MAX_CONTEXT, MAX_LANES, OLD_VERSIONS, VARINT_MAX, VERSION, Block,
+                               End, Header, Level, Method, Reader, StreamEntry, decode_varint, digest, encode_varint,
                                lm_payload_limit, prompt_check, segment_layout, stream_count, stream_groups,
                                stream_tokens)
 from lmcodec.spec import MIXER_MASK
@@ -27,24 +27,33 @@ from lmcodec.errors import (
 
 @st.composite
 def headers(draw):
-    """Headers as an encoder writes them: an LM archive names its model (the tokenizer's
-    8-byte prefix is what the archive keeps), a stored-only one names none; the prompt
-    check is zeros exactly when there is no prompt."""
+    """v4 headers as an encoder writes them: a level's settings or custom ones (level 0);
+    an LM archive names its model (a registered name, or any) by the first 8 bytes of
+    its fingerprint, a stored-only one names none; the prompt check is zeros exactly
+    when there is no prompt."""
     has_prompt = draw(st.booleans())
     if draw(st.booleans()):
-        model = dict(model_name=draw(st.text(max_size=40).filter(lambda n: len(n.encode()) <= 255)),
-                     model_fingerprint=draw(st.binary(min_size=16, max_size=16)),
-                     tokenizer_fingerprint=draw(st.binary(min_size=8, max_size=8)))
+        name = draw(st.one_of(st.just("smollm2-135m"), st.text(max_size=40).filter(lambda n: len(n.encode()) <= 255)))
+        fp = draw(st.binary(min_size=8, max_size=8))
+        if not name and not any(fp):  # that names no model: a stored-only header, drawn below
+            fp = b"\x01" + fp[1:]
+        model = dict(model_name=name, model_fingerprint=fp, tokenizer_fingerprint=b"")
     else:
-        model = dict(model_name="", model_fingerprint=bytes(16), tokenizer_fingerprint=bytes(8))
-    return Header(**model,
+        model = dict(model_name="", model_fingerprint=b"", tokenizer_fingerprint=b"")
+    level = draw(st.integers(0, 9))
+    if level:
+        lv = LEVELS[level]
+        settings = dict(context=lv.context, segment_tokens=lv.segment_tokens, mixer=lv.mixer)
+    else:
+        settings = dict(context=draw(st.integers(16, MAX_CONTEXT)),
+                        segment_tokens=draw(st.one_of(st.integers(1, 8), st.integers(1, 1 << 30))),
+                        mixer=draw(st.integers(0, MIXER_MASK)))
+    return Header(**model, **settings,
                   prompt_check=draw(st.binary(min_size=8, max_size=8)) if has_prompt else bytes(8),
                   has_prompt=has_prompt,
-                  context=draw(st.integers(16, MAX_CONTEXT)),
-                  segment_tokens=draw(st.one_of(st.integers(1, 8), st.integers(1, 1 << 30))),
-                  lanes=draw(st.one_of(st.integers(1, 4), st.integers(1, MAX_LANES))),
-                  block_size=draw(st.integers(4096, 64 << 20)),
-                  level=draw(st.integers(0, 9)), mixer=draw(st.integers(0, MIXER_MASK)))
+                  lanes=draw(st.one_of(st.just(64), st.integers(1, 4), st.integers(1, MAX_LANES))),
+                  block_size=draw(st.one_of(st.just(4 << 20), st.integers(4096, 64 << 20))),
+                  level=level)
 
 
 def ref_varint(n: int) -> bytes:
@@ -120,52 +129,101 @@ def test_pack_parse_round_trip(arch):
 def test_header_pack_parse_round_trip(header):
     blob = header.pack() + End(0, digest(b""), 0).pack()
     assert Reader(io.BytesIO(blob), len(blob)).header() == header
-    assert blob[4] == VERSION == 3
+    assert blob[4] == VERSION == 4
+
+
+def v4_header(header: Header) -> bytes:
+    """The v4 layout of docs/FORMAT.md, written independently of Header.pack."""
+    named = bool(header.model_name) or any(header.model_fingerprint)
+    registered = named and header.model_name == "smollm2-135m"
+    flags = (header.has_prompt | 2 * named | 4 * registered | 8 * (header.lanes != 64)
+             | 16 * (header.block_size != 4 << 20))
+    body = MAGIC + bytes([4, flags, header.level])
+    if header.level == 0:
+        body += bytes([header.mixer]) + ref_varint(header.context) + ref_varint(header.segment_tokens)
+    body += ref_varint(header.lanes) if header.lanes != 64 else b""
+    body += ref_varint(header.block_size) if header.block_size != 4 << 20 else b""
+    if registered:
+        body += b"\x01" + header.model_fingerprint
+    elif named:
+        name = header.model_name.encode()
+        body += bytes([len(name)]) + name + header.model_fingerprint
+    if header.has_prompt:
+        body += header.prompt_check
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def v3_header(name: bytes | None, fps: bytes, pcheck: bytes | None, level: int, mixer: int,
+              values: tuple[int, int, int, int], flags: int | None = None) -> bytes:
+    """A v3 header (lmcodec 0.2's first layout, docs/FORMAT.md): level, mixer, context,
+    segment tokens, lanes, block size; then name + 16 + 8 fingerprint bytes and the
+    prompt check when present.  Without a CRC (see :func:`_resigned_header`)."""
+    if flags is None:
+        flags = (pcheck is not None) | 2 * (name is not None)
+    body = MAGIC + bytes([3, flags, level, mixer]) + b"".join(ref_varint(v) for v in values)
+    if name is not None:
+        body += bytes([len(name)]) + name + fps
+    return body + (pcheck or b"")
 
 
 @settings(max_examples=200, deadline=None)
 @given(headers())
 def test_header_layout(header):
-    """The packed header is exactly the documented layout (docs/FORMAT.md)."""
-    named = bool(header.model_name) or any(header.model_fingerprint) or any(header.tokenizer_fingerprint)
-    flags = header.has_prompt | (2 * named)
-    body = MAGIC + bytes([3, flags, header.level, header.mixer])
-    body += b"".join(ref_varint(v) for v in (header.context, header.segment_tokens, header.lanes,
-                                             header.block_size))
-    if named:
-        name = header.model_name.encode()
-        body += bytes([len(name)]) + name + header.model_fingerprint + header.tokenizer_fingerprint
-    if header.has_prompt:
-        body += header.prompt_check
-    assert header.pack() == body + struct.pack("<I", zlib.crc32(body))
-    # 8 + varints + (1 + n + 24 if it names a model) + (8 with a prompt) + 4
-    size = 8 + sum(len(ref_varint(v)) for v in (header.context, header.segment_tokens, header.lanes,
-                                                header.block_size))
-    size += (25 + len(header.model_name.encode())) * named + 8 * header.has_prompt + 4
+    """The packed header is exactly the documented v4 layout (docs/FORMAT.md)."""
+    assert header.pack() == v4_header(header)
+    # 7 + (mixer and two varints at level 0) + lanes / block size varints when not the
+    # defaults + (1 + n or the id, + 8, when it names a model) + (8 with a prompt) + 4
+    size = 7 + (1 + len(ref_varint(header.context)) + len(ref_varint(header.segment_tokens))) * (header.level == 0)
+    size += len(ref_varint(header.lanes)) * (header.lanes != 64)
+    size += len(ref_varint(header.block_size)) * (header.block_size != 4 << 20)
+    if header.model_name == "smollm2-135m":
+        size += 9
+    elif header.model_name or any(header.model_fingerprint):
+        size += 9 + len(header.model_name.encode())
+    size += 8 * header.has_prompt + 4
     assert len(header.pack()) == size
 
 
-def test_header_keeps_the_tokenizer_prefix_and_omits_what_it_does_not_need():
-    h = Header("smollm2-135m", bytes(range(16)), bytes(range(100, 116)), bytes(8), False, 2048, 2048, 64, 4 << 20)
+def test_default_header_is_20_bytes_and_names_the_model_by_its_id():
+    lv = LEVELS[6]
+    h = Header("smollm2-135m", bytes(range(8)), b"", bytes(8), False, lv.context, lv.segment_tokens, 64, 4 << 20,
+               level=6, mixer=lv.mixer)
     blob = h.pack()
-    assert len(blob) == 58  # 8 + varints 2 + 2 + 1 + 4 + name 1 + 12 + fingerprints 16 + 8 + CRC 4
-    got = Reader(io.BytesIO(blob + End(0, digest(b""), 0).pack())).header()
-    assert got.tokenizer_fingerprint == bytes(range(100, 108)) and got.level == 0
-    assert got == Header("smollm2-135m", bytes(range(16)), bytes(range(100, 108)), bytes(8), False, 2048, 2048,
-                         64, 4 << 20)
-    # Stored-only: no model fields at all; they read back as zeros.
-    stored = Header("", bytes(16), bytes(16), bytes(8), False, 2048, 2048, 64, 4 << 20, level=9)
-    assert len(stored.pack()) == 8 + 9 + 4 and stored.pack()[5] == 0 and stored.pack()[6] == 9
+    assert len(blob) == 20  # magic 4, version, flags, level, model id, fingerprint 8, CRC 4
+    assert blob[5] == 2 | 4 and blob[6] == 6 and blob[7] == 1
+    assert Reader(io.BytesIO(blob + End(0, digest(b""), 0).pack())).header() == h
+    # Another model is named by its name.
+    other = Header(**{**vars(h), "model_name": "my.gguf"})
+    assert len(other.pack()) == 20 + 1 + 7 - 1
+    # Stored-only: no model fields at all; they read back empty.
+    stored = Header("", b"", b"", bytes(8), False, 2048, 2048, 64, 4 << 20)
+    assert len(stored.pack()) == 7 + 1 + 2 + 2 + 4 and stored.pack()[5] == 0 and stored.pack()[6] == 0
     got = Reader(io.BytesIO(stored.pack())).header()
-    assert (got.model_name, got.model_fingerprint, got.tokenizer_fingerprint) == ("", bytes(16), bytes(8))
+    assert (got.model_name, got.model_fingerprint, got.tokenizer_fingerprint) == ("", b"", b"")
     # A prompt adds its 8-byte check.
-    p = Header("", bytes(16), bytes(8), prompt_check(b"k"), True, 2048, 2048, 64, 4 << 20)
+    p = Header("", b"", b"", prompt_check(b"k"), True, 2048, 2048, 64, 4 << 20)
     assert len(p.pack()) == len(stored.pack()) + 8 and Reader(io.BytesIO(p.pack())).header() == p
     # What the format cannot hold is refused when packing.
-    for bad in (dict(level=10), dict(mixer=0x80), dict(has_prompt=False, prompt_check=b"x" * 8), dict(model_fingerprint=bytes(8)),
-                dict(tokenizer_fingerprint=bytes(7))):
+    for bad in (dict(level=10), dict(mixer=0x80), dict(has_prompt=False, prompt_check=b"x" * 8),
+                dict(model_name="m", model_fingerprint=bytes(16)), dict(tokenizer_fingerprint=bytes(8)),
+                dict(level=6), dict(version=3)):
         with pytest.raises(ValueError):
             Header(**{**vars(p), **bad}).pack()
+
+
+def test_v3_headers_still_read():
+    """lmcodec 0.2's first layout: every field stored, 16 + 8 fingerprint bytes."""
+    fps = bytes(range(24))
+    blob = _resigned_header(v3_header(b"smollm2-135m", fps, None, 6, MIXER_MASK, (2048, 8192, 64, 4 << 20)))
+    assert len(blob) - len(End(0, digest(b""), 0).pack()) == 58
+    h = Reader(io.BytesIO(blob)).header()
+    assert h == Header("smollm2-135m", fps[:16], fps[16:], bytes(8), False, 2048, 8192, 64, 4 << 20, level=6,
+                       mixer=MIXER_MASK, version=3)
+    stored = Reader(io.BytesIO(_resigned_header(v3_header(None, b"", b"k" * 8, 0, 0, (32, 4, 2, 4096))))).header()
+    assert (stored.model_name, stored.model_fingerprint, stored.tokenizer_fingerprint) == ("", bytes(16), bytes(8))
+    assert stored.has_prompt and stored.prompt_check == b"k" * 8 and stored.version == 3
+    with pytest.raises(ValueError):
+        h.pack()  # this lmcodec writes v4 only
 
 
 def _resigned_header(body: bytes) -> bytes:
@@ -176,8 +234,8 @@ def _resigned_header(body: bytes) -> bytes:
 @given(flags=st.integers(0, 255), level=st.integers(0, 255), mixer=st.integers(0, 255),
        values=st.lists(st.one_of(st.integers(0, 20000), st.integers(0, VARINT_MAX)), min_size=4, max_size=4),
        name=st.binary(max_size=12), fps=st.binary(min_size=24, max_size=24), pcheck=st.binary(min_size=8, max_size=8))
-def test_resigned_header_fields_parse_in_range_or_fail_cleanly(flags, level, mixer, values, name, fps, pcheck):
-    """Any value in any header field, with a valid CRC: an in-range header or a clean refusal."""
+def test_resigned_v3_header_fields_parse_in_range_or_fail_cleanly(flags, level, mixer, values, name, fps, pcheck):
+    """Any value in any v3 header field, with a valid CRC: an in-range header or a clean refusal."""
     body = MAGIC + bytes([3, flags, level, mixer]) + b"".join(encode_varint(v) for v in values)
     if flags & 2:
         body += bytes([len(name)]) + name + fps
@@ -196,11 +254,60 @@ def test_resigned_header_fields_parse_in_range_or_fail_cleanly(flags, level, mix
     else:
         assert (h.context, h.segment_tokens, h.lanes, h.block_size, h.level, h.mixer) == (*values, level, mixer)
         assert h.has_prompt == bool(flags & 1) and h.prompt_check == (pcheck if flags & 1 else bytes(8))
+        assert h.version == 3
         if flags & 2:
             assert (h.model_name.encode(), h.model_fingerprint + h.tokenizer_fingerprint) == (name, fps)
         else:
             assert (h.model_name, h.model_fingerprint, h.tokenizer_fingerprint) == ("", bytes(16), bytes(8))
-        assert h.pack() == blob[:len(h.pack())]  # one encoding per header
+
+
+@settings(max_examples=400, deadline=None)
+@given(flags=st.integers(0, 255), level=st.integers(0, 255), mixer=st.integers(0, 255),
+       values=st.lists(st.one_of(st.integers(0, 20000), st.just(64), st.just(4 << 20), st.integers(0, VARINT_MAX)),
+                       min_size=4, max_size=4),
+       model_id=st.integers(0, 3), name=st.binary(max_size=12), fp=st.binary(min_size=8, max_size=8),
+       pcheck=st.binary(min_size=8, max_size=8))
+def test_resigned_v4_header_fields_parse_in_range_or_fail_cleanly(flags, level, mixer, values, model_id, name, fp,
+                                                                  pcheck):
+    """Any value in any v4 header field, with a valid CRC: an in-range header that packs
+    back to the same bytes (one encoding per header), or a clean one-line refusal."""
+    context, seg, lanes, block = values
+    body = MAGIC + bytes([4, flags, level])
+    if level == 0:
+        body += bytes([mixer]) + encode_varint(context) + encode_varint(seg)
+    body += encode_varint(lanes) if flags & 8 else b""
+    body += encode_varint(block) if flags & 16 else b""
+    if flags & 2:
+        body += (bytes([model_id]) if flags & 4 else bytes([len(name)]) + name) + fp
+    body += pcheck if flags & 1 else b""
+    blob = _resigned_header(body)
+    try:
+        h = Reader(io.BytesIO(blob), len(blob)).header()
+    except UnsupportedFormatError as exc:
+        assert flags & 6 == 6 and model_id not in (1,) and "registered model" in str(exc)
+    except ArchiveError as exc:
+        assert "\n" not in str(exc)
+        if level and level <= 9:
+            context, seg, mixer = LEVELS[level].context, LEVELS[level].segment_tokens, LEVELS[level].mixer
+        lanes, block = (lanes if flags & 8 else 64), (block if flags & 16 else 4 << 20)
+        name_ok = not flags & 2 or flags & 4 or ((name or any(fp)) and _utf8(name))
+        assert (flags & ~31 or level > 9 or (flags & 4 and not flags & 2) or (flags & 8 and lanes == 64)
+                or (flags & 16 and block == 4 << 20) or mixer & ~MIXER_MASK
+                or not 16 <= context <= MAX_CONTEXT or not 1 <= seg <= 1 << 30
+                or not 1 <= lanes <= MAX_LANES or not 4096 <= block <= 64 << 20 or not name_ok)
+    else:
+        assert h.version == 4 and h.level == level and h.has_prompt == bool(flags & 1)
+        assert (h.lanes, h.block_size) == (lanes if flags & 8 else 64, block if flags & 16 else 4 << 20)
+        if level:
+            assert LEVELS[level] == Level(h.segment_tokens, h.context, h.mixer)
+        else:
+            assert (h.context, h.segment_tokens, h.mixer) == (context, seg, mixer)
+        assert h.prompt_check == (pcheck if flags & 1 else bytes(8))
+        assert h.model_fingerprint == (fp if flags & 2 else b"") and h.tokenizer_fingerprint == b""
+        if flags & 4:
+            assert h.model_name == "smollm2-135m"
+        if not (flags & 2 and not flags & 4 and name == b"smollm2-135m"):  # that name packs as its id
+            assert h.pack() == blob[:len(h.pack())]  # one encoding per header
 
 
 def _utf8(b: bytes) -> bool:
@@ -212,14 +319,25 @@ def _utf8(b: bytes) -> bool:
 
 
 def test_header_refuses_what_no_encoder_writes():
-    ok = MAGIC + bytes([3, 0, 0, 0]) + b"".join(encode_varint(v) for v in (32, 4, 2, 4096))
+    ok = MAGIC + bytes([4, 0, 0, 0]) + b"".join(encode_varint(v) for v in (32, 4))
     assert Reader(io.BytesIO(_resigned_header(ok))).header().level == 0
-    for body in (MAGIC + bytes([3, 4, 0, 0]) + ok[8:],                       # an unknown flag bit
-                 MAGIC + bytes([3, 0, 10, 0]) + ok[8:],                      # level 10
-                 MAGIC + bytes([3, 0, 0, 0x80]) + ok[8:],                    # an unknown mixer bit
-                 MAGIC + bytes([3, 2, 0, 0]) + ok[8:] + bytes(1 + 24),       # names a model, but none
+    for body in (MAGIC + bytes([4, 32, 0, 0]) + ok[8:],                      # an unknown flag bit
+                 MAGIC + bytes([4, 0, 10]),                                   # level 10
+                 MAGIC + bytes([4, 0, 0, 0x80]) + ok[8:],                    # an unknown mixer bit
+                 MAGIC + bytes([4, 2, 0, 0]) + ok[8:] + bytes(1 + 8),        # names a model, but none
+                 MAGIC + bytes([4, 4, 0, 0]) + ok[8:] + b"\x01",             # an id without a model
+                 MAGIC + bytes([4, 8, 0, 0]) + ok[8:] + encode_varint(64),   # the default lanes, stored
+                 MAGIC + bytes([4, 16, 0, 0]) + ok[8:] + encode_varint(4 << 20),  # the default block size
                  ok[:8] + b"\xa0\x00" + ok[9:],                               # non-minimal context (32 in 2 bytes)
                  ok[:8] + b"\xff" * 10 + b"\x01" + ok[9:]):                   # an 11-byte varint
+        with pytest.raises(CorruptArchiveError):
+            Reader(io.BytesIO(_resigned_header(body))).header()
+    with pytest.raises(UnsupportedFormatError, match="registered model #9"):
+        Reader(io.BytesIO(_resigned_header(MAGIC + bytes([4, 6, 6, 9]) + bytes(8)))).header()
+    v3 = v3_header(None, b"", None, 0, 0, (32, 4, 2, 4096))
+    assert Reader(io.BytesIO(_resigned_header(v3))).header().version == 3
+    for body in (v3[:5] + bytes([4]) + v3[6:],                                # an unknown v3 flag bit
+                 v3_header(b"", bytes(24), None, 0, 0, (32, 4, 2, 4096))):    # names a model, but none
         with pytest.raises(CorruptArchiveError):
             Reader(io.BytesIO(_resigned_header(body))).header()
 
@@ -420,7 +538,7 @@ def _lm_block_archive(header: Header, tokens: list[int], payload_lens: list[int]
 
 
 def _header(**kw) -> Header:
-    fields = dict(model_name="", model_fingerprint=bytes(16), tokenizer_fingerprint=bytes(8),
+    fields = dict(model_name="", model_fingerprint=b"", tokenizer_fingerprint=b"",
                   prompt_check=bytes(8), has_prompt=False, context=32, segment_tokens=4, lanes=2,
                   block_size=4096)
     fields.update(kw)

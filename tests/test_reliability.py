@@ -101,7 +101,7 @@ def parse(blob: bytes, pipe: bool = False):
 
 
 def stored_header(**kw) -> Header:
-    fields = dict(model_name="", model_fingerprint=bytes(16), tokenizer_fingerprint=bytes(8),
+    fields = dict(model_name="", model_fingerprint=b"", tokenizer_fingerprint=b"",
                   prompt_check=bytes(8), has_prompt=False, context=32, segment_tokens=24, lanes=2,
                   block_size=4096)
     fields.update(kw)
@@ -135,34 +135,30 @@ def signed_end(total: int, check: bytes, n_blocks: int) -> bytes:
     return body + struct.pack("<I", zlib.crc32(body))
 
 
-def signed_header(flags: int, level: int, params, name: bytes = b"", fingerprints: bytes = bytes(24),
-                  pcheck: bytes = bytes(8), mixer: int = 0) -> bytes:
-    """A v3 header with a valid CRC: ``params`` are the four varint fields (context, segment
-    tokens, lanes, block size), each an int or its raw bytes; the model fields are written when
-    flag bit 1 is set, the prompt check when bit 0 is."""
-    body = V + bytes([flags, level, mixer]) + b"".join(p if isinstance(p, bytes) else varint(p) for p in params)
+def signed_header(flags: int, level: int, params, name: bytes = b"", fingerprint: bytes = bytes(8),
+                  pcheck: bytes = bytes(8), mixer: int = 0, model_id: int = 1) -> bytes:
+    """A v4 header with a valid CRC, whatever its values: ``params`` are (context, segment
+    tokens, lanes, block size), each an int or its raw varint bytes.  Written as flags and
+    level say: mixer, context and segment tokens at level 0 only, lanes with flag bit 3,
+    block size with bit 4; with bit 1 the model (bit 2: ``model_id``, else ``name``) and
+    its ``fingerprint``; with bit 0 the prompt check."""
+    enc = [p if isinstance(p, bytes) else varint(p) for p in params]
+    body = V + bytes([flags, level])
+    if level == 0:
+        body += bytes([mixer]) + enc[0] + enc[1]
+    body += (enc[2] if flags & 8 else b"") + (enc[3] if flags & 16 else b"")
     if flags & 2:
-        body += bytes([len(name)]) + name + fingerprints
+        body += (bytes([model_id]) if flags & 4 else bytes([len(name)]) + name) + fingerprint
     if flags & 1:
         body += pcheck
     return body + struct.pack("<I", zlib.crc32(body))
 
 
 def header_fields(buf) -> dict[str, tuple[int, int]]:
-    """(start, end) of every field of the v3 header at the start of ``buf``."""
-    out = {"flags": (5, 6), "level": (6, 7), "mixer": (7, 8)}
-    pos = 8
-    for name in ("context", "segment_tokens", "lanes", "block_size"):
-        end = decode_varint(buf, pos)[1]
-        out[name], pos = (pos, end), end
-    if buf[5] & 2:
-        out["name"] = (pos, pos + 1 + buf[pos])
-        pos += 1 + buf[pos]
-        out["model_fingerprint"], out["tokenizer_fingerprint"] = (pos, pos + 16), (pos + 16, pos + 24)
-        pos += 24
-    if buf[5] & 1:
-        out["prompt_check"], pos = (pos, pos + 8), pos + 8
-    out["crc"] = (pos, pos + 4)
+    """(start, end) of every field of the v4 header at the start of ``buf`` (the campaign's map)."""
+    fields, crc = _load_campaign().v4_header_fields(bytes(buf))
+    out = {name: (start, end) for name, start, end, _ in fields}
+    out["crc"] = (crc, crc + 4)
     return out
 
 
@@ -219,12 +215,13 @@ varint_field = st.one_of(st.integers(0, 9000), st.integers(0, 2**32 - 1), st.int
 
 
 @HYPO
-@given(name=st.binary(max_size=40), fingerprints=st.binary(min_size=24, max_size=24),
+@given(name=st.binary(max_size=40), fingerprint=st.binary(min_size=8, max_size=8),
        params=st.lists(varint_field, min_size=4, max_size=4), flags=st.integers(0, 255), level=st.integers(0, 255),
-       pcheck=st.binary(min_size=8, max_size=8))
-def test_resigned_hostile_header_fields(name, fingerprints, params, flags, level, pcheck):
+       mixer=st.integers(0, 255), model_id=st.integers(0, 3), pcheck=st.binary(min_size=8, max_size=8))
+def test_resigned_hostile_header_fields(name, fingerprint, params, flags, level, mixer, model_id, pcheck):
     """Any header field value with a valid CRC: a clean refusal, or an in-range header."""
-    blob = signed_header(flags, level, params, name, fingerprints, pcheck) + signed_end(0, digest(b""), 0)
+    blob = (signed_header(flags, level, params, name, fingerprint, pcheck, mixer, model_id)
+            + signed_end(0, digest(b""), 0))
     try:
         header, blocks, end, _ = parse(blob)
     except ArchiveError as exc:
@@ -233,7 +230,8 @@ def test_resigned_hostile_header_fields(name, fingerprints, params, flags, level
         assert 16 <= header.context <= MAX_CONTEXT and 1 <= header.lanes <= MAX_LANES
         assert 1 <= header.segment_tokens <= 1 << 30 and 0 <= header.level <= 9
         assert 4096 <= header.block_size <= 64 << 20 and blocks == [] and end.total_len == 0
-        assert header.pack() == blob[:len(header.pack())]  # the one encoding of these values
+        if name != b"smollm2-135m" or flags & 4:  # that name is written as its id
+            assert header.pack() == blob[:len(header.pack())]  # the one encoding of these values
     out = decode_without_model(blob, b"p" if flags & 1 else None)
     assert out == b"" or isinstance(out, LMCodecError)
 
@@ -504,9 +502,9 @@ def test_resigned_fields_of_a_real_lm_archive(codec, tiny_lm, data):
     value = data.draw(st.one_of(st.integers(0, 40), st.integers(0, top)))
     assume(value != fields[name])
     v = {**fields, name: value}
-    head = signed_header(blob[5], v["level"], [v["context"], v["segment_tokens"], v["lanes"], v["block_size"]],
-                         h.model_name.encode(), h.model_fingerprint + h.tokenizer_fingerprint, h.prompt_check,
-                         v["mixer"])
+    flags = blob[5] & 7 | 8 * (v["lanes"] != 64) | 16 * (v["block_size"] != 4 << 20)
+    head = signed_header(flags, v["level"], [v["context"], v["segment_tokens"], v["lanes"], v["block_size"]],
+                         h.model_name.encode(), h.model_fingerprint, h.prompt_check, v["mixer"])
     buf = (head + signed_block(v["method"], v["raw_len"], blk.check, v["n_tokens"],
                                [(v["payload_len"], v["payload_crc"])], blk.payloads[0]) + end.pack())
     assert buf != blob
@@ -522,9 +520,10 @@ def test_real_lm_archive_rebuilds_from_its_fields(tiny_lm):
     """The rebuild above is faithful: unchanged fields give the archive back byte for byte."""
     _, blob = tiny_lm
     h, (blk,), end, _ = parse(blob)
-    assert blob[5] == 2 and header_fields(blob)["crc"][1] == len(h.pack())  # names the model, no prompt
-    head = signed_header(2, h.level, [h.context, h.segment_tokens, h.lanes, h.block_size], h.model_name.encode(),
-                         h.model_fingerprint + h.tokenizer_fingerprint, mixer=h.mixer)
+    # Names the registered model by its id, two lanes, no prompt.
+    assert blob[5] == 2 | 4 | 8 and header_fields(blob)["crc"][1] == len(h.pack())
+    head = signed_header(blob[5], h.level, [h.context, h.segment_tokens, h.lanes, h.block_size],
+                         fingerprint=h.model_fingerprint, mixer=h.mixer)
     assert head == h.pack()
     rebuilt = (head + signed_block(blk.method, blk.raw_len, blk.check, blk.n_tokens,
                                    [(blk.streams[0].payload_len, blk.streams[0].payload_crc)], blk.payloads[0])
@@ -588,38 +587,24 @@ def test_wrong_prompt_is_refused_before_the_model_and_after_the_header_only(code
 
 
 def test_wrong_model_fingerprint_is_named_before_the_model_runs(codec, prompted):
-    text, blob = prompted
-    buf = bytearray(blob)
-    f = header_fields(buf)
-    p, t = f["model_fingerprint"][0], f["tokenizer_fingerprint"][0]
-    expected = {(p,): r"wrong model: archive needs 'smollm2-135m' \(fingerprint [0-9a-f]{16}\), "
-                      r"got 'smollm2-135m' \(fingerprint [0-9a-f]{16}\)",
-                (p, t): r"wrong model: archive needs 'smollm2-135m' \(tokenizer [0-9a-f]{16}\), "
-                             r"'smollm2-135m' has tokenizer [0-9a-f]{16}"}
-    for offsets, message in expected.items():  # the model, then the model and its tokenizer
-        bad = bytearray(buf)
-        for off in offsets:
-            bad[off] ^= 0x01
-        resign_header(bad)
-        with model_must_not_run(codec), pytest.raises(ModelMismatchError, match=message):
-            codec.decompress(bytes(bad), prompt="the key")
-    # The model fingerprint covers the tokenizer table: when it matches, the tokenizer field
-    # (there for the message above) is not consulted, and the block digest vouches for the output.
-    bad = bytearray(buf)
-    bad[t] ^= 0x01
+    _, blob = prompted
+    bad = bytearray(blob)
+    bad[header_fields(bad)["model_fingerprint"][0]] ^= 0x01
     resign_header(bad)
-    assert codec.decompress(bytes(bad), prompt="the key") == text
+    with model_must_not_run(codec), pytest.raises(
+            ModelMismatchError, match=r"wrong model: archive needs 'smollm2-135m' \(fingerprint [0-9a-f]{16}\), "
+                                      r"got 'smollm2-135m' \(fingerprint [0-9a-f]{16}\)"):
+        codec.decompress(bytes(bad), prompt="the key")
 
 
 def test_unregistered_model_name_is_named(codec, prompted):
     _, blob = prompted
-    buf = bytearray(blob)
-    start, stop = header_fields(buf)["name"]
-    new = b"my-private-model"
-    buf[start:stop] = bytes([len(new)]) + new
-    resign_header(buf)
+    h = parse(blob)[0]
+    renamed = Header(**{**vars(h), "model_name": "my-private-model"}).pack()
+    assert renamed[5] & 4 == 0 and b"my-private-model" in renamed  # a name, not the registered id
+    buf = renamed + blob[len(h.pack()):]
     with pytest.raises(ModelMismatchError, match="'my-private-model'.*not registered"):
-        codec.decompress(bytes(buf), prompt="the key")
+        codec.decompress(buf, prompt="the key")
 
 
 # -- CLI faults in real subprocesses ---------------------------------------------------
