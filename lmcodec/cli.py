@@ -452,7 +452,7 @@ def info(ctx: Context, archive, as_json):
     doc = {
         "format_version": header.version, "model": header.model_name or None,
         "model_fingerprint": header.model_fingerprint.hex() or None,
-        "tokenizer_fingerprint": header.tokenizer_fingerprint.hex() or None,
+        **({"tokenizer_fingerprint": header.tokenizer_fingerprint.hex()} if header.tokenizer_fingerprint else {}),
         "prompt": header.has_prompt, "level": header.level or "custom",
         "online_models": MixerConfig(header.mixer).describe(), "context": header.context,
         "segment_tokens": header.segment_tokens, "lanes": header.lanes,
