@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import io
@@ -54,6 +55,7 @@ V = MAGIC + bytes([VERSION])  # the start of every archive this version writes
 HYPO = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
+@functools.cache  # header_fields maps headers with it: load the script once
 def _load_campaign():
     spec = importlib.util.spec_from_file_location("corruption_campaign", ROOT / "scripts" / "corruption_campaign.py")
     mod = importlib.util.module_from_spec(spec)
