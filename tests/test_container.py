@@ -132,24 +132,32 @@ def test_header_pack_parse_round_trip(header):
     assert blob[4] == VERSION == 4
 
 
+def v4_body(flags: int, level: int, mixer: int, values: tuple[int, int, int, int], name: bytes = b"",
+            model_id: int = 1, fp: bytes = b"", pcheck: bytes = b"") -> bytes:
+    """A v4 header as docs/FORMAT.md lays it out, whatever the values, without its CRC:
+    mixer, context and segment tokens at level 0 only, lanes with flag bit 3, block size
+    with bit 4; with bit 1 the model (bit 2: ``model_id``, else ``name``) and ``fp``;
+    with bit 0 ``pcheck``.  Written independently of Header.pack."""
+    context, seg, lanes, block = values
+    body = MAGIC + bytes([4, flags, level])
+    if level == 0:
+        body += bytes([mixer]) + ref_varint(context) + ref_varint(seg)
+    body += ref_varint(lanes) if flags & 8 else b""
+    body += ref_varint(block) if flags & 16 else b""
+    if flags & 2:
+        body += (bytes([model_id]) if flags & 4 else bytes([len(name)]) + name) + fp
+    return body + (pcheck if flags & 1 else b"")
+
+
 def v4_header(header: Header) -> bytes:
-    """The v4 layout of docs/FORMAT.md, written independently of Header.pack."""
+    """What an encoder writes for ``header``: the flags it sets, then :func:`v4_body` and the CRC."""
     named = bool(header.model_name) or any(header.model_fingerprint)
     registered = named and header.model_name == "smollm2-135m"
     flags = (header.has_prompt | 2 * named | 4 * registered | 8 * (header.lanes != 64)
              | 16 * (header.block_size != 4 << 20))
-    body = MAGIC + bytes([4, flags, header.level])
-    if header.level == 0:
-        body += bytes([header.mixer]) + ref_varint(header.context) + ref_varint(header.segment_tokens)
-    body += ref_varint(header.lanes) if header.lanes != 64 else b""
-    body += ref_varint(header.block_size) if header.block_size != 4 << 20 else b""
-    if registered:
-        body += b"\x01" + header.model_fingerprint
-    elif named:
-        name = header.model_name.encode()
-        body += bytes([len(name)]) + name + header.model_fingerprint
-    if header.has_prompt:
-        body += header.prompt_check
+    body = v4_body(flags, header.level, header.mixer,
+                   (header.context, header.segment_tokens, header.lanes, header.block_size),
+                   header.model_name.encode(), 1, header.model_fingerprint, header.prompt_check)
     return body + struct.pack("<I", zlib.crc32(body))
 
 
@@ -272,15 +280,7 @@ def test_resigned_v4_header_fields_parse_in_range_or_fail_cleanly(flags, level, 
     """Any value in any v4 header field, with a valid CRC: an in-range header that packs
     back to the same bytes (one encoding per header), or a clean one-line refusal."""
     context, seg, lanes, block = values
-    body = MAGIC + bytes([4, flags, level])
-    if level == 0:
-        body += bytes([mixer]) + encode_varint(context) + encode_varint(seg)
-    body += encode_varint(lanes) if flags & 8 else b""
-    body += encode_varint(block) if flags & 16 else b""
-    if flags & 2:
-        body += (bytes([model_id]) if flags & 4 else bytes([len(name)]) + name) + fp
-    body += pcheck if flags & 1 else b""
-    blob = _resigned_header(body)
+    blob = _resigned_header(v4_body(flags, level, mixer, values, name, model_id, fp, pcheck))
     try:
         h = Reader(io.BytesIO(blob), len(blob)).header()
     except UnsupportedFormatError as exc:
