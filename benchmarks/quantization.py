@@ -92,8 +92,8 @@ def engine_bits(codec, tok, windows) -> float:
     from lmcodec.frequencies import CodingTables
     from lmcodec.runner import score_ids
 
-    model, _, _ = codec._load(codec._model_arg)
-    engine = codec._engine(model, "cpu")
+    model, _, _ = codec.models.coding_model()
+    engine = codec.models.engine(model, "cpu")
     total = 0.0
     with torch.inference_mode():
         for ids, sym in windows:
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         path, data = read_file_arg(args)
         texts = [(str(path), data)]
     codec = lmcodec.Codec(args.model, device="cpu", threads=args.threads)
-    _, tok, _ = codec._load(args.model)
+    _, tok, _ = codec.models.load(args.model)
     loaded = models.load(args.model)
     windows = [w for _, data in texts for w in make_windows(tok, data, args.window)]
     nbytes = sum(len(d) for _, d in texts)

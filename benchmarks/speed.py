@@ -32,9 +32,9 @@ def plain_forward_tokens_per_s(codec, symbols, segment: int, batch: int) -> floa
     from lmcodec.engine import torch_threads
     from lmcodec.runner import score_ids
 
-    model, tok, _ = codec._load(codec._model_arg)
+    model, tok, _ = codec.models.coding_model()
     s = codec.settings.resolved()
-    engine = codec._engine(model, s.device)
+    engine = codec.models.engine(model, s.device)
     ids = torch.from_numpy(tok.model_inputs(symbols))
     n = (len(ids) // segment) * segment
     if n == 0:
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         settings["mixer"] = MixerConfig.parse(ap_mixer).mask
     codec = lmcodec.Codec(args.model, **settings)
     s = codec.settings.resolved()
-    _, tok, _ = codec._load(args.model)
+    _, tok, _ = codec.models.load(args.model)
     symbols = tok.encode(data)
     device = pick_device(args.device)
     if device == "cuda":

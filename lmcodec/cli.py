@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .codec import DEFAULT_LEVEL, Codec, Stats
+from .codec import DEFAULT_LEVEL, Codec, Counter, Stats
 from .container import End, Method, Reader
 from .errors import LMCodecError, UsageError
 from .fileio import Terminated, atomic_output, install_signal_handlers
@@ -307,7 +307,7 @@ def test_cmd(ctx: Context, archives, prompt, prompt_file, model, device, threads
         src, size = _open_input(name)
         bar = _progress_bar(ctx, None, f"test {name}")
         try:
-            n = _codec(model, bar.update, device=device, threads=threads).decompress_stream(src, _Discard(), key, size)
+            n = _codec(model, bar.update, device=device, threads=threads).decompress_stream(src, Counter(), key, size)
         finally:
             bar.close()
             src.close()
@@ -333,9 +333,9 @@ def selftest(ctx: Context, model, device, threads, as_json):
 
     codec = _codec(model, device=device, threads=threads)
     s = codec.settings.resolved()
-    int_model, tok, name = codec._load(model)
+    int_model, tok, name = codec.models.load(model)
     with torch_threads(s.threads):
-        res = st.run(codec._engine(int_model, s.device), tok)
+        res = st.run(codec.models.engine(int_model, s.device), tok)
     doc = {"model": name, "fingerprint": res.fingerprint, "device": s.device, "threads": s.threads,
            "tokens": res.tokens, "digest": res.digest, "golden": res.golden,
            "step_equals_pass": res.steps_agree, "ok": res.ok}
@@ -348,14 +348,6 @@ def selftest(ctx: Context, model, device, threads, as_json):
             click.echo("(no golden digest is recorded for this model: compare the digest across machines)")
     if not res.ok:
         _fail("this machine does not compute the exact engine's bits: its archives are not portable", 1)
-
-
-class _Discard(io.RawIOBase):
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b) -> int:
-        return len(b)
 
 
 @main.command()

@@ -550,7 +550,7 @@ class Reader:
             or not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE \
             or (flags & FLAG_MODEL and model_id is None and not (name or any(mfp) or any(tfp)))
         if invalid:
-            # The ranges an encoder can write (see Settings.resolved in codec.py); a header that
+            # The ranges an encoder can write (see Settings.resolved in settings.py); a header that
             # says it names a model names one (an encoder sets the flag exactly then).
             raise CorruptArchiveError("archive header has invalid parameters")
         if model_id is not None:

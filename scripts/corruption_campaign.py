@@ -27,7 +27,7 @@ message.  A wrong output, any other exception, or a case running past
 ``--timeout`` seconds is a failure (exit status 1).
 
 Decoding an LM archive runs the 135M model (tens of ms a step on a CPU), so
-the campaign counts how many cases reached the model (``Codec._engine``, where
+the campaign counts how many cases reached the model (``ModelCache.engine``, where
 an LM block's decoding starts running it): nearly all must be refused by the
 CRC and structure checks first.  Mutations that by construction can only be
 caught after the model ran (a re-signed block checksum, a token count the
@@ -450,20 +450,19 @@ def _alarm(signum, frame):
 def run_cases(codec: lmcodec.Codec, cases: list[Case], timeout: int = 120, log=None) -> dict:
     """Decode every case with ``codec``; count outcomes and the cases that reached the model.
 
-    An LM block's decoding asks ``codec._engine`` for the model's engine only after
+    An LM block's decoding asks ``codec.models.engine`` for the model's engine only after
     the structure checks, the token bound and the fingerprints: each such call is
     one model run, and the whole decode time of a case that made one counts as
     model time.
     """
     model = {"runs": 0, "seconds": 0.0}
-    original_engine = codec._engine
-    shadowed = "_engine" in vars(codec)
+    original_engine = codec.models.engine
 
     def counting_engine(*args, **kwargs):
         model["runs"] += 1
         return original_engine(*args, **kwargs)
 
-    codec._engine = counting_engine
+    codec.models.engine = counting_engine
     outcomes: Counter = Counter()
     by_kind: dict[str, Counter] = defaultdict(Counter)
     reached: Counter = Counter()
@@ -504,10 +503,7 @@ def run_cases(codec: lmcodec.Codec, cases: list[Case], timeout: int = 120, log=N
                     f"{model['runs']} model runs")
     finally:
         signal.signal(signal.SIGALRM, old_handler)
-        if shadowed:
-            codec._engine = original_engine
-        else:
-            del codec._engine
+        del codec.models.engine   # the instance attribute shadowing the method
     bad = sum(v for k, v in outcomes.items()
               if k in ("wrong-output", "hang", "bad-message") or k.startswith("crash:"))
     return dict(total=len(cases), outcomes=dict(sorted(outcomes.items())),

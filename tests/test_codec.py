@@ -321,7 +321,7 @@ def test_huge_prompt_costs_only_its_tail(codec):
     assert codec.decompress(blob, prompt=big) == TEXT
     with pytest.raises(PromptMismatchError):
         codec.decompress(blob, prompt=b"X" + big[1:])
-    assert all(len(p) <= FAST["context"] // 2 for p in codec._prefixes.values())
+    assert all(len(p) <= FAST["context"] // 2 for p in codec.models._prefixes.values())
 
 
 def test_forged_token_count_is_refused_before_the_model_runs(codec):

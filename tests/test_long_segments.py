@@ -117,9 +117,9 @@ def test_segment_rows_stream_what_the_pass_computes(short, monkeypatch):
 def test_codec_round_trip_past_the_trained_positions(short_model_dir, lanes, eager_rows, monkeypatch):
     """One segment of a whole block (as levels 8 and 9 do), online models on, a prompt too;
     the encoder scoring segments at once or streaming them chunk by chunk."""
-    from lmcodec import codec as codec_module
+    from lmcodec import encoder as encoder_module
 
-    monkeypatch.setattr(codec_module, "EAGER_ROWS", eager_rows)
+    monkeypatch.setattr(encoder_module, "EAGER_ROWS", eager_rows)
     monkeypatch.setattr(runner, "SCORE_CHUNK", 7)
     data = TEXT * 2
     c = Codec(short_model_dir, method="lm", segment_tokens=70, context=16, lanes=lanes, threads=2, mixer=ALL)

@@ -185,13 +185,13 @@ class ReachedModel(BaseException):
 def decode_without_model(blob: bytes, prompt=None):
     """Codec.decompress, but reaching the model is a test failure (it must be refused before).
 
-    ``Codec._engine`` is where an LM block's decoding starts running the model:
+    ``ModelCache.engine`` is where an LM block's decoding starts running the model:
     after the structure checks, the token bound and the model fingerprints.
     """
     def refuse(*a, **k):
         raise ReachedModel()
 
-    _NO_MODEL._engine = refuse
+    _NO_MODEL.models.engine = refuse
     try:
         return _NO_MODEL.decompress(blob, prompt)
     except LMCodecError as exc:
@@ -562,17 +562,17 @@ def prompted(codec):
 def model_must_not_run(codec):
     """Fail the test if ``codec`` runs the model inside the block."""
     calls = []
-    original = codec._engine
+    original = codec.models.engine
 
     def engine(*a, **k):  # every LM block's decoding gets its engine here, before the model runs
         calls.append(1)
         return original(*a, **k)
 
-    codec._engine = engine
+    codec.models.engine = engine
     try:
         yield
     finally:
-        vars(codec).pop("_engine", None)
+        vars(codec.models).pop("engine", None)
     assert calls == [], "the model ran"
 
 

@@ -1,0 +1,89 @@
+"""Who runs the block work: this process, or workers elsewhere (:mod:`lmcodec.cluster`).
+
+An archive is a sequence of independent blocks, and the exact engine gives
+every worker the same bits whatever its hardware, so the driver
+(:mod:`lmcodec.archive`) hands blocks to an :class:`Executor` and writes the
+results in order.  A job is a small picklable object -- settings, prompt,
+model argument, header -- called as ``job(models, item, progress)`` where the
+worker keeps its models loaded (:class:`~lmcodec.modelcache.ModelCache`);
+blocks travel as bytes, never as paths.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from .container import Block, Header
+from .decoder import BlockDecoder
+from .encoder import BlockEncoder, EncodedBlock
+from .modelcache import ModelCache
+from .progress import Progress
+from .settings import Settings
+
+
+@dataclass(frozen=True)
+class EncodeJob:
+    """Encode one block's raw bytes (``settings`` resolved; ``model`` the user's model argument)."""
+
+    settings: Settings
+    prompt: bytes | None
+    model: str | None
+
+    def __call__(self, models: ModelCache, raw: bytes, progress: Progress) -> EncodedBlock:
+        return BlockEncoder(models, self.settings, self.prompt).encode(raw, progress)
+
+    @staticmethod
+    def weight(raw: bytes) -> int:
+        """Input bytes the item stands for (progress of a remote result)."""
+        return len(raw)
+
+
+@dataclass(frozen=True)
+class DecodeJob:
+    """Decode a group of consecutive blocks of one archive into their checked bytes."""
+
+    settings: Settings
+    header: Header
+    prompt: bytes | None
+    model: str | None
+
+    def __call__(self, models: ModelCache, blocks: list[Block], progress: Progress) -> list[bytes]:
+        return BlockDecoder(models, self.settings, self.header, self.prompt).decode(blocks, progress)
+
+    @staticmethod
+    def weight(blocks: list[Block]) -> int:
+        return sum(b.raw_len for b in blocks)
+
+
+class Executor(ABC):
+    """Runs a job over items and yields the results in the items' order."""
+
+    @abstractmethod
+    def map(self, job, items: Iterable, progress: Progress) -> Iterator:
+        """``job(models, item, progress)`` for each item, results in order; items are pulled
+        lazily, so the input is never held whole (at most the executor's in-flight bound)."""
+
+    def check(self) -> None:
+        """Raise an :class:`~lmcodec.errors.LMCodecError` if a worker cannot be trusted."""
+
+    def close(self) -> None:
+        """Release the workers."""
+
+    def __enter__(self) -> "Executor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class InProcessExecutor(Executor):
+    """The default: one item at a time in this process, with this process's models."""
+
+    def __init__(self, models: ModelCache):
+        self.models = models
+
+    def map(self, job, items: Iterable, progress: Progress) -> Iterator:
+        for item in items:
+            yield job(self.models, item, progress)

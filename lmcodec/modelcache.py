@@ -1,0 +1,109 @@
+"""Loaded models, their engines and prompt prefixes, kept for many coding calls.
+
+Loading a model costs seconds, so the encoder, the decoder and the public
+facade share one :class:`ModelCache`; a cluster worker holds its own.
+"""
+
+from __future__ import annotations
+
+import os
+
+from . import models
+from .container import Header, prompt_check
+from .engine import Engine, kv_bytes
+from .errors import ModelMismatchError, ResourceLimitError
+from .quantize import IntModel, load_int_model
+from .settings import max_kv_bytes
+from .tokens import ByteTokenizer
+
+#: Bytes of the prompt's tail tokenized per token of prefix kept (a token is
+#: rarely over 16 bytes), bounding the work a huge prompt causes.
+PROMPT_TAIL_BYTES_PER_TOKEN = 16
+
+ModelSpec = str | os.PathLike | None
+
+
+class ModelCache:
+    """Models by argument, engines by (fingerprint, device), prefixes by prompt.
+
+    ``model``: the registry name, GGUF path or HF directory given by the user
+    (``None``: the default model to compress with, the archive's registered
+    model to decompress with).
+    """
+
+    def __init__(self, model: ModelSpec = None):
+        self.model_arg = model
+        self._models: dict[str, tuple[IntModel, ByteTokenizer, str]] = {}
+        self._engines: dict[tuple, Engine] = {}
+        self._prefixes: dict[tuple, list[int]] = {}
+        #: Set to a dict to keep segments' hidden rows between calls (benchmarks).
+        self.score_memo: dict | None = None
+
+    def load(self, spec: ModelSpec = None) -> tuple[IntModel, ByteTokenizer, str]:
+        """(integer model, tokenizer, display name) of a model argument, loaded once."""
+        key = str(spec) if spec is not None else models.DEFAULT_MODEL
+        if key not in self._models:
+            m = models.load(spec)
+            tok = ByteTokenizer(m.tokenizer, m.arch.vocab_size)
+            self._models[key] = (load_int_model(m, tok.fingerprint), tok, m.name)
+        return self._models[key]
+
+    def coding_model(self) -> tuple[IntModel, ByteTokenizer, str]:
+        """The model this cache compresses with (the user's argument or the default)."""
+        return self.load(self.model_arg)
+
+    def engine(self, model: IntModel, device: str) -> Engine:
+        """The engine of ``model`` on ``device``, built once (where an LM block starts running the model)."""
+        key = (model.fingerprint, device)
+        if key not in self._engines:
+            self._engines[key] = Engine(model, device)
+        return self._engines[key]
+
+    def model_for(self, header: Header) -> tuple[IntModel, ByteTokenizer]:
+        """The model an archive needs: the user's, checked against the header, or its registered one."""
+        spec = self.model_arg
+        if spec is None:
+            if header.model_name not in models.REGISTRY:
+                raise ModelMismatchError(
+                    f"archive was made with model {header.model_name!r} "
+                    f"(fingerprint {header.model_fingerprint.hex()[:16]}), which is not registered; "
+                    "pass it with --model PATH")
+            spec = header.model_name
+        model, tok, name = self.load(spec)
+        stored = header.model_fingerprint   # v4: its first 8 bytes; v3: all 16
+        if model.fingerprint[:len(stored)] != stored:
+            tfp = header.tokenizer_fingerprint  # v3 only: names a tokenizer mismatch
+            if tfp and tok.fingerprint[:len(tfp)] != tfp:
+                raise ModelMismatchError(
+                    f"wrong model: archive needs {header.model_name!r} (tokenizer "
+                    f"{tfp.hex()[:16]}), {name!r} has tokenizer {tok.fingerprint.hex()[:16]}")
+            raise ModelMismatchError(
+                f"wrong model: archive needs {header.model_name!r} "
+                f"(fingerprint {stored.hex()[:16]}), "
+                f"got {name!r} (fingerprint {model.fingerprint.hex()[:16]})")
+        return model, tok
+
+    def prefix(self, tok: ByteTokenizer, prompt: bytes | None, context: int) -> list[int]:
+        """Start token + the prompt's last tokens (at most half the context).
+
+        Only the prompt's last ``PROMPT_TAIL_BYTES_PER_TOKEN * keep`` bytes are
+        tokenized (both sides do the same), so a 100 MB prompt costs what a
+        short one does; the whole prompt is still hashed for the prompt check.
+        """
+        if not prompt:
+            return [tok.start_token]
+        key = (tok.fingerprint, prompt_check(prompt), len(prompt), context)
+        if key not in self._prefixes:
+            keep = context // 2 - 1
+            tail = prompt[-PROMPT_TAIL_BYTES_PER_TOKEN * keep:]
+            self._prefixes[key] = [tok.start_token] + tok.model_inputs(tok.encode(tail)).tolist()[-keep:]
+        return self._prefixes[key]
+
+
+def check_memory(model: IntModel, rows: int, slots: int) -> None:
+    """Refuse a KV cache over :func:`lmcodec.settings.max_kv_bytes` before allocating it."""
+    need = kv_bytes(model.arch, rows, slots)
+    if need > max_kv_bytes():
+        raise ResourceLimitError(
+            f"coding needs {need / 2**30:.1f} GiB of KV cache ({rows} rows x {slots} slots), over the "
+            f"{max_kv_bytes() / 2**30:.1f} GiB limit (LMCODEC_MAX_KV_GIB)")
