@@ -17,9 +17,11 @@ Formats (``F`` = fractional bits; "row" = one token):
 * KV cache: int8 per (token, head) with the head's max magnitude (int32);
 * logits: int64 ``lam`` with a per-row exponent (real logit = lam * 2^exp).
 
-The :class:`Engine` is device-agnostic; :mod:`lmcodec.kernels` holds the
-attention kernel, and :mod:`lmcodec.reference` the plain reference it is
-tested against.
+The :class:`Engine` is device-agnostic: it runs the integer steps of a backend
+module chosen explicitly by device (:func:`backend`): :mod:`lmcodec.ops_cpu`
+(numba) on CPU, :mod:`lmcodec.ops_triton` (Triton kernels) on CUDA,
+:mod:`lmcodec.ops_torch` (tensor operations) elsewhere; all three are tested
+bit-equal to the plain reference :mod:`lmcodec.reference`.
 """
 
 from __future__ import annotations
@@ -131,7 +133,7 @@ def gemm_kind() -> str:
 
 
 def backend(device: torch.device):
-    """The integer steps for ``device``: fused numba kernels on CPU, tensor operations elsewhere."""
+    """The integer steps for ``device``: numba kernels on CPU, Triton kernels on CUDA, tensor operations elsewhere."""
     return _backend(device.type)
 
 
@@ -140,6 +142,9 @@ def _backend(kind: str):
     if kind == "cpu":
         from . import ops_cpu  # numba loads only where the CPU path runs
         return ops_cpu
+    if kind == "cuda":
+        from . import ops_triton  # triton loads only where the CUDA path runs
+        return ops_triton
     return ops_torch
 
 
