@@ -4,7 +4,8 @@
 at a time.  Here the real default model runs through the engine in every way
 the codec uses it -- one parallel pass (also in chunks over a sliding cache),
 step by step, batch 1 and batch 3, the rows in another order, 1 and 2
-threads, the numba kernels and the tensor-operation backend (the CUDA path) --
+threads, the numba kernels, the tensor-operation backend and, on a CUDA
+machine, the Triton kernels --
 and every logit and every coding frequency must equal the reference's.
 """
 
@@ -48,9 +49,21 @@ def reference(int_model, case):
     return lam[first:], exp[first:]
 
 
+#: Backends: numba kernels and tensor operations on CPU; the Triton kernels on CUDA only (on CPU
+#: tests/test_ops_triton.py runs them under the interpreter, on a tiny model).
+OPS = ["cpu", "torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the Triton backend runs on CUDA (on CPU: tests/test_ops_triton.py)"))]
+
+
+def make_engine(int_model, ops: str) -> Engine:
+    if ops == "triton":
+        return Engine(int_model, "cuda")          # engine._backend("cuda") is lmcodec.ops_triton
+    return Engine(int_model, "cpu", ops=None if ops == "cpu" else ops_torch)
+
+
 def engine_logits(engine, h, e):
     lg = engine.logits(h, e)
-    return lg.lam.numpy(), lg.exp.numpy().reshape(-1)
+    return lg.lam.cpu().numpy(), lg.exp.cpu().numpy().reshape(-1)
 
 
 def assert_equal_to_reference(engine, h, e, reference, symbols, alphabet):
@@ -61,6 +74,7 @@ def assert_equal_to_reference(engine, h, e, reference, symbols, alphabet):
     weights = engine.weights(h, e, alphabet)
     # The coding path takes the gaps (Engine.gaps) and builds the weights itself (mixing.py).
     assert torch.equal(weights, ops_torch.weights_from_gaps(engine.gaps(h, e), alphabet, weights.shape[2]))
+    weights = weights.cpu()
     tables = CodingTables(weights, alphabet)
     s1 = tables.stage1()
     b, _ = tables.split(symbols)
@@ -74,11 +88,11 @@ def assert_equal_to_reference(engine, h, e, reference, symbols, alphabet):
             assert np.array_equal(rows[i], r2[bucket])
 
 
-@pytest.mark.parametrize("ops", ["cpu", "torch"])
+@pytest.mark.parametrize("ops", OPS)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_parallel_pass_equals_reference(int_model, tokenizer, case, reference, ops, threads, monkeypatch):
     prefix, symbols, inputs = case
-    engine = Engine(int_model, "cpu", ops=None if ops == "cpu" else ops_torch)
+    engine = make_engine(int_model, ops)
     # Chunks of 4 positions: the pass also slides its cache the way long segments do.
     monkeypatch.setattr(runner, "SCORE_CHUNK", 4)
     with torch_threads(threads), torch.inference_mode():
@@ -87,12 +101,12 @@ def test_parallel_pass_equals_reference(int_model, tokenizer, case, reference, o
     assert_equal_to_reference(engine, h, e, reference, symbols, tokenizer.alphabet_size)
 
 
-@pytest.mark.parametrize("ops", ["cpu", "torch"])
+@pytest.mark.parametrize("ops", OPS)
 @pytest.mark.parametrize("row", [0, 2])
 def test_steps_in_a_batch_equal_reference(int_model, tokenizer, case, reference, ops, row):
     """Step by step, our sequence in row ``row`` of 3 (the others are other texts)."""
     prefix, symbols, inputs = case
-    engine = Engine(int_model, "cpu", ops=None if ops == "cpu" else ops_torch)
+    engine = make_engine(int_model, ops)
     rng = np.random.default_rng(row)
     n = len(symbols)
     hs, es = [], []
