@@ -284,16 +284,17 @@ def residual_add(x: torch.Tensor, y: torch.Tensor, mult: torch.Tensor, shift: in
 def _qkv_kernel(y_ptr, mult_ptr, bias_ptr, exp_ptr, cos_ptr, sin_ptr, slots_ptr, kt_ptr, kmax_ptr, vc_ptr,
                 vmax_ptr, q_ptr, qe_ptr, n_rows, n_t, shift, nh, nkv, hd,
                 skt_r, skt_h, skt_d, skm_r, skm_h, svc_r, svc_h, svc_s, svm_r, svm_h,
-                HAS_BIAS: tl.constexpr, HALF: tl.constexpr):
-    """One head vector of one row: requantize, bias, clamp; RoPE (q, k); int16 query or int8 cache write."""
+                HAS_BIAS: tl.constexpr, HEADS: tl.constexpr, HALF: tl.constexpr):
+    """Every head vector of one row, a head per tile row (first halves | second halves):
+    requantize, bias, clamp; RoPE (q, k); the int16 queries and the int8 cache write."""
     row = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
+    hh = tl.arange(0, HEADS)[:, None]                        # q heads, then k heads, then v heads
+    d = tl.arange(0, HALF)[None, :]
     half = hd // 2
     n_cols = (nh + 2 * nkv) * hd
-    d = tl.arange(0, HALF)
-    mask = d < half
+    mask = (hh < nh + 2 * nkv) & (d < half)
     c = shift - tl.load(exp_ptr + row) - _ACT_FRAC
-    col1 = head * hd + d
+    col1 = hh * hd + d
     col2 = col1 + half
     x1 = _requant(_combine(y_ptr, n_rows, n_cols, row, col1, mask), tl.load(mult_ptr + col1, mask=mask, other=0), c)
     x2 = _requant(_combine(y_ptr, n_rows, n_cols, row, col2, mask), tl.load(mult_ptr + col2, mask=mask, other=0), c)
@@ -304,38 +305,36 @@ def _qkv_kernel(y_ptr, mult_ptr, bias_ptr, exp_ptr, cos_ptr, sin_ptr, slots_ptr,
     x2 = tl.minimum(tl.maximum(x2, -_QKV_LIMIT), _QKV_LIMIT)
     t = row % n_t
     b = row // n_t
-    if head < nh + nkv:                                      # q and k heads: RoPE at the row's position
-        cs = tl.load(cos_ptr + t * half + d, mask=mask, other=0)
-        sn = tl.load(sin_ptr + t * half + d, mask=mask, other=0)
-        r1 = tl.minimum(tl.maximum((x1 * cs - x2 * sn + _ROPE_HALF) >> _ROPE_BITS, -_QKV_LIMIT), _QKV_LIMIT)
-        r2 = tl.minimum(tl.maximum((x2 * cs + x1 * sn + _ROPE_HALF) >> _ROPE_BITS, -_QKV_LIMIT), _QKV_LIMIT)
-    else:
-        r1 = x1
-        r2 = x2
-    mx = tl.maximum(tl.max(tl.abs(r1)), tl.max(tl.abs(r2)))
-    if head < nh:                                            # query: int16 with its own exponent
-        s = _fit(mx, _Q_MAX)
-        base = q_ptr + (row * nh + head) * hd
-        tl.store(base + d, _rshift(r1, s).to(tl.int16), mask=mask)
-        tl.store(base + half + d, _rshift(r2, s).to(tl.int16), mask=mask)
-        tl.store(qe_ptr + row * nh + head, s)
-    else:                                                    # key or value: int8 = floor((254 v + M) / 2M)
-        safe = tl.maximum(mx, 1)
-        k1 = _floor_div(r1 * (2 * _KV_MAX) + safe, 2 * safe).to(tl.int8)
-        k2 = _floor_div(r2 * (2 * _KV_MAX) + safe, 2 * safe).to(tl.int8)
-        slot = tl.load(slots_ptr + t)
-        if head < nh + nkv:
-            hk = head - nh
-            base = kt_ptr + b * skt_r + hk * skt_h + slot
-            tl.store(base + d * skt_d, k1, mask=mask)
-            tl.store(base + (half + d) * skt_d, k2, mask=mask)
-            tl.store(kmax_ptr + b * skm_r + hk * skm_h + slot, mx.to(tl.int32))
-        else:
-            hv = head - nh - nkv
-            base = vc_ptr + b * svc_r + hv * svc_h + slot * svc_s
-            tl.store(base + d, k1, mask=mask)
-            tl.store(base + half + d, k2, mask=mask)
-            tl.store(vmax_ptr + b * svm_r + hv * svm_h + slot, mx.to(tl.int32))
+    cs = tl.load(cos_ptr + t * half + d, mask=d < half, other=0)
+    sn = tl.load(sin_ptr + t * half + d, mask=d < half, other=0)
+    roped = hh < nh + nkv                                    # RoPE on q and k heads at the row's position
+    r1 = tl.where(roped, tl.minimum(tl.maximum((x1 * cs - x2 * sn + _ROPE_HALF) >> _ROPE_BITS, -_QKV_LIMIT),
+                                    _QKV_LIMIT), x1)
+    r2 = tl.where(roped, tl.minimum(tl.maximum((x2 * cs + x1 * sn + _ROPE_HALF) >> _ROPE_BITS, -_QKV_LIMIT),
+                                    _QKV_LIMIT), x2)
+    mx = tl.maximum(tl.max(tl.abs(r1), axis=1), tl.max(tl.abs(r2), axis=1))[:, None]
+    # Queries: int16 with an exponent per head.
+    s = _fit(mx, _Q_MAX)
+    is_q = hh < nh
+    q_at = q_ptr + (row * nh + hh) * hd + d
+    tl.store(q_at, _rshift(r1, s).to(tl.int16), mask=mask & is_q)
+    tl.store(q_at + half, _rshift(r2, s).to(tl.int16), mask=mask & is_q)
+    tl.store(qe_ptr + row * nh + hh, s, mask=is_q)
+    # Keys and values: int8 = floor((254 v + M) / 2M) with M = max(max|v|, 1), and max|v|.
+    safe = tl.maximum(mx, 1)
+    v1 = _floor_div(r1 * (2 * _KV_MAX) + safe, 2 * safe).to(tl.int8)
+    v2 = _floor_div(r2 * (2 * _KV_MAX) + safe, 2 * safe).to(tl.int8)
+    slot = tl.load(slots_ptr + t)
+    is_k = (hh >= nh) & roped
+    k_at = kt_ptr + b * skt_r + (hh - nh) * skt_h + slot
+    tl.store(k_at + d * skt_d, v1, mask=mask & is_k)
+    tl.store(k_at + (half + d) * skt_d, v2, mask=mask & is_k)
+    tl.store(kmax_ptr + b * skm_r + (hh - nh) * skm_h + slot, mx.to(tl.int32), mask=is_k)
+    is_v = (hh >= nh + nkv) & (hh < nh + 2 * nkv)
+    v_at = vc_ptr + b * svc_r + (hh - nh - nkv) * svc_h + slot * svc_s + d
+    tl.store(v_at, v1, mask=mask & is_v)
+    tl.store(v_at + half, v2, mask=mask & is_v)
+    tl.store(vmax_ptr + b * svm_r + (hh - nh - nkv) * svm_h + slot, mx.to(tl.int32), mask=is_v)
 
 
 def qkv(y, mult, shift, bias, exp, cos, sin, B, T, nh, nkv, hd, kt, kmax, vc, vmax, slots):
@@ -355,12 +354,12 @@ def qkv(y, mult, shift, bias, exp, cos, sin, B, T, nh, nkv, hd, kt, kmax, vc, vm
     q16 = torch.empty((m, nh, hd), dtype=torch.int16, device=y.device)
     qe = torch.empty((m, nh), dtype=torch.int64, device=y.device)
     if m:
-        _qkv_kernel[(m, nh + 2 * nkv)](
+        _qkv_kernel[(m,)](
             y.contiguous(), mult.contiguous(), mult if bias is None else bias.contiguous(), exp.contiguous(),
             cos.contiguous(), sin.contiguous(), slots.contiguous(), kt, kmax, vc, vmax, q16, qe, m, T, shift,
             nh, nkv, hd, kt.stride(0), kt.stride(1), kt.stride(2), kmax.stride(0), kmax.stride(1),
             vc.stride(0), vc.stride(1), vc.stride(2), vmax.stride(0), vmax.stride(1),
-            HAS_BIAS=bias is not None, HALF=triton.next_power_of_2(hd // 2))
+            HAS_BIAS=bias is not None, HEADS=triton.next_power_of_2(nh + 2 * nkv), HALF=triton.next_power_of_2(hd // 2))
     return q16, qe
 
 
