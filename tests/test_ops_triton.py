@@ -37,18 +37,19 @@ pytest.importorskip("triton", reason="triton is not installed here (Linux x86-64
 
 from lmcodec import fixedmath, ops_torch, runner  # noqa: E402
 from lmcodec import ops_triton as TRITON  # noqa: E402
+from lmcodec import triton_int  # noqa: E402
 from lmcodec.engine import Engine, _backend, int_mm  # noqa: E402
 from lmcodec.spec import (ACT_MAX, ATT_D_CAP, MLP_LIMIT, OUT_D_CAP, OUT_U_CAP, Q_MAX, QKV_LIMIT,  # noqa: E402
                           RESID_LIMIT)
 
 OPS = "split norm operand residual_add qkv mlp attend gaps".split()
 #: The default tiles and a second set: 32-wide row tiles (several per row here) and 32-key attention tiles.
-CONFIGS = [TRITON.Blocks(), TRITON.Blocks(cols=32, keys=32)]
+CONFIGS = [triton_int.Blocks(), triton_int.Blocks(cols=32, keys=32)]
 
 
 @pytest.fixture(params=CONFIGS, ids=["default-tiles", "small-tiles"])
 def ot(request, monkeypatch):
-    monkeypatch.setattr(TRITON, "BLOCKS", request.param)
+    monkeypatch.setattr(triton_int, "BLOCKS", request.param)
     return OnDevice(TRITON)
 
 
@@ -88,11 +89,16 @@ def test_the_module_is_the_cuda_backend_with_the_torch_op_set():
     assert all(callable(getattr(ops_torch, name)) for name in OPS)
 
 
-def test_the_cpu_path_never_imports_triton():
-    code = ("import sys, lmcodec, lmcodec.engine as e, lmcodec.runner\n"
-            "e._backend('cpu')\n"
-            "assert 'triton' not in sys.modules, 'triton imported'\n")
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+def test_kernels_compile_for_the_gpu_and_the_cpu_path_never_imports_triton():
+    """In a fresh process (no interpreter): the engine's CPU path leaves triton unimported, and every
+    kernel compiles for sm_90 with its products on int8 tensor cores (tests/compile_triton_kernels.py)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "compile_triton_kernels.py")
+    out = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert len(lines) == 8 and all("compiled for sm_90" in line for line in lines)
+    assert "mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32" in lines[-1]   # attend: int8 MMAs
 
 
 def test_split(ot):
