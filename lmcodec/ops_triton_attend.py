@@ -19,46 +19,55 @@ from .triton_int import (ATT_D_CAP, ATT_PRESHIFT, ATT_P_SHIFT, ATT_SHIFT, ATT_U_
 
 
 @triton.jit
-def _scores(q_hi, q_lo, k_base, km_base, skd, j0, lo, hi, hd, HD_PAD: tl.constexpr, BLOCK_S: tl.constexpr):
-    """z = (q16 . k8) * kmax for the keys j0 .. j0 + BLOCK_S of [lo, hi): [heads, keys] int64.
+def _scores(q_parts, k_base, km_base, skd, j0, lo, hi, hd, GROUP: tl.constexpr, PARTS: tl.constexpr,
+            HD_PAD: tl.constexpr, BLOCK_S: tl.constexpr):
+    """z = (q16 . k8) * kmax for the keys j0 .. j0 + BLOCK_S of [lo, hi): [GROUP, BLOCK_S] int64.
 
-    q16 = 256 hi + lo + 128 with hi = q16 >> 8 and lo = (q16 & 255) - 128, both in
-    [-128, 127] for every int16, so s = 256 (hi . k) + (lo . k) + 128 sum(k): two
-    int8 MMAs with exact int32 sums (|hi . k| <= 256 * 128 * 127 < 2^22) and
-    |s| < 2^31 (docs/ENGINE.md).
+    One int8 MMA: ``q_parts`` stacks the group's queries as PARTS blocks of rows
+    (hi, lo, then zeros up to NVIDIA's 16 rows), with q16 = 256 hi + lo + 128,
+    hi = q16 >> 8 and lo = (q16 & 255) - 128 in [-128, 127] for every int16; so
+    s = 256 (hi . k) + (lo . k) + 128 sum(k), every int32 sum exact
+    (|hi . k| <= 256 * 128 * 127 < 2^22) and |s| < 2^31 (docs/ENGINE.md).
     """
     j = j0 + tl.arange(0, BLOCK_S)
     valid = (j >= lo) & (j < hi)
     d = tl.arange(0, HD_PAD)
     k = tl.load(k_base + d[:, None] * skd + j[None, :], mask=(d[:, None] < hd) & valid[None, :], other=0)
-    ksum = tl.sum(k.to(tl.int32), axis=0)
-    s = (tl.dot(q_hi, k, out_dtype=tl.int32) << 8) + tl.dot(q_lo, k, out_dtype=tl.int32) + (ksum << 7)[None, :]
+    y = tl.reshape(tl.dot(q_parts, k, out_dtype=tl.int32), (PARTS, GROUP, BLOCK_S))
+    part = tl.arange(0, PARTS)[:, None, None]
+    s = tl.sum(tl.where(part == 0, y << 8, tl.where(part == 1, y, 0)), axis=0)
+    s += (tl.sum(k.to(tl.int32), axis=0) << 7)[None, :]
     z = s.to(tl.int64) * tl.load(km_base + j, mask=valid, other=0).to(tl.int64)[None, :]
     return z, j, valid
 
 
 @triton.jit
-def _max_score(zmax, q_hi, q_lo, k_base, km_base, skd, lo, hi, hd, HD_PAD: tl.constexpr, BLOCK_S: tl.constexpr):
+def _max_score(zmax, q_parts, k_base, km_base, skd, lo, hi, hd, GROUP: tl.constexpr, PARTS: tl.constexpr,
+               HD_PAD: tl.constexpr, BLOCK_S: tl.constexpr):
     """Pass 1 over the keys [lo, hi): the running max of z per head."""
     for j0 in range(lo, hi, BLOCK_S):
-        z, j, valid = _scores(q_hi, q_lo, k_base, km_base, skd, j0, lo, hi, hd, HD_PAD, BLOCK_S)
+        z, j, valid = _scores(q_parts, k_base, km_base, skd, j0, lo, hi, hd, GROUP, PARTS, HD_PAD, BLOCK_S)
         zmax = tl.maximum(zmax, tl.max(tl.where(valid[None, :], z, NO_KEY), axis=1))
     return zmax
 
 
 @triton.jit
-def _value_sums(tot, acc, zmax, sh, q_hi, q_lo, k_base, km_base, skd, v_base, vm_base, svs, exp2_ptr, lc,
-                lo, hi, hd, HD_PAD: tl.constexpr, BLOCK_S: tl.constexpr):
+def _value_sums(tot, acc, zmax, sh, q_parts, k_base, km_base, skd, v_base, vm_base, svs, exp2_ptr, lc,
+                lo, hi, hd, GROUP: tl.constexpr, PARTS: tl.constexpr, BYTES: tl.constexpr,
+                HD_PAD: tl.constexpr, BLOCK_S: tl.constexpr):
     """Pass 2 over the keys [lo, hi): p per key (the fixed-point softmax), tot += sum p, acc += sum p vmax v8.
 
-    w = p * vmax is in [0, 2^40) (p <= 2^16, vmax < 2^24), so w = sum_k 256^k (byte_k - 128)
-    + W_OFFSET over its five bytes: five int8 MMAs (int32 sums below 128 * 127 * BLOCK_S)
-    and one column sum of v give sum_j w_j v_jd exactly; int64 sums wrap modulo 2^64,
-    so every partial is exact and the total (< 2^61, docs/ENGINE.md) is the true one.
+    w = p * vmax is in [0, 2^40) (p <= 2^16, vmax < 2^24), so w = sum_{b<5} 256^b (byte_b - 128)
+    + W_OFFSET.  One int8 MMA takes the five shifted bytes of every head's weights
+    stacked as BYTES blocks of rows (zeros past the fifth): int32 sums below
+    128 * 127 * BLOCK_S; with the column sums of v times W_OFFSET that is
+    sum_j w_j v_jd exactly.  int64 sums wrap modulo 2^64, so every partial is exact
+    and the total (< 2^61, docs/ENGINE.md) is the true one.
     """
     dv = tl.arange(0, HD_PAD)
+    byte = tl.arange(0, BYTES)[:, None, None]
     for j0 in range(lo, hi, BLOCK_S):
-        z, j, valid = _scores(q_hi, q_lo, k_base, km_base, skd, j0, lo, hi, hd, HD_PAD, BLOCK_S)
+        z, j, valid = _scores(q_parts, k_base, km_base, skd, j0, lo, hi, hd, GROUP, PARTS, HD_PAD, BLOCK_S)
         # zmax >= z on every valid key; the clamp at 0 only touches masked lanes (no negative shifts).
         dd = tl.minimum(tl.maximum((zmax[:, None] - z) >> sh[:, None], 0), ATT_D_CAP)
         u = tl.minimum((dd * lc) >> ATT_SHIFT, ATT_U_CAP)
@@ -67,22 +76,25 @@ def _value_sums(tot, acc, zmax, sh, q_hi, q_lo, k_base, km_base, skd, v_base, vm
         tot += tl.sum(p, axis=1)
         w = p * tl.load(vm_base + j, mask=valid, other=0).to(tl.int64)[None, :]
         v = tl.load(v_base + j[:, None] * svs + dv[None, :], mask=valid[:, None] & (dv[None, :] < hd), other=0)
-        acc += tl.sum(v.to(tl.int64), axis=0)[None, :] * W_OFFSET
-        for k in tl.static_range(5):
-            digit = (((w >> (8 * k)) & 255) - 128).to(tl.int8)
-            acc += tl.dot(digit, v, out_dtype=tl.int32).to(tl.int64) << (8 * k)
+        digits = tl.where(byte < 5, ((w[None, :, :] >> (byte * 8)) & 255) - 128, 0).to(tl.int8)
+        y = tl.dot(tl.reshape(digits, (BYTES * GROUP, BLOCK_S)), v, out_dtype=tl.int32)
+        y = tl.reshape(y, (BYTES, GROUP, HD_PAD)).to(tl.int64)
+        acc += tl.sum(y << (byte * 8), axis=0) + tl.sum(v.to(tl.int64), axis=0)[None, :] * W_OFFSET
     return tot, acc
 
 
 @triton.jit
 def _attend_kernel(q_ptr, qe_ptr, kt_ptr, kmax_ptr, vc_ptr, vmax_ptr, crow_ptr, a_ptr, b_ptr, c_ptr, exp2_ptr,
                    out_ptr, nh, hd, group, lc, skt_r, skt_h, skt_d, skm_r, skm_h, svc_r, svc_h, svc_s,
-                   svm_r, svm_h, BLOCK_H: tl.constexpr, HD_PAD: tl.constexpr, BLOCK_S: tl.constexpr):
+                   svm_r, svm_h, GROUP: tl.constexpr, PARTS: tl.constexpr, BYTES: tl.constexpr,
+                   HD_PAD: tl.constexpr, BLOCK_S: tl.constexpr):
     """One query's heads of one KV head over its key set [0, a) + [max(a, b), c) of cache row crow.
 
     Two passes, because p depends on the maximum over the whole set through floors
     and a table (no exact rescaling as in flash attention): pass 1 reads K for the
-    max score, pass 2 reads K again (mostly from L2) and V.
+    max score, pass 2 reads K again (mostly from L2) and V.  The softmax runs on
+    [GROUP, keys] tiles (the group's heads, padded to a power of two); only the
+    MMAs' operands are stacked up to NVIDIA's 16 rows.
     """
     n = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -90,30 +102,31 @@ def _attend_kernel(q_ptr, qe_ptr, kt_ptr, kmax_ptr, vc_ptr, vmax_ptr, crow_ptr, 
     a = tl.load(a_ptr + n)
     b = tl.maximum(tl.load(b_ptr + n), a)                   # the two ranges never overlap
     c = tl.load(c_ptr + n)
-    g = tl.arange(0, BLOCK_H)
+    g = tl.arange(0, GROUP)
     dq = tl.arange(0, HD_PAD)
     rows = n * nh + h * group + g
-    q = tl.load(q_ptr + rows[:, None] * hd + dq[None, :], mask=(g[:, None] < group) & (dq[None, :] < hd),
-                other=0).to(tl.int32)
-    q_hi = (q >> 8).to(tl.int8)
-    q_lo = ((q & 255) - 128).to(tl.int8)
+    mask = (g[:, None] < group) & (dq[None, :] < hd)
+    q = tl.load(q_ptr + rows[:, None] * hd + dq[None, :], mask=mask, other=0).to(tl.int32)[None, :, :]
+    part = tl.arange(0, PARTS)[:, None, None]
+    q_parts = tl.where(part == 0, q >> 8, tl.where(part == 1, (q & 255) - 128, 0)).to(tl.int8)
+    q_parts = tl.reshape(q_parts, (PARTS * GROUP, HD_PAD))
     sh = tl.minimum(tl.maximum(-tl.load(qe_ptr + rows, mask=g < group, other=0) + ATT_PRESHIFT, 0), MAX_SHIFT)
     k_base = kt_ptr + r * skt_r + h * skt_h
     km_base = kmax_ptr + r * skm_r + h * skm_h
     v_base = vc_ptr + r * svc_r + h * svc_h
     vm_base = vmax_ptr + r * svm_r + h * svm_h
-    zmax = tl.full([BLOCK_H], NO_KEY, tl.int64)
-    zmax = _max_score(zmax, q_hi, q_lo, k_base, km_base, skt_d, 0, a, hd, HD_PAD, BLOCK_S)
-    zmax = _max_score(zmax, q_hi, q_lo, k_base, km_base, skt_d, b, c, hd, HD_PAD, BLOCK_S)
-    tot = tl.zeros([BLOCK_H], tl.int64)
-    acc = tl.zeros([BLOCK_H, HD_PAD], tl.int64)
-    tot, acc = _value_sums(tot, acc, zmax, sh, q_hi, q_lo, k_base, km_base, skt_d, v_base, vm_base, svc_s,
-                           exp2_ptr, lc, 0, a, hd, HD_PAD, BLOCK_S)
-    tot, acc = _value_sums(tot, acc, zmax, sh, q_hi, q_lo, k_base, km_base, skt_d, v_base, vm_base, svc_s,
-                           exp2_ptr, lc, b, c, hd, HD_PAD, BLOCK_S)
+    zmax = tl.full([GROUP], NO_KEY, tl.int64)
+    zmax = _max_score(zmax, q_parts, k_base, km_base, skt_d, 0, a, hd, GROUP, PARTS, HD_PAD, BLOCK_S)
+    zmax = _max_score(zmax, q_parts, k_base, km_base, skt_d, b, c, hd, GROUP, PARTS, HD_PAD, BLOCK_S)
+    tot = tl.zeros([GROUP], tl.int64)
+    acc = tl.zeros([GROUP, HD_PAD], tl.int64)
+    tot, acc = _value_sums(tot, acc, zmax, sh, q_parts, k_base, km_base, skt_d, v_base, vm_base, svc_s,
+                           exp2_ptr, lc, 0, a, hd, GROUP, PARTS, BYTES, HD_PAD, BLOCK_S)
+    tot, acc = _value_sums(tot, acc, zmax, sh, q_parts, k_base, km_base, skt_d, v_base, vm_base, svc_s,
+                           exp2_ptr, lc, b, c, hd, GROUP, PARTS, BYTES, HD_PAD, BLOCK_S)
     den = 127 * tot                                          # the best key has p = 2^16: den > 0
     out = floor_div(2 * acc + den[:, None], 2 * tl.maximum(den, 1)[:, None])
-    tl.store(out_ptr + rows[:, None] * hd + dq[None, :], out, mask=(g[:, None] < group) & (dq[None, :] < hd))
+    tl.store(out_ptr + rows[:, None] * hd + dq[None, :], out, mask=mask)
 
 
 def attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c) -> torch.Tensor:
@@ -128,7 +141,9 @@ def attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c) -> torch.Tensor:
     if nh % nkv or hd % 2 or hd > spec.MAX_HEAD_DIM or kt.shape[3] > spec.MAX_KEYS:
         raise ValueError(f"attend: {nh} heads over {nkv}, head dim {hd} (<= {spec.MAX_HEAD_DIM}), "
                          f"{kt.shape[3]} slots (<= {spec.MAX_KEYS})")
-    block_h = max(MIN_DOT, triton.next_power_of_2(nh // nkv))
+    group = triton.next_power_of_2(nh // nkv)               # SmolLM2: 3 query heads per KV head -> 4 rows
+    parts = max(2, MIN_DOT // group)                         # hi, lo, zeros: the QK operand has >= 16 rows
+    n_bytes = max(8, MIN_DOT // group)                       # 5 bytes of w, zeros: the PV operand too
     hd_pad = max(MIN_DOT_K, triton.next_power_of_2(hd))      # zero dims pad the QK reduction to >= 32
     assert ti.BLOCKS.keys >= MIN_DOT_K, "the PV product reduces over ti.BLOCKS.keys keys: int8 MMA needs >= 32"
     out = torch.empty((n_q, nh, hd), dtype=torch.int64, device=q16.device)
@@ -138,5 +153,5 @@ def attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c) -> torch.Tensor:
             b.contiguous(), c.contiguous(), exp2_table(q16.device), out, nh, hd, nh // nkv, fixedmath.att_log2e(hd),
             kt.stride(0), kt.stride(1), kt.stride(2), kmax.stride(0), kmax.stride(1),
             vc.stride(0), vc.stride(1), vc.stride(2), vmax.stride(0), vmax.stride(1),
-            BLOCK_H=block_h, HD_PAD=hd_pad, BLOCK_S=ti.BLOCKS.keys)
+            GROUP=group, PARTS=parts, BYTES=n_bytes, HD_PAD=hd_pad, BLOCK_S=ti.BLOCKS.keys)
     return out

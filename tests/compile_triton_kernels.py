@@ -42,7 +42,7 @@ KERNELS = [
     (ops_triton._qkv_kernel, "i64", {"HAS_BIAS": False, "HEADS": 16, "HALF": 32}),
     (ops_triton._mlp_kernel, "i16", {"BLOCK": 1024}),
     (ops_triton._gaps_kernel, "i64", {"BLOCK": 1024}),
-    (ops_triton_attend._attend_kernel, "i64", {"BLOCK_H": 16, "HD_PAD": 64, "BLOCK_S": 64}),
+    (ops_triton_attend._attend_kernel, "i64", {"GROUP": 4, "PARTS": 4, "BYTES": 8, "HD_PAD": 64, "BLOCK_S": 64}),
 ]
 
 
