@@ -252,7 +252,9 @@ def qkv(y, mult, shift, bias, exp, cos, sin, B, T, nh, nkv, hd, kt, kmax, vc, vm
             cos.contiguous(), sin.contiguous(), slots.contiguous(), kt, kmax, vc, vmax, q16, qe, m, T, shift,
             nh, nkv, hd, kt.stride(0), kt.stride(1), kt.stride(2), kmax.stride(0), kmax.stride(1),
             vc.stride(0), vc.stride(1), vc.stride(2), vmax.stride(0), vmax.stride(1),
-            HAS_BIAS=bias is not None, HEADS=triton.next_power_of_2(nh + 2 * nkv), HALF=triton.next_power_of_2(hd // 2))
+            HAS_BIAS=bias is not None,
+            HEADS=triton.next_power_of_2(nh + 2 * nkv),     # SmolLM2: 9 + 3 + 3 head vectors -> 16 tile rows
+            HALF=triton.next_power_of_2(hd // 2))            # a RoPE half (32 of 64) per tile column
     return q16, qe
 
 

@@ -186,7 +186,7 @@ def test_mlp(ot):
     assert (gu.abs() > MLP_LIMIT).any() and ((gu[:, :inter] >> 6).abs() > 16384).any()  # both clamps bind
 
 
-@pytest.mark.parametrize("hd,nh,nkv", [(32, 4, 2), (64, 9, 3)])
+@pytest.mark.parametrize("hd,nh,nkv", [(32, 2, 2), (32, 4, 2), (64, 9, 3)])   # groups of 1, 2 and 3 heads
 def test_attend(ot, hd, nh, nkv):
     rng = np.random.default_rng(nh)
     rows, slots, n = 3, 80, 6
