@@ -270,3 +270,15 @@ def test_engine_on_triton_kernels_equals_reference(tiny_model_dir):
     # Equal hidden rows: the pass's gaps stand for the steps' too.
     head = engine.model.head
     assert torch.equal(engine.gaps(h, e), ops_torch.gaps(int_mm(h, head.weight), head.mult, e - head.shift))
+
+
+def test_kernel_benchmark_runs_a_decode_step(tmp_path):
+    """benchmarks/kernels.py (the GPU's per-kernel timing) on tiny shapes: its figures are all there."""
+    import json
+
+    from benchmarks import kernels
+
+    out = tmp_path / "kernels.json"
+    assert kernels.main(["--device", DEVICE, "--rows", "2", "--window", "40", "--reps", "1", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert set(res["us_per_call"]) == set(OPS) and res["tokens_per_s_kernels_only"] > 0
