@@ -1,11 +1,12 @@
-"""The Triton kernels (lmcodec.ops_triton) on CPU, under Triton's interpreter.
+"""The Triton kernels (lmcodec.ops_triton): under Triton's interpreter on CPU, compiled on CUDA.
 
 Each launcher must ``torch.equal`` the ops_torch function (itself proven equal
 to lmcodec/reference.py in test_exact.py) at the spec limits, under two tile
 configurations (integer sums and maxima cannot depend on tiles; this proves
 it), and the whole engine running these kernels must equal the reference bit
-for bit, in one parallel pass and step by step.  On a CUDA machine
-test_exact.py runs the compiled kernels on the real model as well.
+for bit, in one parallel pass and step by step.  Every kernel also compiles
+for sm_90 here, without a GPU.  On a CUDA machine this file runs the compiled
+kernels, and test_exact.py the real model through them.
 
 Shapes are small and int8 dot reductions >= 32 wide (the interpreter accepts
 narrower ones that the NVIDIA compiler rejects); an interpreted launch costs
