@@ -69,12 +69,14 @@ def _value_sums(tot, acc, zmax, sh, q_parts, k_base, km_base, skd, v_base, vm_ba
     for j0 in range(lo, hi, BLOCK_S):
         z, j, valid = _scores(q_parts, k_base, km_base, skd, j0, lo, hi, hd, GROUP, PARTS, HD_PAD, BLOCK_S)
         # zmax >= z on every valid key; the clamp at 0 only touches masked lanes (no negative shifts).
-        dd = tl.minimum(tl.maximum((zmax[:, None] - z) >> sh[:, None], 0), ATT_D_CAP)
-        u = tl.minimum((dd * lc) >> ATT_SHIFT, ATT_U_CAP)
+        # From here on int32 does: d <= 2^30, and (d * lc) >> 36 is the high word of the
+        # 64-bit product (d, lc < 2^31) shifted by 4; u <= 17 * 1024; EXP2 <= 2^30; p <= 2^16.
+        dd = tl.minimum(tl.maximum((zmax[:, None] - z) >> sh[:, None], 0), ATT_D_CAP).to(tl.int32)
+        u = tl.minimum(tl.umulhi(dd, lc) >> (ATT_SHIFT - 32), ATT_U_CAP)
         p = tl.load(exp2_ptr + (u & 1023)) >> ((u >> 10) + ATT_P_SHIFT)
         p = tl.where(valid[None, :] & (u < ATT_U_CAP), p, 0)
-        tot += tl.sum(p, axis=1)
-        w = p * tl.load(vm_base + j, mask=valid, other=0).to(tl.int64)[None, :]
+        tot += tl.sum(p, axis=1).to(tl.int64)               # < 2^16 * BLOCK_S per tile
+        w = p.to(tl.int64) * tl.load(vm_base + j, mask=valid, other=0).to(tl.int64)[None, :]
         v = tl.load(v_base + j[:, None] * svs + dv[None, :], mask=valid[:, None] & (dv[None, :] < hd), other=0)
         digits = tl.where(byte < 5, ((w[None, :, :] >> (byte * 8)) & 255) - 128, 0).to(tl.int8)
         y = tl.dot(tl.reshape(digits, (BYTES * GROUP, BLOCK_S)), v, out_dtype=tl.int32)
@@ -146,11 +148,13 @@ def attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c) -> torch.Tensor:
     n_bytes = max(8, MIN_DOT // group)                       # 5 bytes of w, zeros: the PV operand too
     hd_pad = max(MIN_DOT_K, triton.next_power_of_2(hd))      # zero dims pad the QK reduction to >= 32
     assert ti.BLOCKS.keys >= MIN_DOT_K, "the PV product reduces over ti.BLOCKS.keys keys: int8 MMA needs >= 32"
+    lc = fixedmath.att_log2e(hd)
+    assert 0 < lc < 1 << 31, "the kernel takes (d * LOG2E_ATT) >> 36 as a 32-bit high multiply"
     out = torch.empty((n_q, nh, hd), dtype=torch.int64, device=q16.device)
     if n_q:
         _attend_kernel[(n_q, nkv)](
             q16.contiguous(), qe.contiguous(), kt, kmax, vc, vmax, crow.contiguous(), a.contiguous(),
-            b.contiguous(), c.contiguous(), exp2_table(q16.device), out, nh, hd, nh // nkv, fixedmath.att_log2e(hd),
+            b.contiguous(), c.contiguous(), exp2_table(q16.device, torch.int32), out, nh, hd, nh // nkv, lc,
             kt.stride(0), kt.stride(1), kt.stride(2), kmax.stride(0), kmax.stride(1),
             vc.stride(0), vc.stride(1), vc.stride(2), vmax.stride(0), vmax.stride(1),
             GROUP=group, PARTS=parts, BYTES=n_bytes, HD_PAD=hd_pad, BLOCK_S=ti.BLOCKS.keys)

@@ -143,10 +143,10 @@ def check_cache(kt, kmax, vc, vmax, nkv: int, hd: int) -> None:
 
 
 @functools.cache
-def _exp2_cached(device: str) -> torch.Tensor:
-    return torch.as_tensor(fixedmath.exp2_table(), dtype=torch.int64, device=device)
+def _exp2_cached(device: str, dtype: torch.dtype) -> torch.Tensor:
+    return torch.as_tensor(fixedmath.exp2_table(), device=device).to(dtype)
 
 
-def exp2_table(device: torch.device) -> torch.Tensor:
-    """EXP2 (1,024 int64) on ``device``, made once per device."""
-    return _exp2_cached(str(device))
+def exp2_table(device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """EXP2 (1,024 entries <= 2^30, so int32 holds them) on ``device``, made once per device and type."""
+    return _exp2_cached(str(device), dtype)

@@ -31,7 +31,7 @@ POINTERS = {
     "shift_ptr": "i64", "y_ptr": "i32", "mult_ptr": "i64", "bias_ptr": "i64", "cos_ptr": "i64", "sin_ptr": "i64",
     "slots_ptr": "i64", "kt_ptr": "i8", "kmax_ptr": "i32", "vc_ptr": "i8", "vmax_ptr": "i32", "q_ptr": "i16",
     "qe_ptr": "i64", "sig_ptr": "i64", "crow_ptr": "i64", "a_ptr": "i64", "b_ptr": "i64", "c_ptr": "i64",
-    "exp2_ptr": "i64",
+    "exp2_ptr": "i32",
 }
 #: (kernel, element type of out_ptr, constexprs): the default tiles at SmolLM2's shapes.
 KERNELS = [
