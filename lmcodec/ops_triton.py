@@ -177,7 +177,8 @@ def residual_add(x: torch.Tensor, y: torch.Tensor, mult: torch.Tensor, shift: in
 def _qkv_kernel(y_ptr, mult_ptr, bias_ptr, exp_ptr, cos_ptr, sin_ptr, slots_ptr, kt_ptr, kmax_ptr, vc_ptr,
                 vmax_ptr, q_ptr, qe_ptr, n_rows, n_t, shift, nh, nkv, hd,
                 skt_r, skt_h, skt_d, skm_r, skm_h, svc_r, svc_h, svc_s, svm_r, svm_h,
-                HAS_BIAS: tl.constexpr, HEADS: tl.constexpr, HALF: tl.constexpr):
+                HAS_BIAS: tl.constexpr, POS_PER_ROW: tl.constexpr, SLOT_PER_ROW: tl.constexpr,
+                HEADS: tl.constexpr, HALF: tl.constexpr):
     """Every head vector of one row, a head per tile row (first halves | second halves):
     requantize, bias, clamp; RoPE (q, k); the int16 queries and the int8 cache write."""
     row = tl.program_id(0).to(tl.int64)
@@ -198,8 +199,9 @@ def _qkv_kernel(y_ptr, mult_ptr, bias_ptr, exp_ptr, cos_ptr, sin_ptr, slots_ptr,
     x2 = tl.minimum(tl.maximum(x2, -QKV_LIMIT), QKV_LIMIT)
     t = row % n_t
     b = row // n_t
-    cs = tl.load(cos_ptr + t * half + d, mask=d < half, other=0)
-    sn = tl.load(sin_ptr + t * half + d, mask=d < half, other=0)
+    at = row if POS_PER_ROW else t                          # the row's position (a table row)
+    cs = tl.load(cos_ptr + at * half + d, mask=d < half, other=0)
+    sn = tl.load(sin_ptr + at * half + d, mask=d < half, other=0)
     roped = hh < nh + nkv                                    # RoPE on q and k heads at the row's position
     r1 = tl.where(roped, tl.minimum(tl.maximum((x1 * cs - x2 * sn + ROPE_HALF) >> ROPE_BITS, -QKV_LIMIT),
                                     QKV_LIMIT), x1)
@@ -217,7 +219,7 @@ def _qkv_kernel(y_ptr, mult_ptr, bias_ptr, exp_ptr, cos_ptr, sin_ptr, slots_ptr,
     safe = tl.maximum(mx, 1)
     v1 = floor_div(r1 * (2 * KV_MAX) + safe, 2 * safe).to(tl.int8)
     v2 = floor_div(r2 * (2 * KV_MAX) + safe, 2 * safe).to(tl.int8)
-    slot = tl.load(slots_ptr + t)
+    slot = tl.load(slots_ptr + (row if SLOT_PER_ROW else t))
     is_k = (hh >= nh) & roped
     k_at = kt_ptr + b * skt_r + (hh - nh) * skt_h + slot
     tl.store(k_at + d * skt_d, v1, mask=mask & is_k)
@@ -231,16 +233,23 @@ def _qkv_kernel(y_ptr, mult_ptr, bias_ptr, exp_ptr, cos_ptr, sin_ptr, slots_ptr,
 
 
 def qkv(y, mult, shift, bias, exp, cos, sin, B, T, nh, nkv, hd, kt, kmax, vc, vmax, slots):
-    """q/k/v from the qkv product: RoPE, the int8 cache write at ``slots`` [T], the int16 queries."""
+    """q/k/v from the qkv product: RoPE, the int8 cache write at ``slots``, the int16 queries.
+
+    Row ``i = b T + t`` takes its RoPE rows from ``cos``/``sin`` and its cache slot
+    from ``slots`` either per position (``[T]`` rows, shared by the B rows: ops_torch's
+    contract) or per row (``[B T]``: every row its own position and slot); with
+    B = 1 the two are the same.
+    """
     m, n = B * T, (nh + 2 * nkv) * hd
     expect(y, torch.int32, 2, 2 * m, n)
     expect(mult, torch.int64, 1, n)
     if bias is not None:
         expect(bias, torch.int64, 1, n)
     expect(exp, torch.int64, 2, m, 1)
-    expect(cos, torch.int64, 2, T, hd // 2)
-    expect(sin, torch.int64, 2, T, hd // 2)
-    expect(slots, torch.int64, 1, T)
+    pos_per_row, slot_per_row = cos.shape[0] == m != T, slots.shape[0] == m != T
+    expect(cos, torch.int64, 2, m if pos_per_row else T, hd // 2)
+    expect(sin, torch.int64, 2, cos.shape[0], hd // 2)
+    expect(slots, torch.int64, 1, m if slot_per_row else T)
     check_cache(kt, kmax, vc, vmax, nkv, hd)
     if kt.shape[0] < B or nh % nkv or hd % 2 or hd > spec.MAX_HEAD_DIM:
         raise ValueError(f"qkv: {B} rows into a cache of {kt.shape[0]}, {nh} heads over {nkv}, head dim {hd}")
@@ -252,7 +261,7 @@ def qkv(y, mult, shift, bias, exp, cos, sin, B, T, nh, nkv, hd, kt, kmax, vc, vm
             cos.contiguous(), sin.contiguous(), slots.contiguous(), kt, kmax, vc, vmax, q16, qe, m, T, shift,
             nh, nkv, hd, kt.stride(0), kt.stride(1), kt.stride(2), kmax.stride(0), kmax.stride(1),
             vc.stride(0), vc.stride(1), vc.stride(2), vmax.stride(0), vmax.stride(1),
-            HAS_BIAS=bias is not None,
+            HAS_BIAS=bias is not None, POS_PER_ROW=pos_per_row, SLOT_PER_ROW=slot_per_row,
             HEADS=triton.next_power_of_2(nh + 2 * nkv),     # SmolLM2: 9 + 3 + 3 head vectors -> 16 tile rows
             HALF=triton.next_power_of_2(hd // 2))            # a RoPE half (32 of 64) per tile column
     return q16, qe

@@ -174,6 +174,33 @@ def test_qkv_writes_the_same_cache_and_queries(ot, hd, nh, nkv, bias):
     assert want[3].max() == QKV_LIMIT                                # a clamped key magnitude
 
 
+def test_qkv_with_a_position_and_slot_per_row(ot):
+    """cos/sin and slots given per row ([B T]): each row equals ops_torch run on that row alone."""
+    rng = np.random.default_rng(11)
+    B, T, nh, nkv, hd, slots = 2, 2, 4, 2, 32, 40
+    n = (nh + 2 * nkv) * hd
+    y = ints(rng, -(1 << 26), 1 << 26, (2 * B * T, n), torch.int32)
+    mult = ints(rng, 0, 1 << 24, (n,))
+    exp = torch.tensor([[-3], [10], [30], [6]])
+    cos, sin = (torch.as_tensor(t) for t in fixedmath.rope_tables(Fraction(10000), hd, 5000))
+    pos, at = [7, 8, 4000, 4001], torch.tensor([3, 4, 39, 0])
+
+    def cache():
+        return [torch.zeros((B, nkv, hd, slots), dtype=torch.int8), torch.zeros((B, nkv, slots), dtype=torch.int32),
+                torch.zeros((B, nkv, slots, hd), dtype=torch.int8), torch.zeros((B, nkv, slots), dtype=torch.int32)]
+
+    got_cache, want_cache = cache(), cache()
+    got = ot.qkv(y, mult, 45, None, exp, cos[pos], sin[pos], B, T, nh, nkv, hd, *got_cache, at)
+    want = []
+    for b in range(B):
+        rows = slice(b * T, (b + 1) * T)
+        yb = torch.cat([y[rows], y[B * T + b * T:B * T + (b + 1) * T]])
+        want.append(ops_torch.qkv(yb, mult, 45, None, exp[rows], cos[pos[rows]], sin[pos[rows]], 1, T, nh, nkv, hd,
+                                  *(c[b:b + 1] for c in want_cache), at[rows]))
+    same(got, tuple(torch.cat(parts) for parts in zip(*want)))
+    same(tuple(got_cache), tuple(want_cache))
+
+
 def test_mlp(ot):
     rng = np.random.default_rng(5)
     m, inter = 4, 48
