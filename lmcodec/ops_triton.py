@@ -16,8 +16,12 @@ products are ``tl.dot`` on int8 with int32 sums, which are exact; and a tile
 size only changes the order of exact sums and maxima, never their value
 (``tests/test_ops_triton.py`` runs two tile configurations against ops_torch).
 
-Import this module only where the Triton backend is used: it imports triton,
-which CPU-only installs need not have.
+Attention (``attend``) lives in :mod:`lmcodec.ops_triton_attend`, the shared
+constants, integer primitives, tile sizes and shape checks in
+:mod:`lmcodec.triton_int`.  Import these only where the Triton backend is
+used: they import triton, which CPU-only installs need not have.  A CUDA graph
+must be captured after one warm-up call of each op (Triton compiles a kernel
+and the attention table is copied to the device on first use).
 """
 
 from __future__ import annotations
