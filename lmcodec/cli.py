@@ -158,7 +158,20 @@ def _check_stdout(force: bool) -> None:
         raise UsageError("refusing to write compressed data to a terminal; use -o, redirect, or -f")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Main(click.Group):
+    """The subcommands; arguments that name none run the gzip/zstd form (lmcodec.cli_compat)."""
+
+    def main(self, args=None, prog_name=None, **kwargs):
+        from .cli_compat import dispatch
+        return dispatch(self, args, prog_name, **kwargs)
+
+    def format_help(self, ctx, formatter):
+        from .cli_compat import format_drop_in_help
+        super().format_help(ctx, formatter)
+        format_drop_in_help(ctx, formatter)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or messages.")
 @click.option("--debug", is_flag=True, help="Show Python tracebacks on errors.")
