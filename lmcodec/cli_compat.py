@@ -135,7 +135,7 @@ def _run(ctx: Context, mode: str, names: list[str], *, stdout: bool, output: str
          force: bool, verbose: bool, coding: dict, prompt, prompt_file, model) -> int:
     """Check the command line as a whole (a usage error stops everything), then each file."""
     key = _prompt(prompt, prompt_file)
-    say = (lambda msg: click.echo(msg, err=True)) if verbose else (lambda msg: None)
+    say = (lambda msg: click.echo(msg, err=True)) if verbose and not ctx.quiet else (lambda msg: None)
     if mode in ("decompress", "test", "list") and STDIO in names and not force and _is_terminal(sys.stdin):
         raise UsageError("refusing to read compressed data from a terminal; redirect, or use -f")
     if mode == "list":
