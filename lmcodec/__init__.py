@@ -31,11 +31,13 @@ from .errors import (
 
 __version__ = "0.2.0"
 
+from .fileobj import LMCodecFile, open  # noqa: E402  (after __version__: cli imports it)
+
 __all__ = [
     "ArchiveError", "ChecksumError", "Codec", "CorruptArchiveError", "EnvironmentMismatchError",
     "LMCodecError", "ModelError", "ModelMismatchError", "NotAnArchiveError", "PromptMismatchError",
     "ResourceLimitError", "Settings", "Stats", "TruncatedArchiveError", "UnsupportedFormatError", "UsageError",
-    "compress", "decompress",
+    "LMCodecFile", "compress", "decompress", "open",
 ]
 
 _codecs: dict[str | None, Codec] = {}

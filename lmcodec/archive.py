@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
 import zstandard
@@ -65,34 +65,63 @@ def archive_header(models: ModelCache, s: Settings, prompt: bytes | None) -> Hea
                   s.context, s.segment_tokens, s.lanes, s.block_size, s.level, s.mixer)
 
 
+class ArchiveSink:
+    """An archive written block by block: the header at once, each block's record as the
+    executor returns it, the end record on :meth:`finish`.
+
+    :func:`compress_stream` feeds it the blocks :func:`read_blocks` cuts; the
+    writer of :func:`lmcodec.open` feeds it the blocks it cuts from its writes
+    with the same :func:`cut_point`, so both give the same archive.
+    """
+
+    def __init__(self, dst: BinaryIO, *, models: ModelCache, settings: Settings, prompt: bytes | None,
+                 executor: Executor, progress: Progress):
+        self.settings = s = settings.resolved()
+        self._dst, self._executor, self._progress = dst, executor, progress
+        self._job = EncodeJob(s, prompt, _model_arg(models))
+        self._t0 = time.perf_counter()
+        self._total, self._n, self._check = 0, 0, content_hasher()
+        self.stats = Stats()
+        head = archive_header(models, s, prompt).pack()
+        dst.write(head)
+        self.stats.output_bytes += len(head)
+
+    @property
+    def block_size(self) -> int:
+        return self.settings.block_size
+
+    def write_blocks(self, blocks: Iterable[bytes]) -> None:
+        """Encode and write ``blocks`` in order (pulled lazily: at most the executor's in-flight work)."""
+        for encoded in self._executor.map(self._job, self._counted(blocks), self._progress):
+            packed = encoded.block.pack()
+            self._dst.write(packed)
+            self.stats.output_bytes += len(packed)
+            self.stats.add(encoded)
+
+    def _counted(self, blocks: Iterable[bytes]) -> Iterator[bytes]:
+        """The content digest follows the input's order as it is read."""
+        for raw in blocks:
+            self._total += len(raw)
+            self._n += 1
+            self._check.update(raw)
+            yield raw
+
+    def finish(self) -> Stats:
+        """Write the end record; return the stats."""
+        end = End(self._total, self._check.digest(), self._n).pack()
+        self._dst.write(end)
+        self.stats.output_bytes += len(end)
+        self.stats.input_bytes = self._total
+        self.stats.seconds = time.perf_counter() - self._t0
+        return self.stats
+
+
 def compress_stream(src: BinaryIO, dst: BinaryIO, *, models: ModelCache, settings: Settings,
                     prompt: bytes | None, executor: Executor, progress: Progress) -> Stats:
     """Compress ``src`` to ``dst`` block by block (bounded memory); return the stats."""
-    s = settings.resolved()
-    t0 = time.perf_counter()
-    stats = Stats()
-    out = archive_header(models, s, prompt).pack()
-    dst.write(out)
-    content = {"total": 0, "n": 0, "check": content_hasher()}
-
-    def blocks() -> Iterator[bytes]:   # the content digest follows the input's order as it is read
-        for raw in read_blocks(src, s.block_size):
-            content["total"] += len(raw)
-            content["n"] += 1
-            content["check"].update(raw)
-            yield raw
-
-    for encoded in executor.map(EncodeJob(s, prompt, _model_arg(models)), blocks(), progress):
-        packed = encoded.block.pack()
-        dst.write(packed)
-        stats.output_bytes += len(packed)
-        stats.add(encoded)
-    end = End(content["total"], content["check"].digest(), content["n"]).pack()
-    dst.write(end)
-    stats.output_bytes += len(out) + len(end)
-    stats.input_bytes = content["total"]
-    stats.seconds = time.perf_counter() - t0
-    return stats
+    sink = ArchiveSink(dst, models=models, settings=settings, prompt=prompt, executor=executor, progress=progress)
+    sink.write_blocks(read_blocks(src, sink.block_size))
+    return sink.finish()
 
 
 def read_header(reader: Reader, prompt: bytes | None) -> Header:

@@ -31,9 +31,9 @@ from typing import Callable
 import click
 
 from . import __version__
-from .cli import (SUFFIX, STDIO, Context, _Discard, _codec, _io_targets, _open_input, _progress_bar, _prompt,
+from .cli import (SUFFIX, STDIO, Context, _codec, _io_targets, _open_input, _progress_bar, _prompt,
                   _strip_suffix, _write_to, handle_errors, model_options)
-from .codec import DEFAULT_LEVEL
+from .codec import DEFAULT_LEVEL, Counter
 from .container import End, Reader
 from .errors import UsageError
 from .fileio import install_signal_handlers
@@ -244,7 +244,7 @@ def _test_one(ctx: Context, name: str, key, model, machine: dict, say) -> None:
     src, size = _open_input(name)
     bar = _progress_bar(ctx, None, f"test {name}")
     try:
-        n = _codec(model, bar.update, **machine).decompress_stream(src, _Discard(), key, size)
+        n = _codec(model, bar.update, **machine).decompress_stream(src, Counter(), key, size)
     finally:
         bar.close()
         _close(src)

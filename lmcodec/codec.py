@@ -78,6 +78,23 @@ class Codec:
         self.last_stats = self.compress_stream(io.BytesIO(bytes(data)), out, prompt)
         return out.getvalue()
 
+    def archive_sink(self, dst: BinaryIO, prompt: bytes | str | None = None) -> archive.ArchiveSink:
+        """An archive written into ``dst`` block by block (the writer of :func:`lmcodec.open`)."""
+        return archive.ArchiveSink(dst, models=self.models, settings=self.settings, prompt=_as_bytes(prompt),
+                                   executor=self.executor, progress=self._progress())
+
+    def stream_writer(self, fh: BinaryIO, prompt: bytes | str | None = None, *, closefd: bool = True):
+        """A file object compressing what is written to it into ``fh`` (python-zstandard's shape;
+        :func:`lmcodec.open` in mode "wb"): the archive is written when it is closed."""
+        from .fileobj import LMCodecFile
+        return LMCodecFile(fh, "wb", codec=self, prompt=prompt, closefd=closefd)
+
+    def stream_reader(self, fh: BinaryIO, prompt: bytes | str | None = None, *, closefd: bool = True):
+        """A file object reading the decompressed bytes of the archive in ``fh`` (python-zstandard's
+        shape; :func:`lmcodec.open` in mode "rb"): blocks are decoded as reads reach them."""
+        from .fileobj import LMCodecFile
+        return LMCodecFile(fh, "rb", codec=self, prompt=prompt, closefd=closefd)
+
     def analyze(self, data: bytes, prompt: bytes | str | None = None) -> Stats:
         """Compress and return only the measurements (archive size, model bits)."""
         return self.compress_stream(io.BytesIO(bytes(data)), Counter(), prompt)
