@@ -5,7 +5,8 @@
 >>> lmcodec.decompress(blob)
 b'Hello, world!\\n'
 
-Use :class:`Codec` to keep a model loaded across many calls.
+Use :class:`Codec` to keep a model loaded across many calls, and
+:func:`lmcodec.open` for a file object (as ``gzip.open``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import os
 
 from .codec import Codec, Settings, Stats
+from .fileobj import LMCodecFile, open  # lmcodec.open, as gzip.open (shadows the builtin here only)
 from .errors import (
     ArchiveError,
     ChecksumError,
@@ -30,8 +32,6 @@ from .errors import (
 )
 
 __version__ = "0.2.0"
-
-from .fileobj import LMCodecFile, open  # noqa: E402  (after __version__: cli imports it)
 
 __all__ = [
     "ArchiveError", "ChecksumError", "Codec", "CorruptArchiveError", "EnvironmentMismatchError",

@@ -85,7 +85,7 @@ class Codec:
 
     def stream_writer(self, fh: BinaryIO, prompt: bytes | str | None = None, *, closefd: bool = True):
         """A file object compressing what is written to it into ``fh`` (python-zstandard's shape;
-        :func:`lmcodec.open` in mode "wb"): the archive is written when it is closed."""
+        :func:`lmcodec.open` in mode "wb"): a block is written when full, the end record on close."""
         from .fileobj import LMCodecFile
         return LMCodecFile(fh, "wb", codec=self, prompt=prompt, closefd=closefd)
 
