@@ -20,7 +20,7 @@ import textwrap
 import pytest
 
 import lmcodec
-from lmcodec import Codec, TruncatedArchiveError
+from lmcodec import Codec, PromptMismatchError, TruncatedArchiveError
 
 #: The smallest block size (4 KiB), so a few hundred KB make many blocks.
 SMALL_BLOCKS = dict(method="zstd", block_size=4096)
@@ -123,6 +123,12 @@ def test_errors_and_argument_checks(tmp_path):
     f.close()
     with pytest.raises(ValueError):
         f.read()
+    keyed = io.BytesIO()
+    with lmcodec.open(keyed, "wb", prompt="key", **SMALL_BLOCKS) as f:
+        f.write(b"secret-ish\n")
+    with pytest.raises(PromptMismatchError):
+        lmcodec.open(io.BytesIO(keyed.getvalue())).read()
+    assert lmcodec.open(io.BytesIO(keyed.getvalue()), prompt=b"key").read() == b"secret-ish\n"
     (tmp_path / "x.lmc").write_bytes(b"")
     with pytest.raises(FileExistsError):
         lmcodec.open(tmp_path / "x.lmc", "xb")
