@@ -24,6 +24,7 @@ was refused, as gzip ranks its error over its warning.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Callable
@@ -167,13 +168,33 @@ def _each(items: list, one: Callable) -> int:
     status = 0
     for item in items:
         try:
-            handle_errors(one)(item)
+            handle_errors(_closed_pipe_ends_us(one))(item)
         except SystemExit as exc:  # handle_errors printed the one-line message
             code = exc.code if isinstance(exc.code, int) else 1
             if code in ABORT:
                 raise
             status = _worse(status, code)
     return status
+
+
+def _closed_pipe_ends_us(one: Callable) -> Callable:
+    """A reader that stops early (``head``, ``tar -t``) closes our stdout: end by SIGPIPE, silently.
+
+    gzip and zstd die of SIGPIPE there, and tar accepts that of its filter
+    while it reports any other failure.  Python ignores SIGPIPE and raises
+    BrokenPipeError instead; by the time it gets here every ``finally`` has
+    run (inputs closed, temporary outputs removed), so the signal's default
+    action is restored and sent.
+    """
+    def run(item):
+        try:
+            return one(item)
+        except BrokenPipeError:
+            signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGPIPE)
+            raise  # not reached: the signal ends the process
+
+    return run
 
 
 def _worse(a: int, b: int) -> int:

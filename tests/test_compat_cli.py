@@ -107,6 +107,15 @@ def test_dc_lmcat_unlmc(stored):
     assert (work / "f.txt").read_bytes() == TEXT and stored.exists()  # input kept, as zstd
 
 
+def test_a_reader_that_stops_early_ends_lmcat_by_sigpipe(work):
+    """lmcat big.lmc | head: silent, killed by SIGPIPE as zcat is (tar -t accepts only that)."""
+    Path("big").write_bytes(os.urandom(8 << 20))      # far more than the pipe holds when head exits
+    assert cli("--method", "raw", "big").exit_code == 0
+    script("lmcat")
+    r = sh("lmcat big.lmc | head -c 10 >/dev/null; echo ${PIPESTATUS[0]}", work)
+    assert r.stdout == b"141\n" and r.stderr == b""                       # 128 + SIGPIPE
+
+
 def test_test_mode_on_good_and_corrupted_archives(stored):
     blob = stored.read_bytes()
     bad = bytearray(blob)
