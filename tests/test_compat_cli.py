@@ -42,7 +42,7 @@ def sh(cmd: str, cwd: Path, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", "-o", "pipefail", "-c", cmd], cwd=cwd, env=env(), capture_output=True, **kw)
 
 
-def cli(*args, input=None) -> "click.testing.Result":
+def cli(*args, input=None):
     return CliRunner().invoke(main, [str(a) for a in args], input=input, catch_exceptions=False)
 
 

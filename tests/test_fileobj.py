@@ -9,7 +9,6 @@ same path through the writer and the reader.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import shutil
