@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import os
@@ -15,69 +14,15 @@ import click
 from . import __version__
 from .codec import DEFAULT_LEVEL, Codec, Counter, Stats
 from .container import End, Method, Reader
+from .cli_common import Context, _fail, _progress_bar, _prompt, handle_errors
 from .errors import LMCodecError, UsageError
-from .fileio import Terminated, atomic_output, install_signal_handlers
+from .fileio import atomic_output, install_signal_handlers
 from .mixing import MixerConfig
 from .baselines import classical_sizes
+from .probe_cli import probe_command
 
 SUFFIX = ".lmc"
 STDIO = "-"
-
-
-class Context:
-    def __init__(self, quiet: bool, debug: bool):
-        self.quiet = quiet
-        self.debug = debug
-
-    def say(self, msg: str) -> None:
-        if not self.quiet:
-            click.echo(msg, err=True)
-
-
-def _progress_bar(ctx: Context, total: int | None, desc: str):
-    """A tqdm bar on stderr, shown only on a terminal and only after one second."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr, delay=1.0,
-                leave=False, disable=ctx.quiet or not sys.stderr.isatty(), dynamic_ncols=True)
-
-
-def _fail(msg: str, code: int = 1):
-    click.echo(f"lmcodec: error: {msg}", err=True)
-    sys.exit(code)
-
-
-def handle_errors(fn):
-    """One-line errors and conventional exit codes; tracebacks only with --debug."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        ctx = click.get_current_context().find_object(Context)
-        try:
-            return fn(*args, **kwargs)
-        except LMCodecError as exc:
-            if ctx and ctx.debug:
-                raise
-            _fail(str(exc), exc.exit_code)
-        except FileExistsError as exc:
-            _fail(str(exc.args[0] if exc.args else exc))
-        except OSError as exc:
-            if ctx and ctx.debug:
-                raise
-            where = f"{exc.filename}: " if exc.filename else ""
-            _fail(f"{where}{exc.strerror or exc}")
-        except KeyboardInterrupt:
-            click.echo("lmcodec: interrupted", err=True)
-            sys.exit(130)
-        except Terminated:
-            click.echo("lmcodec: terminated", err=True)
-            sys.exit(143)
-        except Exception as exc:  # a bug, not a user error
-            if ctx and ctx.debug:
-                raise
-            _fail(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for a traceback)", 3)
-
-    return wrapper
 
 
 def model_options(fn):
@@ -138,14 +83,6 @@ class MixerChoice(click.ParamType):
             return MixerConfig.parse(value).mask
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
-
-
-def _prompt(prompt: str | None, prompt_file: Path | None) -> bytes | None:
-    if prompt is not None and prompt_file is not None:
-        raise UsageError("give --prompt or --prompt-file, not both")
-    if prompt_file is not None:
-        return prompt_file.read_bytes()
-    return prompt.encode("utf-8") if prompt is not None else None
 
 
 def _codec(model, progress=None, **settings) -> Codec:
@@ -485,14 +422,8 @@ def _accept_global_flags_after_subcommand(group: click.Group) -> None:
                                            callback=setter("debug"), help="Show Python tracebacks on errors."))
 
 
+main.add_command(probe_command, "probe")
+_accept_global_flags_after_subcommand(main)
+
 if __name__ == "__main__":  # pragma: no cover
-    # Run as `python -m lmcodec.cli`: go through the package module so the probe
-    # command's import of lmcodec.cli finds this module's objects, not a copy.
-    from lmcodec.cli import main as _main
-
-    _main()
-else:
-    from .probe_cli import probe_command
-
-    main.add_command(probe_command, "probe")
-    _accept_global_flags_after_subcommand(main)
+    main()
