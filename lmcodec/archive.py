@@ -71,7 +71,8 @@ def compress_stream(src: BinaryIO, dst: BinaryIO, *, models: ModelCache, setting
     s = settings.resolved()
     t0 = time.perf_counter()
     stats = Stats()
-    out = archive_header(models, s, prompt).pack()
+    header = archive_header(models, s, prompt)
+    out = header.pack()
     dst.write(out)
     content = {"total": 0, "n": 0, "check": content_hasher()}
 
@@ -82,7 +83,8 @@ def compress_stream(src: BinaryIO, dst: BinaryIO, *, models: ModelCache, setting
             content["check"].update(raw)
             yield raw
 
-    for encoded in executor.map(EncodeJob(s, prompt, _model_arg(models)), blocks(), progress):
+    job = EncodeJob(s, prompt, _model_arg(models), header.model_fingerprint)
+    for encoded in executor.map(job, blocks(), progress):
         packed = encoded.block.pack()
         dst.write(packed)
         stats.output_bytes += len(packed)

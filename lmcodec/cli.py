@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -85,9 +86,31 @@ class MixerChoice(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
-def _codec(model, progress=None, **settings) -> Codec:
+def _codec(model, progress=None, executor=None, **settings) -> Codec:
     settings = {k: v for k, v in settings.items() if v is not None}
-    return Codec(model, progress=progress, **settings)
+    return Codec(model, progress=progress, executor=executor, **settings)
+
+
+def cluster_option(fn):
+    return click.option("--cluster", default=None, envvar="LMCODEC_CLUSTER", metavar="ADDRESS",
+                        help="Code the blocks on a Ray cluster: local[:N] starts N workers on this machine, "
+                             "anything else is a Ray address (lmcodec[cluster], docs/SCALE.md) "
+                             "[$LMCODEC_CLUSTER].")(fn)
+
+
+@contextlib.contextmanager
+def _executor(cluster: str | None, model, device: str, threads: int | None):
+    """A Ray executor for ``--cluster`` (one for all the command's files), else None (this process)."""
+    if not cluster:
+        yield None
+        return
+    from .cluster import RayExecutor   # imports Ray: only when asked for
+
+    executor = RayExecutor(cluster, threads=threads, device=device, model=model)
+    try:
+        yield executor
+    finally:
+        executor.close()
 
 
 def _check_stdout(force: bool) -> None:
@@ -159,15 +182,22 @@ def output_is_terminal() -> bool:
 @click.option("--verify", is_flag=True, help="Decompress the result and compare before keeping it.")
 @model_options
 @coding_options
+@cluster_option
 @click.pass_obj
 @handle_errors
-def compress(ctx: Context, inputs, output, stdout, keep, force, verify, prompt, prompt_file, model, **coding):
+def compress(ctx: Context, inputs, output, stdout, keep, force, verify, prompt, prompt_file, model, cluster,
+             **coding):
     """Compress FILE(s) to FILE.lmc ('-' reads standard input)."""
     key = _prompt(prompt, prompt_file)
+    with _executor(cluster, model, coding["device"], coding["threads"]) as executor:
+        _compress_files(ctx, inputs, output, stdout, keep, force, verify, key, model, executor, coding)
+
+
+def _compress_files(ctx: Context, inputs, output, stdout, keep, force, verify, key, model, executor, coding):
     for name, target in _io_targets(inputs, output, stdout, lambda p: p.with_name(p.name + SUFFIX)):
         src, size = _open_input(name)
         bar = _progress_bar(ctx, size, f"compress {name}")
-        codec = _codec(model, bar.update, **coding)
+        codec = _codec(model, bar.update, executor, **coding)
         stats: list[Stats] = []
 
         def work(dst, src=src, codec=codec):
@@ -175,7 +205,7 @@ def compress(ctx: Context, inputs, output, stdout, keep, force, verify, prompt, 
                 data = src.read()
                 blob = codec.compress(data, key)
                 stats.append(codec.last_stats)
-                if _codec(model, **coding).decompress(blob, key) != data:
+                if _codec(model, None, executor, **coding).decompress(blob, key) != data:
                     raise LMCodecError("verification failed: the archive does not decompress to the input")
                 dst.write(blob)
             else:
@@ -210,15 +240,22 @@ def _strip_suffix(path: Path) -> Path:
 @click.option("-f", "--force", is_flag=True, help="Overwrite existing output files.")
 @model_options
 @machine_options
+@cluster_option
 @click.pass_obj
 @handle_errors
-def decompress(ctx: Context, archives, output, stdout, keep, force, prompt, prompt_file, model, device, threads):
+def decompress(ctx: Context, archives, output, stdout, keep, force, prompt, prompt_file, model, device, threads,
+               cluster):
     """Decompress ARCHIVE(s) (FILE.lmc -> FILE; '-' reads standard input)."""
     key = _prompt(prompt, prompt_file)
+    with _executor(cluster, model, device, threads) as executor:
+        _decompress_files(ctx, archives, output, stdout, keep, force, key, model, device, threads, executor)
+
+
+def _decompress_files(ctx: Context, archives, output, stdout, keep, force, key, model, device, threads, executor):
     for name, target in _io_targets(archives, output, stdout, _strip_suffix):
         src, size = _open_input(name)
         bar = _progress_bar(ctx, None, f"decompress {name}")
-        codec = _codec(model, bar.update, device=device, threads=threads)
+        codec = _codec(model, bar.update, executor, device=device, threads=threads)
         try:
             _write_to(target, force, lambda dst: codec.decompress_stream(src, dst, key, size))
         finally:
@@ -235,20 +272,23 @@ def decompress(ctx: Context, archives, output, stdout, keep, force, prompt, prom
 @click.argument("archives", nargs=-1, required=True)
 @model_options
 @machine_options
+@cluster_option
 @click.pass_obj
 @handle_errors
-def test_cmd(ctx: Context, archives, prompt, prompt_file, model, device, threads):
+def test_cmd(ctx: Context, archives, prompt, prompt_file, model, device, threads, cluster):
     """Decode ARCHIVE(s) and check their checksums; write nothing."""
     key = _prompt(prompt, prompt_file)
-    for name in archives:
-        src, size = _open_input(name)
-        bar = _progress_bar(ctx, None, f"test {name}")
-        try:
-            n = _codec(model, bar.update, device=device, threads=threads).decompress_stream(src, Counter(), key, size)
-        finally:
-            bar.close()
-            src.close()
-        ctx.say(f"{name}: OK ({n} bytes)")
+    with _executor(cluster, model, device, threads) as executor:
+        for name in archives:
+            src, size = _open_input(name)
+            bar = _progress_bar(ctx, None, f"test {name}")
+            try:
+                codec = _codec(model, bar.update, executor, device=device, threads=threads)
+                n = codec.decompress_stream(src, Counter(), key, size)
+            finally:
+                bar.close()
+                src.close()
+            ctx.say(f"{name}: OK ({n} bytes)")
 
 
 @main.command()
