@@ -78,11 +78,12 @@ class ArchiveSink:
                  executor: Executor, progress: Progress):
         self.settings = s = settings.resolved()
         self._dst, self._executor, self._progress = dst, executor, progress
-        self._job = EncodeJob(s, prompt, _model_arg(models))
+        header = archive_header(models, s, prompt)
+        self._job = EncodeJob(s, prompt, _model_arg(models), header.model_fingerprint)
         self._t0 = time.perf_counter()
         self._total, self._n, self._check = 0, 0, content_hasher()
         self.stats = Stats()
-        head = archive_header(models, s, prompt).pack()
+        head = header.pack()
         dst.write(head)
         self.stats.output_bytes += len(head)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import io
 import json
 import os
@@ -15,69 +15,15 @@ import click
 from . import __version__
 from .codec import DEFAULT_LEVEL, Codec, Counter, Stats
 from .container import End, Method, Reader
+from .cli_common import Context, _fail, _progress_bar, _prompt, handle_errors
 from .errors import LMCodecError, UsageError
-from .fileio import Terminated, atomic_output, install_signal_handlers
+from .fileio import atomic_output, install_signal_handlers
 from .mixing import MixerConfig
 from .baselines import classical_sizes
+from .probe_cli import probe_command
 
 SUFFIX = ".lmc"
 STDIO = "-"
-
-
-class Context:
-    def __init__(self, quiet: bool, debug: bool):
-        self.quiet = quiet
-        self.debug = debug
-
-    def say(self, msg: str) -> None:
-        if not self.quiet:
-            click.echo(msg, err=True)
-
-
-def _progress_bar(ctx: Context, total: int | None, desc: str):
-    """A tqdm bar on stderr, shown only on a terminal and only after one second."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr, delay=1.0,
-                leave=False, disable=ctx.quiet or not sys.stderr.isatty(), dynamic_ncols=True)
-
-
-def _fail(msg: str, code: int = 1):
-    click.echo(f"lmcodec: error: {msg}", err=True)
-    sys.exit(code)
-
-
-def handle_errors(fn):
-    """One-line errors and conventional exit codes; tracebacks only with --debug."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        ctx = click.get_current_context().find_object(Context)
-        try:
-            return fn(*args, **kwargs)
-        except LMCodecError as exc:
-            if ctx and ctx.debug:
-                raise
-            _fail(str(exc), exc.exit_code)
-        except FileExistsError as exc:
-            _fail(str(exc.args[0] if exc.args else exc))
-        except OSError as exc:
-            if ctx and ctx.debug:
-                raise
-            where = f"{exc.filename}: " if exc.filename else ""
-            _fail(f"{where}{exc.strerror or exc}")
-        except KeyboardInterrupt:
-            click.echo("lmcodec: interrupted", err=True)
-            sys.exit(130)
-        except Terminated:
-            click.echo("lmcodec: terminated", err=True)
-            sys.exit(143)
-        except Exception as exc:  # a bug, not a user error
-            if ctx and ctx.debug:
-                raise
-            _fail(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for a traceback)", 3)
-
-    return wrapper
 
 
 def model_options(fn):
@@ -140,17 +86,31 @@ class MixerChoice(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
-def _prompt(prompt: str | None, prompt_file: Path | None) -> bytes | None:
-    if prompt is not None and prompt_file is not None:
-        raise UsageError("give --prompt or --prompt-file, not both")
-    if prompt_file is not None:
-        return prompt_file.read_bytes()
-    return prompt.encode("utf-8") if prompt is not None else None
-
-
-def _codec(model, progress=None, **settings) -> Codec:
+def _codec(model, progress=None, executor=None, **settings) -> Codec:
     settings = {k: v for k, v in settings.items() if v is not None}
-    return Codec(model, progress=progress, **settings)
+    return Codec(model, progress=progress, executor=executor, **settings)
+
+
+def cluster_option(fn):
+    return click.option("--cluster", default=None, envvar="LMCODEC_CLUSTER", metavar="ADDRESS",
+                        help="Code the blocks on a Ray cluster: local[:N] starts N workers on this machine, "
+                             "anything else is a Ray address (lmcodec[cluster], docs/SCALE.md) "
+                             "[$LMCODEC_CLUSTER].")(fn)
+
+
+@contextlib.contextmanager
+def _executor(cluster: str | None, model, device: str, threads: int | None):
+    """A Ray executor for ``--cluster`` (one for all the command's files), else None (this process)."""
+    if not cluster:
+        yield None
+        return
+    from .cluster import RayExecutor   # imports Ray: only when asked for
+
+    executor = RayExecutor(cluster, threads=threads, device=device, model=model)
+    try:
+        yield executor
+    finally:
+        executor.close()
 
 
 def _check_stdout(force: bool) -> None:
@@ -235,15 +195,22 @@ def output_is_terminal() -> bool:
 @click.option("--verify", is_flag=True, help="Decompress the result and compare before keeping it.")
 @model_options
 @coding_options
+@cluster_option
 @click.pass_obj
 @handle_errors
-def compress(ctx: Context, inputs, output, stdout, keep, force, verify, prompt, prompt_file, model, **coding):
+def compress(ctx: Context, inputs, output, stdout, keep, force, verify, prompt, prompt_file, model, cluster,
+             **coding):
     """Compress FILE(s) to FILE.lmc ('-' reads standard input)."""
     key = _prompt(prompt, prompt_file)
+    with _executor(cluster, model, coding["device"], coding["threads"]) as executor:
+        _compress_files(ctx, inputs, output, stdout, keep, force, verify, key, model, executor, coding)
+
+
+def _compress_files(ctx: Context, inputs, output, stdout, keep, force, verify, key, model, executor, coding):
     for name, target in _io_targets(inputs, output, stdout, lambda p: p.with_name(p.name + SUFFIX)):
         src, size = _open_input(name)
         bar = _progress_bar(ctx, size, f"compress {name}")
-        codec = _codec(model, bar.update, **coding)
+        codec = _codec(model, bar.update, executor, **coding)
         stats: list[Stats] = []
 
         def work(dst, src=src, codec=codec):
@@ -251,7 +218,7 @@ def compress(ctx: Context, inputs, output, stdout, keep, force, verify, prompt, 
                 data = src.read()
                 blob = codec.compress(data, key)
                 stats.append(codec.last_stats)
-                if _codec(model, **coding).decompress(blob, key) != data:
+                if _codec(model, None, executor, **coding).decompress(blob, key) != data:
                     raise LMCodecError("verification failed: the archive does not decompress to the input")
                 dst.write(blob)
             else:
@@ -286,15 +253,22 @@ def _strip_suffix(path: Path) -> Path:
 @click.option("-f", "--force", is_flag=True, help="Overwrite existing output files.")
 @model_options
 @machine_options
+@cluster_option
 @click.pass_obj
 @handle_errors
-def decompress(ctx: Context, archives, output, stdout, keep, force, prompt, prompt_file, model, device, threads):
+def decompress(ctx: Context, archives, output, stdout, keep, force, prompt, prompt_file, model, device, threads,
+               cluster):
     """Decompress ARCHIVE(s) (FILE.lmc -> FILE; '-' reads standard input)."""
     key = _prompt(prompt, prompt_file)
+    with _executor(cluster, model, device, threads) as executor:
+        _decompress_files(ctx, archives, output, stdout, keep, force, key, model, device, threads, executor)
+
+
+def _decompress_files(ctx: Context, archives, output, stdout, keep, force, key, model, device, threads, executor):
     for name, target in _io_targets(archives, output, stdout, _strip_suffix):
         src, size = _open_input(name)
         bar = _progress_bar(ctx, None, f"decompress {name}")
-        codec = _codec(model, bar.update, device=device, threads=threads)
+        codec = _codec(model, bar.update, executor, device=device, threads=threads)
         try:
             _write_to(target, force, lambda dst: codec.decompress_stream(src, dst, key, size))
         finally:
@@ -311,20 +285,23 @@ def decompress(ctx: Context, archives, output, stdout, keep, force, prompt, prom
 @click.argument("archives", nargs=-1, required=True)
 @model_options
 @machine_options
+@cluster_option
 @click.pass_obj
 @handle_errors
-def test_cmd(ctx: Context, archives, prompt, prompt_file, model, device, threads):
+def test_cmd(ctx: Context, archives, prompt, prompt_file, model, device, threads, cluster):
     """Decode ARCHIVE(s) and check their checksums; write nothing."""
     key = _prompt(prompt, prompt_file)
-    for name in archives:
-        src, size = _open_input(name)
-        bar = _progress_bar(ctx, None, f"test {name}")
-        try:
-            n = _codec(model, bar.update, device=device, threads=threads).decompress_stream(src, Counter(), key, size)
-        finally:
-            bar.close()
-            src.close()
-        ctx.say(f"{name}: OK ({n} bytes)")
+    with _executor(cluster, model, device, threads) as executor:
+        for name in archives:
+            src, size = _open_input(name)
+            bar = _progress_bar(ctx, None, f"test {name}")
+            try:
+                codec = _codec(model, bar.update, executor, device=device, threads=threads)
+                n = codec.decompress_stream(src, Counter(), key, size)
+            finally:
+                bar.close()
+                src.close()
+            ctx.say(f"{name}: OK ({n} bytes)")
 
 
 @main.command()
@@ -498,14 +475,8 @@ def _accept_global_flags_after_subcommand(group: click.Group) -> None:
                                            callback=setter("debug"), help="Show Python tracebacks on errors."))
 
 
+main.add_command(probe_command, "probe")
+_accept_global_flags_after_subcommand(main)
+
 if __name__ == "__main__":  # pragma: no cover
-    # Run as `python -m lmcodec.cli`: go through the package module so the probe
-    # command's import of lmcodec.cli finds this module's objects, not a copy.
-    from lmcodec.cli import main as _main
-
-    _main()
-else:
-    from .probe_cli import probe_command
-
-    main.add_command(probe_command, "probe")
-    _accept_global_flags_after_subcommand(main)
+    main()

@@ -59,5 +59,9 @@ class EnvironmentMismatchError(LMCodecError):
     """This machine cannot reproduce the encoder's computation (device, dtype)."""
 
 
+class ClusterError(LMCodecError):
+    """The Ray cluster could not be reached, or a block failed on every retry."""
+
+
 class ResourceLimitError(LMCodecError):
     """Coding would need more memory than the configured limit allows."""

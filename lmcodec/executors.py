@@ -25,11 +25,16 @@ from .settings import Settings
 
 @dataclass(frozen=True)
 class EncodeJob:
-    """Encode one block's raw bytes (``settings`` resolved; ``model`` the user's model argument)."""
+    """Encode one block's raw bytes (``settings`` resolved; ``model`` the user's model argument).
+
+    ``model_check``: the header's model fingerprint bytes (empty for a stored-only
+    archive); a remote worker's result must come from a model that matches it.
+    """
 
     settings: Settings
     prompt: bytes | None
     model: str | None
+    model_check: bytes = b""
 
     def __call__(self, models: ModelCache, raw: bytes, progress: Progress) -> EncodedBlock:
         return BlockEncoder(models, self.settings, self.prompt).encode(raw, progress)
@@ -48,6 +53,11 @@ class DecodeJob:
     header: Header
     prompt: bytes | None
     model: str | None
+
+    @property
+    def model_check(self) -> bytes:
+        """The header's model fingerprint bytes (see :class:`EncodeJob`)."""
+        return self.header.model_fingerprint
 
     def __call__(self, models: ModelCache, blocks: list[Block], progress: Progress) -> list[bytes]:
         return BlockDecoder(models, self.settings, self.header, self.prompt).decode(blocks, progress)

@@ -28,11 +28,14 @@ class ModelCache:
 
     ``model``: the registry name, GGUF path or HF directory given by the user
     (``None``: the default model to compress with, the archive's registered
-    model to decompress with).
+    model to decompress with).  ``ops``: the engines' backend module (``None``:
+    the device's own; a cluster test runs one worker on ``ops_torch`` to show
+    that both backends code the same bits).
     """
 
-    def __init__(self, model: ModelSpec = None):
+    def __init__(self, model: ModelSpec = None, *, ops=None):
         self.model_arg = model
+        self.ops = ops
         self._models: dict[str, tuple[IntModel, ByteTokenizer, str]] = {}
         self._engines: dict[tuple, Engine] = {}
         self._prefixes: dict[tuple, list[int]] = {}
@@ -56,7 +59,7 @@ class ModelCache:
         """The engine of ``model`` on ``device``, built once (where an LM block starts running the model)."""
         key = (model.fingerprint, device)
         if key not in self._engines:
-            self._engines[key] = Engine(model, device)
+            self._engines[key] = Engine(model, device, ops=self.ops)
         return self._engines[key]
 
     def model_for(self, header: Header) -> tuple[IntModel, ByteTokenizer]:

@@ -1,8 +1,8 @@
 """``lmcodec probe``: the memorization probe on the command line.
 
-A module of its own because it needs :mod:`lmcodec.cli`'s helpers while cli
-registers it at its very end (importing it from :mod:`lmcodec.probe` would be
-circular).
+A module of its own (not in :mod:`lmcodec.probe`, which is the library part);
+it takes the shared CLI helpers from :mod:`lmcodec.cli_common`, and
+:mod:`lmcodec.cli` registers it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from .cli import Context, _prompt, handle_errors
+from .cli_common import Context, _prompt, handle_errors
 from .errors import UsageError
 from .fileio import atomic_output
 from .probe import (DEFAULT_MIN_CONTEXT, DEFAULT_TOP_K, DEFAULT_WINDOW, ProbeResult, Thresholds, probe)
