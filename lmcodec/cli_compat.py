@@ -32,8 +32,8 @@ from typing import Callable
 import click
 
 from . import __version__
-from .cli import (SUFFIX, STDIO, Context, _codec, _io_targets, _open_input, _progress_bar, _prompt,
-                  _strip_suffix, _write_to, handle_errors, model_options)
+from .cli import SUFFIX, STDIO, _codec, _io_targets, _open_input, _strip_suffix, _write_to, model_options
+from .cli_common import Context, _progress_bar, _prompt, handle_errors
 from .codec import DEFAULT_LEVEL, Counter
 from .container import End, Reader
 from .errors import UsageError
