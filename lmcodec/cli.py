@@ -207,7 +207,7 @@ def compress(ctx: Context, inputs, output, stdout, keep, force, verify, prompt, 
 
 
 def _compress_files(ctx: Context, inputs, output, stdout, keep, force, verify, key, model, executor, coding):
-    for name, target in _io_targets(inputs, output, stdout, lambda p: p.with_name(p.name + SUFFIX)):
+    def one(name, target):
         src, size = _open_input(name)
         bar = _progress_bar(ctx, size, f"compress {name}")
         codec = _codec(model, bar.update, executor, **coding)
@@ -237,6 +237,51 @@ def _compress_files(ctx: Context, inputs, output, stdout, keep, force, verify, k
             if not keep and name != STDIO:
                 os.unlink(name)
 
+    _for_each_file(executor, _io_targets(inputs, output, stdout, lambda p: p.with_name(p.name + SUFFIX)), one)
+
+
+def _for_each_file(executor, targets, one) -> None:
+    """``one(name, target)`` for every file: in turn, or on a cluster up to one file per worker at once.
+
+    A file smaller than a block is one call, so in turn it would keep one
+    worker busy and the others idle.  Files written to standard output stay
+    in turn (their bytes must not interleave).  The first error is raised once
+    the files being coded have ended; an interrupt closes the executor, so
+    their calls fail at once and their outputs are removed.
+    """
+    width = executor.workers if executor is not None else 1
+    if width < 2:
+        for name, target in targets:
+            one(name, target)
+        return
+    targets = list(targets)
+    if len(targets) < 2 or any(target is None for _, target in targets):
+        for name, target in targets:
+            one(name, target)
+        return
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    errors: list[BaseException] = []
+    running: set = set()
+    pool = ThreadPoolExecutor(width, thread_name_prefix="lmcodec-file")
+    try:
+        for name, target in targets:
+            while len(running) >= width:
+                done, running = wait(running, return_when=FIRST_COMPLETED)
+                errors += [f.exception() for f in done if f.exception() is not None]
+            if errors:
+                break
+            running.add(pool.submit(one, name, target))
+        done, _ = wait(running)
+        errors += [f.exception() for f in done if f.exception() is not None]
+    except BaseException:
+        executor.close()
+        raise
+    finally:
+        pool.shutdown(wait=True)
+    if errors:
+        raise errors[0]
+
 
 def _strip_suffix(path: Path) -> Path:
     if path.suffix != SUFFIX:
@@ -265,7 +310,7 @@ def decompress(ctx: Context, archives, output, stdout, keep, force, prompt, prom
 
 
 def _decompress_files(ctx: Context, archives, output, stdout, keep, force, key, model, device, threads, executor):
-    for name, target in _io_targets(archives, output, stdout, _strip_suffix):
+    def one(name, target):
         src, size = _open_input(name)
         bar = _progress_bar(ctx, None, f"decompress {name}")
         codec = _codec(model, bar.update, executor, device=device, threads=threads)
@@ -279,6 +324,8 @@ def _decompress_files(ctx: Context, archives, output, stdout, keep, force, key, 
             ctx.say(f"{name} -> {target}")
             if not keep and name != STDIO:
                 os.unlink(name)
+
+    _for_each_file(executor, _io_targets(archives, output, stdout, _strip_suffix), one)
 
 
 @main.command("test")
@@ -309,17 +356,28 @@ def test_cmd(ctx: Context, archives, prompt, prompt_file, model, device, threads
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
 @click.option("--threads", type=click.IntRange(1, 256), default=None)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@cluster_option
 @click.pass_obj
 @handle_errors
-def selftest(ctx: Context, model, device, threads, as_json):
+def selftest(ctx: Context, model, device, threads, as_json, cluster):
     """Check that this machine computes the engine's bits (exit 0 only if it does).
 
     Digests a built-in text's coding frequencies and compares the digest with
     the one recorded for the model; also checks that the decoder's step-by-step
-    path equals the encoder's parallel pass.
+    path equals the encoder's parallel pass.  With --cluster: on every worker.
     """
     from . import selftest as st
     from .engine import torch_threads
+
+    if cluster:
+        with _executor(cluster, model, device, threads) as executor:
+            reports = executor.check()   # raises, naming the worker, unless every one matches
+        if as_json:
+            click.echo(json.dumps({"workers": reports, "ok": True}, indent=2))
+        else:
+            for r in reports:
+                click.echo(f"{r['host']}:{r['pid']} ({r['device']}): {r['model']} digest {r['digest']} OK")
+        return
 
     codec = _codec(model, device=device, threads=threads)
     s = codec.settings.resolved()

@@ -36,13 +36,15 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import re
 import secrets
 import sys
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 from .errors import ClusterError, EnvironmentMismatchError, LMCodecError, ModelMismatchError, UsageError
+from .cluster_worker import Worker
 from .executors import Executor
 
 #: Calls in flight per worker: one running and one queued behind it, so a worker
@@ -55,10 +57,8 @@ IN_FLIGHT_PER_WORKER = 2
 #: kills its worker every time fails after 4 attempts instead of looping.
 #: ``LMCODEC_CLUSTER_RETRIES`` overrides both.
 DEFAULT_RETRIES = 3
-#: Test hook, read by the driver and handed to every worker: ``INDEX[:MARKER]``
-#: makes the worker that runs call INDEX (0-based, in input order) exit with
-#: ``os._exit`` in the middle of it; with MARKER, only if that file does not exist
-#: yet (the worker creates it first, so it dies once).  Never set it in production.
+#: Test hook, read by the driver and handed to every worker
+#: (:meth:`lmcodec.cluster_worker.Worker.exit_callback`).  Never set it in production.
 TEST_EXIT_ENV = "LMCODEC_TEST_WORKER_EXIT"
 #: Test-only: comma list of engine backends (``cpu`` = numba kernels, ``torch`` =
 #: tensor ops) given to the workers in turn, to show that they code the same bits.
@@ -143,8 +143,12 @@ def _private_environment() -> None:
 
 
 def _start_local(ray, workers: int) -> None:
-    """A private cluster of ``workers`` CPUs on this machine; refused unless it is on loopback."""
-    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+    """A private cluster of ``workers`` CPUs on this machine; refused unless it is on loopback.
+
+    ``address="local"`` always starts a new cluster: without it Ray would join
+    one named by ``RAY_ADDRESS`` or left by ``ray start`` on this machine.
+    """
+    ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
              configure_logging=False)
     gcs = ray.get_runtime_context().gcs_address
     if not gcs.startswith(("127.0.0.1:", "[::1]:", "localhost:")):
@@ -218,96 +222,9 @@ def disconnect() -> None:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return text[:300]
-
-
-# -- the worker ---------------------------------------------------------------------------------------
-
-
-class Worker:
-    """The body of a Ray actor: model caches, and calls that run a job on one item.
-
-    A plain class (wrapped with ``ray.remote`` at run time) so that importing
-    this module does not import Ray.  The job arrives with the driver's
-    settings; the worker runs it on its own device and threads (neither is
-    recorded, and results do not depend on them).
-    """
-
-    def __init__(self, threads: int, device: str, ops: str | None, exit_hook: str | None):
-        self.threads = threads
-        self.device = device
-        self.ops = ops
-        self.exit_hook = exit_hook
-        self._caches: dict = {}
-
-    def _models(self, spec: str | None):
-        """One :class:`~lmcodec.modelcache.ModelCache` per model argument, kept for the worker's life."""
-        if spec not in self._caches:
-            from .modelcache import ModelCache
-
-            ops = None
-            if self.ops == "torch":   # test-only: tensor ops instead of the numba kernels
-                from . import ops_torch as ops
-            self._caches[spec] = ModelCache(spec, ops=ops)
-        return self._caches[spec]
-
-    def run(self, index: int, job, item) -> tuple[bytes, Any]:
-        """``job(models, item)`` here; returns (the fingerprint of the model it used, the result)."""
-        from .progress import Progress
-
-        job = replace(job, settings=replace(job.settings, device=self.device, threads=self.threads))
-        models = self._models(job.model)
-        progress = Progress(self._exit_callback(index))
-        result = job(models, item, progress)
-        return _fingerprint(job, models), result
-
-    def _exit_callback(self, index: int):
-        """The test hook (:data:`TEST_EXIT_ENV`): a progress callback that ends the process
-        at the first tokens of call ``index``, in the middle of its block."""
-        if self.exit_hook is None:
-            return None
-        at, _, marker = self.exit_hook.partition(":")
-        if int(at) != index:
-            return None
-
-        def die(_nbytes: int) -> None:
-            if marker:
-                try:
-                    os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-                except FileExistsError:   # died once already: code the block this time
-                    return
-            os._exit(17)
-
-        return die
-
-    def load(self, model: str | None) -> bytes:
-        """Load ``model`` now (before the first block); its fingerprint."""
-        return self._models(model).load(model)[0].fingerprint
-
-    def selftest(self, model: str | None) -> dict:
-        """:func:`lmcodec.selftest.run` on this worker's engine (a health check)."""
-        import socket
-
-        from . import selftest
-        from .engine import torch_threads
-
-        models = self._models(model)
-        int_model, tok, name = models.load(model)
-        with torch_threads(self.threads):
-            res = selftest.run(models.engine(int_model, self.device), tok)
-        return {"host": socket.gethostname(), "pid": os.getpid(), "device": self.device, "model": name,
-                "fingerprint": res.fingerprint, "digest": res.digest, "steps_agree": res.steps_agree}
-
-
-def _fingerprint(job, models) -> bytes:
-    """The fingerprint of the model ``job`` codes with on this worker (empty: no model needed)."""
-    if not job.model_check:
-        return b""
-    header = getattr(job, "header", None)
-    if header is not None:        # decoding: the archive's model, already checked against its header
-        return models.model_for(header)[0].fingerprint
-    return models.coding_model()[0].fingerprint
+    """The first line of an exception's message, without terminal colours, at most 200 characters."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    return (text.splitlines() or [type(exc).__name__])[0][:200]
 
 
 # -- the driver's side ---------------------------------------------------------------------------------
@@ -362,6 +279,9 @@ class RayExecutor(Executor):
                                        os.environ.get(TEST_EXIT_ENV)) for i in range(n)]
         self._load = [0] * n            # calls out per worker (all maps together)
         self._lock = threading.Lock()
+        #: Items out (running, queued or waiting for their turn) over all maps at once:
+        #: files coded side by side share the bound.
+        self._slots = threading.Semaphore(self.parallelism)
 
     @property
     def workers(self) -> int:
@@ -386,19 +306,26 @@ class RayExecutor(Executor):
         """``job(models, item)`` for every item on the workers; results in input order.
 
         Items are pulled from ``items`` only while fewer than :attr:`parallelism`
-        are out, so the input is read as fast as the workers code it; progress
+        are out (over all maps running at once, e.g. files coded side by side),
+        so the input is read as fast as the workers code it; progress
         moves by a whole item (``job.weight``) as its result is handed on.
         """
         ray = self._ray
         source = iter(items)
         out: collections.deque[_Call] = collections.deque()   # in input order
         running: dict = {}                                     # ref -> call, until its result is in
-        index = 0
+        index, exhausted = 0, False
         try:
             while True:
-                while len(out) < self.parallelism:
-                    item = next(source, _END)
+                while not exhausted and self._slots.acquire(blocking=not out):   # wait only when idle
+                    try:
+                        item = next(source, _END)
+                    except BaseException:
+                        self._slots.release()
+                        raise
                     if item is _END:
+                        self._slots.release()
+                        exhausted = True
                         break
                     w = self._pick()
                     call = _Call(self._workers[w].run.remote(index, job, item), w, job.weight(item))
@@ -414,12 +341,18 @@ class RayExecutor(Executor):
                         self._done(call.worker)
                         call.result, call.done = self._result(ref, job.model_check), True
                 call = out.popleft()
+                self._slots.release()
                 progress.bytes(call.weight)
                 yield call.result
         finally:   # an error or a consumer that stopped early: nothing keeps running for it
+            for _ in out:
+                self._slots.release()
             for call in running.values():
-                ray.cancel(call.ref)
                 self._done(call.worker)
+                try:
+                    ray.cancel(call.ref)   # queued calls are dropped; a running one finishes unread
+                except Exception:          # its worker is gone already
+                    pass
 
     def _result(self, ref, expected: bytes | None) -> Any:
         """The worker's result, after the fingerprint check; Ray's failures as one-line errors."""
@@ -433,7 +366,7 @@ class RayExecutor(Executor):
             raise ClusterError(f"a worker failed: {type(cause).__name__}: {_one_line(cause)}") from None
         except ray.exceptions.RayError as exc:
             raise ClusterError(f"a block could not be coded: its worker died and {retries()} retries ran out "
-                               f"({type(exc).__name__})") from None
+                               f"({type(exc).__name__}: {_one_line(exc)})") from None
         if expected is not None and fingerprint[:len(expected)] != expected:
             raise ModelMismatchError(f"a worker used model {fingerprint.hex()[:16]}, not the archive's "
                                      f"{expected.hex()[:16]}: the cluster's workers have another model")
