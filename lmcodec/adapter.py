@@ -6,7 +6,7 @@ made from the file's bytes (``Adapter(data)``, :meth:`Adapter.load`), has an id
 it holds is integers only -- the deltas docs/ENGINE.md ("Dictionaries") merges
 into the int8 model at load -- plus an optional *primer* (text the codec puts
 in the prompt, what ``--prompt-file`` gives by hand).  :func:`lmcodec.train`
-makes one (float training, :mod:`lmcodec.train`); decoding never runs float code.
+makes one (float training, :mod:`lmcodec.training`); decoding never runs float code.
 
 File layout (all integers little-endian)::
 

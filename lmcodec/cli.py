@@ -21,6 +21,7 @@ from .fileio import atomic_output, install_signal_handlers
 from .mixing import MixerConfig
 from .baselines import classical_sizes
 from .probe_cli import probe_command
+from .train_cli import train_command
 
 SUFFIX = ".lmc"
 STDIO = "-"
@@ -476,6 +477,7 @@ def _accept_global_flags_after_subcommand(group: click.Group) -> None:
 
 
 main.add_command(probe_command, "probe")
+main.add_command(train_command, "train")
 _accept_global_flags_after_subcommand(main)
 
 if __name__ == "__main__":  # pragma: no cover

@@ -181,7 +181,7 @@ def test_random_bytes_are_refused(raw):
 # ----------------------------------------------------------------------------- training (smoke)
 
 def test_training_smoke(tiny_model_dir, tiny):
-    from lmcodec.train import train_adapter
+    from lmcodec.training import train_adapter
 
     model, _ = tiny
     samples = [b'{"name": "item%d", "value": %d}\n' % (i, i * 7) for i in range(30)]
@@ -192,3 +192,26 @@ def test_training_smoke(tiny_model_dir, tiny):
     assert ad.meta["info"]["steps"] == 3
     assert Adapter(ad.as_bytes()).fingerprint() == ad.fingerprint()
     ad.apply(model)
+
+
+def test_cli_train(tiny_model_dir, tiny, tmp_path):
+    """`lmcodec train DIR -o DICT`: a directory's files are the samples; an existing output needs -f."""
+    from click.testing import CliRunner
+
+    from lmcodec.cli import main
+
+    model, _ = tiny
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    for i in range(3):
+        (samples / f"{i}.json").write_bytes(b'{"id": %d, "ok": true}\n' % i)
+    out = tmp_path / "d.lma"
+    args = ["train", str(samples), "-o", str(out), "-m", str(tiny_model_dir), "--steps", "1", "--max-tokens", "64"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    ad = Adapter.load(out)
+    assert ad.base_fingerprint == model.fingerprint and ad.id[:16] in res.output
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2 and "already exists" in res.output
+    res = CliRunner().invoke(main, ["train", str(tmp_path / "nothing"), "-o", str(tmp_path / "e.lma")])
+    assert res.exit_code == 2 and "no such file" in res.output

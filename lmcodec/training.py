@@ -1,5 +1,8 @@
 """Fitting a dictionary: a small float adapter trained on samples, then quantized to integers.
 
+(``training``, not ``train``: :func:`lmcodec.train` is the package's function, and a
+submodule of the same name would replace it on the package once imported.)
+
 All float and autograd code of lmcodec's dictionaries lives here and is imported
 lazily (``lmcodec train``, :func:`lmcodec.train`); the engine, ``ops_*`` and the
 decoder never import it.  Decoding depends only on the integers the result
