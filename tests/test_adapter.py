@@ -215,3 +215,101 @@ def test_cli_train(tiny_model_dir, tiny, tmp_path):
     assert res.exit_code == 2 and "already exists" in res.output
     res = CliRunner().invoke(main, ["train", str(tmp_path / "nothing"), "-o", str(tmp_path / "e.lma")])
     assert res.exit_code == 2 and "no such file" in res.output
+
+
+# ----------------------------------------------------------------------------- coding with a dictionary
+
+from conftest import FAST  # noqa: E402
+
+import lmcodec  # noqa: E402
+from lmcodec.errors import DictionaryMismatchError, ModelMismatchError, PromptMismatchError  # noqa: E402
+
+RECORD = (b'{"pagination": {"ListThings": {"input_token": "NextToken", "output_token": "NextToken", '
+          b'"limit_key": "MaxResults", "result_key": "Things"}, "ListOthers": {"input_token": "Marker"}}}\n')
+
+
+def default_dict(loaded_model, tokenizer, seed: int, primer: bytes | None = None) -> Adapter:
+    """A small real dictionary for the default model: moderate row scales, gains and q/k/v biases."""
+    model = load_int_model(loaded_model, tokenizer.fingerprint)
+    rng = np.random.default_rng(seed)
+    t = AdapterTensors()
+    for i in range(0, len(model.layers), 3):
+        n = model.layers[i].qkv.weight.shape[0]
+        t.scale[f"{i}.qkv"] = rng.integers(-2000, 2000, n).astype(np.int32)
+        t.bias[f"{i}.qkv"] = rng.integers(-3000, 3000, n).astype(np.int32)
+        t.gain[f"{i}.mlp_gain"] = rng.integers(-300, 300, len(model.layers[i].mlp_gain)).astype(np.int32)
+    return Adapter.build(model.fingerprint, t, primer=primer)
+
+
+@pytest.fixture(scope="module")
+def dicts(loaded_model, tokenizer):
+    return {"a": default_dict(loaded_model, tokenizer, 0), "b": default_dict(loaded_model, tokenizer, 1),
+            "primed": default_dict(loaded_model, tokenizer, 0, primer=RECORD[:80])}
+
+
+@pytest.fixture(scope="module")
+def archives(dicts):
+    out = {}
+    for name in ("a", "primed"):
+        out[name] = lmcodec.Codec(dictionary=dicts[name], **FAST).compress(RECORD)
+    out[None] = lmcodec.Codec(**FAST).compress(RECORD)
+    return out
+
+
+def test_round_trip_with_a_dictionary(dicts, archives, tmp_path):
+    assert archives["a"] != archives[None]
+    path = tmp_path / "a.lma"
+    dicts["a"].save(path)
+    for d in (dicts["a"], path, dicts["a"].as_bytes()):     # an Adapter, a path, the file's bytes
+        assert lmcodec.Codec(dictionary=d, **FAST).decompress(archives["a"]) == RECORD
+    # The primer is the prompt on both sides.
+    assert lmcodec.Codec(dictionary=dicts["primed"], **FAST).decompress(archives["primed"]) == RECORD
+
+
+def test_wrong_or_missing_dictionary_is_refused(dicts, archives):
+    with pytest.raises(DictionaryMismatchError, match="wrong dictionary") as exc:
+        lmcodec.Codec(dictionary=dicts["b"], **FAST).decompress(archives["a"])
+    assert "\n" not in str(exc.value) and dicts["b"].id[:16] in str(exc.value)
+    with pytest.raises(ModelMismatchError, match="pass it with -D"):
+        lmcodec.Codec(**FAST).decompress(archives["a"])
+    with pytest.raises(DictionaryMismatchError, match="without a dictionary"):
+        lmcodec.Codec(dictionary=dicts["a"], **FAST).decompress(archives[None])
+    with pytest.raises(PromptMismatchError):
+        lmcodec.Codec(**FAST).decompress(archives["primed"])
+
+
+def test_corrupted_or_foreign_dictionary_is_refused(dicts, small_dict, tmp_path):
+    bad = tmp_path / "bad.lma"
+    data = bytearray(dicts["a"].as_bytes())
+    data[len(data) // 2] ^= 0x40
+    bad.write_bytes(bytes(data))
+    with pytest.raises(DictionaryError, match="corrupted"):
+        lmcodec.Codec(dictionary=bad, **FAST)
+    with pytest.raises(DictionaryError, match="belongs to model"):
+        lmcodec.Codec(dictionary=small_dict, **FAST).compress(RECORD)
+
+
+def test_cli_with_a_dictionary(dicts, tmp_path):
+    """-D on compress, decompress and test; a wrong -D is a one-line error with exit 1 and no output file."""
+    from click.testing import CliRunner
+
+    from lmcodec.cli import main
+
+    for name in ("a", "b"):
+        dicts[name].save(tmp_path / f"{name}.lma")
+    src = tmp_path / "r.json"
+    src.write_bytes(RECORD)
+    fast = ["--segment-tokens", "24", "--lanes", "2", "--context", "32"]
+    run = CliRunner().invoke
+    res = run(main, ["compress", str(src), "-D", str(tmp_path / "a.lma"), *fast])
+    assert res.exit_code == 0, res.output
+    arc = tmp_path / "r.json.lmc"
+    res = run(main, ["test", str(arc), "-D", str(tmp_path / "a.lma")])
+    assert res.exit_code == 0 and "OK" in res.output, res.output
+    res = run(main, ["decompress", str(arc), "-o", str(tmp_path / "out"), "-D", str(tmp_path / "b.lma")])
+    assert res.exit_code == 1 and "wrong dictionary" in res.output and len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+    res = run(main, ["decompress", str(arc), "-o", str(tmp_path / "out"), "-D", str(tmp_path / "a.lma")])
+    assert res.exit_code == 0 and (tmp_path / "out").read_bytes() == RECORD
+    res = run(main, ["decompress", str(arc), "-c", "-D", str(tmp_path / "missing.lma")])
+    assert res.exit_code == 1 and "cannot read dictionary" in res.output
