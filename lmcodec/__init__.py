@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import os
 
+from .adapter import Adapter
 from .codec import Codec, Settings, Stats
 from .fileobj import LMCodecFile, open  # lmcodec.open, as gzip.open (shadows the builtin here only)
 from .errors import (
     ArchiveError,
     ChecksumError,
     CorruptArchiveError,
+    DictionaryError,
+    DictionaryMismatchError,
     EnvironmentMismatchError,
     LMCodecError,
     ModelError,
@@ -34,10 +37,11 @@ from .errors import (
 __version__ = "0.2.0"
 
 __all__ = [
-    "ArchiveError", "ChecksumError", "Codec", "CorruptArchiveError", "EnvironmentMismatchError",
+    "Adapter", "ArchiveError", "ChecksumError", "Codec", "CorruptArchiveError", "DictionaryError",
+    "DictionaryMismatchError", "EnvironmentMismatchError",
     "LMCodecError", "ModelError", "ModelMismatchError", "NotAnArchiveError", "PromptMismatchError",
     "ResourceLimitError", "Settings", "Stats", "TruncatedArchiveError", "UnsupportedFormatError", "UsageError",
-    "LMCodecFile", "compress", "decompress", "open",
+    "LMCodecFile", "compress", "decompress", "open", "train",
 ]
 
 _codecs: dict[str | None, Codec] = {}
@@ -60,3 +64,13 @@ def decompress(blob: bytes, *, prompt: bytes | str | None = None,
                model: str | os.PathLike | None = None) -> bytes:
     """Recover the original bytes; raises an :class:`LMCodecError` subclass on any problem."""
     return _codec(model).decompress(blob, prompt)
+
+
+def train(samples, *, model: str | os.PathLike | None = None, **options) -> Adapter:
+    """Fit a dictionary to ``samples`` (an iterable of bytes); see :func:`lmcodec.training.train_adapter`.
+
+    The float training code is imported here, on first use, not with the package.
+    """
+    from .training import train_adapter
+
+    return train_adapter(samples, model=model, **options)

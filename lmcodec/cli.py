@@ -21,12 +21,16 @@ from .fileio import atomic_output, install_signal_handlers
 from .mixing import MixerConfig
 from .baselines import classical_sizes
 from .probe_cli import probe_command
+from .train_cli import train_command
 
 SUFFIX = ".lmc"
 STDIO = "-"
 
 
 def model_options(fn):
+    fn = click.option("--dict", "-D", "dictionary", default=None, metavar="DICT",
+                      type=click.Path(dir_okay=False, path_type=Path),
+                      help="Dictionary file from `lmcodec train`; needed again to decompress.")(fn)
     fn = click.option("--model", "-m", default=None, metavar="NAME|PATH",
                       help="Registered model name, .gguf file or HF model directory.")(fn)
     fn = click.option("--prompt-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -111,6 +115,12 @@ def _executor(cluster: str | None, model, device: str, threads: int | None):
         yield executor
     finally:
         executor.close()
+
+
+def _no_cluster_with_dictionary(cluster: str | None, dictionary) -> None:
+    """Ray workers load their own models, without the dictionary: refuse the pair rather than code wrong."""
+    if cluster and dictionary is not None:
+        raise UsageError("--cluster does not take a dictionary (-D) yet")
 
 
 def _check_stdout(force: bool) -> None:
@@ -202,6 +212,7 @@ def compress(ctx: Context, inputs, output, stdout, keep, force, verify, prompt, 
              **coding):
     """Compress FILE(s) to FILE.lmc ('-' reads standard input)."""
     key = _prompt(prompt, prompt_file)
+    _no_cluster_with_dictionary(cluster, coding.get("dictionary"))
     with _executor(cluster, model, coding["device"], coding["threads"]) as executor:
         _compress_files(ctx, inputs, output, stdout, keep, force, verify, key, model, executor, coding)
 
@@ -302,18 +313,21 @@ def _strip_suffix(path: Path) -> Path:
 @click.pass_obj
 @handle_errors
 def decompress(ctx: Context, archives, output, stdout, keep, force, prompt, prompt_file, model, device, threads,
-               cluster):
+               cluster, dictionary=None):
     """Decompress ARCHIVE(s) (FILE.lmc -> FILE; '-' reads standard input)."""
     key = _prompt(prompt, prompt_file)
+    _no_cluster_with_dictionary(cluster, dictionary)
     with _executor(cluster, model, device, threads) as executor:
-        _decompress_files(ctx, archives, output, stdout, keep, force, key, model, device, threads, executor)
+        _decompress_files(ctx, archives, output, stdout, keep, force, key, model, device, threads, executor,
+                          dictionary)
 
 
-def _decompress_files(ctx: Context, archives, output, stdout, keep, force, key, model, device, threads, executor):
+def _decompress_files(ctx: Context, archives, output, stdout, keep, force, key, model, device, threads, executor,
+                      dictionary=None):
     def one(name, target):
         src, size = _open_input(name)
         bar = _progress_bar(ctx, None, f"decompress {name}")
-        codec = _codec(model, bar.update, executor, device=device, threads=threads)
+        codec = _codec(model, bar.update, executor, device=device, threads=threads, dictionary=dictionary)
         try:
             _write_to(target, force, lambda dst: codec.decompress_stream(src, dst, key, size))
         finally:
@@ -335,15 +349,16 @@ def _decompress_files(ctx: Context, archives, output, stdout, keep, force, key, 
 @cluster_option
 @click.pass_obj
 @handle_errors
-def test_cmd(ctx: Context, archives, prompt, prompt_file, model, device, threads, cluster):
+def test_cmd(ctx: Context, archives, prompt, prompt_file, model, device, threads, cluster, dictionary=None):
     """Decode ARCHIVE(s) and check their checksums; write nothing."""
     key = _prompt(prompt, prompt_file)
+    _no_cluster_with_dictionary(cluster, dictionary)
     with _executor(cluster, model, device, threads) as executor:
         for name in archives:
             src, size = _open_input(name)
             bar = _progress_bar(ctx, None, f"test {name}")
             try:
-                codec = _codec(model, bar.update, executor, device=device, threads=threads)
+                codec = _codec(model, bar.update, executor, device=device, threads=threads, dictionary=dictionary)
                 n = codec.decompress_stream(src, Counter(), key, size)
             finally:
                 bar.close()
@@ -534,6 +549,7 @@ def _accept_global_flags_after_subcommand(group: click.Group) -> None:
 
 
 main.add_command(probe_command, "probe")
+main.add_command(train_command, "train")
 _accept_global_flags_after_subcommand(main)
 
 if __name__ == "__main__":  # pragma: no cover

@@ -20,6 +20,7 @@ import os
 from typing import BinaryIO, Iterator
 
 from . import archive
+from .adapter import Adapter
 from .container import Header, Reader, segment_layout
 from .executors import Executor, InProcessExecutor
 from .modelcache import ModelCache
@@ -33,17 +34,30 @@ def _as_bytes(prompt: bytes | str | None) -> bytes | None:
     return prompt.encode("utf-8") if isinstance(prompt, str) else bytes(prompt)
 
 
+def _as_adapter(d: "Adapter | bytes | str | os.PathLike | None") -> Adapter | None:
+    if d is None or isinstance(d, Adapter):
+        return d
+    if isinstance(d, (bytes, bytearray, memoryview)):
+        return Adapter(bytes(d))
+    return Adapter.load(d)
+
+
 class Codec:
     """Compresses and decompresses with one language model kept in memory.
 
     ``model``: registry name, GGUF path or HF directory (default: smollm2-135m).
     For decompression with ``model=None`` the archive's registered model is used.
     ``executor``: where the block work runs (default: this process).
+    ``dictionary``: an :class:`Adapter` (or its file's bytes or path) both sides
+    load, like zstandard's ``dict_data=``; its primer, if it has one, is the
+    prompt whenever no other prompt is given.
     """
 
     def __init__(self, model: str | os.PathLike | None = None, *, progress: ProgressCallback | None = None,
-                 executor: Executor | None = None, **settings):
-        self.models = ModelCache(model)
+                 executor: Executor | None = None, dictionary: Adapter | bytes | str | os.PathLike | None = None,
+                 **settings):
+        self.dictionary = _as_adapter(dictionary)
+        self.models = ModelCache(model, self.dictionary)
         self.settings = Settings(**settings)
         self.progress = progress
         self.executor = executor or InProcessExecutor(self.models)
@@ -63,11 +77,17 @@ class Codec:
     def _progress(self) -> Progress:
         return Progress(self.progress)
 
+    def _prompt(self, prompt: bytes | str | None) -> bytes | None:
+        """The prompt given, else the dictionary's primer (None without either)."""
+        if prompt is None and self.dictionary is not None:
+            return self.dictionary.primer
+        return _as_bytes(prompt)
+
     # -- compression ------------------------------------------------------------------
     def compress_stream(self, src: BinaryIO, dst: BinaryIO, prompt: bytes | str | None = None) -> Stats:
         """Compress ``src`` to ``dst`` block by block (bounded memory); return the stats."""
         return archive.compress_stream(src, dst, models=self.models, settings=self.settings,
-                                       prompt=_as_bytes(prompt), executor=self.executor, progress=self._progress())
+                                       prompt=self._prompt(prompt), executor=self.executor, progress=self._progress())
 
     def compress(self, data: bytes, prompt: bytes | str | None = None) -> bytes:
         """Compress ``data``; the result decompresses with :meth:`decompress`.
@@ -107,7 +127,7 @@ class Codec:
     def iter_decompressed(self, src: BinaryIO, prompt: bytes | str | None = None,
                           size: int | None = None) -> Iterator[bytes]:
         """The original bytes of the archive in ``src``, chunk by chunk as blocks are decoded."""
-        return archive.iter_decompressed(src, models=self.models, settings=self.settings, prompt=_as_bytes(prompt),
+        return archive.iter_decompressed(src, models=self.models, settings=self.settings, prompt=self._prompt(prompt),
                                          executor=self.executor, progress=self._progress(), size=size)
 
     def decompress_stream(self, src: BinaryIO, dst: BinaryIO, prompt: bytes | str | None = None,

@@ -65,3 +65,11 @@ class ClusterError(LMCodecError):
 
 class ResourceLimitError(LMCodecError):
     """Coding would need more memory than the configured limit allows."""
+
+
+class DictionaryError(LMCodecError):
+    """A dictionary file is unreadable, corrupted, truncated, foreign, or does not fit the model."""
+
+
+class DictionaryMismatchError(ModelMismatchError):
+    """The archive was made with another dictionary than the one given (or with one, and none was given)."""

@@ -7,14 +7,18 @@ facade share one :class:`ModelCache`; a cluster worker holds its own.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from . import models
 from .container import Header, prompt_check
 from .engine import Engine, kv_bytes
-from .errors import ModelMismatchError, ResourceLimitError
+from .errors import DictionaryMismatchError, ModelMismatchError, ResourceLimitError
 from .quantize import IntModel, load_int_model
 from .settings import max_kv_bytes
 from .tokens import ByteTokenizer
+
+if TYPE_CHECKING:
+    from .adapter import Adapter
 
 #: Bytes of the prompt's tail tokenized per token of prefix kept (a token is
 #: rarely over 16 bytes), bounding the work a huge prompt causes.
@@ -30,13 +34,17 @@ class ModelCache:
     (``None``: the default model to compress with, the archive's registered
     model to decompress with).  ``ops``: the engines' backend module (``None``:
     the device's own; a cluster test runs one worker on ``ops_torch`` to show
-    that both backends code the same bits).
+    that both backends code the same bits).  ``adapter``: a dictionary
+    (:class:`lmcodec.Adapter`) merged into every model loaded (docs/ENGINE.md,
+    "Dictionaries"); it must belong to that model.
     """
 
-    def __init__(self, model: ModelSpec = None, *, ops=None):
+    def __init__(self, model: ModelSpec = None, adapter: "Adapter | None" = None, *, ops=None):
         self.model_arg = model
         self.ops = ops
+        self.adapter = adapter
         self._models: dict[str, tuple[IntModel, ByteTokenizer, str]] = {}
+        self._bases: dict[str, bytes] = {}     # the base model's fingerprint under an adapter
         self._engines: dict[tuple, Engine] = {}
         self._prefixes: dict[tuple, list[int]] = {}
         #: Set to a dict to keep segments' hidden rows between calls (benchmarks).
@@ -48,7 +56,11 @@ class ModelCache:
         if key not in self._models:
             m = models.load(spec)
             tok = ByteTokenizer(m.tokenizer, m.arch.vocab_size)
-            self._models[key] = (load_int_model(m, tok.fingerprint), tok, m.name)
+            model = load_int_model(m, tok.fingerprint)
+            self._bases[key] = model.fingerprint
+            if self.adapter is not None:
+                model = self.adapter.apply(model)     # DictionaryError: it belongs to another model
+            self._models[key] = (model, tok, m.name)
         return self._models[key]
 
     def coding_model(self) -> tuple[IntModel, ByteTokenizer, str]:
@@ -74,6 +86,14 @@ class ModelCache:
             spec = header.model_name
         model, tok, name = self.load(spec)
         stored = header.model_fingerprint   # v4: its first 8 bytes; v3: all 16
+        if self.adapter is not None and model.fingerprint[:len(stored)] != stored:
+            key = str(spec) if spec is not None else models.DEFAULT_MODEL
+            if self._bases[key][:len(stored)] == stored:
+                raise DictionaryMismatchError(
+                    f"archive was made without a dictionary, but dictionary {self.adapter.id[:16]} was given")
+            raise DictionaryMismatchError(
+                f"wrong dictionary: archive needs model check {stored.hex()[:16]} (another dictionary, or "
+                f"another model), dictionary {self.adapter.id[:16]} on {name!r} gives {model.fingerprint.hex()[:16]}")
         if model.fingerprint[:len(stored)] != stored:
             tfp = header.tokenizer_fingerprint  # v3 only: names a tokenizer mismatch
             if tfp and tok.fingerprint[:len(tfp)] != tfp:
@@ -83,7 +103,8 @@ class ModelCache:
             raise ModelMismatchError(
                 f"wrong model: archive needs {header.model_name!r} "
                 f"(fingerprint {stored.hex()[:16]}), "
-                f"got {name!r} (fingerprint {model.fingerprint.hex()[:16]})")
+                f"got {name!r} (fingerprint {model.fingerprint.hex()[:16]}); "
+                "if it was made with a dictionary, pass it with -D")
         return model, tok
 
     def prefix(self, tok: ByteTokenizer, prompt: bytes | None, context: int) -> list[int]:

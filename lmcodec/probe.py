@@ -363,10 +363,13 @@ def flag_spans(tokens: list[TokenScore], thresholds: Thresholds) -> list[Span]:
 _ENGINES: dict[tuple, Engine] = {}
 
 
-def _engine(model: models.LoadedModel, tok: ByteTokenizer, device: str) -> Engine:
-    key = (model.model_fingerprint, device)
+def _engine(model: models.LoadedModel, tok: ByteTokenizer, device: str, dictionary=None) -> Engine:
+    key = (model.model_fingerprint, device, None if dictionary is None else dictionary.fingerprint())
     if key not in _ENGINES:
-        _ENGINES[key] = Engine(load_int_model(model, tok.fingerprint), device)
+        int_model = load_int_model(model, tok.fingerprint)
+        if dictionary is not None:
+            int_model = dictionary.apply(int_model)
+        _ENGINES[key] = Engine(int_model, device)
     return _ENGINES[key]
 
 
@@ -381,17 +384,20 @@ def probe(data: bytes | str, *, prompt: bytes | str | None = None,
           top_k: int = DEFAULT_TOP_K, window: int = DEFAULT_WINDOW,
           min_context: int = DEFAULT_MIN_CONTEXT, thresholds: Thresholds = Thresholds(),
           batch_size: int | None = None, device: str = "auto",
-          progress: Progress | None = None) -> ProbeResult:
+          progress: Progress | None = None, dictionary=None) -> ProbeResult:
     """Score ``data`` token by token under ``model`` (default smollm2-135m).
 
     The context is ``[start token] + prompt tokens + text tokens``; only the
     text is scored.  A prompt longer than a quarter of the window keeps its
     last ``window // 4`` tokens (it stays in every window, as the codec keeps
     its prefix).  With a prompt the text is scored a second time without it,
-    for ``bits_without_prompt``.
+    for ``bits_without_prompt``.  ``dictionary`` (an :class:`lmcodec.Adapter`):
+    score under the adapted model, its primer as the prompt when none is given.
     """
     data = _as_bytes(data)
     prompt = _as_bytes(prompt)
+    if prompt is None and dictionary is not None:
+        prompt = dictionary.primer
     if not data:
         raise UsageError("nothing to probe: the text is empty")
     if not 32 <= window <= MAX_KEYS:
@@ -406,7 +412,7 @@ def probe(data: bytes | str, *, prompt: bytes | str | None = None,
     m = model if isinstance(model, models.LoadedModel) else models.load(model)
     device = pick_device(device)
     tok = ByteTokenizer(m.tokenizer, m.arch.vocab_size)
-    engine = _engine(m, tok, device)
+    engine = _engine(m, tok, device, dictionary)
     symbols = tok.encode(data)
     prefix = [tok.start_token]
     prompt_ids: list[int] = []

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from .adapter import Adapter
 from .cli_common import Context, _prompt, handle_errors
 from .errors import UsageError
 from .fileio import atomic_output
@@ -89,6 +90,9 @@ def format_summary(result: ProbeResult) -> list[str]:
               help="Read the prompt from a file.")
 @click.option("--model", "-m", default=None, metavar="NAME|PATH",
               help="Registered model name, .gguf file or HF model directory.")
+@click.option("--dict", "-D", "dictionary", default=None, metavar="DICT",
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Score under the model adapted by this dictionary (`lmcodec train`); its primer is the prompt.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON document (schema in docs/PROBE.md).")
 @click.option("--html", "html_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a self-contained HTML heatmap to this file.")
@@ -115,7 +119,7 @@ def format_summary(result: ProbeResult) -> list[str]:
 @handle_errors
 def probe_command(ctx: Context, text, file, prompt, prompt_file, model, as_json, html_out, png_out,
                   summary_only, top_k, min_probability, min_tokens, min_words, window, min_context,
-                  batch_size, device):
+                  batch_size, device, dictionary=None):
     """Memorization probe: per-token probabilities, bits/byte vs zlib, likely memorized spans.
 
     Scores TEXT (or --file FILE) under the model: each token's probability and
@@ -138,7 +142,8 @@ def probe_command(ctx: Context, text, file, prompt, prompt_file, model, as_json,
     try:
         result = probe(data, prompt=key, model=model, top_k=top_k, window=window, min_context=min_context,
                        thresholds=Thresholds(min_probability, min_tokens, min_words), batch_size=batch_size,
-                       device=device, progress=progress)
+                       device=device, progress=progress,
+                       dictionary=None if dictionary is None else Adapter.load(dictionary))
     finally:
         bar.close()
     if html_out is not None:

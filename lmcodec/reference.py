@@ -324,3 +324,49 @@ def reference_bits(stage1: np.ndarray, stage2: np.ndarray, symbol: int) -> float
     width = stage2.shape[1]
     b, j = divmod(int(symbol), width)
     return 48 - math.log2(int(stage1[b])) - math.log2(int(stage2[b, j]))
+
+
+# ----------------------------------------------------------------- dictionaries
+
+def _merged_linear(lin, key: str, lora: dict, scale: dict, bias: dict):
+    """docs/ENGINE.md, "Dictionaries", for one IntLinear: LoRA into q, then the row scale, then the bias."""
+    from .quantize import IntLinear
+    import torch
+
+    q = lin.weight.numpy().astype(np.int64)
+    mult = lin.mult.numpy().astype(np.int64)
+    b = None if lin.bias is None else lin.bias.numpy().astype(np.int64)
+    if key in lora:
+        a_, b_, s = lora[key]
+        total = b_.astype(np.int64) @ a_.astype(np.int64)
+        q = np.clip(q + rshift(total, s), -127, 127)
+    if key in scale:
+        m = scale[key].astype(np.int64)
+        mult = np.array([min(max(rshift(int(mult[n]) * ((1 << 16) + int(m[n])), 16), 0), 1 << 24)
+                         for n in range(len(mult))], dtype=np.int64)
+    if key in bias:
+        b = (np.zeros(len(mult), dtype=np.int64) if b is None else b) + bias[key].astype(np.int64)
+    return IntLinear(torch.from_numpy(q.astype(np.int8)), torch.from_numpy(mult), int(lin.shift),
+                     None if b is None else torch.from_numpy(b))
+
+
+def reference_merge(model, tensors, fingerprint: bytes):
+    """The adapted IntModel: ``tensors`` (an adapter's lora/scale/bias/gain dicts) merged into ``model``."""
+    from dataclasses import replace
+    from .quantize import IntLayer
+    import torch
+
+    def gain(g, key):
+        if key not in tensors.gain:
+            return g
+        out = np.clip(g.numpy().astype(np.int64) + tensors.gain[key].astype(np.int64), -32767, 32767)
+        return torch.from_numpy(out)
+
+    layers = []
+    for i, layer in enumerate(model.layers):
+        lin = {n: _merged_linear(getattr(layer, n), f"{i}.{n}", tensors.lora, tensors.scale, tensors.bias)
+               for n in ("qkv", "o", "gate_up", "down")}
+        layers.append(IntLayer(gain(layer.attn_gain, f"{i}.attn_gain"), layer.attn_gain_shift, lin["qkv"], lin["o"],
+                               gain(layer.mlp_gain, f"{i}.mlp_gain"), layer.mlp_gain_shift,
+                               lin["gate_up"], lin["down"]))
+    return replace(model, layers=layers, final_gain=gain(model.final_gain, "final_gain"), fingerprint=fingerprint)
