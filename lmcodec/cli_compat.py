@@ -93,8 +93,7 @@ def _levels(fn):
     return click.option("--fast", "level", flag_value=1, hidden=True)(fn)
 
 
-# One decorator per option: adding one (-D DICT when dictionaries land) is one line here and
-# one keyword passed to _codec in _compress_one/_decompress_one.
+# One decorator per option; model_options carries -p/--prompt-file/-m/-D, shared with the subcommands.
 @click.command("lmcodec", context_settings={"help_option_names": ["-h", "--help"]}, no_args_is_help=False)
 @click.argument("files", nargs=-1, metavar="[FILE]...")
 @_mode("compress", "-z", "--compress", help="Compress (the default): FILE -> FILE.lmc.")
@@ -121,13 +120,14 @@ def _levels(fn):
 @click.version_option(__version__, "-V", "--version")
 @click.pass_context
 def compat(click_ctx: click.Context, files, stdout, output, keep, force, quiet, verbose, level, threads, device,
-           method, prompt, prompt_file, model, debug):
+           method, prompt, prompt_file, model, dictionary, debug):
     """Compress or decompress FILEs in place, as gzip and zstd do (no FILE or '-': stdin to stdout)."""
     ctx = click_ctx.obj = Context(quiet, debug)
     install_signal_handlers()
     mode = click_ctx.meta.get("lmcodec.mode", "compress")
     sys.exit(_run(ctx, mode, list(files) or [STDIO], stdout=stdout, output=output, keep=keep, force=force,
-                  verbose=verbose, coding=dict(level=level, threads=threads or None, device=device, method=method),
+                  verbose=verbose, coding=dict(level=level, threads=threads or None, device=device, method=method,
+                              dictionary=dictionary),
                   prompt=prompt, prompt_file=prompt_file, model=model))
 
 
@@ -142,7 +142,7 @@ def _run(ctx: Context, mode: str, names: list[str], *, stdout: bool, output: str
     if mode == "list":
         return _list(names)
     if mode == "test":
-        machine = dict(threads=coding["threads"], device=coding["device"])
+        machine = dict(threads=coding["threads"], device=coding["device"], dictionary=coding["dictionary"])
         return _each(names, lambda name: _test_one(ctx, name, key, model, machine, say))
     if output is not None and len(names) > 1:
         raise UsageError("-o/--output takes a single input")
@@ -152,7 +152,7 @@ def _run(ctx: Context, mode: str, names: list[str], *, stdout: bool, output: str
                              "use tar -I lmcodec")
         return _each(names, lambda name: _compress_one(ctx, name, _target(name, output, stdout, force, True),
                                                        key, model, coding, keep, force, say))
-    machine = dict(threads=coding["threads"], device=coding["device"])
+    machine = dict(threads=coding["threads"], device=coding["device"], dictionary=coding["dictionary"])
     return _each(names, lambda name: _decompress_one(ctx, name, _target(name, output, stdout, force, False),
                                                      key, model, machine, keep, force, say))
 
