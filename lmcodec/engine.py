@@ -17,8 +17,8 @@ Formats (``F`` = fractional bits; "row" = one token):
 * KV cache: int8 per (token, head) with the head's max magnitude (int32);
 * logits: int64 ``lam`` with a per-row exponent (real logit = lam * 2^exp).
 
-The :class:`Engine` is device-agnostic; :mod:`lmcodec.kernels` holds the
-attention kernel, and :mod:`lmcodec.reference` the plain reference it is
+The :class:`Engine` is device-agnostic; :mod:`lmcodec.ops_cpu` (numba) and
+:mod:`lmcodec.ops_torch` (tensor operations) hold its integer steps, and :mod:`lmcodec.reference` the plain reference it is
 tested against.
 """
 
@@ -171,13 +171,14 @@ class KVCache:
         mag = lambda: [torch.zeros((rows, n, slots), dtype=torch.int32, device=device) for _ in range(a.num_layers)]
         return cls(k, mag(), v, mag())
 
-    def copy_rows(self, src: "KVCache", n_slots: int) -> None:
-        """Every row of self takes row 0 of ``src`` in slots [0, n_slots) (the shared prefix)."""
+    def copy_rows(self, src: "KVCache", n_slots: int, rows=None) -> None:
+        """Rows ``rows`` of self (default: all) take row 0 of ``src`` in slots [0, n_slots) (the shared prefix)."""
+        at = slice(None) if rows is None else torch.as_tensor(rows, dtype=torch.int64, device=self.k[0].device)
         for layer in range(len(self.k)):
-            self.k[layer][..., :n_slots] = src.k[layer][:1, ..., :n_slots]
-            self.kmax[layer][..., :n_slots] = src.kmax[layer][:1, ..., :n_slots]
-            self.v[layer][:, :, :n_slots] = src.v[layer][:1, :, :n_slots]
-            self.vmax[layer][..., :n_slots] = src.vmax[layer][:1, ..., :n_slots]
+            self.k[layer][at, ..., :n_slots] = src.k[layer][:1, ..., :n_slots]
+            self.kmax[layer][at, ..., :n_slots] = src.kmax[layer][:1, ..., :n_slots]
+            self.v[layer][at, :, :n_slots] = src.v[layer][:1, :, :n_slots]
+            self.vmax[layer][at, ..., :n_slots] = src.vmax[layer][:1, ..., :n_slots]
 
     def move_slots(self, src: slice, dst: int) -> None:
         """Copy slots ``src`` to start at slot ``dst`` (sliding a window down)."""
@@ -222,14 +223,24 @@ class Engine:
         return self.model.fingerprint
 
     def _rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin rows of ``positions`` (contiguous or a few apart), from tables of ROPE_RANGE
-        positions each, built as needed and a few kept: a long segment's positions run far
-        past the model's, but a pass only ever touches a window of them."""
-        lo, hi = int(positions.min()) // ROPE_RANGE, int(positions.max()) // ROPE_RANGE
-        parts = [self._rope_range(r) for r in range(lo, hi + 1)]
-        cos = parts[0][0] if len(parts) == 1 else torch.cat([c for c, _ in parts])
-        sin = parts[0][1] if len(parts) == 1 else torch.cat([s for _, s in parts])
-        pos = (positions - lo * ROPE_RANGE).to(self.device)
+        """cos/sin rows of ``positions`` (any shape: [T] or per row [B, T]) -> [..., hd/2].
+
+        Built from tables of ROPE_RANGE positions each, only the ranges the positions
+        fall in (a few kept): a long segment's positions run far past the model's,
+        and rows at different positions need different ranges.  Reads the positions
+        on the host (a sync when they live on a GPU).
+        """
+        r = torch.div(positions, ROPE_RANGE, rounding_mode="floor")
+        ranges = sorted(set(r.reshape(-1).tolist()))
+        parts = [self._rope_range(k) for k in ranges]
+        if len(parts) == 1:
+            cos, sin = parts[0]
+            pos = (positions - ranges[0] * ROPE_RANGE).to(self.device)
+            return cos[pos], sin[pos]
+        cos = torch.cat([c for c, _ in parts])
+        sin = torch.cat([s for _, s in parts])
+        which = torch.searchsorted(torch.tensor(ranges, dtype=r.dtype), r.contiguous())
+        pos = (which * ROPE_RANGE + positions - r * ROPE_RANGE).to(self.device)
         return cos[pos], sin[pos]
 
     def _rope_range(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,21 +259,30 @@ class Engine:
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor,
                 key_ranges: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run ``ids`` [B, T] at ``positions`` [T], writing K/V at cache ``slots`` [T] of rows 0..B-1.
+        """Run ``ids`` [B, T] at ``positions``, writing K/V at cache ``slots`` of rows 0..B-1.
 
-        Query ``(row, t)`` attends to cache slots ``[0, a) + [b, c)`` of its row,
-        where ``key_ranges = (a, b, c)`` are [T] tensors.  Returns the final
-        normalized hidden rows as an operand ``(h16 [B*T, H] int16, exp [B*T, 1])``;
-        :meth:`weights` and :meth:`logits` take any subset of them.
+        ``positions``, ``slots`` and each of ``key_ranges = (a, b, c)`` are either
+        [T] (shared by every row: a pass over one segment, a lockstep batch) or
+        [B, T] (per row: rows at different positions in one step, docs/ENGINE.md,
+        "Rows at their own positions").  Query ``(row, t)`` sits at position
+        ``positions[row, t]``, writes its key and value to slot ``slots[row, t]``
+        of its row and attends to slots ``[0, a) + [b, c)`` of its row.  Returns
+        the final normalized hidden rows as an operand ``(h16 [B*T, H] int16,
+        exp [B*T, 1])``; :meth:`weights` and :meth:`logits` take any subset of them.
         """
         a, ops, dev = self.arch, self.ops, self.device
         B, T = ids.shape
         nh, nkv, hd = a.num_heads, a.num_kv_heads, a.head_dim
         ids, slots = ids.to(dev), slots.to(dev)
+        if positions.dim() != slots.dim() or any(r.dim() != slots.dim() for r in key_ranges):
+            raise ValueError("positions, slots and key ranges must all be [T] or all [B, T]")
         cos, sin = self._rope_tables(positions)
         x = self.embed(ids).reshape(B * T, a.hidden_size).contiguous()
         crow = torch.arange(B, device=dev).repeat_interleave(T)
-        ka, kb, kc = (r.to(dev).repeat(B) for r in key_ranges)
+        if slots.dim() == 1:
+            ka, kb, kc = (r.to(dev).repeat(B) for r in key_ranges)
+        else:
+            ka, kb, kc = (r.to(dev).reshape(B * T) for r in key_ranges)
         for li, layer in enumerate(self.model.layers):
             h, e = ops.norm(x, layer.attn_gain, layer.attn_gain_shift, self._eps)
             lin = layer.qkv

@@ -108,17 +108,23 @@ def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate [B, T, heads, hd] by [T, hd/2] tables (16 fractional bits), clamped."""
+    """Rotate [B, T, heads, hd] by [T, hd/2] (shared) or [B, T, hd/2] (per row) tables
+    (16 fractional bits), clamped."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    c, s = (cos[None], sin[None]) if cos.dim() == 2 else (cos, sin)
+    c, s = c[:, :, None, :], s[:, :, None, :]
     r1 = round_shift(x1 * c - x2 * s, fixedmath.ROPE_BITS)
     r2 = round_shift(x2 * c + x1 * s, fixedmath.ROPE_BITS)
     return torch.cat([r1, r2], dim=-1).clamp(-QKV_LIMIT, QKV_LIMIT)
 
 
 def qkv(y, mult, shift, bias, exp, cos, sin, B, T, nh, nkv, hd, kt, kmax, vc, vmax, slots):
-    """q/k/v from the qkv product: RoPE, the int8 cache write, the int16 queries."""
+    """q/k/v from the qkv product: RoPE, the int8 cache write, the int16 queries.
+
+    ``slots`` [T] (every row writes the same slots) or [B, T] (each row its own);
+    ``cos``/``sin`` [T, hd/2] or [B, T, hd/2] likewise.
+    """
     v = requant(combine(y), mult, shift, exp, ACT_FRAC)
     if bias is not None:
         v = v + bias
@@ -128,10 +134,17 @@ def qkv(y, mult, shift, bias, exp, cos, sin, B, T, nh, nkv, hd, kt, kmax, vc, vm
     k = rope(k.reshape(B, T, nkv, hd), cos, sin)
     k8, km = quantize_kv(k)                                  # [B, T, nkv, hd]
     v8, vm = quantize_kv(val.reshape(B, T, nkv, hd))
-    kt[:B, :, :, slots] = k8.permute(0, 2, 3, 1)
-    kmax[:B, :, slots] = km.transpose(1, 2)
-    vc[:B, :, slots] = v8.transpose(1, 2)
-    vmax[:B, :, slots] = vm.transpose(1, 2)
+    if slots.dim() == 1:
+        kt[:B, :, :, slots] = k8.permute(0, 2, 3, 1)
+        kmax[:B, :, slots] = km.transpose(1, 2)
+        vc[:B, :, slots] = v8.transpose(1, 2)
+        vmax[:B, :, slots] = vm.transpose(1, 2)
+    else:  # advanced indices around slices: the indexed dims come first, [B, T, ...]
+        row = torch.arange(B, device=slots.device)[:, None].expand(B, T)
+        kt[row, :, :, slots] = k8
+        kmax[row, :, slots] = km
+        vc[row, :, slots] = v8
+        vmax[row, :, slots] = vm
     q16, qe = operand(q, Q_MAX)
     return q16.reshape(B * T, nh, hd), qe.reshape(B * T, nh)
 

@@ -224,3 +224,65 @@ class Lockstep:
         self.h, self.e = self.engine.forward(ids, torch.tensor([pos]), self.cache, torch.tensor([slot]),
                                              (zero, zero, torch.tensor([length])))
         self.position = pos + 1
+
+
+class RowStep:
+    """``rows`` rows, each at its own position, one token per row per step (the
+    scheduled decoder's step: :mod:`lmcodec.schedule` hands rows to streams).
+
+    :meth:`start` begins a segment in some rows (position P, the prefix's last
+    hidden row as their first prediction); :meth:`advance` feeds one token per
+    row and moves the ``live`` rows on.  Rows that hold no segment are computed
+    too (the batch keeps its shape) but stay where they are, rewriting one slot
+    no query reads.  A row reused for a new segment needs no clearing: a query
+    at position p reads only slots its own segment wrote (linear until the ring
+    is full, then every ring slot is its own).  The prefix in slots [0, P) is
+    placed per row (:func:`sink_base` of the row's position).
+    """
+
+    def __init__(self, engine: Engine, pre: Prefix, rows: int, context: int, longest: int):
+        self.engine = engine
+        self.pre = pre
+        self.rows = rows
+        self.capacity = min(context, pre.length + longest)
+        self.cache = KVCache.empty(engine.model, rows, self.capacity, engine.device)
+        self.cache.copy_rows(pre.cache, pre.length)
+        self.position = np.full(rows, pre.length, dtype=np.int64)
+        self.sink_at = np.zeros(rows, dtype=np.int64)   # where each row's prefix stands (sink_base)
+        self.h = pre.h.expand(rows, -1).clone()
+        self.e = pre.e.expand(rows, -1).clone()
+
+    def start(self, rows) -> None:
+        """Begin a segment in ``rows``: position P, predictions from the prefix."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if not len(rows):
+            return
+        self.position[rows] = self.pre.length
+        self._place(rows)
+        idx = torch.as_tensor(rows, device=self.h.device)
+        self.h[idx] = self.pre.h
+        self.e[idx] = self.pre.e
+
+    def _place(self, rows: np.ndarray) -> None:
+        """Slots [0, P) of each of ``rows``: the prefix as a query at the row's position sees it."""
+        P, trained = self.pre.length, self.engine.arch.max_position_embeddings
+        want = np.array([sink_base(int(p), P, trained) for p in self.position[rows]], dtype=np.int64)
+        move = want != self.sink_at[rows]
+        for base in sorted(set(want[move].tolist())):
+            pick = rows[move & (want == base)]
+            self.cache.copy_rows(self.pre.sink(self.engine, base), P, pick)
+            self.sink_at[pick] = base
+
+    def advance(self, tokens: np.ndarray, live: np.ndarray | None = None) -> None:
+        """Feed one token per row; the next hidden rows land in ``self.h`` / ``self.e``.
+        Rows where ``live`` is False keep their position (default: every row moves)."""
+        pos = self.position
+        P, cap = self.pre.length, self.capacity
+        self._place(np.arange(self.rows))
+        slot = np.where(pos < cap, pos, P + (pos - P) % max(1, cap - P))
+        length = np.minimum(pos + 1, cap)
+        col = lambda v: torch.from_numpy(np.ascontiguousarray(v, dtype=np.int64)).view(self.rows, 1)
+        ids = col(tokens)
+        zero = torch.zeros((self.rows, 1), dtype=torch.int64)
+        self.h, self.e = self.engine.forward(ids, col(pos), self.cache, col(slot), (zero, zero, col(length)))
+        self.position = pos + (1 if live is None else np.asarray(live, dtype=np.int64))
