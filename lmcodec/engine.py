@@ -195,7 +195,7 @@ def kv_bytes(model_arch, rows: int, slots: int) -> int:
     return 2 * model_arch.num_layers * rows * model_arch.num_kv_heads * slots * (model_arch.head_dim + 4)
 
 
-#: Positions per RoPE table the engine builds (a multiple of fixedmath.ROPE_BLOCK).
+#: Positions whose RoPE block rows the engine adds at a time (a multiple of fixedmath.ROPE_BLOCK).
 ROPE_RANGE = 8192
 
 
@@ -213,7 +213,10 @@ class Engine:
         self.q_size = a.num_heads * a.head_dim
         self.kv_size = a.num_kv_heads * a.head_dim
         self._sigmoid = torch.as_tensor(fixedmath.sigmoid_table(), device=self.device)
-        self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # RoPE: cos/sin of every offset in a block of 64 positions, and of each block's start
+        # (grown as positions are reached): a position's row combines the two on the device.
+        self._rope_lo = torch.as_tensor(fixedmath.rope_offsets(model.rope_theta, a.head_dim), device=self.device)
+        self._rope_hi = torch.zeros((2, 0, a.head_dim // 2), dtype=torch.int64, device=self.device)
         # eps in the units of rows shifted right by s: eps * 2^(2 (16 - s)) = eps_q32 / 4^s.
         eps = [(model.eps_q32 + (1 << (2 * s - 1))) >> (2 * s) if s else model.eps_q32 for s in range(64)]
         self._eps = torch.tensor(eps, dtype=torch.int64, device=self.device)
@@ -222,34 +225,31 @@ class Engine:
     def fingerprint(self) -> bytes:
         return self.model.fingerprint
 
-    def _rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin rows of ``positions`` (any shape: [T] or per row [B, T]) -> [..., hd/2].
+    def reserve_positions(self, n: int) -> None:
+        """Make positions [0, n) usable (RoPE block rows, added ROPE_RANGE positions at a time).
+        Host work; a static-shape step calls it once, before capture."""
+        have = self._rope_hi.shape[1]
+        need = -(-n // fixedmath.ROPE_BLOCK)
+        if need <= have:
+            return
+        per = ROPE_RANGE // fixedmath.ROPE_BLOCK
+        need = -(-need // per) * per
+        rows = fixedmath.rope_block_starts(self.model.rope_theta, self.arch.head_dim, have, need - have)
+        self._rope_hi = torch.cat([self._rope_hi, torch.as_tensor(rows, device=self.device)], dim=1)
 
-        Built from tables of ROPE_RANGE positions each, only the ranges the positions
-        fall in (a few kept): a long segment's positions run far past the model's,
-        and rows at different positions need different ranges.  Reads the positions
+    def _rope_tables(self, positions: torch.Tensor, bound: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin rows of ``positions`` (any shape: [T], or per row [B, T]) -> [..., hd/2].
+
+        Each row combines its block's and its offset's rows (fixedmath.rope_combine: the
+        same integers as fixedmath.rope_tables), so rows at any positions cost the same.
+        ``bound`` > every position skips reading them: without it the largest is read
         on the host (a sync when they live on a GPU).
         """
-        r = torch.div(positions, ROPE_RANGE, rounding_mode="floor")
-        ranges = sorted(set(r.reshape(-1).tolist()))
-        parts = [self._rope_range(k) for k in ranges]
-        if len(parts) == 1:
-            cos, sin = parts[0]
-            pos = (positions - ranges[0] * ROPE_RANGE).to(self.device)
-            return cos[pos], sin[pos]
-        cos = torch.cat([c for c, _ in parts])
-        sin = torch.cat([s for _, s in parts])
-        which = torch.searchsorted(torch.tensor(ranges, dtype=r.dtype), r.contiguous())
-        pos = (which * ROPE_RANGE + positions - r * ROPE_RANGE).to(self.device)
-        return cos[pos], sin[pos]
-
-    def _rope_range(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if r not in self._rope:
-            if len(self._rope) >= 4:
-                self._rope.pop(next(iter(self._rope)))
-            cos, sin = fixedmath.rope_tables(self.model.rope_theta, self.arch.head_dim, ROPE_RANGE, r * ROPE_RANGE)
-            self._rope[r] = (torch.as_tensor(cos, device=self.device), torch.as_tensor(sin, device=self.device))
-        return self._rope[r]
+        self.reserve_positions(bound if bound is not None else int(positions.max()) + 1)
+        p = positions.to(self.device)
+        block = torch.div(p, fixedmath.ROPE_BLOCK, rounding_mode="floor")
+        hi, lo = self._rope_hi[:, block], self._rope_lo[:, p - block * fixedmath.ROPE_BLOCK]
+        return fixedmath.rope_combine(hi[0], hi[1], lo[0], lo[1])
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Residual rows of tokens: the int8 embedding row times its scale, at 16 fractional bits."""
@@ -258,7 +258,8 @@ class Engine:
         return ops_torch.round_shift(rows, e.shift - RESID_FRAC)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor,
-                key_ranges: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                key_ranges: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                bound: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Run ``ids`` [B, T] at ``positions``, writing K/V at cache ``slots`` of rows 0..B-1.
 
         ``positions``, ``slots`` and each of ``key_ranges = (a, b, c)`` are either
@@ -269,6 +270,8 @@ class Engine:
         of its row and attends to slots ``[0, a) + [b, c)`` of its row.  Returns
         the final normalized hidden rows as an operand ``(h16 [B*T, H] int16,
         exp [B*T, 1])``; :meth:`weights` and :meth:`logits` take any subset of them.
+        ``bound`` (> every position, when the caller knows one) spares reading the
+        positions on the host: then nothing in the pass waits for the device.
         """
         a, ops, dev = self.arch, self.ops, self.device
         B, T = ids.shape
@@ -276,7 +279,7 @@ class Engine:
         ids, slots = ids.to(dev), slots.to(dev)
         if positions.dim() != slots.dim() or any(r.dim() != slots.dim() for r in key_ranges):
             raise ValueError("positions, slots and key ranges must all be [T] or all [B, T]")
-        cos, sin = self._rope_tables(positions)
+        cos, sin = self._rope_tables(positions, bound)
         x = self.embed(ids).reshape(B * T, a.hidden_size).contiguous()
         crow = torch.arange(B, device=dev).repeat_interleave(T)
         if slots.dim() == 1:

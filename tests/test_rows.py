@@ -42,8 +42,8 @@ def reference_logits(im, prefix, inputs):
     return lam[len(prefix) - 1:], exp[len(prefix) - 1:]
 
 
-@pytest.mark.parametrize("ops", ["cpu", "torch"])
-def test_rows_started_at_different_steps_and_refilled_equal_reference(short, ops):
+@pytest.mark.parametrize("ops,step", [("cpu", "RowStep"), ("torch", "RowStep"), ("cpu", "GraphStep")])
+def test_rows_started_at_different_steps_and_refilled_equal_reference(short, ops, step):
     im, tok = short
     rng = np.random.default_rng(7)
     prefix = [tok.start_token, 11, 12]
@@ -55,7 +55,7 @@ def test_rows_started_at_different_steps_and_refilled_equal_reference(short, ops
     got = {s: ([], []) for s in range(len(seqs))}
     with torch.inference_mode():
         pre = runner.prefill(engine, prefix)
-        run = runner.RowStep(engine, pre, 3, CONTEXT, max(len(s) for s in seqs))
+        run = getattr(runner, step)(engine, pre, 3, CONTEXT, max(len(s) for s in seqs))
         where = {}                                   # row -> (sequence, tokens fed)
         for step in range(30):
             for s, row, first in plan:
@@ -102,3 +102,43 @@ def test_per_row_positions_equal_shared_positions(short):
     with pytest.raises(ValueError):
         engine.forward(ids, pos.expand(2, 3), KVCache.empty(im, 2, 3, "cpu"), pos, (zero, zero, pos + 1))
 
+
+def test_graph_step_equals_lockstep(short):
+    """The static-shape step (eager on CPU) gives Lockstep's rows, step by step, for a lockstep batch."""
+    im, tok = short
+    rng = np.random.default_rng(3)
+    engine = Engine(im, "cpu")
+    feeds = rng.integers(0, im.arch.vocab_size, (12, 4))
+    with torch.inference_mode():
+        pre = runner.prefill(engine, [tok.start_token])
+        lock = runner.Lockstep(engine, pre, 4, CONTEXT, 12)
+        graph = runner.GraphStep(engine, pre, 4, CONTEXT, 12)
+        assert graph.capacity == CONTEXT and graph.cache.k[0].shape[-1] == CONTEXT
+        for t in range(12):
+            assert torch.equal(lock.h, graph.h) and torch.equal(lock.e, graph.e), f"step {t}"
+            lock.advance(feeds[t])
+            graph.advance(feeds[t])
+        assert torch.equal(lock.h, graph.h) and torch.equal(lock.e, graph.e)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu/check.sh runs it)")
+def test_graph_replay_on_cuda_equals_cpu(short):
+    """The captured CUDA graph, replayed with rows refilled at other positions, gives the CPU's bits."""
+    im, tok = short
+    rng = np.random.default_rng(5)
+    feeds = rng.integers(0, im.arch.vocab_size, (20, 4))
+    outs = {}
+    for device, graph in (("cpu", False), ("cuda", True)):
+        engine = Engine(im, device)
+        hs = []
+        with torch.inference_mode():
+            pre = runner.prefill(engine, [tok.start_token, 11])
+            run = runner.GraphStep(engine, pre, 4, CONTEXT, 20, graph=graph)
+            for t in range(20):
+                if t in (6, 13):
+                    run.start([t % 4])
+                hs.append((run.h.cpu().clone(), run.e.cpu().clone()))
+                run.advance(feeds[t], live=np.array([1, 1, t % 3 != 0, 1], dtype=bool))
+        outs[device] = hs
+    for (h1, e1), (h2, e2) in zip(outs["cpu"], outs["cuda"]):
+        assert torch.equal(h1, h2) and torch.equal(e1, e2)
