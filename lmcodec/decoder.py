@@ -11,7 +11,6 @@ batch (docs/ENGINE.md).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import zstandard
 
