@@ -284,8 +284,9 @@ class Engine:
         crow = torch.arange(B, device=dev).repeat_interleave(T)
         if slots.dim() == 1:
             ka, kb, kc = (r.to(dev).repeat(B) for r in key_ranges)
-        else:
+        else:  # the ops take per-row values flattened, row b T + t: [B*T] slots, [B*T, hd/2] RoPE rows
             ka, kb, kc = (r.to(dev).reshape(B * T) for r in key_ranges)
+            slots, cos, sin = slots.reshape(B * T), cos.reshape(B * T, -1), sin.reshape(B * T, -1)
         for li, layer in enumerate(self.model.layers):
             h, e = ops.norm(x, layer.attn_gain, layer.attn_gain_shift, self._eps)
             lin = layer.qkv

@@ -371,10 +371,11 @@ def residual_add(x, y, mult, shift, exp) -> None:
 
 
 def qkv(y, mult, shift, bias, exp, cos, sin, B, T, nh, nkv, hd, kt, kmax, vc, vmax, slots):
-    """``slots`` [T] or [B, T], ``cos``/``sin`` [T, hd/2] or [B, T, hd/2] (ops_torch.qkv)."""
+    """``slots`` [T] or [B*T], ``cos``/``sin`` [T, hd/2] or [B*T, hd/2] (ops_torch.qkv)."""
     _threads()
-    slots2 = (slots.expand(B, T) if slots.dim() == 1 else slots).contiguous()
-    cos3, sin3 = (cos[None], sin[None]) if cos.dim() == 2 else (cos, sin)
+    per_row = slots.shape[0] == B * T != T
+    slots2 = (slots.view(B, T) if per_row else slots.expand(B, T)).contiguous()
+    cos3, sin3 = (cos.view(B, T, -1), sin.view(B, T, -1)) if per_row else (cos[None], sin[None])
     q16, q16_a = _empty((B * T, nh, hd), np.int16)
     qe, qe_a = _empty((B * T, nh), np.int64)
     has_bias = bias is not None

@@ -132,9 +132,11 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 def qkv(y, mult, shift, bias, exp, cos, sin, B, T, nh, nkv, hd, kt, kmax, vc, vmax, slots):
     """q/k/v from the qkv product: RoPE, the int8 cache write, the int16 queries.
 
-    ``slots`` [T] (every row writes the same slots) or [B, T] (each row its own);
-    ``cos``/``sin`` [T, hd/2] or [B, T, hd/2] likewise.
+    ``slots`` [T] (every row writes the same slots) or [B*T] (row ``b T + t`` its own);
+    ``cos``/``sin`` [T, hd/2] or [B*T, hd/2] likewise (ops_triton.qkv's contract).
     """
+    if slots.shape[0] == B * T != T:
+        slots, cos, sin = slots.view(B, T), cos.view(B, T, -1), sin.view(B, T, -1)
     v = requant(combine(y), mult, shift, exp, ACT_FRAC)
     if bias is not None:
         v = v + bias
