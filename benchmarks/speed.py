@@ -1,13 +1,16 @@
 """Throughput of lmcodec both ways, next to the same model's plain forward pass.
 
     python -m benchmarks.speed [--file PATH] [--device auto|cpu|cuda] [--lanes N] [--decode-rows N]
-                               [--segment-tokens N] [--context N] [--threads N] [--json OUT]
+                               [--segment-tokens N] [--context N] [--threads N] [--level N] [--bytes N]
+                               [--no-forward] [--json OUT]
 
 Prints bytes/s and tokens/s for compression and decompression, the settings,
 and the ratio of the codec's tokens/s to a plain full-sequence forward of the
 same exact engine over the same tokens (windows of ``segment-tokens``, logits
 and symbol weights of every position) measured in the same run: the yardstick
-for what the coding around the model costs.
+for what the coding around the model costs.  ``--no-forward`` leaves that
+yardstick out (it costs as much as compressing again; scripts/gpu/check.sh
+times only the two directions).
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mixer", default=None, help="online models: none, all or a comma list [the level's]")
     ap.add_argument("--forward-batch", type=int, default=None,
                     help="windows per plain forward call [cpu: 1, the fastest there; cuda: 16]")
+    ap.add_argument("--no-forward", dest="forward", action="store_false",
+                    help="skip the plain-forward yardstick (only the two directions are timed)")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     args = ap.parse_args(argv)
 
@@ -92,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     segments = -(-len(symbols) // s.segment_tokens)
     fwd_batch = args.forward_batch or (1 if device == "cpu" else min(16, segments))
-    fwd = plain_forward_tokens_per_s(codec, symbols, s.segment_tokens, fwd_batch)
+    fwd = plain_forward_tokens_per_s(codec, symbols, s.segment_tokens, fwd_batch) if args.forward else None
     st = codec.last_stats
     res = {
         "file": str(path), "bytes": len(data), "tokens": int(len(symbols)), "device": device,
@@ -105,18 +110,18 @@ def main(argv: list[str] | None = None) -> int:
         "compress_tokps": len(symbols) / (t1 - t0), "decompress_tokps": len(symbols) / (t2 - t1),
         "forward_tokps": fwd, "forward_batch": fwd_batch,
     }
-    res["compress_vs_forward"] = res["compress_tokps"] / fwd
-    res["decompress_vs_forward"] = res["decompress_tokps"] / fwd
+    res["compress_vs_forward"] = res["compress_tokps"] / fwd if fwd else None
+    res["decompress_vs_forward"] = res["decompress_tokps"] / fwd if fwd else None
     print(f"{path.name}: {len(data)} bytes, {len(symbols)} tokens, {segments} segments of "
           f"{s.segment_tokens}, context {s.context}, level {s.level or 'custom'}, mixer {s.mixer:#x}, "
           f"lanes {s.lanes}, decode rows {s.decode_rows}, "
           f"{s.threads} threads, {device}")
     print(f"  ratio      {res['bpb']:.3f} bits/byte (model {res['model_bpb']:.3f})")
-    print(f"  compress   {res['compress_Bps']:8.0f} B/s  {res['compress_tokps']:8.1f} tok/s  "
-          f"({res['compress_vs_forward']:.0%} of plain forward)")
-    print(f"  decompress {res['decompress_Bps']:8.0f} B/s  {res['decompress_tokps']:8.1f} tok/s  "
-          f"({res['decompress_vs_forward']:.0%} of plain forward)")
-    print(f"  plain forward {fwd:8.1f} tok/s  ({fwd_batch} window(s) of {s.segment_tokens} per call)")
+    for way in ("compress", "decompress"):
+        share = f"  ({res[way + '_vs_forward']:.0%} of plain forward)" if fwd else ""
+        print(f"  {way:<10} {res[way + '_Bps']:8.0f} B/s  {res[way + '_tokps']:8.1f} tok/s{share}")
+    if fwd:
+        print(f"  plain forward {fwd:8.1f} tok/s  ({fwd_batch} window(s) of {s.segment_tokens} per call)")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
     return 0

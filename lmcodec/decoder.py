@@ -1,29 +1,29 @@
 """Blocks -> their checked bytes: the decoder's half of the codec.
 
 The decoder learns a segment's tokens one at a time, so it advances many
-segments in lockstep (:class:`~lmcodec.runner.Lockstep`), one token per step;
-consecutive LM blocks are independent and share lockstep batches.  How many
-rows a step carries is this machine's choice: the exact engine gives the same
-frequencies whatever the batch (docs/ENGINE.md).
+segments side by side, one token per row per step; consecutive LM blocks are
+independent and their streams share the rows: :mod:`lmcodec.rowdecode` keeps
+the batch full (a row freed by a finished segment goes to the next stream at
+once, rows at their own positions).  How many rows a step carries is this
+machine's choice: the exact engine gives the same frequencies whatever the
+batch (docs/ENGINE.md).
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import zstandard
 
-from .coder import StreamDecoder
 from .container import Block, Header, Method, digest, stream_groups
-from .engine import Engine, torch_threads
+from .engine import torch_threads
 from .errors import ChecksumError, CorruptArchiveError
-from .frequencies import MIN_TOKEN_BITS, CodingTables
-from .mixing import MixerConfig, StreamMixer
+from .frequencies import MIN_TOKEN_BITS
+from .mixing import MixerConfig
 from .modelcache import ModelCache, check_memory
 from .progress import Progress
-from .runner import Lockstep, Prefix, prefill
+from .rowdecode import decode_streams
+from .runner import prefill
 from .settings import Settings
-from .tokens import ByteTokenizer
 
 
 class BlockDecoder:
@@ -54,9 +54,9 @@ class BlockDecoder:
     def _decode_lm(self, blocks: list[Block], progress: Progress) -> list[bytes]:
         """The tokens of one or more LM blocks, decoded side by side; their bytes, unchecked.
 
-        Blocks are independent, so consecutive blocks' streams can share lockstep
-        batches: levels 8 and 9 make each block one segment, and without this a
-        many-block file would decode one row at a time.
+        Blocks are independent, so consecutive blocks' streams share the rows:
+        levels 8 and 9 make each block one segment, and without this a many-block
+        file would decode one row at a time.
         """
         header, s = self.header, self.settings
         model, tok = self.models.model_for(header)
@@ -77,22 +77,16 @@ class BlockDecoder:
             groups += [range(first + g.start, first + g.stop) for g in mine]
             payloads += block.payloads
         engine = self.models.engine(model, s.device)
-        symbols = [np.zeros(n, dtype=np.int64) for n in lengths]
         progress.start_block(sum(b.raw_len for b in blocks), sum(lengths))
-        # The decoder's own choice: as many whole streams per lockstep batch as fit its row budget.
-        batches, cur = [], []
-        for i, g in enumerate(groups):
-            if cur and sum(len(groups[j]) for j in cur) + len(g) > max(s.decode_rows, header.lanes):
-                batches.append(cur)
-                cur = []
-            cur.append(i)
-        batches.append(cur)
         with torch_threads(s.threads), torch.inference_mode():
             pre = prefill(engine, self.models.prefix(tok, self.prompt, header.context))
-            for batch in batches:
-                _decode_streams(engine, pre, [groups[i] for i in batch],
-                                [StreamDecoder(payloads[i]) for i in batch], lengths, symbols,
-                                header.context, tok, MixerConfig(header.mixer), progress)
+            # The decoder's own choice: its row budget, or fewer when there are fewer segments.
+            rows = min(max(s.decode_rows, header.lanes), len(lengths))
+            cuda = engine.device.type == "cuda"    # GraphStep: a cache of the whole context
+            check_memory(engine.model, rows, header.context if cuda else
+                         min(header.context, pre.length + max(lengths, default=0)))
+            symbols = decode_streams(engine, pre, groups, payloads, lengths, header.context, tok,
+                                     MixerConfig(header.mixer), rows, tick=progress.tokens)
         out, at = [], 0
         for block in blocks:
             try:
@@ -101,47 +95,6 @@ class BlockDecoder:
                 raise CorruptArchiveError(f"decoded an impossible symbol ({exc})") from exc
             at += len(block.tokens)
         return out
-
-
-def _decode_streams(engine: Engine, pre: Prefix, groups: list[range], decoders: list[StreamDecoder],
-                    lengths: list[int], symbols: list[np.ndarray], context: int, tok: ByteTokenizer,
-                    mixer: MixerConfig, progress: Progress) -> None:
-    """Decode several streams in one lockstep batch (rows = their segments)."""
-    segs = [g for group in groups for g in group]
-    longest = max(lengths[g] for g in segs)
-    check_memory(engine.model, len(segs), min(context, pre.length + longest))
-    run = Lockstep(engine, pre, len(segs), context, longest)
-    feed = np.full(len(segs), tok.placeholder, dtype=np.int64)
-    alphabet = tok.alphabet_size
-    mixers = [StreamMixer(mixer, len(group), alphabet) for group in groups]
-    first = np.cumsum([0] + [len(group) for group in groups])   # row of each stream's first segment
-    for t in range(longest):
-        # Per stream: its live lanes (segment order) and their rows in the batch.
-        live = [[i for i, g in enumerate(group) if t < lengths[g]] for group in groups]
-        rows = [first[k] + i for k, lanes in enumerate(live) for i in lanes]
-        gaps = engine.gaps(run.h[rows], run.e[rows])
-        mixed, at = [], 0
-        for m, lanes in zip(mixers, live):
-            mixed.append(m.mix(lanes, gaps[at:at + len(lanes)]))
-            at += len(lanes)
-        tables = CodingTables(torch.cat(mixed), alphabet)
-        stage1 = tables.stage1()
-        spans = np.cumsum([0] + [len(lanes) for lanes in live])
-        buckets = np.zeros(len(rows), dtype=np.int64)
-        for k, dec in enumerate(decoders):
-            buckets[spans[k]:spans[k + 1]] = dec.decode(stage1[spans[k]:spans[k + 1]])
-        stage2 = tables.stage2(buckets)
-        for k, (group, dec, lanes) in enumerate(zip(groups, decoders, live)):
-            sym = buckets[spans[k]:spans[k + 1]] * tables.width + dec.decode(stage2[spans[k]:spans[k + 1]])
-            if (sym >= alphabet).any():
-                raise CorruptArchiveError("decoded a symbol outside the alphabet")
-            for i, x in zip(lanes, sym.tolist()):
-                symbols[group[i]][t] = x
-                feed[first[k] + i] = x if x < tok.vocab_size else tok.placeholder
-            mixers[k].update(sym.tolist())
-        progress.tokens(len(rows))
-        if t + 1 < longest:
-            run.advance(feed)
 
 
 def unpack(block: Block) -> bytes:

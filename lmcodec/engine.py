@@ -176,13 +176,14 @@ class KVCache:
         mag = lambda: [torch.zeros((rows, n, slots), dtype=torch.int32, device=device) for _ in range(a.num_layers)]
         return cls(k, mag(), v, mag())
 
-    def copy_rows(self, src: "KVCache", n_slots: int) -> None:
-        """Every row of self takes row 0 of ``src`` in slots [0, n_slots) (the shared prefix)."""
+    def copy_rows(self, src: "KVCache", n_slots: int, rows=None) -> None:
+        """Rows ``rows`` of self (default: all) take row 0 of ``src`` in slots [0, n_slots) (the shared prefix)."""
+        at = slice(None) if rows is None else torch.as_tensor(rows, dtype=torch.int64, device=self.k[0].device)
         for layer in range(len(self.k)):
-            self.k[layer][..., :n_slots] = src.k[layer][:1, ..., :n_slots]
-            self.kmax[layer][..., :n_slots] = src.kmax[layer][:1, ..., :n_slots]
-            self.v[layer][:, :, :n_slots] = src.v[layer][:1, :, :n_slots]
-            self.vmax[layer][..., :n_slots] = src.vmax[layer][:1, ..., :n_slots]
+            self.k[layer][at, ..., :n_slots] = src.k[layer][:1, ..., :n_slots]
+            self.kmax[layer][at, ..., :n_slots] = src.kmax[layer][:1, ..., :n_slots]
+            self.v[layer][at, :, :n_slots] = src.v[layer][:1, :, :n_slots]
+            self.vmax[layer][at, ..., :n_slots] = src.vmax[layer][:1, ..., :n_slots]
 
     def move_slots(self, src: slice, dst: int) -> None:
         """Copy slots ``src`` to start at slot ``dst`` (sliding a window down)."""
@@ -199,7 +200,7 @@ def kv_bytes(model_arch, rows: int, slots: int) -> int:
     return 2 * model_arch.num_layers * rows * model_arch.num_kv_heads * slots * (model_arch.head_dim + 4)
 
 
-#: Positions per RoPE table the engine builds (a multiple of fixedmath.ROPE_BLOCK).
+#: Positions whose RoPE block rows the engine adds at a time (a multiple of fixedmath.ROPE_BLOCK).
 ROPE_RANGE = 8192
 
 
@@ -217,7 +218,10 @@ class Engine:
         self.q_size = a.num_heads * a.head_dim
         self.kv_size = a.num_kv_heads * a.head_dim
         self._sigmoid = torch.as_tensor(fixedmath.sigmoid_table(), device=self.device)
-        self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # RoPE: cos/sin of every offset in a block of 64 positions, and of each block's start
+        # (grown as positions are reached): a position's row combines the two on the device.
+        self._rope_lo = torch.as_tensor(fixedmath.rope_offsets(model.rope_theta, a.head_dim), device=self.device)
+        self._rope_hi = torch.zeros((2, 0, a.head_dim // 2), dtype=torch.int64, device=self.device)
         # eps in the units of rows shifted right by s: eps * 2^(2 (16 - s)) = eps_q32 / 4^s.
         eps = [(model.eps_q32 + (1 << (2 * s - 1))) >> (2 * s) if s else model.eps_q32 for s in range(64)]
         self._eps = torch.tensor(eps, dtype=torch.int64, device=self.device)
@@ -226,24 +230,31 @@ class Engine:
     def fingerprint(self) -> bytes:
         return self.model.fingerprint
 
-    def _rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin rows of ``positions`` (contiguous or a few apart), from tables of ROPE_RANGE
-        positions each, built as needed and a few kept: a long segment's positions run far
-        past the model's, but a pass only ever touches a window of them."""
-        lo, hi = int(positions.min()) // ROPE_RANGE, int(positions.max()) // ROPE_RANGE
-        parts = [self._rope_range(r) for r in range(lo, hi + 1)]
-        cos = parts[0][0] if len(parts) == 1 else torch.cat([c for c, _ in parts])
-        sin = parts[0][1] if len(parts) == 1 else torch.cat([s for _, s in parts])
-        pos = (positions - lo * ROPE_RANGE).to(self.device)
-        return cos[pos], sin[pos]
+    def reserve_positions(self, n: int) -> None:
+        """Make positions [0, n) usable (RoPE block rows, added ROPE_RANGE positions at a time).
+        Host work; a static-shape step calls it once, before capture."""
+        have = self._rope_hi.shape[1]
+        need = -(-n // fixedmath.ROPE_BLOCK)
+        if need <= have:
+            return
+        per = ROPE_RANGE // fixedmath.ROPE_BLOCK
+        need = -(-need // per) * per
+        rows = fixedmath.rope_block_starts(self.model.rope_theta, self.arch.head_dim, have, need - have)
+        self._rope_hi = torch.cat([self._rope_hi, torch.as_tensor(rows, device=self.device)], dim=1)
 
-    def _rope_range(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if r not in self._rope:
-            if len(self._rope) >= 4:
-                self._rope.pop(next(iter(self._rope)))
-            cos, sin = fixedmath.rope_tables(self.model.rope_theta, self.arch.head_dim, ROPE_RANGE, r * ROPE_RANGE)
-            self._rope[r] = (torch.as_tensor(cos, device=self.device), torch.as_tensor(sin, device=self.device))
-        return self._rope[r]
+    def _rope_tables(self, positions: torch.Tensor, bound: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin rows of ``positions`` (any shape: [T], or per row [B, T]) -> [..., hd/2].
+
+        Each row combines its block's and its offset's rows (fixedmath.rope_combine: the
+        same integers as fixedmath.rope_tables), so rows at any positions cost the same.
+        ``bound`` > every position skips reading them: without it the largest is read
+        on the host (a sync when they live on a GPU).
+        """
+        self.reserve_positions(bound if bound is not None else int(positions.max()) + 1)
+        p = positions.to(self.device)
+        block = torch.div(p, fixedmath.ROPE_BLOCK, rounding_mode="floor")
+        hi, lo = self._rope_hi[:, block], self._rope_lo[:, p - block * fixedmath.ROPE_BLOCK]
+        return fixedmath.rope_combine(hi[0], hi[1], lo[0], lo[1])
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Residual rows of tokens: the int8 embedding row times its scale, at 16 fractional bits."""
@@ -252,22 +263,35 @@ class Engine:
         return ops_torch.round_shift(rows, e.shift - RESID_FRAC)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor,
-                key_ranges: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run ``ids`` [B, T] at ``positions`` [T], writing K/V at cache ``slots`` [T] of rows 0..B-1.
+                key_ranges: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                bound: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run ``ids`` [B, T] at ``positions``, writing K/V at cache ``slots`` of rows 0..B-1.
 
-        Query ``(row, t)`` attends to cache slots ``[0, a) + [b, c)`` of its row,
-        where ``key_ranges = (a, b, c)`` are [T] tensors.  Returns the final
-        normalized hidden rows as an operand ``(h16 [B*T, H] int16, exp [B*T, 1])``;
-        :meth:`weights` and :meth:`logits` take any subset of them.
+        ``positions``, ``slots`` and each of ``key_ranges = (a, b, c)`` are either
+        [T] (shared by every row: a pass over one segment, a lockstep batch) or
+        [B, T] (per row: rows at different positions in one step, docs/ENGINE.md,
+        "Rows at their own positions").  Query ``(row, t)`` sits at position
+        ``positions[row, t]``, writes its key and value to slot ``slots[row, t]``
+        of its row and attends to slots ``[0, a) + [b, c)`` of its row.  Returns
+        the final normalized hidden rows as an operand ``(h16 [B*T, H] int16,
+        exp [B*T, 1])``; :meth:`weights` and :meth:`logits` take any subset of them.
+        ``bound`` (> every position, when the caller knows one) spares reading the
+        positions on the host: then nothing in the pass waits for the device.
         """
         a, ops, dev = self.arch, self.ops, self.device
         B, T = ids.shape
         nh, nkv, hd = a.num_heads, a.num_kv_heads, a.head_dim
         ids, slots = ids.to(dev), slots.to(dev)
-        cos, sin = self._rope_tables(positions)
+        if positions.dim() != slots.dim() or any(r.dim() != slots.dim() for r in key_ranges):
+            raise ValueError("positions, slots and key ranges must all be [T] or all [B, T]")
+        cos, sin = self._rope_tables(positions, bound)
         x = self.embed(ids).reshape(B * T, a.hidden_size).contiguous()
         crow = torch.arange(B, device=dev).repeat_interleave(T)
-        ka, kb, kc = (r.to(dev).repeat(B) for r in key_ranges)
+        if slots.dim() == 1:
+            ka, kb, kc = (r.to(dev).repeat(B) for r in key_ranges)
+        else:  # the ops take per-row values flattened, row b T + t: [B*T] slots, [B*T, hd/2] RoPE rows
+            ka, kb, kc = (r.to(dev).reshape(B * T) for r in key_ranges)
+            slots, cos, sin = slots.reshape(B * T), cos.reshape(B * T, -1), sin.reshape(B * T, -1)
         for li, layer in enumerate(self.model.layers):
             h, e = ops.norm(x, layer.attn_gain, layer.attn_gain_shift, self._eps)
             lin = layer.qkv

@@ -218,6 +218,37 @@ def _rope_base(rope_theta: Fraction, half: int) -> list[int]:
 ROPE_BLOCK = 64
 
 
+@lru_cache(maxsize=None)
+def rope_offsets(rope_theta: Fraction, head_dim: int) -> np.ndarray:
+    """cos and sin of ``b * theta_i`` for b in [0, ROPE_BLOCK) at 30 fractional bits: [2, ROPE_BLOCK, hd/2]."""
+    out = np.empty((2, ROPE_BLOCK, head_dim // 2), dtype=np.int64)
+    for i, th in enumerate(_rope_base(rope_theta, head_dim // 2)):
+        for b in range(ROPE_BLOCK):
+            c, s = cos_sin_fixed(b * th)
+            out[0, b, i], out[1, b, i] = _round_shift(c, WORK_BITS - 30), _round_shift(s, WORK_BITS - 30)
+    return out
+
+
+@lru_cache(maxsize=16)
+def rope_block_starts(rope_theta: Fraction, head_dim: int, first: int, n: int) -> np.ndarray:
+    """cos and sin of ``64 a * theta_i`` for blocks a in [first, first + n) at 30 fractional bits:
+    [2, n, hd/2] (a position ``64 a + b`` combines its block's row with offset b's)."""
+    out = np.empty((2, n, head_dim // 2), dtype=np.int64)
+    for i, th in enumerate(_rope_base(rope_theta, head_dim // 2)):
+        for a in range(n):
+            c, s = cos_sin_fixed((first + a) * ROPE_BLOCK * th)
+            out[0, a, i], out[1, a, i] = _round_shift(c, WORK_BITS - 30), _round_shift(s, WORK_BITS - 30)
+    return out
+
+
+def rope_combine(ca, sa, cb, sb):
+    """cos/sin of (A + B) from those of A and B at 30 bits, rounded to ROPE_BITS (int64
+    numpy arrays or tensors alike: |products| < 2^61)."""
+    shift = 60 - ROPE_BITS
+    half_ulp = 1 << (shift - 1)
+    return (ca * cb - sa * sb + half_ulp) >> shift, (sa * cb + ca * sb + half_ulp) >> shift
+
+
 @lru_cache(maxsize=8)
 def rope_tables(rope_theta: Fraction, head_dim: int, positions: int,
                 start: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -228,26 +259,14 @@ def rope_tables(rope_theta: Fraction, head_dim: int, positions: int,
     at 30 fractional bits; a position ``64 a + b`` combines them by the angle-sum
     formula in int64 and rounds to 16 bits.  Integer-only, so every machine
     builds the same table, and a position's row does not depend on ``start``
-    (long segments take their table in ranges instead of all from 0).
+    (long segments take their table in ranges instead of all from 0; the engine
+    combines the two tables on its device, row by row: Engine._rope_tables).
     """
-    half = head_dim // 2
-    thetas = _rope_base(rope_theta, half)
     a0 = start // ROPE_BLOCK
     n_hi = -(-(start + positions) // ROPE_BLOCK) - a0
-    lo = np.empty((2, ROPE_BLOCK, half), dtype=np.int64)
-    hi = np.empty((2, n_hi, half), dtype=np.int64)
-    for i, th in enumerate(thetas):
-        for b in range(ROPE_BLOCK):
-            c, s = cos_sin_fixed(b * th)
-            lo[0, b, i], lo[1, b, i] = _round_shift(c, WORK_BITS - 30), _round_shift(s, WORK_BITS - 30)
-        for a in range(n_hi):
-            c, s = cos_sin_fixed((a0 + a) * ROPE_BLOCK * th)
-            hi[0, a, i], hi[1, a, i] = _round_shift(c, WORK_BITS - 30), _round_shift(s, WORK_BITS - 30)
+    lo = rope_offsets(rope_theta, head_dim)
+    hi = rope_block_starts(rope_theta, head_dim, a0, n_hi)
     p = np.arange(start, start + positions)
     ca, sa = hi[0, p // ROPE_BLOCK - a0], hi[1, p // ROPE_BLOCK - a0]
     cb, sb = lo[0, p % ROPE_BLOCK], lo[1, p % ROPE_BLOCK]
-    shift = 60 - ROPE_BITS
-    half_ulp = 1 << (shift - 1)
-    cos = (ca * cb - sa * sb + half_ulp) >> shift
-    sin = (sa * cb + ca * sb + half_ulp) >> shift
-    return cos, sin
+    return rope_combine(ca, sa, cb, sb)

@@ -181,10 +181,13 @@ def _qkv(y, mult, shift, bias, has_bias, exp, cos, sin, n_t, nh, nkv, hd, kt, km
          q16, qe):  # pragma: no cover - compiled
     m_rows = exp.shape[0]
     n = y.shape[1]
+    per_row = cos.shape[0] > 1
     for i in prange(m_rows):
         b = i // n_t
         t = i % n_t
-        slot = slots[t]
+        slot = slots[b, t]
+        cs = cos[b] if per_row else cos[0]
+        sn = sin[b] if per_row else sin[0]
         c = shift - exp[i] - ACT_FRAC
         vals = np.empty(n, np.int64)
         for j in range(n):
@@ -195,7 +198,7 @@ def _qkv(y, mult, shift, bias, has_bias, exp, cos, sin, n_t, nh, nkv, hd, kt, km
         r = np.empty(hd, np.int64)
         q8 = np.empty(hd, np.int64)
         for h in range(nh):
-            _rope_head(vals, h * hd, hd, cos, sin, t, r)
+            _rope_head(vals, h * hd, hd, cs, sn, t, r)
             m = np.int64(0)
             for d in range(hd):
                 m = max(m, abs(r[d]))
@@ -204,7 +207,7 @@ def _qkv(y, mult, shift, bias, has_bias, exp, cos, sin, n_t, nh, nkv, hd, kt, km
                 q16[i, h, d] = _rshift(r[d], s)
             qe[i, h] = s
         for h in range(nkv):
-            _rope_head(vals, (nh + h) * hd, hd, cos, sin, t, r)
+            _rope_head(vals, (nh + h) * hd, hd, cs, sn, t, r)
             kmax[b, h, slot] = _kv8(r, hd, q8)
             for d in range(hd):
                 kt[b, h, d, slot] = q8[d]
@@ -368,13 +371,17 @@ def residual_add(x, y, mult, shift, exp) -> None:
 
 
 def qkv(y, mult, shift, bias, exp, cos, sin, B, T, nh, nkv, hd, kt, kmax, vc, vmax, slots):
+    """``slots`` [T] or [B*T], ``cos``/``sin`` [T, hd/2] or [B*T, hd/2] (ops_torch.qkv)."""
     _threads()
+    per_row = slots.shape[0] == B * T != T
+    slots2 = (slots.view(B, T) if per_row else slots.expand(B, T)).contiguous()
+    cos3, sin3 = (cos.view(B, T, -1), sin.view(B, T, -1)) if per_row else (cos[None], sin[None])
     q16, q16_a = _empty((B * T, nh, hd), np.int16)
     qe, qe_a = _empty((B * T, nh), np.int64)
     has_bias = bias is not None
     b = _np(bias) if has_bias else np.zeros(1, dtype=np.int64)
-    _qkv(_np(y), _np(mult), shift, b, has_bias, _np(exp).reshape(-1), _np(cos.contiguous()), _np(sin.contiguous()),
-         T, nh, nkv, hd, _np(kt), _np(kmax), _np(vc), _np(vmax), _np(slots), q16_a, qe_a)
+    _qkv(_np(y), _np(mult), shift, b, has_bias, _np(exp).reshape(-1), _np(cos3.contiguous()), _np(sin3.contiguous()),
+         T, nh, nkv, hd, _np(kt), _np(kmax), _np(vc), _np(vmax), _np(slots2), q16_a, qe_a)
     return q16, qe
 
 

@@ -11,6 +11,8 @@ products are ``torch._int_mm`` results stacked as [hi rows; lo rows] (int32).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import fixedmath
@@ -19,6 +21,15 @@ from .spec import (ACT_MAX, ATT_D_CAP, ATT_P_SHIFT, ATT_PRESHIFT, ATT_SHIFT, ATT
                    QKV_LIMIT, RESID_FRAC, RESID_LIMIT, ACT_FRAC, RSQRT_BITS)
 
 _POW2 = [1 << k for k in range(63)]
+
+
+@functools.cache
+def _constants(device: torch.device) -> dict[str, torch.Tensor]:
+    """The tables the steps read, made once per device and only read after that: a
+    step copies nothing from the host, so it can be captured in a CUDA graph."""
+    return {"pow2": torch.tensor(_POW2, dtype=torch.int64, device=device),
+            "exp2": torch.as_tensor(fixedmath.exp2_table(), device=device),
+            "low": torch.tensor(-(1 << 62), dtype=torch.int64, device=device)}
 
 
 def round_shift(x: torch.Tensor, s) -> torch.Tensor:
@@ -30,8 +41,7 @@ def round_shift(x: torch.Tensor, s) -> torch.Tensor:
 
 def bit_length(m: torch.Tensor) -> torch.Tensor:
     """Bits of each non-negative int64 (0 for 0), by exact comparisons."""
-    pow2 = torch.tensor(_POW2, dtype=torch.int64, device=m.device)
-    return (m.unsqueeze(-1) >= pow2).sum(-1)
+    return (m.unsqueeze(-1) >= _constants(m.device)["pow2"]).sum(-1)
 
 
 def fit_shift(m: torch.Tensor, limit: int) -> torch.Tensor:
@@ -108,17 +118,25 @@ def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate [B, T, heads, hd] by [T, hd/2] tables (16 fractional bits), clamped."""
+    """Rotate [B, T, heads, hd] by [T, hd/2] (shared) or [B, T, hd/2] (per row) tables
+    (16 fractional bits), clamped."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    c, s = (cos[None], sin[None]) if cos.dim() == 2 else (cos, sin)
+    c, s = c[:, :, None, :], s[:, :, None, :]
     r1 = round_shift(x1 * c - x2 * s, fixedmath.ROPE_BITS)
     r2 = round_shift(x2 * c + x1 * s, fixedmath.ROPE_BITS)
     return torch.cat([r1, r2], dim=-1).clamp(-QKV_LIMIT, QKV_LIMIT)
 
 
 def qkv(y, mult, shift, bias, exp, cos, sin, B, T, nh, nkv, hd, kt, kmax, vc, vmax, slots):
-    """q/k/v from the qkv product: RoPE, the int8 cache write, the int16 queries."""
+    """q/k/v from the qkv product: RoPE, the int8 cache write, the int16 queries.
+
+    ``slots`` [T] (every row writes the same slots) or [B*T] (row ``b T + t`` its own);
+    ``cos``/``sin`` [T, hd/2] or [B*T, hd/2] likewise (ops_triton.qkv's contract).
+    """
+    if slots.shape[0] == B * T != T:
+        slots, cos, sin = slots.view(B, T), cos.view(B, T, -1), sin.view(B, T, -1)
     v = requant(combine(y), mult, shift, exp, ACT_FRAC)
     if bias is not None:
         v = v + bias
@@ -128,10 +146,17 @@ def qkv(y, mult, shift, bias, exp, cos, sin, B, T, nh, nkv, hd, kt, kmax, vc, vm
     k = rope(k.reshape(B, T, nkv, hd), cos, sin)
     k8, km = quantize_kv(k)                                  # [B, T, nkv, hd]
     v8, vm = quantize_kv(val.reshape(B, T, nkv, hd))
-    kt[:B, :, :, slots] = k8.permute(0, 2, 3, 1)
-    kmax[:B, :, slots] = km.transpose(1, 2)
-    vc[:B, :, slots] = v8.transpose(1, 2)
-    vmax[:B, :, slots] = vm.transpose(1, 2)
+    if slots.dim() == 1:
+        kt[:B, :, :, slots] = k8.permute(0, 2, 3, 1)
+        kmax[:B, :, slots] = km.transpose(1, 2)
+        vc[:B, :, slots] = v8.transpose(1, 2)
+        vmax[:B, :, slots] = vm.transpose(1, 2)
+    else:  # advanced indices around slices: the indexed dims come first, [B, T, ...]
+        row = torch.arange(B, device=slots.device)[:, None].expand(B, T)
+        kt[row, :, :, slots] = k8
+        kmax[row, :, slots] = km
+        vc[row, :, slots] = v8
+        vmax[row, :, slots] = vm
     q16, qe = operand(q, Q_MAX)
     return q16.reshape(B * T, nh, hd), qe.reshape(B * T, nh)
 
@@ -160,11 +185,11 @@ def attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c) -> torch.Tensor:
     j = torch.arange(slots, device=dev)
     valid = (j[None, :] < a[:, None]) | ((j[None, :] >= b[:, None]) & (j[None, :] < c[:, None]))
     valid = valid[:, None, None, :]
-    low = torch.tensor(-(1 << 62), dtype=torch.int64, device=dev)
+    low = _constants(dev)["low"]
     zmax = torch.where(valid, z, low).amax(dim=-1, keepdim=True)
     d = ((zmax - z) >> (ATT_PRESHIFT - qe).view(n_q, nkv, group, 1)).clamp(max=ATT_D_CAP)
     u = ((d * fixedmath.att_log2e(hd)) >> ATT_SHIFT).clamp(max=ATT_U_CAP)
-    table = torch.as_tensor(fixedmath.exp2_table(), device=dev)
+    table = _constants(dev)["exp2"]
     p = table[u & 1023] >> ((u >> 10) + ATT_P_SHIFT)
     p = torch.where(valid & (u < ATT_U_CAP), p, torch.zeros_like(p))
     total = p.sum(dim=-1, keepdim=True)
@@ -198,7 +223,7 @@ def weights_from_gaps(u: torch.Tensor, alphabet: int, width: int) -> torch.Tenso
     Tokens: p = T[u mod 1024] >> (u div 1024) (fixedmath.exp2_table); the 256
     escapes: max(1, sum p >> 24) each; padding: 0.
     """
-    table = torch.as_tensor(fixedmath.exp2_table(), device=u.device)
+    table = _constants(u.device)["exp2"]
     p = table[u & 1023] >> (u >> 10)
     n = p.shape[0]
     esc = (p.sum(dim=-1, keepdim=True) >> 24).clamp(min=1)

@@ -122,3 +122,13 @@ def test_ablation_codes_every_variant_and_verifies_the_chosen_ones(corpus, tmp_p
     assert {r["variant"] for r in rows if r["verified"]} == {"none", "all"}
     assert all(r["archive_bytes"] > 0 and r["bytes"] == 30 for r in rows)
     assert rows[0]["gain"] == 0 and "| all |" in md.read_text()
+
+
+def test_step_benchmark_reports_the_step_and_the_weight_read(tiny_model_dir, tmp_path):
+    from benchmarks import step
+
+    out = tmp_path / "step.json"
+    assert step.main(["--model", str(tiny_model_dir), "--steps", "2", "--threads", "1", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["step_ms"] > 0 and doc["read_ms"] > 0 and doc["weight_bytes"] > 0
+    assert abs(doc["ratio"] - doc["step_ms"] / doc["read_ms"]) < 1e-9

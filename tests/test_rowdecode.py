@@ -1,0 +1,62 @@
+"""The scheduled decoder: any admission order, any row count, the same symbols.
+
+Archives are what the encoder writes (unchanged); decoding them with the batch
+kept full (lmcodec.rowdecode: rows refilled as segments end, rows at their own
+positions) must give back exactly the encoded symbols whatever order streams
+are admitted in and however many rows there are.  A 2-layer model keeps it fast.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from lmcodec import Codec, models
+from lmcodec.container import End, Method, Reader, stream_groups
+from lmcodec.engine import Engine
+from lmcodec.mixing import ALL, MixerConfig
+from lmcodec.quantize import load_int_model
+from lmcodec.rowdecode import decode_streams
+from lmcodec.runner import prefill
+from lmcodec.tokens import ByteTokenizer
+
+TEXT = (b"It was the best of times, it was the worst of times, it was the age of wisdom, "
+        b"it was the age of foolishness; 12345 \xff\xfe end.\n")
+SETTINGS = dict(method="lm", segment_tokens=7, lanes=2, context=16, mixer=ALL, threads=2)
+
+
+@pytest.fixture(scope="module")
+def archive(tiny_model_dir):
+    codec = Codec(tiny_model_dir, **SETTINGS)
+    blob = codec.compress(TEXT)
+    assert codec.decompress(blob) == TEXT          # the codec's own decoder
+    loaded = models.load(tiny_model_dir)
+    tok = ByteTokenizer(loaded.tokenizer, loaded.arch.vocab_size)
+    reader = Reader(io.BytesIO(blob), len(blob))
+    header = reader.header()
+    blocks = []
+    while not isinstance(rec := reader.next(header), End):
+        blocks.append(rec)
+    assert len(blocks) == 1 and blocks[0].method == Method.LM
+    return load_int_model(loaded, tok.fingerprint), tok, header, blocks[0]
+
+
+@pytest.mark.parametrize("rows,order", [(2, None), (2, "reversed"), (3, "shuffled"), (5, "shuffled"), (64, None)])
+def test_any_admission_order_and_row_count_decode_the_same_symbols(archive, rows, order):
+    im, tok, header, block = archive
+    lengths = list(block.tokens)
+    groups = stream_groups(len(lengths), header.lanes)
+    assert len(groups) >= 3 and len(set(lengths)) == 2     # several streams, a short last segment
+    perm = {None: None, "reversed": list(range(len(groups)))[::-1],
+            "shuffled": list(np.random.default_rng(rows).permutation(len(groups)))}[order]
+    engine = Engine(im, "cpu")
+    ticks = []
+    with torch.inference_mode():
+        pre = prefill(engine, [tok.start_token])
+        symbols = decode_streams(engine, pre, groups, block.payloads, lengths, header.context, tok,
+                                 MixerConfig(header.mixer), rows, perm, ticks.append)
+    assert np.array_equal(np.concatenate(symbols), tok.encode(TEXT))
+    assert sum(ticks) == sum(lengths) and max(ticks) <= max(rows, header.lanes)
