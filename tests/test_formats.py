@@ -35,6 +35,17 @@ V3 = {
                                                      block_size=4096)),
     "v3_stored.lmc": (TEXT, None, dict(method="zstd")),
 }
+#: ``tests/data/v4_*.lmc``: written by lmcodec at commit d3dd190 (format v4, the last commit
+#: that wrote it) with ``Codec(**settings).compress(original, prompt)``; never regenerated.
+V4 = {
+    "v4_level6.lmc": (TEXT, None, {}),
+    "v4_level6_prompt.lmc": (TEXT, PROMPT, {}),
+    "v4_custom_prompt.lmc": (TEXT * 40, PROMPT, dict(segment_tokens=16, context=32, lanes=2, mixer=64 | 1,
+                                                     block_size=4096)),
+    "v4_stored.lmc": (TEXT, None, dict(method="zstd")),
+    "v4_raw_blocks.lmc": (bytes(range(256)) * 40, None, dict(method="raw", block_size=4096)),
+    "v4_empty.lmc": (b"", None, {}),
+}
 
 
 def _header(blob: bytes):
@@ -46,6 +57,17 @@ def test_fixtures_are_the_committed_v3_archives():
     assert hashlib.sha256(TEXT).hexdigest() == "9fdfb132f276010d7b35434d5d749d5b90d9e975642eecf9e8d9ce39dbbc155c"
     for name in V3:
         assert (DATA / name).read_bytes()[4] == 3, name
+    for name in V4:
+        assert (DATA / name).read_bytes()[4] == 4, name
+    sizes = {name: len((DATA / name).read_bytes()) for name in V4}
+    assert sizes == {"v4_level6.lmc": 92, "v4_level6_prompt.lmc": 100, "v4_custom_prompt.lmc": 331,
+                     "v4_stored.lmc": 150, "v4_raw_blocks.lmc": 10329, "v4_empty.lmc": 27}
+
+
+@pytest.mark.parametrize("name", sorted(V4))
+def test_v4_archives_decode(name):
+    original, prompt, settings = V4[name]
+    assert lmcodec.decompress((DATA / name).read_bytes(), prompt=prompt) == original
 
 
 @pytest.mark.parametrize("name", sorted(V3))
