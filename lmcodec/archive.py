@@ -3,11 +3,16 @@
 It cuts the input into blocks, hands them to an executor (in this process or
 on workers), writes the results in order, and keeps what spans blocks: the
 header, the content digest, the end record.  It never holds more than the
-executor has in flight.
+executor has in flight (and, to choose the layout, one block ahead).
+
+An input of at most one block (every file up to the block size) is written in
+the format's short form (:func:`lmcodec.container.pack_short`: one check, no
+end record); two blocks or more in the general form (header, blocks, end).
 """
 
 from __future__ import annotations
 
+import itertools
 import struct
 import time
 import zlib
@@ -16,8 +21,9 @@ from typing import BinaryIO
 
 import zstandard
 
-from .container import MODEL_CHECK_BYTES, Block, End, Header, Method, Reader, content_hasher, prompt_check
-from .errors import ChecksumError, CorruptArchiveError, LMCodecError, PromptMismatchError
+from .container import (MODEL_CHECK_BYTES, Block, End, Header, Method, Reader, content_hasher, pack_short,
+                        prompt_check)
+from .errors import ChecksumError, CorruptArchiveError, LMCodecError, ModelMismatchError, PromptMismatchError
 from .executors import DecodeJob, EncodeJob, Executor
 from .modelcache import ModelCache
 from .progress import Progress
@@ -71,12 +77,27 @@ def compress_stream(src: BinaryIO, dst: BinaryIO, *, models: ModelCache, setting
     s = settings.resolved()
     t0 = time.perf_counter()
     stats = Stats()
-    out = archive_header(models, s, prompt).pack()
+    header = archive_header(models, s, prompt)
+    raws = read_blocks(src, s.block_size)
+    ahead = list(itertools.islice(raws, 2))   # at most one block: the short form
+    if len(ahead) < 2:
+        raw = ahead[0] if ahead else b""
+        encoded = None
+        if ahead:
+            (encoded,) = executor.map(EncodeJob(s, prompt, _model_arg(models)), iter(ahead), progress)
+            stats.add(encoded)
+        archive = pack_short(header, encoded.block if encoded else None, raw)
+        dst.write(archive)
+        stats.output_bytes, stats.input_bytes = len(archive), len(raw)
+        stats.seconds = time.perf_counter() - t0
+        return stats
+    src_blocks = itertools.chain(ahead, raws)
+    out = header.pack()
     dst.write(out)
     content = {"total": 0, "n": 0, "check": content_hasher()}
 
     def blocks() -> Iterator[bytes]:   # the content digest follows the input's order as it is read
-        for raw in read_blocks(src, s.block_size):
+        for raw in src_blocks:
             content["total"] += len(raw)
             content["n"] += 1
             content["check"].update(raw)
@@ -102,8 +123,13 @@ def read_header(reader: Reader, prompt: bytes | None) -> Header:
         raise PromptMismatchError("archive was made with a prompt: pass the same --prompt")
     if not header.has_prompt and prompt is not None:
         raise PromptMismatchError("archive was made without a prompt, but one was given")
-    if prompt_check(prompt) != header.prompt_check:
+    if not header.prompt_matches(prompt):
         raise PromptMismatchError("wrong prompt: it is not the one this archive was made with")
+    if header.dict_id:
+        # This lmcodec decodes no dictionary archive (a dictionary changes the model, so
+        # decoding without it could only fail its check after running the model).
+        raise ModelMismatchError(f"archive was made with dictionary {header.dict_id.hex()}; "
+                                 "this lmcodec cannot load dictionaries")
     return header
 
 
@@ -142,7 +168,7 @@ def iter_decompressed(src: BinaryIO, *, models: ModelCache, settings: Settings, 
     reader = Reader(src, size)
     header = read_header(reader, prompt)
     s = settings.resolved()
-    total, check, n_blocks, end = 0, content_hasher(), 0, []
+    total, check, n_blocks, end = 0, reader.content_hasher(), 0, []
     job = DecodeJob(s, header, prompt, _model_arg(models))
     try:
         for raws in executor.map(job, _groups(reader, header, s.decode_rows, end), progress):

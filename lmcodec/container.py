@@ -622,6 +622,11 @@ class Reader:
             self._scan(header)
         return header
 
+    @property
+    def short_form(self) -> bool:
+        """Whether the archive (after :meth:`header`) is in v5's short form (at most one block)."""
+        return bool(self._short_key)
+
     def content_hasher(self) -> "hashlib.blake2b":
         """The hasher whose digest over the whole original the end record's check must equal.
 

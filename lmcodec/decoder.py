@@ -14,7 +14,7 @@ import torch
 import zstandard
 
 from .coder import StreamDecoder
-from .container import Block, Header, Method, digest, stream_groups
+from .container import Block, Header, Method, stream_groups
 from .engine import Engine, torch_threads
 from .errors import ChecksumError, CorruptArchiveError
 from .frequencies import MIN_TOKEN_BITS, CodingTables
@@ -43,7 +43,7 @@ class BlockDecoder:
         else:
             raws = self._decode_lm(blocks, progress)
         for block, raw in zip(blocks, raws):
-            if len(raw) != block.raw_len or digest(raw) != block.check:
+            if not block.verify(raw):
                 hint = (" -- the engine computed different numbers than the encoder's; run "
                         "'lmcodec selftest' on both machines") if block.method == Method.LM else ""
                 raise ChecksumError(f"decoded data does not match the original's checksum{hint}")
