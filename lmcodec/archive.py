@@ -3,11 +3,16 @@
 It cuts the input into blocks, hands them to an executor (in this process or
 on workers), writes the results in order, and keeps what spans blocks: the
 header, the content digest, the end record.  It never holds more than the
-executor has in flight.
+executor has in flight (and, to choose the layout, one block ahead).
+
+An input of at most one block (every file up to the block size) is written in
+the format's short form (:func:`lmcodec.container.pack_short`: one check, no
+end record); two blocks or more in the general form (header, blocks, end).
 """
 
 from __future__ import annotations
 
+import itertools
 import struct
 import time
 import zlib
@@ -16,7 +21,8 @@ from typing import BinaryIO
 
 import zstandard
 
-from .container import MODEL_CHECK_BYTES, Block, End, Header, Method, Reader, content_hasher, prompt_check
+from .container import (MODEL_CHECK_BYTES, Block, End, Header, Method, Reader, content_hasher, pack_short,
+                        prompt_check)
 from .errors import ChecksumError, CorruptArchiveError, LMCodecError, PromptMismatchError
 from .executors import DecodeJob, EncodeJob, Executor
 from .modelcache import ModelCache
@@ -57,17 +63,25 @@ def _model_arg(models: ModelCache) -> str | None:
 def archive_header(models: ModelCache, s: Settings, prompt: bytes | None) -> Header:
     """The header of an archive made with settings ``s`` (resolved)."""
     if s.method in ("auto", "lm"):
-        model, _, name = models.coding_model()
-        return Header(name, model.fingerprint[:MODEL_CHECK_BYTES], b"", prompt_check(prompt), prompt is not None,
-                      s.context, s.segment_tokens, s.lanes, s.block_size, s.level, s.mixer)
+        _, _, name = models.coding_model()
+        base = models.base_fingerprint(models.model_arg)
+        return Header(name, base[:MODEL_CHECK_BYTES], b"", prompt_check(prompt), prompt is not None,
+                      s.context, s.segment_tokens, s.lanes, s.block_size, s.level, s.mixer,
+                      dict_id=models.dict_id())
     # Stored-only archives name no model and never load one.
     return Header("", b"", b"", prompt_check(prompt), prompt is not None,
                   s.context, s.segment_tokens, s.lanes, s.block_size, s.level, s.mixer)
 
 
 class ArchiveSink:
-    """An archive written block by block: the header at once, each block's record as the
-    executor returns it, the end record on :meth:`finish`.
+    """An archive written block by block: each block's record as the executor returns it.
+
+    The layout depends on the block count, known only when a second block comes
+    or the input ends: the first block is held back until then.  At most one
+    block (every file up to the block size) gives the short form
+    (:func:`lmcodec.container.pack_short`: one check, no end record), written on
+    :meth:`finish`; two or more give the general form: the header when the
+    second block comes, then the records, the end record on :meth:`finish`.
 
     :func:`compress_stream` feeds it the blocks :func:`read_blocks` cuts; the
     writer of :func:`lmcodec.open` feeds it the blocks it cuts from its writes
@@ -78,14 +92,13 @@ class ArchiveSink:
                  executor: Executor, progress: Progress):
         self.settings = s = settings.resolved()
         self._dst, self._executor, self._progress = dst, executor, progress
-        header = archive_header(models, s, prompt)
-        self._job = EncodeJob(s, prompt, _model_arg(models), header.model_fingerprint)
+        self._header = archive_header(models, s, prompt)
+        self._job = EncodeJob(s, prompt, _model_arg(models), self._header.model_fingerprint)
         self._t0 = time.perf_counter()
         self._total, self._n, self._check = 0, 0, content_hasher()
+        self._held: bytes | None = None     # the first block, until the layout is known
+        self._general = False               # the general form's header is written
         self.stats = Stats()
-        head = header.pack()
-        dst.write(head)
-        self.stats.output_bytes += len(head)
 
     @property
     def block_size(self) -> int:
@@ -93,6 +106,21 @@ class ArchiveSink:
 
     def write_blocks(self, blocks: Iterable[bytes]) -> None:
         """Encode and write ``blocks`` in order (pulled lazily: at most the executor's in-flight work)."""
+        blocks = iter(blocks)
+        if not self._general:
+            for raw in blocks:
+                if self._held is None:
+                    self._held = raw
+                    continue
+                head = self._header.pack()      # a second block: the general form
+                self._dst.write(head)
+                self.stats.output_bytes += len(head)
+                self._general = True
+                blocks = itertools.chain([self._held, raw], blocks)
+                self._held = None
+                break
+            else:
+                return
         for encoded in self._executor.map(self._job, self._counted(blocks), self._progress):
             packed = encoded.block.pack()
             self._dst.write(packed)
@@ -108,11 +136,20 @@ class ArchiveSink:
             yield raw
 
     def finish(self) -> Stats:
-        """Write the end record; return the stats."""
-        end = End(self._total, self._check.digest(), self._n).pack()
-        self._dst.write(end)
-        self.stats.output_bytes += len(end)
-        self.stats.input_bytes = self._total
+        """Write the short-form archive, or the general form's end record; return the stats."""
+        if self._general:
+            end = End(self._total, self._check.digest(), self._n).pack()
+            self._dst.write(end)
+            self.stats.output_bytes += len(end)
+            self.stats.input_bytes = self._total
+        else:
+            raw, encoded = self._held or b"", None
+            if self._held is not None:
+                (encoded,) = self._executor.map(self._job, iter([raw]), self._progress)
+                self.stats.add(encoded)
+            archive = pack_short(self._header, encoded.block if encoded else None, raw)
+            self._dst.write(archive)
+            self.stats.output_bytes, self.stats.input_bytes = len(archive), len(raw)
         self.stats.seconds = time.perf_counter() - self._t0
         return self.stats
 
@@ -125,14 +162,20 @@ def compress_stream(src: BinaryIO, dst: BinaryIO, *, models: ModelCache, setting
     return sink.finish()
 
 
-def read_header(reader: Reader, prompt: bytes | None) -> Header:
-    """The archive's header, with the prompt given checked against it."""
+def read_header(reader: Reader, prompt: bytes | None, models: ModelCache | None = None) -> Header:
+    """The archive's header, with the dictionary (of ``models``) and the prompt given checked against it.
+
+    The dictionary comes first: its primer is the prompt when none is given, so
+    a missing dictionary would otherwise read as a missing prompt.
+    """
     header = reader.header()
+    if models is not None:
+        models.check_dictionary(header)
     if header.has_prompt and prompt is None:
         raise PromptMismatchError("archive was made with a prompt: pass the same --prompt")
     if not header.has_prompt and prompt is not None:
         raise PromptMismatchError("archive was made without a prompt, but one was given")
-    if prompt_check(prompt) != header.prompt_check:
+    if not header.prompt_matches(prompt):
         raise PromptMismatchError("wrong prompt: it is not the one this archive was made with")
     return header
 
@@ -170,9 +213,9 @@ def iter_decompressed(src: BinaryIO, *, models: ModelCache, settings: Settings, 
     checked blocks, never the whole archive's verdict.
     """
     reader = Reader(src, size)
-    header = read_header(reader, prompt)
+    header = read_header(reader, prompt, models)
     s = settings.resolved()
-    total, check, n_blocks, end = 0, content_hasher(), 0, []
+    total, check, n_blocks, end = 0, reader.content_hasher(), 0, []
     job = DecodeJob(s, header, prompt, _model_arg(models))
     try:
         for raws in executor.map(job, _groups(reader, header, s.decode_rows, end), progress):

@@ -1,153 +1,50 @@
-"""The archive format: a header, blocks, and an end record.  See docs/FORMAT.md.
+"""The archive format: a header, then one block in the short form, or blocks and an end record.
 
-Every structure carries its own CRC32 and every length is checked against the
-bytes actually present *before* anything is allocated from it, so a damaged or
-hostile archive fails with a named :class:`ArchiveError`, early and cheaply.
-The original bytes are covered twice: a BLAKE2b-64 digest per block (catches a
-wrong decode of that block as soon as it is done) and one over the whole
-content in the end record (catches reordered, dropped or spliced blocks).
+See docs/FORMAT.md.  Format v5 has two layouts.  The *short form* holds at most
+one block (every file up to the block size, 4 MiB by default): header fields,
+the block's lengths, one 32-bit check and the payloads -- 15 bytes of framing
+for a 1.4 KB text with the default model.  Its check is BLAKE2b-32 of the
+header's bytes and the original (:func:`short_hasher`), so it covers the
+model id, the dictionary id, the prompt check and the level as well as the
+content; it is verified after decoding.  The *general form* (two blocks or
+more) is v4's: a header CRC, blocks that carry their own CRC32s and BLAKE2b-64
+digests, and an end record with the digest of the whole content.
 
-Integers are unsigned LEB128 varints (:func:`encode_varint`), so small files
-pay little framing; a varint must be minimal and at most 10 bytes.
+Every length is checked against the bytes actually present *before* anything
+is allocated from it, so a damaged or hostile archive fails with a named
+:class:`ArchiveError`, early and cheaply.
+
+The header (its fields, the levels, the model ids, varints) is
+:mod:`lmcodec.header`; its names are re-exported here.
 """
 
 from __future__ import annotations
 
 import hashlib
-import struct
 import zlib
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import BinaryIO
 
-from .spec import MIXER_MASK
-from .errors import (
-    CorruptArchiveError,
-    NotAnArchiveError,
-    TruncatedArchiveError,
-    UnsupportedFormatError,
-)
+from .errors import CorruptArchiveError, NotAnArchiveError, TruncatedArchiveError, UnsupportedFormatError
+# The header's names, re-exported: importers of lmcodec.container get the whole format.
+from .header import (CHECK_BYTES, DEFAULT_BLOCK_SIZE, DEFAULT_LANES, DICT_ID_BYTES, F5_GENERAL,  # noqa: F401
+                     F5_METHOD_SHIFT, LEVELS, MAGIC, MAGIC5, MAX_BLOCK_SIZE, MAX_CONTEXT, MAX_LANES,
+                     MAX_SEGMENT_TOKENS, MIN_BLOCK_SIZE, MIN_CONTEXT, MODEL_CHECK_BYTES, MODEL_FINGERPRINTS,
+                     MODEL_IDS, OLD_VERSIONS, PROMPT_CHECK_BYTES, READ_VERSIONS, VARINT_MAX, VARINT_MAX_BYTES,
+                     VERSION, WHOLE_BLOCK, _CRC, Header, HeaderFields, Level, decode_varint, encode_varint,
+                     prompt_check)
 
-MAGIC = b"\x89LMC"
-VERSION = 4
-#: Versions this lmcodec reads: 4 (what it writes) and 3 (lmcodec 0.2's first
-#: layout: the same blocks and end record under a longer header).
-READ_VERSIONS = (3, 4)
-#: Format versions this lmcodec cannot read, and the release that reads them.
-OLD_VERSIONS = {1: "lmcodec 0.1.x (before format v2)", 2: "lmcodec 0.1.x (the float engine)"}
-MAX_BLOCK_SIZE = 64 << 20
-MIN_BLOCK_SIZE = 4096
-MAX_NAME = 255
-MIN_CONTEXT = 16
-MAX_CONTEXT = 8192          # the exact engine's bounds hold up to 8192 keys (docs/ENGINE.md)
-MAX_SEGMENT_TOKENS = 1 << 30
-MAX_LANES = 4096
-MAX_LEVEL = 9               # Header.level: 0 = custom settings, 1..9 = a compression level
 #: Streams of unknown length (pipes) are read in pieces of this size, so memory
 #: grows with the bytes that actually arrive, never with a declared length.
 READ_CHUNK = 1 << 20
-
-#: The largest value a varint field may hold, and the most bytes a varint may take.
-VARINT_MAX = (1 << 64) - 1
-VARINT_MAX_BYTES = 10
-
-_HEAD = struct.Struct("<4sBB")                  # magic, version, flags
-_CRC = struct.Struct("<I")
-#: v4 stores the first 8 bytes of the 16-byte model fingerprint (it tells a wrong
-#: model from the right one; the content checksums catch a wrong decode anyway).
-MODEL_CHECK_BYTES = 8
-V3_MODEL_FINGERPRINT_BYTES = 16
-V3_TOKENIZER_FINGERPRINT_BYTES = 8              # the first 8 bytes of the tokenizer's fingerprint
-CHECK_BYTES = 8                                 # BLAKE2b-64 digests and the prompt check
+#: The short form's one check (>= 32 bits, the issue's floor): a wrong decode or
+#: damaged archive passes it with chance 2^-32.
+SHORT_CHECK_BYTES = 4
 #: The smallest stream-table entry: a one-byte payload-length varint and the payload's CRC32.
 MIN_STREAM_ENTRY = 1 + _CRC.size
-
-FLAG_PROMPT = 1
-FLAG_MODEL = 2
-FLAG_MODEL_ID = 4       # v4: the model is a registered one, named by its one-byte id
-FLAG_LANES = 8          # v4: lanes are not DEFAULT_LANES and follow as a varint
-FLAG_BLOCK_SIZE = 16    # v4: the block size is not DEFAULT_BLOCK_SIZE and follows
-V3_FLAGS = FLAG_PROMPT | FLAG_MODEL
-V4_FLAGS = FLAG_PROMPT | FLAG_MODEL | FLAG_MODEL_ID | FLAG_LANES | FLAG_BLOCK_SIZE
 BLOCK_TAG = 0x42  # 'B'
 END_TAG = 0x45    # 'E'
-
-#: Registered models' ids in a v4 header (flag bit 2): an id is never reused.
-#: Every name of ``lmcodec.models.REGISTRY`` has one (a test checks it).
-MODEL_IDS = {1: "smollm2-135m"}
-_MODEL_ID_OF = {name: i for i, name in MODEL_IDS.items()}
-
-
-@dataclass(frozen=True)
-class Level:
-    """What a compression level sets: segment length, context and the online models.
-
-    Part of the format since v4: a header with level 1..9 stores only the level,
-    and the decoder reads these settings from this table, so a level's entry is
-    frozen once released (a new trade takes a new level or a custom header).
-    Longer segments mean fewer cold starts but fewer segments for the decoder to
-    advance side by side; the online models cost decode time (docs/LEVELS.md).
-    """
-
-    segment_tokens: int
-    context: int
-    mixer: int
-
-
-#: Segment tokens of the levels without cold starts: as many as the largest block can
-#: hold, so every block is one segment (docs/LEVELS.md: its decoder advances one row).
-WHOLE_BLOCK = 64 << 20
-
-LEVELS = {
-    1: Level(512, 512, 0),
-    2: Level(1024, 1024, 0),
-    3: Level(2048, 2048, 0),
-    4: Level(2048, 2048, MIXER_MASK),
-    5: Level(4096, 2048, MIXER_MASK),
-    6: Level(8192, 2048, MIXER_MASK),
-    7: Level(8192, 4096, MIXER_MASK),
-    8: Level(WHOLE_BLOCK, 2048, MIXER_MASK),
-    9: Level(WHOLE_BLOCK, 4096, MIXER_MASK),
-}
-#: Lanes and block size a v4 header leaves out (flag bits 3 and 4 say otherwise).
-DEFAULT_LANES = 64
-DEFAULT_BLOCK_SIZE = 4 << 20
-
-
-def encode_varint(value: int) -> bytes:
-    """``value`` (0 .. 2^64 - 1) as an unsigned LEB128 varint: 7 bits a byte, low first."""
-    if not 0 <= value <= VARINT_MAX:
-        raise ValueError(f"varint value out of range: {value}")
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def decode_varint(data: bytes | bytearray | memoryview, pos: int = 0, max_value: int = VARINT_MAX,
-                  what: str = "varint") -> tuple[int, int]:
-    """Decode the varint at ``data[pos:]``; return (value, position after it).
-
-    Refused with :class:`CorruptArchiveError`: a non-minimal encoding (a final
-    zero byte after the first), one longer than :data:`VARINT_MAX_BYTES`, or a
-    value above ``max_value``.  Data that ends inside the varint is a
-    :class:`TruncatedArchiveError`.  Never reads past ``data``.
-    """
-    value = 0
-    for i in range(VARINT_MAX_BYTES):
-        if pos + i >= len(data):
-            raise TruncatedArchiveError(f"archive truncated in {what}")
-        b = data[pos + i]
-        value |= (b & 0x7F) << (7 * i)
-        if not b & 0x80:
-            if b == 0 and i:
-                raise CorruptArchiveError(f"{what} is not a minimal varint")
-            if value > max_value:
-                raise CorruptArchiveError(f"{what} is out of range ({value} > {max_value})")
-            return value, pos + i + 1
-    raise CorruptArchiveError(f"{what} is a varint longer than {VARINT_MAX_BYTES} bytes")
 
 
 class Method(IntEnum):
@@ -170,84 +67,20 @@ def digest(data: bytes | memoryview) -> bytes:
     return h.digest()
 
 
-def prompt_check(prompt: bytes | None) -> bytes:
-    """8 bytes telling a wrong prompt from the right one; not a secret (see README)."""
-    if prompt is None:
-        return bytes(8)
-    return hashlib.blake2b(prompt, digest_size=8, person=b"lmcodec-prompt").digest()
+def short_hasher(header_bytes: bytes) -> "hashlib.blake2b":
+    """The v5 short form's check, before the content: BLAKE2b-32 of the header's bytes, then the original.
 
-
-@dataclass(frozen=True)
-class Header:
-    """What a decoder needs before the first block: model, prompt and coding layout.
-
-    Nothing about the encoder's machine is recorded (device, threads, batch
-    size): the exact engine computes the same bits everywhere, so the decoder
-    chooses what suits its own machine.
-
-    The fields hold what the archive stores.  v4 (what :meth:`pack` writes):
-    the first :data:`MODEL_CHECK_BYTES` of the model fingerprint, no tokenizer
-    fingerprint (``b""``; the model fingerprint covers the tokenizer table), a
-    registered model by its one-byte id (:data:`MODEL_IDS`), and a level's
-    settings by the level alone (:data:`LEVELS`).  v3 (read only): the whole
-    16-byte model fingerprint and 8 bytes of the tokenizer's.  An archive that
-    names no model (stored-only) reads back with an empty name and empty (v4) or
-    zero (v3) fingerprints; without a prompt the prompt check reads back as zeros.
+    Hashing the header's bytes first keys the check by everything a decoder depends
+    on besides the payload: the model (its id, which determines its fingerprint, or
+    its stored fingerprint), the dictionary id, the prompt check, the level and
+    settings; so a damaged header is caught with the content, and the header needs
+    no CRC of its own.  The block's lengths are not hashed: a wrong raw length fails
+    the decoded length, a wrong token count decodes a different length, and wrong
+    payload lengths move the end of the archive or the streams' bytes.
     """
-
-    model_name: str
-    model_fingerprint: bytes
-    tokenizer_fingerprint: bytes
-    prompt_check: bytes
-    has_prompt: bool
-    context: int
-    segment_tokens: int
-    lanes: int
-    block_size: int
-    level: int = 0
-    mixer: int = 0          # the online models mixed with the LM (lmcodec.mixing); 0 = the LM alone
-    version: int = VERSION
-
-    def names_model(self) -> bool:
-        """Whether the archive records a model (flag bit 1): a name or a non-zero fingerprint."""
-        return bool(self.model_name) or any(self.model_fingerprint) or any(self.tokenizer_fingerprint)
-
-    def pack(self) -> bytes:
-        """The v4 header and its CRC (this lmcodec writes no other version)."""
-        if self.version != VERSION:
-            raise ValueError(f"this lmcodec writes format version {VERSION} only")
-        named = self.names_model()
-        if ((named and len(self.model_fingerprint) != MODEL_CHECK_BYTES) or self.tokenizer_fingerprint
-                or len(self.prompt_check) != CHECK_BYTES):
-            raise ValueError("header fingerprints or prompt check have the wrong length")
-        if not self.has_prompt and any(self.prompt_check):
-            raise ValueError("a prompt check without a prompt")
-        if not 0 <= self.level <= MAX_LEVEL:
-            raise ValueError(f"level must be 0..{MAX_LEVEL}")
-        if self.mixer & ~MIXER_MASK or self.mixer < 0:
-            raise ValueError(f"unknown mixer bits {self.mixer:#x}")
-        if self.level and LEVELS[self.level] != Level(self.segment_tokens, self.context, self.mixer):
-            raise ValueError(f"settings other than level {self.level}'s are level 0 (custom)")
-        model_id = _MODEL_ID_OF.get(self.model_name) if named else None
-        flags = ((FLAG_PROMPT if self.has_prompt else 0) | (FLAG_MODEL if named else 0)
-                 | (FLAG_MODEL_ID if model_id else 0) | (FLAG_LANES if self.lanes != DEFAULT_LANES else 0)
-                 | (FLAG_BLOCK_SIZE if self.block_size != DEFAULT_BLOCK_SIZE else 0))
-        body = _HEAD.pack(MAGIC, VERSION, flags) + bytes([self.level])
-        if not self.level:
-            body += bytes([self.mixer]) + encode_varint(self.context) + encode_varint(self.segment_tokens)
-        if flags & FLAG_LANES:
-            body += encode_varint(self.lanes)
-        if flags & FLAG_BLOCK_SIZE:
-            body += encode_varint(self.block_size)
-        if model_id:
-            body += bytes([model_id]) + self.model_fingerprint
-        elif named:
-            # At most MAX_NAME bytes, cut at a character boundary so the name stays UTF-8.
-            name = self.model_name.encode("utf-8")[:MAX_NAME].decode("utf-8", "ignore").encode("utf-8")
-            body += bytes([len(name)]) + name + self.model_fingerprint
-        if self.has_prompt:
-            body += self.prompt_check
-        return body + _CRC.pack(zlib.crc32(body))
+    h = hashlib.blake2b(digest_size=SHORT_CHECK_BYTES, person=b"lmcodec-v5")
+    h.update(header_bytes)
+    return h
 
 
 @dataclass(frozen=True)
@@ -273,10 +106,23 @@ class Block:
     tokens: list[int] = field(default_factory=list)
     streams: list[StreamEntry] = field(default_factory=list)
     payloads: list[bytes] = field(default_factory=list)
+    #: The v5 short form's header bytes: ``check`` is then :func:`short_hasher` of them and the
+    #: original, not ``B2(original)`` (b"": a general-form, v4 or v3 block).
+    check_key: bytes = field(default=b"", compare=False, repr=False)
 
     @property
     def n_tokens(self) -> int:
         return sum(self.tokens)
+
+    def verify(self, raw: bytes) -> bool:
+        """Whether ``raw`` is this block's original: its length and its check."""
+        if len(raw) != self.raw_len:
+            return False
+        if self.check_key:
+            h = short_hasher(self.check_key)
+            h.update(raw)
+            return h.digest() == self.check
+        return digest(raw) == self.check
 
     def pack(self) -> bytes:
         """The block table and its CRC, then the payloads.
@@ -305,6 +151,43 @@ class Block:
     def build(cls, method: Method, raw: bytes, payloads: list[bytes], tokens: list[int]) -> "Block":
         entries = [StreamEntry(len(p), zlib.crc32(p)) for p in payloads]
         return cls(method, len(raw), digest(raw), list(tokens), entries, payloads)
+
+
+def pack_short(header: Header, block: Block | None, raw: bytes) -> bytes:
+    """The whole v5 short-form archive of ``raw``: at most one block (None: an empty input).
+
+    Header fields (the block's method in the flags), the raw length, an LM block's
+    token count and stream lengths in 32-bit words, or a zstd block's payload length,
+    the check over the header's bytes and ``raw`` (:func:`short_hasher`), the payloads.
+    """
+    if block is None:
+        if raw:
+            raise ValueError("a non-empty input needs its block")
+        block = Block(Method.RAW, 0, b"", [], [StreamEntry(0, 0)], [b""])
+    if block.raw_len != len(raw):
+        raise ValueError("the block is not of these bytes")
+    head = header.fields(block.method)
+    body = bytearray(encode_varint(block.raw_len))
+    if block.method == Method.LM:
+        if not block.tokens:
+            raise ValueError("an LM block has tokens")
+        body += encode_varint(sum(block.tokens))
+        for p in block.payloads:
+            if len(p) % 4 or not p:
+                raise ValueError("an LM payload is whole 32-bit words")
+            body += encode_varint(len(p) // 4)
+    else:
+        if block.tokens or len(block.payloads) != 1:
+            raise ValueError("a stored block has no segments and exactly one stream")
+        if block.method == Method.RAW and block.payloads[0] != raw:
+            raise ValueError("a raw block's payload is its raw bytes")
+        if block.method == Method.ZSTD:
+            if not raw:
+                raise ValueError("an empty input is an empty raw block")
+            body += encode_varint(len(block.payloads[0]))
+    check = short_hasher(head)
+    check.update(raw)
+    return head + bytes(body) + check.digest() + b"".join(block.payloads)
 
 
 @dataclass(frozen=True)
@@ -375,7 +258,7 @@ def _zstd_content_size(payload: bytes) -> int | None:
     return None if size == zstandard.CONTENTSIZE_UNKNOWN else size
 
 
-class Reader:
+class Reader(HeaderFields):
     """Parses an archive from a binary stream, one structure at a time.
 
     ``limit`` is the number of bytes known to remain (the file size), or None for
@@ -403,6 +286,10 @@ class Reader:
         self._blocks = 0
         self._total = 0
         self._last_check = b""
+        #: v5 short form: the header's bytes (what its check is keyed by) and the block's method.
+        self._short_key = b""
+        self._short_method = 0
+        self._short_done = False
 
     def _read(self, n: int, what: str) -> bytes:
         if n < 0 or (self._left is not None and n > self._left):
@@ -447,18 +334,24 @@ class Reader:
         return decode_varint(body, start, what=what)[0]
 
     def header(self) -> Header:
-        head = self._s.read(_HEAD.size) or b""
+        head = self._s.read(len(MAGIC5) + 1) or b""
         self.offset += len(head)
         if self._left is not None:
             self._left -= len(head)
         if not head:
             raise NotAnArchiveError("not an lmcodec archive (empty input)")
-        if head[:4] != MAGIC[:len(head[:4])]:
+        if head[:2] != MAGIC5[:len(head[:2])]:
             raise NotAnArchiveError("not an lmcodec archive (bad magic bytes)")
-        if len(head) < _HEAD.size:
+        if len(head) < len(MAGIC5) + 1:
             raise TruncatedArchiveError("archive truncated in header")
-        _, version, flags = _HEAD.unpack(head)
-        reads = " and ".join(map(str, READ_VERSIONS))
+        body = bytearray(head)
+        if head[2] == MAGIC[2]:  # versions 1..4: the 4-byte magic, then the version
+            body += self._read(1, "header")
+            if body[3] != MAGIC[3]:
+                raise NotAnArchiveError("not an lmcodec archive (bad magic bytes)")
+            body += self._read(1, "header")
+        version = body[-1]
+        reads = ", ".join(map(str, READ_VERSIONS))
         if version not in READ_VERSIONS:
             if version in OLD_VERSIONS:
                 raise UnsupportedFormatError(
@@ -466,105 +359,36 @@ class Reader:
                     f"decode it with {OLD_VERSIONS[version]}")
             raise UnsupportedFormatError(
                 f"archive format version {version} is not supported (this lmcodec reads {reads})")
-        body = bytearray(head)
-        fields = self._fields_v3(body, flags) if version == 3 else self._fields_v4(body, flags)
-        (crc,) = _CRC.unpack(self._read(_CRC.size, "header"))
-        if zlib.crc32(body) != crc:
-            raise CorruptArchiveError("archive header is corrupted (CRC mismatch)")
+        body += self._read(1, "header")
+        flags = body[-1]
+        if version == 5:
+            fields = self._fields_v5(body, flags)
+        else:
+            fields = self._fields_v3(body, flags) if version == 3 else self._fields_v4(body, flags)
+        if version < 5 or flags & F5_GENERAL:
+            (crc,) = _CRC.unpack(self._read(_CRC.size, "header"))
+            if zlib.crc32(body) != crc:
+                raise CorruptArchiveError("archive header is corrupted (CRC mismatch)")
         header = self._checked(version, flags, **fields)
+        if version == 5 and not flags & F5_GENERAL:
+            self._short_key = bytes(body)
+            self._short_method = flags >> F5_METHOD_SHIFT
         if self._prescan and self._left is not None and _seekable(self._s):
             self._scan(header)
         return header
 
-    def _fields_v3(self, body: bytearray, flags: int) -> dict:
-        """v3: level, mixer and four varints always; name, 16 + 8 fingerprint bytes."""
-        level, mixer = self._read(2, "header")
-        body += bytes([level, mixer])
-        context, seg, lanes, block_size = (self._varint(body, "header", f"archive header {what}")
-                                           for what in ("context", "segment tokens", "lanes", "block size"))
-        name, mfp, tfp = b"", bytes(V3_MODEL_FINGERPRINT_BYTES), bytes(V3_TOKENIZER_FINGERPRINT_BYTES)
-        if flags & FLAG_MODEL:
-            name = self._read_name(body)
-            mfp = self._read(V3_MODEL_FINGERPRINT_BYTES, "header")
-            tfp = self._read(V3_TOKENIZER_FINGERPRINT_BYTES, "header")
-            body += mfp + tfp
-        return dict(level=level, mixer=mixer, context=context, seg=seg, lanes=lanes, block_size=block_size,
-                    name=name, model_id=None, mfp=mfp, tfp=tfp, pcheck=self._read_prompt_check(body, flags))
+    @property
+    def short_form(self) -> bool:
+        """Whether the archive (after :meth:`header`) is in v5's short form (at most one block)."""
+        return bool(self._short_key)
 
-    def _fields_v4(self, body: bytearray, flags: int) -> dict:
-        """v4: the level, and only what it does not imply (docs/FORMAT.md)."""
-        level = self._read(1, "header")[0]
-        body.append(level)
-        mixer = context = seg = None
-        if level == 0:
-            mixer = self._read(1, "header")[0]
-            body.append(mixer)
-            context = self._varint(body, "header", "archive header context")
-            seg = self._varint(body, "header", "archive header segment tokens")
-        lanes = (self._varint(body, "header", "archive header lanes") if flags & FLAG_LANES else DEFAULT_LANES)
-        block_size = (self._varint(body, "header", "archive header block size") if flags & FLAG_BLOCK_SIZE
-                      else DEFAULT_BLOCK_SIZE)
-        name, model_id, mfp = b"", None, b""
-        if flags & FLAG_MODEL:
-            if flags & FLAG_MODEL_ID:
-                model_id = self._read(1, "header")[0]
-                body.append(model_id)
-            else:
-                name = self._read_name(body)
-            mfp = self._read(MODEL_CHECK_BYTES, "header")
-            body += mfp
-        return dict(level=level, mixer=mixer, context=context, seg=seg, lanes=lanes, block_size=block_size,
-                    name=name, model_id=model_id, mfp=mfp, tfp=b"", pcheck=self._read_prompt_check(body, flags))
+    def content_hasher(self) -> "hashlib.blake2b":
+        """The hasher whose digest over the whole original the end record's check must equal.
 
-    def _read_name(self, body: bytearray) -> bytes:
-        name_len = self._read(1, "header")
-        name = self._read(name_len[0], "header")
-        body += name_len + name
-        return name
-
-    def _read_prompt_check(self, body: bytearray, flags: int) -> bytes:
-        if not flags & FLAG_PROMPT:
-            return bytes(CHECK_BYTES)
-        pcheck = self._read(CHECK_BYTES, "header")
-        body += pcheck
-        return pcheck
-
-    @staticmethod
-    def _checked(version: int, flags: int, *, level: int, mixer: int | None, context: int | None,
-                 seg: int | None, lanes: int, block_size: int, name: bytes, model_id: int | None,
-                 mfp: bytes, tfp: bytes, pcheck: bytes) -> Header:
-        """The header, once its fields are in the ranges an encoder can write (CRC already checked)."""
-        allowed = V3_FLAGS if version == 3 else V4_FLAGS
-        invalid = bool(flags & ~allowed) or level > MAX_LEVEL
-        if version == 4:
-            # Exactly one encoding per header: a flag bit only for a value the default is not,
-            # an id only for a named model.
-            invalid = invalid or (flags & FLAG_MODEL_ID and not flags & FLAG_MODEL) \
-                or (flags & FLAG_LANES and lanes == DEFAULT_LANES) \
-                or (flags & FLAG_BLOCK_SIZE and block_size == DEFAULT_BLOCK_SIZE)
-            if not invalid and level:
-                lv = LEVELS[level]
-                mixer, context, seg = lv.mixer, lv.context, lv.segment_tokens
-        invalid = invalid or mixer & ~MIXER_MASK or not MIN_CONTEXT <= context <= MAX_CONTEXT \
-            or not 1 <= seg <= MAX_SEGMENT_TOKENS or not 1 <= lanes <= MAX_LANES \
-            or not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE \
-            or (flags & FLAG_MODEL and model_id is None and not (name or any(mfp) or any(tfp)))
-        if invalid:
-            # The ranges an encoder can write (see Settings.resolved in settings.py); a header that
-            # says it names a model names one (an encoder sets the flag exactly then).
-            raise CorruptArchiveError("archive header has invalid parameters")
-        if model_id is not None:
-            if model_id not in MODEL_IDS:
-                raise UnsupportedFormatError(
-                    f"archive names registered model #{model_id}, which this lmcodec does not know "
-                    "(a newer lmcodec wrote it)")
-            name = MODEL_IDS[model_id].encode("utf-8")
-        try:
-            model_name = name.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise CorruptArchiveError("archive header has an invalid model name") from exc
-        return Header(model_name, mfp, tfp, pcheck, bool(flags & FLAG_PROMPT), context, seg, lanes, block_size,
-                      level, mixer, version)
+        After :meth:`header`: the short form's :func:`short_hasher` (keyed by the header's
+        bytes), or :func:`content_hasher` (BLAKE2b-64) for the general form and v3/v4.
+        """
+        return short_hasher(self._short_key) if self._short_key else content_hasher()
 
     def _scan(self, header: Header) -> None:
         """Check every structure up to the end of the archive, then rewind to the first block."""
@@ -578,6 +402,7 @@ class Reader:
             pos, self._left, self.offset = state
             self._blocks = self._total = 0
             self._last_check = b""
+            self._short_done = False
             self._s.seek(pos)
 
     def next(self, header: Header) -> Block | End:
@@ -585,6 +410,8 @@ class Reader:
         return self._record(header, keep=True)
 
     def _record(self, header: Header, keep: bool) -> Block | End:
+        if self._short_key:
+            return self._short_record(header, keep)
         tag = self._read(1, "block tag")
         start = self.offset - 1
         body = bytearray(tag)
@@ -670,6 +497,69 @@ class Reader:
         # The segments are derived, not stored; the pre-scan (keep=False) never lists them.
         tokens = segment_layout(n_tokens, header.segment_tokens) if keep and method == Method.LM else []
         return Block(method, raw_len, check, tokens, entries, payloads)
+
+    def _short_record(self, header: Header, keep: bool) -> Block | End:
+        """The short form's one block (lengths, check, payloads), then its implied end record.
+
+        An empty input (raw length 0, raw method) has no block: its end record comes at once.
+        """
+        if self._short_done:
+            return End(self._total, self._last_check, self._blocks)
+        self._short_done = True
+        start, body = self.offset, bytearray()
+        method = Method(self._short_method)
+        raw_len = self._varint(body, "block header", "block raw length")
+        if raw_len > header.block_size:
+            raise CorruptArchiveError(f"block has invalid fields (raw length {raw_len} over the block size "
+                                      f"{header.block_size})")
+        if not raw_len and method != Method.RAW:
+            raise CorruptArchiveError("an empty block that is not stored raw")
+        n_tokens = 0
+        if method == Method.LM:
+            n_tokens = self._varint(body, "block header", "block token count")
+            if not 1 <= n_tokens <= raw_len:  # every token codes at least one byte
+                raise CorruptArchiveError(f"block declares an impossible number of tokens "
+                                          f"({n_tokens} for {raw_len} bytes; more tokens than bytes or none)")
+            n_streams = stream_count(n_tokens, header.segment_tokens, header.lanes)
+            # Every stream takes at least a one-byte length and one 4-byte word: bound the
+            # table by the block and the bytes that remain before reading it.
+            if (n_streams > raw_len
+                    or (self._left is not None and n_streams * 5 + SHORT_CHECK_BYTES > self._left)):
+                raise CorruptArchiveError(f"block declares an impossible number of streams ({n_streams})")
+            entries = []
+            for i in range(n_streams):
+                limit = lm_payload_limit(stream_tokens(i, n_tokens, header.segment_tokens, header.lanes)) // 4
+                words = self._varint(body, "stream table", f"stream {i} length")
+                if not 1 <= words <= limit:
+                    raise CorruptArchiveError(f"stream {i} has an impossible payload length ({words} words)")
+                entries.append(StreamEntry(4 * words, 0))
+        elif method == Method.ZSTD:
+            length = self._varint(body, "block header", "block payload length")
+            if not 1 <= length <= zstd_payload_limit(raw_len):
+                raise CorruptArchiveError("stored payload length does not match the block length")
+            entries = [StreamEntry(length, 0)]
+        else:
+            entries = [StreamEntry(raw_len, 0)]
+        check = self._read(SHORT_CHECK_BYTES, "block check")
+        payloads, first = [], b""
+        for i, e in enumerate(entries):
+            what = f"payload of stream {i}"
+            if keep:
+                p = self._read(e.payload_len, what)
+                crc, first = zlib.crc32(p), first or p
+                payloads.append(p)
+            else:
+                crc, head = self._skim(e.payload_len, what, keep=_ZSTD_HEAD)
+                first = first or head
+            entries[i] = StreamEntry(e.payload_len, crc)   # computed, not stored: nothing to compare
+        if method == Method.ZSTD and _zstd_content_size(first[:_ZSTD_HEAD]) != raw_len:
+            raise CorruptArchiveError(f"zstd block at offset {start} does not declare its length")
+        self._last_check = check
+        if not raw_len:
+            return End(0, check, 0)
+        self._blocks, self._total = 1, raw_len
+        tokens = segment_layout(n_tokens, header.segment_tokens) if keep and method == Method.LM else []
+        return Block(method, raw_len, check, tokens, entries, payloads, self._short_key)
 
     @staticmethod
     def _check_layout(method: Method, raw_len: int, n_tokens: int, entries: list[StreamEntry],

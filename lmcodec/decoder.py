@@ -43,9 +43,14 @@ class BlockDecoder:
         else:
             raws = self._decode_lm(blocks, progress)
         for block, raw in zip(blocks, raws):
-            if len(raw) != block.raw_len or digest(raw) != block.check:
-                hint = (" -- the engine computed different numbers than the encoder's; run "
-                        "'lmcodec selftest' on both machines") if block.method == Method.LM else ""
+            if not block.verify(raw):
+                hint = ""
+                if block.check_key:  # v5 short form: no CRCs, so damage is found here too
+                    hint = (" -- the archive is damaged" + (", or the engine computed different numbers than "
+                            "the encoder's ('lmcodec selftest' tells)" if block.method == Method.LM else ""))
+                elif block.method == Method.LM:
+                    hint = (" -- the engine computed different numbers than the encoder's; run "
+                            "'lmcodec selftest' on both machines")
                 raise ChecksumError(f"decoded data does not match the original's checksum{hint}")
             if block.method != Method.LM:
                 progress.bytes(len(raw))

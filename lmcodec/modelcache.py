@@ -10,7 +10,7 @@ import os
 from typing import TYPE_CHECKING
 
 from . import models
-from .container import Header, prompt_check
+from .container import DICT_ID_BYTES, Header, prompt_check
 from .engine import Engine, kv_bytes
 from .errors import DictionaryMismatchError, ModelMismatchError, ResourceLimitError
 from .quantize import IntModel, load_int_model
@@ -74,8 +74,35 @@ class ModelCache:
             self._engines[key] = Engine(model, device, ops=self.ops)
         return self._engines[key]
 
+    def base_fingerprint(self, spec: ModelSpec = None) -> bytes:
+        """The fingerprint of a loaded model without the dictionary (what an archive's model check holds)."""
+        self.load(spec)
+        return self._bases[str(spec) if spec is not None else models.DEFAULT_MODEL]
+
+    def dict_id(self) -> bytes:
+        """What an archive records of the dictionary: the first DICT_ID_BYTES of its id (b"" without one)."""
+        return self.adapter.fingerprint()[:DICT_ID_BYTES] if self.adapter is not None else b""
+
+    def check_dictionary(self, header: Header) -> None:
+        """Refuse a missing, extra or other dictionary, naming the id the archive expects."""
+        given = self.dict_id()
+        if header.dict_id == given:
+            return
+        if not given:
+            raise DictionaryMismatchError(f"archive was made with dictionary {header.dict_id.hex()}: pass it with -D")
+        if not header.dict_id:
+            raise DictionaryMismatchError(
+                f"archive was made without a dictionary, but dictionary {given.hex()} was given")
+        raise DictionaryMismatchError(f"wrong dictionary: archive needs dictionary {header.dict_id.hex()}, "
+                                      f"got {given.hex()} ({self.adapter.id[:16]})")
+
     def model_for(self, header: Header) -> tuple[IntModel, ByteTokenizer]:
-        """The model an archive needs: the user's, checked against the header, or its registered one."""
+        """The model an archive needs: the user's, checked against the header, or its registered one.
+
+        The header's model check is the base model's; the dictionary is checked by
+        its id (:meth:`check_dictionary`), and the archive's content check covers both.
+        """
+        self.check_dictionary(header)
         spec = self.model_arg
         if spec is None:
             if header.model_name not in models.REGISTRY:
@@ -85,16 +112,9 @@ class ModelCache:
                     "pass it with --model PATH")
             spec = header.model_name
         model, tok, name = self.load(spec)
-        stored = header.model_fingerprint   # v4: its first 8 bytes; v3: all 16
-        if self.adapter is not None and model.fingerprint[:len(stored)] != stored:
-            key = str(spec) if spec is not None else models.DEFAULT_MODEL
-            if self._bases[key][:len(stored)] == stored:
-                raise DictionaryMismatchError(
-                    f"archive was made without a dictionary, but dictionary {self.adapter.id[:16]} was given")
-            raise DictionaryMismatchError(
-                f"wrong dictionary: archive needs model check {stored.hex()[:16]} (another dictionary, or "
-                f"another model), dictionary {self.adapter.id[:16]} on {name!r} gives {model.fingerprint.hex()[:16]}")
-        if model.fingerprint[:len(stored)] != stored:
+        base = self.base_fingerprint(spec)
+        stored = header.model_fingerprint   # v4, v5: its first 8 bytes; v3: all 16
+        if base[:len(stored)] != stored:
             tfp = header.tokenizer_fingerprint  # v3 only: names a tokenizer mismatch
             if tfp and tok.fingerprint[:len(tfp)] != tfp:
                 raise ModelMismatchError(
@@ -103,8 +123,7 @@ class ModelCache:
             raise ModelMismatchError(
                 f"wrong model: archive needs {header.model_name!r} "
                 f"(fingerprint {stored.hex()[:16]}), "
-                f"got {name!r} (fingerprint {model.fingerprint.hex()[:16]}); "
-                "if it was made with a dictionary, pass it with -D")
+                f"got {name!r} (fingerprint {base.hex()[:16]})")
         return model, tok
 
     def prefix(self, tok: ByteTokenizer, prompt: bytes | None, context: int) -> list[int]:

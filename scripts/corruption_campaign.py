@@ -8,7 +8,8 @@ several blocks).  Each one is then corrupted many ways:
 * ``flip-header-bit``: every bit of every header, one at a time (exhaustive);
 * ``truncate-boundary``: cut at, just before and just after every structure
   boundary (every header field, every block-table field and stream entry, the
-  block CRC, each payload, every end-record field);
+  block CRC, each payload, every end-record field; in format v5's short form,
+  every header field, the block's lengths, its check and payloads);
 * ``flip-random``: 1-3 random bits anywhere;  ``truncate-random``;
 * ``splice``: a prefix of one archive + a suffix of another (random offsets,
   half of them at structure boundaries);
@@ -19,7 +20,10 @@ several blocks).  Each one is then corrupted many ways:
   block table (stream entries included) or end record changed to a random or
   hostile value -- a varint field re-encoded (its length may change), or
   replaced by a non-minimal or overlong encoding -- and the CRC recomputed with
-  zlib.crc32, so the deeper checks are reached.
+  zlib.crc32, so the deeper checks are reached.  A v5 short-form archive (at most
+  one block: the corpus's small ones) has no CRC: its one check, over the
+  header's bytes and the original, is verified after decoding, so a changed
+  field of an LM archive that still parses reaches the model and fails after it.
 
 Every result must be the exact original (e.g. a re-signed parameter a stored
 block does not use) or an :class:`lmcodec.LMCodecError` with a one-line
@@ -56,15 +60,17 @@ from dataclasses import dataclass, field
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import lmcodec  # noqa: E402
-from lmcodec.container import VERSION, decode_varint, encode_varint  # noqa: E402
+from lmcodec.container import MODEL_IDS, VERSION, decode_varint, encode_varint  # noqa: E402
 from lmcodec.errors import LMCodecError  # noqa: E402
 
 LM_SETTINGS = dict(segment_tokens=24, lanes=2, context=32, threads=2)
 
-#: Format v4 (lmcodec/container.py, docs/FORMAT.md): a field is (name, start, end, kind), kind one of
-#: "u8", "varint", "u32" (a CRC32 inside a table), "8s" (digests, fingerprints), "name", or "mark"
-#: (an empty field: where the header's settings end).
+#: Formats v4 and v5 (lmcodec/container.py, docs/FORMAT.md): a field is (name, start, end, kind), kind one
+#: of "u8", "varint", "u32" (a CRC32 inside a table), "8s" (digests, fingerprints, checks, ids: any
+#: length), "name", or "mark" (an empty field: where the header's settings end).
 FLAG_PROMPT, FLAG_MODEL, FLAG_MODEL_ID, FLAG_LANES, FLAG_BLOCK_SIZE = 1, 2, 4, 8, 16
+#: v5 flags: prompt check, dictionary id, model id, model name, lanes + block size, general form; bits 6-7 method.
+F5_PROMPT, F5_DICT, F5_MODEL_ID, F5_MODEL_NAME, F5_LAYOUT, F5_GENERAL = 1, 2, 4, 8, 16, 32
 LM_METHOD, RAW_METHOD = 2, 0
 
 TEXTS = {
@@ -86,7 +92,7 @@ class Record:
 
     kind: str                            # "header", "block" or "end"
     start: int
-    crc: int                             # offset of the CRC32 of [start, crc)
+    crc: int | None                      # offset of the CRC32 of [start, crc); None: v5 short form
     fields: list[tuple[str, int, int, str]] = field(default_factory=list)
     payload_ends: list[int] = field(default_factory=list)
     method: int = -1
@@ -119,7 +125,7 @@ class Sample:
     def boundaries(self) -> list[int]:
         b = {0, 4, len(self.blob)}
         for r in self.records:
-            b |= {r.start, r.crc, r.crc + 4, *r.payload_ends}
+            b |= {r.start, *r.payload_ends} | ({r.crc, r.crc + 4} if r.crc is not None else set())
             for _, start, end, kind in r.fields:
                 b |= {start, end} | ({start + 1} if kind == "name" else set())  # a name: after its length
         return sorted(b)
@@ -156,16 +162,90 @@ def v4_header_fields(blob: bytes) -> tuple[list[tuple[str, int, int, str]], int]
     return fields, pos
 
 
+def v5_header_fields(blob: bytes) -> tuple[list[tuple[str, int, int, str]], int]:
+    """The fields of the v5 header at the start of ``blob`` (docs/FORMAT.md), and where they end."""
+    flags, level = blob[3], blob[4]
+    fields = [("magic", 0, 2, "magic"), ("version", 2, 3, "u8"), ("flags", 3, 4, "u8"), ("level", 4, 5, "u8")]
+    pos = 5
+    names = (["mixer", "context", "segment_tokens"] if level == 0 else []) + (
+        ["lanes", "block_size"] if flags & F5_LAYOUT else [])
+    for name in names:
+        end = pos + 1 if name == "mixer" else _varint_at(blob, pos)[1]
+        fields.append((name, pos, end, "u8" if name == "mixer" else "varint"))
+        pos = end
+    fields.append(("settings_end", pos, pos, "mark"))
+    if flags & F5_MODEL_ID:
+        fields.append(("model_id", pos, pos + 1, "u8"))
+        pos += 1
+    elif flags & F5_MODEL_NAME:
+        fields.append(("name", pos, pos + 1 + blob[pos], "name"))
+        pos += 1 + blob[pos]
+        fields.append(("model_fingerprint", pos, pos + 8, "8s"))
+        pos += 8
+    for flag, name in ((F5_DICT, "dict_id"), (F5_PROMPT, "prompt_check")):
+        if flags & flag:
+            fields.append((name, pos, pos + 4, "8s"))
+            pos += 4
+    return fields, pos
+
+
+def header_fields(blob: bytes) -> tuple[list[tuple[str, int, int, str]], int, bool]:
+    """The header's fields, where they end, and whether a CRC follows (v4, v5's general form)."""
+    if blob[2] == 5:
+        fields, pos = v5_header_fields(blob)
+        return fields, pos, bool(blob[3] & F5_GENERAL)
+    fields, pos = v4_header_fields(blob)
+    return fields, pos, True
+
+
+def _describe_short(sample: Sample, pos: int, seg: int, lanes: int) -> None:
+    """v5 short form after the header: raw length, an LM block's token count and stream lengths in
+    words, or a zstd block's payload length; the check; the payloads (no CRC, no end record)."""
+    blob = sample.blob
+    r = Record("block", pos, None, [])
+    r.method = blob[3] >> 6
+    r.raw_len, p = _varint_at(blob, pos)
+    r.fields.append(("raw_len", pos, p, "varint"))
+    lengths = []
+    if r.method == LM_METHOD:
+        n_tokens, end = _varint_at(blob, p)
+        r.fields.append(("n_tokens", p, end, "varint"))
+        p = end
+        for i in range(-(-(-(-n_tokens // seg)) // lanes)):
+            words, end = _varint_at(blob, p)
+            r.fields.append((f"stream{i}.payload_words", p, end, "varint"))
+            lengths.append(4 * words)
+            p = end
+    elif r.method == RAW_METHOD:
+        lengths.append(r.raw_len)
+    else:
+        length, end = _varint_at(blob, p)
+        r.fields.append(("payload_len", p, end, "varint"))
+        lengths.append(length)
+        p = end
+    r.fields.append(("check", p, p + 4, "8s"))
+    p += 4
+    for length in lengths:
+        p += length
+        r.payload_ends.append(p)
+    assert p == len(blob), sample.name
+    sample.records.append(r)
+    sample.end_start = len(blob)
+
+
 def describe(sample: Sample) -> Sample:
     """Fill in the structure of a valid archive: every field of every record."""
     blob = sample.blob
-    header_fields, pos = v4_header_fields(blob)
-    h = Record("header", 0, 0, header_fields)
-    h.crc = pos
+    fields, pos, signed = header_fields(blob)
+    h = Record("header", 0, pos if signed else None, fields)
     sample.records = [h]
-    sample.header_end = pos = pos + 4
     header = lmcodec.container.Reader(io.BytesIO(blob), len(blob)).header()
     seg, lanes = header.segment_tokens, header.lanes
+    if not signed:
+        sample.header_end = pos
+        _describe_short(sample, pos, seg, lanes)
+        return sample
+    sample.header_end = pos = pos + 4
     while blob[pos] == 0x42:
         r = Record("block", pos, 0, [("tag", pos, pos + 1, "u8"), ("method", pos + 1, pos + 2, "u8")])
         r.method = blob[pos + 1]
@@ -256,8 +336,10 @@ class Case:
     deep: bool = False
 
 
-def _resign(buf: bytearray, start: int, end: int) -> None:
-    """Recompute the CRC32 of buf[start:end] stored at buf[end:end + 4]."""
+def _resign(buf: bytearray, start: int, end: int | None) -> None:
+    """Recompute the CRC32 of buf[start:end] stored at buf[end:end + 4] (None: no CRC to fix)."""
+    if end is None:
+        return
     struct.pack_into("<I", buf, end, zlib.crc32(bytes(buf[start:end])))
 
 
@@ -289,9 +371,9 @@ def _hostile_int(rng: random.Random, bits: int, old: int) -> int:
     return value if value != old else (old + 1) & top
 
 
-def _maybe_resign_header(rng: random.Random, buf: bytearray, crc_at: int) -> str:
+def _maybe_resign_header(rng: random.Random, buf: bytearray, crc_at: int | None) -> str:
     """Half the time, fix the header CRC after a change (" re-signed"), else leave it ("")."""
-    if rng.random() < 0.5:
+    if crc_at is not None and rng.random() < 0.5:
         _resign(buf, 0, crc_at)
         return " re-signed"
     return ""
@@ -331,7 +413,7 @@ def _replace(rng: random.Random, s: Sample, rec: Record, fields) -> tuple[bytear
     buf = bytearray(s.blob)
     new, what, value = _new_bytes(rng, name, s.blob[start:end], kind)
     buf[start:end] = new
-    _resign(buf, rec.start, rec.crc + len(new) - (end - start))
+    _resign(buf, rec.start, None if rec.crc is None else rec.crc + len(new) - (end - start))
     return buf, name, what, value
 
 
@@ -357,13 +439,25 @@ def random_case(rng: random.Random, corpus: list[Sample], kind: str) -> Case:
         return Case(kind, f"{s.name}+{donor.name}", f"[:{i}] + [{j}:]", s.blob[:i] + donor.blob[j:],
                     donor.original, s.prompt)
     if kind == "version":
-        buf[4] = rng.choice([v for v in range(256) if v != VERSION])
+        at = s.hfield("version")[1]
+        buf[at] = rng.choice([v for v in range(256) if v != buf[at]])
         signed = _maybe_resign_header(rng, buf, h.crc)
-        return Case(kind, s.name, f"version {buf[4]}{signed}", bytes(buf), s.original, s.prompt)
+        return Case(kind, s.name, f"version {buf[at]}{signed}", bytes(buf), s.original, s.prompt)
     if kind == "fingerprint":
         f = s.hfield("model_fingerprint")
         crc_at = h.crc
-        if f is None:
+        if f is None and s.blob[2] == 5:
+            # v5 writes a registered model's id without a fingerprint (the id pins it): name the
+            # model instead, with a fingerprint that is not its own (or give a stored-only archive one).
+            section = bytes([len(MODEL_IDS[1])]) + MODEL_IDS[1].encode() + rng.randbytes(8)
+            at, end = s.hfield("settings_end")[1], s.hfield("settings_end")[1]
+            if s.hfield("model_id"):
+                end += 1
+            buf[at:end] = section
+            buf[3] = buf[3] & ~F5_MODEL_ID | F5_MODEL_NAME
+            crc_at = None if crc_at is None else crc_at + len(section) - (end - at)
+            what = "model named with another fingerprint"
+        elif f is None:
             # A stored-only archive names no model: give it a model section (the flags, the
             # registered model's id, a fingerprint) -- it never loads a model, so re-signed
             # this is harmless.
@@ -384,12 +478,12 @@ def random_case(rng: random.Random, corpus: list[Sample], kind: str) -> Case:
         return Case(kind, s.name, f"{what}{signed}", bytes(buf), s.original, s.prompt)
     if kind == "resign-header":
         fields = [f for f in h.fields if f[0] in ("flags", "level", "mixer", "context", "segment_tokens", "lanes",
-                                                  "block_size", "prompt_check", "name", "model_id")]
+                                                  "block_size", "prompt_check", "name", "model_id", "dict_id")]
         name, start, end, fmt = rng.choice(fields)
         if fmt == "name":
             new = rng.choice([b"", b"smollm2-135m", b"smollm2-360m", rng.randbytes(rng.randrange(1, 12))])
             buf[start:end] = bytes([len(new)]) + new
-            _resign(buf, 0, h.crc + len(new) + 1 - (end - start))
+            _resign(buf, 0, None if h.crc is None else h.crc + len(new) + 1 - (end - start))
             what = f"name {new!r}"
         else:
             buf, _, what, _ = _replace(rng, s, h, [(name, start, end, fmt)])
@@ -402,10 +496,13 @@ def random_case(rng: random.Random, corpus: list[Sample], kind: str) -> Case:
         # Only a changed block checksum of an LM block, or a token count it can still hold,
         # survives to the model (and fails after it).
         deep = s.lm and (name == "check" or (name == "n_tokens" and value is not None
-                                             and 1 <= value <= blk.raw_len))
+                                             and 1 <= value <= blk.raw_len)
+                         or (blk.crc is None and name.endswith("payload_words")))
         return Case(kind, s.name, what, bytes(buf), s.original, s.prompt, deep=deep)
     if kind == "resign-end":
         e = s.records[-1]
+        if e.kind != "end":   # a short-form archive has no end record
+            return random_case(rng, corpus, "resign-block")
         buf, name, what, _ = _replace(rng, s, e, e.fields)
         return Case(kind, s.name, what, bytes(buf), s.original, s.prompt, deep=s.lm and name == "check")
     raise ValueError(kind)
@@ -466,6 +563,7 @@ def run_cases(codec: lmcodec.Codec, cases: list[Case], timeout: int = 120, log=N
     outcomes: Counter = Counter()
     by_kind: dict[str, Counter] = defaultdict(Counter)
     reached: Counter = Counter()
+    reached_by_sample: Counter = Counter()
     failures: list[dict] = []
     old_handler = signal.signal(signal.SIGALRM, _alarm)
     t0 = time.perf_counter()
@@ -494,6 +592,7 @@ def run_cases(codec: lmcodec.Codec, cases: list[Case], timeout: int = 120, log=N
             by_kind[case.kind][outcome] += 1
             if model["runs"] > runs_before:
                 reached[case.kind] += 1
+                reached_by_sample[case.sample] += 1
                 model["seconds"] += time.perf_counter() - t_case
             if outcome in ("wrong-output", "hang", "bad-message") or outcome.startswith("crash:"):
                 failures.append(dict(kind=case.kind, sample=case.sample, what=case.what, outcome=outcome,
@@ -513,6 +612,7 @@ def run_cases(codec: lmcodec.Codec, cases: list[Case], timeout: int = 120, log=N
                 hang=outcomes["hang"], bad_message=outcomes["bad-message"], failures_total=bad,
                 by_kind={k: dict(sorted(v.items())) for k, v in sorted(by_kind.items())},
                 reached_model=sum(reached.values()), reached_model_by_kind=dict(sorted(reached.items())),
+                reached_model_by_sample=dict(sorted(reached_by_sample.items())),
                 model_runs=model["runs"], model_seconds=round(model["seconds"], 1),
                 seconds=round(time.perf_counter() - t0, 1), failures=failures[:50])
 

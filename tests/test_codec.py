@@ -11,7 +11,7 @@ import pytest
 
 import lmcodec
 from lmcodec import Codec
-from lmcodec.container import Reader, stream_groups
+from lmcodec.container import Method, Reader, stream_groups
 from lmcodec.errors import (
     ArchiveError,
     ChecksumError,
@@ -164,9 +164,11 @@ def test_truncated_archive(codec):
             codec.decompress(blob[:cut])
 
 
-def test_flipped_payload_bit_is_caught_before_decoding(codec):
+def test_flipped_payload_bit_is_caught(codec):
+    """A one-block archive (the short form) finds it by its check after decoding, as a ChecksumError
+    (or a symbol the alphabet does not have); the general form by a payload CRC before decoding."""
     blob = bytearray(codec.compress(TEXT))
-    blob[-40] ^= 0x10
+    blob[-2] ^= 0x10   # the payload is the archive's last bytes
     with pytest.raises(CorruptArchiveError):
         codec.decompress(bytes(blob))
 
@@ -177,24 +179,18 @@ def test_trailing_garbage(codec):
 
 
 def test_checksum_catches_a_wrong_decode(codec):
-    """Re-sign a block whose digest is wrong: the decoder must refuse, not return bytes."""
+    """An archive whose check is wrong (a block digest, or the short form's one check) is refused
+    after decoding: the decoder must refuse, not return bytes."""
     import io
-    import struct
-
-    from lmcodec.container import decode_varint
 
     blob = bytearray(codec.compress(TEXT))
-    header = Reader_header(bytes(blob))
-    start = len(header.pack())
-    tag, method = blob[start:start + 2]
-    raw_len, check_at = decode_varint(blob, start + 2)  # tag, method, raw length, then the digest
     reader = Reader(io.BytesIO(bytes(blob)), len(blob))
     block = reader.next(reader.header())
-    assert (tag, method, raw_len) == (0x42, 2, len(TEXT))
+    assert reader.short_form and block.method == Method.LM and len(block.check) == 4
     assert len(block.streams) == len(stream_groups(len(block.tokens), FAST["lanes"]))
-    blob[check_at] ^= 0xFF  # first byte of the block digest
-    table_end = start + len(block.pack()) - sum(len(p) for p in block.payloads) - 4
-    struct.pack_into("<I", blob, table_end, zlib.crc32(bytes(blob[start:table_end])))
+    check_at = len(blob) - sum(len(p) for p in block.payloads) - 4   # the check, then the payloads
+    assert blob[check_at:check_at + 4] == block.check
+    blob[check_at] ^= 0xFF
     with pytest.raises(ChecksumError):
         codec.decompress(bytes(blob))
 
@@ -328,7 +324,7 @@ def test_forged_token_count_is_refused_before_the_model_runs(codec):
     """A 4-byte payload cannot hold a million tokens: refuse instead of running for hours."""
     import io
 
-    from lmcodec.container import Block, End, Header, Method, digest, prompt_check
+    from lmcodec.container import Block, End, Header, Method, digest, pack_short, prompt_check
 
     honest = Reader_header(codec.compress(TEXT))
     n = 1 << 20
@@ -339,6 +335,9 @@ def test_forged_token_count_is_refused_before_the_model_runs(codec):
     blob = header.pack() + block.pack() + End(n, digest(raw), 1).pack()
     with pytest.raises(CorruptArchiveError, match="more tokens than its 4-byte payload"):
         codec.decompress_stream(io.BytesIO(blob), io.BytesIO(), size=len(blob))
+    short = pack_short(header, block, raw)   # the same block in the short form (one check, no CRCs)
+    with pytest.raises(CorruptArchiveError, match="more tokens than its 4-byte payload"):
+        codec.decompress_stream(io.BytesIO(short), io.BytesIO(), size=len(short))
 
 
 def test_decompress_from_a_pipe_path(tmp_path):

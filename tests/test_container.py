@@ -12,10 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lmcodec
-from lmcodec.container import (LEVELS, MAGIC, MAX_CONTEXT, MAX_LANES, OLD_VERSIONS, VARINT_MAX, VERSION, Block,
-                               End, Header, Level, Method, Reader, StreamEntry, decode_varint, digest, encode_varint,
-                               lm_payload_limit, prompt_check, segment_layout, stream_count, stream_groups,
-                               stream_tokens)
+from lmcodec.container import (LEVELS, MAGIC, MAX_CONTEXT, MAX_LANES, MODEL_FINGERPRINTS, OLD_VERSIONS, VARINT_MAX,
+                               VERSION, Block, End, Header, Level, Method, Reader, StreamEntry, decode_varint, digest,
+                               encode_varint, lm_payload_limit, pack_short, prompt_check, segment_layout,
+                               stream_count, stream_groups, stream_tokens)
 from lmcodec.spec import MIXER_MASK
 from lmcodec.errors import (
     ArchiveError,
@@ -25,16 +25,20 @@ from lmcodec.errors import (
     UnsupportedFormatError,
 )
 
+DEFAULT_FP = MODEL_FINGERPRINTS[1][:8]
+
+
 @st.composite
 def headers(draw):
-    """v4 headers as an encoder writes them: a level's settings or custom ones (level 0);
-    an LM archive names its model (a registered name, or any) by the first 8 bytes of
-    its fingerprint, a stored-only one names none; the prompt check is zeros exactly
-    when there is no prompt."""
+    """v5 headers as an encoder writes them: a level's settings or custom ones (level 0);
+    an LM archive names its model (a registered name, with its registered fingerprint
+    or another, or any name) by the first 8 bytes of its fingerprint, a stored-only one
+    names none; the prompt check is zeros exactly when there is no prompt; a dictionary
+    id or none."""
     has_prompt = draw(st.booleans())
     if draw(st.booleans()):
         name = draw(st.one_of(st.just("smollm2-135m"), st.text(max_size=40).filter(lambda n: len(n.encode()) <= 255)))
-        fp = draw(st.binary(min_size=8, max_size=8))
+        fp = draw(st.one_of(st.just(DEFAULT_FP), st.binary(min_size=8, max_size=8)))
         if not name and not any(fp):  # that names no model: a stored-only header, drawn below
             fp = b"\x01" + fp[1:]
         model = dict(model_name=name, model_fingerprint=fp, tokenizer_fingerprint=b"")
@@ -49,11 +53,11 @@ def headers(draw):
                         segment_tokens=draw(st.one_of(st.integers(1, 8), st.integers(1, 1 << 30))),
                         mixer=draw(st.integers(0, MIXER_MASK)))
     return Header(**model, **settings,
-                  prompt_check=draw(st.binary(min_size=8, max_size=8)) if has_prompt else bytes(8),
+                  prompt_check=draw(st.binary(min_size=4, max_size=4)) if has_prompt else bytes(4),
                   has_prompt=has_prompt,
                   lanes=draw(st.one_of(st.just(64), st.integers(1, 4), st.integers(1, MAX_LANES))),
                   block_size=draw(st.one_of(st.just(4 << 20), st.integers(4096, 64 << 20))),
-                  level=level)
+                  level=level, dict_id=draw(st.one_of(st.just(b""), st.binary(min_size=4, max_size=4))))
 
 
 def ref_varint(n: int) -> bytes:
@@ -129,7 +133,7 @@ def test_pack_parse_round_trip(arch):
 def test_header_pack_parse_round_trip(header):
     blob = header.pack() + End(0, digest(b""), 0).pack()
     assert Reader(io.BytesIO(blob), len(blob)).header() == header
-    assert blob[4] == VERSION == 4
+    assert blob[:3] == b"\x89L\x05" and VERSION == 5
 
 
 def v4_body(flags: int, level: int, mixer: int, values: tuple[int, int, int, int], name: bytes = b"",
@@ -174,47 +178,122 @@ def v3_header(name: bytes | None, fps: bytes, pcheck: bytes | None, level: int, 
     return body + (pcheck or b"")
 
 
+def v5_fields(flags: int, level: int, mixer: int, values: tuple[int, int, int, int], name: bytes = b"",
+              model_id: int = 1, fp: bytes = b"", dict_id: bytes = b"", pcheck: bytes = b"") -> bytes:
+    """A v5 header as docs/FORMAT.md lays it out, whatever the values, without a CRC:
+    magic 89 4C, version 5, flags, level; mixer, context and segment tokens at level 0
+    only; lanes and block size with flag bit 4; the model id with bit 2, else the name
+    and ``fp`` with bit 3; the dictionary id with bit 1; the prompt check with bit 0.
+    Written independently of Header.fields."""
+    context, seg, lanes, block = values
+    body = b"\x89L" + bytes([5, flags, level])
+    if level == 0:
+        body += bytes([mixer]) + ref_varint(context) + ref_varint(seg)
+    body += ref_varint(lanes) + ref_varint(block) if flags & 16 else b""
+    if flags & 4:
+        body += bytes([model_id])
+    elif flags & 8:
+        body += bytes([len(name)]) + name + fp
+    return body + (dict_id if flags & 2 else b"") + (pcheck if flags & 1 else b"")
+
+
+def v5_header(header: Header, method: int | None) -> bytes:
+    """What an encoder writes for ``header`` (``method`` None: the general form, with its CRC)."""
+    named = bool(header.model_name) or any(header.model_fingerprint)
+    registered = named and header.model_name == "smollm2-135m" and header.model_fingerprint == DEFAULT_FP
+    layout = (header.lanes, header.block_size) != (64, 4 << 20)
+    flags = (header.has_prompt | 2 * bool(header.dict_id) | 4 * registered | 8 * (named and not registered)
+             | 16 * layout | (32 if method is None else method << 6))
+    body = v5_fields(flags, header.level, header.mixer,
+                     (header.context, header.segment_tokens, header.lanes, header.block_size),
+                     header.model_name.encode(), 1, header.model_fingerprint, header.dict_id, header.prompt_check)
+    return body + (struct.pack("<I", zlib.crc32(body)) if method is None else b"")
+
+
+def short_check(head: bytes, raw: bytes) -> bytes:
+    """The documented short-form check: BLAKE2b-32, personalised ``lmcodec-v5``, of the header's bytes and raw."""
+    import hashlib
+
+    return hashlib.blake2b(head + raw, digest_size=4, person=b"lmcodec-v5").digest()
+
+
 @settings(max_examples=200, deadline=None)
 @given(headers())
 def test_header_layout(header):
-    """The packed header is exactly the documented v4 layout (docs/FORMAT.md)."""
-    assert header.pack() == v4_header(header)
-    # 7 + (mixer and two varints at level 0) + lanes / block size varints when not the
-    # defaults + (1 + n or the id, + 8, when it names a model) + (8 with a prompt) + 4
-    size = 7 + (1 + len(ref_varint(header.context)) + len(ref_varint(header.segment_tokens))) * (header.level == 0)
-    size += len(ref_varint(header.lanes)) * (header.lanes != 64)
-    size += len(ref_varint(header.block_size)) * (header.block_size != 4 << 20)
-    if header.model_name == "smollm2-135m":
-        size += 9
+    """The packed header is exactly the documented v5 layout (docs/FORMAT.md)."""
+    assert header.pack() == v5_header(header, None)
+    # 5 + (mixer and two varints at level 0) + lanes and block size varints when not both the
+    # defaults + (the id, or 1 + n + 8 when it names another model) + 4 with a dictionary
+    # + (4 with a prompt) + the CRC in the general form
+    size = 5 + (1 + len(ref_varint(header.context)) + len(ref_varint(header.segment_tokens))) * (header.level == 0)
+    if (header.lanes, header.block_size) != (64, 4 << 20):
+        size += len(ref_varint(header.lanes)) + len(ref_varint(header.block_size))
+    if header.model_name == "smollm2-135m" and header.model_fingerprint == DEFAULT_FP:
+        size += 1
     elif header.model_name or any(header.model_fingerprint):
         size += 9 + len(header.model_name.encode())
-    size += 8 * header.has_prompt + 4
-    assert len(header.pack()) == size
+    size += 4 * bool(header.dict_id) + 4 * header.has_prompt
+    assert len(header.fields(Method.LM)) == size and len(header.pack()) == size + 4
 
 
-def test_default_header_is_20_bytes_and_names_the_model_by_its_id():
+def _default_header(**kw) -> Header:
     lv = LEVELS[6]
-    h = Header("smollm2-135m", bytes(range(8)), b"", bytes(8), False, lv.context, lv.segment_tokens, 64, 4 << 20,
-               level=6, mixer=lv.mixer)
-    blob = h.pack()
-    assert len(blob) == 20  # magic 4, version, flags, level, model id, fingerprint 8, CRC 4
-    assert blob[5] == 2 | 4 and blob[6] == 6 and blob[7] == 1
-    assert Reader(io.BytesIO(blob + End(0, digest(b""), 0).pack())).header() == h
-    # Another model is named by its name.
-    other = Header(**{**vars(h), "model_name": "my.gguf"})
-    assert len(other.pack()) == 20 + 1 + 7 - 1
+    fields = dict(model_name="smollm2-135m", model_fingerprint=DEFAULT_FP, tokenizer_fingerprint=b"",
+                  prompt_check=bytes(4), has_prompt=False, context=lv.context, segment_tokens=lv.segment_tokens,
+                  lanes=64, block_size=4 << 20, level=6, mixer=lv.mixer)
+    fields.update(kw)
+    return Header(**fields)
+
+
+def test_a_small_file_has_at_most_16_bytes_of_framing():
+    """The issue's target: one block of the default model at a level, a 32-bit check included."""
+    h = _default_header()
+    for raw_len, n_tokens, words, framing in ((197, 60, 8, 14), (1400, 400, 16, 15), (12000, 3000, 470, 16)):
+        raw = bytes(raw_len)
+        block = Block.build(Method.LM, raw, [bytes(4 * words)], segment_layout(n_tokens, 8192))
+        blob = pack_short(h, block, raw)
+        assert len(blob) - 4 * words == framing, raw_len
+        head = b"\x89L\x05" + bytes([2 << 6 | 4, 6, 1])  # magic, version, flags (LM, model id), level, id
+        assert blob[:6] == head
+        lengths = ref_varint(raw_len) + ref_varint(n_tokens) + ref_varint(words)
+        assert blob[6:framing] == lengths + short_check(head, raw)
+        rh, blocks, end = _parse(blob)
+        assert rh == h and blocks[0].verify(raw) and not blocks[0].verify(bytes([1]) + raw[1:])
+        assert (blocks[0].tokens, blocks[0].payloads, end.n_blocks, end.total_len) == (
+            block.tokens, block.payloads, 1, raw_len)
+    # A dictionary id adds its 4 bytes; a prompt its 4-byte check.
+    raw = bytes(1400)
+    block = Block.build(Method.LM, raw, [bytes(64)], [400])
+    assert len(pack_short(_default_header(dict_id=b"\xd1\xc7\x00\x01"), block, raw)) - 64 == 15 + 4
+    assert len(pack_short(_default_header(dict_id=b"\x01" * 4, model_name="", model_fingerprint=b""),
+                          block, raw)) - 64 == 15 + 4 - 1   # the dictionary names the model
+    assert len(pack_short(_default_header(has_prompt=True, prompt_check=prompt_check(b"k")), block, raw)) - 64 == 19
+    # An empty input: no block, just the check of the header and no bytes.
+    blob = pack_short(_default_header(), None, b"")
+    assert len(blob) == 6 + 1 + 4 and _parse(blob)[1:] == ([], End(0, blob[-4:], 0))
+
+
+def test_header_writes_what_the_format_holds():
+    h = _default_header()
+    assert len(h.pack()) == 6 + 4  # magic 2, version, flags, level, model id; the general form's CRC
+    # The registered name with another fingerprint (another release of its weights) is written by name.
+    other = _default_header(model_fingerprint=bytes(range(8)))
+    assert len(other.pack()) == 5 + 1 + 12 + 8 + 4 and Reader(io.BytesIO(other.pack())).header() == other
+    assert Reader(io.BytesIO(_default_header(model_name="my.gguf").pack())).header().model_name == "my.gguf"
     # Stored-only: no model fields at all; they read back empty.
-    stored = Header("", b"", b"", bytes(8), False, 2048, 2048, 64, 4 << 20)
-    assert len(stored.pack()) == 7 + 1 + 2 + 2 + 4 and stored.pack()[5] == 0 and stored.pack()[6] == 0
+    stored = Header("", b"", b"", bytes(4), False, 2048, 2048, 64, 4 << 20)
+    assert len(stored.pack()) == 5 + 1 + 2 + 2 + 4 and stored.pack()[3] == 32 and stored.pack()[4] == 0
     got = Reader(io.BytesIO(stored.pack())).header()
-    assert (got.model_name, got.model_fingerprint, got.tokenizer_fingerprint) == ("", b"", b"")
-    # A prompt adds its 8-byte check.
+    assert (got.model_name, got.model_fingerprint, got.tokenizer_fingerprint, got.dict_id) == ("", b"", b"", b"")
     p = Header("", b"", b"", prompt_check(b"k"), True, 2048, 2048, 64, 4 << 20)
-    assert len(p.pack()) == len(stored.pack()) + 8 and Reader(io.BytesIO(p.pack())).header() == p
+    assert len(p.pack()) == len(stored.pack()) + 4 and Reader(io.BytesIO(p.pack())).header() == p
+    assert p.prompt_matches(b"k") and not p.prompt_matches(b"j") and not p.prompt_matches(None)
+    assert stored.prompt_matches(None) and not stored.prompt_matches(b"")
     # What the format cannot hold is refused when packing.
-    for bad in (dict(level=10), dict(mixer=0x80), dict(has_prompt=False, prompt_check=b"x" * 8),
+    for bad in (dict(level=10), dict(mixer=0x80), dict(has_prompt=False, prompt_check=b"x" * 4),
+                dict(prompt_check=prompt_check(b"k", 8)), dict(dict_id=b"abc"),
                 dict(model_name="m", model_fingerprint=bytes(16)), dict(tokenizer_fingerprint=bytes(8)),
-                dict(level=6), dict(version=3)):
+                dict(level=6), dict(version=4)):
         with pytest.raises(ValueError):
             Header(**{**vars(p), **bad}).pack()
 
@@ -307,7 +386,7 @@ def test_resigned_v4_header_fields_parse_in_range_or_fail_cleanly(flags, level, 
         if flags & 4:
             assert h.model_name == "smollm2-135m"
         if not (flags & 2 and not flags & 4 and name == b"smollm2-135m"):  # that name packs as its id
-            assert h.pack() == blob[:len(h.pack())]  # one encoding per header
+            assert v4_header(h) == blob[:len(v4_header(h))]  # one encoding per header
 
 
 def _utf8(b: bytes) -> bool:
@@ -472,10 +551,16 @@ def test_not_an_archive():
 
 
 def test_newer_version_is_named():
-    blob = bytearray(lmcodec.Codec(method="raw").compress(b"abc"))
-    blob[4] = 9
+    blob = bytearray(pack_short(_header(), Block.build(Method.RAW, b"abc", [b"abc"], []), b"abc"))
+    blob[2] = 9
     with pytest.raises(UnsupportedFormatError, match="version 9"):
         _parse(bytes(blob))
+    old_magic = MAGIC + bytes([9]) + blob[3:]   # a version after the 4-byte magic is named too
+    with pytest.raises(UnsupportedFormatError, match="version 9"):
+        _parse(old_magic)
+    for blob in (b"\x89LM", b"\x89LMX\x04" + bytes(30)):
+        with pytest.raises((NotAnArchiveError, TruncatedArchiveError)):
+            _parse(blob)
 
 
 def _v2_archive() -> bytes:
@@ -539,7 +624,7 @@ def _lm_block_archive(header: Header, tokens: list[int], payload_lens: list[int]
 
 def _header(**kw) -> Header:
     fields = dict(model_name="", model_fingerprint=b"", tokenizer_fingerprint=b"",
-                  prompt_check=bytes(8), has_prompt=False, context=32, segment_tokens=4, lanes=2,
+                  prompt_check=bytes(4), has_prompt=False, context=32, segment_tokens=4, lanes=2,
                   block_size=4096)
     fields.update(kw)
     return Header(**fields)
@@ -625,6 +710,206 @@ def test_end_record_check_is_filled_in_when_not_stored():
 
 
 def test_prompt_check_distinguishes_prompts():
-    assert prompt_check(None) == bytes(8)
-    assert prompt_check(b"a") != prompt_check(b"b")
+    assert prompt_check(None) == bytes(4) and prompt_check(None, 8) == bytes(8)
+    assert prompt_check(b"a") != prompt_check(b"b") and prompt_check(b"a", 8)[:4] == prompt_check(b"a")
     assert MAGIC.startswith(b"\x89")
+
+
+# -- v5 short form (one block, no CRCs: one check over the header and the original) ----------
+
+@st.composite
+def short_archives(draw):
+    """A short-form archive as an encoder writes it: a header, at most one block."""
+    header = draw(headers())
+    raw = draw(st.binary(max_size=64))
+    block = None
+    if raw:
+        kind = draw(st.sampled_from(["raw", "zstd", "lm"]))
+        if kind == "raw":
+            block = Block.build(Method.RAW, raw, [raw], [])
+        elif kind == "zstd":
+            import zstandard
+
+            block = Block.build(Method.ZSTD, raw, [zstandard.ZstdCompressor(level=1).compress(raw)], [])
+        else:
+            tokens = segment_layout(draw(st.integers(1, len(raw))), header.segment_tokens)
+            groups = stream_groups(len(tokens), header.lanes)
+            payloads = [draw(_words(lm_payload_limit(sum(tokens[i] for i in g)))) for g in groups]
+            block = Block.build(Method.LM, raw, payloads, tokens)
+    return header, block, raw, pack_short(header, block, raw)
+
+
+def _verified(blob: bytes) -> tuple[Header, list[Block], End, bytes]:
+    """Parse ``blob`` and check what a decoder checks without the model: stored blocks' bytes
+    against their check, and the end record; return them too (an LM block's are the caller's)."""
+    import zstandard
+
+    reader = Reader(io.BytesIO(blob), len(blob))
+    header = reader.header()
+    blocks, hasher, content = [], reader.content_hasher(), b""
+    while not isinstance(rec := reader.next(header), End):
+        blocks.append(rec)
+        if rec.method != Method.LM:
+            try:
+                raw = rec.payloads[0] if rec.method == Method.RAW else zstandard.ZstdDecompressor().decompress(
+                    rec.payloads[0], max_output_size=rec.raw_len)
+            except zstandard.ZstdError as exc:  # the codec reports it as a CorruptArchiveError
+                raise CorruptArchiveError(str(exc)) from exc
+            if not rec.verify(raw):
+                raise lmcodec.errors.ChecksumError("block check")
+            hasher.update(raw)
+            content += raw
+    if not blocks and hasher.digest() != rec.check:
+        raise lmcodec.errors.ChecksumError("empty content check")
+    return header, blocks, rec, content
+
+
+@settings(max_examples=200, deadline=None)
+@given(short_archives())
+def test_short_form_round_trip_and_layout(arch):
+    header, block, raw, blob = arch
+    head = v5_header(header, block.method if block else 0)
+    body = ref_varint(len(raw))
+    if block and block.method == Method.LM:
+        body += ref_varint(len(block.tokens) and sum(block.tokens)) + b"".join(ref_varint(len(p) // 4)
+                                                                                for p in block.payloads)
+    elif block and block.method == Method.ZSTD:
+        body += ref_varint(len(block.payloads[0]))
+    payloads = b"".join(block.payloads) if block else b""
+    assert blob == head + body + short_check(head, raw) + payloads  # the documented layout
+    parsed, blocks, end, _ = _verified(blob)
+    assert parsed == header and (end.total_len, end.n_blocks) == (len(raw), 1 if raw else 0)
+    if raw:
+        (got,) = blocks
+        assert (got.method, got.raw_len, got.tokens, got.streams, got.payloads) == (
+            block.method, block.raw_len, block.tokens, block.streams, block.payloads)
+        assert got.verify(raw) and end.check == got.check
+        h = Reader(io.BytesIO(blob), len(blob))
+        h.header()
+        hasher = h.content_hasher()
+        hasher.update(raw)
+        assert hasher.digest() == end.check
+
+
+@settings(max_examples=300, deadline=None)
+@given(short_archives(), st.data())
+def test_short_form_any_single_bit_change_is_caught(arch, data):
+    """A flipped bit fails the parse, a stored block's check, or leaves an LM block whose
+    header key, lengths or payloads differ (so its check fails after decoding)."""
+    header, block, raw, blob = arch
+    i = data.draw(st.integers(0, len(blob) - 1))
+    bad = bytearray(blob)
+    bad[i] ^= 1 << data.draw(st.integers(0, 7))
+    try:
+        _, blocks, end, content = _verified(bytes(bad))
+    except ArchiveError as exc:
+        assert "\n" not in str(exc)
+        return
+    if not blocks or blocks[0].method != Method.LM:
+        assert content == raw   # a redundant bit of a zstd frame: the same bytes, never others
+        return
+    got = blocks[0]
+    assert (not got.verify(raw) or (got.tokens, got.payloads) != (block.tokens, block.payloads))
+
+
+@settings(max_examples=200, deadline=None)
+@given(short_archives(), st.data())
+def test_short_form_every_truncation_and_extension_is_caught(arch, data):
+    _, _, _, blob = arch
+    cut = data.draw(st.integers(0, len(blob) - 1))
+    with pytest.raises(ArchiveError):
+        _parse(blob[:cut])
+    with pytest.raises(ArchiveError, match="trailing"):
+        _parse(blob + data.draw(st.binary(min_size=1, max_size=4)))
+
+
+@settings(max_examples=400, deadline=None)
+@given(flags=st.integers(0, 255), level=st.integers(0, 255), mixer=st.integers(0, 255),
+       values=st.lists(st.one_of(st.integers(0, 20000), st.just(64), st.just(4 << 20), st.integers(0, VARINT_MAX)),
+                       min_size=4, max_size=4),
+       model_id=st.integers(0, 3), name=st.one_of(st.binary(max_size=12), st.just(b"smollm2-135m")),
+       fp=st.one_of(st.binary(min_size=8, max_size=8), st.just(DEFAULT_FP)), dict_id=st.binary(min_size=4, max_size=4),
+       pcheck=st.binary(min_size=4, max_size=4), raw=st.binary(max_size=8))
+def test_v5_header_fields_parse_in_range_or_fail_cleanly(flags, level, mixer, values, model_id, name, fp, dict_id,
+                                                         pcheck, raw):
+    """Any value in any v5 header field (short form, then a raw block; or the general form with a
+    valid CRC): an in-range header that packs back to the same bytes, or a clean one-line refusal."""
+    context, seg, lanes, block = values
+    head = v5_fields(flags, level, mixer, values, name, model_id, fp, dict_id, pcheck)
+    if flags & 32:
+        blob = _resigned_header(head)
+    else:
+        blob = head + ref_varint(len(raw)) + short_check(head, raw) + raw
+    try:  # the header alone (the block after it is a raw one, whatever the method bits say)
+        h = Reader(io.BytesIO(blob), len(blob), prescan=False).header()
+    except UnsupportedFormatError as exc:
+        assert flags & 4 and model_id != 1 and "registered model" in str(exc)
+    except ArchiveError as exc:
+        assert "\n" not in str(exc)
+        if level and level <= 9:
+            context, seg, mixer = LEVELS[level].context, LEVELS[level].segment_tokens, LEVELS[level].mixer
+        lanes, block = (lanes, block) if flags & 16 else (64, 4 << 20)
+        name_ok = not flags & 8 or ((name or any(fp)) and _utf8(name) and not (name == b"smollm2-135m"
+                                                                               and fp == DEFAULT_FP))
+        assert (level > 9 or flags & 12 == 12 or (flags & 16 and (lanes, block) == (64, 4 << 20))
+                or (flags & 32 and flags >> 6) or flags >> 6 == 3 or mixer & ~MIXER_MASK
+                or not 16 <= context <= MAX_CONTEXT or not 1 <= seg <= 1 << 30
+                or not 1 <= lanes <= MAX_LANES or not 4096 <= block <= 64 << 20 or not name_ok)
+    else:
+        assert h.version == 5 and h.level == level and h.has_prompt == bool(flags & 1)
+        assert (h.lanes, h.block_size) == ((lanes, block) if flags & 16 else (64, 4 << 20))
+        if level:
+            assert LEVELS[level] == Level(h.segment_tokens, h.context, h.mixer)
+        else:
+            assert (h.context, h.segment_tokens, h.mixer) == (context, seg, mixer)
+        assert h.prompt_check == (pcheck if flags & 1 else bytes(4)) and h.dict_id == (dict_id if flags & 2 else b"")
+        if flags & 4:
+            assert (h.model_name, h.model_fingerprint) == ("smollm2-135m", DEFAULT_FP)
+        else:
+            assert h.model_fingerprint == (fp if flags & 8 else b"")
+        assert h.fields(None if flags & 32 else flags >> 6) == head  # one encoding per header
+
+
+def test_v5_refuses_what_no_encoder_writes():
+    ok = v5_fields(0, 0, 0, (32, 4, 0, 0))
+    blob = ok + b"\x00" + short_check(ok, b"")
+    assert _parse(blob)[2] == End(0, blob[-4:], 0)
+    raw = b"abc"
+    for head, rest in (
+            (v5_fields(3 << 6, 0, 0, (32, 4, 0, 0)), b"\x03"),                    # method 3
+            (v5_fields(32 | 1 << 6, 0, 0, (32, 4, 0, 0)), b""),                  # a method in the general form
+            (v5_fields(12, 0, 0, (32, 4, 0, 0), b"m", 1, bytes(8)), b"\x03"),    # model by id and by name
+            (v5_fields(8, 0, 0, (32, 4, 0, 0), b"", 1, bytes(8)), b"\x03"),      # names a model, but none
+            (v5_fields(8, 6, 0, (0, 0, 0, 0), b"smollm2-135m", 1, DEFAULT_FP), b"\x03"),  # the id's own model by name
+            (v5_fields(16, 0, 0, (32, 4, 64, 4 << 20)), b"\x03"),                # the default layout, stored
+            (v5_fields(0, 10, 0, (32, 4, 0, 0)), b"\x03")):                      # level 10
+        blob = (_resigned_header(head) if head[3] & 32 else head + rest + short_check(head, raw) + raw)
+        with pytest.raises(CorruptArchiveError):
+            _parse(blob)
+    # Block fields: the raw length over the block size, tokens, stream and zstd lengths out of range.
+    lm = v5_fields(2 << 6, 0, 0, (32, 4, 0, 0))
+    zs = v5_fields(1 << 6, 0, 0, (32, 4, 0, 0))
+    for head, body in ((ok, ref_varint((4 << 20) + 1)), (lm, b"\x05\x00\x01"), (lm, b"\x05\x06\x01"),
+                       (lm, b"\x05\x02\x00"), (lm, b"\x05\x02" + ref_varint(lm_payload_limit(2) // 4 + 1)),
+                       (lm, b"\x00"), (zs, b"\x00"), (zs, b"\x05\x00"), (zs, b"\x05" + ref_varint(5 + 1025))):
+        blob = head + body + short_check(head, raw) + bytes(64)
+        with pytest.raises(CorruptArchiveError, match="invalid fields|impossible|length|empty block"):
+            _parse(blob)
+    with pytest.raises(UnsupportedFormatError, match="registered model #9"):
+        _parse(v5_fields(4, 6, 0, (0, 0, 0, 0), model_id=9) + b"\x00" + bytes(4))
+
+
+def test_short_form_stream_table_is_bounded_before_allocation():
+    """A token count implying millions of one-token segments is refused from the bytes that remain."""
+    head = _header(segment_tokens=1, lanes=1, block_size=1 << 20).fields(Method.LM)
+    for pipe in (False, True):
+        blob = head + ref_varint(1 << 20) + ref_varint(1 << 20) + b"\x01" + bytes(8)
+        tracemalloc.start()
+        try:
+            with pytest.raises((CorruptArchiveError, TruncatedArchiveError)):
+                reader = Reader(io.BytesIO(blob), None if pipe else len(blob))
+                reader.next(reader.header())
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 64 * 1024, peak

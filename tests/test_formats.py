@@ -1,10 +1,12 @@
 """Archives of earlier format versions keep decoding.
 
 ``tests/data/v3_*.lmc`` were written by lmcodec at commit 68af561 (format v3, the
-last commit that wrote it) and are never regenerated: they are what users hold.
-The v4 header is the only change of v4, so the same input under the same
-settings gives the same blocks and end record in both versions, and v4 saves
-the header bytes docs/FORMAT.md counts.
+last commit that wrote it), ``tests/data/v4_*.lmc`` at d3dd190 (the last that
+wrote v4); they are never regenerated: they are what users hold.  The coding
+has not changed since, so the same input under the same settings gives the same
+blocks (method, length, tokens, payloads) in every version: v4 changed only the
+header, and v5 writes a one-block archive in its short form (v4's block table,
+CRCs and end record give way to one check) and two blocks or more exactly as v4.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from click.testing import CliRunner
 
 import lmcodec
 from lmcodec.cli import main
-from lmcodec.container import Reader
+from lmcodec.container import End, Reader
 from lmcodec.errors import ModelMismatchError
 
 DATA = Path(__file__).parent / "data"
@@ -35,6 +37,17 @@ V3 = {
                                                      block_size=4096)),
     "v3_stored.lmc": (TEXT, None, dict(method="zstd")),
 }
+#: ``tests/data/v4_*.lmc``: written by lmcodec at commit d3dd190 (format v4, the last commit
+#: that wrote it) with ``Codec(**settings).compress(original, prompt)``; never regenerated.
+V4 = {
+    "v4_level6.lmc": (TEXT, None, {}),
+    "v4_level6_prompt.lmc": (TEXT, PROMPT, {}),
+    "v4_custom_prompt.lmc": (TEXT * 40, PROMPT, dict(segment_tokens=16, context=32, lanes=2, mixer=64 | 1,
+                                                     block_size=4096)),
+    "v4_stored.lmc": (TEXT, None, dict(method="zstd")),
+    "v4_raw_blocks.lmc": (bytes(range(256)) * 40, None, dict(method="raw", block_size=4096)),
+    "v4_empty.lmc": (b"", None, {}),
+}
 
 
 def _header(blob: bytes):
@@ -46,29 +59,68 @@ def test_fixtures_are_the_committed_v3_archives():
     assert hashlib.sha256(TEXT).hexdigest() == "9fdfb132f276010d7b35434d5d749d5b90d9e975642eecf9e8d9ce39dbbc155c"
     for name in V3:
         assert (DATA / name).read_bytes()[4] == 3, name
+    for name in V4:
+        assert (DATA / name).read_bytes()[4] == 4, name
+    sizes = {name: len((DATA / name).read_bytes()) for name in V4}
+    assert sizes == {"v4_level6.lmc": 92, "v4_level6_prompt.lmc": 100, "v4_custom_prompt.lmc": 331,
+                     "v4_stored.lmc": 150, "v4_raw_blocks.lmc": 10329, "v4_empty.lmc": 27}
 
 
-@pytest.mark.parametrize("name", sorted(V3))
-def test_v3_archives_decode_and_v4_differs_only_in_the_header(name):
-    original, prompt, settings = V3[name]
+def _parse(blob: bytes):
+    reader = Reader(io.BytesIO(blob), len(blob))
+    header = reader.header()
+    n = reader.offset
+    blocks = []
+    while not isinstance(rec := reader.next(header), End):
+        blocks.append(rec)
+    return header, n, blocks, rec, reader.short_form
+
+
+_TODAY: dict = {}
+
+
+def _today(original: bytes, prompt: bytes | None, settings: dict) -> bytes:
+    """What this lmcodec writes for the input (once per input: the v3 and v4 fixtures share some),
+    round-tripped."""
+    key = (original, prompt, tuple(sorted(settings.items())))
+    if key not in _TODAY:
+        codec = lmcodec.Codec(**settings)
+        blob = codec.compress(original, prompt)
+        assert blob[:3] == b"\x89L\x05"
+        assert codec.decompress(blob, prompt) == original
+        _TODAY[key] = blob
+    return _TODAY[key]
+
+
+#: (fixture, bytes of framing it holds, bytes of framing today's archive of the same input holds):
+#: every archive but its payloads.  One block: v3 86 and v4 48 -> 13 (17 with a prompt, 11 stored or
+#: empty); two blocks or more: the header's savings only (the model id without its fingerprint, a
+#: 4-byte prompt check, a 2-byte magic, one flag for lanes and block size).
+FRAMING = {"v3_level6.lmc": (86, 13), "v3_custom_prompt.lmc": (120, 78), "v3_stored.lmc": (48, 11),
+           "v4_level6.lmc": (48, 13), "v4_level6_prompt.lmc": (56, 17), "v4_custom_prompt.lmc": (92, 78),
+           "v4_stored.lmc": (38, 11), "v4_raw_blocks.lmc": (89, 88), "v4_empty.lmc": (27, 11)}
+
+
+@pytest.mark.parametrize("name", sorted(V3) + sorted(V4))
+def test_old_archives_decode_and_today_codes_the_same_blocks(name):
+    original, prompt, settings = {**V3, **V4}[name]
     old = (DATA / name).read_bytes()
     assert lmcodec.decompress(old, prompt=prompt) == original
-    codec = lmcodec.Codec(**settings)
-    new = codec.compress(original, prompt)
-    assert new[4] == 4
-    (h3, n3), (h4, n4) = _header(old), _header(new)
-    assert (h3.version, h4.version) == (3, 4)
-    assert old[n3:] == new[n4:]  # blocks and end record: byte for byte
-    for field in ("model_name", "prompt_check", "has_prompt", "context", "segment_tokens", "lanes", "block_size",
-                  "level", "mixer"):
-        assert getattr(h3, field) == getattr(h4, field), field
-    assert h4.model_fingerprint == h3.model_fingerprint[:len(h4.model_fingerprint)]
-    # v4 leaves out: a level's mixer and settings (1 + 2 + 2 + 1 + 4 bytes at level 6), the
-    # registered name (13 bytes -> a 1-byte id), half the model fingerprint and the tokenizer's.
-    saved = {"v3_level6.lmc": 10 + 12 + 8 + 8, "v3_custom_prompt.lmc": 12 + 8 + 8, "v3_stored.lmc": 10}
-    assert (n3, n4) == ({"v3_level6.lmc": 58, "v3_custom_prompt.lmc": 62, "v3_stored.lmc": 21}[name],
-                        n3 - saved[name])
-    assert codec.decompress(new, prompt) == original
+    new = _today(original, prompt, settings)
+    (h_old, n_old, b_old, e_old, _), (h_new, n_new, b_new, e_new, short) = _parse(old), _parse(new)
+    assert h_old.version == int(name[1]) and h_new.version == 5
+    for field in ("model_name", "has_prompt", "context", "segment_tokens", "lanes", "block_size", "level", "mixer"):
+        assert getattr(h_old, field) == getattr(h_new, field), field
+    assert h_new.model_fingerprint == h_old.model_fingerprint[:len(h_new.model_fingerprint)]
+    assert h_new.prompt_check == h_old.prompt_check[:4] and h_new.dict_id == b""
+    assert [(b.method, b.raw_len, b.tokens, b.payloads) for b in b_old] == \
+        [(b.method, b.raw_len, b.tokens, b.payloads) for b in b_new]
+    assert (e_old.total_len, e_old.n_blocks) == (e_new.total_len, e_new.n_blocks)
+    assert short == (len(b_new) <= 1)
+    if not short:   # two blocks or more: v4's blocks and end record, byte for byte (v3's too)
+        assert old[n_old:] == new[n_new:]
+    framing = [len(x) - sum(len(p) for b in blocks for p in b.payloads) for x, blocks in ((old, b_old), (new, b_new))]
+    assert tuple(framing) == FRAMING[name], framing
 
 
 def test_v3_wrong_tokenizer_is_named():
@@ -106,3 +158,32 @@ def test_every_registered_model_has_a_format_id():
 
     assert set(models.REGISTRY) <= set(MODEL_IDS.values())
     assert len(set(MODEL_IDS.values())) == len(MODEL_IDS) and 0 not in MODEL_IDS
+
+
+def test_a_registered_id_determines_the_model_fingerprint():
+    """v5 stores a registered model's id without its fingerprint: the id pins it, so the model
+    that the registry loads must have exactly that fingerprint (else the encoder writes the
+    name and 8 bytes of the fingerprint, and a decoder's model is refused by it)."""
+    from lmcodec.container import MODEL_FINGERPRINTS, MODEL_IDS
+
+    codec = lmcodec.Codec()
+    model, _, name = codec.models.coding_model()
+    assert name == MODEL_IDS[1] and model.fingerprint == MODEL_FINGERPRINTS[1]
+
+
+def test_info_shows_the_v5_fields(tmp_path):
+    from lmcodec.container import Block, Header, Method, pack_short, prompt_check
+
+    raw = b"records of one kind\n"
+    h = Header("", b"", b"", prompt_check(None), False, 2048, 8192, 64, 4 << 20, level=6, mixer=127,
+               dict_id=bytes.fromhex("d1c70042"))
+    path = tmp_path / "d.lmc"
+    path.write_bytes(pack_short(h, Block.build(Method.RAW, raw, [raw], []), raw))
+    r = CliRunner().invoke(main, ["info", "--json", str(path)])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    assert (doc["format_version"], doc["dictionary"], doc["layout"], doc["framing_bytes"]) == (5, "d1c70042", "short",
+                                                                                            5 + 4 + 1 + 4)
+    assert doc["content_checksum"] == path.read_bytes()[-len(raw) - 4:-len(raw)].hex()
+    r = CliRunner().invoke(main, ["info", str(path)])
+    assert "dictionary: d1c70042" in r.output and "layout: short" in r.output
