@@ -312,6 +312,21 @@ class Reader(HeaderFields):
             self._left -= n
         return data
 
+    def _payloads(self, entries: list[StreamEntry], keep: bool) -> tuple[list[bytes], list[int], bytes]:
+        """Read (``keep``) or skim the streams' payloads: (payloads, their CRC-32s, the first one's head)."""
+        payloads, crcs, first = [], [], b""
+        for i, e in enumerate(entries):
+            what = f"payload of stream {i}"
+            if keep:
+                p = self._read(e.payload_len, what)
+                crc, first = zlib.crc32(p), first or p
+                payloads.append(p)
+            else:
+                crc, head = self._skim(e.payload_len, what, keep=_ZSTD_HEAD)
+                first = first or head
+            crcs.append(crc)
+        return payloads, crcs, first
+
     def _skim(self, n: int, what: str, keep: int) -> tuple[int, bytes]:
         """CRC32 of the next ``n`` bytes, read in pieces; also return the first ``keep`` bytes."""
         crc, head, done = 0, b"", 0
@@ -476,16 +491,8 @@ class Reader(HeaderFields):
         if zlib.crc32(body) != crc:
             raise CorruptArchiveError(f"block header at offset {start} is corrupted (CRC mismatch)")
         self._check_layout(method, raw_len, n_tokens, entries, header, start)
-        payloads, first = [], b""
-        for i, e in enumerate(entries):
-            what = f"payload of stream {i}"
-            if keep:
-                p = self._read(e.payload_len, what)
-                crc, first = zlib.crc32(p), first or p
-                payloads.append(p)
-            else:
-                crc, head = self._skim(e.payload_len, what, keep=_ZSTD_HEAD)
-                first = first or head
+        payloads, crcs, first = self._payloads(entries, keep)
+        for i, (e, crc) in enumerate(zip(entries, crcs)):
             if crc != e.payload_crc:
                 raise CorruptArchiveError(f"stream {i} payload is corrupted (CRC mismatch)")
         if method == Method.ZSTD and _zstd_content_size(first[:_ZSTD_HEAD]) != raw_len:
@@ -541,17 +548,8 @@ class Reader(HeaderFields):
         else:
             entries = [StreamEntry(raw_len, 0)]
         check = self._read(SHORT_CHECK_BYTES, "block check")
-        payloads, first = [], b""
-        for i, e in enumerate(entries):
-            what = f"payload of stream {i}"
-            if keep:
-                p = self._read(e.payload_len, what)
-                crc, first = zlib.crc32(p), first or p
-                payloads.append(p)
-            else:
-                crc, head = self._skim(e.payload_len, what, keep=_ZSTD_HEAD)
-                first = first or head
-            entries[i] = StreamEntry(e.payload_len, crc)   # computed, not stored: nothing to compare
+        payloads, crcs, first = self._payloads(entries, keep)
+        entries = [StreamEntry(e.payload_len, crc) for e, crc in zip(entries, crcs)]   # computed, not stored
         if method == Method.ZSTD and _zstd_content_size(first[:_ZSTD_HEAD]) != raw_len:
             raise CorruptArchiveError(f"zstd block at offset {start} does not declare its length")
         self._last_check = check

@@ -282,16 +282,21 @@ class HeaderFields:
     def _varint(self, body: bytearray, where: str, what: str) -> int:  # pragma: no cover - the reader's
         raise NotImplementedError
 
-    def _fields_v5(self, body: bytearray, flags: int) -> dict:
-        """v5: v4's fields, the registered model without its fingerprint, a dictionary id, 4-byte prompt check."""
+    def _level(self, body: bytearray) -> tuple[int, int | None, int | None, int | None]:
+        """v4, v5: the level; a custom one (0) then its mixer, context and segment tokens (else None)."""
         level = self._read(1, "header")[0]
         body.append(level)
-        mixer = context = seg = None
-        if level == 0:
-            mixer = self._read(1, "header")[0]
-            body.append(mixer)
-            context = self._varint(body, "header", "archive header context")
-            seg = self._varint(body, "header", "archive header segment tokens")
+        if level:
+            return level, None, None, None
+        mixer = self._read(1, "header")[0]
+        body.append(mixer)
+        context = self._varint(body, "header", "archive header context")
+        seg = self._varint(body, "header", "archive header segment tokens")
+        return level, mixer, context, seg
+
+    def _fields_v5(self, body: bytearray, flags: int) -> dict:
+        """v5: v4's fields, the registered model without its fingerprint, a dictionary id, 4-byte prompt check."""
+        level, mixer, context, seg = self._level(body)
         lanes, block_size = DEFAULT_LANES, DEFAULT_BLOCK_SIZE
         if flags & F5_LAYOUT:
             lanes = self._varint(body, "header", "archive header lanes")
@@ -332,14 +337,7 @@ class HeaderFields:
 
     def _fields_v4(self, body: bytearray, flags: int) -> dict:
         """v4: the level, and only what it does not imply (docs/FORMAT.md)."""
-        level = self._read(1, "header")[0]
-        body.append(level)
-        mixer = context = seg = None
-        if level == 0:
-            mixer = self._read(1, "header")[0]
-            body.append(mixer)
-            context = self._varint(body, "header", "archive header context")
-            seg = self._varint(body, "header", "archive header segment tokens")
+        level, mixer, context, seg = self._level(body)
         lanes = (self._varint(body, "header", "archive header lanes") if flags & FLAG_LANES else DEFAULT_LANES)
         block_size = (self._varint(body, "header", "archive header block size") if flags & FLAG_BLOCK_SIZE
                       else DEFAULT_BLOCK_SIZE)
