@@ -68,10 +68,7 @@ def _norm_kernel(x_ptr, gain_ptr, eps_ptr, out_ptr, exp_ptr, n_cols, gain_shift,
     """RMSNorm of one residual row (docs/ENGINE.md): four passes over the row, each exact."""
     row = tl.program_id(0).to(tl.int64)
     base = x_ptr + row * n_cols
-    m = tl.full((), 0, tl.int64)
-    for c0 in range(0, n_cols, BLOCK):
-        cols = c0 + tl.arange(0, BLOCK)
-        m = tl.maximum(m, tl.max(tl.abs(tl.load(base + cols, mask=cols < n_cols, other=0))))
+    m = ti.row_absmax(base, n_cols, BLOCK)
     s = tl.maximum(bitlen(m) - 15, 0)                       # |x| <= 2^40: s <= 26
     ss = tl.full((), 0, tl.int64)
     for c0 in range(0, n_cols, BLOCK):
@@ -122,10 +119,7 @@ def norm(x: torch.Tensor, gain: torch.Tensor, gain_shift: int, eps: torch.Tensor
 def _operand_kernel(x_ptr, out_ptr, shift_ptr, n_cols, limit, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = x_ptr + row * n_cols
-    m = tl.full((), 0, tl.int64)
-    for c0 in range(0, n_cols, BLOCK):
-        cols = c0 + tl.arange(0, BLOCK)
-        m = tl.maximum(m, tl.max(tl.abs(tl.load(base + cols, mask=cols < n_cols, other=0))))
+    m = ti.row_absmax(base, n_cols, BLOCK)
     s = fit(m, limit)
     for c0 in range(0, n_cols, BLOCK):
         cols = c0 + tl.arange(0, BLOCK)

@@ -117,6 +117,16 @@ def requant(y, mult, c):
 
 
 @triton.jit
+def row_absmax(base, n_cols, BLOCK: tl.constexpr):
+    """The largest magnitude of a row of ``n_cols`` int64 values at ``base`` (norm, operand), in tiles of BLOCK."""
+    m = tl.full((), 0, tl.int64)
+    for c0 in range(0, n_cols, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        m = tl.maximum(m, tl.max(tl.abs(tl.load(base + cols, mask=cols < n_cols, other=0))))
+    return m
+
+
+@triton.jit
 def combine(y_ptr, n_rows, n_cols, row, cols, mask):
     """256 * y[row] + y[n_rows + row] at ``cols`` as int64 (int_mm's [hi rows; lo rows])."""
     hi = tl.load(y_ptr + row * n_cols + cols, mask=mask, other=0).to(tl.int64)
