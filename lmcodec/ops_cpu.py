@@ -32,6 +32,13 @@ if "NUMBA_CACHE_DIR" not in os.environ:  # site-packages may be read-only
 import numba  # noqa: E402
 from numba import njit, prange  # noqa: E402
 
+# Start numba's threading layer now, not at the first kernel: its OpenMP layer
+# shares torch's libgomp, and starting it resets the calling thread's OpenMP
+# thread count, which is what torch.get_num_threads() reports.  Started inside
+# ``engine.torch_threads(1)`` it silently put the first block of every process
+# back on all cores (2 threads where 1 was asked; 4 on 2 cores with 2 workers).
+numba.get_num_threads()
+
 _EXP2 = fixedmath.exp2_table()
 _SIG = fixedmath.sigmoid_table()
 _SIG_SPAN = fixedmath.SIGMOID_RANGE << fixedmath.SIGMOID_STEP_BITS

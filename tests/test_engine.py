@@ -4,8 +4,11 @@ and a model that still is the float model (up to quantization)."""
 from __future__ import annotations
 
 import hashlib
+import os
 import math
 import shutil
+import subprocess
+import sys
 from fractions import Fraction
 
 import numpy as np
@@ -196,3 +199,23 @@ def test_both_cpu_gemm_kernels_give_the_same_integers(monkeypatch):
     for kind in ("int8", "float32"):
         monkeypatch.setattr(eng, "_GEMM_KIND", kind)
         assert np.array_equal(ops_torch.combine(int_mm(x, w)).numpy(), ref), kind
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: a thread count of 1 is the default")
+def test_threads_asked_are_the_threads_used():
+    """``torch_threads(1)`` holds for the first kernel of a fresh process too.
+
+    numba's OpenMP layer shares torch's libgomp, and starting it resets the
+    calling thread's OpenMP thread count (torch's count).  Started lazily inside
+    ``torch_threads(1)`` it put every process's first block on all cores: 2
+    workers of 1 thread ran 4 threads on 2 cores (docs/SCALE.md).
+    """
+    code = ("import torch, numba\n"
+            "from lmcodec import ops_cpu\n"
+            "from lmcodec.engine import torch_threads\n"
+            "with torch_threads(1):\n"
+            "    ops_cpu._threads()\n"
+            "    print(torch.get_num_threads(), numba.get_num_threads())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS")})
+    assert out.stdout.split() == ["1", "1"]
