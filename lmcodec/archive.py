@@ -60,6 +60,11 @@ def _model_arg(models: ModelCache) -> str | None:
     return None if models.model_arg is None else str(models.model_arg)
 
 
+def _dictionary(models: ModelCache) -> bytes | None:
+    """The dictionary file's bytes, for workers that load their own models (None without one)."""
+    return None if models.adapter is None else models.adapter.as_bytes()
+
+
 def archive_header(models: ModelCache, s: Settings, prompt: bytes | None) -> Header:
     """The header of an archive made with settings ``s`` (resolved)."""
     if s.method in ("auto", "lm"):
@@ -93,7 +98,7 @@ class ArchiveSink:
         self.settings = s = settings.resolved()
         self._dst, self._executor, self._progress = dst, executor, progress
         self._header = archive_header(models, s, prompt)
-        self._job = EncodeJob(s, prompt, _model_arg(models), self._header.model_fingerprint)
+        self._job = EncodeJob(s, prompt, _model_arg(models), self._header.model_fingerprint, _dictionary(models))
         self._t0 = time.perf_counter()
         self._total, self._n, self._check = 0, 0, content_hasher()
         self._held: bytes | None = None     # the first block, until the layout is known
@@ -216,7 +221,7 @@ def iter_decompressed(src: BinaryIO, *, models: ModelCache, settings: Settings, 
     header = read_header(reader, prompt, models)
     s = settings.resolved()
     total, check, n_blocks, end = 0, reader.content_hasher(), 0, []
-    job = DecodeJob(s, header, prompt, _model_arg(models))
+    job = DecodeJob(s, header, prompt, _model_arg(models), _dictionary(models))
     try:
         for raws in executor.map(job, _groups(reader, header, s.decode_rows, end), progress):
             for raw in raws:

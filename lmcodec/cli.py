@@ -117,12 +117,6 @@ def _executor(cluster: str | None, model, device: str, threads: int | None):
         executor.close()
 
 
-def _no_cluster_with_dictionary(cluster: str | None, dictionary) -> None:
-    """Ray workers load their own models, without the dictionary: refuse the pair rather than code wrong."""
-    if cluster and dictionary is not None:
-        raise UsageError("--cluster does not take a dictionary (-D) yet")
-
-
 def _check_stdout(force: bool) -> None:
     if not force:
         raise UsageError("refusing to write compressed data to a terminal; use -o, redirect, or -f")
@@ -212,7 +206,6 @@ def compress(ctx: Context, inputs, output, stdout, keep, force, verify, prompt, 
              **coding):
     """Compress FILE(s) to FILE.lmc ('-' reads standard input)."""
     key = _prompt(prompt, prompt_file)
-    _no_cluster_with_dictionary(cluster, coding.get("dictionary"))
     with _executor(cluster, model, coding["device"], coding["threads"]) as executor:
         _compress_files(ctx, inputs, output, stdout, keep, force, verify, key, model, executor, coding)
 
@@ -316,7 +309,6 @@ def decompress(ctx: Context, archives, output, stdout, keep, force, prompt, prom
                cluster, dictionary=None):
     """Decompress ARCHIVE(s) (FILE.lmc -> FILE; '-' reads standard input)."""
     key = _prompt(prompt, prompt_file)
-    _no_cluster_with_dictionary(cluster, dictionary)
     with _executor(cluster, model, device, threads) as executor:
         _decompress_files(ctx, archives, output, stdout, keep, force, key, model, device, threads, executor,
                           dictionary)
@@ -352,7 +344,6 @@ def _decompress_files(ctx: Context, archives, output, stdout, keep, force, key, 
 def test_cmd(ctx: Context, archives, prompt, prompt_file, model, device, threads, cluster, dictionary=None):
     """Decode ARCHIVE(s) and check their checksums; write nothing."""
     key = _prompt(prompt, prompt_file)
-    _no_cluster_with_dictionary(cluster, dictionary)
     with _executor(cluster, model, device, threads) as executor:
         for name in archives:
             src, size = _open_input(name)

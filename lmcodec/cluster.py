@@ -9,9 +9,11 @@ crash, without changing one byte of the archive.  :class:`RayExecutor` is the
 * **Workers** are actors that keep a :class:`~lmcodec.modelcache.ModelCache`:
   a model is loaded once per worker, not once per block.  Each takes one GPU
   where the cluster has GPUs, else ``threads`` CPUs.
-* **Only bytes travel.**  A call carries the picklable job (settings, model
-  spec, prompt; never an engine or a tensor) and one item (a block's raw bytes,
-  or coded blocks); workers never open a path the driver did not name.
+* **Only bytes travel.**  A map puts the picklable job (settings, model spec,
+  prompt, the dictionary file's bytes; never an engine or a tensor) in Ray's
+  object store once, and each call carries a reference to it and one item (a
+  block's raw bytes, or coded blocks); workers never open a path the driver
+  did not name.
 * **Bounded and in order.**  At most :data:`IN_FLIGHT_PER_WORKER` items per
   worker are out at once, read lazily from the input; results come back in
   input order.  The driver holds at most ``2 x workers`` blocks of input and of
@@ -311,6 +313,7 @@ class RayExecutor(Executor):
         moves by a whole item (``job.weight``) as its result is handed on.
         """
         ray = self._ray
+        shared = ray.put(job)   # once per map: the settings, prompt and dictionary do not travel per block
         source = iter(items)
         out: collections.deque[_Call] = collections.deque()   # in input order
         running: dict = {}                                     # ref -> call, until its result is in
@@ -328,7 +331,7 @@ class RayExecutor(Executor):
                         exhausted = True
                         break
                     w = self._pick()
-                    call = _Call(self._workers[w].run.remote(index, job, item), w, job.weight(item))
+                    call = _Call(self._workers[w].run.remote(index, shared, item), w, job.weight(item))
                     index += 1
                     out.append(call)
                     running[call.ref] = call

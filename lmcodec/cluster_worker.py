@@ -7,6 +7,7 @@ driver wraps :class:`Worker` with ``ray.remote``).
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import replace
 from typing import Any
@@ -28,23 +29,31 @@ class Worker:
         self.exit_hook = exit_hook
         self._caches: dict = {}
 
-    def _models(self, spec: str | None):
-        """One :class:`~lmcodec.modelcache.ModelCache` per model argument, kept for the worker's life."""
-        if spec not in self._caches:
+    def _models(self, spec: str | None, dictionary: bytes | None = None):
+        """One :class:`~lmcodec.modelcache.ModelCache` per (model argument, dictionary), kept for the worker's life.
+
+        The dictionary arrives as its file's bytes and is parsed and checked here
+        (:class:`~lmcodec.adapter.Adapter`) like a file given with ``-D``; it is
+        merged into the model once per worker, not once per block.
+        """
+        key = (spec, None if dictionary is None else hashlib.blake2b(dictionary, digest_size=16).digest())
+        if key not in self._caches:
+            from .adapter import Adapter
             from .modelcache import ModelCache
 
             ops = None
             if self.ops == "torch":   # test-only: tensor ops instead of the numba kernels
                 from . import ops_torch as ops
-            self._caches[spec] = ModelCache(spec, ops=ops)
-        return self._caches[spec]
+            adapter = None if dictionary is None else Adapter(dictionary)
+            self._caches[key] = ModelCache(spec, adapter, ops=ops)
+        return self._caches[key]
 
     def run(self, index: int, job, item) -> tuple[bytes, Any]:
         """``job(models, item)`` here; returns (the fingerprint of the model it used, the result)."""
         from .progress import Progress
 
         job = replace(job, settings=replace(job.settings, device=self.device, threads=self.threads))
-        models = self._models(job.model)
+        models = self._models(job.model, job.dictionary)
         progress = Progress(self.exit_callback(index))
         result = job(models, item, progress)
         return _fingerprint(job, models), result
@@ -91,10 +100,18 @@ class Worker:
 
 
 def _fingerprint(job, models) -> bytes:
-    """The fingerprint of the model ``job`` codes with on this worker (empty: no model needed)."""
+    """The fingerprint of the base model ``job`` codes with on this worker (empty: no model needed).
+
+    The base model's, as an archive's header records it: a dictionary's deltas
+    are named by its id, and arrive as the file's bytes, which
+    :class:`~lmcodec.adapter.Adapter` checks against that id.
+    """
     if not job.model_check:
         return b""
     header = getattr(job, "header", None)
+    spec = models.model_arg
     if header is not None:        # decoding: the archive's model, already checked against its header
-        return models.model_for(header)[0].fingerprint
-    return models.coding_model()[0].fingerprint
+        models.model_for(header)
+        if spec is None:
+            spec = header.model_name
+    return models.base_fingerprint(spec)

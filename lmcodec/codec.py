@@ -22,7 +22,6 @@ from typing import BinaryIO, Iterator
 from . import archive
 from .adapter import Adapter
 from .container import Header, Reader, segment_layout
-from .errors import UsageError
 from .executors import Executor, InProcessExecutor
 from .modelcache import ModelCache
 from .progress import Progress, ProgressCallback
@@ -58,9 +57,6 @@ class Codec:
                  executor: Executor | None = None, dictionary: Adapter | bytes | str | os.PathLike | None = None,
                  **settings):
         self.dictionary = _as_adapter(dictionary)
-        if self.dictionary is not None and executor is not None and not isinstance(executor, InProcessExecutor):
-            # Remote workers load the model from its argument alone, without the dictionary.
-            raise UsageError("a dictionary needs the in-process executor (cluster workers do not load it yet)")
         self.models = ModelCache(model, self.dictionary)
         self.settings = Settings(**settings)
         self.progress = progress

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .container import Block, Header
 from .decoder import BlockDecoder
@@ -29,12 +29,15 @@ class EncodeJob:
 
     ``model_check``: the header's model fingerprint bytes (empty for a stored-only
     archive); a remote worker's result must come from a model that matches it.
+    ``dictionary``: the dictionary file's bytes (None without one), so that a
+    remote worker merges the same adapter (the file is the whole key).
     """
 
     settings: Settings
     prompt: bytes | None
     model: str | None
     model_check: bytes = b""
+    dictionary: bytes | None = field(default=None, repr=False)
 
     def __call__(self, models: ModelCache, raw: bytes, progress: Progress) -> EncodedBlock:
         return BlockEncoder(models, self.settings, self.prompt).encode(raw, progress)
@@ -53,6 +56,7 @@ class DecodeJob:
     header: Header
     prompt: bytes | None
     model: str | None
+    dictionary: bytes | None = field(default=None, repr=False)   # see EncodeJob
 
     @property
     def model_check(self) -> bytes:

@@ -118,6 +118,50 @@ def test_workers_on_different_backends_make_the_same_archive(cluster, reference,
     assert (tmp_path / "a.lmc").read_bytes() == reference["a"]
 
 
+@pytest.fixture(scope="module")
+def tiny_dict(tmp_path_factory, tiny_model_dir):
+    """A dictionary file for the tiny model: row scales, q/k/v biases and gains on every layer, a primer."""
+    import numpy as np
+
+    from lmcodec import models
+    from lmcodec.adapter import Adapter, AdapterTensors
+    from lmcodec.quantize import load_int_model
+    from lmcodec.tokens import ByteTokenizer
+
+    m = models.load(tiny_model_dir)
+    model = load_int_model(m, ByteTokenizer(m.tokenizer, m.arch.vocab_size).fingerprint)
+    rng = np.random.default_rng(5)
+    t = AdapterTensors()
+    for i, layer in enumerate(model.layers):
+        n = layer.qkv.weight.shape[0]
+        t.scale[f"{i}.qkv"] = rng.integers(-3000, 3000, n).astype(np.int32)
+        t.bias[f"{i}.qkv"] = rng.integers(-5000, 5000, n).astype(np.int32)
+        t.gain[f"{i}.mlp_gain"] = rng.integers(-500, 500, len(layer.mlp_gain)).astype(np.int32)
+    path = tmp_path_factory.mktemp("dict") / "tiny.dict"
+    Adapter.build(model.fingerprint, t, primer=b"block worker archive\n").save(path)
+    return path
+
+
+def test_a_dictionary_codes_the_same_bytes_on_the_cluster(cluster, tiny_model_dir, tiny_dict, tmp_path):
+    """-D with --cluster: the workers merge the dictionary the driver sends, and the archive is
+    the in-process one; it decodes on the cluster, and without the dictionary it is refused."""
+    _, b = _inputs(tmp_path)
+    r = run("compress", "-m", tiny_model_dir, *SMALL, "-D", tiny_dict, "-o", tmp_path / "ref.lmc", b)
+    assert r.exit_code == 0, r.output
+    r = run("compress", "--cluster", cluster, "-m", tiny_model_dir, *SMALL, "-D", tiny_dict, b)
+    assert r.exit_code == 0, r.output
+    made = (tmp_path / "b.lmc").read_bytes()
+    assert made == (tmp_path / "ref.lmc").read_bytes()
+    r = run("compress", "-m", tiny_model_dir, *SMALL, "-c", b)
+    assert r.stdout_bytes != made                                     # the dictionary did change the coding
+    r = run("decompress", "--cluster", cluster, "-m", tiny_model_dir, "-D", tiny_dict, "-o", tmp_path / "b.out",
+            tmp_path / "b.lmc")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "b.out").read_bytes() == B
+    r = run("test", "--cluster", cluster, "-m", tiny_model_dir, tmp_path / "b.lmc")
+    assert r.exit_code == 1 and "pass it with -D" in r.stderr, r.output
+
+
 def test_a_result_from_another_model_is_refused(cluster, tiny_model_dir):
     from lmcodec.cluster import RayExecutor
     from lmcodec.errors import ModelMismatchError
