@@ -91,7 +91,8 @@ class BlockDecoder:
             check_memory(engine.model, rows, header.context if cuda else
                          min(header.context, pre.length + max(lengths, default=0)))
             symbols = decode_streams(engine, pre, groups, payloads, lengths, header.context, tok,
-                                     MixerConfig(header.mixer), rows, tick=progress.tokens)
+                                     MixerConfig(header.mixer), rows, tick=progress.tokens,
+                                     halves=overlap_halves(engine.device, s.threads))
         out, at = [], 0
         for block in blocks:
             try:
@@ -100,6 +101,13 @@ class BlockDecoder:
                 raise CorruptArchiveError(f"decoded an impossible symbol ({exc})") from exc
             at += len(block.tokens)
         return out
+
+
+def overlap_halves(device: torch.device, threads: int) -> int:
+    """Two sets of rows taking turns (rowdecode.Overlap) where a step can run beside the coder:
+    on CUDA (asynchronous launches), or on a CPU given at least 2 threads (one codes while
+    the step runs); a 1-thread worker keeps to its one thread."""
+    return 2 if device.type == "cuda" or threads >= 2 else 1
 
 
 def unpack(block: Block) -> bytes:

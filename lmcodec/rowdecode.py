@@ -17,6 +17,8 @@ row depend only on that row (docs/ENGINE.md, "Rows at their own positions").
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -34,44 +36,160 @@ from .tokens import ByteTokenizer
 def decode_streams(engine: Engine, pre: Prefix, groups: Sequence[range], payloads: Sequence[bytes],
                    lengths: Sequence[int], context: int, tok: ByteTokenizer, mixer: MixerConfig, rows: int,
                    order: Sequence[int] | None = None,
-                   tick: Callable[[int], None] | None = None) -> list[np.ndarray]:
+                   tick: Callable[[int], None] | None = None, halves: int = 1) -> list[np.ndarray]:
     """The symbols of every segment (``lengths[g]`` tokens each) of the streams ``groups``
     (stream k carries segments ``groups[k]`` in ``payloads[k]``), decoded in ``rows`` rows.
 
     ``order`` is the streams' admission order (default: as given); ``tick(n)`` is
-    called with the tokens decoded at each step (progress).
+    called with the tokens decoded at each step (progress).  ``halves=2`` deals
+    the streams to two sets of rows (half the rows each) whose steps take turns,
+    so that one half's host work (coder, online models) overlaps the other half's
+    model step (:class:`Overlap`); the symbols are the same.
     """
     symbols = [np.zeros(n, dtype=np.int64) for n in lengths]
     if not groups:
         return symbols
-    rows = max(rows, max(len(g) for g in groups))
-    sched = Scheduler([[lengths[g] for g in group] for group in groups], rows, order)
-    longest = max(lengths, default=0)
-    step_cls = GraphStep if engine.device.type == "cuda" else RowStep
-    run = step_cls(engine, pre, rows, context, longest)
-    alphabet = tok.alphabet_size
-    feed = np.full(rows, tok.placeholder, dtype=np.int64)
-    coders: dict[int, StreamDecoder] = {}
-    mixers: dict[int, StreamMixer] = {}
-    while True:
-        for started in sched.admit():
+    order = list(range(len(groups))) if order is None else list(order)
+    parts = split_streams(groups, lengths, order, halves if rows >= 2 * halves else 1)
+    share = max(1, rows // len(parts))
+    sets = [Rows(engine, pre, [groups[k] for k in part], [payloads[k] for k in part], lengths, context, tok, mixer,
+                 share, symbols) for part in parts]
+    if len(sets) == 1:
+        one = sets[0]
+        while one.code(tick):
+            one.launch()
+        return symbols
+    with Overlap(engine.device, len(sets)) as lanes:
+        active = list(range(len(sets)))
+        while active:
+            for k in list(active):
+                lanes.wait(k)
+                with lanes.on(k):
+                    alive = sets[k].code(tick)
+                if alive:
+                    lanes.launch(k, sets[k].launch)
+                else:
+                    active.remove(k)
+    return symbols
+
+
+def split_streams(groups: Sequence[range], lengths: Sequence[int], order: Sequence[int], parts: int) -> list[list[int]]:
+    """Deal the streams, in admission ``order``, to ``parts`` sets: each to the set with the
+    fewest tokens so far (the first on a tie).  Deterministic; it changes no symbol."""
+    if parts <= 1 or len(order) < 2:
+        return [list(order)]
+    out: list[list[int]] = [[] for _ in range(min(parts, len(order)))]
+    load = [0] * len(out)
+    for k in order:
+        i = load.index(min(load))
+        out[i].append(k)
+        load[i] += sum(lengths[g] for g in groups[k])
+    return out
+
+
+class Rows:
+    """Some streams in their own batch rows: a scheduler, a model step, the coders and mixers.
+
+    :meth:`code` is the host's part of a step (admit streams, decode one token of
+    every live lane from the last model step, retire finished streams);
+    :meth:`launch` is the model's part (feed the decoded tokens, compute the next
+    hidden rows).  ``symbols`` (shared) receives each segment's tokens.
+    """
+
+    def __init__(self, engine: Engine, pre: Prefix, groups: Sequence[range], payloads: Sequence[bytes],
+                 lengths: Sequence[int], context: int, tok: ByteTokenizer, mixer: MixerConfig, rows: int,
+                 symbols: list[np.ndarray]):
+        self.groups, self.payloads, self.tok, self.mixer = groups, payloads, tok, mixer
+        self.symbols = symbols
+        rows = max(rows, max(len(g) for g in groups))
+        self.sched = Scheduler([[lengths[g] for g in group] for group in groups], rows)
+        longest = max((lengths[g] for group in groups for g in group), default=0)
+        step_cls = GraphStep if engine.device.type == "cuda" else RowStep
+        self.run = step_cls(engine, pre, rows, context, longest)
+        self.feed = np.full(rows, tok.placeholder, dtype=np.int64)
+        self.live = np.zeros(rows, dtype=bool)
+        self.coders: dict[int, StreamDecoder] = {}
+        self.mixers: dict[int, StreamMixer] = {}
+
+    def code(self, tick: Callable[[int], None] | None = None) -> bool:
+        """Admit, decode one token per live lane, retire; False once every stream is done."""
+        for started in self.sched.admit():
             s = started.stream
-            coders[s] = StreamDecoder(payloads[s])
-            mixers[s] = StreamMixer(mixer, len(groups[s]), alphabet)
-            run.start([r for r in started.rows if r >= 0])
-        if not sched.running:
-            break
-        live_rows = _step(run, sched.running, coders, mixers, groups, symbols, feed, tok)
+            self.coders[s] = StreamDecoder(self.payloads[s])
+            self.mixers[s] = StreamMixer(self.mixer, len(self.groups[s]), self.tok.alphabet_size)
+            self.run.start([r for r in started.rows if r >= 0])
+        if not self.sched.running:
+            return False
+        live_rows = _step(self.run, self.sched.running, self.coders, self.mixers, self.groups, self.symbols,
+                          self.feed, self.tok)
         if tick is not None:
             tick(len(live_rows))
-        live = np.zeros(rows, dtype=bool)
-        live[live_rows] = True
-        for stream in _retired(sched):
-            del coders[stream], mixers[stream]
-        if sched.done:
-            break
-        run.advance(feed, live)
-    return symbols
+        self.live = np.zeros(self.run.rows, dtype=bool)
+        self.live[live_rows] = True
+        for stream in _retired(self.sched):
+            del self.coders[stream], self.mixers[stream]
+        return not self.sched.done
+
+    def launch(self) -> None:
+        """The model step: the tokens just decoded in, the next hidden rows out."""
+        self.run.advance(self.feed, self.live)
+
+
+class Overlap:
+    """Takes turns between sets of rows so the host's work of one overlaps the model step of another.
+
+    On CUDA each set has its own stream: a step is launched asynchronously, and
+    reading one set's rows to the host waits only for that set's kernels.  On a
+    CPU the steps run in one background thread (torch and the numba kernels
+    release the GIL) at the caller's thread count, while this thread codes.
+    """
+
+    def __init__(self, device: torch.device, sets: int):
+        self.cuda = device.type == "cuda"
+        self._pending: dict[int, Future] = {}
+        if self.cuda:
+            self._streams = [torch.cuda.Stream(device) for _ in range(sets)]
+            for st in self._streams:
+                st.wait_stream(torch.cuda.current_stream(device))
+        else:
+            threads = torch.get_num_threads()
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="lmcodec-step",
+                                            initializer=torch.set_num_threads, initargs=(threads,))
+
+    def on(self, k: int):
+        """The context the host's part of set ``k`` runs in (its stream on CUDA)."""
+        return torch.cuda.stream(self._streams[k]) if self.cuda else nullcontext()
+
+    def launch(self, k: int, step: Callable[[], None]) -> None:
+        """Start set ``k``'s model step without waiting for it."""
+        if self.cuda:
+            with torch.cuda.stream(self._streams[k]):
+                step()
+        else:
+            self._pending[k] = self._pool.submit(_inference, step)
+
+    def wait(self, k: int) -> None:
+        """Before set ``k``'s host part: its step is done (CUDA orders it on the stream)."""
+        f = self._pending.pop(k, None)
+        if f is not None:
+            f.result()
+
+    def __enter__(self) -> "Overlap":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            for st in self._streams:
+                torch.cuda.current_stream(st.device).wait_stream(st)
+        else:
+            for f in self._pending.values():
+                f.cancel()
+            self._pool.shutdown(wait=True)
+
+
+def _inference(step: Callable[[], None]) -> None:
+    with torch.inference_mode():   # thread-local: the caller's mode does not reach this thread
+        step()
 
 
 def _retired(sched: Scheduler) -> list[int]:

@@ -21,6 +21,7 @@ nothing moves (``D = 0``), so segments of up to M tokens are what they were.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -61,6 +62,8 @@ class Prefix:
     h: torch.Tensor      # [1, H]
     e: torch.Tensor      # [1, 1]
     moved: dict[int, KVCache] = field(default_factory=dict)
+    #: :meth:`sink` is called from the decoder's thread and its step thread (rowdecode.Overlap).
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def length(self) -> int:
@@ -75,14 +78,24 @@ class Prefix:
         return at
 
     def sink(self, engine: Engine, base: int) -> KVCache:
-        """The prefix's cache as run at positions ``[base, base + P)`` (a few kept)."""
+        """The prefix's cache as run at positions ``[base, base + P)``.
+
+        On a CPU the last two are kept.  On CUDA a new one is computed on one row
+        set's stream and read from every set's (rowdecode.Overlap), so it is
+        finished before it is handed out, and all are kept (one row of P tokens
+        each), so that no stream's pending copy reads memory freed for reuse.
+        """
         if base == 0:
             return self.cache
-        if base not in self.moved:
-            if len(self.moved) >= 2:
-                self.moved.pop(next(iter(self.moved)))
-            self.moved[base] = _run_prefix(engine, self.ids, base)[0]
-        return self.moved[base]
+        with self.lock:
+            if base not in self.moved:
+                cuda = engine.device.type == "cuda"
+                if len(self.moved) >= 2 and not cuda:
+                    self.moved.pop(next(iter(self.moved)))
+                self.moved[base] = _run_prefix(engine, self.ids, base)[0]
+                if cuda:
+                    torch.cuda.current_stream(engine.device).synchronize()
+            return self.moved[base]
 
 
 def _run_prefix(engine: Engine, prefix: list[int], base: int) -> tuple[KVCache, torch.Tensor, torch.Tensor]:

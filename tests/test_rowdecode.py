@@ -60,3 +60,33 @@ def test_any_admission_order_and_row_count_decode_the_same_symbols(archive, rows
                                  MixerConfig(header.mixer), rows, perm, ticks.append)
     assert np.array_equal(np.concatenate(symbols), tok.encode(TEXT))
     assert sum(ticks) == sum(lengths) and max(ticks) <= max(rows, header.lanes)
+
+
+@pytest.mark.parametrize("rows,order", [(2, None), (4, "shuffled"), (6, "reversed")])
+def test_two_halves_taking_turns_decode_the_same_symbols(archive, rows, order):
+    """halves=2: the streams split over two sets of rows whose model steps run in a
+    background thread while this one codes the other set (rowdecode.Overlap)."""
+    im, tok, header, block = archive
+    lengths = list(block.tokens)
+    groups = stream_groups(len(lengths), header.lanes)
+    perm = {None: None, "reversed": list(range(len(groups)))[::-1],
+            "shuffled": list(np.random.default_rng(rows).permutation(len(groups)))}[order]
+    engine = Engine(im, "cpu")
+    ticks = []
+    with torch.inference_mode():
+        pre = prefill(engine, [tok.start_token])
+        symbols = decode_streams(engine, pre, groups, block.payloads, lengths, header.context, tok,
+                                 MixerConfig(header.mixer), rows, perm, ticks.append, halves=2)
+    assert np.array_equal(np.concatenate(symbols), tok.encode(TEXT))
+    assert sum(ticks) == sum(lengths)
+
+
+def test_streams_are_dealt_by_tokens_in_admission_order():
+    from lmcodec.rowdecode import split_streams
+
+    groups = [range(0, 2), range(2, 3), range(3, 5), range(5, 6)]
+    lengths = [10, 10, 30, 5, 5, 1]
+    assert split_streams(groups, lengths, [0, 1, 2, 3], 2) == [[0, 2, 3], [1]]   # 20 | 30; 10 -> 30 | 30; tie: first
+    assert split_streams(groups, lengths, [3, 2, 1, 0], 2) == [[3, 1], [2, 0]]
+    assert split_streams(groups, lengths, [0, 1], 1) == [[0, 1]]
+    assert split_streams(groups[:1], lengths, [0], 2) == [[0]]
