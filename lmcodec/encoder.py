@@ -23,7 +23,7 @@ from .frequencies import PRECISION, CodingTables
 from .mixing import MixerConfig, StreamMixer
 from .modelcache import ModelCache
 from .progress import Progress
-from .runner import Prefix, SegmentRows, prefill, score_chunks, score_segment
+from .runner import SCORE_CHUNK, Prefix, SegmentRows, batch_rows, prefill, score_batch, score_segment
 from .settings import Settings
 
 ZSTD_LEVEL = 19
@@ -33,6 +33,12 @@ BINARY_SYMBOLS_PER_BYTE = 0.6
 #: Segments of up to this many rows are scored in one go before coding (9.5 MB of
 #: rows for 8,192); longer ones chunk by chunk as the coder reaches them.
 EAGER_ROWS = 1 << 16
+#: Positions one parallel pass may hold (segments side by side x chunk length).  On
+#: a GPU a stream's segments are scored together to fill it (a 2,048-row GEMM of a
+#: 576-wide model is launch-bound there); on a CPU a chunk of 2,048 rows is already
+#: a full GEMM, so only short segments are batched, and each batched segment's cache
+#: costs memory.  Results do not depend on it (runner.score_batch).
+SCORE_ROWS = {"cpu": SCORE_CHUNK, "cuda": 32 * SCORE_CHUNK}
 #: Rows (steps x lanes) of a stream whose LM gaps the encoder computes at once: one
 #: head GEMM per chunk, and a bound on the [rows, alphabet] int64 tensor
 #: (512 x 49,408 x 8 bytes = 202 MB): 8 steps of 64 lanes, 512 steps of one.
@@ -91,31 +97,46 @@ class BlockEncoder:
             pre = prefill(engine, prefix)
             for group in stream_groups(len(lengths), s.lanes):
                 segs = [slice(offsets[g], offsets[g + 1]) for g in group]
-                hidden = [self._score(engine, prefix, pre, inputs[seg][:-1]) for seg in segs]
+                hidden = self._score(engine, prefix, pre, [inputs[seg][:-1] for seg in segs])
                 payload, b = self._encode_stream(engine, hidden, [symbols[seg] for seg in segs],
                                                  tok.alphabet_size, MixerConfig(s.mixer), progress)
                 payloads.append(payload)
                 bits += b
         return Block.build(Method.LM, raw, payloads, lengths), bits
 
-    def _score(self, engine: Engine, prefix: list[int], pre: Prefix, inputs: np.ndarray) -> SegmentRows:
-        """A segment's hidden rows (the parallel pass), memoised when ``models.score_memo`` is a dict.
+    def _score(self, engine: Engine, prefix: list[int], pre: Prefix, inputs: list[np.ndarray]) -> list[SegmentRows]:
+        """A stream's segments' hidden rows (the parallel pass), memoised when ``models.score_memo`` is a dict.
 
-        Segments of up to :data:`EAGER_ROWS` are scored at once; longer ones chunk by
-        chunk as the coder reaches them (their rows would not fit, their caches do).
-        The memo lets a benchmark code the same text under several online-model
-        settings with one LM pass (the rows do not depend on the mixer).
+        Segments are scored side by side, up to :data:`SCORE_ROWS` positions a
+        pass.  Segments of up to :data:`EAGER_ROWS` are scored at once (their
+        caches freed); longer ones chunk by chunk as the coder reaches them (their
+        rows would not fit, their caches do).  The memo lets a benchmark code the
+        same text under several online-model settings with one LM pass (the rows
+        do not depend on the mixer).
         """
         context, memo = self.settings.context, self.models.score_memo
-        if memo is None:
-            if len(inputs) + 1 > EAGER_ROWS:
-                return SegmentRows(score_chunks(engine, pre, inputs, context))
-            return SegmentRows(iter([score_segment(engine, pre, inputs, context)]))
-        key = (engine.fingerprint, tuple(prefix), context,
-               hashlib.blake2b(np.ascontiguousarray(inputs).tobytes(), digest_size=16).digest())
-        if key not in memo:
-            memo[key] = score_segment(engine, pre, inputs, context)
-        return SegmentRows(iter([memo[key]]))
+        if memo is not None:
+            out = []
+            for x in inputs:
+                key = (engine.fingerprint, tuple(prefix), context,
+                       hashlib.blake2b(np.ascontiguousarray(x).tobytes(), digest_size=16).digest())
+                if key not in memo:
+                    memo[key] = score_segment(engine, pre, x, context)
+                out.append(SegmentRows(iter([memo[key]])))
+            return out
+        longest = max(len(x) for x in inputs) + 1
+        per_pass = max(1, SCORE_ROWS.get(engine.device.type, SCORE_CHUNK) // min(SCORE_CHUNK, longest))
+        out = []
+        for b0 in range(0, len(inputs), per_pass):
+            batch = inputs[b0:b0 + per_pass]
+            if longest > EAGER_ROWS:
+                out += batch_rows(score_batch(engine, pre, batch, context), len(batch))
+                continue
+            chunks = list(score_batch(engine, pre, batch, context))
+            for i in range(len(batch)):
+                h, e = (torch.cat([c[i][k] for c in chunks]) for k in (0, 1))
+                out.append(SegmentRows(iter([(h, e)])))
+        return out
 
     @staticmethod
     def _encode_stream(engine: Engine, hidden: list[SegmentRows], symbols: list[np.ndarray], alphabet: int,

@@ -22,7 +22,7 @@ nothing moves (``D = 0``), so segments of up to M tokens are what they were.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -140,21 +140,40 @@ def score_segment(engine: Engine, pre: Prefix, inputs: np.ndarray, context: int)
 
 def score_chunks(engine: Engine, pre: Prefix, inputs: np.ndarray,
                  context: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """:func:`score_segment`'s rows, chunk by chunk as they are computed (bounded memory).
+    """:func:`score_segment`'s rows, chunk by chunk as they are computed (bounded memory):
+    :func:`score_batch` with a batch of one."""
+    for (chunk,) in score_batch(engine, pre, [inputs], context):
+        yield chunk
 
-    The pass goes in chunks of at most :data:`SCORE_CHUNK` positions over a sliding
-    cache that keeps the prefix and the last ``context - P`` positions; a chunk
-    never straddles a move of the prefix.  The first chunk starts with row 0.
+
+def score_batch(engine: Engine, pre: Prefix, inputs: Sequence[np.ndarray],
+                context: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The rows of several segments (one per batch row), chunk by chunk: per chunk, each
+    segment's rows of that chunk (empty once the segment has ended).
+
+    Every segment starts at position P, so the rows of a batch share positions,
+    slots and windows, and one pass serves them all; a shorter segment's row is
+    padded past its end (causal: later positions never change earlier rows, and
+    a row's numbers never depend on the other rows, docs/ENGINE.md), and those
+    rows are dropped.  The pass goes in chunks of at most :data:`SCORE_CHUNK`
+    positions over a sliding cache that keeps the prefix and the last
+    ``context - P`` positions; a chunk never straddles a move of the prefix.
+    Each segment's first chunk starts with row 0 (the prefix's last position).
     """
-    P, C, T = pre.length, context, len(inputs)
+    P, C = pre.length, context
+    lengths = [len(x) for x in inputs]
+    B, T = len(inputs), max(lengths, default=0)
     trained = engine.arch.max_position_embeddings
     window = C - P
     slots_cap = P + max(0, window - 1) + min(SCORE_CHUNK, T)
-    cache = KVCache.empty(engine.model, 1, slots_cap, engine.device)
+    cache = KVCache.empty(engine.model, B, slots_cap, engine.device)
     cache.copy_rows(pre.cache, P)
     base = P               # position held by slot P
     sink = 0               # where the prefix in slots [0, P) stands
-    ids = torch.as_tensor(np.asarray(inputs, dtype=np.int64))
+    ids = np.zeros((B, T), dtype=np.int64)          # padding: token 0, past each segment's end
+    for b, x in enumerate(inputs):
+        ids[b, :len(x)] = x
+    ids_t = torch.from_numpy(ids)
     s0 = P
     while s0 < P + T:
         s1 = min(s0 + SCORE_CHUNK, P + T, next_sink_move(s0, P, trained))
@@ -167,11 +186,35 @@ def score_chunks(engine: Engine, pre: Prefix, inputs: np.ndarray,
         slot = P + pos - base
         a = torch.full_like(pos, P)
         b = P + (pos - window + 1).clamp(min=P) - base
-        h, e = engine.forward(ids[None, s0 - P:s1 - P], pos, cache, slot, (a, b, slot + 1))
-        yield (torch.cat([pre.h, h]), torch.cat([pre.e, e])) if s0 == P else (h, e)
+        h, e = engine.forward(ids_t[:, s0 - P:s1 - P], pos, cache, slot, (a, b, slot + 1))
+        n = s1 - s0
+        out = []
+        for row, length in enumerate(lengths):
+            keep_rows = max(0, min(n, P + length - s0))     # this segment's rows of the chunk
+            hb, eb = h[row * n: row * n + keep_rows], e[row * n: row * n + keep_rows]
+            out.append((torch.cat([pre.h, hb]), torch.cat([pre.e, eb])) if s0 == P else (hb, eb))
+        yield out
         s0 = s1
     if T == 0:
-        yield pre.h, pre.e
+        yield [(pre.h, pre.e)] * B
+
+
+def batch_rows(chunks: Iterator[list[tuple[torch.Tensor, torch.Tensor]]], n: int) -> list["SegmentRows"]:
+    """One :class:`SegmentRows` per segment of a :func:`score_batch`: each pulls the shared
+    pass on when it needs a chunk no segment has pulled yet (the others' are kept for them)."""
+    queues: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(n)]
+
+    def one(i: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            if not queues[i]:
+                got = next(chunks, None)
+                if got is None:
+                    return
+                for q, c in zip(queues, got):
+                    q.append(c)
+            yield queues[i].pop(0)
+
+    return [SegmentRows(one(i)) for i in range(n)]
 
 
 class SegmentRows:

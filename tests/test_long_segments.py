@@ -137,3 +137,37 @@ def test_blocks_of_one_segment_decode_side_by_side(short_model_dir):
     assert c.last_stats.methods == ["lm", "lm"]
     for rows in (1, 64):
         assert Codec(short_model_dir, decode_rows=rows, threads=2).decompress(blob) == data
+
+
+def test_a_batch_pass_gives_each_segment_its_own_rows(short, monkeypatch):
+    """score_batch: segments of different lengths side by side (padded past their ends), past
+    the trained positions and through window slides, each get the rows of a pass of their own."""
+    im, tok = short
+    ids = tok.model_inputs(tok.encode(TEXT * 2))
+    inputs = [ids[:40], ids[7:30], ids[3:4], ids[:0], ids[11:52]]
+    engine = Engine(im, "cpu")
+    monkeypatch.setattr(runner, "SCORE_CHUNK", 6)
+    with torch.inference_mode():
+        pre = runner.prefill(engine, [tok.start_token])
+        alone = [runner.score_segment(engine, pre, x, 16) for x in inputs]
+        rows = runner.batch_rows(runner.score_batch(engine, pre, inputs, 16), len(inputs))
+        for (h, e), r, x in zip(alone, rows, inputs):
+            assert len(h) == len(x) + 1
+            ht, et = r.take(0, len(x) + 1)
+            assert torch.equal(ht, h) and torch.equal(et, e)
+
+
+@pytest.mark.parametrize("eager_rows", [1 << 16, 8])
+def test_segments_scored_side_by_side_make_the_same_archive(short_model_dir, eager_rows, monkeypatch):
+    """The encoder's batch of segments per pass (SCORE_ROWS: a GPU's fill) changes no byte."""
+    from lmcodec import encoder as encoder_module
+
+    monkeypatch.setattr(encoder_module, "EAGER_ROWS", eager_rows)
+    monkeypatch.setattr(runner, "SCORE_CHUNK", 7)
+    data = TEXT * 2
+    c = Codec(short_model_dir, method="lm", segment_tokens=40, context=16, lanes=4, threads=2, mixer=ALL)
+    monkeypatch.setattr(encoder_module, "SCORE_ROWS", {"cpu": 1})        # one segment a pass
+    one = c.compress(data)
+    monkeypatch.setattr(encoder_module, "SCORE_ROWS", {"cpu": 1 << 20})  # a stream's segments together
+    assert c.compress(data) == one
+    assert Codec(short_model_dir).decompress(one) == data
