@@ -90,3 +90,29 @@ def test_streams_are_dealt_by_tokens_in_admission_order():
     assert split_streams(groups, lengths, [3, 2, 1, 0], 2) == [[3, 1], [2, 0]]
     assert split_streams(groups, lengths, [0, 1], 1) == [[0, 1]]
     assert split_streams(groups[:1], lengths, [0], 2) == [[0]]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (scripts/gpu/check.sh runs it)")
+def test_cuda_halves_on_their_own_streams_decode_the_same_symbols(archive):
+    """On CUDA: two row sets on their own streams (GraphStep each), and the encoder's batched
+    pass, give the CPU's symbols and rows."""
+    from lmcodec import runner
+
+    im, tok, header, block = archive
+    lengths = list(block.tokens)
+    groups = stream_groups(len(lengths), header.lanes)
+    engine = Engine(im, "cuda")
+    with torch.inference_mode():
+        pre = prefill(engine, [tok.start_token])
+        for halves in (1, 2):
+            symbols = decode_streams(engine, pre, groups, block.payloads, lengths, header.context, tok,
+                                     MixerConfig(header.mixer), 4, halves=halves)
+            assert np.array_equal(np.concatenate(symbols), tok.encode(TEXT))
+        ids = tok.model_inputs(tok.encode(TEXT))
+        inputs = [ids[:30], ids[5:12], ids[:0]]
+        cpu = Engine(im, "cpu")
+        cpu_pre = prefill(cpu, [tok.start_token])
+        for rows, x in zip(runner.batch_rows(runner.score_batch(engine, pre, inputs, header.context), 3), inputs):
+            h, e = runner.score_segment(cpu, cpu_pre, x, header.context)
+            hc, ec = rows.take(0, len(x) + 1)
+            assert torch.equal(hc.cpu(), h) and torch.equal(ec.cpu(), e)
