@@ -106,8 +106,15 @@ class BlockDecoder:
 def overlap_halves(device: torch.device, threads: int) -> int:
     """Two sets of rows taking turns (rowdecode.Overlap) where a step can run beside the coder:
     on CUDA (asynchronous launches), or on a CPU given at least 2 threads (one codes while
-    the step runs); a 1-thread worker keeps to its one thread."""
-    return 2 if device.type == "cuda" or threads >= 2 else 1
+    the step runs) whose kernels may be called from two threads; a 1-thread worker keeps
+    to its one thread."""
+    if device.type == "cuda":
+        return 2
+    if device.type == "cpu" and threads >= 2:
+        from . import ops_cpu
+
+        return 2 if ops_cpu.concurrent_calls_safe() else 1
+    return 1
 
 
 def unpack(block: Block) -> bytes:
