@@ -8,8 +8,9 @@ on the same samples (python-zstandard, zstd's default 110 KB); then compress the
 first ``--limit`` files of ``test/`` (sorted by name) each on its own and
 decompress every lmcodec archive to check it.  One table per set, bits per byte
 over all test files: lmcodec alone, lmcodec with the samples as the prompt (the
-same bytes budget as zstd's dictionary), lmcodec ``-D``, zstd -19, zstd -19 -D,
-brotli -q 11.  Results (JSON, markdown, a plot) go to ``--out``
+same bytes budget as zstd's dictionary), lmcodec ``-D`` (the adapter, and by
+default the same samples as its primer: the whole key in one file), zstd -19,
+zstd -19 -D, brotli -q 11.  Results (JSON, markdown, a plot) go to ``--out``
 (docs/bench/records/).
 """
 
@@ -70,7 +71,7 @@ def _classical(tests: list[bytes], zdict: zstandard.ZstdCompressionDict) -> dict
 
 
 def run_set(root: Path, name: str, limit: int, *, max_tokens: int, steps: int | None, rank: int, level: int | None,
-            out: Path, dictionary: Path | None = None, verify: str = "all") -> dict:
+            out: Path, dictionary: Path | None = None, verify: str = "all", primer_bytes: int = -1) -> dict:
     import lmcodec
     from lmcodec.training import primer_of
 
@@ -79,16 +80,17 @@ def run_set(root: Path, name: str, limit: int, *, max_tokens: int, steps: int | 
     tests = [p.read_bytes() for p in test_paths]
     n = sum(map(len, tests))
 
+    zdict = zstandard.train_dictionary(ZSTD_DICT_BYTES, train)
+    budget = len(zdict.as_bytes()) if primer_bytes < 0 else primer_bytes
+    primer = primer_of(train, len(zdict.as_bytes()))
     if dictionary is not None:          # trained before (its meta records the training time)
         ad = lmcodec.Adapter.load(dictionary)
         train_s = ad.meta["info"]["seconds"]
     else:
         t0 = time.perf_counter()
-        ad = lmcodec.train(train, max_tokens=max_tokens, steps=steps, rank=rank)
+        ad = lmcodec.train(train, max_tokens=max_tokens, steps=steps, rank=rank, primer_bytes=budget)
         train_s = time.perf_counter() - t0
         ad.save(out / f"{name}.lma")
-    zdict = zstandard.train_dictionary(ZSTD_DICT_BYTES, train)
-    primer = primer_of(train, len(zdict.as_bytes()))
 
     settings = {} if level is None else {"level": level}
     plain = lmcodec.Codec(**settings)
@@ -104,7 +106,8 @@ def run_set(root: Path, name: str, limit: int, *, max_tokens: int, steps: int | 
     return {"set": name, "test_files": [p.name for p in test_paths], "test_bytes": n,
             "train_files": len(train), "train_bytes": sum(map(len, train)),
             "dictionary": {"id": ad.id, "bytes": len(ad), "train_s": round(train_s, 1), **ad.meta["info"]},
-            "zstd_dictionary_bytes": len(zdict.as_bytes()), "primer_bytes": len(primer), "rows": rows}
+            "zstd_dictionary_bytes": len(zdict.as_bytes()), "primer_bytes": len(primer),
+            "dictionary_primer_bytes": len(ad.primer or b""), "rows": rows}
 
 
 def markdown(doc: dict) -> str:
@@ -115,6 +118,7 @@ def markdown(doc: dict) -> str:
                   f"trained on {s['train_files']} files, {s['train_bytes']:,} B)", "",
                   f"lmcodec dictionary: {d['bytes']:,} B, {d['tokens']:,} tokens, {d['steps']} steps, "
                   f"{d['train_s']} s to train (bits/token {d['loss_first']} -> {d['loss_last']}); "
+                  f"its primer: {s.get('dictionary_primer_bytes', 0):,} B; "
                   f"zstd dictionary: {s['zstd_dictionary_bytes']:,} B; prompt: {s['primer_bytes']:,} B of samples.",
                   "", "| method | bytes | bits/byte | compress s | decompress s |", "|---|---:|---:|---:|---:|"]
         for name, r in s["rows"].items():
@@ -163,6 +167,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path("docs/bench/records"))
     ap.add_argument("--dict", type=Path, default=None, dest="dictionary",
                     help="use this trained dictionary instead of training (one set only)")
+    ap.add_argument("--primer-bytes", type=int, default=-1,
+                    help="the dictionary's primer (lmcodec train --primer-bytes) [-1: zstd's dictionary size, "
+                         "the prompt row's budget]")
     ap.add_argument("--verify", choices=["all", "dict", "none"], default="all",
                     help="which lmcodec rows decompress and compare (all: every round trip)")
     args = ap.parse_args(argv)
@@ -172,7 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.sets or ["aws-paginators", "manpages"]:
         doc["sets"].append(run_set(args.corpus / "records" / name, name, args.limit, max_tokens=args.max_tokens,
                                    steps=args.steps, rank=args.rank, level=args.level, out=args.out,
-                                   dictionary=args.dictionary, verify=args.verify))
+                                   dictionary=args.dictionary, verify=args.verify,
+                                   primer_bytes=args.primer_bytes))
         (args.out / "results.json").write_text(json.dumps(doc, indent=1))
         (args.out / "results.md").write_text(markdown(doc))
         plot(doc, args.out / "records.png")

@@ -22,7 +22,6 @@ from .mixing import MixerConfig
 from .modelcache import ModelCache, check_memory
 from .progress import Progress
 from .rowdecode import decode_streams
-from .runner import prefill
 from .settings import Settings
 
 
@@ -84,7 +83,7 @@ class BlockDecoder:
         engine = self.models.engine(model, s.device)
         progress.start_block(sum(b.raw_len for b in blocks), sum(lengths))
         with torch_threads(s.threads), torch.inference_mode():
-            pre = prefill(engine, self.models.prefix(tok, self.prompt, header.context))
+            pre = self.models.prefill(engine, self.models.prefix(tok, self.prompt, header.context))
             # The decoder's own choice: its row budget, or fewer when there are fewer segments.
             rows = min(max(s.decode_rows, header.lanes), len(lengths))
             cuda = engine.device.type == "cuda"    # GraphStep: a cache of the whole context

@@ -23,7 +23,7 @@ from .frequencies import PRECISION, CodingTables
 from .mixing import MixerConfig, StreamMixer
 from .modelcache import ModelCache
 from .progress import Progress
-from .runner import SCORE_CHUNK, Prefix, SegmentRows, batch_rows, prefill, score_batch, score_segment
+from .runner import SCORE_CHUNK, Prefix, SegmentRows, batch_rows, score_batch, score_segment
 from .settings import Settings
 
 ZSTD_LEVEL = 19
@@ -94,7 +94,7 @@ class BlockEncoder:
         progress.start_block(len(raw), len(symbols))
         with torch_threads(s.threads), torch.inference_mode():
             prefix = self.models.prefix(tok, self.prompt, s.context)
-            pre = prefill(engine, prefix)
+            pre = self.models.prefill(engine, prefix)
             for group in stream_groups(len(lengths), s.lanes):
                 segs = [slice(offsets[g], offsets[g + 1]) for g in group]
                 hidden = self._score(engine, prefix, pre, [inputs[seg][:-1] for seg in segs])

@@ -14,6 +14,7 @@ from .container import DICT_ID_BYTES, Header, prompt_check
 from .engine import Engine, kv_bytes
 from .errors import DictionaryMismatchError, ModelMismatchError, ResourceLimitError
 from .quantize import IntModel, load_int_model
+from .runner import Prefix, prefill
 from .settings import max_kv_bytes
 from .tokens import ByteTokenizer
 
@@ -47,6 +48,7 @@ class ModelCache:
         self._bases: dict[str, bytes] = {}     # the base model's fingerprint under an adapter
         self._engines: dict[tuple, Engine] = {}
         self._prefixes: dict[tuple, list[int]] = {}
+        self._prefilled: dict[tuple, Prefix] = {}
         #: Set to a dict to keep segments' hidden rows between calls (benchmarks).
         self.score_memo: dict | None = None
 
@@ -141,6 +143,28 @@ class ModelCache:
             tail = prompt[-PROMPT_TAIL_BYTES_PER_TOKEN * keep:]
             self._prefixes[key] = [tok.start_token] + tok.model_inputs(tok.encode(tail)).tolist()[-keep:]
         return self._prefixes[key]
+
+
+    def prefill(self, engine: Engine, prefix: list[int]) -> Prefix:
+        """The prefix run through ``engine``, kept for the next block or file with the same prefix.
+
+        Many small files coded with one prompt or dictionary primer would each run
+        the same ~1,000-token prefix again; a :class:`~lmcodec.runner.Prefix` is
+        only read once made, so one serves them all.  The last
+        :data:`PREFILLS_KEPT` are kept (one row of P tokens of KV cache each).
+        """
+        key = (engine.fingerprint, str(engine.device), tuple(prefix))
+        pre = self._prefilled.pop(key, None)
+        if pre is None:
+            pre = prefill(engine, prefix)
+        self._prefilled[key] = pre                      # most recent last
+        while len(self._prefilled) > PREFILLS_KEPT:
+            self._prefilled.pop(next(iter(self._prefilled)))
+        return pre
+
+
+#: Prefixes kept run (ModelCache.prefill): a few prompts or dictionaries in turn.
+PREFILLS_KEPT = 4
 
 
 def check_memory(model: IntModel, rows: int, slots: int) -> None:

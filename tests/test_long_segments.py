@@ -171,3 +171,17 @@ def test_segments_scored_side_by_side_make_the_same_archive(short_model_dir, eag
     monkeypatch.setattr(encoder_module, "SCORE_ROWS", {"cpu": 1 << 20})  # a stream's segments together
     assert c.compress(data) == one
     assert Codec(short_model_dir).decompress(one) == data
+
+
+def test_a_prompt_is_run_once_for_many_files(short_model_dir):
+    """ModelCache.prefill: files coded with one prompt share its run prefix, and the archives
+    are those of a codec that runs it afresh for each file."""
+    prompt = b"A Tale of Two Cities, by Charles Dickens. " * 3
+    files = [TEXT[:60], TEXT[60:130], TEXT[:60]]
+    shared = Codec(short_model_dir, method="lm", context=64, threads=2)
+    blobs = [shared.compress(f, prompt=prompt) for f in files]
+    assert len(shared.models._prefilled) == 1
+    for f, blob in zip(files, blobs):
+        assert Codec(short_model_dir, method="lm", context=64, threads=2).compress(f, prompt=prompt) == blob
+        assert shared.decompress(blob, prompt=prompt) == f
+    assert len(shared.models._prefilled) == 1          # the decoder found it too
