@@ -44,8 +44,12 @@ def archive(tiny_model_dir):
     return load_int_model(loaded, tok.fingerprint), tok, header, blocks[0]
 
 
-@pytest.mark.parametrize("rows,order", [(2, None), (2, "reversed"), (3, "shuffled"), (5, "shuffled"), (64, None)])
-def test_any_admission_order_and_row_count_decode_the_same_symbols(archive, rows, order):
+@pytest.mark.parametrize("halves", [1, 2])
+@pytest.mark.parametrize("rows,order", [(2, None), (2, "reversed"), (3, "shuffled"), (4, "reversed"), (5, "shuffled"),
+                                        (64, None)])
+def test_any_admission_order_and_row_count_decode_the_same_symbols(archive, rows, order, halves):
+    """halves=2: the streams split over two sets of rows whose model steps run in a
+    background thread while this one codes the other set (rowdecode.Overlap)."""
     im, tok, header, block = archive
     lengths = list(block.tokens)
     groups = stream_groups(len(lengths), header.lanes)
@@ -57,28 +61,9 @@ def test_any_admission_order_and_row_count_decode_the_same_symbols(archive, rows
     with torch.inference_mode():
         pre = prefill(engine, [tok.start_token])
         symbols = decode_streams(engine, pre, groups, block.payloads, lengths, header.context, tok,
-                                 MixerConfig(header.mixer), rows, perm, ticks.append)
+                                 MixerConfig(header.mixer), rows, perm, ticks.append, halves=halves)
     assert np.array_equal(np.concatenate(symbols), tok.encode(TEXT))
     assert sum(ticks) == sum(lengths) and max(ticks) <= max(rows, header.lanes)
-
-
-@pytest.mark.parametrize("rows,order", [(2, None), (4, "shuffled"), (6, "reversed")])
-def test_two_halves_taking_turns_decode_the_same_symbols(archive, rows, order):
-    """halves=2: the streams split over two sets of rows whose model steps run in a
-    background thread while this one codes the other set (rowdecode.Overlap)."""
-    im, tok, header, block = archive
-    lengths = list(block.tokens)
-    groups = stream_groups(len(lengths), header.lanes)
-    perm = {None: None, "reversed": list(range(len(groups)))[::-1],
-            "shuffled": list(np.random.default_rng(rows).permutation(len(groups)))}[order]
-    engine = Engine(im, "cpu")
-    ticks = []
-    with torch.inference_mode():
-        pre = prefill(engine, [tok.start_token])
-        symbols = decode_streams(engine, pre, groups, block.payloads, lengths, header.context, tok,
-                                 MixerConfig(header.mixer), rows, perm, ticks.append, halves=2)
-    assert np.array_equal(np.concatenate(symbols), tok.encode(TEXT))
-    assert sum(ticks) == sum(lengths)
 
 
 def test_streams_are_dealt_by_tokens_in_admission_order():
