@@ -110,7 +110,7 @@ def _fingerprint(job, models) -> bytes:
         return b""
     header = getattr(job, "header", None)
     spec = models.model_arg
-    if header is not None:        # decoding: the archive's model, already checked against its header
+    if header is not None:        # decoding: the archive's model and dictionary, checked against its header
         models.model_for(header)
         if spec is None:
             spec = header.model_name

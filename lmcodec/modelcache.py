@@ -144,7 +144,6 @@ class ModelCache:
             self._prefixes[key] = [tok.start_token] + tok.model_inputs(tok.encode(tail)).tolist()[-keep:]
         return self._prefixes[key]
 
-
     def prefill(self, engine: Engine, prefix: list[int]) -> Prefix:
         """The prefix run through ``engine``, kept for the next block or file with the same prefix.
 
