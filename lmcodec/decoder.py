@@ -91,7 +91,7 @@ class BlockDecoder:
                          min(header.context, pre.length + max(lengths, default=0)))
             symbols = decode_streams(engine, pre, groups, payloads, lengths, header.context, tok,
                                      MixerConfig(header.mixer), rows, tick=progress.tokens,
-                                     halves=overlap_halves(engine.device, s.threads))
+                                     halves=overlap_halves(engine.device))
         out, at = [], 0
         for block in blocks:
             try:
@@ -102,18 +102,10 @@ class BlockDecoder:
         return out
 
 
-def overlap_halves(device: torch.device, threads: int) -> int:
-    """Two sets of rows taking turns (rowdecode.Overlap) where a step can run beside the coder:
-    on CUDA (asynchronous launches), or on a CPU given at least 2 threads (one codes while
-    the step runs) whose kernels may be called from two threads; a 1-thread worker keeps
-    to its one thread."""
-    if device.type == "cuda":
-        return 2
-    if device.type == "cpu" and threads >= 2:
-        from . import ops_cpu
-
-        return 2 if ops_cpu.concurrent_calls_safe() else 1
-    return 1
+def overlap_halves(device: torch.device) -> int:
+    """Two sets of rows taking turns (rowdecode.Overlap) where a step runs beside the coder:
+    on CUDA, whose launches are asynchronous; on a CPU nothing would overlap."""
+    return 2 if device.type == "cuda" else 1
 
 
 def unpack(block: Block) -> bytes:

@@ -334,13 +334,6 @@ _THREADS = threading.local()
 SPLIT_PARALLEL_ROWS = 64
 
 
-def concurrent_calls_safe() -> bool:
-    """Whether two Python threads may run these kernels at once (rowdecode.Overlap on a CPU):
-    numba's OpenMP and TBB layers may be called from several threads, its workqueue
-    layer (where neither is installed) may not."""
-    return numba.threading_layer() != "workqueue"
-
-
 def _threads() -> None:
     """numba's thread count follows torch's (speed only); set only when it changes (the call is slow)."""
     n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))

@@ -17,7 +17,6 @@ row depend only on that row (docs/ENGINE.md, "Rows at their own positions").
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 
 import numpy as np
@@ -43,8 +42,8 @@ def decode_streams(engine: Engine, pre: Prefix, groups: Sequence[range], payload
     ``order`` is the streams' admission order (default: as given); ``tick(n)`` is
     called with the tokens decoded at each step (progress).  ``halves=2`` deals
     the streams to two sets of rows (half the rows each) whose steps take turns,
-    so that one half's host work (coder, online models) overlaps the other half's
-    model step (:class:`Overlap`); the symbols are the same.
+    so that on CUDA one half's host work (coder, online models) overlaps the other
+    half's model step (:class:`Overlap`); the symbols are the same.
     """
     symbols = [np.zeros(n, dtype=np.int64) for n in lengths]
     if not groups:
@@ -63,13 +62,11 @@ def decode_streams(engine: Engine, pre: Prefix, groups: Sequence[range], payload
         active = list(range(len(sets)))
         while active:
             for k in list(active):
-                lanes.wait(k)
                 with lanes.on(k):
-                    alive = sets[k].code(tick)
-                if alive:
-                    lanes.launch(k, sets[k].launch)
-                else:
-                    active.remove(k)
+                    if sets[k].code(tick):      # waits for this set's last step only
+                        sets[k].launch()        # asynchronous on CUDA
+                    else:
+                        active.remove(k)
     return symbols
 
 
@@ -138,58 +135,30 @@ class Rows:
 class Overlap:
     """Takes turns between sets of rows so the host's work of one overlaps the model step of another.
 
-    On CUDA each set has its own stream: a step is launched asynchronously, and
+    On CUDA each set has its own stream: a step is an asynchronous launch, and
     reading one set's rows to the host waits only for that set's kernels.  On a
-    CPU the steps run in one background thread (torch and the numba kernels
-    release the GIL) at the caller's thread count, while this thread codes.
+    CPU a step runs when it is launched: the turns are the same, nothing
+    overlaps.  (A step in a background thread was measured there: 50-53 s
+    against 7.8 s for one set at 2 threads, the kernels' OpenMP threads and the
+    coder's fighting over the 2 cores; docs/SPEED.md.)  The decoder takes two
+    sets on CUDA only; on a CPU the tests use them to check the turns.
     """
 
     def __init__(self, device: torch.device, sets: int):
-        self.cuda = device.type == "cuda"
-        self._pending: dict[int, Future] = {}
-        if self.cuda:
-            self._streams = [torch.cuda.Stream(device) for _ in range(sets)]
-            for st in self._streams:
-                st.wait_stream(torch.cuda.current_stream(device))
-        else:
-            threads = torch.get_num_threads()
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="lmcodec-step",
-                                            initializer=torch.set_num_threads, initargs=(threads,))
+        self._streams = ([torch.cuda.Stream(device) for _ in range(sets)] if device.type == "cuda" else None)
+        for st in self._streams or ():
+            st.wait_stream(torch.cuda.current_stream(device))
 
     def on(self, k: int):
-        """The context the host's part of set ``k`` runs in (its stream on CUDA)."""
-        return torch.cuda.stream(self._streams[k]) if self.cuda else nullcontext()
-
-    def launch(self, k: int, step: Callable[[], None]) -> None:
-        """Start set ``k``'s model step without waiting for it."""
-        if self.cuda:
-            with torch.cuda.stream(self._streams[k]):
-                step()
-        else:
-            self._pending[k] = self._pool.submit(_inference, step)
-
-    def wait(self, k: int) -> None:
-        """Before set ``k``'s host part: its step is done (CUDA orders it on the stream)."""
-        f = self._pending.pop(k, None)
-        if f is not None:
-            f.result()
+        """The context set ``k``'s host part and step run in (its stream on CUDA)."""
+        return torch.cuda.stream(self._streams[k]) if self._streams else nullcontext()
 
     def __enter__(self) -> "Overlap":
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.cuda:
-            for st in self._streams:
-                torch.cuda.current_stream(st.device).wait_stream(st)
-        else:
-            for f in self._pending.values():
-                f.cancel()
-            self._pool.shutdown(wait=True)
-
-
-def _inference(step: Callable[[], None]) -> None:
-    with torch.inference_mode():   # thread-local: the caller's mode does not reach this thread
-        step()
+        for st in self._streams or ():
+            torch.cuda.current_stream(st.device).wait_stream(st)
 
 
 def _retired(sched: Scheduler) -> list[int]:

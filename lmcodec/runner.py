@@ -21,7 +21,6 @@ nothing moves (``D = 0``), so segments of up to M tokens are what they were.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -62,8 +61,6 @@ class Prefix:
     h: torch.Tensor      # [1, H]
     e: torch.Tensor      # [1, 1]
     moved: dict[int, KVCache] = field(default_factory=dict)
-    #: :meth:`sink` is called from the decoder's thread and its step thread (rowdecode.Overlap).
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def length(self) -> int:
@@ -87,15 +84,14 @@ class Prefix:
         """
         if base == 0:
             return self.cache
-        with self.lock:
-            if base not in self.moved:
-                cuda = engine.device.type == "cuda"
-                if len(self.moved) >= 2 and not cuda:
-                    self.moved.pop(next(iter(self.moved)))
-                self.moved[base] = _run_prefix(engine, self.ids, base)[0]
-                if cuda:
-                    torch.cuda.current_stream(engine.device).synchronize()
-            return self.moved[base]
+        if base not in self.moved:
+            cuda = engine.device.type == "cuda"
+            if len(self.moved) >= 2 and not cuda:
+                self.moved.pop(next(iter(self.moved)))
+            self.moved[base] = _run_prefix(engine, self.ids, base)[0]
+            if cuda:
+                torch.cuda.current_stream(engine.device).synchronize()
+        return self.moved[base]
 
 
 def _run_prefix(engine: Engine, prefix: list[int], base: int) -> tuple[KVCache, torch.Tensor, torch.Tensor]:

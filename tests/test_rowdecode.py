@@ -48,8 +48,8 @@ def archive(tiny_model_dir):
 @pytest.mark.parametrize("rows,order", [(2, None), (2, "reversed"), (3, "shuffled"), (4, "reversed"), (5, "shuffled"),
                                         (64, None)])
 def test_any_admission_order_and_row_count_decode_the_same_symbols(archive, rows, order, halves):
-    """halves=2: the streams split over two sets of rows whose model steps run in a
-    background thread while this one codes the other set (rowdecode.Overlap)."""
+    """halves=2: the streams split over two sets of rows taking turns (rowdecode.Overlap;
+    asynchronous on CUDA, in turn here)."""
     im, tok, header, block = archive
     lengths = list(block.tokens)
     groups = stream_groups(len(lengths), header.lanes)
