@@ -95,9 +95,18 @@ class BlockEncoder:
         with torch_threads(s.threads), torch.inference_mode():
             prefix = self.models.prefix(tok, self.prompt, s.context)
             pre = self.models.prefill(engine, prefix)
-            for group in stream_groups(len(lengths), s.lanes):
-                segs = [slice(offsets[g], offsets[g + 1]) for g in group]
-                hidden = self._score(engine, prefix, pre, [inputs[seg][:-1] for seg in segs])
+            streams = [[slice(offsets[g], offsets[g + 1]) for g in group]
+                       for group in stream_groups(len(lengths), s.lanes)]
+
+            def score(segs: list[slice]) -> list[SegmentRows]:
+                return self._score(engine, prefix, pre, [inputs[seg][:-1] for seg in segs])
+
+            ahead = PassAhead(engine.device)
+            pending = ahead.start(score, streams[0]) if streams else None
+            for k, segs in enumerate(streams):
+                hidden = pending()
+                if k + 1 < len(streams):       # the next stream's pass runs while this one is coded (CUDA)
+                    pending = ahead.start(score, streams[k + 1])
                 payload, b = self._encode_stream(engine, hidden, [symbols[seg] for seg in segs],
                                                  tok.alphabet_size, MixerConfig(s.mixer), progress)
                 payloads.append(payload)
@@ -176,3 +185,39 @@ class BlockEncoder:
                 mix.update(sym.tolist())
                 progress.tokens(len(live))
         return enc.finish(), bits
+
+
+class PassAhead:
+    """Starts the next stream's parallel pass before this stream is coded.
+
+    On CUDA the pass is launched on a side stream, so the GPU computes it while
+    the host runs this stream's coder; calling what :meth:`start` returns makes
+    the coding stream wait for it (an event, not a host sync) and gives the
+    rows.  Those tensors are freed only after their stream is coded, whose every
+    step reads results back to the host, so the side stream never reuses memory
+    the coding stream still reads.  On a CPU nothing would overlap, so the pass
+    runs when its rows are asked for (one stream's rows in memory at a time, as
+    before).  Long segments' lazy chunks (``EAGER_ROWS``) are computed as the
+    coder pulls them, on the coding stream.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        if self._side is not None:
+            self._side.wait_stream(torch.cuda.current_stream(device))
+
+    def start(self, fn, arg):
+        """``fn(arg)`` started; returns a call that gives its result, readable on the coding stream."""
+        if self._side is None:
+            return lambda: fn(arg)
+        with torch.cuda.stream(self._side):
+            out = fn(arg)
+            done = torch.cuda.Event()
+            done.record(self._side)
+
+        def finish():
+            torch.cuda.current_stream(self.device).wait_event(done)
+            return out
+
+        return finish
