@@ -5,7 +5,7 @@
 
 For every file, the same text is compressed with the language model alone, with
 each online model alone beside it (bias, match, order 0 ... order 4), and with all of
-them (``lmcodec.mixing``).  The segments' LM pass is computed once per file and
+them (``lmcodec.coding.mixing``).  The segments' LM pass is computed once per file and
 shared by the variants (``Codec.score_memo``: the hidden rows do not depend on
 the mixer), so a variant costs only its coding.  Sizes are whole archives.  The
 variants named by ``--verify`` (default: the LM alone and all models, whose
@@ -30,7 +30,7 @@ VARIANTS = ["none", "bias", "match", "order0", "order1", "order2", "order3", "or
 
 def run_file(codec, name: str, data: bytes, verify: set[str]) -> list[dict]:
     """One row per variant: archive bytes, bits/byte, its gain over the LM alone, times."""
-    from lmcodec.mixing import MixerConfig
+    from lmcodec.coding.mixing import MixerConfig
 
     base = codec.settings
     rows = []

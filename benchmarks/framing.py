@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import lmcodec
-from lmcodec.container import End, Reader
+from lmcodec.format.container import End, Reader
 
 
 def measure(codec: lmcodec.Codec, path: Path) -> tuple[dict, bytes]:

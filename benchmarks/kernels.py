@@ -58,7 +58,7 @@ def measure(device: str, rows: int, window: int, reps: int, vocab: int = VOCAB) 
     import numpy as np
     import torch
 
-    from lmcodec import fixedmath, ops_triton
+    from lmcodec.engine import fixedmath, ops_triton
 
     rng = np.random.default_rng(0)
     dev = torch.device(device)

@@ -89,8 +89,8 @@ def float_bits(model, tok, windows) -> float:
 
 
 def engine_bits(codec, tok, windows) -> float:
-    from lmcodec.frequencies import CodingTables
-    from lmcodec.runner import score_ids
+    from lmcodec.coding.frequencies import CodingTables
+    from lmcodec.coding.runner import score_ids
 
     model, _, _ = codec.models.coding_model()
     engine = codec.models.engine(model, "cpu")
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     import lmcodec
-    from lmcodec import models
+    from lmcodec.engine import models
 
     if args.suite:
         try:

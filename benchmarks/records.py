@@ -73,7 +73,7 @@ def _classical(tests: list[bytes], zdict: zstandard.ZstdCompressionDict) -> dict
 def run_set(root: Path, name: str, limit: int, *, max_tokens: int, steps: int | None, rank: int, level: int | None,
             out: Path, dictionary: Path | None = None, verify: str = "all", primer_bytes: int = -1) -> dict:
     import lmcodec
-    from lmcodec.training import primer_of
+    from lmcodec.dictionary.training import primer_of
 
     train = [p.read_bytes() for p in _files(root / "train")]
     test_paths = _files(root / "test")[:limit]

@@ -142,12 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or Path("results") / args.suite)
     out.mkdir(parents=True, exist_ok=True)
 
-    import lmcodec
-    import lmcodec.quantize
-    from lmcodec import models
-    from lmcodec.engine import pick_device
-    from lmcodec.mixing import MixerConfig
     from tqdm import tqdm
+
+    import lmcodec
+    import lmcodec.engine.quantize
+    from lmcodec.coding.mixing import MixerConfig
+    from lmcodec.engine import models
+    from lmcodec.engine.engine import pick_device
 
     settings = {k: getattr(args, k.replace("-", "_")) for k in
                 ("device", "level", "threads", "lanes", "decode-rows", "segment-tokens", "context", "block-size")}
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{MixerConfig(resolved.mixer).describe()}, "
                          f"segment {resolved.segment_tokens} tokens, context {resolved.context}, "
                          f"lanes {resolved.lanes}, {resolved.threads} threads, exact engine "
-                         f"{lmcodec.quantize.SPEC_VERSION}"),
+                         f"{lmcodec.engine.quantize.SPEC_VERSION}"),
             "key": key, "prompt": prompt.decode("utf-8", "replace") if prompt else None,
             "baselines": "Python bindings: gzip/lzma/bz2 (stdlib), python-zstandard, brotli"}
 

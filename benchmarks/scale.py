@@ -4,7 +4,7 @@
                                [--model NAME|PATH] [--method auto|lm|zstd|raw] [--json OUT]
 
 Starts one private ``local:N`` cluster (N = the most workers asked for), then
-for each worker count compresses CORPUS through :class:`lmcodec.cluster.RayExecutor`
+for each worker count compresses CORPUS through :class:`lmcodec.cluster.executor.RayExecutor`
 and reports bytes/s, the speed-up over the first count, that every count made
 the same archive, and the driver's memory: its peak RSS (``ru_maxrss``, the
 whole process: torch, the model for the header, Ray's client) and the peak of
@@ -47,7 +47,7 @@ class _Sink(io.RawIOBase):
 
 
 def run_one(codec_factory, corpus: Path, executor) -> dict:
-    from lmcodec.cluster import IN_FLIGHT_PER_WORKER
+    from lmcodec.cluster.executor import IN_FLIGHT_PER_WORKER
 
     codec = codec_factory(executor)
     if codec.settings.method in ("auto", "lm"):
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = [int(x) for x in args.workers.split(",")]
 
     from lmcodec import Codec
-    from lmcodec.cluster import RayExecutor, connect
+    from lmcodec.cluster.executor import RayExecutor, connect
 
     load_before = os.getloadavg()
     address = f"local:{max(counts)}"

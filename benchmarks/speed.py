@@ -32,8 +32,8 @@ TABLE_CHUNK = 256
 def plain_forward_tokens_per_s(codec, symbols, segment: int, batch: int) -> float:
     """Tokens/s of a causal forward over ``segment``-token windows, ``batch`` at a time,
     with the output head and the symbol weights of every position (the model's whole job)."""
-    from lmcodec.engine import torch_threads
-    from lmcodec.runner import score_ids
+    from lmcodec.coding.runner import score_ids
+    from lmcodec.engine.engine import torch_threads
 
     model, tok, _ = codec.models.coding_model()
     s = codec.settings.resolved()
@@ -71,14 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import lmcodec
-    from lmcodec.engine import pick_device
+    from lmcodec.engine.engine import pick_device
 
     path, data = read_file_arg(args)
     ap_mixer = getattr(args, "mixer", None)
     settings = {k: getattr(args, k) for k in ("device", "threads", "lanes", "decode_rows",
                                               "segment_tokens", "context", "level") if getattr(args, k) is not None}
     if ap_mixer is not None:
-        from lmcodec.mixing import MixerConfig
+        from lmcodec.coding.mixing import MixerConfig
         settings["mixer"] = MixerConfig.parse(ap_mixer).mask
     codec = lmcodec.Codec(args.model, **settings)
     s = codec.settings.resolved()

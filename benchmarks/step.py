@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import lmcodec
-    from lmcodec.engine import torch_threads
-    from lmcodec.runner import RowStep, prefill
+    from lmcodec.coding.runner import RowStep, prefill
+    from lmcodec.engine.engine import torch_threads
 
     codec = lmcodec.Codec(args.model, device=args.device, threads=args.threads)
     s = codec.settings.resolved()

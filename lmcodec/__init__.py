@@ -11,11 +11,11 @@ Use :class:`Codec` to keep a model loaded across many calls, and
 
 from __future__ import annotations
 
+import io
 import os
 
-from .adapter import Adapter
 from .codec import Codec, Settings, Stats
-from .fileobj import LMCodecFile, open  # lmcodec.open, as gzip.open (shadows the builtin here only)
+from .dictionary.adapter import Adapter
 from .errors import (
     ArchiveError,
     ChecksumError,
@@ -33,6 +33,7 @@ from .errors import (
     UnsupportedFormatError,
     UsageError,
 )
+from .fileobj import LMCodecFile
 
 __version__ = "0.2.0"
 
@@ -67,10 +68,40 @@ def decompress(blob: bytes, *, prompt: bytes | str | None = None,
 
 
 def train(samples, *, model: str | os.PathLike | None = None, **options) -> Adapter:
-    """Fit a dictionary to ``samples`` (an iterable of bytes); see :func:`lmcodec.training.train_adapter`.
+    """Fit a dictionary to ``samples`` (an iterable of bytes); see :func:`lmcodec.dictionary.training.train_adapter`.
 
     The float training code is imported here, on first use, not with the package.
     """
-    from .training import train_adapter
+    from .dictionary.training import train_adapter
 
     return train_adapter(samples, model=model, **options)
+
+
+def open(filename, mode: str = "rb", *, codec: Codec | None = None, prompt: bytes | str | None = None,
+         encoding: str | None = None, errors: str | None = None, newline: str | None = None,
+         closefd: bool | None = None, **settings):
+    """Open an lmcodec archive in binary or text mode, as :func:`lzma.open` does.
+
+    ``mode``: "rb" (default), "wb", "xb" (or without "b"), or "rt", "wt", "xt"
+    for text, wrapped in :class:`io.TextIOWrapper` with ``encoding``,
+    ``errors`` and ``newline``.  ``codec``/``settings``, ``prompt``,
+    ``closefd``: see :class:`LMCodecFile`; without ``codec``, one is made
+    from ``settings`` (``model=``, ``level=``, ``method=`` ...).  A damaged or truncated archive
+    raises the decoder's :class:`~lmcodec.errors.ArchiveError` subclasses
+    (e.g. ``TruncatedArchiveError``, never ``EOFError``).
+    """
+    if "t" in mode:
+        if "b" in mode:
+            raise ValueError(f"Invalid mode: {mode!r}")
+    else:
+        for name, value in (("encoding", encoding), ("errors", errors), ("newline", newline)):
+            if value is not None:
+                raise ValueError(f"Argument '{name}' not supported in binary mode")
+    if codec is None:
+        codec = Codec(settings.pop("model", None), **settings)
+    elif settings:
+        raise TypeError("give codec= or settings (model=, level=, ...), not both")
+    binary = LMCodecFile(filename, mode.replace("t", ""), codec=codec, prompt=prompt, closefd=closefd)
+    if "t" in mode:
+        return io.TextIOWrapper(binary, io.text_encoding(encoding), errors, newline)
+    return binary

@@ -6,7 +6,7 @@ header, the content digest, the end record.  It never holds more than the
 executor has in flight (and, to choose the layout, one block ahead).
 
 An input of at most one block (every file up to the block size) is written in
-the format's short form (:func:`lmcodec.container.pack_short`: one check, no
+the format's short form (:func:`lmcodec.format.container.pack_short`: one check, no
 end record); two blocks or more in the general form (header, blocks, end).
 """
 
@@ -21,13 +21,22 @@ from typing import BinaryIO
 
 import zstandard
 
-from .container import (MODEL_CHECK_BYTES, Block, End, Header, Method, Reader, content_hasher, pack_short,
-                        prompt_check)
+from .coding.modelcache import ModelCache
+from .coding.settings import Settings, Stats
 from .errors import ChecksumError, CorruptArchiveError, LMCodecError, PromptMismatchError
 from .executors import DecodeJob, EncodeJob, Executor
-from .modelcache import ModelCache
+from .format.container import (
+    MODEL_CHECK_BYTES,
+    Block,
+    End,
+    Header,
+    Method,
+    Reader,
+    content_hasher,
+    pack_short,
+    prompt_check,
+)
 from .progress import Progress
-from .settings import Settings, Stats
 
 #: The decoder gathers consecutive LM blocks until their segments fill its rows or
 #: their bytes reach this (what it holds before writing; levels 8 and 9: a block is
@@ -84,7 +93,7 @@ class ArchiveSink:
     The layout depends on the block count, known only when a second block comes
     or the input ends: the first block is held back until then.  At most one
     block (every file up to the block size) gives the short form
-    (:func:`lmcodec.container.pack_short`: one check, no end record), written on
+    (:func:`lmcodec.format.container.pack_short`: one check, no end record), written on
     :meth:`finish`; two or more give the general form: the header when the
     second block comes, then the records, the end record on :meth:`finish`.
 

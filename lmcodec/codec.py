@@ -7,8 +7,8 @@ exact (docs/ENGINE.md), so nothing about the machine is recorded: the encoder
 scores each segment in one parallel pass, the decoder steps through them with
 whatever device, threads and batch size suit it, and both get the same bits.
 
-The work is done by one module per role: :mod:`lmcodec.encoder` (a block's
-bytes -> a block), :mod:`lmcodec.decoder` (blocks -> bytes),
+The work is done by one module per role: :mod:`lmcodec.coding.encoder` (a block's
+bytes -> a block), :mod:`lmcodec.coding.decoder` (blocks -> bytes),
 :mod:`lmcodec.archive` (header, block order, digest, end record) and
 :mod:`lmcodec.executors` (where the block work runs).
 """
@@ -20,12 +20,13 @@ import os
 from typing import BinaryIO, Iterator
 
 from . import archive
-from .adapter import Adapter
-from .container import Header, Reader, segment_layout
+from .coding.modelcache import ModelCache
+from .coding.settings import DECODE_ROWS, DEFAULT_LEVEL, Settings, Stats, max_kv_bytes  # noqa: F401  (public names)
+from .dictionary.adapter import Adapter
 from .executors import Executor, InProcessExecutor
-from .modelcache import ModelCache
+from .fileobj import LMCodecFile
+from .format.container import Header, Reader, segment_layout
 from .progress import Progress, ProgressCallback
-from .settings import DECODE_ROWS, DEFAULT_LEVEL, Settings, Stats, max_kv_bytes  # noqa: F401  (public names)
 
 
 def _as_bytes(prompt: bytes | str | None) -> bytes | None:
@@ -106,13 +107,11 @@ class Codec:
     def stream_writer(self, fh: BinaryIO, prompt: bytes | str | None = None, *, closefd: bool = True):
         """A file object compressing what is written to it into ``fh`` (python-zstandard's shape;
         :func:`lmcodec.open` in mode "wb"): a block is written when full, the end record on close."""
-        from .fileobj import LMCodecFile
         return LMCodecFile(fh, "wb", codec=self, prompt=prompt, closefd=closefd)
 
     def stream_reader(self, fh: BinaryIO, prompt: bytes | str | None = None, *, closefd: bool = True):
         """A file object reading the decompressed bytes of the archive in ``fh`` (python-zstandard's
         shape; :func:`lmcodec.open` in mode "rb"): blocks are decoded as reads reach them."""
-        from .fileobj import LMCodecFile
         return LMCodecFile(fh, "rb", codec=self, prompt=prompt, closefd=closefd)
 
     def analyze(self, data: bytes, prompt: bytes | str | None = None) -> Stats:

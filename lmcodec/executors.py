@@ -1,11 +1,11 @@
-"""Who runs the block work: this process, or workers elsewhere (:mod:`lmcodec.cluster`).
+"""Who runs the block work: this process, or workers elsewhere (:mod:`lmcodec.cluster.executor`).
 
 An archive is a sequence of independent blocks, and the exact engine gives
 every worker the same bits whatever its hardware, so the driver
 (:mod:`lmcodec.archive`) hands blocks to an :class:`Executor` and writes the
 results in order.  A job is a small picklable object -- settings, prompt,
 model argument, header -- called as ``job(models, item, progress)`` where the
-worker keeps its models loaded (:class:`~lmcodec.modelcache.ModelCache`);
+worker keeps its models loaded (:class:`~lmcodec.coding.modelcache.ModelCache`);
 blocks travel as bytes, never as paths.
 """
 
@@ -15,12 +15,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from .container import Block, Header
-from .decoder import BlockDecoder
-from .encoder import BlockEncoder, EncodedBlock
-from .modelcache import ModelCache
+from .coding.decoder import BlockDecoder
+from .coding.encoder import BlockEncoder, EncodedBlock
+from .coding.modelcache import ModelCache
+from .coding.settings import Settings
+from .format.container import Block, Header
 from .progress import Progress
-from .settings import Settings
 
 
 @dataclass(frozen=True)

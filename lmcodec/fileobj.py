@@ -1,4 +1,4 @@
-"""``lmcodec.open()``: an archive as a file object, as ``gzip.open`` and ``lzma.open`` give.
+"""An archive as a file object (what ``lmcodec.open()`` returns), as ``gzip.GzipFile`` is.
 
 Reading pulls: :class:`LMCodecFile` wraps the decoder's chunk generator
 (:func:`lmcodec.archive.iter_decompressed`) in an :class:`io.BufferedReader`,
@@ -21,11 +21,20 @@ import builtins
 import io
 import os
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from . import archive
-from .codec import Codec, _as_bytes
-from .settings import Stats
+from .coding.settings import Stats
+
+
+class ArchiveCodec(Protocol):
+    """What a file object needs of :class:`lmcodec.Codec` (this module sits below it: the codec
+    makes file objects, ``Codec.stream_reader``/``stream_writer``, so the file object takes it as given)."""
+
+    def archive_sink(self, dst: BinaryIO, prompt: bytes | str | None = None) -> archive.ArchiveSink: ...
+
+    def iter_decompressed(self, src: BinaryIO, prompt: bytes | str | None = None,
+                          size: int | None = None) -> Iterator[bytes]: ...
 
 _READ, _WRITE = "r", "w"
 
@@ -36,21 +45,18 @@ class LMCodecFile(io.BufferedIOBase):
     ``filename``: a path (str, bytes, PathLike) or a binary file object to read
     from or write to.  ``mode``: "r"/"rb", "w"/"wb" or "x"/"xb" ("a" is not
     supported: archives appended to each other do not decode as one).
-    ``codec``: a :class:`~lmcodec.Codec` to use (it keeps its model loaded for
-    the next file); otherwise one is made with ``settings`` (``level=``,
-    ``method=``, ``model`` ...).  ``prompt``: the decoding key, if the archive
-    has one.  ``closefd``: close ``filename``'s file object on close (default:
+    ``codec``: the :class:`~lmcodec.Codec` that codes it (it keeps its model
+    loaded for the next file; :func:`lmcodec.open` makes one from settings).
+    ``prompt``: the decoding key, if the archive has one.  ``closefd``: close ``filename``'s file object on close (default:
     only a file this object opened).
     """
 
-    def __init__(self, filename, mode: str = "r", *, codec: Codec | None = None, prompt: bytes | str | None = None,
-                 closefd: bool | None = None, model=None, **settings):
+    def __init__(self, filename, mode: str = "r", *, codec: ArchiveCodec, prompt: bytes | str | None = None,
+                 closefd: bool | None = None):
         if mode not in ("r", "rb", "w", "wb", "x", "xb"):
             raise ValueError(f"Invalid mode: {mode!r}")
-        if codec is not None and (settings or model is not None):
-            raise TypeError("give codec= or settings (model=, level=, ...), not both")
-        self._codec = codec or Codec(model, **settings)
-        self._prompt = _as_bytes(prompt)
+        self._codec = codec
+        self._prompt = prompt   # the codec's reader and writer take bytes or str
         self._mode = _READ if mode.startswith("r") else _WRITE
         if isinstance(filename, (str, bytes, os.PathLike)):
             self._fp: BinaryIO = builtins.open(filename, mode[0] + "b")
@@ -250,7 +256,7 @@ class _BlockWriter:
     write only as far as it fills the block.
     """
 
-    def __init__(self, codec: Codec, fp: BinaryIO, prompt: bytes | None):
+    def __init__(self, codec: ArchiveCodec, fp: BinaryIO, prompt: bytes | str | None):
         self._sink = codec.archive_sink(fp, prompt)
         self._block_size = self._sink.block_size
         self._buf = bytearray()
@@ -302,28 +308,3 @@ def _size_left(fp) -> int | None:
         return end - here
     except (OSError, AttributeError, ValueError):
         return None
-
-
-def open(filename, mode: str = "rb", *, codec: Codec | None = None, prompt: bytes | str | None = None,
-         encoding: str | None = None, errors: str | None = None, newline: str | None = None,
-         closefd: bool | None = None, **settings):
-    """Open an lmcodec archive in binary or text mode, as :func:`lzma.open` does.
-
-    ``mode``: "rb" (default), "wb", "xb" (or without "b"), or "rt", "wt", "xt"
-    for text, wrapped in :class:`io.TextIOWrapper` with ``encoding``,
-    ``errors`` and ``newline``.  ``codec``/``settings``, ``prompt``,
-    ``closefd``: see :class:`LMCodecFile`.  A damaged or truncated archive
-    raises the decoder's :class:`~lmcodec.errors.ArchiveError` subclasses
-    (e.g. ``TruncatedArchiveError``, never ``EOFError``).
-    """
-    if "t" in mode:
-        if "b" in mode:
-            raise ValueError(f"Invalid mode: {mode!r}")
-    else:
-        for name, value in (("encoding", encoding), ("errors", errors), ("newline", newline)):
-            if value is not None:
-                raise ValueError(f"Argument '{name}' not supported in binary mode")
-    binary = LMCodecFile(filename, mode.replace("t", ""), codec=codec, prompt=prompt, closefd=closefd, **settings)
-    if "t" in mode:
-        return io.TextIOWrapper(binary, io.text_encoding(encoding), errors, newline)
-    return binary

@@ -60,12 +60,12 @@ from dataclasses import dataclass, field
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import lmcodec  # noqa: E402
-from lmcodec.container import MODEL_IDS, VERSION, decode_varint, encode_varint  # noqa: E402
 from lmcodec.errors import LMCodecError  # noqa: E402
+from lmcodec.format.container import MODEL_IDS, VERSION, decode_varint, encode_varint  # noqa: E402
 
 LM_SETTINGS = dict(segment_tokens=24, lanes=2, context=32, threads=2)
 
-#: Formats v4 and v5 (lmcodec/container.py, docs/FORMAT.md): a field is (name, start, end, kind), kind one
+#: Formats v4 and v5 (lmcodec/format/container.py, docs/FORMAT.md): a field is (name, start, end, kind), kind one
 #: of "u8", "varint", "u32" (a CRC32 inside a table), "8s" (digests, fingerprints, checks, ids: any
 #: length), "name", or "mark" (an empty field: where the header's settings end).
 FLAG_PROMPT, FLAG_MODEL, FLAG_MODEL_ID, FLAG_LANES, FLAG_BLOCK_SIZE = 1, 2, 4, 8, 16
@@ -239,7 +239,7 @@ def describe(sample: Sample) -> Sample:
     fields, pos, signed = header_fields(blob)
     h = Record("header", 0, pos if signed else None, fields)
     sample.records = [h]
-    header = lmcodec.container.Reader(io.BytesIO(blob), len(blob)).header()
+    header = lmcodec.format.container.Reader(io.BytesIO(blob), len(blob)).header()
     seg, lanes = header.segment_tokens, header.lanes
     if not signed:
         sample.header_end = pos

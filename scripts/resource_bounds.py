@@ -32,7 +32,7 @@ import threading
 import time
 from pathlib import Path
 
-CLI = [sys.executable, "-c", "import sys; from lmcodec.cli import main; sys.exit(main(prog_name='lmcodec'))"]
+CLI = [sys.executable, "-c", "import sys; from lmcodec.cli.main import main; sys.exit(main(prog_name='lmcodec'))"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 FAST = ["--segment-tokens", "24", "--lanes", "2", "--context", "32", "--threads", "2"]
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 import sys
 
-import lmcodec.engine as engine
+import lmcodec.engine.engine as engine
 
 engine._backend("cpu")
 assert "triton" not in sys.modules, "the CPU path imported triton"
@@ -23,7 +23,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from lmcodec import ops_triton, ops_triton_attend  # noqa: E402
+from lmcodec.engine import ops_triton, ops_triton_attend  # noqa: E402
 
 #: Pointer arguments by name -> element type; other lower-case arguments are int32 scalars.
 POINTERS = {

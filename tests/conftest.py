@@ -9,8 +9,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import lmcodec  # noqa: E402
-from lmcodec import models  # noqa: E402
-from lmcodec.tokens import ByteTokenizer  # noqa: E402
+from lmcodec.coding.tokens import ByteTokenizer  # noqa: E402
+from lmcodec.engine import models  # noqa: E402
 
 # Small segments keep the lockstep short (steps = segment length) so round trips
 # through the real 135M model take seconds, while still exercising several

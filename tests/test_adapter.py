@@ -14,16 +14,27 @@ import struct
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from lmcodec import models, runner
-from lmcodec.adapter import (GAIN_MAX, ID_BYTES, LINEARS, MULT_MAX, SCALE_MAX, SCALE_MIN, Adapter, AdapterTensors,
-                             adapted_fingerprint)
-from lmcodec.engine import Engine, torch_threads
+from lmcodec.coding import runner
+from lmcodec.coding.tokens import ByteTokenizer
+from lmcodec.dictionary.adapter import (
+    GAIN_MAX,
+    ID_BYTES,
+    LINEARS,
+    MULT_MAX,
+    SCALE_MAX,
+    SCALE_MIN,
+    Adapter,
+    AdapterTensors,
+    adapted_fingerprint,
+)
+from lmcodec.engine import models
+from lmcodec.engine.engine import Engine, torch_threads
+from lmcodec.engine.quantize import load_int_model
+from lmcodec.engine.reference import reference_merge, reference_run
 from lmcodec.errors import DictionaryError, LMCodecError
-from lmcodec.quantize import load_int_model
-from lmcodec.reference import reference_merge, reference_run
-from lmcodec.tokens import ByteTokenizer
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +155,7 @@ def test_refusals(small_dict, tmp_path):
 
 def test_a_valid_digest_over_bad_content_is_refused(small_dict):
     """Content that passes the digest (re-signed) is still range-checked before any merge."""
-    from lmcodec.adapter import _digest
+    from lmcodec.dictionary.adapter import _digest
 
     data = small_dict.as_bytes()
     mlen = struct.unpack_from("<I", data, 5)[0]
@@ -181,7 +192,7 @@ def test_random_bytes_are_refused(raw):
 # ----------------------------------------------------------------------------- training (smoke)
 
 def test_training_smoke(tiny_model_dir, tiny):
-    from lmcodec.training import train_adapter
+    from lmcodec.dictionary.training import train_adapter
 
     model, _ = tiny
     samples = [b'{"name": "item%d", "value": %d}\n' % (i, i * 7) for i in range(30)]
@@ -198,7 +209,7 @@ def test_cli_train(tiny_model_dir, tiny, tmp_path):
     """`lmcodec train DIR -o DICT`: a directory's files are the samples; an existing output needs -f."""
     from click.testing import CliRunner
 
-    from lmcodec.cli import main
+    from lmcodec.cli.main import main
 
     model, _ = tiny
     samples = tmp_path / "samples"
@@ -294,7 +305,7 @@ def test_cli_with_a_dictionary(dicts, tmp_path):
     """-D on compress, decompress and test; a wrong -D is a one-line error with exit 1 and no output file."""
     from click.testing import CliRunner
 
-    from lmcodec.cli import main
+    from lmcodec.cli.main import main
 
     for name in ("a", "b"):
         dicts[name].save(tmp_path / f"{name}.lma")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from lmcodec.cli import main
+from lmcodec.cli.main import main
 
 FAST = ["--segment-tokens", "24", "--lanes", "2", "--context", "32", "--threads", "2"]
 TEXT = b"The cat sat on the mat.\r\nThe dog sat on the log.\n"
@@ -221,7 +221,7 @@ def test_bad_option_values(runner, text_file):
 def test_entry_point_subprocess(tmp_path, text_file):
     """The installed script, stdin -> stdout, in a fresh interpreter."""
     exe = Path(sys.executable).with_name("lmcodec")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "lmcodec.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "lmcodec"]
     enc = subprocess.run(cmd + ["-q", "compress", *FAST, "-c", "-"], input=TEXT, capture_output=True, check=True)
     dec = subprocess.run(cmd + ["-q", "decompress", "-c", "-"], input=enc.stdout, capture_output=True, check=True)
     assert dec.stdout == TEXT
@@ -242,7 +242,7 @@ def _v2_archive() -> bytes:
     import struct
     import zlib
 
-    from lmcodec.container import End, digest
+    from lmcodec.format.container import End, digest
 
     head = b"\x89LMC" + bytes([2, 0, 0]) + struct.pack(
         "<16s16s8sBBHHIIBI", bytes(16), bytes(16), bytes(8), 0, 0, 2, 3, 32, 24, 16, 4096)
@@ -268,7 +268,7 @@ def test_same_gguf_under_another_name_decodes(runner, text_file, tmp_path):
     (``--model newpath``) decodes an archive made with the registered model, and back."""
     import shutil
 
-    from lmcodec import models
+    from lmcodec.engine import models
 
     _, directory, gguf = models.resolve("smollm2-135m")
     # A fixed name keeps lmcodec's conversion cache warm across runs (first run: ~30 s).
@@ -292,3 +292,13 @@ def test_same_gguf_under_another_name_decodes(runner, text_file, tmp_path):
     # Without --model the name is not registered: named, not guessed.
     r = run(runner, "decompress", "-c", info)
     assert r.exit_code == 1 and "'my-copy.gguf'" in r.stderr and "not registered" in r.stderr
+
+
+def test_python_dash_m_runs_the_command():
+    """``python -m lmcodec`` is the ``lmcodec`` command, as ``python -m gzip`` is gzip."""
+    run = [sys.executable, "-m", "lmcodec"]
+    version = subprocess.run(run + ["--version"], capture_output=True, text=True, check=True)
+    assert version.stdout.startswith("lmcodec, version ")
+    bad = subprocess.run(run + ["-dc", "-"], input=b"garbage", capture_output=True)
+    assert bad.returncode == 1
+    assert bad.stderr.decode().strip() == "lmcodec: error: not an lmcodec archive (bad magic bytes)"

@@ -14,7 +14,7 @@ import os
 import pytest
 from click.testing import CliRunner
 
-from lmcodec.cli import main
+from lmcodec.cli.main import main
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
                                 reason="ray is not installed (pip install 'lmcodec[cluster]')")
@@ -42,7 +42,7 @@ B = _text(2, 2500)    # one block
 @pytest.fixture(scope="module")
 def cluster():
     """The module's Ray runtime: a private local:2 cluster, shut down after the module."""
-    from lmcodec import cluster as cl
+    from lmcodec.cluster import executor as cl
 
     cl.connect(CLUSTER)
     yield CLUSTER
@@ -123,10 +123,10 @@ def tiny_dict(tmp_path_factory, tiny_model_dir):
     """A dictionary file for the tiny model: row scales, q/k/v biases and gains on every layer, a primer."""
     import numpy as np
 
-    from lmcodec import models
-    from lmcodec.adapter import Adapter, AdapterTensors
-    from lmcodec.quantize import load_int_model
-    from lmcodec.tokens import ByteTokenizer
+    from lmcodec.coding.tokens import ByteTokenizer
+    from lmcodec.dictionary.adapter import Adapter, AdapterTensors
+    from lmcodec.engine import models
+    from lmcodec.engine.quantize import load_int_model
 
     m = models.load(tiny_model_dir)
     model = load_int_model(m, ByteTokenizer(m.tokenizer, m.arch.vocab_size).fingerprint)
@@ -163,11 +163,11 @@ def test_a_dictionary_codes_the_same_bytes_on_the_cluster(cluster, tiny_model_di
 
 
 def test_a_result_from_another_model_is_refused(cluster, tiny_model_dir):
-    from lmcodec.cluster import RayExecutor
+    from lmcodec.cluster.executor import RayExecutor
+    from lmcodec.coding.settings import Settings
     from lmcodec.errors import ModelMismatchError
     from lmcodec.executors import EncodeJob
     from lmcodec.progress import Progress
-    from lmcodec.settings import Settings
 
     s = Settings(method="lm", block_size=4096, segment_tokens=64, context=32, lanes=2, threads=1).resolved()
     job = EncodeJob(s, None, str(tiny_model_dir), model_check=b"\0" * 8)   # a header naming another model
@@ -193,13 +193,13 @@ def test_selftest_runs_on_every_worker(cluster):
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert doc["ok"] and len({w["pid"] for w in doc["workers"]}) == 2
-    from lmcodec.selftest import GOLDEN
+    from lmcodec.coding.selftest import GOLDEN
 
     assert all(w["digest"] == GOLDEN[w["fingerprint"]] for w in doc["workers"])
 
 
 def test_addresses_are_parsed():
-    from lmcodec.cluster import Target, parse_address
+    from lmcodec.cluster.executor import Target, parse_address
     from lmcodec.errors import UsageError
 
     assert parse_address("local:3") == Target(None, 3)

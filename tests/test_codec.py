@@ -8,10 +8,10 @@ import sys
 import zlib
 
 import pytest
+from conftest import FAST, SAMPLES
 
 import lmcodec
 from lmcodec import Codec
-from lmcodec.container import Method, Reader, stream_groups
 from lmcodec.errors import (
     ArchiveError,
     ChecksumError,
@@ -22,8 +22,7 @@ from lmcodec.errors import (
     TruncatedArchiveError,
     UsageError,
 )
-
-from conftest import FAST, SAMPLES
+from lmcodec.format.container import Method, Reader, stream_groups
 
 TEXT = (b"It was the best of times, it was the worst of times, it was the age of wisdom, "
         b"it was the age of foolishness, it was the epoch of belief.\n")
@@ -256,7 +255,7 @@ def multi_stream():
 def _blocks(blob):
     import io
 
-    from lmcodec.container import End
+    from lmcodec.format.container import End
 
     reader = Reader(io.BytesIO(blob), len(blob))
     header = reader.header()
@@ -324,7 +323,7 @@ def test_forged_token_count_is_refused_before_the_model_runs(codec):
     """A 4-byte payload cannot hold a million tokens: refuse instead of running for hours."""
     import io
 
-    from lmcodec.container import Block, End, Header, Method, digest, pack_short, prompt_check
+    from lmcodec.format.container import Block, End, Header, Method, digest, pack_short, prompt_check
 
     honest = Reader_header(codec.compress(TEXT))
     n = 1 << 20
@@ -344,7 +343,7 @@ def test_decompress_from_a_pipe_path(tmp_path):
     """A FIFO reports size 0; the CLI must treat it as a stream of unknown length."""
     arc = tmp_path / "a.lmc"
     arc.write_bytes(Codec(method="zstd").compress(TEXT))
-    r = subprocess.run(["bash", "-c", f"{sys.executable} -m lmcodec.cli -q decompress -c <(cat {arc})"],
+    r = subprocess.run(["bash", "-c", f"{sys.executable} -m lmcodec.cli.main -q decompress -c <(cat {arc})"],
                        capture_output=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout == TEXT

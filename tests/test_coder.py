@@ -10,12 +10,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmcodec import ops_torch
-from lmcodec.coder import StreamDecoder, StreamEncoder
+from lmcodec.coding.coder import StreamDecoder, StreamEncoder
+from lmcodec.coding.frequencies import CodingTables, bucket_width
+from lmcodec.coding.tokens import ESCAPES
+from lmcodec.engine import ops_torch
+from lmcodec.engine.spec import BUCKETS, MIN_TOKEN_BITS, TOTAL
 from lmcodec.errors import CorruptArchiveError
-from lmcodec.frequencies import CodingTables, bucket_width
-from lmcodec.spec import BUCKETS, MIN_TOKEN_BITS, TOTAL
-from lmcodec.tokens import ESCAPES
 
 
 def random_rows(rng, n: int, k: int, spread: float) -> np.ndarray:

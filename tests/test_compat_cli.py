@@ -1,7 +1,7 @@
 """The gzip/zstd form (``lmcodec [FILE...]``, ``unlmc``, ``lmcat``) through real programs.
 
 tar and the pipelines run the installed scripts as subprocesses; flag-by-flag
-checks use click's runner on ``lmcodec.cli:main``, the same entry point. Only
+checks use click's runner on ``lmcodec.cli.main:main``, the same entry point. Only
 the pipeline test runs the model (a ~60-byte text at -1); the rest use stored
 archives (``--method zstd``) or tar data, which is stored automatically, since
 they test plumbing, not coding.
@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from lmcodec.cli import main
-from lmcodec.header import MAGIC5
+from lmcodec.cli.main import main
+from lmcodec.format.header import MAGIC5
 
 BIN = Path(sys.executable).parent
 TEXT = b"The quick brown fox jumps over the lazy dog.\nIt barked.\n"

@@ -12,11 +12,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lmcodec
-from lmcodec.container import (LEVELS, MAGIC, MAX_CONTEXT, MAX_LANES, MODEL_FINGERPRINTS, OLD_VERSIONS, VARINT_MAX,
-                               VERSION, Block, End, Header, Level, Method, Reader, StreamEntry, decode_varint, digest,
-                               encode_varint, lm_payload_limit, pack_short, prompt_check, segment_layout,
-                               stream_count, stream_groups, stream_tokens)
-from lmcodec.spec import MIXER_MASK
 from lmcodec.errors import (
     ArchiveError,
     CorruptArchiveError,
@@ -24,6 +19,34 @@ from lmcodec.errors import (
     TruncatedArchiveError,
     UnsupportedFormatError,
 )
+from lmcodec.format.container import (
+    LEVELS,
+    MAGIC,
+    MAX_CONTEXT,
+    MAX_LANES,
+    MODEL_FINGERPRINTS,
+    OLD_VERSIONS,
+    VARINT_MAX,
+    VERSION,
+    Block,
+    End,
+    Header,
+    Level,
+    Method,
+    Reader,
+    StreamEntry,
+    decode_varint,
+    digest,
+    encode_varint,
+    lm_payload_limit,
+    pack_short,
+    prompt_check,
+    segment_layout,
+    stream_count,
+    stream_groups,
+    stream_tokens,
+)
+from lmcodec.format.header import MIXER_MASK
 
 DEFAULT_FP = MODEL_FINGERPRINTS[1][:8]
 

@@ -4,8 +4,8 @@ and a model that still is the float model (up to quantization)."""
 from __future__ import annotations
 
 import hashlib
-import os
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -17,11 +17,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmcodec import fixedmath, models, ops_torch
-from lmcodec.engine import Engine, int_mm
-from lmcodec.quantize import _mantissas, load_int_model, quantize_gain, quantize_linear
-from lmcodec.runner import score_ids
-from lmcodec.tokens import ByteTokenizer
+from lmcodec.coding.runner import score_ids
+from lmcodec.coding.tokens import ByteTokenizer
+from lmcodec.engine import fixedmath, models, ops_torch
+from lmcodec.engine.engine import Engine, int_mm
+from lmcodec.engine.quantize import _mantissas, load_int_model, quantize_gain, quantize_linear
 
 # -- constant tables -----------------------------------------------------------------------
 
@@ -116,8 +116,8 @@ def test_int_mm_is_exact_at_the_operand_limits():
 @pytest.mark.parametrize("rows", [1, 5, 63, 64, 300])
 def test_operand_split_is_the_byte_decomposition(rows):
     """[hi; lo] with v = 256 hi + lo and lo in [-128, 127], on both sides of the CPU kernel's parallel threshold
-    (lmcodec.ops_cpu.split) and on the tensor path the GPU takes (ops_torch.split), checked against Python ints."""
-    from lmcodec import ops_cpu
+    (lmcodec.engine.ops_cpu.split) and on the tensor path the GPU takes (ops_torch.split), checked against Python ints."""
+    from lmcodec.engine import ops_cpu
 
     rng = np.random.default_rng(rows)
     x = rng.integers(-32639, 32640, size=(rows, 577)).astype(np.int16)
@@ -188,7 +188,7 @@ def test_fingerprint_is_by_content_not_name(loaded_model, tokenizer, tiny_model_
 
 
 def test_both_cpu_gemm_kernels_give_the_same_integers(monkeypatch):
-    from lmcodec import engine as eng
+    from lmcodec.engine import engine as eng
 
     rng = np.random.default_rng(2)
     x = torch.from_numpy(rng.integers(-32639, 32640, size=(19, 1536))).to(torch.int16)
@@ -211,8 +211,8 @@ def test_threads_asked_are_the_threads_used():
     workers of 1 thread ran 4 threads on 2 cores (docs/SCALE.md).
     """
     code = ("import torch, numba\n"
-            "from lmcodec import ops_cpu\n"
-            "from lmcodec.engine import torch_threads\n"
+            "from lmcodec.engine import ops_cpu\n"
+            "from lmcodec.engine.engine import torch_threads\n"
             "with torch_threads(1):\n"
             "    ops_cpu._threads()\n"
             "    print(torch.get_num_threads(), numba.get_num_threads())\n")

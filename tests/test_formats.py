@@ -22,9 +22,9 @@ import pytest
 from click.testing import CliRunner
 
 import lmcodec
-from lmcodec.cli import main
-from lmcodec.container import End, Reader
+from lmcodec.cli.main import main
 from lmcodec.errors import ModelMismatchError
+from lmcodec.format.container import End, Reader
 
 DATA = Path(__file__).parent / "data"
 TEXT = (b"lmcodec format v3 fixture.\r\nThe quick brown fox jumps over the lazy dog.\n\x00\xff invalid utf-8 "
@@ -153,8 +153,8 @@ def test_info_names_the_archive_version(tmp_path):
 
 
 def test_every_registered_model_has_a_format_id():
-    from lmcodec import models
-    from lmcodec.container import MODEL_IDS
+    from lmcodec.engine import models
+    from lmcodec.format.container import MODEL_IDS
 
     assert set(models.REGISTRY) <= set(MODEL_IDS.values())
     assert len(set(MODEL_IDS.values())) == len(MODEL_IDS) and 0 not in MODEL_IDS
@@ -164,7 +164,7 @@ def test_a_registered_id_determines_the_model_fingerprint():
     """v5 stores a registered model's id without its fingerprint: the id pins it, so the model
     that the registry loads must have exactly that fingerprint (else the encoder writes the
     name and 8 bytes of the fingerprint, and a decoder's model is refused by it)."""
-    from lmcodec.container import MODEL_FINGERPRINTS, MODEL_IDS
+    from lmcodec.format.container import MODEL_FINGERPRINTS, MODEL_IDS
 
     codec = lmcodec.Codec()
     model, _, name = codec.models.coding_model()
@@ -172,7 +172,7 @@ def test_a_registered_id_determines_the_model_fingerprint():
 
 
 def test_info_shows_the_v5_fields(tmp_path):
-    from lmcodec.container import Block, Header, Method, pack_short, prompt_check
+    from lmcodec.format.container import Block, Header, Method, pack_short, prompt_check
 
     raw = b"records of one kind\n"
     h = Header("", b"", b"", prompt_check(None), False, 2048, 8192, 64, 4 << 20, level=6, mixer=127,

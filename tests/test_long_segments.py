@@ -12,16 +12,18 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
-
-from lmcodec import Codec, fixedmath, runner
-from lmcodec.engine import Engine
-from lmcodec.mixing import ALL
-from lmcodec.quantize import load_int_model
-from lmcodec.reference import reference_run, sink_at
-from lmcodec.tokens import ByteTokenizer
-
 from conftest import make_tiny_llama
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lmcodec import Codec
+from lmcodec.coding import runner
+from lmcodec.coding.mixing import ALL
+from lmcodec.coding.tokens import ByteTokenizer
+from lmcodec.engine import fixedmath
+from lmcodec.engine.engine import Engine
+from lmcodec.engine.quantize import load_int_model
+from lmcodec.engine.reference import reference_run, sink_at
 
 TEXT = (b"It was the best of times, it was the worst of times, it was the age of wisdom, "
         b"it was the age of foolishness, it was the epoch of belief.\n")
@@ -35,7 +37,7 @@ def short_model_dir(tmp_path_factory, loaded_model):
 
 @pytest.fixture(scope="module")
 def short(short_model_dir):
-    from lmcodec import models
+    from lmcodec.engine import models
 
     loaded = models.load(short_model_dir)
     tok = ByteTokenizer(loaded.tokenizer, loaded.arch.vocab_size)
@@ -117,7 +119,7 @@ def test_segment_rows_stream_what_the_pass_computes(short, monkeypatch):
 def test_codec_round_trip_past_the_trained_positions(short_model_dir, lanes, eager_rows, monkeypatch):
     """One segment of a whole block (as levels 8 and 9 do), online models on, a prompt too;
     the encoder scoring segments at once or streaming them chunk by chunk."""
-    from lmcodec import encoder as encoder_module
+    from lmcodec.coding import encoder as encoder_module
 
     monkeypatch.setattr(encoder_module, "EAGER_ROWS", eager_rows)
     monkeypatch.setattr(runner, "SCORE_CHUNK", 7)
@@ -160,7 +162,7 @@ def test_a_batch_pass_gives_each_segment_its_own_rows(short, monkeypatch):
 @pytest.mark.parametrize("eager_rows", [1 << 16, 8])
 def test_segments_scored_side_by_side_make_the_same_archive(short_model_dir, eager_rows, monkeypatch):
     """The encoder's batch of segments per pass (SCORE_ROWS: a GPU's fill) changes no byte."""
-    from lmcodec import encoder as encoder_module
+    from lmcodec.coding import encoder as encoder_module
 
     monkeypatch.setattr(encoder_module, "EAGER_ROWS", eager_rows)
     monkeypatch.setattr(runner, "SCORE_CHUNK", 7)

@@ -1,4 +1,4 @@
-"""The online models and their mixer (lmcodec.mixing): integer rows, determinism, real gains."""
+"""The online models and their mixer (lmcodec.coding.mixing): integer rows, determinism, real gains."""
 
 from __future__ import annotations
 
@@ -9,11 +9,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmcodec import Codec
-from lmcodec.frequencies import TOTAL, CodingTables
-from lmcodec.mixing import (ALL, BIAS_BIT, BIAS_CAP, BIAS_COUNT_CAP, BIAS_FRAC, BIAS_RATE, MATCH_BIT, ORDER_BITS,
-                            MixerConfig, StreamMixer, bias_rates)
-from lmcodec.ops_torch import weights_from_gaps
-from lmcodec.spec import OUT_U_CAP
+from lmcodec.coding.frequencies import TOTAL, CodingTables
+from lmcodec.coding.mixing import (
+    ALL,
+    BIAS_BIT,
+    BIAS_CAP,
+    BIAS_COUNT_CAP,
+    BIAS_FRAC,
+    BIAS_RATE,
+    MATCH_BIT,
+    ORDER_BITS,
+    MixerConfig,
+    StreamMixer,
+    bias_rates,
+)
+from lmcodec.engine.ops_torch import weights_from_gaps
+from lmcodec.engine.spec import OUT_U_CAP
 
 ALPHABET = 49_152 + 256          # SmolLM2's: 256 buckets of 193 symbols, the last 256 escapes
 WIDTH = 193
@@ -103,7 +114,7 @@ def reference_bias_step(bias: list[int], counts: list[int], rows: list[list[int]
     Returns the rows' adapted token weights and the bias after learning the step;
     ``counts`` (times each token was coded) is updated in place.
     """
-    from lmcodec.fixedmath import exp2_table
+    from lmcodec.engine.fixedmath import exp2_table
 
     table = [int(x) for x in exp2_table()]
     weights = []
@@ -174,8 +185,9 @@ def test_match_model_learns_a_repeat_the_lm_cannot_see():
 @pytest.mark.parametrize("mixer", ["bias", "match", "order0", "order1", "order2", "order3", "order4", "all"])
 def test_every_online_model_round_trips_through_the_codec(mixer):
     """Each component alone (the ablation's variants) decodes to the input; the header keeps it."""
-    from lmcodec.container import Reader
     import io
+
+    from lmcodec.format.container import Reader
 
     data = b"to be or not to be, that is the question; to be or not to be.\n" * 2
     c = Codec(segment_tokens=20, context=24, lanes=2, threads=2, method="lm", mixer=MixerConfig.parse(mixer).mask)

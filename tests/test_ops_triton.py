@@ -1,7 +1,7 @@
-"""The Triton kernels (lmcodec.ops_triton): under Triton's interpreter on CPU, compiled on CUDA.
+"""The Triton kernels (lmcodec.engine.ops_triton): under Triton's interpreter on CPU, compiled on CUDA.
 
 Each launcher must ``torch.equal`` the ops_torch function (itself proven equal
-to lmcodec/reference.py in test_exact.py) at the spec limits, under two tile
+to lmcodec/engine/reference.py in test_exact.py) at the spec limits, under two tile
 configurations (integer sums and maxima cannot depend on tiles; this proves
 it), and the whole engine running these kernels must equal the reference bit
 for bit, in one parallel pass and step by step.  Every kernel also compiles
@@ -36,12 +36,25 @@ if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton", reason="triton is not installed here (Linux x86-64 only; the `test` extra)")
 
-from lmcodec import fixedmath, ops_torch, runner  # noqa: E402
-from lmcodec import ops_triton as TRITON  # noqa: E402
-from lmcodec import triton_int  # noqa: E402
-from lmcodec.engine import Engine, _backend, int_mm  # noqa: E402
-from lmcodec.spec import (ACT_MAX, ATT_D_CAP, MLP_LIMIT, OUT_D_CAP, OUT_U_CAP, Q_MAX, QKV_LIMIT,  # noqa: E402
-                          RESID_LIMIT)
+# noqa: E402
+from lmcodec.coding import runner
+from lmcodec.engine import (
+    fixedmath,
+    ops_torch,
+    triton_int,  # noqa: E402
+)
+from lmcodec.engine import ops_triton as TRITON  # noqa: E402
+from lmcodec.engine.engine import Engine, _backend, int_mm  # noqa: E402
+from lmcodec.engine.spec import (
+    ACT_MAX,
+    ATT_D_CAP,
+    MLP_LIMIT,
+    OUT_D_CAP,
+    OUT_U_CAP,
+    Q_MAX,
+    QKV_LIMIT,
+    RESID_LIMIT,
+)
 
 OPS = "split norm operand residual_add qkv mlp attend gaps".split()
 #: The default tiles and a second set: 32-wide row tiles (several per row here) and 32-key attention tiles.
@@ -84,7 +97,7 @@ def same(a, b):
 
 
 def test_the_module_is_the_cuda_backend_with_the_torch_op_set():
-    module = importlib.import_module("lmcodec.ops_triton")
+    module = importlib.import_module("lmcodec.engine.ops_triton")
     assert _backend("cuda") is module
     assert all(callable(getattr(module, name)) for name in OPS)
     assert all(callable(getattr(ops_torch, name)) for name in OPS)
@@ -269,10 +282,10 @@ def test_launchers_refuse_what_the_spec_excludes():
 # -- the whole engine on these kernels ---------------------------------------------------------
 def test_engine_on_triton_kernels_equals_reference(tiny_model_dir):
     """A 2-layer model (head dim 16, 4 heads over 2) through Engine(ops=ops_triton): pass and steps."""
-    from lmcodec import models
-    from lmcodec.quantize import load_int_model
-    from lmcodec.reference import reference_run
-    from lmcodec.tokens import ByteTokenizer
+    from lmcodec.coding.tokens import ByteTokenizer
+    from lmcodec.engine import models
+    from lmcodec.engine.quantize import load_int_model
+    from lmcodec.engine.reference import reference_run
 
     loaded = models.load(tiny_model_dir)
     tok = ByteTokenizer(loaded.tokenizer, loaded.arch.vocab_size)

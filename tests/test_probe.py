@@ -1,4 +1,4 @@
-"""The memorization probe (lmcodec.probe, probe_render, `lmcodec probe`) on the real default model."""
+"""The memorization probe (lmcodec.probe.probe, probe_render, `lmcodec probe`) on the real default model."""
 
 from __future__ import annotations
 
@@ -11,11 +11,19 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from lmcodec.cli import main
+from lmcodec.cli.main import main
 from lmcodec.errors import UsageError
-from lmcodec.probe import (SCHEMA_VERSION, TokenScore, Thresholds, build_words, flag_spans, group_words,
-                           plan_windows, probe)
-from lmcodec.probe_render import render_html, render_png, surprisal_rgb
+from lmcodec.probe.probe import (
+    SCHEMA_VERSION,
+    Thresholds,
+    TokenScore,
+    build_words,
+    flag_spans,
+    group_words,
+    plan_windows,
+    probe,
+)
+from lmcodec.probe.render import render_html, render_png, surprisal_rgb
 
 TEXT = (b"The quick brown fox jumps over the lazy dog. It was a bright cold day in April, "
         b"and the clocks were striking thirteen.\n")

@@ -31,24 +31,54 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import torch
 import pytest
+import torch
 import zstandard
+from conftest import FAST
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 import lmcodec
-from conftest import FAST
-from lmcodec import ops_torch
-from lmcodec.coder import StreamDecoder, StreamEncoder
-from lmcodec.container import (MAGIC, MAX_CONTEXT, MAX_LANES, READ_CHUNK, VARINT_MAX, VERSION, Block, End, Header,
-                               Method, Reader, decode_varint, digest, encode_varint, lm_payload_limit,
-                               segment_layout, stream_count, stream_groups)
-from lmcodec.errors import (ArchiveError, ChecksumError, CorruptArchiveError, LMCodecError,
-                            ModelMismatchError, PromptMismatchError, TruncatedArchiveError)
+from lmcodec.coding.coder import StreamDecoder, StreamEncoder
+from lmcodec.coding.frequencies import (
+    BUCKET_FLOOR,
+    BUCKETS,
+    MIN_TOKEN_BITS,
+    TOTAL,
+    CodingTables,
+    bucket_width,
+)
+from lmcodec.engine import ops_torch
+from lmcodec.errors import (
+    ArchiveError,
+    ChecksumError,
+    CorruptArchiveError,
+    LMCodecError,
+    ModelMismatchError,
+    PromptMismatchError,
+    TruncatedArchiveError,
+)
 from lmcodec.fileio import atomic_output
-from lmcodec.frequencies import BUCKET_FLOOR, BUCKETS, MIN_TOKEN_BITS, TOTAL, CodingTables, bucket_width
-
+from lmcodec.format.container import (
+    MAGIC,
+    MAX_CONTEXT,
+    MAX_LANES,
+    READ_CHUNK,
+    VARINT_MAX,
+    VERSION,
+    Block,
+    End,
+    Header,
+    Method,
+    Reader,
+    decode_varint,
+    digest,
+    encode_varint,
+    lm_payload_limit,
+    segment_layout,
+    stream_count,
+    stream_groups,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 V = MAGIC + bytes([4])  # the start of a v4 archive (still read; the hostile-header tests build v4)
@@ -626,7 +656,7 @@ def test_unregistered_model_name_is_named(codec, prompted):
 
 # -- CLI faults in real subprocesses ---------------------------------------------------
 
-CLI = [sys.executable, "-c", "import sys; from lmcodec.cli import main; sys.exit(main(prog_name='lmcodec'))"]
+CLI = [sys.executable, "-c", "import sys; from lmcodec.cli.main import main; sys.exit(main(prog_name='lmcodec'))"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
 
 

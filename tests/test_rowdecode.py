@@ -1,7 +1,7 @@
 """The scheduled decoder: any admission order, any row count, the same symbols.
 
 Archives are what the encoder writes (unchanged); decoding them with the batch
-kept full (lmcodec.rowdecode: rows refilled as segments end, rows at their own
+kept full (lmcodec.coding.rowdecode: rows refilled as segments end, rows at their own
 positions) must give back exactly the encoded symbols whatever order streams
 are admitted in and however many rows there are.  A 2-layer model keeps it fast.
 """
@@ -14,14 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from lmcodec import Codec, models
-from lmcodec.container import End, Method, Reader, stream_groups
-from lmcodec.engine import Engine
-from lmcodec.mixing import ALL, MixerConfig
-from lmcodec.quantize import load_int_model
-from lmcodec.rowdecode import decode_streams
-from lmcodec.runner import prefill
-from lmcodec.tokens import ByteTokenizer
+from lmcodec import Codec
+from lmcodec.coding.mixing import ALL, MixerConfig
+from lmcodec.coding.rowdecode import decode_streams
+from lmcodec.coding.runner import prefill
+from lmcodec.coding.tokens import ByteTokenizer
+from lmcodec.engine import models
+from lmcodec.engine.engine import Engine
+from lmcodec.engine.quantize import load_int_model
+from lmcodec.format.container import End, Method, Reader, stream_groups
 
 TEXT = (b"It was the best of times, it was the worst of times, it was the age of wisdom, "
         b"it was the age of foolishness; 12345 \xff\xfe end.\n")
@@ -67,7 +68,7 @@ def test_any_admission_order_and_row_count_decode_the_same_symbols(archive, rows
 
 
 def test_streams_are_dealt_by_tokens_in_admission_order():
-    from lmcodec.rowdecode import split_streams
+    from lmcodec.coding.rowdecode import split_streams
 
     groups = [range(0, 2), range(2, 3), range(3, 5), range(5, 6)]
     lengths = [10, 10, 30, 5, 5, 1]
@@ -81,7 +82,7 @@ def test_streams_are_dealt_by_tokens_in_admission_order():
 def test_cuda_halves_on_their_own_streams_decode_the_same_symbols(archive):
     """On CUDA: two row sets on their own streams (GraphStep each), and the encoder's batched
     pass, give the CPU's symbols and rows."""
-    from lmcodec import runner
+    from lmcodec.coding import runner
 
     im, tok, header, block = archive
     lengths = list(block.tokens)

@@ -1,7 +1,7 @@
 """Rows at their own positions in one step (Engine.forward with [B, T] positions, RowStep)
 equal the plain reference bit for bit.
 
-The scheduled decoder (lmcodec.schedule) runs rows that started at different
+The scheduled decoder (lmcodec.coding.schedule) runs rows that started at different
 steps, refills a row when its segment ends, and leaves free rows idle: here a
 2-layer model trained on 16 positions (so the prefix moves every 4 positions)
 runs four sequences through three rows that way, on both backends, and every
@@ -13,14 +13,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from lmcodec import ops_torch, runner
-from lmcodec.engine import Engine, KVCache
-from lmcodec.quantize import load_int_model
-from lmcodec.reference import reference_run
-from lmcodec.tokens import ByteTokenizer
-
 from conftest import make_tiny_llama
+
+from lmcodec.coding import runner
+from lmcodec.coding.tokens import ByteTokenizer
+from lmcodec.engine import ops_torch
+from lmcodec.engine.engine import Engine, KVCache
+from lmcodec.engine.quantize import load_int_model
+from lmcodec.engine.reference import reference_run
 
 CONTEXT = 9        # prefix 3 + a window of 6: rings wrap within a few steps
 TRAINED = 16
@@ -28,7 +28,7 @@ TRAINED = 16
 
 @pytest.fixture(scope="module")
 def short(tmp_path_factory, loaded_model):
-    from lmcodec import models
+    from lmcodec.engine import models
 
     d = make_tiny_llama(tmp_path_factory.mktemp("rows-llama"), loaded_model, max_positions=TRAINED, seed=2)
     loaded = models.load(d)

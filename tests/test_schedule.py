@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmcodec.schedule import Scheduler
+from lmcodec.coding.schedule import Scheduler
 
 streams_st = st.lists(st.lists(st.integers(0, 12), min_size=1, max_size=4), min_size=0, max_size=12)
 
@@ -84,7 +84,8 @@ def test_bad_input_is_refused():
 def test_the_scheduler_is_host_only():
     """schedule.py imports no torch: it deals in row numbers, the decoder in tensors."""
     import ast
-    import lmcodec.schedule as mod
+
+    import lmcodec.coding.schedule as mod
 
     tree = ast.parse(open(mod.__file__).read())
     names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}

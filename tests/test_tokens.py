@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+from conftest import SAMPLES
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from conftest import SAMPLES
 
 # Measured: SmolLM2's byte-level vocabulary has no token for these 21 bytes.
 SMOLLM2_MISSING = [0x04, 0x06, 0x13, 0x14, 0x16, 0x1D, 0xC0, 0xC1, 0xF1, 0xF2, *range(0xF5, 0x100)]

@@ -138,7 +138,7 @@ class Report:
 def selftest(report: Report, device: str) -> None:
     """``lmcodec selftest --device D --json`` as a user runs it (its own process)."""
     t0 = time.perf_counter()
-    cmd = [sys.executable, "-c", "from lmcodec.cli import main; main()", "selftest", "--device", device, "--json"]
+    cmd = [sys.executable, "-c", "from lmcodec.cli.main import main; main()", "selftest", "--device", device, "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     try:
         doc = json.loads(proc.stdout)

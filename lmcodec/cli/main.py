@@ -1,0 +1,490 @@
+"""The ``lmcodec`` command line: gzip/zstd-style file handling around :class:`Codec`."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+
+import click
+
+from .. import __version__
+from ..codec import DEFAULT_LEVEL, Codec, Counter, Stats
+from ..coding.mixing import MixerConfig
+from ..errors import LMCodecError, UsageError
+from ..fileio import atomic_output, install_signal_handlers
+from ..format.container import End, Method, Reader
+from .baselines import classical_sizes
+from .common import (
+    STDIO,
+    SUFFIX,
+    Context,
+    _codec,
+    _fail,
+    _io_targets,
+    _open_input,
+    _progress_bar,
+    _prompt,
+    _strip_suffix,
+    _write_to,
+    handle_errors,
+    model_options,
+)
+from .probe import probe_command
+from .train import train_command
+
+
+def machine_options(fn):
+    """Where and how fast the model runs: never recorded, results are identical everywhere."""
+    fn = click.option("--threads", type=click.IntRange(1, 256), default=None,
+                      help="CPU threads (not recorded: results do not depend on them).")(fn)
+    fn = click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True,
+                      help="Where the model runs (not recorded: results are identical everywhere).")(fn)
+    return fn
+
+
+def coding_options(fn):
+    fn = machine_options(fn)
+    opts = [
+        click.option("--level", "-l", "level", type=click.IntRange(1, 9), default=None,
+                     help=f"Compression level, also as -1 ... -9 [{DEFAULT_LEVEL}]: segment length, context "
+                          "and online models (docs/LEVELS.md)."),
+        click.option("--segment-tokens", type=click.IntRange(1, 1 << 30), default=None,
+                     help="Tokens per independent segment (overrides the level)."),
+        click.option("--context", type=click.IntRange(16, 8192), default=None,
+                     help="Model context window in tokens, sliding past it (overrides the level)."),
+        click.option("--mixer", type=MixerChoice(), default=None, metavar="MODELS",
+                     help="Online models mixed with the LM (overrides the level): none, all, or a comma "
+                          "list of bias, match, order0 ... order4."),
+        click.option("--lanes", type=click.IntRange(1, 4096), default=None,
+                     help="Segments per coded stream (decoded side by side) [64]."),
+        click.option("--block-size", type=click.IntRange(4096, 64 << 20), default=None,
+                     help="Bytes per independently checked block [4 MiB]."),
+        click.option("--method", type=click.Choice(["auto", "lm", "zstd", "raw"]), default="auto",
+                     show_default=True, help="auto picks the smallest of LM, zstd -19 and raw per block."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    for n in range(9, 0, -1):  # gzip/zstd habit: -1 (fastest) ... -9 (smallest)
+        fn = click.option(f"-{n}", "level", flag_value=n, hidden=True)(fn)
+    return fn
+
+
+class MixerChoice(click.ParamType):
+    """``none``, ``all`` or a comma list of online models -> a MixerConfig mask."""
+
+    name = "models"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        try:
+            return MixerConfig.parse(value).mask
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def cluster_option(fn):
+    return click.option("--cluster", default=None, envvar="LMCODEC_CLUSTER", metavar="ADDRESS",
+                        help="Code the blocks on a Ray cluster: local[:N] starts N workers on this machine, "
+                             "anything else is a Ray address (lmcodec[cluster], docs/SCALE.md) "
+                             "[$LMCODEC_CLUSTER].")(fn)
+
+
+@contextlib.contextmanager
+def _executor(cluster: str | None, model, device: str, threads: int | None):
+    """A Ray executor for ``--cluster`` (one for all the command's files), else None (this process)."""
+    if not cluster:
+        yield None
+        return
+    from ..cluster.executor import RayExecutor  # imports Ray: only when asked for
+
+    executor = RayExecutor(cluster, threads=threads, device=device, model=model)
+    try:
+        yield executor
+    finally:
+        executor.close()
+
+
+class _Main(click.Group):
+    """The subcommands; arguments that name none run the gzip/zstd form (lmcodec.cli.compat)."""
+
+    def main(self, args=None, prog_name=None, **kwargs):
+        from .compat import dispatch
+        return dispatch(self, args, prog_name, **kwargs)
+
+    def format_help(self, ctx, formatter):
+        from .compat import format_drop_in_help
+        super().format_help(ctx, formatter)
+        format_drop_in_help(ctx, formatter)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or messages.")
+@click.option("--debug", is_flag=True, help="Show Python tracebacks on errors.")
+@click.pass_context
+def main(click_ctx, quiet: bool, debug: bool):
+    """Lossless compression with a language model as the probability model."""
+    click_ctx.obj = Context(quiet, debug)
+    install_signal_handlers()
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--output", default=None, help="Output file (single input).")
+@click.option("-c", "--stdout", is_flag=True, help="Write to standard output.")
+@click.option("-k/-K", "--keep/--rm", "keep", default=True, show_default=True,
+              help="Keep (default) or remove the input after success.")
+@click.option("-f", "--force", is_flag=True, help="Overwrite existing output files.")
+@click.option("--verify", is_flag=True, help="Decompress the result and compare before keeping it.")
+@model_options
+@coding_options
+@cluster_option
+@click.pass_obj
+@handle_errors
+def compress(ctx: Context, inputs, output, stdout, keep, force, verify, prompt, prompt_file, model, cluster,
+             **coding):
+    """Compress FILE(s) to FILE.lmc ('-' reads standard input)."""
+    key = _prompt(prompt, prompt_file)
+    with _executor(cluster, model, coding["device"], coding["threads"]) as executor:
+        _compress_files(ctx, inputs, output, stdout, keep, force, verify, key, model, executor, coding)
+
+
+def _compress_files(ctx: Context, inputs, output, stdout, keep, force, verify, key, model, executor, coding):
+    def one(name, target):
+        src, size = _open_input(name)
+        bar = _progress_bar(ctx, size, f"compress {name}")
+        codec = _codec(model, bar.update, executor, **coding)
+        stats: list[Stats] = []
+
+        def work(dst, src=src, codec=codec):
+            if verify:
+                data = src.read()
+                blob = codec.compress(data, key)
+                stats.append(codec.last_stats)
+                if _codec(model, None, executor, **coding).decompress(blob, key) != data:
+                    raise LMCodecError("verification failed: the archive does not decompress to the input")
+                dst.write(blob)
+            else:
+                stats.append(codec.compress_stream(src, dst, key))
+
+        try:
+            _write_to(target, force, work)
+        finally:
+            bar.close()
+            if src is not sys.stdin.buffer:
+                src.close()
+        st = stats[0]
+        if target is not None:
+            ctx.say(f"{name}: {st.input_bytes} -> {st.output_bytes} bytes, {st.bpb:.3f} bits/byte "
+                    f"({st.seconds:.1f} s) -> {target}")
+            if not keep and name != STDIO:
+                os.unlink(name)
+
+    _for_each_file(executor, _io_targets(inputs, output, stdout, lambda p: p.with_name(p.name + SUFFIX)), one)
+
+
+def _for_each_file(executor, targets, one) -> None:
+    """``one(name, target)`` for every file: in turn, or on a cluster up to one file per worker at once.
+
+    A file smaller than a block is one call, so in turn it would keep one
+    worker busy and the others idle.  Files written to standard output stay
+    in turn (their bytes must not interleave).  The first error is raised once
+    the files being coded have ended; an interrupt closes the executor, so
+    their calls fail at once and their outputs are removed.
+    """
+    width = executor.workers if executor is not None else 1
+    if width < 2:
+        for name, target in targets:
+            one(name, target)
+        return
+    targets = list(targets)
+    if len(targets) < 2 or any(target is None for _, target in targets):
+        for name, target in targets:
+            one(name, target)
+        return
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    errors: list[BaseException] = []
+    running: set = set()
+    pool = ThreadPoolExecutor(width, thread_name_prefix="lmcodec-file")
+    try:
+        for name, target in targets:
+            while len(running) >= width:
+                done, running = wait(running, return_when=FIRST_COMPLETED)
+                errors += [f.exception() for f in done if f.exception() is not None]
+            if errors:
+                break
+            running.add(pool.submit(one, name, target))
+        done, _ = wait(running)
+        errors += [f.exception() for f in done if f.exception() is not None]
+    except BaseException:
+        executor.close()
+        raise
+    finally:
+        pool.shutdown(wait=True)
+    if errors:
+        raise errors[0]
+
+
+@main.command()
+@click.argument("archives", nargs=-1, required=True)
+@click.option("-o", "--output", default=None, help="Output file (single input).")
+@click.option("-c", "--stdout", is_flag=True, help="Write to standard output.")
+@click.option("-k/-K", "--keep/--rm", "keep", default=True, show_default=True,
+              help="Keep (default) or remove the archive after success.")
+@click.option("-f", "--force", is_flag=True, help="Overwrite existing output files.")
+@model_options
+@machine_options
+@cluster_option
+@click.pass_obj
+@handle_errors
+def decompress(ctx: Context, archives, output, stdout, keep, force, prompt, prompt_file, model, device, threads,
+               cluster, dictionary=None):
+    """Decompress ARCHIVE(s) (FILE.lmc -> FILE; '-' reads standard input)."""
+    key = _prompt(prompt, prompt_file)
+    with _executor(cluster, model, device, threads) as executor:
+        _decompress_files(ctx, archives, output, stdout, keep, force, key, model, device, threads, executor,
+                          dictionary)
+
+
+def _decompress_files(ctx: Context, archives, output, stdout, keep, force, key, model, device, threads, executor,
+                      dictionary=None):
+    def one(name, target):
+        src, size = _open_input(name)
+        bar = _progress_bar(ctx, None, f"decompress {name}")
+        codec = _codec(model, bar.update, executor, device=device, threads=threads, dictionary=dictionary)
+        try:
+            _write_to(target, force, lambda dst: codec.decompress_stream(src, dst, key, size))
+        finally:
+            bar.close()
+            if src is not sys.stdin.buffer:
+                src.close()
+        if target is not None:
+            ctx.say(f"{name} -> {target}")
+            if not keep and name != STDIO:
+                os.unlink(name)
+
+    _for_each_file(executor, _io_targets(archives, output, stdout, _strip_suffix), one)
+
+
+@main.command("test")
+@click.argument("archives", nargs=-1, required=True)
+@model_options
+@machine_options
+@cluster_option
+@click.pass_obj
+@handle_errors
+def test_cmd(ctx: Context, archives, prompt, prompt_file, model, device, threads, cluster, dictionary=None):
+    """Decode ARCHIVE(s) and check their checksums; write nothing."""
+    key = _prompt(prompt, prompt_file)
+    with _executor(cluster, model, device, threads) as executor:
+        for name in archives:
+            src, size = _open_input(name)
+            bar = _progress_bar(ctx, None, f"test {name}")
+            try:
+                codec = _codec(model, bar.update, executor, device=device, threads=threads, dictionary=dictionary)
+                n = codec.decompress_stream(src, Counter(), key, size)
+            finally:
+                bar.close()
+                src.close()
+            ctx.say(f"{name}: OK ({n} bytes)")
+
+
+@main.command()
+@click.option("--model", "-m", default=None, metavar="NAME|PATH", help="Model [smollm2-135m].")
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
+@click.option("--threads", type=click.IntRange(1, 256), default=None)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@cluster_option
+@click.pass_obj
+@handle_errors
+def selftest(ctx: Context, model, device, threads, as_json, cluster):
+    """Check that this machine computes the engine's bits (exit 0 only if it does).
+
+    Digests a built-in text's coding frequencies and compares the digest with
+    the one recorded for the model; also checks that the decoder's step-by-step
+    path equals the encoder's parallel pass.  With --cluster: on every worker.
+    """
+    from ..coding import selftest as st
+    from ..engine.engine import torch_threads
+
+    if cluster:
+        with _executor(cluster, model, device, threads) as executor:
+            reports = executor.check()   # raises, naming the worker, unless every one matches
+        if as_json:
+            click.echo(json.dumps({"workers": reports, "ok": True}, indent=2))
+        else:
+            for r in reports:
+                click.echo(f"{r['host']}:{r['pid']} ({r['device']}): {r['model']} digest {r['digest']} OK")
+        return
+
+    codec = _codec(model, device=device, threads=threads)
+    s = codec.settings.resolved()
+    int_model, tok, name = codec.models.load(model)
+    with torch_threads(s.threads):
+        res = st.run(codec.models.engine(int_model, s.device), tok)
+    doc = {"model": name, "fingerprint": res.fingerprint, "device": s.device, "threads": s.threads,
+           "tokens": res.tokens, "digest": res.digest, "golden": res.golden,
+           "step_equals_pass": res.steps_agree, "ok": res.ok}
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        for k, v in doc.items():
+            click.echo(f"{k}: {v}")
+        if res.golden is None:
+            click.echo("(no golden digest is recorded for this model: compare the digest across machines)")
+    if not res.ok:
+        _fail("this machine does not compute the exact engine's bits: its archives are not portable", 1)
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@model_options
+@coding_options
+@click.pass_obj
+@handle_errors
+def verify(ctx: Context, inputs, prompt, prompt_file, model, **coding):
+    """Compress, decompress and compare FILE(s); exit 0 only if all are identical."""
+    key = _prompt(prompt, prompt_file)
+    bad = 0
+    for name in inputs:
+        src, size = _open_input(name)
+        with src:
+            data = src.read()
+        bar = _progress_bar(ctx, 2 * len(data), f"verify {name}")
+        codec = _codec(model, bar.update, **coding)
+        try:
+            blob = codec.compress(data, key)
+            ok = codec.decompress(blob, key) == data
+        finally:
+            bar.close()
+        bad += not ok
+        click.echo(f"{name}: {'OK' if ok else 'MISMATCH'} ({len(data)} -> {len(blob)} bytes)")
+    if bad:
+        _fail(f"{bad} file(s) did not round-trip")
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@model_options
+@coding_options
+@click.pass_obj
+@handle_errors
+def bpb(ctx: Context, inputs, as_json, prompt, prompt_file, model, **coding):
+    """Bits per byte of FILE(s): the model's cross-entropy, lmcodec's archive, gzip/zstd/xz."""
+    key = _prompt(prompt, prompt_file)
+    rows = []
+    for name in inputs:
+        src, _ = _open_input(name)
+        with src:
+            data = src.read()
+        bar = _progress_bar(ctx, len(data), f"bpb {name}")
+        try:
+            st = _codec(model, bar.update, **coding).analyze(data, key)
+        finally:
+            bar.close()
+        row = {"file": name, "bytes": len(data), "model_bpb": st.model_bpb if st.lm_bytes else None,
+               "lmcodec_bytes": st.output_bytes, "lmcodec_bpb": st.bpb, "coder_overhead": st.coder_overhead,
+               "tokens": st.tokens, "seconds": st.seconds}
+        for tool, n in classical_sizes(data).items():
+            row[f"{tool}_bytes"] = n
+            row[f"{tool}_bpb"] = 8 * n / len(data) if data else 0.0
+        rows.append(row)
+    total = {"file": "TOTAL", "bytes": sum(r["bytes"] for r in rows)}
+    for tool in ("lmcodec", "gzip", "zstd", "xz"):
+        total[f"{tool}_bytes"] = sum(r[f"{tool}_bytes"] for r in rows)
+        total[f"{tool}_bpb"] = 8 * total[f"{tool}_bytes"] / total["bytes"] if total["bytes"] else 0.0
+    if as_json:
+        click.echo(json.dumps({"files": rows, "total": total}, indent=2))
+        return
+    fmt = "{:<28} {:>10} {:>8} {:>9} {:>8} {:>8} {:>8}"
+    click.echo(fmt.format("file", "bytes", "model", "lmcodec", "gzip-9", "zstd-19", "xz-9"))
+    for r in rows + [total]:
+        model_bpb = r.get("model_bpb")
+        click.echo(fmt.format(r["file"][-28:], r["bytes"], "-" if model_bpb is None else f"{model_bpb:.3f}",
+                              f"{r['lmcodec_bpb']:.3f}", f"{r['gzip_bpb']:.3f}", f"{r['zstd_bpb']:.3f}",
+                              f"{r['xz_bpb']:.3f}"))
+
+
+@main.command()
+@click.argument("archive")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+@handle_errors
+def info(ctx: Context, archive, as_json):
+    """Show an archive's header, blocks and sizes (without decoding it)."""
+    src, size = _open_input(archive)
+    with src:
+        reader = Reader(src, size)
+        header = reader.header()
+        blocks = []
+        while True:
+            rec = reader.next(header)
+            if isinstance(rec, End):
+                break
+            blocks.append({"method": rec.method.name.lower(), "bytes": rec.raw_len,
+                           "segments": len(rec.tokens), "streams": len(rec.streams) if rec.method == Method.LM else 0,
+                           "tokens": rec.n_tokens,
+                           "stored_bytes": sum(len(p) for p in rec.payloads)})
+        archive_bytes = reader.offset
+    doc = {
+        "format_version": header.version, "model": header.model_name or None,
+        "model_fingerprint": header.model_fingerprint.hex() or None,
+        **({"tokenizer_fingerprint": header.tokenizer_fingerprint.hex()} if header.tokenizer_fingerprint else {}),
+        "dictionary": header.dict_id.hex() or None,
+        **({"layout": "short" if reader.short_form else "general"} if header.version >= 5 else {}),
+        "prompt": header.has_prompt, "level": header.level or "custom",
+        "online_models": MixerConfig(header.mixer).describe(), "context": header.context,
+        "segment_tokens": header.segment_tokens, "lanes": header.lanes,
+        "block_size": header.block_size, "original_bytes": rec.total_len,
+        "archive_bytes": archive_bytes,
+        "framing_bytes": archive_bytes - sum(b["stored_bytes"] for b in blocks),
+        "content_checksum": rec.check.hex(),
+        "bits_per_byte": 8 * archive_bytes / rec.total_len if rec.total_len else None,
+        "ratio": rec.total_len / archive_bytes, "blocks": blocks,
+    }
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    for k, v in doc.items():
+        if k == "blocks":
+            for i, b in enumerate(v):
+                click.echo(f"block {i}: {b['method']}, {b['bytes']} bytes, {b['segments']} segments, "
+                           f"{b['streams']} streams, {b['tokens']} tokens, {b['stored_bytes']} stored bytes")
+        elif isinstance(v, float):
+            click.echo(f"{k}: {v:.4f}")
+        else:
+            click.echo(f"{k}: {v}")
+
+
+def _accept_global_flags_after_subcommand(group: click.Group) -> None:
+    """``lmcodec compress -q FILE`` works like ``lmcodec -q compress FILE`` (gzip habits)."""
+    def setter(attr):
+        def callback(ctx, param, value):
+            if value:
+                setattr(ctx.find_object(Context), attr, True)
+        return callback
+
+    for cmd in group.commands.values():
+        names = {o for p in cmd.params for o in getattr(p, "opts", [])}
+        if "--quiet" not in names:
+            cmd.params.append(click.Option(["-q", "--quiet"], is_flag=True, expose_value=False,
+                                           callback=setter("quiet"), help="No progress bars or messages."))
+        if "--debug" not in names:
+            cmd.params.append(click.Option(["--debug"], is_flag=True, expose_value=False,
+                                           callback=setter("debug"), help="Show Python tracebacks on errors."))
+
+
+main.add_command(probe_command, "probe")
+main.add_command(train_command, "train")
+_accept_global_flags_after_subcommand(main)
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,325 @@
+"""The exact engine: a Llama-family forward pass in integer arithmetic.
+
+Every value is an integer and every step is specified to the bit
+(docs/ENGINE.md), so the same tokens give the same logits -- and so the same
+coding frequencies -- on any CPU or GPU, with any thread count, batch size or
+batch composition, whether a sequence is run in one parallel pass or one token
+at a time.  That is what makes archives portable, and it lets the encoder score
+a whole segment in one pass while the decoder goes step by step.
+
+Formats (``F`` = fractional bits; "row" = one token):
+
+* residual stream: int64 at F = 16, clamped to +-2^40;
+* activations entering a product: int16 range (|x| <= 32639) with a
+  power-of-two exponent per row (real = x * 2^exp), split into two int8 halves
+  so each product is an int8 x int8 GEMM with exact int32 sums (``torch._int_mm``);
+* q, k, v, gate, up, attention output: int64 at F = 16;
+* KV cache: int8 per (token, head) with the head's max magnitude (int32);
+* logits: int64 ``lam`` with a per-row exponent (real logit = lam * 2^exp).
+
+The :class:`Engine` is device-agnostic: it runs the integer steps of a backend
+module chosen explicitly by device (:func:`backend`): :mod:`lmcodec.engine.ops_cpu`
+(numba) on CPU, :mod:`lmcodec.engine.ops_triton` (Triton kernels) on CUDA,
+:mod:`lmcodec.engine.ops_torch` (tensor operations) elsewhere; all three are tested
+bit-equal to the plain reference :mod:`lmcodec.engine.reference`.
+"""
+
+from __future__ import annotations
+
+import functools
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UsageError
+from . import fixedmath, ops_torch
+from .quantize import IntLinear, IntModel
+from .spec import ACT_FRAC, MAX_HEAD_DIM, RESID_FRAC, bucket_width
+
+
+def pick_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is usable, else ``cpu``."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"device must be auto, cpu or cuda, not {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("device 'cuda' requested but no CUDA GPU is available")
+    return device
+
+
+@contextmanager
+def torch_threads(n: int | None):
+    """Run with ``n`` intra-op threads (speed only: results do not depend on it)."""
+    if not n:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def int_mm(h16: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Exact products of operand rows with int8 weights ``w`` [N, K]: [hi rows; lo rows] int32.
+
+    int8 x int8 sums stay below 2^31 for K < 2^17, so every GEMM kernel returns
+    the same integers.  Two exact kernels, chosen by speed only (see :func:`gemm_kind`).
+    """
+    a = backend(h16.device).split(h16)  # on a CPU one numba pass: at a step's few rows tensor ops cost more
+    if a.device.type == "cuda" and a.shape[0] <= 16:  # cuBLASLt needs M > 16
+        pad = torch.zeros((17 - a.shape[0], a.shape[1]), dtype=a.dtype, device=a.device)
+        return torch._int_mm(torch.cat([a, pad]), w.t())[: a.shape[0]]
+    if a.device.type == "cpu" and gemm_kind() == "float32":
+        return _float32_mm(a, w)
+    return torch._int_mm(a, w.t())
+
+
+#: int8 x int8 products are at most 128 * 127 = 16,256 in magnitude, so float32
+#: sums of up to 1,032 of them stay below 2^24: every float32 GEMM returns them exactly.
+FLOAT32_EXACT_K = 1024
+_FLOAT_WEIGHTS: dict[int, torch.Tensor] = {}
+_GEMM_KIND: str | None = None
+
+
+def _float32_mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The same integers as ``torch._int_mm`` from float32 GEMMs over K-chunks of <= 1024."""
+    key = w.data_ptr()
+    wf = _FLOAT_WEIGHTS.get(key)
+    if wf is None or wf.shape != w.shape:
+        wf = _FLOAT_WEIGHTS[key] = w.to(torch.float32)
+    af = a.to(torch.float32)
+    k = a.shape[1]
+    out = None
+    for c in range(0, k, FLOAT32_EXACT_K):
+        part = torch.nn.functional.linear(af[:, c:c + FLOAT32_EXACT_K], wf[:, c:c + FLOAT32_EXACT_K])
+        part = part.to(torch.int32)
+        out = part if out is None else out + part
+    return out
+
+
+def gemm_kind() -> str:
+    """``int8`` (``torch._int_mm``) or ``float32`` (exact float GEMMs) for CPU products.
+
+    Both give identical integers; which is faster depends on the CPU (int8 VNNI
+    kernels vs none).  ``LMCODEC_GEMM`` forces one; otherwise a one-time
+    measurement at the model's shapes decides.
+    """
+    global _GEMM_KIND
+    if _GEMM_KIND is None:
+        import os
+        import time
+
+        forced = os.environ.get("LMCODEC_GEMM", "")
+        if forced in ("int8", "float32"):
+            _GEMM_KIND = forced
+        else:
+            a = torch.ones((64, 576), dtype=torch.int8)
+            w = torch.ones((1536, 576), dtype=torch.int8)
+            timing = {}
+            for kind, fn in (("int8", lambda: torch._int_mm(a, w.t())), ("float32", lambda: _float32_mm(a, w))):
+                fn()
+                t0 = time.perf_counter()
+                for _ in range(5):
+                    fn()
+                timing[kind] = time.perf_counter() - t0
+            _FLOAT_WEIGHTS.clear()
+            _GEMM_KIND = min(timing, key=timing.get)
+    return _GEMM_KIND
+
+
+def backend(device: torch.device):
+    """The integer steps for ``device``: numba kernels on CPU, Triton kernels on CUDA, tensor operations elsewhere."""
+    return _backend(device.type)
+
+
+@functools.cache
+def _backend(kind: str):
+    if kind == "cpu":
+        from . import ops_cpu  # numba loads only where the CPU path runs
+        return ops_cpu
+    if kind == "cuda":
+        from . import ops_triton  # triton loads only where the CUDA path runs
+        return ops_triton
+    return ops_torch
+
+
+@dataclass
+class Logits:
+    """Exact logits: real logit[i, v] = lam[i, v] * 2^exp[i]."""
+
+    lam: torch.Tensor   # int64 [N, V]
+    exp: torch.Tensor   # int64 [N, 1]
+
+
+@dataclass
+class KVCache:
+    """Per layer: int8 keys [rows, kv heads, head dim, slots] (slots last: the kernel
+    reads a key component for many slots at once), int8 values [rows, kv heads,
+    slots, head dim], and each head vector's max magnitude (int32)."""
+
+    k: list[torch.Tensor]
+    kmax: list[torch.Tensor]
+    v: list[torch.Tensor]
+    vmax: list[torch.Tensor]
+
+    @classmethod
+    def empty(cls, model: IntModel, rows: int, slots: int, device) -> "KVCache":
+        a = model.arch
+        n, hd = a.num_kv_heads, a.head_dim
+        k = [torch.zeros((rows, n, hd, slots), dtype=torch.int8, device=device) for _ in range(a.num_layers)]
+        v = [torch.zeros((rows, n, slots, hd), dtype=torch.int8, device=device) for _ in range(a.num_layers)]
+        mag = lambda: [torch.zeros((rows, n, slots), dtype=torch.int32, device=device) for _ in range(a.num_layers)]
+        return cls(k, mag(), v, mag())
+
+    def copy_rows(self, src: "KVCache", n_slots: int, rows=None) -> None:
+        """Rows ``rows`` of self (default: all) take row 0 of ``src`` in slots [0, n_slots) (the shared prefix)."""
+        at = slice(None) if rows is None else torch.as_tensor(rows, dtype=torch.int64, device=self.k[0].device)
+        for layer in range(len(self.k)):
+            self.k[layer][at, ..., :n_slots] = src.k[layer][:1, ..., :n_slots]
+            self.kmax[layer][at, ..., :n_slots] = src.kmax[layer][:1, ..., :n_slots]
+            self.v[layer][at, :, :n_slots] = src.v[layer][:1, :, :n_slots]
+            self.vmax[layer][at, ..., :n_slots] = src.vmax[layer][:1, ..., :n_slots]
+
+    def move_slots(self, src: slice, dst: int) -> None:
+        """Copy slots ``src`` to start at slot ``dst`` (sliding a window down)."""
+        n = src.stop - src.start
+        for layer in range(len(self.k)):
+            self.k[layer][..., dst:dst + n] = self.k[layer][..., src].clone()
+            self.kmax[layer][..., dst:dst + n] = self.kmax[layer][..., src].clone()
+            self.v[layer][:, :, dst:dst + n] = self.v[layer][:, :, src].clone()
+            self.vmax[layer][..., dst:dst + n] = self.vmax[layer][..., src].clone()
+
+
+def kv_bytes(model_arch, rows: int, slots: int) -> int:
+    """Memory of a :class:`KVCache` (int8 values, int32 magnitudes)."""
+    return 2 * model_arch.num_layers * rows * model_arch.num_kv_heads * slots * (model_arch.head_dim + 4)
+
+
+#: Positions whose RoPE block rows the engine adds at a time (a multiple of fixedmath.ROPE_BLOCK).
+ROPE_RANGE = 8192
+
+
+class Engine:
+    """The exact forward pass of one :class:`~lmcodec.engine.quantize.IntModel` on one device."""
+
+    def __init__(self, model: IntModel, device: str = "cpu", ops=None):
+        self.device = torch.device(device)
+        self.model = model.to(str(self.device)) if self.device.type != "cpu" else model
+        self.arch = model.arch
+        self.ops = ops or backend(self.device)
+        a = self.arch
+        if a.num_heads % a.num_kv_heads or a.head_dim % 2 or a.head_dim > MAX_HEAD_DIM:
+            raise UsageError(f"unsupported attention shape (head dim {a.head_dim}: even, at most {MAX_HEAD_DIM})")
+        self.q_size = a.num_heads * a.head_dim
+        self.kv_size = a.num_kv_heads * a.head_dim
+        self._sigmoid = torch.as_tensor(fixedmath.sigmoid_table(), device=self.device)
+        # RoPE: cos/sin of every offset in a block of 64 positions, and of each block's start
+        # (grown as positions are reached): a position's row combines the two on the device.
+        self._rope_lo = torch.as_tensor(fixedmath.rope_offsets(model.rope_theta, a.head_dim), device=self.device)
+        self._rope_hi = torch.zeros((2, 0, a.head_dim // 2), dtype=torch.int64, device=self.device)
+        # eps in the units of rows shifted right by s: eps * 2^(2 (16 - s)) = eps_q32 / 4^s.
+        eps = [(model.eps_q32 + (1 << (2 * s - 1))) >> (2 * s) if s else model.eps_q32 for s in range(64)]
+        self._eps = torch.tensor(eps, dtype=torch.int64, device=self.device)
+
+    @property
+    def fingerprint(self) -> bytes:
+        return self.model.fingerprint
+
+    def reserve_positions(self, n: int) -> None:
+        """Make positions [0, n) usable (RoPE block rows, added ROPE_RANGE positions at a time).
+        Host work; a static-shape step calls it once, before capture."""
+        have = self._rope_hi.shape[1]
+        need = -(-n // fixedmath.ROPE_BLOCK)
+        if need <= have:
+            return
+        per = ROPE_RANGE // fixedmath.ROPE_BLOCK
+        need = -(-need // per) * per
+        rows = fixedmath.rope_block_starts(self.model.rope_theta, self.arch.head_dim, have, need - have)
+        self._rope_hi = torch.cat([self._rope_hi, torch.as_tensor(rows, device=self.device)], dim=1)
+
+    def _rope_tables(self, positions: torch.Tensor, bound: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin rows of ``positions`` (any shape: [T], or per row [B, T]) -> [..., hd/2].
+
+        Each row combines its block's and its offset's rows (fixedmath.rope_combine: the
+        same integers as fixedmath.rope_tables), so rows at any positions cost the same.
+        ``bound`` > every position skips reading them: without it the largest is read
+        on the host (a sync when they live on a GPU).
+        """
+        self.reserve_positions(bound if bound is not None else int(positions.max()) + 1)
+        p = positions.to(self.device)
+        block = torch.div(p, fixedmath.ROPE_BLOCK, rounding_mode="floor")
+        hi, lo = self._rope_hi[:, block], self._rope_lo[:, p - block * fixedmath.ROPE_BLOCK]
+        return fixedmath.rope_combine(hi[0], hi[1], lo[0], lo[1])
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Residual rows of tokens: the int8 embedding row times its scale, at 16 fractional bits."""
+        e = self.model.embed
+        rows = e.weight[ids].to(torch.int64) * e.mult[ids].unsqueeze(-1)
+        return ops_torch.round_shift(rows, e.shift - RESID_FRAC)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor,
+                key_ranges: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                bound: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run ``ids`` [B, T] at ``positions``, writing K/V at cache ``slots`` of rows 0..B-1.
+
+        ``positions``, ``slots`` and each of ``key_ranges = (a, b, c)`` are either
+        [T] (shared by every row: a pass over one segment, a lockstep batch) or
+        [B, T] (per row: rows at different positions in one step, docs/ENGINE.md,
+        "Rows at their own positions").  Query ``(row, t)`` sits at position
+        ``positions[row, t]``, writes its key and value to slot ``slots[row, t]``
+        of its row and attends to slots ``[0, a) + [b, c)`` of its row.  Returns
+        the final normalized hidden rows as an operand ``(h16 [B*T, H] int16,
+        exp [B*T, 1])``; :meth:`weights` and :meth:`logits` take any subset of them.
+        ``bound`` (> every position, when the caller knows one) spares reading the
+        positions on the host: then nothing in the pass waits for the device.
+        """
+        a, ops, dev = self.arch, self.ops, self.device
+        B, T = ids.shape
+        nh, nkv, hd = a.num_heads, a.num_kv_heads, a.head_dim
+        ids, slots = ids.to(dev), slots.to(dev)
+        if positions.dim() != slots.dim() or any(r.dim() != slots.dim() for r in key_ranges):
+            raise ValueError("positions, slots and key ranges must all be [T] or all [B, T]")
+        cos, sin = self._rope_tables(positions, bound)
+        x = self.embed(ids).reshape(B * T, a.hidden_size).contiguous()
+        crow = torch.arange(B, device=dev).repeat_interleave(T)
+        if slots.dim() == 1:
+            ka, kb, kc = (r.to(dev).repeat(B) for r in key_ranges)
+        else:  # the ops take per-row values flattened, row b T + t: [B*T] slots, [B*T, hd/2] RoPE rows
+            ka, kb, kc = (r.to(dev).reshape(B * T) for r in key_ranges)
+            slots, cos, sin = slots.reshape(B * T), cos.reshape(B * T, -1), sin.reshape(B * T, -1)
+        for li, layer in enumerate(self.model.layers):
+            h, e = ops.norm(x, layer.attn_gain, layer.attn_gain_shift, self._eps)
+            lin = layer.qkv
+            q16, qe = ops.qkv(int_mm(h, lin.weight), lin.mult, lin.shift, lin.bias, e, cos, sin, B, T, nh, nkv, hd,
+                              cache.k[li], cache.kmax[li], cache.v[li], cache.vmax[li], slots)
+            o = ops.attend(q16, qe, cache.k[li], cache.kmax[li], cache.v[li], cache.vmax[li], crow, ka, kb, kc)
+            o16, so = ops.operand(o.reshape(B * T, nh * hd))
+            ops.residual_add(x, int_mm(o16, layer.o.weight), layer.o.mult, layer.o.shift, so - ACT_FRAC)
+            h, e = ops.norm(x, layer.mlp_gain, layer.mlp_gain_shift, self._eps)
+            lin = layer.gate_up
+            a16, sa = ops.mlp(int_mm(h, lin.weight), lin.mult, lin.shift, e, self._sigmoid)
+            ops.residual_add(x, int_mm(a16, layer.down.weight), layer.down.mult, layer.down.shift, sa - 2 * ACT_FRAC)
+        return ops.norm(x, self.model.final_gain, self.model.final_gain_shift, self._eps)
+
+    def weights(self, h16: torch.Tensor, exp: torch.Tensor, alphabet: int) -> torch.Tensor:
+        """Integer weights of every coding symbol for hidden rows: [N, 256, width] int64 (frequencies.py)."""
+        return ops_torch.weights_from_gaps(self.gaps(h16, exp), alphabet, bucket_width(alphabet))
+
+    def gaps(self, h16: torch.Tensor, exp: torch.Tensor) -> torch.Tensor:
+        """Each token's gap below the best logit, [N, V] int64 (ops_torch.gaps).
+
+        :func:`lmcodec.engine.ops_torch.weights_from_gaps` turns them into the same
+        weights as :meth:`weights`; in between, the online bias
+        (:mod:`lmcodec.coding.mixing`) shifts them.
+        """
+        head = self.model.head
+        return self.ops.gaps(int_mm(h16, head.weight), head.mult, exp - head.shift)
+
+    def logits(self, h16: torch.Tensor, exp: torch.Tensor) -> Logits:
+        """Exact logits of hidden rows: lam = (h W_head^T) * mult, real logit = lam * 2^exp."""
+        head = self.model.head
+        return Logits(ops_torch.combine(int_mm(h16, head.weight)) * head.mult, exp - head.shift)

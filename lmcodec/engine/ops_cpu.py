@@ -1,0 +1,434 @@
+"""The exact engine's integer steps as fused numba kernels (the CPU path).
+
+Same functions, same results as :mod:`lmcodec.engine.ops_torch`, which spells each
+step as tensor operations: on a CPU those make a dozen passes over int64
+arrays per step, here every row is one pass with its values in registers.
+Each kernel follows docs/ENGINE.md line by line; ``tests/test_exact.py``
+checks both modules against the plain reference.
+
+numba compiles the kernels on first use (a few seconds, cached on disk under
+lmcodec's cache directory).  Integer arithmetic is exact, so the thread split
+does not matter.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import torch
+
+from . import fixedmath
+from .spec import (
+    ACT_FRAC,
+    ACT_MAX,
+    ATT_D_CAP,
+    ATT_P_SHIFT,
+    ATT_PRESHIFT,
+    ATT_SHIFT,
+    ATT_U_CAP,
+    KV_MAX,
+    LOG2E_OUT,
+    MLP_LIMIT,
+    OUT_D_CAP,
+    OUT_PRE_LIMIT,
+    OUT_U_CAP,
+    Q_MAX,
+    QKV_LIMIT,
+    RESID_FRAC,
+    RESID_LIMIT,
+    RSQRT_BITS,
+)
+
+if "NUMBA_CACHE_DIR" not in os.environ:  # site-packages may be read-only
+    from .models import cache_dir
+
+    os.environ["NUMBA_CACHE_DIR"] = str(cache_dir() / "numba")
+
+import numba  # noqa: E402
+from numba import njit, prange  # noqa: E402
+
+# Start numba's threading layer now, not at the first kernel: its OpenMP layer
+# shares torch's libgomp, and starting it resets the calling thread's OpenMP
+# thread count, which is what torch.get_num_threads() reports.  Started inside
+# ``engine.torch_threads(1)`` it silently put the first block of every process
+# back on all cores (2 threads where 1 was asked; 4 on 2 cores with 2 workers).
+numba.get_num_threads()
+
+_EXP2 = fixedmath.exp2_table()
+_SIG = fixedmath.sigmoid_table()
+_SIG_SPAN = fixedmath.SIGMOID_RANGE << fixedmath.SIGMOID_STEP_BITS
+_SIG_SHIFT = ACT_FRAC - fixedmath.SIGMOID_STEP_BITS
+_SIG_BITS = fixedmath.SIGMOID_VALUE_BITS
+_ROPE_BITS = fixedmath.ROPE_BITS
+_JIT = dict(cache=True, nogil=True, boundscheck=False)
+
+
+@njit(inline="always", **_JIT)
+def _bitlen(m):
+    n = 0
+    while m >> n:
+        n += 1
+    return n
+
+
+@njit(inline="always", **_JIT)
+def _rshift(x, s):
+    return (x + ((np.int64(1) << s) >> 1)) >> s
+
+
+@njit(inline="always", **_JIT)
+def _fit(m, limit):
+    s = _bitlen(m) - 15
+    if s < 0:
+        s = 0
+    if _rshift(m, s) > limit:
+        s += 1
+    return s
+
+
+@njit(inline="always", **_JIT)
+def _requant(y, mult, c):
+    p = y * mult
+    if c >= 0:
+        return _rshift(p, c)
+    if p > (np.int64(1) << 40):
+        p = np.int64(1) << 40
+    elif p < -(np.int64(1) << 40):
+        p = -(np.int64(1) << 40)
+    return p << min(-c, 20)
+
+
+@njit(inline="always", **_JIT)
+def _clamp(v, lim):
+    return lim if v > lim else (-lim if v < -lim else v)
+
+
+@njit(parallel=True, **_JIT)
+def _norm(x, gain, gain_shift, eps, out, exp):  # pragma: no cover - compiled
+    m_rows, k = x.shape
+    for i in prange(m_rows):
+        m = np.int64(0)
+        for j in range(k):
+            m = max(m, abs(x[i, j]))
+        s = max(_bitlen(m) - 15, 0)
+        ss = np.int64(0)
+        for j in range(k):
+            xs = _rshift(x[i, j], s)
+            ss += xs * xs
+        d = max(ss + k * eps[s], np.int64(1))
+        n = (np.int64(k) << (2 * RSQRT_BITS)) // d
+        r = np.int64(np.sqrt(np.float64(n)))
+        for _ in range(2):
+            if r * r > n:
+                r -= 1
+            if (r + 1) * (r + 1) <= n:
+                r += 1
+        mt = np.int64(0)
+        for j in range(k):
+            mt = max(mt, abs(_rshift(x[i, j], s) * gain[j] * r))
+        s2 = _fit(mt, ACT_MAX)
+        for j in range(k):
+            out[i, j] = _rshift(_rshift(x[i, j], s) * gain[j] * r, s2)
+        exp[i] = s2 - RSQRT_BITS - gain_shift
+
+
+@njit(inline="always", **_JIT)
+def _split_row(h, out, i):
+    m_rows, k = h.shape
+    for j in range(k):
+        v = np.int64(h[i, j])
+        hi = (v + 128) >> 8
+        out[i, j] = hi
+        out[m_rows + i, j] = v - (hi << 8)
+
+
+@njit(**_JIT)
+def _split(h, out):  # pragma: no cover - compiled
+    for i in range(h.shape[0]):
+        _split_row(h, out, i)
+
+
+@njit(parallel=True, **_JIT)
+def _split_parallel(h, out):  # pragma: no cover - compiled
+    for i in prange(h.shape[0]):
+        _split_row(h, out, i)
+
+
+@njit(parallel=True, **_JIT)
+def _operand(x, limit, out, shift):  # pragma: no cover - compiled
+    m_rows, k = x.shape
+    for i in prange(m_rows):
+        m = np.int64(0)
+        for j in range(k):
+            m = max(m, abs(x[i, j]))
+        s = _fit(m, limit)
+        for j in range(k):
+            out[i, j] = _rshift(x[i, j], s)
+        shift[i] = s
+
+
+@njit(parallel=True, **_JIT)
+def _residual_add(x, y, mult, shift, exp):  # pragma: no cover - compiled
+    m_rows, n = x.shape
+    for i in prange(m_rows):
+        c = shift - exp[i] - RESID_FRAC
+        for j in range(n):
+            v = (np.int64(y[i, j]) << 8) + np.int64(y[m_rows + i, j])
+            x[i, j] = _clamp(x[i, j] + _requant(v, mult[j], c), RESID_LIMIT)
+
+
+@njit(inline="always", **_JIT)
+def _rope_head(vals, base, hd, cos, sin, t, out):
+    half = hd // 2
+    for d in range(half):
+        x1 = vals[base + d]
+        x2 = vals[base + half + d]
+        out[d] = _clamp(_rshift(x1 * cos[t, d] - x2 * sin[t, d], _ROPE_BITS), QKV_LIMIT)
+        out[half + d] = _clamp(_rshift(x2 * cos[t, d] + x1 * sin[t, d], _ROPE_BITS), QKV_LIMIT)
+
+
+@njit(inline="always", **_JIT)
+def _kv8(vec, hd, out8):
+    m = np.int64(0)
+    for d in range(hd):
+        m = max(m, abs(vec[d]))
+    safe = max(m, np.int64(1))
+    for d in range(hd):
+        out8[d] = (2 * KV_MAX * vec[d] + safe) // (2 * safe)
+    return m
+
+
+@njit(parallel=True, **_JIT)
+def _qkv(y, mult, shift, bias, has_bias, exp, cos, sin, n_t, nh, nkv, hd, kt, kmax, vc, vmax, slots,
+         q16, qe):  # pragma: no cover - compiled
+    m_rows = exp.shape[0]
+    n = y.shape[1]
+    per_row = cos.shape[0] > 1
+    for i in prange(m_rows):
+        b = i // n_t
+        t = i % n_t
+        slot = slots[b, t]
+        cs = cos[b] if per_row else cos[0]
+        sn = sin[b] if per_row else sin[0]
+        c = shift - exp[i] - ACT_FRAC
+        vals = np.empty(n, np.int64)
+        for j in range(n):
+            v = _requant((np.int64(y[i, j]) << 8) + np.int64(y[m_rows + i, j]), mult[j], c)
+            if has_bias:
+                v += bias[j]
+            vals[j] = _clamp(v, QKV_LIMIT)
+        r = np.empty(hd, np.int64)
+        q8 = np.empty(hd, np.int64)
+        for h in range(nh):
+            _rope_head(vals, h * hd, hd, cs, sn, t, r)
+            m = np.int64(0)
+            for d in range(hd):
+                m = max(m, abs(r[d]))
+            s = _fit(m, Q_MAX)
+            for d in range(hd):
+                q16[i, h, d] = _rshift(r[d], s)
+            qe[i, h] = s
+        for h in range(nkv):
+            _rope_head(vals, (nh + h) * hd, hd, cs, sn, t, r)
+            kmax[b, h, slot] = _kv8(r, hd, q8)
+            for d in range(hd):
+                kt[b, h, d, slot] = q8[d]
+            kmax_v = _kv8(vals[(nh + nkv + h) * hd:(nh + nkv + h + 1) * hd], hd, q8)
+            vmax[b, h, slot] = kmax_v
+            for d in range(hd):
+                vc[b, h, slot, d] = q8[d]
+
+
+@njit(parallel=True, **_JIT)
+def _mlp(y, mult, shift, exp, sig, out, oshift):  # pragma: no cover - compiled
+    m_rows = exp.shape[0]
+    inter = y.shape[1] // 2
+    for i in prange(m_rows):
+        c = shift - exp[i] - ACT_FRAC
+        a = np.empty(inter, np.int64)
+        m = np.int64(0)
+        for j in range(inter):
+            g = _clamp(_requant((np.int64(y[i, j]) << 8) + np.int64(y[m_rows + i, j]), mult[j], c), MLP_LIMIT)
+            jj = inter + j
+            u = _clamp(_requant((np.int64(y[i, jj]) << 8) + np.int64(y[m_rows + i, jj]), mult[jj], c), MLP_LIMIT)
+            idx = _clamp(_rshift(g, _SIG_SHIFT), _SIG_SPAN)
+            v = _rshift(g * sig[idx + _SIG_SPAN], _SIG_BITS) * u
+            a[j] = v
+            m = max(m, abs(v))
+        s = _fit(m, ACT_MAX)
+        for j in range(inter):
+            out[i, j] = _rshift(a[j], s)
+        oshift[i] = s
+
+
+@njit(parallel=True, **_JIT)
+def _attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c, exp2, lc, out):  # pragma: no cover - compiled
+    n_q, nh, hd = q16.shape
+    nkv = kt.shape[1]
+    group = nh // nkv
+    for item in prange(n_q * nkv):
+        n = item // nkv
+        h = item % nkv
+        r = crow[n]
+        n1 = a[n]
+        n2 = c[n] - b[n]
+        off = b[n]
+        length = n1 + n2
+        s = np.zeros((group, length), np.int32)   # |s| < 2^31 for head dims up to 256
+        for g in range(group):
+            sg = s[g]
+            sg2 = sg[n1:]
+            for d in range(hd):
+                qd = np.int32(q16[n, h * group + g, d])
+                kr = kt[r, h, d]
+                for j in range(n1):
+                    sg[j] += qd * np.int32(kr[j])
+                kr2 = kr[off:off + n2]
+                for j in range(n2):
+                    sg2[j] += qd * np.int32(kr2[j])
+        z = np.empty(length, np.int64)
+        acc = np.empty(hd, np.int64)
+        for g in range(group):
+            head = h * group + g
+            zmax = np.int64(-(1 << 62))
+            for jj in range(length):
+                j = jj if jj < n1 else off + jj - n1
+                z[jj] = np.int64(s[g, jj]) * np.int64(kmax[r, h, j])
+                zmax = max(zmax, z[jj])
+            sh = ATT_PRESHIFT - qe[n, head]
+            acc[:] = 0
+            total = np.int64(0)
+            for jj in range(length):
+                dd = min((zmax - z[jj]) >> sh, ATT_D_CAP)
+                u = (dd * lc) >> ATT_SHIFT
+                if u >= ATT_U_CAP:
+                    continue
+                p = exp2[u & 1023] >> ((u >> 10) + ATT_P_SHIFT)
+                if p == 0:
+                    continue
+                total += p
+                j = jj if jj < n1 else off + jj - n1
+                w = p * np.int64(vmax[r, h, j])
+                vr = vc[r, h, j]
+                for d in range(hd):
+                    acc[d] += w * np.int64(vr[d])
+            den = 127 * total
+            for d in range(hd):
+                out[n, head, d] = (2 * acc[d] + den) // (2 * den)
+
+
+@njit(parallel=True, **_JIT)
+def _gaps(y, mult, exp, out):  # pragma: no cover - compiled
+    n_rows = exp.shape[0]
+    vocab = y.shape[1]
+    for i in prange(n_rows):
+        lam = np.empty(vocab, np.int64)
+        top = np.int64(-(1 << 62))
+        for v in range(vocab):
+            lam[v] = ((np.int64(y[i, v]) << 8) + np.int64(y[n_rows + i, v])) * mult[v]
+            top = max(top, lam[v])
+        s = 20 - exp[i]
+        pre = max(s - OUT_PRE_LIMIT, 0)
+        rest = max(s - pre, 0)
+        for v in range(vocab):
+            out[i, v] = min(((min((top - lam[v]) >> pre, OUT_D_CAP)) * LOG2E_OUT) >> rest, OUT_U_CAP)
+
+
+# -- the same interface as ops_torch ------------------------------------------------------------
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.numpy()
+
+
+def _empty(shape, dtype) -> tuple[torch.Tensor, np.ndarray]:
+    """A new output array and the tensor on the same memory (numpy allocates faster than torch.empty)."""
+    arr = np.empty(shape, dtype=dtype)
+    return torch.from_numpy(arr), arr
+
+
+_THREADS = threading.local()
+SPLIT_PARALLEL_ROWS = 64
+
+
+def _threads() -> None:
+    """numba's thread count follows torch's (speed only); set only when it changes (the call is slow)."""
+    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if getattr(_THREADS, "n", None) != n:
+        numba.set_num_threads(n)
+        _THREADS.n = n
+
+
+def split(h16: torch.Tensor) -> torch.Tensor:
+    """int16 operand rows (|v| <= 32639) -> [hi rows; lo rows] int8 with v = 256 hi + lo, in one pass."""
+    out, arr = _empty((2 * h16.shape[0], h16.shape[1]), np.int8)
+    src = _np(h16.contiguous())
+    if h16.shape[0] >= SPLIT_PARALLEL_ROWS:
+        _threads()
+        _split_parallel(src, arr)
+    else:  # a decoding step's few rows: starting threads costs more than the pass
+        _split(src, arr)
+    return out
+
+
+def norm(x, gain, gain_shift, eps):
+    _threads()
+    out, out_a = _empty(x.shape, np.int16)
+    exp, exp_a = _empty((x.shape[0], 1), np.int64)
+    _norm(_np(x), _np(gain), gain_shift, _np(eps), out_a, exp_a.reshape(-1))
+    return out, exp
+
+
+def operand(x, limit: int = ACT_MAX):
+    _threads()
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    out, out_a = _empty(x2.shape, np.int16)
+    shift, shift_a = _empty((x2.shape[0], 1), np.int64)
+    _operand(_np(x2.contiguous()), limit, out_a, shift_a.reshape(-1))
+    return out.view(shape), shift.view(*shape[:-1], 1)
+
+
+def residual_add(x, y, mult, shift, exp) -> None:
+    _threads()
+    _residual_add(_np(x), _np(y), _np(mult), shift, _np(exp).reshape(-1))
+
+
+def qkv(y, mult, shift, bias, exp, cos, sin, B, T, nh, nkv, hd, kt, kmax, vc, vmax, slots):
+    """``slots`` [T] or [B*T], ``cos``/``sin`` [T, hd/2] or [B*T, hd/2] (ops_torch.qkv)."""
+    _threads()
+    per_row = slots.shape[0] == B * T != T
+    slots2 = (slots.view(B, T) if per_row else slots.expand(B, T)).contiguous()
+    cos3, sin3 = (cos.view(B, T, -1), sin.view(B, T, -1)) if per_row else (cos[None], sin[None])
+    q16, q16_a = _empty((B * T, nh, hd), np.int16)
+    qe, qe_a = _empty((B * T, nh), np.int64)
+    has_bias = bias is not None
+    b = _np(bias) if has_bias else np.zeros(1, dtype=np.int64)
+    _qkv(_np(y), _np(mult), shift, b, has_bias, _np(exp).reshape(-1), _np(cos3.contiguous()), _np(sin3.contiguous()),
+         T, nh, nkv, hd, _np(kt), _np(kmax), _np(vc), _np(vmax), _np(slots2), q16_a, qe_a)
+    return q16, qe
+
+
+def mlp(y, mult, shift, exp, sigmoid):
+    _threads()
+    m = exp.shape[0]
+    out, out_a = _empty((m, y.shape[1] // 2), np.int16)
+    oshift, oshift_a = _empty((m, 1), np.int64)
+    _mlp(_np(y), _np(mult), shift, _np(exp).reshape(-1), _SIG, out_a, oshift_a.reshape(-1))
+    return out, oshift
+
+
+def attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c):
+    _threads()
+    out, out_a = _empty(tuple(q16.shape), np.int64)
+    _attend(_np(q16), _np(qe), _np(kt), _np(kmax), _np(vc), _np(vmax), _np(crow), _np(a), _np(b), _np(c),
+            _EXP2, fixedmath.att_log2e(q16.shape[-1]), out_a)
+    return out
+
+
+def gaps(y, mult, exp):
+    _threads()
+    n = exp.shape[0]
+    out, out_a = _empty((n, y.shape[1]), np.int64)
+    _gaps(_np(y), _np(mult), _np(exp).reshape(-1), out_a)
+    return out
