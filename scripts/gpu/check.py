@@ -62,7 +62,7 @@ def check_inputs(small: bool) -> dict[str, tuple[bytes, dict, bytes | None]]:
     """
     n = INPUT_BYTES[small]
     readme = (REPO / "README.md").read_bytes()
-    code = (REPO / "lmcodec" / "coder.py").read_bytes()
+    code = (REPO / "lmcodec" / "coding" / "coder.py").read_bytes()
     return {
         "prose-l6": (readme[:n], {"level": 6}, None),
         "code-l3": (code[:n], {"level": 3}, None),
