@@ -20,10 +20,13 @@ several blocks).  Each one is then corrupted many ways:
   block table (stream entries included) or end record changed to a random or
   hostile value -- a varint field re-encoded (its length may change), or
   replaced by a non-minimal or overlong encoding -- and the CRC recomputed with
-  zlib.crc32, so the deeper checks are reached.  A v5 short-form archive (at most
-  one block: the corpus's small ones) has no CRC: its one check, over the
-  header's bytes and the original, is verified after decoding, so a changed
-  field of an LM archive that still parses reaches the model and fails after it.
+  zlib.crc32, so the deeper checks are reached.  A short-form archive (at most
+  one block: the corpus's archives of one block) has no CRC.  From format v6 an
+  LM one of at least ``PAYLOAD_CHECK_TOKENS`` tokens carries a payload check over
+  every byte but itself, so its damage is refused before the model; under that
+  size (and in v5) the one check, over the header's bytes and the original, is
+  verified after decoding, so a changed field that still parses reaches the
+  model and fails after it.
 
 Every result must be the exact original (e.g. a re-signed parameter a stored
 block does not use) or an :class:`lmcodec.LMCodecError` with a one-line
@@ -36,7 +39,9 @@ an LM block's decoding starts running it): nearly all must be refused by the
 CRC and structure checks first.  Mutations that by construction can only be
 caught after the model ran (a re-signed block checksum, a token count the
 block can still hold, a changed coding parameter of an LM archive) are
-limited to ``--deep`` cases.
+limited to ``--deep`` cases.  The report breaks "reached the model" down by the
+class of the archive a case starts from: stored, LM general form, LM short form
+with a payload check (must be 0), LM short form under the threshold.
 
     python scripts/corruption_campaign.py --count 10000 --seed 1 --json campaign.json
 """
@@ -61,7 +66,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import lmcodec  # noqa: E402
 from lmcodec.errors import LMCodecError  # noqa: E402
-from lmcodec.format.container import MODEL_IDS, VERSION, decode_varint, encode_varint  # noqa: E402
+from lmcodec.format.container import (  # noqa: E402
+    MODEL_IDS, PAYLOAD_CHECK_TOKENS, VERSION, decode_varint, encode_varint, has_payload_check,
+)
 
 LM_SETTINGS = dict(segment_tokens=24, lanes=2, context=32, threads=2)
 
@@ -82,6 +89,11 @@ TEXTS = {
              b"if __name__ == '__main__':\n    print([fib(i) for i in range(10)])\n"),
     "unicode": ("Grüße aus Köln! Ein naïves Café, 日本語のテキスト, и немного русского текста. "
                 "Emoji: 😀👍🏽. The end.\n").encode(),
+}
+#: Texts long enough (over PAYLOAD_CHECK_TOKENS tokens) for a v6 short-form archive's payload check.
+LONG_TEXTS = {
+    "prose-long": TEXTS["prose"] + TEXTS["code"],
+    "mixed-long": TEXTS["unicode"] + TEXTS["code"] + TEXTS["prose"][:120],
 }
 PROMPT = b"A Tale of Two Cities, by Charles Dickens. Book the First: Recalled to Life."
 
@@ -109,6 +121,22 @@ class Sample:
     header_end: int = 0
     records: list[Record] = field(default_factory=list)
     end_start: int = 0
+    payload_check: bool = False          # a v6 short-form LM archive whose damage is refused before the model
+
+    @property
+    def size_class(self) -> str:
+        """Which of the reliability promise's cases the archive is (docs/RELIABILITY.md)."""
+        if not self.lm:
+            return "stored"
+        if self.header.crc is not None:
+            return "LM, general form"
+        return ("LM, short form, payload check" if self.payload_check
+                else f"LM, short form, under {PAYLOAD_CHECK_TOKENS} tokens")
+
+    @property
+    def checked_late(self) -> bool:
+        """Whether damage to a field that still parses can only be found after the model ran."""
+        return self.lm and self.header.crc is None and not self.payload_check
 
     @property
     def header(self) -> Record:
@@ -191,7 +219,7 @@ def v5_header_fields(blob: bytes) -> tuple[list[tuple[str, int, int, str]], int]
 
 def header_fields(blob: bytes) -> tuple[list[tuple[str, int, int, str]], int, bool]:
     """The header's fields, where they end, and whether a CRC follows (v4, v5's general form)."""
-    if blob[2] == 5:
+    if blob[2] >= 5:
         fields, pos = v5_header_fields(blob)
         return fields, pos, bool(blob[3] & F5_GENERAL)
     fields, pos = v4_header_fields(blob)
@@ -225,6 +253,10 @@ def _describe_short(sample: Sample, pos: int, seg: int, lanes: int) -> None:
         p = end
     r.fields.append(("check", p, p + 4, "8s"))
     p += 4
+    if has_payload_check(blob[2], r.method, n_tokens if r.method == LM_METHOD else 0):
+        r.fields.append(("payload_check", p, p + 4, "8s"))
+        sample.payload_check = True
+        p += 4
     for length in lengths:
         p += length
         r.payload_ends.append(p)
@@ -299,6 +331,9 @@ def build_corpus(lm_codec: lmcodec.Codec, small: bool = False) -> list[Sample]:
     texts = dict(list(TEXTS.items())[:1]) if small else TEXTS
     for name, text in texts.items():
         out.append(Sample(f"lm-{name}", lm_codec.compress(text), text, None, True))
+    long_texts = dict(list(LONG_TEXTS.items())[:1]) if small else LONG_TEXTS
+    for name, text in long_texts.items():
+        out.append(Sample(f"lm-{name}", lm_codec.compress(text), text, None, True))
     if not small:
         out.append(Sample("lm-prose-prompt", lm_codec.compress(TEXTS["prose"], PROMPT),
                           TEXTS["prose"], PROMPT, True))
@@ -334,6 +369,7 @@ class Case:
     expected: bytes
     prompt: bytes | None
     deep: bool = False
+    size_class: str = ""                 # the class of the archive whose header the case starts with
 
 
 def _resign(buf: bytearray, start: int, end: int | None) -> None:
@@ -446,7 +482,7 @@ def random_case(rng: random.Random, corpus: list[Sample], kind: str) -> Case:
     if kind == "fingerprint":
         f = s.hfield("model_fingerprint")
         crc_at = h.crc
-        if f is None and s.blob[2] == 5:
+        if f is None and s.blob[2] >= 5:
             # v5 writes a registered model's id without a fingerprint (the id pins it): name the
             # model instead, with a fingerprint that is not its own (or give a stored-only archive one).
             section = bytes([len(MODEL_IDS[1])]) + MODEL_IDS[1].encode() + rng.randbytes(8)
@@ -487,7 +523,7 @@ def random_case(rng: random.Random, corpus: list[Sample], kind: str) -> Case:
             what = f"name {new!r}"
         else:
             buf, _, what, _ = _replace(rng, s, h, [(name, start, end, fmt)])
-        return Case(kind, s.name, what, bytes(buf), s.original, s.prompt, deep=s.lm)
+        return Case(kind, s.name, what, bytes(buf), s.original, s.prompt, deep=s.checked_late)
     if kind == "resign-block":
         if not s.blocks:
             return random_case(rng, corpus, "resign-end")
@@ -495,9 +531,9 @@ def random_case(rng: random.Random, corpus: list[Sample], kind: str) -> Case:
         buf, name, what, value = _replace(rng, s, blk, blk.fields)
         # Only a changed block checksum of an LM block, or a token count it can still hold,
         # survives to the model (and fails after it).
-        deep = s.lm and (name == "check" or (name == "n_tokens" and value is not None
-                                             and 1 <= value <= blk.raw_len)
-                         or (blk.crc is None and name.endswith("payload_words")))
+        deep = s.lm and not s.payload_check and (name == "check" or (name == "n_tokens" and value is not None
+                                                                     and 1 <= value <= blk.raw_len)
+                                                 or (blk.crc is None and name.endswith("payload_words")))
         return Case(kind, s.name, what, bytes(buf), s.original, s.prompt, deep=deep)
     if kind == "resign-end":
         e = s.records[-1]
@@ -531,6 +567,9 @@ def make_cases(corpus: list[Sample], count: int, seed: int, deep: int) -> list[C
             n_deep += 1
         cases.append(case)
     rng.shuffle(cases)
+    by_name = {s.name: s for s in corpus}
+    for case in cases:   # a splice starts with its first part's header
+        case.size_class = by_name[case.sample.split("+")[0]].size_class
     return cases
 
 
@@ -564,6 +603,8 @@ def run_cases(codec: lmcodec.Codec, cases: list[Case], timeout: int = 120, log=N
     by_kind: dict[str, Counter] = defaultdict(Counter)
     reached: Counter = Counter()
     reached_by_sample: Counter = Counter()
+    reached_by_class: Counter = Counter()
+    cases_by_class = Counter(case.size_class for case in cases)
     failures: list[dict] = []
     old_handler = signal.signal(signal.SIGALRM, _alarm)
     t0 = time.perf_counter()
@@ -593,6 +634,7 @@ def run_cases(codec: lmcodec.Codec, cases: list[Case], timeout: int = 120, log=N
             if model["runs"] > runs_before:
                 reached[case.kind] += 1
                 reached_by_sample[case.sample] += 1
+                reached_by_class[case.size_class] += 1
                 model["seconds"] += time.perf_counter() - t_case
             if outcome in ("wrong-output", "hang", "bad-message") or outcome.startswith("crash:"):
                 failures.append(dict(kind=case.kind, sample=case.sample, what=case.what, outcome=outcome,
@@ -613,6 +655,8 @@ def run_cases(codec: lmcodec.Codec, cases: list[Case], timeout: int = 120, log=N
                 by_kind={k: dict(sorted(v.items())) for k, v in sorted(by_kind.items())},
                 reached_model=sum(reached.values()), reached_model_by_kind=dict(sorted(reached.items())),
                 reached_model_by_sample=dict(sorted(reached_by_sample.items())),
+                reached_model_by_class={k: f"{reached_by_class[k]} of {n}" for k, n in sorted(cases_by_class.items())},
+                reached_model_above_threshold=reached_by_class["LM, short form, payload check"],
                 model_runs=model["runs"], model_seconds=round(model["seconds"], 1),
                 seconds=round(time.perf_counter() - t0, 1), failures=failures[:50])
 
@@ -630,6 +674,9 @@ def format_report(r: dict) -> str:
     lines.append(f"  multi-line message (must be 0): {r['bad_message']}")
     lines.append(f"  reached the model: {r['reached_model']} cases ({r['model_seconds']} s in the model)"
                  f" {r['reached_model_by_kind']}")
+    lines.append("  reached the model, by the archive the case starts from:")
+    for k, v in r["reached_model_by_class"].items():
+        lines.append(f"    {k:<36} {v}")
     lines.append("by mutation:")
     for kind, v in r["by_kind"].items():
         lines.append(f"  {kind:<18} " + ", ".join(f"{k}={n}" for k, n in v.items()))
@@ -659,7 +706,8 @@ def main(argv: list[str] | None = None) -> int:
     report.update(seed=args.seed, count=args.count, deep=args.deep, corpus_seconds=round(built, 1),
                   wall_seconds=round(time.perf_counter() - t0, 1),
                   corpus=[dict(name=s.name, archive_bytes=len(s.blob), original_bytes=len(s.original),
-                               lm=s.lm, prompt=s.prompt is not None, blocks=len(s.blocks)) for s in corpus],
+                               lm=s.lm, prompt=s.prompt is not None, blocks=len(s.blocks),
+                               size_class=s.size_class) for s in corpus],
                   command=" ".join([os.path.basename(sys.argv[0]), *(argv or sys.argv[1:])]))
     print(format_report(report))
     print(f"wall time {report['wall_seconds']} s")

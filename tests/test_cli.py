@@ -71,14 +71,14 @@ def test_stdin_to_stdout(runner):
     r = runner.invoke(main, ["-q", "compress", *FAST, "-"], input=TEXT)
     assert r.exit_code == 0
     archive = r.stdout_bytes
-    assert archive.startswith(b"\x89L\x05")
+    assert archive.startswith(b"\x89L\x06")
     r = runner.invoke(main, ["-q", "decompress", "-"], input=archive)
     assert r.exit_code == 0 and r.stdout_bytes == TEXT
 
 
 def test_stdout_flag_and_output_option(runner, text_file, tmp_path):
     r = run(runner, "compress", "-c", *FAST, text_file)
-    assert r.exit_code == 0 and r.stdout_bytes.startswith(b"\x89L\x05")
+    assert r.exit_code == 0 and r.stdout_bytes.startswith(b"\x89L\x06")
     out = tmp_path / "custom.bin"
     assert run(runner, "compress", *FAST, "-o", out, text_file).exit_code == 0
     r = run(runner, "decompress", "-c", out)
@@ -150,7 +150,7 @@ def test_info_json(runner, text_file):
     r = run(runner, "info", "--json", text_file.with_name("note.txt.lmc"))
     doc = json.loads(r.stdout)
     assert doc["model"] == "smollm2-135m" and doc["original_bytes"] == len(TEXT)
-    assert doc["format_version"] == 5 and "tokenizer_fingerprint" not in doc  # v4 and v5 store none
+    assert doc["format_version"] == 6 and "tokenizer_fingerprint" not in doc  # v4 to v6 store none
     assert doc["layout"] == "short" and doc["dictionary"] is None and doc["framing_bytes"] < 32
     assert len(doc["model_fingerprint"]) == 16  # its first 8 bytes
     assert doc["segment_tokens"] == 24 and doc["lanes"] == 2 and doc["context"] == 32

@@ -26,6 +26,7 @@ from lmcodec.format.container import (
     MAX_LANES,
     MODEL_FINGERPRINTS,
     OLD_VERSIONS,
+    PAYLOAD_CHECK_TOKENS,
     VARINT_MAX,
     VERSION,
     Block,
@@ -156,7 +157,7 @@ def test_pack_parse_round_trip(arch):
 def test_header_pack_parse_round_trip(header):
     blob = header.pack() + End(0, digest(b""), 0).pack()
     assert Reader(io.BytesIO(blob), len(blob)).header() == header
-    assert blob[:3] == b"\x89L\x05" and VERSION == 5
+    assert blob[:3] == b"\x89L\x06" and VERSION == 6
 
 
 def v4_body(flags: int, level: int, mixer: int, values: tuple[int, int, int, int], name: bytes = b"",
@@ -202,14 +203,15 @@ def v3_header(name: bytes | None, fps: bytes, pcheck: bytes | None, level: int, 
 
 
 def v5_fields(flags: int, level: int, mixer: int, values: tuple[int, int, int, int], name: bytes = b"",
-              model_id: int = 1, fp: bytes = b"", dict_id: bytes = b"", pcheck: bytes = b"") -> bytes:
-    """A v5 header as docs/FORMAT.md lays it out, whatever the values, without a CRC:
-    magic 89 4C, version 5, flags, level; mixer, context and segment tokens at level 0
+              model_id: int = 1, fp: bytes = b"", dict_id: bytes = b"", pcheck: bytes = b"",
+              version: int = 6) -> bytes:
+    """A v5/v6 header (one layout) as docs/FORMAT.md lays it out, whatever the values, without a CRC:
+    magic 89 4C, version (6 unless given), flags, level; mixer, context and segment tokens at level 0
     only; lanes and block size with flag bit 4; the model id with bit 2, else the name
     and ``fp`` with bit 3; the dictionary id with bit 1; the prompt check with bit 0.
     Written independently of Header.fields."""
     context, seg, lanes, block = values
-    body = b"\x89L" + bytes([5, flags, level])
+    body = b"\x89L" + bytes([version, flags, level])
     if level == 0:
         body += bytes([mixer]) + ref_varint(context) + ref_varint(seg)
     body += ref_varint(lanes) + ref_varint(block) if flags & 16 else b""
@@ -268,32 +270,58 @@ def _default_header(**kw) -> Header:
     return Header(**fields)
 
 
+def payload_check_of(framing: bytes, payloads: list[bytes]) -> bytes:
+    """The documented v6 payload check: BLAKE2b-32, personalised ``lmcodec-v6-pay``, of every byte
+    before it (header, lengths, content check), then the payloads."""
+    import hashlib
+
+    return hashlib.blake2b(framing + b"".join(payloads), digest_size=4, person=b"lmcodec-v6-pay").digest()
+
+
 def test_a_small_file_has_at_most_16_bytes_of_framing():
-    """The issue's target: one block of the default model at a level, a 32-bit check included."""
+    """One block of the default model at a level, a 32-bit check included: a record under the
+    payload-check threshold keeps at most 16 bytes of framing; from PAYLOAD_CHECK_TOKENS tokens on
+    the 4-byte payload check follows the content check."""
     h = _default_header()
-    for raw_len, n_tokens, words, framing in ((197, 60, 8, 14), (1400, 400, 16, 15), (12000, 3000, 470, 16)):
+    for raw_len, n_tokens, words, framing in ((197, 60, 8, 14), (250, PAYLOAD_CHECK_TOKENS - 1, 9, 14),
+                                              (250, PAYLOAD_CHECK_TOKENS, 9, 14 + 4), (1400, 400, 16, 15 + 4),
+                                              (12000, 3000, 470, 16 + 4)):
         raw = bytes(raw_len)
         block = Block.build(Method.LM, raw, [bytes(4 * words)], segment_layout(n_tokens, 8192))
         blob = pack_short(h, block, raw)
         assert len(blob) - 4 * words == framing, raw_len
-        head = b"\x89L\x05" + bytes([2 << 6 | 4, 6, 1])  # magic, version, flags (LM, model id), level, id
+        head = b"\x89L\x06" + bytes([2 << 6 | 4, 6, 1])  # magic, version, flags (LM, model id), level, id
         assert blob[:6] == head
         lengths = ref_varint(raw_len) + ref_varint(n_tokens) + ref_varint(words)
-        assert blob[6:framing] == lengths + short_check(head, raw)
+        expected = head + lengths + short_check(head, raw)
+        if n_tokens >= PAYLOAD_CHECK_TOKENS:
+            expected += payload_check_of(expected, block.payloads)
+        assert blob[:framing] == expected
         rh, blocks, end = _parse(blob)
         assert rh == h and blocks[0].verify(raw) and not blocks[0].verify(bytes([1]) + raw[1:])
+        assert blocks[0].payload_checked == (n_tokens >= PAYLOAD_CHECK_TOKENS)
         assert (blocks[0].tokens, blocks[0].payloads, end.n_blocks, end.total_len) == (
             block.tokens, block.payloads, 1, raw_len)
     # A dictionary id adds its 4 bytes; a prompt its 4-byte check.
     raw = bytes(1400)
     block = Block.build(Method.LM, raw, [bytes(64)], [400])
-    assert len(pack_short(_default_header(dict_id=b"\xd1\xc7\x00\x01"), block, raw)) - 64 == 15 + 4
+    assert len(pack_short(_default_header(dict_id=b"\xd1\xc7\x00\x01"), block, raw)) - 64 == 19 + 4
     assert len(pack_short(_default_header(dict_id=b"\x01" * 4, model_name="", model_fingerprint=b""),
-                          block, raw)) - 64 == 15 + 4 - 1   # the dictionary names the model
-    assert len(pack_short(_default_header(has_prompt=True, prompt_check=prompt_check(b"k")), block, raw)) - 64 == 19
+                          block, raw)) - 64 == 19 + 4 - 1   # the dictionary names the model
+    assert len(pack_short(_default_header(has_prompt=True, prompt_check=prompt_check(b"k")), block, raw)) - 64 == 23
     # An empty input: no block, just the check of the header and no bytes.
     blob = pack_short(_default_header(), None, b"")
     assert len(blob) == 6 + 1 + 4 and _parse(blob)[1:] == ([], End(0, blob[-4:], 0))
+
+
+def test_v5_short_form_has_no_payload_check():
+    """Format v5 wrote no payload check at any size: its archives of 64 tokens or more still parse
+    (the version byte, not the token count alone, says whether the check is there)."""
+    raw = bytes(1400)
+    head = v5_fields(2 << 6 | 4, 6, 0, (0, 0, 0, 0), version=5)
+    blob = head + ref_varint(1400) + ref_varint(400) + ref_varint(16) + short_check(head, raw) + bytes(64)
+    h, blocks, end = _parse(blob)
+    assert h.version == 5 and not blocks[0].payload_checked and blocks[0].verify(raw) and end.total_len == 1400
 
 
 def test_header_writes_what_the_format_holds():
@@ -852,13 +880,14 @@ def test_short_form_every_truncation_and_extension_is_caught(arch, data):
                        min_size=4, max_size=4),
        model_id=st.integers(0, 3), name=st.one_of(st.binary(max_size=12), st.just(b"smollm2-135m")),
        fp=st.one_of(st.binary(min_size=8, max_size=8), st.just(DEFAULT_FP)), dict_id=st.binary(min_size=4, max_size=4),
-       pcheck=st.binary(min_size=4, max_size=4), raw=st.binary(max_size=8))
+       pcheck=st.binary(min_size=4, max_size=4), raw=st.binary(max_size=8), version=st.sampled_from([5, 6]))
 def test_v5_header_fields_parse_in_range_or_fail_cleanly(flags, level, mixer, values, model_id, name, fp, dict_id,
-                                                         pcheck, raw):
-    """Any value in any v5 header field (short form, then a raw block; or the general form with a
-    valid CRC): an in-range header that packs back to the same bytes, or a clean one-line refusal."""
+                                                         pcheck, raw, version):
+    """Any value in any v5 or v6 header field (short form, then a raw block; or the general form with a
+    valid CRC): an in-range header that packs back to the same bytes (v6, what is written), or a clean
+    one-line refusal."""
     context, seg, lanes, block = values
-    head = v5_fields(flags, level, mixer, values, name, model_id, fp, dict_id, pcheck)
+    head = v5_fields(flags, level, mixer, values, name, model_id, fp, dict_id, pcheck, version)
     if flags & 32:
         blob = _resigned_header(head)
     else:
@@ -879,7 +908,7 @@ def test_v5_header_fields_parse_in_range_or_fail_cleanly(flags, level, mixer, va
                 or not 16 <= context <= MAX_CONTEXT or not 1 <= seg <= 1 << 30
                 or not 1 <= lanes <= MAX_LANES or not 4096 <= block <= 64 << 20 or not name_ok)
     else:
-        assert h.version == 5 and h.level == level and h.has_prompt == bool(flags & 1)
+        assert h.version == version and h.level == level and h.has_prompt == bool(flags & 1)
         assert (h.lanes, h.block_size) == ((lanes, block) if flags & 16 else (64, 4 << 20))
         if level:
             assert LEVELS[level] == Level(h.segment_tokens, h.context, h.mixer)
@@ -890,7 +919,8 @@ def test_v5_header_fields_parse_in_range_or_fail_cleanly(flags, level, mixer, va
             assert (h.model_name, h.model_fingerprint) == ("smollm2-135m", DEFAULT_FP)
         else:
             assert h.model_fingerprint == (fp if flags & 8 else b"")
-        assert h.fields(None if flags & 32 else flags >> 6) == head  # one encoding per header
+        if version == VERSION:
+            assert h.fields(None if flags & 32 else flags >> 6) == head  # one encoding per header
 
 
 def test_v5_refuses_what_no_encoder_writes():

@@ -581,13 +581,17 @@ def test_corruption_campaign_small(codec):
     assert report["failures_total"] == 0, campaign.format_report(report)
     assert report["wrong_output"] == report["crash"] == report["hang"] == 0
     assert report["rejected"] + report["exact_original"] == 300
-    # A general-form archive (CRCs) refuses nearly everything before the model runs.  A short-form
-    # LM archive (one check, after decoding) runs the model for a damaged header or payload that
-    # still parses, and must then refuse it.
-    short_lm = {smp.name for smp in corpus if smp.lm and smp.header.crc is None}
-    assert short_lm, [smp.name for smp in corpus]
+    # A general-form archive (CRCs) refuses nearly everything before the model runs, and so does a
+    # v6 short-form LM archive with a payload check (PAYLOAD_CHECK_TOKENS tokens or more): none of
+    # its cases may reach the model.  A short-form LM archive under the threshold (one check, after
+    # decoding) runs the model for a damaged header or payload that still parses, and must then
+    # refuse it.
+    classes = {smp.name: smp.size_class for smp in corpus}
+    assert set(classes.values()) >= {"LM, short form, payload check", "stored"}, classes
+    assert any(c.startswith("LM, short form, under") for c in classes.values()), classes
+    assert report["reached_model_above_threshold"] == 0, campaign.format_report(report)
     general = sum(n for name, n in report["reached_model_by_sample"].items()
-                  if name.split("+")[0] not in short_lm)   # a splice: the header of its first part
+                  if classes[name.split("+")[0]] in ("stored", "LM, general form"))
     assert general <= 2 + 3, campaign.format_report(report)
 
 

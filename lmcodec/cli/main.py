@@ -432,7 +432,8 @@ def info(ctx: Context, archive, as_json):
             blocks.append({"method": rec.method.name.lower(), "bytes": rec.raw_len,
                            "segments": len(rec.tokens), "streams": len(rec.streams) if rec.method == Method.LM else 0,
                            "tokens": rec.n_tokens,
-                           "stored_bytes": sum(len(p) for p in rec.payloads)})
+                           "stored_bytes": sum(len(p) for p in rec.payloads),
+                           **({"payload_check": rec.payload_checked} if reader.short_form else {})})
         archive_bytes = reader.offset
     doc = {
         "format_version": header.version, "model": header.model_name or None,
@@ -457,7 +458,8 @@ def info(ctx: Context, archive, as_json):
         if k == "blocks":
             for i, b in enumerate(v):
                 click.echo(f"block {i}: {b['method']}, {b['bytes']} bytes, {b['segments']} segments, "
-                           f"{b['streams']} streams, {b['tokens']} tokens, {b['stored_bytes']} stored bytes")
+                           f"{b['streams']} streams, {b['tokens']} tokens, {b['stored_bytes']} stored bytes"
+                           + (", payload check" if b.get("payload_check") else ""))
         elif isinstance(v, float):
             click.echo(f"{k}: {v:.4f}")
         else:

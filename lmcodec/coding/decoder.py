@@ -44,7 +44,7 @@ class BlockDecoder:
         for block, raw in zip(blocks, raws):
             if not block.verify(raw):
                 hint = ""
-                if block.check_key:  # v5 short form: no CRCs, so damage is found here too
+                if block.check_key and not block.payload_checked:  # short form: damage is found here too
                     hint = (" -- the archive is damaged" + (", or the engine computed different numbers than "
                             "the encoder's ('lmcodec selftest' tells)" if block.method == Method.LM else ""))
                 elif block.method == Method.LM:

@@ -70,6 +70,12 @@ READ_CHUNK = 1 << 20
 #: The short form's one check (>= 32 bits, the issue's floor): a wrong decode or
 #: damaged archive passes it with chance 2^-32.
 SHORT_CHECK_BYTES = 4
+#: Format v6: a short-form LM block of at least this many tokens carries a payload check, so
+#: damage to its payloads or lengths is refused before the model runs.  Below it the whole
+#: decode is about two seconds of one-row model steps on 2 CPU cores (docs/FORMAT.md, "Payload
+#: check"): records that small keep v5's framing and are checked after decoding.
+PAYLOAD_CHECK_TOKENS = 64
+PAYLOAD_CHECK_BYTES = 4
 #: The smallest stream-table entry: a one-byte payload-length varint and the payload's CRC32.
 MIN_STREAM_ENTRY = 1 + _CRC.size
 BLOCK_TAG = 0x42  # 'B'
@@ -112,6 +118,19 @@ def short_hasher(header_bytes: bytes) -> "hashlib.blake2b":
     return h
 
 
+def has_payload_check(version: int, method: int, n_tokens: int) -> bool:
+    """Whether a short-form archive carries a payload check: from format v6, an LM block of
+    :data:`PAYLOAD_CHECK_TOKENS` tokens or more (decoding it would take more than a moment)."""
+    return version >= 6 and method == Method.LM and n_tokens >= PAYLOAD_CHECK_TOKENS
+
+
+def payload_hasher() -> "hashlib.blake2b":
+    """The v6 short form's payload check: BLAKE2b-32 personalised ``lmcodec-v6-pay`` over every
+    byte of the archive before it (the header, the block's lengths, the content check), then
+    the payloads -- everything but itself, so any damage is refused before the model runs."""
+    return hashlib.blake2b(digest_size=PAYLOAD_CHECK_BYTES, person=b"lmcodec-v6-pay")
+
+
 @dataclass(frozen=True)
 class StreamEntry:
     payload_len: int
@@ -138,6 +157,9 @@ class Block:
     #: The v5 short form's header bytes: ``check`` is then :func:`short_hasher` of them and the
     #: original, not ``B2(original)`` (b"": a general-form, v4 or v3 block).
     check_key: bytes = field(default=b"", compare=False, repr=False)
+    #: Whether the v6 short form's payload check covered this block's payloads and lengths
+    #: (damage refused before decoding, so a wrong decode afterwards is the engine's).
+    payload_checked: bool = field(default=False, compare=False, repr=False)
 
     @property
     def n_tokens(self) -> int:
@@ -187,7 +209,9 @@ def pack_short(header: Header, block: Block | None, raw: bytes) -> bytes:
 
     Header fields (the block's method in the flags), the raw length, an LM block's
     token count and stream lengths in 32-bit words, or a zstd block's payload length,
-    the check over the header's bytes and ``raw`` (:func:`short_hasher`), the payloads.
+    the check over the header's bytes and ``raw`` (:func:`short_hasher`), for a block of
+    :data:`PAYLOAD_CHECK_TOKENS` tokens or more the payload check (:func:`payload_hasher`),
+    the payloads.
     """
     if block is None:
         if raw:
@@ -216,7 +240,13 @@ def pack_short(header: Header, block: Block | None, raw: bytes) -> bytes:
             body += encode_varint(len(block.payloads[0]))
     check = short_hasher(head)
     check.update(raw)
-    return head + bytes(body) + check.digest() + b"".join(block.payloads)
+    framing = head + bytes(body) + check.digest()
+    if has_payload_check(VERSION, block.method, sum(block.tokens)):
+        payload_check = payload_hasher()
+        for part in (framing, *block.payloads):
+            payload_check.update(part)
+        framing += payload_check.digest()
+    return framing + b"".join(block.payloads)
 
 
 @dataclass(frozen=True)
@@ -318,6 +348,7 @@ class Reader(HeaderFields):
         #: v5 short form: the header's bytes (what its check is keyed by) and the block's method.
         self._short_key = b""
         self._short_method = 0
+        self._short_version = 0
         self._short_done = False
 
     def _read(self, n: int, what: str) -> bytes:
@@ -341,8 +372,12 @@ class Reader(HeaderFields):
             self._left -= n
         return data
 
-    def _payloads(self, entries: list[StreamEntry], keep: bool) -> tuple[list[bytes], list[int], bytes]:
-        """Read (``keep``) or skim the streams' payloads: (payloads, their CRC-32s, the first one's head)."""
+    def _payloads(self, entries: list[StreamEntry], keep: bool,
+                  hasher: "hashlib.blake2b | None" = None) -> tuple[list[bytes], list[int], bytes]:
+        """Read (``keep``) or skim the streams' payloads: (payloads, their CRC-32s, the first one's head).
+
+        ``hasher``: also fed every payload byte (the v6 short form's payload check).
+        """
         payloads, crcs, first = [], [], b""
         for i, e in enumerate(entries):
             what = f"payload of stream {i}"
@@ -350,13 +385,15 @@ class Reader(HeaderFields):
                 p = self._read(e.payload_len, what)
                 crc, first = zlib.crc32(p), first or p
                 payloads.append(p)
+                if hasher is not None:
+                    hasher.update(p)
             else:
-                crc, head = self._skim(e.payload_len, what, keep=_ZSTD_HEAD)
+                crc, head = self._skim(e.payload_len, what, keep=_ZSTD_HEAD, hasher=hasher)
                 first = first or head
             crcs.append(crc)
         return payloads, crcs, first
 
-    def _skim(self, n: int, what: str, keep: int) -> tuple[int, bytes]:
+    def _skim(self, n: int, what: str, keep: int, hasher: "hashlib.blake2b | None" = None) -> tuple[int, bytes]:
         """CRC32 of the next ``n`` bytes, read in pieces; also return the first ``keep`` bytes."""
         crc, head, done = 0, b"", 0
         while done < n:
@@ -364,6 +401,8 @@ class Reader(HeaderFields):
             if done < keep:
                 head += part[:keep - done]
             crc = zlib.crc32(part, crc)
+            if hasher is not None:
+                hasher.update(part)
             done += len(part)
         return crc, head
 
@@ -405,7 +444,7 @@ class Reader(HeaderFields):
                 f"archive format version {version} is not supported (this lmcodec reads {reads})")
         body += self._read(1, "header")
         flags = body[-1]
-        if version == 5:
+        if version >= 5:
             fields = self._fields_v5(body, flags)
         else:
             fields = self._fields_v3(body, flags) if version == 3 else self._fields_v4(body, flags)
@@ -414,9 +453,10 @@ class Reader(HeaderFields):
             if zlib.crc32(body) != crc:
                 raise CorruptArchiveError("archive header is corrupted (CRC mismatch)")
         header = self._checked(version, flags, **fields)
-        if version == 5 and not flags & F5_GENERAL:
+        if version >= 5 and not flags & F5_GENERAL:
             self._short_key = bytes(body)
             self._short_method = flags >> F5_METHOD_SHIFT
+            self._short_version = version
         if self._prescan and self._left is not None and _seekable(self._s):
             self._scan(header)
         return header
@@ -577,7 +617,18 @@ class Reader(HeaderFields):
         else:
             entries = [StreamEntry(raw_len, 0)]
         check = self._read(SHORT_CHECK_BYTES, "block check")
-        payloads, crcs, first = self._payloads(entries, keep)
+        payload_check = None
+        if has_payload_check(self._short_version, method, n_tokens):
+            stored = self._read(PAYLOAD_CHECK_BYTES, "payload check")
+            payload_check = payload_hasher()
+            for part in (self._short_key, body, check):
+                payload_check.update(part)
+        payloads, crcs, first = self._payloads(entries, keep, payload_check)
+        if payload_check is not None and payload_check.digest() != stored:
+            raise CorruptArchiveError("archive is damaged: its payload check does not match (the header, the "
+                                      "block's lengths or its payloads changed); refused before decoding")
+        if not self.at_eof():   # the short form is the whole archive
+            raise CorruptArchiveError("trailing data after the end of the archive")
         entries = [StreamEntry(e.payload_len, crc) for e, crc in zip(entries, crcs)]   # computed, not stored
         if method == Method.ZSTD and _zstd_content_size(first[:_ZSTD_HEAD]) != raw_len:
             raise CorruptArchiveError(f"zstd block at offset {start} does not declare its length")
@@ -586,7 +637,7 @@ class Reader(HeaderFields):
             return End(0, check, 0)
         self._blocks, self._total = 1, raw_len
         tokens = segment_layout(n_tokens, header.segment_tokens) if keep and method == Method.LM else []
-        return Block(method, raw_len, check, tokens, entries, payloads, self._short_key)
+        return Block(method, raw_len, check, tokens, entries, payloads, self._short_key, payload_check is not None)
 
     @staticmethod
     def _check_layout(method: Method, raw_len: int, n_tokens: int, entries: list[StreamEntry],

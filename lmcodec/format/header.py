@@ -32,10 +32,10 @@ MAGIC = b"\x89LMC"
 #: The magic from version 5 on: two bytes, then the version byte.  The byte after
 #: them is 0x4D ('M') in an archive of versions 1..4, so 0x4D is never a version.
 MAGIC5 = b"\x89L"
-VERSION = 5
+VERSION = 6
 #: Versions this lmcodec reads: 5 (what it writes), 4 and 3 (lmcodec 0.2's
 #: layouts: the blocks and end record of v5's general form under longer headers).
-READ_VERSIONS = (3, 4, 5)
+READ_VERSIONS = (3, 4, 5, 6)
 #: Format versions this lmcodec cannot read, and the release that reads them.
 OLD_VERSIONS = {1: "lmcodec 0.1.x (before format v2)", 2: "lmcodec 0.1.x (the float engine)"}
 MAX_BLOCK_SIZE = 64 << 20
@@ -376,7 +376,7 @@ class HeaderFields:
                  seg: int | None, lanes: int, block_size: int, name: bytes, model_id: int | None,
                  mfp: bytes, tfp: bytes, pcheck: bytes, dict_id: bytes = b"") -> Header:
         """The header, once its fields are in the ranges an encoder can write (CRC, if any, checked)."""
-        if version == 5:
+        if version >= 5:
             # Exactly one encoding per header: the layout only when not the defaults, one way
             # to name the model, a method only in the short form (0 raw, 1 zstd, 2 LM).
             invalid = (flags & F5_MODEL_ID and flags & F5_MODEL_NAME) \
@@ -413,7 +413,7 @@ class HeaderFields:
                     f"archive names registered model #{model_id}, which this lmcodec does not know "
                     "(a newer lmcodec wrote it)")
             name = MODEL_IDS[model_id].encode("utf-8")
-            if version == 5:  # the id determines the fingerprint
+            if version >= 5:  # the id determines the fingerprint
                 mfp = MODEL_FINGERPRINTS[model_id][:MODEL_CHECK_BYTES]
         try:
             model_name = name.decode("utf-8")
