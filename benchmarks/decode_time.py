@@ -19,7 +19,8 @@ import platform
 import time
 
 import lmcodec
-from lmcodec.format.container import PAYLOAD_CHECK_TOKENS, Reader
+from lmcodec.format.container import PAYLOAD_CHECK_TOKENS
+from lmcodec.format.reader import Reader
 
 from .corpus import add_file_args, read_file_arg
 

@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 import lmcodec
-from lmcodec.format.container import End, Reader
+from lmcodec.format.container import End
+from lmcodec.format.reader import Reader
 
 
 def measure(codec: lmcodec.Codec, path: Path) -> tuple[dict, bytes]:

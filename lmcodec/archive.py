@@ -6,8 +6,8 @@ header, the content digest, the end record.  It never holds more than the
 executor has in flight (and, to choose the layout, one block ahead).
 
 An input of at most one block (every file up to the block size) is written in
-the format's short form (:func:`lmcodec.format.container.pack_short`: one check, no
-end record); two blocks or more in the general form (header, blocks, end).
+the format's short form (:func:`lmcodec.format.container.pack_short`: one check, and a
+payload check from 64 tokens; no end record); two blocks or more in the general form (header, blocks, end).
 """
 
 from __future__ import annotations
@@ -25,17 +25,8 @@ from .coding.modelcache import ModelCache
 from .coding.settings import Settings, Stats
 from .errors import ChecksumError, CorruptArchiveError, LMCodecError, PromptMismatchError
 from .executors import DecodeJob, EncodeJob, Executor
-from .format.container import (
-    MODEL_CHECK_BYTES,
-    Block,
-    End,
-    Header,
-    Method,
-    Reader,
-    content_hasher,
-    pack_short,
-    prompt_check,
-)
+from .format.container import MODEL_CHECK_BYTES, Block, End, Header, Method, content_hasher, pack_short, prompt_check
+from .format.reader import Reader
 from .progress import Progress
 
 #: The decoder gathers consecutive LM blocks until their segments fill its rows or
@@ -93,7 +84,7 @@ class ArchiveSink:
     The layout depends on the block count, known only when a second block comes
     or the input ends: the first block is held back until then.  At most one
     block (every file up to the block size) gives the short form
-    (:func:`lmcodec.format.container.pack_short`: one check, no end record), written on
+    (:func:`lmcodec.format.container.pack_short`: no CRCs, no end record), written on
     :meth:`finish`; two or more give the general form: the header when the
     second block comes, then the records, the end record on :meth:`finish`.
 

@@ -25,7 +25,8 @@ from .coding.settings import DECODE_ROWS, DEFAULT_LEVEL, Settings, Stats, max_kv
 from .dictionary.adapter import Adapter
 from .executors import Executor, InProcessExecutor
 from .fileobj import LMCodecFile
-from .format.container import Header, Reader, segment_layout
+from .format.container import Header, segment_layout
+from .format.reader import Reader
 from .progress import Progress, ProgressCallback
 
 

@@ -67,7 +67,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import lmcodec  # noqa: E402
 from lmcodec.errors import LMCodecError  # noqa: E402
 from lmcodec.format.container import (  # noqa: E402
-    MODEL_IDS, PAYLOAD_CHECK_TOKENS, VERSION, decode_varint, encode_varint, has_payload_check,
+    MODEL_IDS,
+    PAYLOAD_CHECK_TOKENS,
+    decode_varint,
+    encode_varint,
+    has_payload_check,
 )
 
 LM_SETTINGS = dict(segment_tokens=24, lanes=2, context=32, threads=2)
@@ -271,7 +275,7 @@ def describe(sample: Sample) -> Sample:
     fields, pos, signed = header_fields(blob)
     h = Record("header", 0, pos if signed else None, fields)
     sample.records = [h]
-    header = lmcodec.format.container.Reader(io.BytesIO(blob), len(blob)).header()
+    header = lmcodec.format.reader.Reader(io.BytesIO(blob), len(blob)).header()
     seg, lanes = header.segment_tokens, header.lanes
     if not signed:
         sample.header_end = pos

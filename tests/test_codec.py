@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import zlib
 
 import pytest
 from conftest import FAST, SAMPLES
@@ -22,7 +21,8 @@ from lmcodec.errors import (
     TruncatedArchiveError,
     UsageError,
 )
-from lmcodec.format.container import Method, Reader, stream_groups
+from lmcodec.format.container import Method, stream_groups
+from lmcodec.format.reader import Reader
 
 TEXT = (b"It was the best of times, it was the worst of times, it was the age of wisdom, "
         b"it was the age of foolishness, it was the epoch of belief.\n")

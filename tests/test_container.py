@@ -34,7 +34,6 @@ from lmcodec.format.container import (
     Header,
     Level,
     Method,
-    Reader,
     StreamEntry,
     decode_varint,
     digest,
@@ -48,6 +47,7 @@ from lmcodec.format.container import (
     stream_tokens,
 )
 from lmcodec.format.header import MIXER_MASK
+from lmcodec.format.reader import Reader
 
 DEFAULT_FP = MODEL_FINGERPRINTS[1][:8]
 

@@ -26,7 +26,8 @@ from click.testing import CliRunner
 import lmcodec
 from lmcodec.cli.main import main
 from lmcodec.errors import ModelMismatchError
-from lmcodec.format.container import VERSION, End, Reader
+from lmcodec.format.container import VERSION, End
+from lmcodec.format.reader import Reader
 
 DATA = Path(__file__).parent / "data"
 TEXT = (b"lmcodec format v3 fixture.\r\nThe quick brown fox jumps over the lazy dog.\n\x00\xff invalid utf-8 "

@@ -187,7 +187,7 @@ def test_every_online_model_round_trips_through_the_codec(mixer):
     """Each component alone (the ablation's variants) decodes to the input; the header keeps it."""
     import io
 
-    from lmcodec.format.container import Reader
+    from lmcodec.format.reader import Reader
 
     data = b"to be or not to be, that is the question; to be or not to be.\n" * 2
     c = Codec(segment_tokens=20, context=24, lanes=2, threads=2, method="lm", mixer=MixerConfig.parse(mixer).mask)

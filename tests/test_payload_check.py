@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 import lmcodec
 from lmcodec.coding.modelcache import ModelCache
 from lmcodec.errors import LMCodecError
-from lmcodec.format.container import PAYLOAD_CHECK_TOKENS, End, Reader
+from lmcodec.format.container import PAYLOAD_CHECK_TOKENS, End
+from lmcodec.format.reader import Reader
 
 SMALL = dict(segment_tokens=16, context=32, lanes=2, mixer=64 | 1)
 TEXTS = (

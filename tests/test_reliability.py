@@ -70,8 +70,6 @@ from lmcodec.format.container import (
     End,
     Header,
     Method,
-    Reader,
-    decode_varint,
     digest,
     encode_varint,
     lm_payload_limit,
@@ -79,6 +77,7 @@ from lmcodec.format.container import (
     stream_count,
     stream_groups,
 )
+from lmcodec.format.reader import Reader
 
 ROOT = Path(__file__).resolve().parents[1]
 V = MAGIC + bytes([4])  # the start of a v4 archive (still read; the hostile-header tests build v4)

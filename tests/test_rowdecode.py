@@ -22,7 +22,8 @@ from lmcodec.coding.tokens import ByteTokenizer
 from lmcodec.engine import models
 from lmcodec.engine.engine import Engine
 from lmcodec.engine.quantize import load_int_model
-from lmcodec.format.container import End, Method, Reader, stream_groups
+from lmcodec.format.container import End, Method, stream_groups
+from lmcodec.format.reader import Reader
 
 TEXT = (b"It was the best of times, it was the worst of times, it was the age of wisdom, "
         b"it was the age of foolishness; 12345 \xff\xfe end.\n")

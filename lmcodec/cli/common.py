@@ -1,8 +1,9 @@
-"""Helpers every ``lmcodec`` command shares: the context, one-line errors, progress bars, prompts.
+"""Helpers every ``lmcodec`` command shares: the context, one-line errors, progress bars, prompts,
+and the input and output files of both command-line forms.
 
-A module of its own so that commands living outside :mod:`lmcodec.cli.main` (``probe``
-in :mod:`lmcodec.cli.probe`) import them without importing ``cli``, which in turn
-registers those commands: no import circle.
+A module of its own so that the subcommands (:mod:`lmcodec.cli.main`), the drop-in form
+(:mod:`lmcodec.cli.compat`) and the commands in modules of their own (``bpb`` and ``info``,
+``probe``, ``train``) import them without importing each other: no import circle.
 """
 
 from __future__ import annotations
@@ -88,20 +89,6 @@ def _prompt(prompt: str | None, prompt_file: Path | None) -> bytes | None:
 
 SUFFIX = ".lmc"
 STDIO = "-"
-
-
-def model_options(fn):
-    fn = click.option("--dict", "-D", "dictionary", default=None, metavar="DICT",
-                      type=click.Path(dir_okay=False, path_type=Path),
-                      help="Dictionary file from `lmcodec train`; needed again to decompress.")(fn)
-    fn = click.option("--model", "-m", default=None, metavar="NAME|PATH",
-                      help="Registered model name, .gguf file or HF model directory.")(fn)
-    fn = click.option("--prompt-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                      help="Read the prompt (decoding key) from a file.")(fn)
-    fn = click.option("--prompt", "-p", default=None,
-                      help="Text that conditions the model; needed again to decompress. Not encryption.")(fn)
-    return fn
-
 
 
 def _codec(model, progress=None, executor=None, **settings) -> Codec:

@@ -35,7 +35,8 @@ from .. import __version__
 from ..codec import DEFAULT_LEVEL, Counter
 from ..errors import UsageError
 from ..fileio import install_signal_handlers
-from ..format.container import End, Reader
+from ..format.container import End
+from ..format.reader import Reader
 from .common import (
     STDIO,
     SUFFIX,
@@ -48,8 +49,8 @@ from .common import (
     _strip_suffix,
     _write_to,
     handle_errors,
-    model_options,
 )
+from .options import model_options
 
 #: The group's own options, allowed before a subcommand name (``lmcodec -q test X``).
 GROUP_FLAGS = ("-q", "--quiet", "--debug")

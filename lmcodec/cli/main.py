@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
-import stat
 import sys
-from pathlib import Path
 
 import click
 
 from .. import __version__
-from ..codec import DEFAULT_LEVEL, Codec, Counter, Stats
-from ..coding.mixing import MixerConfig
-from ..errors import LMCodecError, UsageError
-from ..fileio import atomic_output, install_signal_handlers
-from ..format.container import End, Method, Reader
-from .baselines import classical_sizes
+from ..codec import Counter, Stats
+from ..errors import LMCodecError
+from ..fileio import install_signal_handlers
 from .common import (
     STDIO,
     SUFFIX,
@@ -32,82 +25,11 @@ from .common import (
     _strip_suffix,
     _write_to,
     handle_errors,
-    model_options,
 )
+from .inspect import bpb_command, info_command
+from .options import _executor, cluster_option, coding_options, machine_options, model_options
 from .probe import probe_command
 from .train import train_command
-
-
-def machine_options(fn):
-    """Where and how fast the model runs: never recorded, results are identical everywhere."""
-    fn = click.option("--threads", type=click.IntRange(1, 256), default=None,
-                      help="CPU threads (not recorded: results do not depend on them).")(fn)
-    fn = click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True,
-                      help="Where the model runs (not recorded: results are identical everywhere).")(fn)
-    return fn
-
-
-def coding_options(fn):
-    fn = machine_options(fn)
-    opts = [
-        click.option("--level", "-l", "level", type=click.IntRange(1, 9), default=None,
-                     help=f"Compression level, also as -1 ... -9 [{DEFAULT_LEVEL}]: segment length, context "
-                          "and online models (docs/LEVELS.md)."),
-        click.option("--segment-tokens", type=click.IntRange(1, 1 << 30), default=None,
-                     help="Tokens per independent segment (overrides the level)."),
-        click.option("--context", type=click.IntRange(16, 8192), default=None,
-                     help="Model context window in tokens, sliding past it (overrides the level)."),
-        click.option("--mixer", type=MixerChoice(), default=None, metavar="MODELS",
-                     help="Online models mixed with the LM (overrides the level): none, all, or a comma "
-                          "list of bias, match, order0 ... order4."),
-        click.option("--lanes", type=click.IntRange(1, 4096), default=None,
-                     help="Segments per coded stream (decoded side by side) [64]."),
-        click.option("--block-size", type=click.IntRange(4096, 64 << 20), default=None,
-                     help="Bytes per independently checked block [4 MiB]."),
-        click.option("--method", type=click.Choice(["auto", "lm", "zstd", "raw"]), default="auto",
-                     show_default=True, help="auto picks the smallest of LM, zstd -19 and raw per block."),
-    ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    for n in range(9, 0, -1):  # gzip/zstd habit: -1 (fastest) ... -9 (smallest)
-        fn = click.option(f"-{n}", "level", flag_value=n, hidden=True)(fn)
-    return fn
-
-
-class MixerChoice(click.ParamType):
-    """``none``, ``all`` or a comma list of online models -> a MixerConfig mask."""
-
-    name = "models"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, int):
-            return value
-        try:
-            return MixerConfig.parse(value).mask
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
-
-
-def cluster_option(fn):
-    return click.option("--cluster", default=None, envvar="LMCODEC_CLUSTER", metavar="ADDRESS",
-                        help="Code the blocks on a Ray cluster: local[:N] starts N workers on this machine, "
-                             "anything else is a Ray address (lmcodec[cluster], docs/SCALE.md) "
-                             "[$LMCODEC_CLUSTER].")(fn)
-
-
-@contextlib.contextmanager
-def _executor(cluster: str | None, model, device: str, threads: int | None):
-    """A Ray executor for ``--cluster`` (one for all the command's files), else None (this process)."""
-    if not cluster:
-        yield None
-        return
-    from ..cluster.executor import RayExecutor  # imports Ray: only when asked for
-
-    executor = RayExecutor(cluster, threads=threads, device=device, model=model)
-    try:
-        yield executor
-    finally:
-        executor.close()
 
 
 class _Main(click.Group):
@@ -370,102 +292,6 @@ def verify(ctx: Context, inputs, prompt, prompt_file, model, **coding):
         _fail(f"{bad} file(s) did not round-trip")
 
 
-@main.command()
-@click.argument("inputs", nargs=-1, required=True)
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@model_options
-@coding_options
-@click.pass_obj
-@handle_errors
-def bpb(ctx: Context, inputs, as_json, prompt, prompt_file, model, **coding):
-    """Bits per byte of FILE(s): the model's cross-entropy, lmcodec's archive, gzip/zstd/xz."""
-    key = _prompt(prompt, prompt_file)
-    rows = []
-    for name in inputs:
-        src, _ = _open_input(name)
-        with src:
-            data = src.read()
-        bar = _progress_bar(ctx, len(data), f"bpb {name}")
-        try:
-            st = _codec(model, bar.update, **coding).analyze(data, key)
-        finally:
-            bar.close()
-        row = {"file": name, "bytes": len(data), "model_bpb": st.model_bpb if st.lm_bytes else None,
-               "lmcodec_bytes": st.output_bytes, "lmcodec_bpb": st.bpb, "coder_overhead": st.coder_overhead,
-               "tokens": st.tokens, "seconds": st.seconds}
-        for tool, n in classical_sizes(data).items():
-            row[f"{tool}_bytes"] = n
-            row[f"{tool}_bpb"] = 8 * n / len(data) if data else 0.0
-        rows.append(row)
-    total = {"file": "TOTAL", "bytes": sum(r["bytes"] for r in rows)}
-    for tool in ("lmcodec", "gzip", "zstd", "xz"):
-        total[f"{tool}_bytes"] = sum(r[f"{tool}_bytes"] for r in rows)
-        total[f"{tool}_bpb"] = 8 * total[f"{tool}_bytes"] / total["bytes"] if total["bytes"] else 0.0
-    if as_json:
-        click.echo(json.dumps({"files": rows, "total": total}, indent=2))
-        return
-    fmt = "{:<28} {:>10} {:>8} {:>9} {:>8} {:>8} {:>8}"
-    click.echo(fmt.format("file", "bytes", "model", "lmcodec", "gzip-9", "zstd-19", "xz-9"))
-    for r in rows + [total]:
-        model_bpb = r.get("model_bpb")
-        click.echo(fmt.format(r["file"][-28:], r["bytes"], "-" if model_bpb is None else f"{model_bpb:.3f}",
-                              f"{r['lmcodec_bpb']:.3f}", f"{r['gzip_bpb']:.3f}", f"{r['zstd_bpb']:.3f}",
-                              f"{r['xz_bpb']:.3f}"))
-
-
-@main.command()
-@click.argument("archive")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.pass_obj
-@handle_errors
-def info(ctx: Context, archive, as_json):
-    """Show an archive's header, blocks and sizes (without decoding it)."""
-    src, size = _open_input(archive)
-    with src:
-        reader = Reader(src, size)
-        header = reader.header()
-        blocks = []
-        while True:
-            rec = reader.next(header)
-            if isinstance(rec, End):
-                break
-            blocks.append({"method": rec.method.name.lower(), "bytes": rec.raw_len,
-                           "segments": len(rec.tokens), "streams": len(rec.streams) if rec.method == Method.LM else 0,
-                           "tokens": rec.n_tokens,
-                           "stored_bytes": sum(len(p) for p in rec.payloads),
-                           **({"payload_check": rec.payload_checked} if reader.short_form else {})})
-        archive_bytes = reader.offset
-    doc = {
-        "format_version": header.version, "model": header.model_name or None,
-        "model_fingerprint": header.model_fingerprint.hex() or None,
-        **({"tokenizer_fingerprint": header.tokenizer_fingerprint.hex()} if header.tokenizer_fingerprint else {}),
-        "dictionary": header.dict_id.hex() or None,
-        **({"layout": "short" if reader.short_form else "general"} if header.version >= 5 else {}),
-        "prompt": header.has_prompt, "level": header.level or "custom",
-        "online_models": MixerConfig(header.mixer).describe(), "context": header.context,
-        "segment_tokens": header.segment_tokens, "lanes": header.lanes,
-        "block_size": header.block_size, "original_bytes": rec.total_len,
-        "archive_bytes": archive_bytes,
-        "framing_bytes": archive_bytes - sum(b["stored_bytes"] for b in blocks),
-        "content_checksum": rec.check.hex(),
-        "bits_per_byte": 8 * archive_bytes / rec.total_len if rec.total_len else None,
-        "ratio": rec.total_len / archive_bytes, "blocks": blocks,
-    }
-    if as_json:
-        click.echo(json.dumps(doc, indent=2))
-        return
-    for k, v in doc.items():
-        if k == "blocks":
-            for i, b in enumerate(v):
-                click.echo(f"block {i}: {b['method']}, {b['bytes']} bytes, {b['segments']} segments, "
-                           f"{b['streams']} streams, {b['tokens']} tokens, {b['stored_bytes']} stored bytes"
-                           + (", payload check" if b.get("payload_check") else ""))
-        elif isinstance(v, float):
-            click.echo(f"{k}: {v:.4f}")
-        else:
-            click.echo(f"{k}: {v}")
-
-
 def _accept_global_flags_after_subcommand(group: click.Group) -> None:
     """``lmcodec compress -q FILE`` works like ``lmcodec -q compress FILE`` (gzip habits)."""
     def setter(attr):
@@ -484,6 +310,8 @@ def _accept_global_flags_after_subcommand(group: click.Group) -> None:
                                            callback=setter("debug"), help="Show Python tracebacks on errors."))
 
 
+main.add_command(bpb_command, "bpb")
+main.add_command(info_command, "info")
 main.add_command(probe_command, "probe")
 main.add_command(train_command, "train")
 _accept_global_flags_after_subcommand(main)

@@ -16,7 +16,7 @@ import zstandard
 
 from ..engine.engine import torch_threads
 from ..errors import ChecksumError, CorruptArchiveError
-from ..format.container import Block, Header, Method, digest, stream_groups
+from ..format.container import Block, Header, Method, stream_groups
 from ..progress import Progress
 from .frequencies import MIN_TOKEN_BITS
 from .mixing import MixerConfig

@@ -34,7 +34,7 @@ import torch
 
 from ..errors import UsageError
 from . import fixedmath, ops_torch
-from .quantize import IntLinear, IntModel
+from .quantize import IntModel
 from .spec import ACT_FRAC, MAX_HEAD_DIM, RESID_FRAC, bucket_width
 
 

@@ -3,7 +3,7 @@
 See docs/FORMAT.md.  :class:`Header` holds what a decoder needs before the first
 block and writes the v5 header (:meth:`Header.fields`); :class:`HeaderFields`
 reads the fields of every version this lmcodec reads (v3, v4, v5) for
-:class:`lmcodec.format.container.Reader` and refuses what no encoder writes, so every
+:class:`lmcodec.format.reader.Reader` and refuses what no encoder writes, so every
 header has exactly one encoding.  A compression level's settings are part of the
 format (:data:`LEVELS`), and a registered model's id pins its fingerprint
 (:data:`MODEL_FINGERPRINTS`).
@@ -274,7 +274,7 @@ class Header:
 
 
 class HeaderFields:
-    """Reads a header's fields, version by version (mixed into :class:`lmcodec.format.container.Reader`).
+    """Reads a header's fields, version by version (mixed into :class:`lmcodec.format.reader.Reader`).
 
     Needs ``_read(n, what) -> bytes`` and ``_varint(body, where, what) -> int`` of the
     reader; every field read is appended to ``body`` (what the CRC or the short form's
