@@ -132,3 +132,24 @@ def test_step_benchmark_reports_the_step_and_the_weight_read(tiny_model_dir, tmp
     doc = json.loads(out.read_text())
     assert doc["step_ms"] > 0 and doc["read_ms"] > 0 and doc["weight_bytes"] > 0
     assert abs(doc["ratio"] - doc["step_ms"] / doc["read_ms"]) < 1e-9
+
+
+def test_decode_time_benchmark_marks_the_payload_check_threshold(tmp_path):
+    """Prefixes on both sides of PAYLOAD_CHECK_TOKENS: decoded, verified, timed, the check where it belongs."""
+    from benchmarks import decode_time
+    from lmcodec.format.container import PAYLOAD_CHECK_TOKENS
+
+    text = tmp_path / "prose.txt"
+    text.write_bytes(b"Alice was beginning to get very tired of sitting by her sister on the bank, and of having "
+                     b"nothing to do: once or twice she had peeped into the book her sister was reading, but it "
+                     b"had no pictures or conversations in it, 'and what is the use of a book,' thought Alice "
+                     b"'without pictures or conversations?'\nSo she was considering in her own mind (as well as "
+                     b"she could, for the hot day made her feel very sleepy and stupid), whether the pleasure of "
+                     b"making a daisy-chain would be worth the trouble of getting up and picking the daisies.\n")
+    out = tmp_path / "decode.json"
+    assert decode_time.main(["--file", str(text), "--skip", "0", "--sizes", "40", "500", "--level", "1",
+                             "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["bytes"] for r in rows] == [40, 500] and rows[0]["tokens"] < PAYLOAD_CHECK_TOKENS <= rows[1]["tokens"]
+    for r in rows:
+        assert r["decode_s"] > 0 and r["payload_check"] == (r["tokens"] >= PAYLOAD_CHECK_TOKENS)
