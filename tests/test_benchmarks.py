@@ -153,3 +153,21 @@ def test_decode_time_benchmark_marks_the_payload_check_threshold(tmp_path):
     assert [r["bytes"] for r in rows] == [40, 500] and rows[0]["tokens"] < PAYLOAD_CHECK_TOKENS <= rows[1]["tokens"]
     for r in rows:
         assert r["decode_s"] > 0 and r["payload_check"] == (r["tokens"] >= PAYLOAD_CHECK_TOKENS)
+
+
+def test_against_unpacks_a_revision_and_times_a_verified_decode(tmp_path):
+    """benchmarks.against's two halves: a revision unpacked with git archive, and a child
+    process that compresses, decodes and verifies with the tree it is given."""
+    from benchmarks import against
+
+    rev = tmp_path / "rev"
+    rev.mkdir()
+    commit = against.unpack("HEAD", rev)
+    assert len(commit) == 40 and (rev / "lmcodec" / "__init__.py").is_file()
+    src = tmp_path / "in.txt"
+    src.write_bytes(b"Alice was beginning to get very tired of sitting by her sister on the bank.\n")
+    job = {"input": str(src), "archive": str(tmp_path / "in.lmc"), "settings": {"segment_tokens": 24, "lanes": 2,
+                                                                                "context": 32}, "threads": 1,
+           "dict": None, "compress": True}
+    doc = against.child(against.ROOT, job)
+    assert doc["ok"] and doc["seconds"] > 0 and doc["tokens"] > 0 and doc["archive"] == (tmp_path / "in.lmc").stat().st_size
