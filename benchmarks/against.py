@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         tree.mkdir()
         scratch.mkdir()
         commit = unpack(args.rev, tree)
-        rows = compare(tree, args.files, settings, args.threads, args.dict, scratch, args.bytes)
+        dictionary = str(Path(args.dict).resolve()) if args.dict else None   # the children run in their trees
+        rows = compare(tree, args.files, settings, args.threads, dictionary, scratch, args.bytes)
     print(f"decoding archives written by {commit[:10]}: that revision against this tree "
           f"({args.threads} threads, settings {settings or 'default'})")
     print("| file | bytes | archive | tokens | rev decode (s) | this decode (s) | speedup | tokens/pass |")
