@@ -239,5 +239,4 @@ def iter_decompressed(src: BinaryIO, *, models: ModelCache, settings: Settings, 
     if (rec.total_len, rec.check, rec.n_blocks) != (total, check.digest(), n_blocks):
         raise ChecksumError("archive content does not match its end record (blocks missing, "
                             "reordered or spliced)")
-    if not reader.at_eof():
-        raise CorruptArchiveError("trailing data after the end of the archive")
+    reader.expect_end()

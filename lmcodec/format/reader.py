@@ -224,8 +224,7 @@ class Reader(HeaderFields):
         try:
             while not isinstance(self._record(header, keep=False), End):
                 pass
-            if not self.at_eof():
-                raise CorruptArchiveError("trailing data after the end of the archive")
+            self.expect_end()
         finally:
             pos, self._left, self.offset = state
             self._blocks = self._total = 0
@@ -371,8 +370,7 @@ class Reader(HeaderFields):
         if payload_check is not None and payload_check.digest() != stored:
             raise CorruptArchiveError("archive is damaged: its payload check does not match (the header, the "
                                       "block's lengths or its payloads changed); refused before decoding")
-        if not self.at_eof():   # the short form is the whole archive
-            raise CorruptArchiveError("trailing data after the end of the archive")
+        self.expect_end()   # the short form is the whole archive: nothing after its payloads
         entries = [StreamEntry(e.payload_len, crc) for e, crc in zip(entries, crcs)]   # computed, not stored
         if method == Method.ZSTD and _zstd_content_size(first[:_ZSTD_HEAD]) != raw_len:
             raise CorruptArchiveError(f"zstd block at offset {start} does not declare its length")
@@ -399,8 +397,10 @@ class Reader(HeaderFields):
             if e.payload_len % 4 or not 4 <= e.payload_len <= lm_payload_limit(n):
                 raise bad(f"stream {i} has an impossible payload length {e.payload_len}")
 
-    def at_eof(self) -> bool:
-        return not self._s.read(1)
+    def expect_end(self) -> None:
+        """Refuse bytes after the archive's last structure (reads one byte, if there is one)."""
+        if self._s.read(1):
+            raise CorruptArchiveError("trailing data after the end of the archive")
 
 
 _METHODS = frozenset(int(m) for m in Method)
