@@ -36,7 +36,6 @@ from ..errors import ModelError
 DEFAULT_MODEL = "smollm2-135m"
 
 
-
 class Registered(NamedTuple):
     """A registered model: where its weights ship, and what a user choosing it should know."""
 
@@ -181,12 +180,17 @@ def _fingerprint_cached(paths: list[Path]) -> bytes:
     return value
 
 
+def _package_dir(package: str) -> Path | None:
+    """Where an installed package's files are (None: not installed)."""
+    found = importlib.util.find_spec(package)
+    return Path(list(found.submodule_search_locations)[0]) if found and found.submodule_search_locations else None
+
+
 def installed(name: str) -> bool:
     """Whether a registered model's weights are on this machine (its package importable, its file there)."""
     reg = REGISTRY[name]
-    found = importlib.util.find_spec(reg.package)
-    return bool(found and found.submodule_search_locations
-                and (Path(list(found.submodule_search_locations)[0]) / reg.filename).is_file())
+    directory = _package_dir(reg.package)
+    return directory is not None and (directory / reg.filename).is_file()
 
 
 def measured() -> dict[str, dict]:
@@ -202,10 +206,9 @@ def resolve(model: str | os.PathLike | None) -> tuple[str, Path, str | None]:
     spec = str(model) if model is not None else DEFAULT_MODEL
     if spec in REGISTRY:
         package, filename, install = REGISTRY[spec][:3]
-        found = importlib.util.find_spec(package)
-        if found is None or not found.submodule_search_locations:
+        directory = _package_dir(package)
+        if directory is None:
             raise ModelError(f"model {spec!r} needs the package {package!r}: {install}")
-        directory = Path(list(found.submodule_search_locations)[0])
         if not (directory / filename).is_file():
             raise ModelError(f"model {spec!r}: {filename} is missing from {directory}")
         return spec, directory, filename
