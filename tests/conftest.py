@@ -61,6 +61,15 @@ def make_tiny_llama(d, loaded_model, *, max_positions: int = 512, seed: int = 0)
     return d
 
 
+def load_tiny(d):
+    """(integer model, tokenizer) of a model directory made by :func:`make_tiny_llama`."""
+    from lmcodec.engine.quantize import load_int_model
+
+    loaded = models.load(d)
+    tok = ByteTokenizer(loaded.tokenizer, loaded.arch.vocab_size)
+    return load_int_model(loaded, tok.fingerprint), tok
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, loaded_model):
     """A real, different model: a 2-layer random Llama sharing SmolLM2's tokenizer."""

@@ -12,17 +12,15 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import load_tiny, make_tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmcodec import Codec
 from lmcodec.coding import runner
 from lmcodec.coding.mixing import ALL
-from lmcodec.coding.tokens import ByteTokenizer
 from lmcodec.engine import fixedmath
 from lmcodec.engine.engine import Engine
-from lmcodec.engine.quantize import load_int_model
 from lmcodec.engine.reference import reference_run, sink_at
 
 TEXT = (b"It was the best of times, it was the worst of times, it was the age of wisdom, "
@@ -37,11 +35,7 @@ def short_model_dir(tmp_path_factory, loaded_model):
 
 @pytest.fixture(scope="module")
 def short(short_model_dir):
-    from lmcodec.engine import models
-
-    loaded = models.load(short_model_dir)
-    tok = ByteTokenizer(loaded.tokenizer, loaded.arch.vocab_size)
-    im = load_int_model(loaded, tok.fingerprint)
+    im, tok = load_tiny(short_model_dir)
     assert im.arch.max_position_embeddings == 16
     return im, tok
 

@@ -13,13 +13,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import load_tiny, make_tiny_llama
 
 from lmcodec.coding import runner
-from lmcodec.coding.tokens import ByteTokenizer
 from lmcodec.engine import ops_torch
 from lmcodec.engine.engine import Engine, KVCache
-from lmcodec.engine.quantize import load_int_model
 from lmcodec.engine.reference import reference_run
 
 CONTEXT = 9        # prefix 3 + a window of 6: rings wrap within a few steps
@@ -28,12 +26,8 @@ TRAINED = 16
 
 @pytest.fixture(scope="module")
 def short(tmp_path_factory, loaded_model):
-    from lmcodec.engine import models
-
-    d = make_tiny_llama(tmp_path_factory.mktemp("rows-llama"), loaded_model, max_positions=TRAINED, seed=2)
-    loaded = models.load(d)
-    tok = ByteTokenizer(loaded.tokenizer, loaded.arch.vocab_size)
-    return load_int_model(loaded, tok.fingerprint), tok
+    return load_tiny(make_tiny_llama(tmp_path_factory.mktemp("rows-llama"), loaded_model, max_positions=TRAINED,
+                                     seed=2))
 
 
 def reference_logits(im, prefix, inputs):

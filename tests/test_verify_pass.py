@@ -17,13 +17,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import load_tiny, make_tiny_llama
 
 from lmcodec.coding import runner
-from lmcodec.coding.tokens import ByteTokenizer
 from lmcodec.engine import ops_torch
 from lmcodec.engine.engine import Engine, KVCache
-from lmcodec.engine.quantize import load_int_model
 from lmcodec.engine.reference import reference_run
 
 TRAINED = 64       # no prefix moves below it
@@ -32,12 +30,8 @@ CAPACITY = 48      # every position these sequences reach, and their guesses pas
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, loaded_model):
-    from lmcodec.engine import models
-
-    d = make_tiny_llama(tmp_path_factory.mktemp("verify-llama"), loaded_model, max_positions=TRAINED, seed=5)
-    loaded = models.load(d)
-    tok = ByteTokenizer(loaded.tokenizer, loaded.arch.vocab_size)
-    return load_int_model(loaded, tok.fingerprint), tok
+    return load_tiny(make_tiny_llama(tmp_path_factory.mktemp("verify-llama"), loaded_model,
+                                     max_positions=TRAINED, seed=5))
 
 
 def verify_pass(engine: Engine, cache: KVCache, positions: np.ndarray, feeds: np.ndarray):
