@@ -36,6 +36,7 @@ class ArchiveCodec(Protocol):
     def iter_decompressed(self, src: BinaryIO, prompt: bytes | str | None = None,
                           size: int | None = None) -> Iterator[bytes]: ...
 
+
 _READ, _WRITE = "r", "w"
 
 

@@ -96,11 +96,9 @@ def _codec(model, progress=None, executor=None, **settings) -> Codec:
     return Codec(model, progress=progress, executor=executor, **settings)
 
 
-
 def _check_stdout(force: bool) -> None:
     if not force:
         raise UsageError("refusing to write compressed data to a terminal; use -o, redirect, or -f")
-
 
 
 def _io_targets(inputs, output, stdout, suffix_fn):
@@ -144,7 +142,6 @@ def output_is_terminal() -> bool:
         return sys.stdout.isatty()
     except (AttributeError, ValueError):
         return False
-
 
 
 def _strip_suffix(path: Path) -> Path:

@@ -1,13 +1,15 @@
 """The archive format: a header, then one block in the short form, or blocks and an end record.
 
-See docs/FORMAT.md.  Format v5 has two layouts.  The *short form* holds at most
-one block (every file up to the block size, 4 MiB by default): header fields,
-the block's lengths, one 32-bit check and the payloads -- 15 bytes of framing
-for a 1.4 KB text with the default model.  Its check is BLAKE2b-32 of the
-header's bytes and the original (:func:`short_hasher`), so it covers the
+See docs/FORMAT.md.  Format v6 (as v5) has two layouts.  The *short form* holds
+at most one block (every file up to the block size, 4 MiB by default): header
+fields, the block's lengths, one 32-bit check and the payloads -- 15 bytes of
+framing for a 1.4 KB text with the default model.  Its check is BLAKE2b-32 of
+the header's bytes and the original (:func:`short_hasher`), so it covers the
 model id, the dictionary id, the prompt check and the level as well as the
-content; it is verified after decoding.  The *general form* (two blocks or
-more) is v4's: a header CRC, blocks that carry their own CRC32s and BLAKE2b-64
+content; it is verified after decoding.  From v6 an LM block of
+:data:`PAYLOAD_CHECK_TOKENS` tokens or more also carries a payload check over
+every other byte (:func:`payload_hasher`), verified before decoding.  The
+*general form* (two blocks or more) is v4's: a header CRC, blocks that carry their own CRC32s and BLAKE2b-64
 digests, and an end record with the digest of the whole content.
 
 Every length is checked against the bytes actually present *before* anything
