@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import lmcodec
-    from lmcodec.coding.runner import RowStep, prefill
+    from lmcodec.coding.runner import prefill
+    from lmcodec.coding.steps import RowStep
     from lmcodec.engine.engine import torch_threads
 
     codec = lmcodec.Codec(args.model, device=args.device, threads=args.threads)

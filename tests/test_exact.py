@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmcodec.coding import runner, selftest
+from lmcodec.coding import runner, selftest, steps
 from lmcodec.coding.frequencies import CodingTables
 from lmcodec.engine import ops_torch
 from lmcodec.engine.engine import Engine, torch_threads
@@ -113,7 +113,7 @@ def test_steps_in_a_batch_equal_reference(int_model, tokenizer, case, reference,
     hs, es = [], []
     with torch_threads(2), torch.inference_mode():
         pre = runner.prefill(engine, prefix)
-        run = runner.Lockstep(engine, pre, 3, CONTEXT, n)
+        run = steps.Lockstep(engine, pre, 3, CONTEXT, n)
         for t in range(n):
             hs.append(run.h[row:row + 1].clone())
             es.append(run.e[row:row + 1].clone())
@@ -153,11 +153,11 @@ def test_another_model_shape_equals_reference(tiny_model_dir):
     with torch.inference_mode():
         pre = runner.prefill(engine, prefix)
         h, e = runner.score_segment(engine, pre, inputs[:-1], 6)
-        run = runner.Lockstep(engine, pre, 2, 6, len(symbols))
-        steps = []
+        run = steps.Lockstep(engine, pre, 2, 6, len(symbols))
+        stepped = []
         for t in range(len(symbols)):
-            steps.append(engine.logits(run.h[1:2], run.e[1:2]).lam.numpy()[0])
+            stepped.append(engine.logits(run.h[1:2], run.e[1:2]).lam.numpy()[0])
             run.advance(np.array([0, inputs[t]]))
     lg = engine.logits(h, e)
     assert np.array_equal(lg.lam.numpy(), lam) and np.array_equal(lg.exp.numpy().reshape(-1), exp)
-    assert np.array_equal(np.stack(steps), lam)
+    assert np.array_equal(np.stack(stepped), lam)

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmcodec import Codec
-from lmcodec.coding import runner
+from lmcodec.coding import runner, steps
 from lmcodec.coding.mixing import ALL
 from lmcodec.engine import fixedmath
 from lmcodec.engine.engine import Engine
@@ -76,14 +76,14 @@ def test_long_segment_equals_reference(short, prompt_tokens, monkeypatch):
     with torch.inference_mode():
         pre = runner.prefill(engine, prefix)
         h, e = runner.score_segment(engine, pre, inputs[:-1], context)
-        run = runner.Lockstep(engine, pre, 2, context, len(symbols))
-        steps = []
+        run = steps.Lockstep(engine, pre, 2, context, len(symbols))
+        stepped = []
         for t in range(len(symbols)):
-            steps.append(engine.logits(run.h[0:1], run.e[0:1]).lam.numpy()[0])
+            stepped.append(engine.logits(run.h[0:1], run.e[0:1]).lam.numpy()[0])
             run.advance(np.array([inputs[t], 7]))
     lg = engine.logits(h, e)
     assert np.array_equal(lg.lam.numpy(), lam) and np.array_equal(lg.exp.numpy().reshape(-1), exp)
-    assert np.array_equal(np.stack(steps), lam)
+    assert np.array_equal(np.stack(stepped), lam)
     # The moves matter: without them the same pass gives other logits past position P + 16.
     plain, _ = reference_run(im, prefix + inputs[:-1].tolist(), len(prefix), context)
     plain = plain[len(prefix) - 1:]

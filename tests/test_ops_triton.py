@@ -37,7 +37,7 @@ if DEVICE == "cpu":
 pytest.importorskip("triton", reason="triton is not installed here (Linux x86-64 only; the `test` extra)")
 
 # noqa: E402
-from lmcodec.coding import runner
+from lmcodec.coding import runner, steps
 from lmcodec.engine import (
     fixedmath,
     ops_torch,
@@ -299,7 +299,7 @@ def test_engine_on_triton_kernels_equals_reference(tiny_model_dir):
     with torch.inference_mode():
         pre = runner.prefill(engine, prefix)
         h, e = runner.score_segment(engine, pre, inputs[:-1], context)
-        run = runner.Lockstep(engine, pre, 2, context, len(symbols))
+        run = steps.Lockstep(engine, pre, 2, context, len(symbols))
         hs, es = [], []
         for t in range(len(symbols)):
             hs.append(run.h[1:2].clone())

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import load_tiny, make_tiny_llama
 
-from lmcodec.coding import runner
+from lmcodec.coding import runner, steps
 from lmcodec.engine import ops_torch
 from lmcodec.engine.engine import Engine, KVCache
 from lmcodec.engine.reference import reference_run
@@ -49,7 +49,7 @@ def test_rows_started_at_different_steps_and_refilled_equal_reference(short, ops
     got = {s: ([], []) for s in range(len(seqs))}
     with torch.inference_mode():
         pre = runner.prefill(engine, prefix)
-        run = getattr(runner, step)(engine, pre, 3, CONTEXT, max(len(s) for s in seqs))
+        run = getattr(steps, step)(engine, pre, 3, CONTEXT, max(len(s) for s in seqs))
         where = {}                                   # row -> (sequence, tokens fed)
         for step in range(30):
             for s, row, first in plan:
@@ -105,8 +105,8 @@ def test_graph_step_equals_lockstep(short):
     feeds = rng.integers(0, im.arch.vocab_size, (12, 4))
     with torch.inference_mode():
         pre = runner.prefill(engine, [tok.start_token])
-        lock = runner.Lockstep(engine, pre, 4, CONTEXT, 12)
-        graph = runner.GraphStep(engine, pre, 4, CONTEXT, 12)
+        lock = steps.Lockstep(engine, pre, 4, CONTEXT, 12)
+        graph = steps.GraphStep(engine, pre, 4, CONTEXT, 12)
         assert graph.capacity == CONTEXT and graph.cache.k[0].shape[-1] == CONTEXT
         for t in range(12):
             assert torch.equal(lock.h, graph.h) and torch.equal(lock.e, graph.e), f"step {t}"
@@ -127,7 +127,7 @@ def test_graph_replay_on_cuda_equals_cpu(short):
         hs = []
         with torch.inference_mode():
             pre = runner.prefill(engine, [tok.start_token, 11])
-            run = runner.GraphStep(engine, pre, 4, CONTEXT, 20, graph=graph)
+            run = steps.GraphStep(engine, pre, 4, CONTEXT, 20, graph=graph)
             for t in range(20):
                 if t in (6, 13):
                     run.start([t % 4])

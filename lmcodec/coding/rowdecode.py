@@ -3,8 +3,8 @@
 The lockstep decoder ran a batch of streams until its longest segment ended, so
 rows whose segments had ended sat idle.  Here :class:`~lmcodec.coding.schedule.Scheduler`
 hands free rows to the next stream at once, and the model step runs rows at
-their own positions (:class:`~lmcodec.coding.runner.RowStep`; on CUDA the captured
-:class:`~lmcodec.coding.runner.GraphStep`).  All rows' gaps, mixtures and frequency
+their own positions (:class:`~lmcodec.coding.steps.RowStep`; on CUDA the captured
+:class:`~lmcodec.coding.steps.GraphStep`).  All rows' gaps, mixtures and frequency
 tables stay on the model's device; only each stream's stage-1 rows, then its
 stage-2 rows, cross to the host for the range coder.
 
@@ -27,8 +27,9 @@ from ..errors import CorruptArchiveError
 from .coder import StreamDecoder
 from .frequencies import CodingTables
 from .mixing import MixerConfig, StreamMixer
-from .runner import GraphStep, Prefix, RowStep
+from .runner import Prefix
 from .schedule import Running, Scheduler
+from .steps import GraphStep, RowStep
 from .tokens import ByteTokenizer
 
 

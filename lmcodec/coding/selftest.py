@@ -19,7 +19,8 @@ import torch
 
 from ..engine.engine import Engine
 from .frequencies import CodingTables
-from .runner import Lockstep, prefill, score_segment
+from .runner import prefill, score_segment
+from .steps import Lockstep
 from .tokens import ByteTokenizer
 
 #: The built-in text: prose, code, digits, a non-ASCII line and a control byte.
