@@ -21,7 +21,7 @@ from typing import BinaryIO, Iterator
 
 from . import archive
 from .coding.modelcache import ModelCache
-from .coding.settings import DECODE_ROWS, DEFAULT_LEVEL, Settings, Stats, max_kv_bytes  # noqa: F401  (public names)
+from .coding.settings import DECODE_ROWS, DEFAULT_LEVEL, DecodeStats, Settings, Stats, max_kv_bytes  # noqa: F401  (public names)
 from .dictionary.adapter import Adapter
 from .executors import Executor, InProcessExecutor
 from .fileobj import LMCodecFile
@@ -66,6 +66,18 @@ class Codec:
         self.last_stats: Stats | None = None
 
     layout = staticmethod(segment_layout)
+
+    @property
+    def last_decode(self) -> DecodeStats:
+        """The model passes, rows and guesses of the last decompression run in this process
+        (blocks decoded by other processes, a cluster's workers, are not counted)."""
+        return self.models.decode_stats
+
+    @property
+    def last_decode_passes(self) -> int:
+        """Row-passes of the last decompression: its tokens over this is the tokens a row
+        decoded per model pass (1 without guesses; benchmarks.against)."""
+        return self.models.decode_stats.row_passes
 
     @property
     def score_memo(self) -> dict | None:
@@ -126,7 +138,9 @@ class Codec:
 
     def iter_decompressed(self, src: BinaryIO, prompt: bytes | str | None = None,
                           size: int | None = None) -> Iterator[bytes]:
-        """The original bytes of the archive in ``src``, chunk by chunk as blocks are decoded."""
+        """The original bytes of the archive in ``src``, chunk by chunk as blocks are decoded
+        (what the decoder did: :attr:`last_decode`)."""
+        self.models.decode_stats = DecodeStats()
         return archive.iter_decompressed(src, models=self.models, settings=self.settings, prompt=self._prompt(prompt),
                                          executor=self.executor, progress=self._progress(), size=size)
 

@@ -91,7 +91,8 @@ class BlockDecoder:
                          min(header.context, pre.length + max(lengths, default=0)))
             symbols = decode_streams(engine, pre, groups, payloads, lengths, header.context, tok,
                                      MixerConfig(header.mixer), rows, tick=progress.tokens,
-                                     halves=overlap_halves(engine.device))
+                                     halves=overlap_halves(engine.device), guesses=s.guesses,
+                                     stats=self.models.decode_stats)
         out, at = [], 0
         for block in blocks:
             try:

@@ -15,7 +15,7 @@ from ..engine.quantize import IntModel, load_int_model
 from ..errors import DictionaryMismatchError, ModelMismatchError, ResourceLimitError
 from ..format.container import DICT_ID_BYTES, Header, prompt_check
 from .runner import Prefix, prefill
-from .settings import max_kv_bytes
+from .settings import DecodeStats, max_kv_bytes
 from .tokens import ByteTokenizer
 
 
@@ -51,6 +51,7 @@ class ModelCache:
 
     def __init__(self, model: ModelSpec = None, adapter: ModelAdapter | None = None, *, ops=None):
         self.model_arg = model
+        self.decode_stats = DecodeStats()     # what in-process decodes did since the codec last reset it
         self.ops = ops
         self.adapter = adapter
         self._models: dict[str, tuple[IntModel, ByteTokenizer, str]] = {}

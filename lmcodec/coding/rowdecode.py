@@ -16,6 +16,7 @@ row depend only on that row (docs/ENGINE.md, "Rows at their own positions").
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
@@ -25,10 +26,12 @@ import torch
 from ..engine.engine import Engine
 from ..errors import CorruptArchiveError
 from .coder import StreamDecoder
+from .draft import Acceptance, LaneDraft, PassCost, PrefixIndex, choose_width
 from .frequencies import CodingTables
 from .mixing import MixerConfig, StreamMixer
 from .runner import Prefix
 from .schedule import Running, Scheduler
+from .settings import DecodeStats
 from .steps import GraphStep, RowStep
 from .tokens import ByteTokenizer
 
@@ -36,7 +39,8 @@ from .tokens import ByteTokenizer
 def decode_streams(engine: Engine, pre: Prefix, groups: Sequence[range], payloads: Sequence[bytes],
                    lengths: Sequence[int], context: int, tok: ByteTokenizer, mixer: MixerConfig, rows: int,
                    order: Sequence[int] | None = None,
-                   tick: Callable[[int], None] | None = None, halves: int = 1) -> list[np.ndarray]:
+                   tick: Callable[[int], None] | None = None, halves: int = 1, guesses: int = 0,
+                   stats: DecodeStats | None = None) -> list[np.ndarray]:
     """The symbols of every segment (``lengths[g]`` tokens each) of the streams ``groups``
     (stream k carries segments ``groups[k]`` in ``payloads[k]``), decoded in ``rows`` rows.
 
@@ -44,7 +48,9 @@ def decode_streams(engine: Engine, pre: Prefix, groups: Sequence[range], payload
     called with the tokens decoded at each step (progress).  ``halves=2`` deals
     the streams to two sets of rows (half the rows each) whose steps take turns,
     so that on CUDA one half's host work (coder, online models) overlaps the other
-    half's model step (:class:`Overlap`); the symbols are the same.
+    half's model step (:class:`Overlap`); the symbols are the same.  ``guesses``: the most
+    guessed tokens a row may be fed per pass (exact speculative decoding, :class:`Rows`; 0:
+    one token a pass); the symbols are the same.  ``stats`` receives the passes made.
     """
     symbols = [np.zeros(n, dtype=np.int64) for n in lengths]
     if not groups:
@@ -53,7 +59,7 @@ def decode_streams(engine: Engine, pre: Prefix, groups: Sequence[range], payload
     parts = split_streams(groups, lengths, order, halves if rows >= 2 * halves else 1)
     share = max(1, rows // len(parts))
     sets = [Rows(engine, pre, [groups[k] for k in part], [payloads[k] for k in part], lengths, context, tok, mixer,
-                 share, symbols) for part in parts]
+                 share, symbols, guesses, stats) for part in parts]
     if len(sets) == 1:
         one = sets[0]
         while one.code(tick):
@@ -88,49 +94,184 @@ def split_streams(groups: Sequence[range], lengths: Sequence[int], order: Sequen
 class Rows:
     """Some streams in their own batch rows: a scheduler, a model step, the coders and mixers.
 
-    :meth:`code` is the host's part of a step (admit streams, decode one token of
-    every live lane from the last model step, retire finished streams);
-    :meth:`launch` is the model's part (feed the decoded tokens, compute the next
-    hidden rows).  ``symbols`` (shared) receives each segment's tokens.
+    :meth:`code` is the host's part of a pass (admit streams, decode the tokens of
+    every live lane from the last model pass, retire finished streams, choose the
+    next guesses); :meth:`launch` is the model's part (feed the decoded tokens
+    and the guesses, compute the next hidden rows).  ``symbols`` (shared)
+    receives each segment's tokens.
+
+    With ``guesses`` > 0 (exact speculative decoding) a pass feeds a row its last
+    token and up to that many guesses (:mod:`lmcodec.coding.draft`); the stream
+    decodes output 0, then output j + 1 for as long as every live lane's token j
+    equals the guess fed after it, each token coded, mixed and learned in order
+    exactly as single steps would (the frequencies are the same bit for bit,
+    :class:`~lmcodec.coding.steps.RowStep`).  A stream's lanes move together
+    (the mixer's step-major order), so it moves by its shortest run of held
+    guesses.  What a stream decodes to never depends on the guesses.
     """
 
     def __init__(self, engine: Engine, pre: Prefix, groups: Sequence[range], payloads: Sequence[bytes],
                  lengths: Sequence[int], context: int, tok: ByteTokenizer, mixer: MixerConfig, rows: int,
-                 symbols: list[np.ndarray]):
+                 symbols: list[np.ndarray], guesses: int = 0, stats: DecodeStats | None = None):
         self.groups, self.payloads, self.tok, self.mixer = groups, payloads, tok, mixer
         self.symbols = symbols
         rows = max(rows, max(len(g) for g in groups))
         self.sched = Scheduler([[lengths[g] for g in group] for group in groups], rows)
         longest = max((lengths[g] for group in groups for g in group), default=0)
-        step_cls = GraphStep if engine.device.type == "cuda" else RowStep
-        self.run = step_cls(engine, pre, rows, context, longest)
-        self.feed = np.full(rows, tok.placeholder, dtype=np.int64)
+        cuda = engine.device.type == "cuda"
+        self.most = 0 if cuda else max(0, guesses)       # GraphStep has one static column
+        self.run = (GraphStep(engine, pre, rows, context, longest) if cuda else
+                    RowStep(engine, pre, rows, context, longest, spare=self.most))
+        self.feed = np.full((rows, 1 + self.most), tok.placeholder, dtype=np.int64)
+        self.width = np.ones(rows, dtype=np.int64)      # outputs of each row's last pass in use: 1 + its guesses
+        self.matched = np.zeros(rows, dtype=np.int64)   # the draft's match length behind each row's guesses
         self.live = np.zeros(rows, dtype=bool)
         self.coders: dict[int, StreamDecoder] = {}
         self.mixers: dict[int, StreamMixer] = {}
+        self.drafts: dict[int, list[LaneDraft]] = {}
+        self.index = PrefixIndex(pre.ids) if self.most else None
+        self.accept = Acceptance(self.most)
+        self.cost = PassCost()
+        self.stats = stats if stats is not None else DecodeStats()
+        self._pass: tuple[int, float] | None = None     # (queries, seconds) of the last pass, gaps still to add
 
     def code(self, tick: Callable[[int], None] | None = None) -> bool:
-        """Admit, decode one token per live lane, retire; False once every stream is done."""
+        """Admit, decode every live lane's tokens from the last pass, retire; False once every stream is done."""
         for started in self.sched.admit():
             s = started.stream
             self.coders[s] = StreamDecoder(self.payloads[s])
             self.mixers[s] = StreamMixer(self.mixer, len(self.groups[s]), self.tok.alphabet_size)
-            self.run.start([r for r in started.rows if r >= 0])
+            if self.index is not None:
+                self.drafts[s] = [self.index.lane() for _ in self.groups[s]]
+            rows = [r for r in started.rows if r >= 0]
+            self.run.start(rows)
+            self.width[rows] = 1
         if not self.sched.running:
             return False
-        live_rows = _step(self.run, self.sched.running, self.coders, self.mixers, self.groups, self.symbols,
-                          self.feed, self.tok)
+        t0 = time.perf_counter()
+        u, where = self._gaps()
+        if self._pass is not None:
+            queries, seconds = self._pass
+            self.cost.record(queries, seconds + time.perf_counter() - t0)
+            self._pass = None
+        decoded = np.zeros(self.run.rows, dtype=np.int64)
+        active, j = list(self.sched.running), 0
+        while active:
+            active = self._decode(active, j, u, where, decoded)
+            j += 1
+        moved = np.nonzero(decoded)[0]
+        self.run.skip(moved, decoded[moved] - 1)        # the next pass's column 0 follows the last token
+        self.live = decoded > 0
+        self.stats.tokens += int(decoded.sum())
         if tick is not None:
-            tick(len(live_rows))
-        self.live = np.zeros(self.run.rows, dtype=bool)
-        self.live[live_rows] = True
-        for stream in _retired(self.sched):
-            del self.coders[stream], self.mixers[stream]
+            tick(int(decoded.sum()))
+        self._guess()
         return not self.sched.done
 
+    def _gaps(self) -> tuple[torch.Tensor, dict[tuple[int, int], int]]:
+        """The LM's gaps of every output the live lanes may use (one head pass); where each is."""
+        T, where, idx = self.run.T, {}, []
+        for run in self.sched.running:
+            for row in run.live_rows:
+                for j in range(int(self.width[row])):
+                    where[row, j] = len(idx)
+                    idx.append(row * T + j)
+        at = torch.as_tensor(idx, device=self.run.h.device)
+        return self.run.engine.gaps(self.run.h[at], self.run.e[at]), where
+
+    def _decode(self, streams: list[Running], j: int, u: torch.Tensor, where: dict, decoded: np.ndarray
+                ) -> list[Running]:
+        """Decode one token of every live lane of ``streams`` from output ``j`` of its row; move
+        each stream one step on; return the streams that decode output j + 1 next (every live
+        lane's guess after this token held, and the stream goes on)."""
+        tok, alphabet = self.tok, self.tok.alphabet_size
+        lanes = [r.live for r in streams]
+        rows = [r.rows[i] for r, ls in zip(streams, lanes) for i in ls]
+        gaps = u[torch.as_tensor([where[row, j] for row in rows], device=u.device)]
+        mixed, at = [], 0
+        for r, ls in zip(streams, lanes):
+            mixed.append(self.mixers[r.stream].mix(ls, gaps[at:at + len(ls)]))
+            at += len(ls)
+        tables = CodingTables(torch.cat(mixed), alphabet)
+        stage1 = tables.stage1()
+        spans = np.cumsum([0] + [len(ls) for ls in lanes])
+        buckets = np.zeros(len(rows), dtype=np.int64)
+        for k, r in enumerate(streams):
+            buckets[spans[k]:spans[k + 1]] = self.coders[r.stream].decode(stage1[spans[k]:spans[k + 1]])
+        stage2 = tables.stage2(buckets)
+        going = []
+        for k, (r, ls) in enumerate(zip(streams, lanes)):
+            coder = self.coders[r.stream]
+            sym = buckets[spans[k]:spans[k + 1]] * tables.width + coder.decode(stage2[spans[k]:spans[k + 1]])
+            if (sym >= alphabet).any():
+                raise CorruptArchiveError("decoded a symbol outside the alphabet")
+            held = True
+            for i, x in zip(ls, sym.tolist()):
+                row = r.rows[i]
+                self.symbols[self.groups[r.stream][i]][r.step] = x
+                fed = x if x < tok.vocab_size else tok.placeholder
+                self.feed[row, 0] = fed
+                decoded[row] += 1
+                if j + 1 < self.width[row]:            # a guess followed this token: did it hold?
+                    ok = bool(self.feed[row, j + 1] == fed)
+                    self.accept.record(int(self.matched[row]), j + 1, ok)
+                    self.stats.tried += 1
+                    self.stats.held += ok
+                    held &= ok
+                else:
+                    held = False
+                if self.drafts:
+                    self.drafts[r.stream][i].push(x)
+            self.mixers[r.stream].update(sym.tolist())
+            self.sched.advance_stream(r)
+            if r.done:
+                del self.coders[r.stream], self.mixers[r.stream]
+                self.drafts.pop(r.stream, None)
+            elif held:
+                going.append(r)
+        return going
+
+    def _guess(self) -> None:
+        """Choose the next pass's guesses: each running stream's drafts, believed as far as they
+        have held (:class:`Acceptance`), in as many columns as pay (:func:`choose_width`)."""
+        self.width[:] = 1
+        self._next = 1
+        if not self.most or not self.sched.running:
+            return
+        plans, chances = [], []
+        for r in self.sched.running:
+            live = r.live
+            rows = [r.rows[i] for i in live]
+            room = self.run.room(rows)
+            most = int(min(room.min(), min(r.lengths[i] - r.step for i in live) - 1, self.most))
+            props = [self.drafts[r.stream][i].propose(most) for i in live]
+            count = min(len(p[0]) for p in props)
+            if count == 0:
+                continue
+            chance = np.prod([self.accept.chances(n, count) for _, n in props], axis=0) * len(live)
+            plans.append((rows, props, count))
+            chances.append(chance)
+        if not plans:
+            return
+        live_rows = sum(len(r.live) for r in self.sched.running)
+        T = choose_width(live_rows, self.run.rows, chances, self.cost, self.most)
+        self._next = T
+        for rows, props, count in plans:
+            k = min(T - 1, count)
+            for row, (guess, n) in zip(rows, props):
+                g = np.asarray(guess[:k], dtype=np.int64)
+                self.feed[row, 1:1 + k] = np.where(g < self.tok.vocab_size, g, self.tok.placeholder)
+                self.width[row] = 1 + k
+                self.matched[row] = n
+
     def launch(self) -> None:
-        """The model step: the tokens just decoded in, the next hidden rows out."""
-        self.run.advance(self.feed, self.live)
+        """The model pass: the tokens just decoded and their guesses in, the next hidden rows out."""
+        T = getattr(self, "_next", 1)
+        t0 = time.perf_counter()
+        self.run.advance(self.feed[:, :T], self.live, guesses=np.where(self.live, self.width - 1, 0))
+        self._pass = (self.run.rows * T, time.perf_counter() - t0)
+        self.stats.passes += 1
+        self.stats.row_passes += int(self.live.sum())
 
 
 class Overlap:
@@ -162,41 +303,3 @@ class Overlap:
             torch.cuda.current_stream(st.device).wait_stream(st)
 
 
-def _retired(sched: Scheduler) -> list[int]:
-    """Move every stream one step on; the streams that finished."""
-    before = {r.stream for r in sched.running}
-    sched.advance()
-    return sorted(before - {r.stream for r in sched.running})
-
-
-def _step(run: RowStep, running: list[Running], coders: dict, mixers: dict, groups, symbols, feed: np.ndarray,
-          tok: ByteTokenizer) -> list[int]:
-    """Decode one token of every live lane of the running streams; return their rows.
-
-    Syncs: the stage-1 and stage-2 rows (``.stage1()``, ``.stage2()``) come to the host.
-    """
-    alphabet = tok.alphabet_size
-    lanes = [r.live for r in running]
-    rows = [r.rows[i] for r, ls in zip(running, lanes) for i in ls]
-    idx = torch.as_tensor(rows, device=run.h.device)
-    gaps = run.engine.gaps(run.h[idx], run.e[idx])
-    mixed, at = [], 0
-    for r, ls in zip(running, lanes):
-        mixed.append(mixers[r.stream].mix(ls, gaps[at:at + len(ls)]))
-        at += len(ls)
-    tables = CodingTables(torch.cat(mixed), alphabet)
-    stage1 = tables.stage1()
-    spans = np.cumsum([0] + [len(ls) for ls in lanes])
-    buckets = np.zeros(len(rows), dtype=np.int64)
-    for k, r in enumerate(running):
-        buckets[spans[k]:spans[k + 1]] = coders[r.stream].decode(stage1[spans[k]:spans[k + 1]])
-    stage2 = tables.stage2(buckets)
-    for k, (r, ls) in enumerate(zip(running, lanes)):
-        sym = buckets[spans[k]:spans[k + 1]] * tables.width + coders[r.stream].decode(stage2[spans[k]:spans[k + 1]])
-        if (sym >= alphabet).any():
-            raise CorruptArchiveError("decoded a symbol outside the alphabet")
-        for i, x in zip(ls, sym.tolist()):
-            symbols[groups[r.stream][i]][r.step] = x
-            feed[r.rows[i]] = x if x < tok.vocab_size else tok.placeholder
-        mixers[r.stream].update(sym.tolist())
-    return rows

@@ -1,6 +1,7 @@
 """Which stream decodes in which batch row, step by step: keep the batch full.
 
-The decoder advances ``rows`` batch rows together, one token per row per step.
+The decoder advances ``rows`` batch rows together, one token per row per step
+(or, verifying guesses, several: :meth:`Scheduler.advance_stream` moves one stream).
 The unit it admits is a *stream* (container.stream_groups): its segments are
 the lanes of one range-coded payload, and :class:`~lmcodec.coding.mixing.StreamMixer`
 needs every live lane at step t before any lane takes step t + 1, so a
@@ -109,15 +110,20 @@ class Scheduler:
         """Every running stream's live lanes took one step: free the rows of segments that
         ended and retire finished streams; return the rows freed."""
         freed = []
-        for run in self.running:
-            for i in run.live:
-                if run.step + 1 >= run.lengths[i]:
-                    freed.append(run.rows[i])
-            run.step += 1
-        for run in [r for r in self.running if r.done]:
+        for run in list(self.running):
+            freed += self.advance_stream(run)
+        return freed
+
+    def advance_stream(self, run: Running) -> list[int]:
+        """One stream's live lanes took one step (a guess-and-verify pass moves streams by
+        different counts): free the rows of its segments that ended, retire it if it is
+        done; return the rows freed."""
+        freed = [run.rows[i] for i in run.live if run.step + 1 >= run.lengths[i]]
+        run.step += 1
+        if run.done:
             self.running.remove(run)
             self.finished.append(run.stream)
-        self._free.extend(sorted(freed, reverse=True))
+        self._free.extend(freed)
         self._free.sort(reverse=True)
         return freed
 

@@ -15,6 +15,7 @@ import torch
 from ..engine.engine import pick_device
 from ..errors import UsageError
 from ..format.container import DEFAULT_BLOCK_SIZE, DEFAULT_LANES, LEVELS, MAX_CONTEXT, MAX_LANES, MIN_CONTEXT
+from .draft import MOST_GUESSES
 from .mixing import MixerConfig
 
 #: The levels' settings are part of the format (container.LEVELS: a header stores
@@ -43,8 +44,8 @@ class Settings:
     context and online models; any of them given explicitly overrides it (the
     archive then records level 0, "custom").  The coding layout (level,
     context, segment tokens, lanes, mixer, block size) is recorded in the
-    archive; device, threads and decode rows are this machine's business only
-    (results do not depend on them).
+    archive; device, threads, decode rows and guesses are this machine's business
+    only (results do not depend on them).
     """
 
     device: str = "auto"
@@ -55,6 +56,7 @@ class Settings:
     block_size: int = DEFAULT_BLOCK_SIZE
     method: str = "auto"  # auto | lm | zstd | raw
     decode_rows: int | None = None
+    guesses: int | None = None   # most guessed tokens a decoding row is fed per pass (0: none; draft.MOST_GUESSES)
     mixer: int | None = None     # online models mixed with the LM (lmcodec.coding.mixing.MixerConfig mask)
     level: int | None = None
 
@@ -86,8 +88,11 @@ class Settings:
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         rows = self.decode_rows or DECODE_ROWS[device]
+        guesses = (MOST_GUESSES if device == "cpu" else 0) if self.guesses is None else self.guesses
+        if not 0 <= guesses <= 64:
+            raise UsageError("guesses must be 0..64")
         return Settings(device, threads, seg, context, self.lanes, self.block_size, self.method, max(1, rows),
-                        mixer, level)
+                        guesses, mixer, level)
 
 
 @dataclass
@@ -139,3 +144,23 @@ class Stats:
                     model_bpb=self.model_bpb, coder_overhead=self.coder_overhead, tokens=self.tokens,
                     lm_bytes=self.lm_bytes, escapes=self.escapes, seconds=self.seconds,
                     methods=sorted(set(self.methods)))
+
+
+@dataclass
+class DecodeStats:
+    """What a decode did: model passes, the rows they advanced, tokens decoded (so tokens
+    per row-pass: 1 without guesses), and how the guesses fared."""
+
+    passes: int = 0
+    row_passes: int = 0
+    tokens: int = 0
+    tried: int = 0
+    held: int = 0
+
+    @property
+    def tokens_per_row_pass(self) -> float:
+        return self.tokens / self.row_passes if self.row_passes else 0.0
+
+    def as_dict(self) -> dict:
+        return dict(passes=self.passes, row_passes=self.row_passes, tokens=self.tokens, guesses_tried=self.tried,
+                    guesses_held=self.held, tokens_per_row_pass=self.tokens_per_row_pass)

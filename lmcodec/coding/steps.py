@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..engine.engine import Engine, KVCache
-from .runner import Prefix, sink_base
+from .runner import Prefix, next_sink_move, sink_base
 
 
 def ring_slot(pos: int, sink: int, capacity: int) -> int:
@@ -60,7 +60,8 @@ class Lockstep:
 
 class RowStep:
     """``rows`` rows, each at its own position, one token per row per step (the
-    scheduled decoder's step: :mod:`lmcodec.coding.schedule` hands rows to streams).
+    scheduled decoder's step: :mod:`lmcodec.coding.schedule` hands rows to streams),
+    or a token and its guesses (below).
 
     :meth:`start` begins a segment in some rows (position P, the prefix's last
     hidden row as their first prediction); :meth:`advance` feeds one token per
@@ -71,31 +72,47 @@ class RowStep:
     is full, then every ring slot is its own).  The prefix in slots [0, P) is
     placed per row (:func:`sink_base` of the row's position).  Eager: each step
     makes its own small tensors (:class:`GraphStep` is the static-shape twin).
+
+    **Guesses** (exact speculative decoding, :mod:`lmcodec.coding.rowdecode`): a pass
+    of T columns feeds row r its last token at its position p and ``guesses[r]``
+    = k guessed tokens at p+1 .. p+k; output j of the row predicts the token
+    after column j, bit for bit what single steps give (docs/ENGINE.md, "Rows at
+    their own positions").  A guess is taken only in the cache's linear phase
+    (p + k < capacity: there query p+j writes slot p+j, above every slot the
+    row's earlier queries read, so the slots of rejected guesses are simply
+    rewritten by the next pass; in the ring a later query would overwrite a slot
+    an earlier one reads) and never across a move of the prefix (:meth:`room`).
+    Columns past a row's k are padding: they sit at p, write one of ``spare``
+    scratch slots past the capacity and read slot 0 only; their outputs are
+    never used.  After a pass the row's outputs are ``h[r * T + j]``;
+    :meth:`skip` moves a row on by the guesses that held.
     """
 
     def __init__(self, engine: Engine, pre: Prefix, rows: int, context: int, longest: int,
-                 capacity: int | None = None):
+                 capacity: int | None = None, spare: int = 0):
         self.engine = engine
         self.pre = pre
         self.rows = rows
         self.capacity = capacity or min(context, pre.length + longest)
+        self.spare = spare                         # scratch slots for padding columns: at most spare + 1 columns
         self.bound = pre.length + longest          # every position a row reaches is below this
         engine.reserve_positions(self.bound)
-        self.cache = KVCache.empty(engine.model, rows, self.capacity, engine.device)
+        self.cache = KVCache.empty(engine.model, rows, self.capacity + spare, engine.device)
         self.cache.copy_rows(pre.cache, pre.length)
         self.position = np.full(rows, pre.length, dtype=np.int64)
         self.sink_at = np.zeros(rows, dtype=np.int64)   # where each row's prefix stands (sink_base)
+        self.T = 1                                       # columns of the last pass: h holds rows * T rows
         self.h = pre.h.expand(rows, -1).clone()
         self.e = pre.e.expand(rows, -1).clone()
 
     def start(self, rows) -> None:
-        """Begin a segment in ``rows``: position P, predictions from the prefix."""
+        """Begin a segment in ``rows``: position P, predictions from the prefix (output 0)."""
         rows = np.asarray(rows, dtype=np.int64)
         if not len(rows):
             return
         self.position[rows] = self.pre.length
         self._place(rows)
-        idx = torch.as_tensor(rows, device=self.h.device)
+        idx = torch.as_tensor(rows * self.T, device=self.h.device)
         self.h[idx] = self.pre.h
         self.e[idx] = self.pre.e
 
@@ -109,23 +126,51 @@ class RowStep:
             self.cache.copy_rows(self.pre.sink(self.engine, base), P, pick)
             self.sink_at[pick] = base
 
-    def _inputs(self, tokens: np.ndarray) -> list[np.ndarray]:
-        """This step's [rows, 1] host columns: ids, positions, slots, key-set ends."""
+    def room(self, rows) -> np.ndarray:
+        """How many guesses each of ``rows`` may take in the next pass: its positions p .. p+k
+        in the linear phase, below :attr:`bound`, on one side of a move of the prefix, and
+        k <= :attr:`spare`."""
+        pos = self.position[np.asarray(rows, dtype=np.int64)]
+        P, trained = self.pre.length, self.engine.arch.max_position_embeddings
+        moves = np.array([next_sink_move(int(p), P, trained) for p in pos], dtype=np.int64)
+        k = np.minimum.reduce([self.capacity - 1 - pos, self.bound - 1 - pos, moves - 1 - pos])
+        return np.clip(k, 0, self.spare)
+
+    def _inputs(self, tokens: np.ndarray, guesses: np.ndarray | None = None) -> list[np.ndarray]:
+        """This pass's [rows, T] host columns: ids, positions, slots, key-set ends."""
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(self.rows, -1)
+        T = tokens.shape[1]
+        k = np.zeros(self.rows, dtype=np.int64) if guesses is None else np.asarray(guesses, dtype=np.int64)
+        if T > self.spare + 1 or (k > T - 1).any():
+            raise ValueError(f"a pass of {T} columns with {self.spare} spare slots and guesses {k.max()}")
+        if (k > 0).any() and (k > self.room(np.arange(self.rows))).any():
+            raise ValueError("a guess past the cache's linear phase, the bound or a move of the prefix")
         pos = self.position
         P, cap = self.pre.length, self.capacity
         self._place(np.arange(self.rows))
-        slot = np.where(pos < cap, pos, P + (pos - P) % max(1, cap - P))
-        return [np.asarray(v, dtype=np.int64).reshape(self.rows, 1) for v in (tokens, pos, slot, np.minimum(pos + 1, cap))]
+        col = np.arange(T)
+        real = col[None, :] <= k[:, None]
+        at = np.where(real, pos[:, None] + col, pos[:, None])
+        first = np.where(pos < cap, pos, P + (pos - P) % max(1, cap - P))
+        slot = np.where(col == 0, first[:, None], np.where(real, at, cap + col - 1))
+        end = np.where(real, np.minimum(at + 1, cap), 1)
+        return [tokens, at, slot, end]
 
     def _moved(self, live: np.ndarray | None) -> None:
         self.position = self.position + (1 if live is None else np.asarray(live, dtype=np.int64))
 
-    def advance(self, tokens: np.ndarray, live: np.ndarray | None = None) -> None:
-        """Feed one token per row; the next hidden rows land in ``self.h`` / ``self.e``.
-        Rows where ``live`` is False keep their position (default: every row moves)."""
-        ids, pos, slot, length = (torch.from_numpy(v) for v in self._inputs(tokens))
+    def skip(self, rows, n) -> None:
+        """Move ``rows`` on by ``n`` more positions each: the guesses of the last pass that held."""
+        self.position[np.asarray(rows, dtype=np.int64)] += np.asarray(n, dtype=np.int64)
+
+    def advance(self, tokens: np.ndarray, live: np.ndarray | None = None, guesses: np.ndarray | None = None) -> None:
+        """Feed one token per row (``tokens`` [rows] or [rows, T]: the token, then its guesses);
+        the next hidden rows land in ``self.h`` / ``self.e`` (row r's column j at r * T + j).
+        Rows where ``live`` is False keep their position (default: every row moves one on)."""
+        ids, pos, slot, length = (torch.from_numpy(v) for v in self._inputs(tokens, guesses))
         zero = torch.zeros_like(pos)
         self.h, self.e = self.engine.forward(ids, pos, self.cache, slot, (zero, zero, length), bound=self.bound)
+        self.T = ids.shape[1]
         self._moved(live)
 
 
@@ -165,8 +210,9 @@ class GraphStep(RowStep):
         with torch.cuda.graph(self._graph):
             self._out = self._forward()
 
-    def advance(self, tokens: np.ndarray, live: np.ndarray | None = None) -> None:
-        for buf, v in zip(self._static, self._inputs(tokens)):
+    def advance(self, tokens: np.ndarray, live: np.ndarray | None = None, guesses: np.ndarray | None = None) -> None:
+        """:meth:`RowStep.advance` with one column (no spare slots: a guess is refused)."""
+        for buf, v in zip(self._static, self._inputs(tokens, guesses)):
             buf.copy_(torch.from_numpy(v))
         if not self.graph:
             self.h, self.e = self._forward()

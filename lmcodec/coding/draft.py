@@ -1,0 +1,142 @@
+"""Guesses for exact speculative decoding: what to guess, how far, and when it pays.
+
+The decoder (:mod:`lmcodec.coding.rowdecode`) may feed a row its last decoded
+token plus k guessed tokens in one model pass; the exact engine gives the
+same frequencies as k + 1 single steps (docs/ENGINE.md), so every guess that
+holds saves a pass and a wrong one costs only its share of the pass.  Guesses
+never enter the archive: nothing here changes a decoded symbol, only how many
+passes the decoder makes, so these heuristics may use floats and timings.
+
+* :class:`LaneDraft` proposes the tokens that followed the longest earlier
+  occurrence (2 to :data:`LONGEST` tokens) of a lane's last tokens, in the
+  prefix (start token, prompt or dictionary primer) or the lane itself:
+  records, code and repeated passages repeat; prose rarely does.
+* :class:`Acceptance` counts how often a guess held, by the match length and
+  the guess's place, so a draft is only believed as far as it has been right.
+* :class:`PassCost` times the passes by their width, and
+  :func:`choose_width` picks the columns per pass that decode the most tokens
+  per second by those two measurements: a row guesses only where the expected
+  gain beats the pass's measured extra cost, so prose is not made slower.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+SHORTEST = 2        # tokens of context a draft's match needs
+LONGEST = 8         # longer matches are looked for up to this many tokens
+#: Most guesses per row and pass on a CPU (the decoder's own choice, Settings.guesses).
+MOST_GUESSES = 8
+
+
+class PrefixIndex:
+    """Where each run of 2..:data:`LONGEST` tokens of the prefix last occurred (built once a decode)."""
+
+    def __init__(self, ids: Sequence[int]):
+        self.ids = [int(x) for x in ids]
+        self.index: dict[int, dict[tuple, int]] = {n: {} for n in range(SHORTEST, LONGEST + 1)}
+        for e in range(len(self.ids)):
+            _note(self.index, self.ids, e)
+
+    def lane(self) -> "LaneDraft":
+        return LaneDraft(self)
+
+
+def _note(index: dict[int, dict[tuple, int]], seq: list[int], e: int) -> None:
+    """Index the runs that end just before position ``e``: each maps to ``e`` (what followed)."""
+    for n in range(SHORTEST, min(LONGEST, e) + 1):
+        index[n][tuple(seq[e - n:e])] = e
+
+
+class LaneDraft:
+    """One lane's draft: the prefix and the lane's symbols so far, indexed by their runs."""
+
+    def __init__(self, prefix: PrefixIndex):
+        self.seq = list(prefix.ids)
+        self.index = {n: d.copy() for n, d in prefix.index.items()}
+
+    def push(self, symbol: int) -> None:
+        """The lane decoded ``symbol``."""
+        _note(self.index, self.seq, len(self.seq))
+        self.seq.append(int(symbol))
+
+    def propose(self, most: int) -> tuple[list[int], int]:
+        """Up to ``most`` symbols that followed the longest earlier occurrence of the lane's
+        last tokens, and that occurrence's length (0 and no symbols without one)."""
+        seq, end = self.seq, len(self.seq)
+        if most <= 0:
+            return [], 0
+        for n in range(min(LONGEST, end), SHORTEST - 1, -1):
+            at = self.index[n].get(tuple(seq[end - n:]))
+            if at is not None:
+                return seq[at:at + most], n
+        return [], 0
+
+
+class Acceptance:
+    """How often a guess held: per match length and place j (guess j is tried only when
+    guesses 1 .. j-1 held, so these are conditional rates; Laplace's rule, 1/2 untried)."""
+
+    def __init__(self, most: int = MOST_GUESSES):
+        self.tried = np.zeros((LONGEST + 1, most + 1), dtype=np.int64)
+        self.held = np.zeros_like(self.tried)
+
+    def record(self, length: int, place: int, held: bool) -> None:
+        self.tried[length, place] += 1
+        self.held[length, place] += held
+
+    def chances(self, length: int, count: int) -> np.ndarray:
+        """The probability that guesses 1 .. j all hold, for j = 1 .. ``count``."""
+        rate = (self.held[length, 1:count + 1] + 1) / (self.tried[length, 1:count + 1] + 2)
+        return np.cumprod(rate)
+
+    def summary(self) -> dict:
+        return {"tried": int(self.tried.sum()), "held": int(self.held.sum())}
+
+
+class PassCost:
+    """Seconds a pass takes by its queries (rows x columns), measured as the decode goes:
+    a moving average per query count, and a line through them for counts not yet run.
+    Before two counts have been seen, one more query is assumed to cost ``prior`` of a
+    one-query pass (measured on a 2-core EPYC: 0.03-0.08)."""
+
+    def __init__(self, prior: float = 0.08, decay: float = 0.8):
+        self.prior, self.decay = prior, decay
+        self.seen: dict[int, float] = {}
+
+    def record(self, queries: int, seconds: float) -> None:
+        old = self.seen.get(queries)
+        self.seen[queries] = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
+
+    def estimate(self, queries: int) -> float:
+        if queries in self.seen:
+            return self.seen[queries]
+        q = np.array(list(self.seen), dtype=np.float64)
+        t = np.array(list(self.seen.values()), dtype=np.float64)
+        if len(q) >= 2:
+            slope = max(0.0, float(np.polyfit(q, t, 1)[0]))
+            near = int(np.argmin(np.abs(q - queries)))
+            return max(1e-9, float(t[near] + slope * (queries - q[near])))
+        if len(q) == 1:
+            one = t[0] / (1 + self.prior * (q[0] - 1))
+            return one * (1 + self.prior * (queries - 1))
+        return 1 + self.prior * (queries - 1)
+
+
+def choose_width(live: int, rows: int, chances: Sequence[np.ndarray], cost: PassCost, most: int) -> int:
+    """Columns for the next pass (1 = no guesses): the T that maximizes expected tokens
+    decoded per second, ``(live + sum of every stream's chances up to T - 1) / cost(rows T)``.
+    ``chances`` holds, per stream, the expected tokens each further guess adds (its lanes
+    times the probability that its guesses up to there all hold); ``rows`` counts every
+    row the pass computes, idle ones too."""
+    longest = min(most, max((len(c) for c in chances), default=0))
+    best, best_rate = 1, live / cost.estimate(rows)
+    gained = float(live)
+    for T in range(2, longest + 2):
+        gained += sum(float(c[T - 2]) for c in chances if len(c) >= T - 1)
+        rate = gained / cost.estimate(rows * T)
+        if rate > best_rate:
+            best, best_rate = T, rate
+    return best

@@ -1,0 +1,169 @@
+"""Exact speculative decoding (guess and verify): the guesses change how many passes, never a symbol.
+
+The decoder may feed a row its last token plus guessed ones in one pass
+(lmcodec.coding.rowdecode.Rows, lmcodec.coding.draft); tests/test_verify_pass.py proves the
+engine's half (a pass over guessed positions equals single steps).  Here the whole decoder:
+archives written by the encoder (unchanged) decode to the same symbols with guesses off, with
+the real drafts, and with drafts corrupted at random and widths forced at random (rejections at
+every place, rows of one pass with different guesses), across the ring phase of the cache and
+moves of the prefix, with several lanes a stream and several streams sharing rows, with a
+prompt.  A 2-layer model keeps it fast; the drafts do not depend on the model.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_llama
+
+from lmcodec import Codec
+from lmcodec.coding import draft, rowdecode
+from lmcodec.coding.mixing import ALL, MixerConfig
+from lmcodec.coding.runner import prefill
+from lmcodec.coding.settings import DecodeStats
+from lmcodec.coding.steps import RowStep
+from lmcodec.coding.tokens import ByteTokenizer
+from lmcodec.engine import models
+from lmcodec.engine.engine import Engine
+from lmcodec.engine.quantize import load_int_model
+from lmcodec.format.container import End, stream_groups
+from lmcodec.format.reader import Reader
+
+RECORD = b'{"name": "ListObjects", "input_token": "Marker", "output_token": "NextMarker", "limit_key": "MaxKeys"}\n'
+TEXT = RECORD * 4 + b"Then something else entirely, \xff\xfe\x00 bytes and all.\n" + RECORD * 2
+
+
+@pytest.fixture(scope="module")
+def short_model(tmp_path_factory, loaded_model):
+    """Trained positions 64: segments past them move the prefix (runner.sink_base)."""
+    return make_tiny_llama(tmp_path_factory.mktemp("guess-llama"), loaded_model, max_positions=64, seed=3)
+
+
+def blocks_of(model_dir, data: bytes, prompt: bytes | None = None, **settings):
+    codec = Codec(model_dir, method="lm", mixer=ALL, threads=2, guesses=0, **settings)
+    blob = codec.compress(data, prompt)
+    loaded = models.load(model_dir)
+    tok = ByteTokenizer(loaded.tokenizer, loaded.arch.vocab_size)
+    reader = Reader(io.BytesIO(blob), len(blob))
+    header = reader.header()
+    blocks = []
+    while not isinstance(rec := reader.next(header), End):
+        blocks.append(rec)
+    return codec, blob, load_int_model(loaded, tok.fingerprint), tok, header, blocks
+
+
+def decode(im, tok, header, block, rows: int, guesses: int, prefix: list[int]) -> tuple[np.ndarray, DecodeStats]:
+    lengths = list(block.tokens)
+    groups = stream_groups(len(lengths), header.lanes)
+    stats = DecodeStats()
+    engine = Engine(im, "cpu")
+    with torch.inference_mode():
+        pre = prefill(engine, prefix)
+        symbols = rowdecode.decode_streams(engine, pre, groups, block.payloads, lengths, header.context, tok,
+                                           MixerConfig(header.mixer), rows, guesses=guesses, stats=stats)
+    return np.concatenate(symbols), stats
+
+
+@pytest.fixture
+def scrambled(monkeypatch):
+    """Drafts corrupted at random (a wrong token at a random place, random lengths) and the
+    pass width drawn at random: guesses rejected at every place, rows with different k."""
+    rng = np.random.default_rng(17)
+    real = draft.LaneDraft.propose
+
+    def propose(self, most):
+        guess, n = real(self, most)
+        if not guess and most and rng.random() < 0.3:
+            guess, n = [int(rng.integers(0, 49152)) for _ in range(int(rng.integers(1, most + 1)))], 2
+        guess = guess[:int(rng.integers(0, len(guess) + 1))] if guess and rng.random() < 0.3 else guess
+        if guess and rng.random() < 0.4:
+            guess = list(guess)
+            guess[int(rng.integers(0, len(guess)))] = int(rng.integers(0, 49152))
+        return guess, n
+
+    monkeypatch.setattr(draft.LaneDraft, "propose", propose)
+    monkeypatch.setattr(rowdecode, "choose_width", lambda live, rows, chances, cost, most:
+                        int(rng.integers(1, 2 + min(most, max(len(c) for c in chances)))))
+
+
+@pytest.mark.parametrize("lanes,segment,rows", [(1, 4096, 1), (2, 40, 3), (1, 30, 4)])
+def test_guesses_change_no_symbol(tiny_model_dir, lanes, segment, rows, scrambled):
+    codec, blob, im, tok, header, blocks = blocks_of(tiny_model_dir, TEXT, lanes=lanes, segment_tokens=segment,
+                                                     context=512)
+    want = tok.encode(TEXT)
+    plain, s0 = decode(im, tok, header, blocks[0], rows, 0, [tok.start_token])
+    got, s8 = decode(im, tok, header, blocks[0], rows, 8, [tok.start_token])
+    assert np.array_equal(plain, want) and np.array_equal(got, want)
+    assert s0.tried == 0 and s0.tokens == len(want)
+    assert s8.tokens == len(want) and s8.held > 0 and s8.tried > s8.held     # guesses held and failed
+    assert s8.row_passes < s0.row_passes
+
+
+def test_guesses_across_the_ring_and_prefix_moves(short_model, scrambled):
+    """One segment of ~300 tokens in a context of 40 on a model trained to 64 positions: the
+    cache turns into a ring (no guesses there, RowStep.room) and the prefix moves every 16."""
+    data = RECORD * 12
+    codec, blob, im, tok, header, blocks = blocks_of(short_model, data, segment_tokens=100000, context=40)
+    assert blocks[0].tokens[0] > 200
+    got, stats = decode(im, tok, header, blocks[0], 1, 8, [tok.start_token])
+    assert np.array_equal(got, tok.encode(data)) and stats.held > 0
+
+
+def test_room_keeps_guesses_in_the_linear_phase_and_between_prefix_moves(short_model):
+    loaded = models.load(short_model)
+    tok = ByteTokenizer(loaded.tokenizer, loaded.arch.vocab_size)
+    engine = Engine(load_int_model(loaded, tok.fingerprint), "cpu")
+    with torch.inference_mode():
+        pre = prefill(engine, [tok.start_token, 5])            # P = 2; prefix moves at 2 + 16 k for k >= 4
+        run = RowStep(engine, pre, 4, 40, 200, spare=8)        # capacity 40, bound 202
+        run.position[:] = [2, 35, 60, 3]
+        assert run.room([0, 1, 2]).tolist() == [8, 4, 0]       # 8 spare; 35 + 4 < 40, then the ring; 60: the ring
+        wide = RowStep(engine, pre, 2, 100, 200, spare=8)
+        wide.position[:] = [60, 95]
+        assert wide.room([0, 1]).tolist() == [5, 2]            # the prefix moves at 66 and at 98
+        run.position[:] = [2, 2, 2, 2]
+        with pytest.raises(ValueError):
+            run.advance(np.zeros((4, 10), dtype=np.int64), guesses=np.array([9, 0, 0, 0]))
+        run.position[:] = [2, 39, 2, 2]
+        with pytest.raises(ValueError):
+            run.advance(np.zeros((4, 2), dtype=np.int64), guesses=np.array([0, 1, 0, 0]))
+
+
+def test_a_prompt_is_guessed_from(tiny_model_dir):
+    """The prefix (here a prompt holding the records) is where a record's draft comes from."""
+    prompt = RECORD * 2
+    codec, blob, im, tok, header, blocks = blocks_of(tiny_model_dir, RECORD, prompt=prompt, segment_tokens=4096)
+    for guesses in (0, 8):
+        c = Codec(tiny_model_dir, threads=2, guesses=guesses)
+        assert c.decompress(blob, prompt) == RECORD
+        assert c.last_decode.tokens == blocks[0].tokens[0]
+    assert c.last_decode.tokens_per_row_pass > 2 and c.last_decode_passes == c.last_decode.row_passes
+
+
+def test_choose_width_pays_for_columns_only_when_guesses_hold():
+    cost = draft.PassCost(prior=0.1)
+    cost.record(1, 0.030)
+    assert draft.choose_width(1, 1, [np.array([0.02, 0.01])], cost, 8) == 1         # unlikely: no guess
+    assert draft.choose_width(1, 1, [np.array([0.9, 0.8, 0.7, 0.6])], cost, 8) == 5
+    cost.record(5, 0.150)                                                           # a costly wide pass
+    assert draft.choose_width(1, 1, [np.array([0.5, 0.25])], cost, 8) == 1
+    acc = draft.Acceptance(4)
+    assert acc.chances(3, 2).tolist() == [0.5, 0.25]
+    for _ in range(8):
+        acc.record(3, 1, True)
+    assert acc.chances(3, 1)[0] == 0.9
+
+
+def test_lane_draft_copies_what_followed_the_longest_match():
+    idx = draft.PrefixIndex([1, 10, 11, 12, 13, 14, 10, 11, 99])
+    lane = idx.lane()
+    assert lane.propose(4) == ([], 0)              # (11, 99) never occurred before
+    for x in (10, 11):
+        lane.push(x)
+    assert lane.propose(3) == ([99, 10, 11], 2)  # the latest occurrence of (10, 11), on into the lane
+    lane.push(12)
+    assert lane.propose(3) == ([13, 14, 10], 3)   # (10, 11, 12): longer, earlier
+    assert lane.propose(0) == ([], 0)
