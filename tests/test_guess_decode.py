@@ -104,7 +104,7 @@ def test_guesses_change_no_symbol(tiny_model_dir, lanes, segment, rows, scramble
 
 def test_guesses_across_the_ring_and_prefix_moves(short_model, scrambled):
     """One segment of ~300 tokens in a context of 40 on a model trained to 64 positions: the
-    cache turns into a ring (no guesses there, RowStep.room) and the prefix moves every 16."""
+    cache turns into a ring (its spare slots take the guesses) and the prefix moves every 16."""
     data = RECORD * 12
     codec, blob, im, tok, header, blocks = blocks_of(short_model, data, segment_tokens=100000, context=40)
     assert blocks[0].tokens[0] > 200
@@ -112,22 +112,20 @@ def test_guesses_across_the_ring_and_prefix_moves(short_model, scrambled):
     assert np.array_equal(got, tok.encode(data)) and stats.held > 0
 
 
-def test_room_keeps_guesses_in_the_linear_phase_and_between_prefix_moves(short_model):
+def test_room_keeps_guesses_between_prefix_moves_and_below_the_bound(short_model):
     loaded = models.load(short_model)
     tok = ByteTokenizer(loaded.tokenizer, loaded.arch.vocab_size)
     engine = Engine(load_int_model(loaded, tok.fingerprint), "cpu")
     with torch.inference_mode():
         pre = prefill(engine, [tok.start_token, 5])            # P = 2; prefix moves at 2 + 16 k for k >= 4
-        run = RowStep(engine, pre, 4, 40, 200, spare=8)        # capacity 40, bound 202
-        run.position[:] = [2, 35, 60, 3]
-        assert run.room([0, 1, 2]).tolist() == [8, 4, 0]       # 8 spare; 35 + 4 < 40, then the ring; 60: the ring
-        wide = RowStep(engine, pre, 2, 100, 200, spare=8)
-        wide.position[:] = [60, 95]
-        assert wide.room([0, 1]).tolist() == [5, 2]            # the prefix moves at 66 and at 98
+        run = RowStep(engine, pre, 4, 40, 200, spare=8)        # window 38 in a ring of 46, bound 202
+        run.position[:] = [2, 35, 60, 198]
+        # 8 spare (in the ring too); the prefix moves at 66; the bound
+        assert run.room([0, 1, 2, 3]).tolist() == [8, 8, 5, 3]
         run.position[:] = [2, 2, 2, 2]
         with pytest.raises(ValueError):
             run.advance(np.zeros((4, 10), dtype=np.int64), guesses=np.array([9, 0, 0, 0]))
-        run.position[:] = [2, 39, 2, 2]
+        run.position[:] = [2, 65, 2, 2]                        # across the prefix's move at 66
         with pytest.raises(ValueError):
             run.advance(np.zeros((4, 2), dtype=np.int64), guesses=np.array([0, 1, 0, 0]))
 

@@ -77,15 +77,17 @@ class RowStep:
     of T columns feeds row r its last token at its position p and ``guesses[r]``
     = k guessed tokens at p+1 .. p+k; output j of the row predicts the token
     after column j, bit for bit what single steps give (docs/ENGINE.md, "Rows at
-    their own positions").  A guess is taken only in the cache's linear phase
-    (p + k < capacity: there query p+j writes slot p+j, above every slot the
-    row's earlier queries read, so the slots of rejected guesses are simply
-    rewritten by the next pass; in the ring a later query would overwrite a slot
-    an earlier one reads) and never across a move of the prefix (:meth:`room`).
-    Columns past a row's k are padding: they sit at p, write one of ``spare``
-    scratch slots past the capacity and read slot 0 only; their outputs are
-    never used.  After a pass the row's outputs are ``h[r * T + j]``;
-    :meth:`skip` moves a row on by the guesses that held.
+    their own positions").  For that the ring has ``spare`` more slots than the
+    window (W = context - P positions): query p+j writes the slot of position
+    p+j-W-spare, older than anything the pass's earlier queries read, and each
+    query reads its own window only (slots ``[0, a) + [b, c)``: the prefix and
+    the window, which may wrap around the ring).  So the slots of rejected
+    guesses hold positions no later query reads, and the next pass rewrites
+    them.  A pass never crosses a move of the prefix (:meth:`room`).  Columns
+    past a row's k are padding: they sit at p, write one of ``spare`` scratch
+    slots past the ring and read slot 0 only; their outputs are never used.
+    After a pass the row's outputs are ``h[r * T + j]``; :meth:`skip` moves a
+    row on by the guesses that held.
     """
 
     def __init__(self, engine: Engine, pre: Prefix, rows: int, context: int, longest: int,
@@ -94,10 +96,12 @@ class RowStep:
         self.pre = pre
         self.rows = rows
         self.capacity = capacity or min(context, pre.length + longest)
-        self.spare = spare                         # scratch slots for padding columns: at most spare + 1 columns
+        self.window = context - pre.length         # positions after the prefix a query sees, itself included
+        self.spare = spare                         # ring slots past the window, and scratch slots for padding
+        self.ring = self.capacity - pre.length + spare      # slots after the prefix: linear until used, then a ring
         self.bound = pre.length + longest          # every position a row reaches is below this
         engine.reserve_positions(self.bound)
-        self.cache = KVCache.empty(engine.model, rows, self.capacity + spare, engine.device)
+        self.cache = KVCache.empty(engine.model, rows, pre.length + self.ring + spare, engine.device)
         self.cache.copy_rows(pre.cache, pre.length)
         self.position = np.full(rows, pre.length, dtype=np.int64)
         self.sink_at = np.zeros(rows, dtype=np.int64)   # where each row's prefix stands (sink_base)
@@ -128,16 +132,19 @@ class RowStep:
 
     def room(self, rows) -> np.ndarray:
         """How many guesses each of ``rows`` may take in the next pass: its positions p .. p+k
-        in the linear phase, below :attr:`bound`, on one side of a move of the prefix, and
-        k <= :attr:`spare`."""
+        below :attr:`bound` and on one side of a move of the prefix, k <= :attr:`spare`."""
         pos = self.position[np.asarray(rows, dtype=np.int64)]
         P, trained = self.pre.length, self.engine.arch.max_position_embeddings
         moves = np.array([next_sink_move(int(p), P, trained) for p in pos], dtype=np.int64)
-        k = np.minimum.reduce([self.capacity - 1 - pos, self.bound - 1 - pos, moves - 1 - pos])
-        return np.clip(k, 0, self.spare)
+        return np.clip(np.minimum(self.bound - 1 - pos, moves - 1 - pos), 0, self.spare)
+
+    def _slot(self, pos: np.ndarray) -> np.ndarray:
+        """Cache slot of positions >= P: P + (pos - P) mod the ring (linear until it is used)."""
+        P = self.pre.length
+        return P + (pos - P) % self.ring
 
     def _inputs(self, tokens: np.ndarray, guesses: np.ndarray | None = None) -> list[np.ndarray]:
-        """This pass's [rows, T] host columns: ids, positions, slots, key-set ends."""
+        """This pass's [rows, T] host columns: ids, positions, slots, key sets (a, b, c)."""
         tokens = np.asarray(tokens, dtype=np.int64).reshape(self.rows, -1)
         T = tokens.shape[1]
         k = np.zeros(self.rows, dtype=np.int64) if guesses is None else np.asarray(guesses, dtype=np.int64)
@@ -146,15 +153,20 @@ class RowStep:
         if (k > 0).any() and (k > self.room(np.arange(self.rows))).any():
             raise ValueError("a guess past the cache's linear phase, the bound or a move of the prefix")
         pos = self.position
-        P, cap = self.pre.length, self.capacity
+        P = self.pre.length
         self._place(np.arange(self.rows))
         col = np.arange(T)
         real = col[None, :] <= k[:, None]
         at = np.where(real, pos[:, None] + col, pos[:, None])
-        first = np.where(pos < cap, pos, P + (pos - P) % max(1, cap - P))
-        slot = np.where(col == 0, first[:, None], np.where(real, at, cap + col - 1))
-        end = np.where(real, np.minimum(at + 1, cap), 1)
-        return [tokens, at, slot, end]
+        # The key set of a query at q: the prefix [0, P) and the window's slots, positions
+        # max(P, q - W + 1) .. q; where the window wraps around the ring, [0, hi] + [lo, P + ring).
+        lo, hi = self._slot(np.maximum(P, at - self.window + 1)), self._slot(at)
+        wrap = lo > hi
+        a, b, c = np.where(wrap, hi + 1, P), lo, np.where(wrap, P + self.ring, hi + 1)
+        scratch = P + self.ring + col - 1
+        slot = np.where(real, hi, scratch)
+        a, b, c = np.where(real, a, 0), np.where(real, b, 0), np.where(real, c, 1)
+        return [tokens, at, slot, a, b, c]
 
     def _moved(self, live: np.ndarray | None) -> None:
         self.position = self.position + (1 if live is None else np.asarray(live, dtype=np.int64))
@@ -167,9 +179,8 @@ class RowStep:
         """Feed one token per row (``tokens`` [rows] or [rows, T]: the token, then its guesses);
         the next hidden rows land in ``self.h`` / ``self.e`` (row r's column j at r * T + j).
         Rows where ``live`` is False keep their position (default: every row moves one on)."""
-        ids, pos, slot, length = (torch.from_numpy(v) for v in self._inputs(tokens, guesses))
-        zero = torch.zeros_like(pos)
-        self.h, self.e = self.engine.forward(ids, pos, self.cache, slot, (zero, zero, length), bound=self.bound)
+        ids, pos, slot, a, b, c = (torch.from_numpy(v) for v in self._inputs(tokens, guesses))
+        self.h, self.e = self.engine.forward(ids, pos, self.cache, slot, (a, b, c), bound=self.bound)
         self.T = ids.shape[1]
         self._moved(live)
 
@@ -188,15 +199,14 @@ class GraphStep(RowStep):
                  graph: bool | None = None):
         super().__init__(engine, pre, rows, context, longest, capacity=context)
         dev = engine.device
-        self._static = [torch.zeros((rows, 1), dtype=torch.int64, device=dev) for _ in range(4)]
-        self._zero = torch.zeros((rows, 1), dtype=torch.int64, device=dev)
+        self._static = [torch.zeros((rows, 1), dtype=torch.int64, device=dev) for _ in range(6)]
         self.graph = (dev.type == "cuda") if graph is None else graph
         self._graph = None
         self._out: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _forward(self) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, pos, slot, length = self._static
-        return self.engine.forward(ids, pos, self.cache, slot, (self._zero, self._zero, length), bound=self.bound)
+        ids, pos, slot, a, b, c = self._static
+        return self.engine.forward(ids, pos, self.cache, slot, (a, b, c), bound=self.bound)
 
     def _capture(self) -> None:
         """Warm up on a side stream (allocator, lazy tables), then capture one step."""
