@@ -51,11 +51,13 @@ def _note(index: dict[int, dict[tuple, int]], seq: list[int], e: int) -> None:
 
 
 class LaneDraft:
-    """One lane's draft: the prefix and the lane's symbols so far, indexed by their runs."""
+    """One lane's draft: the prefix and the lane's symbols so far, indexed by their runs (the
+    lane's own runs here, the prefix's shared: a long primer is not copied per lane)."""
 
     def __init__(self, prefix: PrefixIndex):
+        self.prefix = prefix
         self.seq = list(prefix.ids)
-        self.index = {n: d.copy() for n, d in prefix.index.items()}
+        self.index: dict[int, dict[tuple, int]] = {n: {} for n in prefix.index}
 
     def push(self, symbol: int) -> None:
         """The lane decoded ``symbol``."""
@@ -64,12 +66,16 @@ class LaneDraft:
 
     def propose(self, most: int) -> tuple[list[int], int]:
         """Up to ``most`` symbols that followed the longest earlier occurrence of the lane's
-        last tokens, and that occurrence's length (0 and no symbols without one)."""
+        last tokens (the latest such, the lane's own before the prefix's), and that
+        occurrence's length (0 and no symbols without one)."""
         seq, end = self.seq, len(self.seq)
         if most <= 0:
             return [], 0
         for n in range(min(LONGEST, end), SHORTEST - 1, -1):
-            at = self.index[n].get(tuple(seq[end - n:]))
+            key = tuple(seq[end - n:])
+            at = self.index[n].get(key)
+            if at is None:
+                at = self.prefix.index[n].get(key)
             if at is not None:
                 return seq[at:at + most], n
         return [], 0
