@@ -56,6 +56,8 @@ from numba import njit, prange  # noqa: E402
 # back on all cores (2 threads where 1 was asked; 4 on 2 cores with 2 workers).
 numba.get_num_threads()
 
+from . import attend_gemm  # noqa: E402  (numba configured above)
+
 _EXP2 = fixedmath.exp2_table()
 _SIG = fixedmath.sigmoid_table()
 _SIG_SPAN = fixedmath.SIGMOID_RANGE << fixedmath.SIGMOID_STEP_BITS
@@ -419,7 +421,11 @@ def mlp(y, mult, shift, exp, sigmoid):
 
 
 def attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c):
+    """Per query (a decoding step), or on integer GEMMs where a cache row has many queries
+    (the parallel pass: :mod:`lmcodec.engine.attend_gemm`, the same integers)."""
     _threads()
+    if attend_gemm.usable(crow):
+        return attend_gemm.attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c)
     out, out_a = _empty(tuple(q16.shape), np.int64)
     _attend(_np(q16), _np(qe), _np(kt), _np(kmax), _np(vc), _np(vmax), _np(crow), _np(a), _np(b), _np(c),
             _EXP2, fixedmath.att_log2e(q16.shape[-1]), out_a)

@@ -1,0 +1,175 @@
+"""The spec's attention for many queries of one cache row, on integer GEMMs (the CPU's parallel pass).
+
+:func:`lmcodec.engine.ops_cpu.attend` runs one query at a time: right for a
+decoding step (a query or a few per row), but in the parallel pass (a chunk of
+up to 2,048 queries of one segment over the same keys) its dot products are
+most of the pass.  Here they become int8 products on ``torch._int_mm``
+(oneDNN's VNNI/AMX kernels), decomposed exactly as the Triton kernels do
+(docs/ENGINE.md, "The Triton kernels"):
+
+* scores: ``q16 = 256 hi + lo + 128`` with ``hi = q16 >> 8`` and
+  ``lo = (q16 & 255) - 128`` (both int8), so ``s = 256 (hi . k) + (lo . k) +
+  128 sum_d k``: one product of the stacked hi and lo rows with the keys;
+* value sums: ``w = p vmax`` is in [0, 2^40), ``w = sum_b 256^b (byte_b(w) -
+  128) + 128 (2^40 - 1) / 255``: one product of the five byte planes with the
+  values, plus the offset times the values' column sums.
+
+int32 sums stay below 2^31 (128 * 127 * 256 for scores; 128 * 127 * 8,192 keys
+for values) and int64 totals below 2^61, so every sum is exact.  Between the
+two products a numba pass computes, per query and head, exactly the spec's
+``z``, its maximum over the query's key set, ``p`` and ``w``; keys outside the
+set get ``w = 0``.  So the result equals :func:`ops_cpu.attend`'s bit for bit
+(``tests/test_attend_gemm.py``), whatever the tiling.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numba import njit, prange
+
+from . import fixedmath
+from .spec import ATT_D_CAP, ATT_P_SHIFT, ATT_PRESHIFT, ATT_SHIFT, ATT_U_CAP
+
+#: Queries of one cache row per tile: bounds the score and byte-plane buffers
+#: (heads x tile x keys: 9 x 256 x 2,048 int32 = 19 MB for SmolLM2).
+TILE = 256
+#: Use the GEMM path when a cache row has at least this many queries in one call.
+MIN_QUERIES = 32
+#: 128 (2^40 - 1) / 255: the offset of the five shifted bytes of a w in [0, 2^40).
+W_OFFSET = 128 * ((1 << 40) - 1) // 255
+
+_EXP2 = fixedmath.exp2_table()
+_JIT = dict(cache=True, nogil=True, boundscheck=False)
+
+
+@njit(parallel=True, **_JIT)
+def _softmax_planes(s, ksum, kmax, qe, a, b, c, group, exp2, lc, planes, total):  # pragma: no cover - compiled
+    """Per (query n, head g) row m = n * group + g of the stacked scores ``s`` [2 M, L]
+    (hi rows, then lo rows): z over its key set, the maximum, p and w = p vmax's five
+    shifted bytes into ``planes`` [5, M, L] (keys outside the set: w = 0),
+    and sum p into ``total`` [M]."""
+    M = s.shape[0] // 2
+    L = s.shape[1]
+    for m in prange(M):
+        n = m // group
+        n1 = min(a[n], L)
+        lo_b, hi_c = b[n], min(c[n], L)
+        z = np.empty(L, np.int64)
+        zmax = np.int64(-(1 << 62))
+        for j in range(L):
+            if j < n1 or (j >= lo_b and j < hi_c):
+                zj = (np.int64(s[m, j]) * 256 + np.int64(s[M + m, j]) + 128 * ksum[j]) * np.int64(kmax[j])
+                z[j] = zj
+                zmax = max(zmax, zj)
+        sh = ATT_PRESHIFT - qe[m]
+        tot = np.int64(0)
+        for j in range(L):
+            w = np.int64(0)
+            if j < n1 or (j >= lo_b and j < hi_c):
+                dd = min((zmax - z[j]) >> sh, ATT_D_CAP)
+                u = (dd * lc) >> ATT_SHIFT
+                if u < ATT_U_CAP:
+                    p = exp2[u & 1023] >> ((u >> 10) + ATT_P_SHIFT)
+                    tot += p
+                    w = p * np.int64(kmax[L + j])      # vmax rides behind kmax (one array)
+            for q in range(5):
+                planes[q, m, j] = np.int8(((w >> (8 * q)) & 255) - 128)
+        total[m] = tot
+
+
+@njit(parallel=True, **_JIT)
+def _split_heads(q16, group, out):  # pragma: no cover - compiled
+    """q16 [t, nh, hd] -> out [nkv, 2 M, hd] int8, M = t * group: for KV head h, row
+    n * group + g holds hi = q16 >> 8 of query n's head h * group + g, row M + (same) its
+    lo = (q16 & 255) - 128 (so q16 = 256 hi + lo + 128)."""
+    t, nh, hd = q16.shape
+    M = t * group
+    for n in prange(t):
+        for head in range(nh):
+            h = head // group
+            m = n * group + head % group
+            for d in range(hd):
+                v = np.int32(q16[n, head, d])
+                out[h, m, d] = np.int8(v >> 8)
+                out[h, M + m, d] = np.int8((v & 255) - 128)
+
+
+@njit(**_JIT)
+def _column_sums(keys, values, ksum, vsum):  # pragma: no cover - compiled
+    """ksum[j] = sum_d keys[d, j] ([hd, L] int8), vsum[d] = sum_j values[j, d] ([L, hd] int8)."""
+    hd, L = keys.shape
+    ksum[:] = 0
+    vsum[:] = 0
+    for d in range(hd):
+        for j in range(L):
+            ksum[j] += keys[d, j]
+    for j in range(L):
+        for d in range(hd):
+            vsum[d] += values[j, d]
+
+
+@njit(parallel=True, **_JIT)
+def _finish(r, vsum, total, out):  # pragma: no cover - compiled
+    """out = floor((2 acc + 127 tot) / (2 * 127 tot)), acc = sum_b 256^b r_b + W_OFFSET * vsum."""
+    M = total.shape[0]
+    hd = vsum.shape[0]
+    for m in prange(M):
+        den = 127 * total[m]
+        for d in range(hd):
+            acc = np.int64(W_OFFSET) * vsum[d]
+            for q in range(5):
+                acc += np.int64(r[q * M + m, d]) * (np.int64(1) << (8 * q))
+            out[m, d] = (2 * acc + den) // (2 * den)
+
+
+def usable(crow: torch.Tensor) -> bool:
+    """True when a call's queries are runs of at least :data:`MIN_QUERIES` per cache row."""
+    n = crow.shape[0]
+    return n >= MIN_QUERIES and n // (int(crow.max()) - int(crow.min()) + 1) >= MIN_QUERIES
+
+
+def attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c) -> torch.Tensor:
+    """:func:`lmcodec.engine.ops_cpu.attend`'s result [N, nh, hd] int64, in tiles of queries
+    of one cache row (consecutive queries with the same ``crow``)."""
+    n_q, nh, hd = q16.shape
+    nkv = kt.shape[1]
+    group = nh // nkv
+    out = torch.empty((n_q, nh, hd), dtype=torch.int64)      # contiguous: tiles write through numpy views
+    rows = crow.numpy()
+    lc = fixedmath.att_log2e(hd)
+    start = 0
+    while start < n_q:
+        stop = start + 1
+        while stop < n_q and stop - start < TILE and rows[stop] == rows[start]:
+            stop += 1
+        _tile(q16[start:stop], qe[start:stop], kt, kmax, vc, vmax, int(rows[start]), a[start:stop],
+              b[start:stop], c[start:stop], group, lc, out[start:stop])
+        start = stop
+    return out
+
+
+def _tile(q16, qe, kt, kmax, vc, vmax, r, a, b, c, group, lc, out) -> None:
+    """One tile of queries of cache row ``r`` against its keys [0, max c), head by KV head."""
+    t, nh, hd = q16.shape
+    nkv = kt.shape[1]
+    L = int(max(int(c.max()), int(a.max())))
+    an, bn, cn = a.numpy(), b.numpy(), c.numpy()
+    M = t * group
+    stacked = np.empty((nkv, 2 * M, hd), dtype=np.int8)
+    _split_heads(q16.numpy(), group, stacked)
+    qe_heads = qe.numpy().reshape(t, nkv, group).transpose(1, 0, 2).reshape(nkv, M)
+    planes = np.empty((5, M, L), dtype=np.int8)
+    total = np.empty(M, dtype=np.int64)
+    res = np.empty((M, hd), dtype=np.int64)
+    ksum, vsum = np.empty(L, dtype=np.int64), np.empty(hd, dtype=np.int64)
+    out_a = out.numpy().reshape(t, nkv, group, hd)
+    for h in range(nkv):
+        keys, values = kt[r, h, :, :L], vc[r, h, :L]                   # [hd, L], [L, hd] int8
+        _column_sums(keys.numpy(), values.numpy(), ksum, vsum)
+        s = torch._int_mm(torch.from_numpy(stacked[h]), keys).numpy()  # [2M, L] int32
+        mags = np.concatenate([kmax[r, h, :L].numpy(), vmax[r, h, :L].numpy()])
+        _softmax_planes(s, ksum, mags, qe_heads[h], an, bn, cn, group, _EXP2, lc, planes, total)
+        rr = torch._int_mm(torch.from_numpy(planes.reshape(5 * M, L)), values).numpy()
+        _finish(rr, vsum, total, res)
+        out_a[:, h] = res.reshape(t, group, hd)
