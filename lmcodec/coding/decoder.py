@@ -83,7 +83,8 @@ class BlockDecoder:
         engine = self.models.engine(model, s.device)
         progress.start_block(sum(b.raw_len for b in blocks), sum(lengths))
         with torch_threads(s.threads), torch.inference_mode():
-            pre = self.models.prefill(engine, self.models.prefix(tok, self.prompt, header.context))
+            prefix = self.models.prefix(tok, self.prompt, header.context)
+            pre = self.models.prefill(engine, prefix)
             # The decoder's own choice: its row budget, or fewer when there are fewer segments.
             rows = min(max(s.decode_rows, header.lanes), len(lengths))
             cuda = engine.device.type == "cuda"    # GraphStep: a cache of the whole context
@@ -92,7 +93,8 @@ class BlockDecoder:
             symbols = decode_streams(engine, pre, groups, payloads, lengths, header.context, tok,
                                      MixerConfig(header.mixer), rows, tick=progress.tokens,
                                      halves=overlap_halves(engine.device), guesses=s.guesses,
-                                     stats=self.models.decode_stats)
+                                     stats=self.models.decode_stats,
+                                     draft=self.models.draft_index(tok, self.prompt, prefix) if s.guesses else None)
         out, at = [], 0
         for block in blocks:
             try:

@@ -14,6 +14,7 @@ from ..engine.engine import Engine, kv_bytes
 from ..engine.quantize import IntModel, load_int_model
 from ..errors import DictionaryMismatchError, ModelMismatchError, ResourceLimitError
 from ..format.container import DICT_ID_BYTES, Header, prompt_check
+from .draft import DRAFT_PROMPT_BYTES, PrefixIndex
 from .runner import Prefix, prefill
 from .settings import DecodeStats, max_kv_bytes
 from .tokens import ByteTokenizer
@@ -51,7 +52,8 @@ class ModelCache:
 
     def __init__(self, model: ModelSpec = None, adapter: ModelAdapter | None = None, *, ops=None):
         self.model_arg = model
-        self.decode_stats = DecodeStats()     # what in-process decodes did since the codec last reset it
+        self.decode_stats = DecodeStats()
+        self._drafts: dict[tuple, PrefixIndex] = {}     # the last prompt's draft index     # what in-process decodes did since the codec last reset it
         self.ops = ops
         self.adapter = adapter
         self._models: dict[str, tuple[IntModel, ByteTokenizer, str]] = {}
@@ -153,6 +155,19 @@ class ModelCache:
             tail = prompt[-PROMPT_TAIL_BYTES_PER_TOKEN * keep:]
             self._prefixes[key] = [tok.start_token] + tok.model_inputs(tok.encode(tail)).tolist()[-keep:]
         return self._prefixes[key]
+
+    def draft_index(self, tok: ByteTokenizer, prompt: bytes | None, prefix: list[int]) -> PrefixIndex:
+        """What the decoder's guesses may copy from before a segment: the prompt's last
+        :data:`DRAFT_PROMPT_BYTES` as symbols (a dictionary's primer is far longer than the
+        model's prefix, and the guesses may use all of it: they never change a symbol),
+        else the prefix; built once per prompt."""
+        if not prompt:
+            return PrefixIndex(prefix)
+        key = (tok.fingerprint, prompt_check(prompt), len(prompt))
+        if key not in self._drafts:
+            self._drafts.clear()
+            self._drafts[key] = PrefixIndex(tok.encode(prompt[-DRAFT_PROMPT_BYTES:]).tolist())
+        return self._drafts[key]
 
     def prefill(self, engine: Engine, prefix: list[int]) -> Prefix:
         """The prefix run through ``engine``, kept for the next block or file with the same prefix.

@@ -40,7 +40,7 @@ def decode_streams(engine: Engine, pre: Prefix, groups: Sequence[range], payload
                    lengths: Sequence[int], context: int, tok: ByteTokenizer, mixer: MixerConfig, rows: int,
                    order: Sequence[int] | None = None,
                    tick: Callable[[int], None] | None = None, halves: int = 1, guesses: int = 0,
-                   stats: DecodeStats | None = None) -> list[np.ndarray]:
+                   stats: DecodeStats | None = None, draft: PrefixIndex | None = None) -> list[np.ndarray]:
     """The symbols of every segment (``lengths[g]`` tokens each) of the streams ``groups``
     (stream k carries segments ``groups[k]`` in ``payloads[k]``), decoded in ``rows`` rows.
 
@@ -50,7 +50,8 @@ def decode_streams(engine: Engine, pre: Prefix, groups: Sequence[range], payload
     so that on CUDA one half's host work (coder, online models) overlaps the other
     half's model step (:class:`Overlap`); the symbols are the same.  ``guesses``: the most
     guessed tokens a row may be fed per pass (exact speculative decoding, :class:`Rows`; 0:
-    one token a pass); the symbols are the same.  ``stats`` receives the passes made.
+    one token a pass); the symbols are the same.  ``stats`` receives the passes made; ``draft``
+    is what the guesses copy from before a segment (default: the prefix).
     """
     symbols = [np.zeros(n, dtype=np.int64) for n in lengths]
     if not groups:
@@ -59,7 +60,7 @@ def decode_streams(engine: Engine, pre: Prefix, groups: Sequence[range], payload
     parts = split_streams(groups, lengths, order, halves if rows >= 2 * halves else 1)
     share = max(1, rows // len(parts))
     sets = [Rows(engine, pre, [groups[k] for k in part], [payloads[k] for k in part], lengths, context, tok, mixer,
-                 share, symbols, guesses, stats) for part in parts]
+                 share, symbols, guesses, stats, draft) for part in parts]
     if len(sets) == 1:
         one = sets[0]
         while one.code(tick):
@@ -112,7 +113,8 @@ class Rows:
 
     def __init__(self, engine: Engine, pre: Prefix, groups: Sequence[range], payloads: Sequence[bytes],
                  lengths: Sequence[int], context: int, tok: ByteTokenizer, mixer: MixerConfig, rows: int,
-                 symbols: list[np.ndarray], guesses: int = 0, stats: DecodeStats | None = None):
+                 symbols: list[np.ndarray], guesses: int = 0, stats: DecodeStats | None = None,
+                 draft: PrefixIndex | None = None):
         self.groups, self.payloads, self.tok, self.mixer = groups, payloads, tok, mixer
         self.symbols = symbols
         rows = max(rows, max(len(g) for g in groups))
@@ -129,7 +131,7 @@ class Rows:
         self.coders: dict[int, StreamDecoder] = {}
         self.mixers: dict[int, StreamMixer] = {}
         self.drafts: dict[int, list[LaneDraft]] = {}
-        self.index = PrefixIndex(pre.ids) if self.most else None
+        self.index = (draft or PrefixIndex(pre.ids)) if self.most else None
         self.accept = Acceptance(self.most)
         self.cost = PassCost()
         self.stats = stats if stats is not None else DecodeStats()
