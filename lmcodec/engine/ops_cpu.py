@@ -105,33 +105,40 @@ def _clamp(v, lim):
     return lim if v > lim else (-lim if v < -lim else v)
 
 
+@njit(inline="always", **_JIT)
+def _norm_row(xr, gain, gain_shift, eps, out):
+    """RMSNorm of one residual row ``xr`` into operand row ``out``; returns its exponent
+    (one row's whole norm, shared by :func:`_norm` and the fused step, lmcodec.engine.fused_cpu)."""
+    k = xr.shape[0]
+    m = np.int64(0)
+    for j in range(k):
+        m = max(m, abs(xr[j]))
+    s = max(_bitlen(m) - 15, 0)
+    ss = np.int64(0)
+    for j in range(k):
+        xs = _rshift(xr[j], s)
+        ss += xs * xs
+    d = max(ss + k * eps[s], np.int64(1))
+    n = (np.int64(k) << (2 * RSQRT_BITS)) // d
+    r = np.int64(np.sqrt(np.float64(n)))
+    for _ in range(2):
+        if r * r > n:
+            r -= 1
+        if (r + 1) * (r + 1) <= n:
+            r += 1
+    mt = np.int64(0)
+    for j in range(k):
+        mt = max(mt, abs(_rshift(xr[j], s) * gain[j] * r))
+    s2 = _fit(mt, ACT_MAX)
+    for j in range(k):
+        out[j] = _rshift(_rshift(xr[j], s) * gain[j] * r, s2)
+    return s2 - RSQRT_BITS - gain_shift
+
+
 @njit(parallel=True, **_JIT)
 def _norm(x, gain, gain_shift, eps, out, exp):  # pragma: no cover - compiled
-    m_rows, k = x.shape
-    for i in prange(m_rows):
-        m = np.int64(0)
-        for j in range(k):
-            m = max(m, abs(x[i, j]))
-        s = max(_bitlen(m) - 15, 0)
-        ss = np.int64(0)
-        for j in range(k):
-            xs = _rshift(x[i, j], s)
-            ss += xs * xs
-        d = max(ss + k * eps[s], np.int64(1))
-        n = (np.int64(k) << (2 * RSQRT_BITS)) // d
-        r = np.int64(np.sqrt(np.float64(n)))
-        for _ in range(2):
-            if r * r > n:
-                r -= 1
-            if (r + 1) * (r + 1) <= n:
-                r += 1
-        mt = np.int64(0)
-        for j in range(k):
-            mt = max(mt, abs(_rshift(x[i, j], s) * gain[j] * r))
-        s2 = _fit(mt, ACT_MAX)
-        for j in range(k):
-            out[i, j] = _rshift(_rshift(x[i, j], s) * gain[j] * r, s2)
-        exp[i] = s2 - RSQRT_BITS - gain_shift
+    for i in prange(x.shape[0]):
+        exp[i] = _norm_row(x[i], gain, gain_shift, eps, out[i])
 
 
 @njit(inline="always", **_JIT)
@@ -219,26 +226,32 @@ def _qkv(y, mult, shift, bias, has_bias, exp, cos, sin, n_t, nh, nkv, hd, kt, km
             if has_bias:
                 v += bias[j]
             vals[j] = _clamp(v, QKV_LIMIT)
-        r = np.empty(hd, np.int64)
-        q8 = np.empty(hd, np.int64)
-        for h in range(nh):
-            _rope_head(vals, h * hd, hd, cs, sn, t, r)
-            m = np.int64(0)
-            for d in range(hd):
-                m = max(m, abs(r[d]))
-            s = _fit(m, Q_MAX)
-            for d in range(hd):
-                q16[i, h, d] = _rshift(r[d], s)
-            qe[i, h] = s
-        for h in range(nkv):
-            _rope_head(vals, (nh + h) * hd, hd, cs, sn, t, r)
-            kmax[b, h, slot] = _kv8(r, hd, q8)
-            for d in range(hd):
-                kt[b, h, d, slot] = q8[d]
-            kmax_v = _kv8(vals[(nh + nkv + h) * hd:(nh + nkv + h + 1) * hd], hd, q8)
-            vmax[b, h, slot] = kmax_v
-            for d in range(hd):
-                vc[b, h, slot, d] = q8[d]
+        _qkv_heads(vals, cs, sn, t, nh, nkv, hd, q16[i], qe[i], kt[b], kmax[b], vc[b], vmax[b], slot)
+
+
+@njit(inline="always", **_JIT)
+def _qkv_heads(vals, cs, sn, t, nh, nkv, hd, q16, qe, kt, kmax, vc, vmax, slot):
+    """One query's q|k|v row ``vals`` -> RoPE, its query operand (q16, qe) and its key and
+    value written to ``slot`` of its cache row (shared with the fused step)."""
+    r = np.empty(hd, np.int64)
+    q8 = np.empty(hd, np.int64)
+    for h in range(nh):
+        _rope_head(vals, h * hd, hd, cs, sn, t, r)
+        m = np.int64(0)
+        for d in range(hd):
+            m = max(m, abs(r[d]))
+        s = _fit(m, Q_MAX)
+        for d in range(hd):
+            q16[h, d] = _rshift(r[d], s)
+        qe[h] = s
+    for h in range(nkv):
+        _rope_head(vals, (nh + h) * hd, hd, cs, sn, t, r)
+        kmax[h, slot] = _kv8(r, hd, q8)
+        for d in range(hd):
+            kt[h, d, slot] = q8[d]
+        vmax[h, slot] = _kv8(vals[(nh + nkv + h) * hd:(nh + nkv + h + 1) * hd], hd, q8)
+        for d in range(hd):
+            vc[h, slot, d] = q8[d]
 
 
 @njit(parallel=True, **_JIT)
@@ -432,3 +445,21 @@ def gaps(y, mult, exp):
     out, out_a = _empty((n, y.shape[1]), np.int64)
     _gaps(_np(y), _np(mult), _np(exp).reshape(-1), out_a)
     return out
+
+
+#: Query rows up to which Engine.forward and Engine.gaps take the fused step (lmcodec.engine.fused_cpu):
+#: one kernel per layer, products as int16 dot products. More rows go to torch._int_mm, whose
+#: kernels are compute-bound and fast there where a dot product per row is not.
+FUSED_ROWS = 4
+
+
+def forward_rows(engine, *args):
+    """Engine.forward's layers for at most FUSED_ROWS rows in one kernel per layer (fused_cpu.forward_rows)."""
+    from .fused_cpu import forward_rows as run
+    return run(engine, *args)
+
+
+def gaps_rows(engine, h16, exp):
+    """Engine.gaps for at most FUSED_ROWS rows: head product and gaps in one kernel (fused_cpu.gaps_rows)."""
+    from .fused_cpu import gaps_rows as run
+    return run(engine, h16, exp)
