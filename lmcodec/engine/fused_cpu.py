@@ -25,14 +25,13 @@ import numpy as np
 import torch
 
 from . import fixedmath
-from .ops_cpu import (
+from .cpu_rows import (
     _EXP2,
     _JIT,
     _SIG,
     _SIG_BITS,
     _SIG_SHIFT,
     _SIG_SPAN,
-    _attend,
     _clamp,
     _fit,
     _norm_row,
@@ -40,9 +39,10 @@ from .ops_cpu import (
     _requant,
     _rshift,
     _threads,
-    njit,  # numba through ops_cpu, which sets numba's cache directory before importing it
+    njit,  # numba through cpu_rows, which sets numba's cache directory before importing it
     prange,
 )
+from .ops_cpu import _attend
 from .spec import (
     ACT_FRAC,
     ACT_MAX,

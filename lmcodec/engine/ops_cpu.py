@@ -8,18 +8,33 @@ checks both modules against the plain reference.
 
 numba compiles the kernels on first use (a few seconds, cached on disk under
 lmcodec's cache directory).  Integer arithmetic is exact, so the thread split
-does not matter.
+does not matter.  The per-value and per-row helpers the kernels inline live in
+:mod:`lmcodec.engine.cpu_rows` (shared with the fused step, :mod:`lmcodec.engine.fused_cpu`).
 """
 
 from __future__ import annotations
-
-import os
-import threading
 
 import numpy as np
 import torch
 
 from . import fixedmath
+from .cpu_rows import (
+    _EXP2,
+    _JIT,
+    _SIG,
+    _SIG_BITS,
+    _SIG_SHIFT,
+    _SIG_SPAN,
+    _clamp,
+    _fit,
+    _norm_row,
+    _qkv_heads,
+    _requant,
+    _rshift,
+    _threads,
+    njit,
+    prange,
+)
 from .spec import (
     ACT_FRAC,
     ACT_MAX,
@@ -28,111 +43,15 @@ from .spec import (
     ATT_PRESHIFT,
     ATT_SHIFT,
     ATT_U_CAP,
-    KV_MAX,
     LOG2E_OUT,
     MLP_LIMIT,
     OUT_D_CAP,
     OUT_PRE_LIMIT,
     OUT_U_CAP,
-    Q_MAX,
     QKV_LIMIT,
     RESID_FRAC,
     RESID_LIMIT,
-    RSQRT_BITS,
 )
-
-if "NUMBA_CACHE_DIR" not in os.environ:  # site-packages may be read-only
-    from .models import cache_dir
-
-    os.environ["NUMBA_CACHE_DIR"] = str(cache_dir() / "numba")
-
-import numba  # noqa: E402
-from numba import njit, prange  # noqa: E402
-
-# Start numba's threading layer now, not at the first kernel: its OpenMP layer
-# shares torch's libgomp, and starting it resets the calling thread's OpenMP
-# thread count, which is what torch.get_num_threads() reports.  Started inside
-# ``engine.torch_threads(1)`` it silently put the first block of every process
-# back on all cores (2 threads where 1 was asked; 4 on 2 cores with 2 workers).
-numba.get_num_threads()
-
-_EXP2 = fixedmath.exp2_table()
-_SIG = fixedmath.sigmoid_table()
-_SIG_SPAN = fixedmath.SIGMOID_RANGE << fixedmath.SIGMOID_STEP_BITS
-_SIG_SHIFT = ACT_FRAC - fixedmath.SIGMOID_STEP_BITS
-_SIG_BITS = fixedmath.SIGMOID_VALUE_BITS
-_ROPE_BITS = fixedmath.ROPE_BITS
-_JIT = dict(cache=True, nogil=True, boundscheck=False)
-
-
-@njit(inline="always", **_JIT)
-def _bitlen(m):
-    n = 0
-    while m >> n:
-        n += 1
-    return n
-
-
-@njit(inline="always", **_JIT)
-def _rshift(x, s):
-    return (x + ((np.int64(1) << s) >> 1)) >> s
-
-
-@njit(inline="always", **_JIT)
-def _fit(m, limit):
-    s = _bitlen(m) - 15
-    if s < 0:
-        s = 0
-    if _rshift(m, s) > limit:
-        s += 1
-    return s
-
-
-@njit(inline="always", **_JIT)
-def _requant(y, mult, c):
-    p = y * mult
-    if c >= 0:
-        return _rshift(p, c)
-    if p > (np.int64(1) << 40):
-        p = np.int64(1) << 40
-    elif p < -(np.int64(1) << 40):
-        p = -(np.int64(1) << 40)
-    return p << min(-c, 20)
-
-
-@njit(inline="always", **_JIT)
-def _clamp(v, lim):
-    return lim if v > lim else (-lim if v < -lim else v)
-
-
-@njit(inline="always", **_JIT)
-def _norm_row(xr, gain, gain_shift, eps, out):
-    """RMSNorm of one residual row ``xr`` into operand row ``out``; returns its exponent
-    (one row's whole norm, shared by :func:`_norm` and the fused step, lmcodec.engine.fused_cpu)."""
-    k = xr.shape[0]
-    m = np.int64(0)
-    for j in range(k):
-        m = max(m, abs(xr[j]))
-    s = max(_bitlen(m) - 15, 0)
-    ss = np.int64(0)
-    for j in range(k):
-        xs = _rshift(xr[j], s)
-        ss += xs * xs
-    d = max(ss + k * eps[s], np.int64(1))
-    n = (np.int64(k) << (2 * RSQRT_BITS)) // d
-    r = np.int64(np.sqrt(np.float64(n)))
-    for _ in range(2):
-        if r * r > n:
-            r -= 1
-        if (r + 1) * (r + 1) <= n:
-            r += 1
-    mt = np.int64(0)
-    for j in range(k):
-        mt = max(mt, abs(_rshift(xr[j], s) * gain[j] * r))
-    s2 = _fit(mt, ACT_MAX)
-    for j in range(k):
-        out[j] = _rshift(_rshift(xr[j], s) * gain[j] * r, s2)
-    return s2 - RSQRT_BITS - gain_shift
 
 
 @njit(parallel=True, **_JIT)
@@ -186,27 +105,6 @@ def _residual_add(x, y, mult, shift, exp):  # pragma: no cover - compiled
             x[i, j] = _clamp(x[i, j] + _requant(v, mult[j], c), RESID_LIMIT)
 
 
-@njit(inline="always", **_JIT)
-def _rope_head(vals, base, hd, cos, sin, t, out):
-    half = hd // 2
-    for d in range(half):
-        x1 = vals[base + d]
-        x2 = vals[base + half + d]
-        out[d] = _clamp(_rshift(x1 * cos[t, d] - x2 * sin[t, d], _ROPE_BITS), QKV_LIMIT)
-        out[half + d] = _clamp(_rshift(x2 * cos[t, d] + x1 * sin[t, d], _ROPE_BITS), QKV_LIMIT)
-
-
-@njit(inline="always", **_JIT)
-def _kv8(vec, hd, out8):
-    m = np.int64(0)
-    for d in range(hd):
-        m = max(m, abs(vec[d]))
-    safe = max(m, np.int64(1))
-    for d in range(hd):
-        out8[d] = (2 * KV_MAX * vec[d] + safe) // (2 * safe)
-    return m
-
-
 @njit(parallel=True, **_JIT)
 def _qkv(y, mult, shift, bias, has_bias, exp, cos, sin, n_t, nh, nkv, hd, kt, kmax, vc, vmax, slots,
          q16, qe):  # pragma: no cover - compiled
@@ -227,31 +125,6 @@ def _qkv(y, mult, shift, bias, has_bias, exp, cos, sin, n_t, nh, nkv, hd, kt, km
                 v += bias[j]
             vals[j] = _clamp(v, QKV_LIMIT)
         _qkv_heads(vals, cs, sn, t, nh, nkv, hd, q16[i], qe[i], kt[b], kmax[b], vc[b], vmax[b], slot)
-
-
-@njit(inline="always", **_JIT)
-def _qkv_heads(vals, cs, sn, t, nh, nkv, hd, q16, qe, kt, kmax, vc, vmax, slot):
-    """One query's q|k|v row ``vals`` -> RoPE, its query operand (q16, qe) and its key and
-    value written to ``slot`` of its cache row (shared with the fused step)."""
-    r = np.empty(hd, np.int64)
-    q8 = np.empty(hd, np.int64)
-    for h in range(nh):
-        _rope_head(vals, h * hd, hd, cs, sn, t, r)
-        m = np.int64(0)
-        for d in range(hd):
-            m = max(m, abs(r[d]))
-        s = _fit(m, Q_MAX)
-        for d in range(hd):
-            q16[h, d] = _rshift(r[d], s)
-        qe[h] = s
-    for h in range(nkv):
-        _rope_head(vals, (nh + h) * hd, hd, cs, sn, t, r)
-        kmax[h, slot] = _kv8(r, hd, q8)
-        for d in range(hd):
-            kt[h, d, slot] = q8[d]
-        vmax[h, slot] = _kv8(vals[(nh + nkv + h) * hd:(nh + nkv + h + 1) * hd], hd, q8)
-        for d in range(hd):
-            vc[h, slot, d] = q8[d]
 
 
 @njit(parallel=True, **_JIT)
@@ -360,16 +233,7 @@ def _empty(shape, dtype) -> tuple[torch.Tensor, np.ndarray]:
     return torch.from_numpy(arr), arr
 
 
-_THREADS = threading.local()
 SPLIT_PARALLEL_ROWS = 64
-
-
-def _threads() -> None:
-    """numba's thread count follows torch's (speed only); set only when it changes (the call is slow)."""
-    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if getattr(_THREADS, "n", None) != n:
-        numba.set_num_threads(n)
-        _THREADS.n = n
 
 
 def split(h16: torch.Tensor) -> torch.Tensor:
