@@ -1,9 +1,10 @@
-"""The integer helpers every CPU kernel inlines, one row or one value at a time.
+"""The numba code both CPU paths share: the helpers their kernels inline, and attention.
 
 docs/ENGINE.md's formulas as numba functions compiled into the kernels that call
 them: the rounding shift, the fitting shift, a product's requantization, a
 residual row's RMSNorm, RoPE of a head, the int8 cache entries, a query's
-q|k|v row to its query operand and cache slot.  Both CPU paths are built from
+q|k|v row to its query operand and cache slot; and the attention kernel
+(:func:`_attend`), which both call whole.  Both CPU paths are built from
 them -- the general one (:mod:`lmcodec.engine.ops_cpu`) and the fused step
 (:mod:`lmcodec.engine.fused_cpu`) -- so they compute the same integers by
 construction.  Importing this module sets numba's cache directory and starts
@@ -19,7 +20,19 @@ import numpy as np
 import torch
 
 from . import fixedmath
-from .spec import ACT_FRAC, ACT_MAX, KV_MAX, Q_MAX, QKV_LIMIT, RSQRT_BITS
+from .spec import (
+    ACT_FRAC,
+    ACT_MAX,
+    ATT_D_CAP,
+    ATT_P_SHIFT,
+    ATT_PRESHIFT,
+    ATT_SHIFT,
+    ATT_U_CAP,
+    KV_MAX,
+    Q_MAX,
+    QKV_LIMIT,
+    RSQRT_BITS,
+)
 
 if "NUMBA_CACHE_DIR" not in os.environ:  # site-packages may be read-only
     from .models import cache_dir
@@ -27,7 +40,7 @@ if "NUMBA_CACHE_DIR" not in os.environ:  # site-packages may be read-only
     os.environ["NUMBA_CACHE_DIR"] = str(cache_dir() / "numba")
 
 import numba  # noqa: E402
-from numba import njit, prange  # noqa: E402,F401  (the kernels import both from here)
+from numba import njit, prange  # noqa: E402  (the kernels import both from here)
 
 # Start numba's threading layer now, not at the first kernel: its OpenMP layer
 # shares torch's libgomp, and starting it resets the calling thread's OpenMP
@@ -170,3 +183,57 @@ def _threads() -> None:
     if getattr(_THREADS, "n", None) != n:
         numba.set_num_threads(n)
         _THREADS.n = n
+
+
+@njit(parallel=True, **_JIT)
+def _attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c, exp2, lc, out):  # pragma: no cover - compiled
+    # One task per (query, query head): a decoding step's one query still splits into nh
+    # tasks (9 for SmolLM2), where one per KV head (3) left one of two threads a third idle.
+    n_q, nh, hd = q16.shape
+    nkv = kt.shape[1]
+    group = nh // nkv
+    for item in prange(n_q * nh):
+        n = item // nh
+        head = item % nh
+        h = head // group
+        r = crow[n]
+        n1 = a[n]
+        n2 = c[n] - b[n]
+        off = b[n]
+        length = n1 + n2
+        s = np.zeros(length, np.int32)   # |s| < 2^31 for head dims up to 256
+        s2 = s[n1:]
+        for d in range(hd):
+            qd = np.int32(q16[n, head, d])
+            kr = kt[r, h, d]
+            for j in range(n1):
+                s[j] += qd * np.int32(kr[j])
+            kr2 = kr[off:off + n2]
+            for j in range(n2):
+                s2[j] += qd * np.int32(kr2[j])
+        z = np.empty(length, np.int64)
+        acc = np.zeros(hd, np.int64)
+        zmax = np.int64(-(1 << 62))
+        for jj in range(length):
+            j = jj if jj < n1 else off + jj - n1
+            z[jj] = np.int64(s[jj]) * np.int64(kmax[r, h, j])
+            zmax = max(zmax, z[jj])
+        sh = ATT_PRESHIFT - qe[n, head]
+        total = np.int64(0)
+        for jj in range(length):
+            dd = min((zmax - z[jj]) >> sh, ATT_D_CAP)
+            u = (dd * lc) >> ATT_SHIFT
+            if u >= ATT_U_CAP:
+                continue
+            p = exp2[u & 1023] >> ((u >> 10) + ATT_P_SHIFT)
+            if p == 0:
+                continue
+            total += p
+            j = jj if jj < n1 else off + jj - n1
+            w = p * np.int64(vmax[r, h, j])
+            vr = vc[r, h, j]
+            for d in range(hd):
+                acc[d] += w * np.int64(vr[d])
+        den = 127 * total
+        for d in range(hd):
+            out[n, head, d] = (2 * acc[d] + den) // (2 * den)

@@ -32,6 +32,7 @@ from .cpu_rows import (
     _SIG_BITS,
     _SIG_SHIFT,
     _SIG_SPAN,
+    _attend,
     _clamp,
     _fit,
     _norm_row,
@@ -42,7 +43,6 @@ from .cpu_rows import (
     njit,  # numba through cpu_rows, which sets numba's cache directory before importing it
     prange,
 )
-from .ops_cpu import _attend
 from .spec import (
     ACT_FRAC,
     ACT_MAX,

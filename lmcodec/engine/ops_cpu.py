@@ -25,6 +25,7 @@ from .cpu_rows import (
     _SIG_BITS,
     _SIG_SHIFT,
     _SIG_SPAN,
+    _attend,
     _clamp,
     _fit,
     _norm_row,
@@ -38,11 +39,6 @@ from .cpu_rows import (
 from .spec import (
     ACT_FRAC,
     ACT_MAX,
-    ATT_D_CAP,
-    ATT_P_SHIFT,
-    ATT_PRESHIFT,
-    ATT_SHIFT,
-    ATT_U_CAP,
     LOG2E_OUT,
     MLP_LIMIT,
     OUT_D_CAP,
@@ -147,60 +143,6 @@ def _mlp(y, mult, shift, exp, sig, out, oshift):  # pragma: no cover - compiled
         for j in range(inter):
             out[i, j] = _rshift(a[j], s)
         oshift[i] = s
-
-
-@njit(parallel=True, **_JIT)
-def _attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c, exp2, lc, out):  # pragma: no cover - compiled
-    # One task per (query, query head): a decoding step's one query still splits into nh
-    # tasks (9 for SmolLM2), where one per KV head (3) left one of two threads a third idle.
-    n_q, nh, hd = q16.shape
-    nkv = kt.shape[1]
-    group = nh // nkv
-    for item in prange(n_q * nh):
-        n = item // nh
-        head = item % nh
-        h = head // group
-        r = crow[n]
-        n1 = a[n]
-        n2 = c[n] - b[n]
-        off = b[n]
-        length = n1 + n2
-        s = np.zeros(length, np.int32)   # |s| < 2^31 for head dims up to 256
-        s2 = s[n1:]
-        for d in range(hd):
-            qd = np.int32(q16[n, head, d])
-            kr = kt[r, h, d]
-            for j in range(n1):
-                s[j] += qd * np.int32(kr[j])
-            kr2 = kr[off:off + n2]
-            for j in range(n2):
-                s2[j] += qd * np.int32(kr2[j])
-        z = np.empty(length, np.int64)
-        acc = np.zeros(hd, np.int64)
-        zmax = np.int64(-(1 << 62))
-        for jj in range(length):
-            j = jj if jj < n1 else off + jj - n1
-            z[jj] = np.int64(s[jj]) * np.int64(kmax[r, h, j])
-            zmax = max(zmax, z[jj])
-        sh = ATT_PRESHIFT - qe[n, head]
-        total = np.int64(0)
-        for jj in range(length):
-            dd = min((zmax - z[jj]) >> sh, ATT_D_CAP)
-            u = (dd * lc) >> ATT_SHIFT
-            if u >= ATT_U_CAP:
-                continue
-            p = exp2[u & 1023] >> ((u >> 10) + ATT_P_SHIFT)
-            if p == 0:
-                continue
-            total += p
-            j = jj if jj < n1 else off + jj - n1
-            w = p * np.int64(vmax[r, h, j])
-            vr = vc[r, h, j]
-            for d in range(hd):
-                acc[d] += w * np.int64(vr[d])
-        den = 127 * total
-        for d in range(hd):
-            out[n, head, d] = (2 * acc[d] + den) // (2 * den)
 
 
 @njit(parallel=True, **_JIT)
