@@ -9,7 +9,7 @@ numpy arrays at every call.  Here one kernel does a whole layer -- norm, the
 q|k|v product with RoPE and the cache write, attention, the o product with its
 residual, norm, gate|up with SiLU, down with its residual -- on numpy arrays
 made once: the model's weights once per engine, the KV cache once per cache,
-scratch once per row count (``Engine.scratch``), and numba's thread count is set
+scratch once per row count and thread (``Engine.scratch``), and numba's thread count is set
 once per step.
 
 The products take the int16 operand whole (no byte split): ``y = sum h_k q_nk``
@@ -20,6 +20,8 @@ path's bit for bit (tests/test_exact.py, tests/test_rows.py, tests/test_verify_p
 """
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 import torch
@@ -172,7 +174,7 @@ def _head_gaps(h16, w, mult, exp, lam, out):  # pragma: no cover - compiled
 
 # -- the driver: arrays made once, one call per layer ------------------------------------------
 class _Scratch:
-    """A step's intermediate rows for ``m`` rows, allocated once per row count (Engine.scratch)."""
+    """A step's intermediate rows for ``m`` rows, allocated once per row count and thread (Engine.scratch)."""
 
     def __init__(self, arch, m: int):
         nh, hd, hidden = arch.num_heads, arch.head_dim, arch.hidden_size
@@ -232,14 +234,16 @@ def forward_rows(engine, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
     flattened, as Engine.forward hands them to the ops): (h16 [M, H] int16, exp [M, 1] int64)."""
     _threads()
     m = x.shape[0]
-    scratch = engine.scratch.get(m)
+    key = ("rows", m, threading.get_ident())    # per thread: an engine may serve several
+    scratch = engine.scratch.get(key)
     if scratch is None:
-        scratch = engine.scratch[m] = _Scratch(engine.arch, m)
+        scratch = engine.scratch[key] = _Scratch(engine.arch, m)
     work = scratch.args()
     xa = x.numpy()
     eps = engine.scratch.get("eps")
     if eps is None:
         eps = engine.scratch["eps"] = engine._eps.numpy()
+        engine.scratch["final_gain"] = _arr(engine.model.final_gain)
     rows = tuple(np.ascontiguousarray(t.numpy()) for t in (crow, ka, kb, kc, slots))
     cs, sn = np.ascontiguousarray(cos.numpy()), np.ascontiguousarray(sin.numpy())
     lc = fixedmath.att_log2e(engine.arch.head_dim)
@@ -248,7 +252,7 @@ def forward_rows(engine, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
     h16 = np.empty((m, x.shape[1]), np.int16)
     e = np.empty(m, np.int64)
     model = engine.model
-    _final(xa, engine.scratch.setdefault("final_gain", _arr(model.final_gain)), model.final_gain_shift, eps, h16, e)
+    _final(xa, engine.scratch["final_gain"], model.final_gain_shift, eps, h16, e)
     return torch.from_numpy(h16), torch.from_numpy(e).view(m, 1)
 
 
@@ -260,9 +264,10 @@ def gaps_rows(engine, h16: torch.Tensor, exp: torch.Tensor) -> torch.Tensor:
     if w is None:
         w = engine.scratch["head"] = (_arr(head.weight), _arr(head.mult))
     m = h16.shape[0]
-    lam = engine.scratch.get(("lam", m))
+    key = ("lam", m, threading.get_ident())
+    lam = engine.scratch.get(key)
     if lam is None:
-        lam = engine.scratch[("lam", m)] = np.empty((m, w[0].shape[0]), np.int64)
+        lam = engine.scratch[key] = np.empty((m, w[0].shape[0]), np.int64)
     out = np.empty((m, w[0].shape[0]), np.int64)
     e = np.ascontiguousarray((exp - head.shift).numpy().reshape(-1))
     _head_gaps(np.ascontiguousarray(h16.numpy()), w[0], w[1], e, lam, out)
