@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-from lmcodec.engine import attend_gemm, ops_cpu
+from lmcodec.engine import attend_gemm, cpu_rows, fixedmath, ops_cpu
 
 
 def per_query(*args):
     """ops_cpu's per-query kernel, whatever the call's shape."""
     q16, qe, kt, kmax, vc, vmax, crow, a, b, c = args
     out = np.empty(tuple(q16.shape), dtype=np.int64)
-    ops_cpu._attend(q16.numpy(), qe.numpy(), kt.numpy(), kmax.numpy(), vc.numpy(), vmax.numpy(), crow.numpy(),
-                    a.numpy(), b.numpy(), c.numpy(), ops_cpu._EXP2, ops_cpu.fixedmath.att_log2e(q16.shape[-1]), out)
+    cpu_rows._attend(q16.numpy(), qe.numpy(), kt.numpy(), kmax.numpy(), vc.numpy(), vmax.numpy(), crow.numpy(),
+                     a.numpy(), b.numpy(), c.numpy(), cpu_rows._EXP2, fixedmath.att_log2e(q16.shape[-1]), out)
     return torch.from_numpy(out)
 
 

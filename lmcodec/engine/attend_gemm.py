@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from numba import njit, prange
 
 from . import fixedmath
+from .cpu_rows import _EXP2, _JIT, njit, prange  # numba configured there (its cache directory, threads)
 from .spec import ATT_D_CAP, ATT_P_SHIFT, ATT_PRESHIFT, ATT_SHIFT, ATT_U_CAP
 
 #: Queries of one cache row per tile: bounds the score and byte-plane buffers
@@ -38,9 +38,6 @@ TILE = 256
 MIN_QUERIES = 32
 #: 128 (2^40 - 1) / 255: the offset of the five shifted bytes of a w in [0, 2^40).
 W_OFFSET = 128 * ((1 << 40) - 1) // 255
-
-_EXP2 = fixedmath.exp2_table()
-_JIT = dict(cache=True, nogil=True, boundscheck=False)
 
 
 @njit(parallel=True, **_JIT)

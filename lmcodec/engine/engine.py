@@ -224,6 +224,9 @@ class Engine:
         # eps in the units of rows shifted right by s: eps * 2^(2 (16 - s)) = eps_q32 / 4^s.
         eps = [(model.eps_q32 + (1 << (2 * s - 1))) >> (2 * s) if s else model.eps_q32 for s in range(64)]
         self._eps = torch.tensor(eps, dtype=torch.int64, device=self.device)
+        # Arrays a backend makes once and reuses every step (the fused CPU step's weights as numpy
+        # arrays, its scratch rows per row count): gpt-fast's setup_caches, made on first use.
+        self.scratch: dict = {}
 
     @property
     def fingerprint(self) -> bytes:
@@ -291,6 +294,11 @@ class Engine:
         else:  # the ops take per-row values flattened, row b T + t: [B*T] slots, [B*T, hd/2] RoPE rows
             ka, kb, kc = (r.to(dev).reshape(B * T) for r in key_ranges)
             slots, cos, sin = slots.reshape(B * T), cos.reshape(B * T, -1), sin.reshape(B * T, -1)
+        fused = getattr(ops, "forward_rows", None)
+        if fused is not None and B * T <= ops.FUSED_ROWS:  # a step's few rows: one kernel per layer
+            if slots.dim() == 1:
+                slots, cos, sin = slots.repeat(B), cos.repeat(B, 1), sin.repeat(B, 1)
+            return fused(self, x, cos, sin, crow, ka, kb, kc, slots, cache)
         for li, layer in enumerate(self.model.layers):
             h, e = ops.norm(x, layer.attn_gain, layer.attn_gain_shift, self._eps)
             lin = layer.qkv
@@ -317,6 +325,9 @@ class Engine:
         (:mod:`lmcodec.coding.mixing`) shifts them.
         """
         head = self.model.head
+        fused = getattr(self.ops, "gaps_rows", None)
+        if fused is not None and h16.shape[0] <= self.ops.FUSED_ROWS:
+            return fused(self, h16, exp)
         return self.ops.gaps(int_mm(h16, head.weight), head.mult, exp - head.shift)
 
     def logits(self, h16: torch.Tensor, exp: torch.Tensor) -> Logits:

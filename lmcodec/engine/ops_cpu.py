@@ -8,132 +8,52 @@ checks both modules against the plain reference.
 
 numba compiles the kernels on first use (a few seconds, cached on disk under
 lmcodec's cache directory).  Integer arithmetic is exact, so the thread split
-does not matter.
+does not matter.  The per-value and per-row helpers the kernels inline live in
+:mod:`lmcodec.engine.cpu_rows` (shared with the fused step, :mod:`lmcodec.engine.fused_cpu`).
 """
 
 from __future__ import annotations
 
-import os
-import threading
-
 import numpy as np
 import torch
 
-from . import fixedmath
+from . import attend_gemm, fixedmath
+from .cpu_rows import (
+    _EXP2,
+    _JIT,
+    _SIG,
+    _SIG_BITS,
+    _SIG_SHIFT,
+    _SIG_SPAN,
+    _attend,
+    _clamp,
+    _fit,
+    _norm_row,
+    _qkv_heads,
+    _requant,
+    _rshift,
+    _threads,
+    njit,
+    prange,
+)
 from .spec import (
     ACT_FRAC,
     ACT_MAX,
-    ATT_D_CAP,
-    ATT_P_SHIFT,
-    ATT_PRESHIFT,
-    ATT_SHIFT,
-    ATT_U_CAP,
-    KV_MAX,
     LOG2E_OUT,
     MLP_LIMIT,
     OUT_D_CAP,
     OUT_PRE_LIMIT,
     OUT_U_CAP,
-    Q_MAX,
     QKV_LIMIT,
     RESID_FRAC,
     RESID_LIMIT,
-    RSQRT_BITS,
 )
-
-if "NUMBA_CACHE_DIR" not in os.environ:  # site-packages may be read-only
-    from .models import cache_dir
-
-    os.environ["NUMBA_CACHE_DIR"] = str(cache_dir() / "numba")
-
-import numba  # noqa: E402
-from numba import njit, prange  # noqa: E402
-
-# Start numba's threading layer now, not at the first kernel: its OpenMP layer
-# shares torch's libgomp, and starting it resets the calling thread's OpenMP
-# thread count, which is what torch.get_num_threads() reports.  Started inside
-# ``engine.torch_threads(1)`` it silently put the first block of every process
-# back on all cores (2 threads where 1 was asked; 4 on 2 cores with 2 workers).
-numba.get_num_threads()
-
-from . import attend_gemm  # noqa: E402  (numba configured above)
-
-_EXP2 = fixedmath.exp2_table()
-_SIG = fixedmath.sigmoid_table()
-_SIG_SPAN = fixedmath.SIGMOID_RANGE << fixedmath.SIGMOID_STEP_BITS
-_SIG_SHIFT = ACT_FRAC - fixedmath.SIGMOID_STEP_BITS
-_SIG_BITS = fixedmath.SIGMOID_VALUE_BITS
-_ROPE_BITS = fixedmath.ROPE_BITS
-_JIT = dict(cache=True, nogil=True, boundscheck=False)
-
-
-@njit(inline="always", **_JIT)
-def _bitlen(m):
-    n = 0
-    while m >> n:
-        n += 1
-    return n
-
-
-@njit(inline="always", **_JIT)
-def _rshift(x, s):
-    return (x + ((np.int64(1) << s) >> 1)) >> s
-
-
-@njit(inline="always", **_JIT)
-def _fit(m, limit):
-    s = _bitlen(m) - 15
-    if s < 0:
-        s = 0
-    if _rshift(m, s) > limit:
-        s += 1
-    return s
-
-
-@njit(inline="always", **_JIT)
-def _requant(y, mult, c):
-    p = y * mult
-    if c >= 0:
-        return _rshift(p, c)
-    if p > (np.int64(1) << 40):
-        p = np.int64(1) << 40
-    elif p < -(np.int64(1) << 40):
-        p = -(np.int64(1) << 40)
-    return p << min(-c, 20)
-
-
-@njit(inline="always", **_JIT)
-def _clamp(v, lim):
-    return lim if v > lim else (-lim if v < -lim else v)
 
 
 @njit(parallel=True, **_JIT)
 def _norm(x, gain, gain_shift, eps, out, exp):  # pragma: no cover - compiled
-    m_rows, k = x.shape
-    for i in prange(m_rows):
-        m = np.int64(0)
-        for j in range(k):
-            m = max(m, abs(x[i, j]))
-        s = max(_bitlen(m) - 15, 0)
-        ss = np.int64(0)
-        for j in range(k):
-            xs = _rshift(x[i, j], s)
-            ss += xs * xs
-        d = max(ss + k * eps[s], np.int64(1))
-        n = (np.int64(k) << (2 * RSQRT_BITS)) // d
-        r = np.int64(np.sqrt(np.float64(n)))
-        for _ in range(2):
-            if r * r > n:
-                r -= 1
-            if (r + 1) * (r + 1) <= n:
-                r += 1
-        mt = np.int64(0)
-        for j in range(k):
-            mt = max(mt, abs(_rshift(x[i, j], s) * gain[j] * r))
-        s2 = _fit(mt, ACT_MAX)
-        for j in range(k):
-            out[i, j] = _rshift(_rshift(x[i, j], s) * gain[j] * r, s2)
-        exp[i] = s2 - RSQRT_BITS - gain_shift
+    for i in prange(x.shape[0]):
+        exp[i] = _norm_row(x[i], gain, gain_shift, eps, out[i])
 
 
 @njit(inline="always", **_JIT)
@@ -181,27 +101,6 @@ def _residual_add(x, y, mult, shift, exp):  # pragma: no cover - compiled
             x[i, j] = _clamp(x[i, j] + _requant(v, mult[j], c), RESID_LIMIT)
 
 
-@njit(inline="always", **_JIT)
-def _rope_head(vals, base, hd, cos, sin, t, out):
-    half = hd // 2
-    for d in range(half):
-        x1 = vals[base + d]
-        x2 = vals[base + half + d]
-        out[d] = _clamp(_rshift(x1 * cos[t, d] - x2 * sin[t, d], _ROPE_BITS), QKV_LIMIT)
-        out[half + d] = _clamp(_rshift(x2 * cos[t, d] + x1 * sin[t, d], _ROPE_BITS), QKV_LIMIT)
-
-
-@njit(inline="always", **_JIT)
-def _kv8(vec, hd, out8):
-    m = np.int64(0)
-    for d in range(hd):
-        m = max(m, abs(vec[d]))
-    safe = max(m, np.int64(1))
-    for d in range(hd):
-        out8[d] = (2 * KV_MAX * vec[d] + safe) // (2 * safe)
-    return m
-
-
 @njit(parallel=True, **_JIT)
 def _qkv(y, mult, shift, bias, has_bias, exp, cos, sin, n_t, nh, nkv, hd, kt, kmax, vc, vmax, slots,
          q16, qe):  # pragma: no cover - compiled
@@ -221,26 +120,7 @@ def _qkv(y, mult, shift, bias, has_bias, exp, cos, sin, n_t, nh, nkv, hd, kt, km
             if has_bias:
                 v += bias[j]
             vals[j] = _clamp(v, QKV_LIMIT)
-        r = np.empty(hd, np.int64)
-        q8 = np.empty(hd, np.int64)
-        for h in range(nh):
-            _rope_head(vals, h * hd, hd, cs, sn, t, r)
-            m = np.int64(0)
-            for d in range(hd):
-                m = max(m, abs(r[d]))
-            s = _fit(m, Q_MAX)
-            for d in range(hd):
-                q16[i, h, d] = _rshift(r[d], s)
-            qe[i, h] = s
-        for h in range(nkv):
-            _rope_head(vals, (nh + h) * hd, hd, cs, sn, t, r)
-            kmax[b, h, slot] = _kv8(r, hd, q8)
-            for d in range(hd):
-                kt[b, h, d, slot] = q8[d]
-            kmax_v = _kv8(vals[(nh + nkv + h) * hd:(nh + nkv + h + 1) * hd], hd, q8)
-            vmax[b, h, slot] = kmax_v
-            for d in range(hd):
-                vc[b, h, slot, d] = q8[d]
+        _qkv_heads(vals, cs, sn, t, nh, nkv, hd, q16[i], qe[i], kt[b], kmax[b], vc[b], vmax[b], slot)
 
 
 @njit(parallel=True, **_JIT)
@@ -263,62 +143,6 @@ def _mlp(y, mult, shift, exp, sig, out, oshift):  # pragma: no cover - compiled
         for j in range(inter):
             out[i, j] = _rshift(a[j], s)
         oshift[i] = s
-
-
-@njit(parallel=True, **_JIT)
-def _attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c, exp2, lc, out):  # pragma: no cover - compiled
-    n_q, nh, hd = q16.shape
-    nkv = kt.shape[1]
-    group = nh // nkv
-    for item in prange(n_q * nkv):
-        n = item // nkv
-        h = item % nkv
-        r = crow[n]
-        n1 = a[n]
-        n2 = c[n] - b[n]
-        off = b[n]
-        length = n1 + n2
-        s = np.zeros((group, length), np.int32)   # |s| < 2^31 for head dims up to 256
-        for g in range(group):
-            sg = s[g]
-            sg2 = sg[n1:]
-            for d in range(hd):
-                qd = np.int32(q16[n, h * group + g, d])
-                kr = kt[r, h, d]
-                for j in range(n1):
-                    sg[j] += qd * np.int32(kr[j])
-                kr2 = kr[off:off + n2]
-                for j in range(n2):
-                    sg2[j] += qd * np.int32(kr2[j])
-        z = np.empty(length, np.int64)
-        acc = np.empty(hd, np.int64)
-        for g in range(group):
-            head = h * group + g
-            zmax = np.int64(-(1 << 62))
-            for jj in range(length):
-                j = jj if jj < n1 else off + jj - n1
-                z[jj] = np.int64(s[g, jj]) * np.int64(kmax[r, h, j])
-                zmax = max(zmax, z[jj])
-            sh = ATT_PRESHIFT - qe[n, head]
-            acc[:] = 0
-            total = np.int64(0)
-            for jj in range(length):
-                dd = min((zmax - z[jj]) >> sh, ATT_D_CAP)
-                u = (dd * lc) >> ATT_SHIFT
-                if u >= ATT_U_CAP:
-                    continue
-                p = exp2[u & 1023] >> ((u >> 10) + ATT_P_SHIFT)
-                if p == 0:
-                    continue
-                total += p
-                j = jj if jj < n1 else off + jj - n1
-                w = p * np.int64(vmax[r, h, j])
-                vr = vc[r, h, j]
-                for d in range(hd):
-                    acc[d] += w * np.int64(vr[d])
-            den = 127 * total
-            for d in range(hd):
-                out[n, head, d] = (2 * acc[d] + den) // (2 * den)
 
 
 @njit(parallel=True, **_JIT)
@@ -349,16 +173,7 @@ def _empty(shape, dtype) -> tuple[torch.Tensor, np.ndarray]:
     return torch.from_numpy(arr), arr
 
 
-_THREADS = threading.local()
 SPLIT_PARALLEL_ROWS = 64
-
-
-def _threads() -> None:
-    """numba's thread count follows torch's (speed only); set only when it changes (the call is slow)."""
-    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if getattr(_THREADS, "n", None) != n:
-        numba.set_num_threads(n)
-        _THREADS.n = n
 
 
 def split(h16: torch.Tensor) -> torch.Tensor:
@@ -438,3 +253,21 @@ def gaps(y, mult, exp):
     out, out_a = _empty((n, y.shape[1]), np.int64)
     _gaps(_np(y), _np(mult), _np(exp).reshape(-1), out_a)
     return out
+
+
+#: Query rows up to which Engine.forward and Engine.gaps take the fused step (lmcodec.engine.fused_cpu):
+#: one kernel per layer, products as int16 dot products. More rows go to torch._int_mm, whose
+#: kernels are compute-bound and fast there where a dot product per row is not.
+FUSED_ROWS = 4
+
+
+def forward_rows(engine, *args):
+    """Engine.forward's layers for at most FUSED_ROWS rows in one kernel per layer (fused_cpu.forward_rows)."""
+    from .fused_cpu import forward_rows as run
+    return run(engine, *args)
+
+
+def gaps_rows(engine, h16, exp):
+    """Engine.gaps for at most FUSED_ROWS rows: head product and gaps in one kernel (fused_cpu.gaps_rows)."""
+    from .fused_cpu import gaps_rows as run
+    return run(engine, h16, exp)

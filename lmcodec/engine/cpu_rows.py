@@ -1,0 +1,239 @@
+"""The numba code both CPU paths share: the helpers their kernels inline, and attention.
+
+docs/ENGINE.md's formulas as numba functions compiled into the kernels that call
+them: the rounding shift, the fitting shift, a product's requantization, a
+residual row's RMSNorm, RoPE of a head, the int8 cache entries, a query's
+q|k|v row to its query operand and cache slot; and the attention kernel
+(:func:`_attend`), which both call whole.  Both CPU paths are built from
+them -- the general one (:mod:`lmcodec.engine.ops_cpu`) and the fused step
+(:mod:`lmcodec.engine.fused_cpu`) -- so they compute the same integers by
+construction.  Importing this module sets numba's cache directory and starts
+its threading layer (below) before any kernel compiles.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import torch
+
+from . import fixedmath
+from .spec import (
+    ACT_FRAC,
+    ACT_MAX,
+    ATT_D_CAP,
+    ATT_P_SHIFT,
+    ATT_PRESHIFT,
+    ATT_SHIFT,
+    ATT_U_CAP,
+    KV_MAX,
+    Q_MAX,
+    QKV_LIMIT,
+    RSQRT_BITS,
+)
+
+if "NUMBA_CACHE_DIR" not in os.environ:  # site-packages may be read-only
+    from .models import cache_dir
+
+    os.environ["NUMBA_CACHE_DIR"] = str(cache_dir() / "numba")
+
+import numba  # noqa: E402
+from numba import njit, prange  # noqa: E402  (the kernels import both from here)
+
+# Start numba's threading layer now, not at the first kernel: its OpenMP layer
+# shares torch's libgomp, and starting it resets the calling thread's OpenMP
+# thread count, which is what torch.get_num_threads() reports.  Started inside
+# ``engine.torch_threads(1)`` it silently put the first block of every process
+# back on all cores (2 threads where 1 was asked; 4 on 2 cores with 2 workers).
+numba.get_num_threads()
+
+_EXP2 = fixedmath.exp2_table()
+_SIG = fixedmath.sigmoid_table()
+_SIG_SPAN = fixedmath.SIGMOID_RANGE << fixedmath.SIGMOID_STEP_BITS
+_SIG_SHIFT = ACT_FRAC - fixedmath.SIGMOID_STEP_BITS
+_SIG_BITS = fixedmath.SIGMOID_VALUE_BITS
+_ROPE_BITS = fixedmath.ROPE_BITS
+_JIT = dict(cache=True, nogil=True, boundscheck=False)
+
+
+@njit(inline="always", **_JIT)
+def _bitlen(m):
+    n = 0
+    while m >> n:
+        n += 1
+    return n
+
+
+@njit(inline="always", **_JIT)
+def _rshift(x, s):
+    return (x + ((np.int64(1) << s) >> 1)) >> s
+
+
+@njit(inline="always", **_JIT)
+def _fit(m, limit):
+    s = _bitlen(m) - 15
+    if s < 0:
+        s = 0
+    if _rshift(m, s) > limit:
+        s += 1
+    return s
+
+
+@njit(inline="always", **_JIT)
+def _requant(y, mult, c):
+    p = y * mult
+    if c >= 0:
+        return _rshift(p, c)
+    if p > (np.int64(1) << 40):
+        p = np.int64(1) << 40
+    elif p < -(np.int64(1) << 40):
+        p = -(np.int64(1) << 40)
+    return p << min(-c, 20)
+
+
+@njit(inline="always", **_JIT)
+def _clamp(v, lim):
+    return lim if v > lim else (-lim if v < -lim else v)
+
+
+@njit(inline="always", **_JIT)
+def _norm_row(xr, gain, gain_shift, eps, out):
+    """RMSNorm of one residual row ``xr`` into operand row ``out``; returns its exponent
+    (one row's whole norm, shared by :func:`_norm` and the fused step, lmcodec.engine.fused_cpu)."""
+    k = xr.shape[0]
+    m = np.int64(0)
+    for j in range(k):
+        m = max(m, abs(xr[j]))
+    s = max(_bitlen(m) - 15, 0)
+    ss = np.int64(0)
+    for j in range(k):
+        xs = _rshift(xr[j], s)
+        ss += xs * xs
+    d = max(ss + k * eps[s], np.int64(1))
+    n = (np.int64(k) << (2 * RSQRT_BITS)) // d
+    r = np.int64(np.sqrt(np.float64(n)))
+    for _ in range(2):
+        if r * r > n:
+            r -= 1
+        if (r + 1) * (r + 1) <= n:
+            r += 1
+    mt = np.int64(0)
+    for j in range(k):
+        mt = max(mt, abs(_rshift(xr[j], s) * gain[j] * r))
+    s2 = _fit(mt, ACT_MAX)
+    for j in range(k):
+        out[j] = _rshift(_rshift(xr[j], s) * gain[j] * r, s2)
+    return s2 - RSQRT_BITS - gain_shift
+
+
+@njit(inline="always", **_JIT)
+def _rope_head(vals, base, hd, cos, sin, t, out):
+    half = hd // 2
+    for d in range(half):
+        x1 = vals[base + d]
+        x2 = vals[base + half + d]
+        out[d] = _clamp(_rshift(x1 * cos[t, d] - x2 * sin[t, d], _ROPE_BITS), QKV_LIMIT)
+        out[half + d] = _clamp(_rshift(x2 * cos[t, d] + x1 * sin[t, d], _ROPE_BITS), QKV_LIMIT)
+
+
+@njit(inline="always", **_JIT)
+def _kv8(vec, hd, out8):
+    m = np.int64(0)
+    for d in range(hd):
+        m = max(m, abs(vec[d]))
+    safe = max(m, np.int64(1))
+    for d in range(hd):
+        out8[d] = (2 * KV_MAX * vec[d] + safe) // (2 * safe)
+    return m
+
+
+@njit(inline="always", **_JIT)
+def _qkv_heads(vals, cs, sn, t, nh, nkv, hd, q16, qe, kt, kmax, vc, vmax, slot):
+    """One query's q|k|v row ``vals`` -> RoPE, its query operand (q16, qe) and its key and
+    value written to ``slot`` of its cache row (shared with the fused step)."""
+    r = np.empty(hd, np.int64)
+    q8 = np.empty(hd, np.int64)
+    for h in range(nh):
+        _rope_head(vals, h * hd, hd, cs, sn, t, r)
+        m = np.int64(0)
+        for d in range(hd):
+            m = max(m, abs(r[d]))
+        s = _fit(m, Q_MAX)
+        for d in range(hd):
+            q16[h, d] = _rshift(r[d], s)
+        qe[h] = s
+    for h in range(nkv):
+        _rope_head(vals, (nh + h) * hd, hd, cs, sn, t, r)
+        kmax[h, slot] = _kv8(r, hd, q8)
+        for d in range(hd):
+            kt[h, d, slot] = q8[d]
+        vmax[h, slot] = _kv8(vals[(nh + nkv + h) * hd:(nh + nkv + h + 1) * hd], hd, q8)
+        for d in range(hd):
+            vc[h, slot, d] = q8[d]
+
+
+_THREADS = threading.local()
+
+
+def _threads() -> None:
+    """numba's thread count follows torch's (speed only); set only when it changes (the call is slow)."""
+    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if getattr(_THREADS, "n", None) != n:
+        numba.set_num_threads(n)
+        _THREADS.n = n
+
+
+@njit(parallel=True, **_JIT)
+def _attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c, exp2, lc, out):  # pragma: no cover - compiled
+    # One task per (query, query head): a decoding step's one query still splits into nh
+    # tasks (9 for SmolLM2), where one per KV head (3) left one of two threads a third idle.
+    n_q, nh, hd = q16.shape
+    nkv = kt.shape[1]
+    group = nh // nkv
+    for item in prange(n_q * nh):
+        n = item // nh
+        head = item % nh
+        h = head // group
+        r = crow[n]
+        n1 = a[n]
+        n2 = c[n] - b[n]
+        off = b[n]
+        length = n1 + n2
+        s = np.zeros(length, np.int32)   # |s| < 2^31 for head dims up to 256
+        s2 = s[n1:]
+        for d in range(hd):
+            qd = np.int32(q16[n, head, d])
+            kr = kt[r, h, d]
+            for j in range(n1):
+                s[j] += qd * np.int32(kr[j])
+            kr2 = kr[off:off + n2]
+            for j in range(n2):
+                s2[j] += qd * np.int32(kr2[j])
+        z = np.empty(length, np.int64)
+        acc = np.zeros(hd, np.int64)
+        zmax = np.int64(-(1 << 62))
+        for jj in range(length):
+            j = jj if jj < n1 else off + jj - n1
+            z[jj] = np.int64(s[jj]) * np.int64(kmax[r, h, j])
+            zmax = max(zmax, z[jj])
+        sh = ATT_PRESHIFT - qe[n, head]
+        total = np.int64(0)
+        for jj in range(length):
+            dd = min((zmax - z[jj]) >> sh, ATT_D_CAP)
+            u = (dd * lc) >> ATT_SHIFT
+            if u >= ATT_U_CAP:
+                continue
+            p = exp2[u & 1023] >> ((u >> 10) + ATT_P_SHIFT)
+            if p == 0:
+                continue
+            total += p
+            j = jj if jj < n1 else off + jj - n1
+            w = p * np.int64(vmax[r, h, j])
+            vr = vc[r, h, j]
+            for d in range(hd):
+                acc[d] += w * np.int64(vr[d])
+        den = 127 * total
+        for d in range(hd):
+            out[n, head, d] = (2 * acc[d] + den) // (2 * den)

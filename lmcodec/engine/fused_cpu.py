@@ -1,0 +1,274 @@
+"""The CPU decoding step fused: one numba call per layer for a step's few rows.
+
+A decoding step runs one row (or a few) through every layer; each weight is read
+once, so the step should cost about one read of the int8 weights.  The general
+path (``Engine.forward`` over the ``ops`` interface) makes ~10 kernel calls per
+layer, four ``torch._int_mm`` products whose oneDNN kernels read the weights at
+about half a plain read's speed at one or two rows, and converts tensors to
+numpy arrays at every call.  Here one kernel does a whole layer -- norm, the
+q|k|v product with RoPE and the cache write, attention, the o product with its
+residual, norm, gate|up with SiLU, down with its residual -- on numpy arrays
+made once: the model's weights once per engine, the KV cache once per cache,
+scratch once per row count and thread (``Engine.scratch``), and numba's thread count is set
+once per step.
+
+The products take the int16 operand whole (no byte split): ``y = sum h_k q_nk``
+in int32 over chunks of at most ``DOT_CHUNK`` (512 x 32,639 x 127 < 2^31, so the
+sums are exact; LLVM turns the loop into ``vpmaddwd``) added in int64.  Every
+number is the integer docs/ENGINE.md specifies, so the results equal the general
+path's bit for bit (tests/test_exact.py, tests/test_rows.py, tests/test_verify_pass.py).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+
+from . import fixedmath
+from .cpu_rows import (
+    _EXP2,
+    _JIT,
+    _SIG,
+    _SIG_BITS,
+    _SIG_SHIFT,
+    _SIG_SPAN,
+    _attend,
+    _clamp,
+    _fit,
+    _norm_row,
+    _qkv_heads,
+    _requant,
+    _rshift,
+    _threads,
+    njit,  # numba through cpu_rows, which sets numba's cache directory before importing it
+    prange,
+)
+from .spec import (
+    ACT_FRAC,
+    ACT_MAX,
+    LOG2E_OUT,
+    MLP_LIMIT,
+    OUT_D_CAP,
+    OUT_PRE_LIMIT,
+    OUT_U_CAP,
+    QKV_LIMIT,
+    RESID_FRAC,
+    RESID_LIMIT,
+)
+
+#: int32 partial sums of at most this many products |h q| <= 32,639 x 127 stay below 2^31.
+DOT_CHUNK = 512
+_BLOCK = 16      # weight rows per parallel task
+
+
+@njit(inline="always", **_JIT)
+def _dot32(hr, wr):
+    """sum hr wr in int32 (exact for at most DOT_CHUNK terms): a loop over whole views, which
+    LLVM vectorizes (vpmaddwd); a loop with a computed end inside the chunk loop it does not."""
+    acc = np.int32(0)
+    for j in range(hr.shape[0]):
+        acc = np.int32(acc + np.int32(np.int32(hr[j]) * np.int32(wr[j])))
+    return np.int64(acc)
+
+
+@njit(inline="always", **_JIT)
+def _dot(hr, wr):
+    """sum_k hr[k] wr[k] exactly: int32 sums over chunks of DOT_CHUNK, added in int64."""
+    tot = np.int64(0)
+    for k0 in range(0, hr.shape[0], DOT_CHUNK):
+        tot += _dot32(hr[k0:k0 + DOT_CHUNK], wr[k0:k0 + DOT_CHUNK])
+    return tot
+
+
+@njit(**_JIT)
+def _operand_row(v, out):
+    """Rows of wide values -> operand (fit to ACT_MAX): returns the shift (ops_cpu._operand, one row)."""
+    m = np.int64(0)
+    for j in range(v.shape[0]):
+        m = max(m, abs(v[j]))
+    s = _fit(m, ACT_MAX)
+    for j in range(v.shape[0]):
+        out[j] = _rshift(v[j], s)
+    return s
+
+
+@njit(parallel=True, **_JIT)
+def _layer(x, eps, crow, ka, kb, kc, slots, cos, sin, exp2, lc, sig,
+           g1, gs1, qw, qm, qsh, qb, has_bias,
+           kt, kmax, vc, vmax,
+           ow, om, osh, g2, gs2, gw, gm, gsh, dw, dm, dsh,
+           h16, e, y, q16, qe, o, o2, o16, so, a, a16, sa):  # pragma: no cover - compiled
+    """One layer for rows x [M, H] (in place), docs/ENGINE.md's attention and MLP blocks."""
+    m_rows, hidden = x.shape
+    nh, hd = q16.shape[1], q16.shape[2]
+    nkv = kt.shape[1]
+    nq = qw.shape[0]
+    for i in range(m_rows):
+        e[i] = _norm_row(x[i], g1, gs1, eps, h16[i])
+    for blk in prange((nq + _BLOCK - 1) // _BLOCK):
+        for n in range(blk * _BLOCK, min(nq, blk * _BLOCK + _BLOCK)):
+            for i in range(m_rows):
+                v = _requant(_dot(h16[i], qw[n]), qm[n], qsh - e[i] - ACT_FRAC)
+                if has_bias:
+                    v += qb[n]
+                y[i, n] = _clamp(v, QKV_LIMIT)
+    for i in range(m_rows):
+        r = crow[i]
+        _qkv_heads(y[i], cos, sin, i, nh, nkv, hd, q16[i], qe[i], kt[r], kmax[r], vc[r], vmax[r], slots[i])
+    _attend(q16, qe, kt, kmax, vc, vmax, crow, ka, kb, kc, exp2, lc, o)
+    for i in range(m_rows):
+        so[i] = _operand_row(o2[i], o16[i])
+    for blk in prange((hidden + _BLOCK - 1) // _BLOCK):
+        for n in range(blk * _BLOCK, min(hidden, blk * _BLOCK + _BLOCK)):
+            for i in range(m_rows):
+                c = osh - (so[i] - ACT_FRAC) - RESID_FRAC
+                x[i, n] = _clamp(x[i, n] + _requant(_dot(o16[i], ow[n]), om[n], c), RESID_LIMIT)
+    for i in range(m_rows):
+        e[i] = _norm_row(x[i], g2, gs2, eps, h16[i])
+    inter = gw.shape[0] // 2
+    for blk in prange((inter + _BLOCK - 1) // _BLOCK):
+        for j in range(blk * _BLOCK, min(inter, blk * _BLOCK + _BLOCK)):
+            for i in range(m_rows):
+                c = gsh - e[i] - ACT_FRAC
+                g = _clamp(_requant(_dot(h16[i], gw[j]), gm[j], c), MLP_LIMIT)
+                u = _clamp(_requant(_dot(h16[i], gw[inter + j]), gm[inter + j], c), MLP_LIMIT)
+                idx = _clamp(_rshift(g, _SIG_SHIFT), _SIG_SPAN)
+                a[i, j] = _rshift(g * sig[idx + _SIG_SPAN], _SIG_BITS) * u
+    for i in range(m_rows):
+        sa[i] = _operand_row(a[i], a16[i])
+    for blk in prange((hidden + _BLOCK - 1) // _BLOCK):
+        for n in range(blk * _BLOCK, min(hidden, blk * _BLOCK + _BLOCK)):
+            for i in range(m_rows):
+                c = dsh - (sa[i] - 2 * ACT_FRAC) - RESID_FRAC
+                x[i, n] = _clamp(x[i, n] + _requant(_dot(a16[i], dw[n]), dm[n], c), RESID_LIMIT)
+
+
+@njit(**_JIT)
+def _final(x, gain, gain_shift, eps, h16, e):  # pragma: no cover - compiled
+    for i in range(x.shape[0]):
+        e[i] = _norm_row(x[i], gain, gain_shift, eps, h16[i])
+
+
+@njit(parallel=True, **_JIT)
+def _head_gaps(h16, w, mult, exp, lam, out):  # pragma: no cover - compiled
+    """The output head's product and ops_cpu._gaps in one kernel: lam = (h q_v) mult_v, then gaps."""
+    m_rows = h16.shape[0]
+    vocab = w.shape[0]
+    for blk in prange((vocab + _BLOCK - 1) // _BLOCK):
+        for v in range(blk * _BLOCK, min(vocab, blk * _BLOCK + _BLOCK)):
+            for i in range(m_rows):
+                lam[i, v] = _dot(h16[i], w[v]) * mult[v]
+    for i in range(m_rows):
+        top = np.int64(-(1 << 62))
+        for v in range(vocab):
+            top = max(top, lam[i, v])
+        s = 20 - exp[i]
+        pre = max(s - OUT_PRE_LIMIT, 0)
+        rest = max(s - pre, 0)
+        for blk in prange((vocab + _BLOCK - 1) // _BLOCK):
+            for v in range(blk * _BLOCK, min(vocab, blk * _BLOCK + _BLOCK)):
+                out[i, v] = min(((min((top - lam[i, v]) >> pre, OUT_D_CAP)) * LOG2E_OUT) >> rest, OUT_U_CAP)
+
+
+# -- the driver: arrays made once, one call per layer ------------------------------------------
+class _Scratch:
+    """A step's intermediate rows for ``m`` rows, allocated once per row count and thread (Engine.scratch)."""
+
+    def __init__(self, arch, m: int):
+        nh, hd, hidden = arch.num_heads, arch.head_dim, arch.hidden_size
+        n_qkv = (nh + 2 * arch.num_kv_heads) * hd
+        inter = arch.intermediate_size
+        self.h16 = np.empty((m, hidden), np.int16)
+        self.e = np.empty(m, np.int64)
+        self.y = np.empty((m, n_qkv), np.int64)
+        self.q16 = np.empty((m, nh, hd), np.int16)
+        self.qe = np.empty((m, nh), np.int64)
+        self.o = np.empty((m, nh, hd), np.int64)
+        self.o16 = np.empty((m, nh * hd), np.int16)
+        self.so = np.empty(m, np.int64)
+        self.a = np.empty((m, inter), np.int64)
+        self.a16 = np.empty((m, inter), np.int16)
+        self.sa = np.empty(m, np.int64)
+
+    def args(self) -> tuple:
+        return (self.h16, self.e, self.y, self.q16, self.qe, self.o, self.o.reshape(self.o.shape[0], -1),
+                self.o16, self.so, self.a, self.a16, self.sa)
+
+
+def _arr(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.numpy())
+
+
+def _layer_arrays(engine) -> list[tuple]:
+    """Each layer's weights as numpy arrays (the same memory), made once per engine."""
+    got = engine.scratch.get("layers")
+    if got is None:
+        got = []
+        for layer in engine.model.layers:
+            q = layer.qkv
+            bias = _arr(q.bias) if q.bias is not None else np.zeros(1, np.int64)
+            got.append(((_arr(layer.attn_gain), layer.attn_gain_shift, _arr(q.weight), _arr(q.mult), q.shift, bias,
+                         q.bias is not None),
+                        (_arr(layer.o.weight), _arr(layer.o.mult), layer.o.shift, _arr(layer.mlp_gain),
+                         layer.mlp_gain_shift, _arr(layer.gate_up.weight), _arr(layer.gate_up.mult),
+                         layer.gate_up.shift, _arr(layer.down.weight), _arr(layer.down.mult), layer.down.shift)))
+        engine.scratch["layers"] = got
+    return got
+
+
+def _cache_arrays(cache) -> list[tuple]:
+    """The KV cache's tensors as numpy arrays, made once per cache (its tensors are only written in place)."""
+    got = getattr(cache, "_numpy", None)
+    if got is None or got[0][0].ctypes.data != cache.k[0].data_ptr():
+        got = [(k.numpy(), km.numpy(), v.numpy(), vm.numpy()) for k, km, v, vm in zip(cache.k, cache.kmax, cache.v,
+                                                                                      cache.vmax)]
+        cache._numpy = got
+    return got
+
+
+def forward_rows(engine, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, crow: torch.Tensor,
+                 ka: torch.Tensor, kb: torch.Tensor, kc: torch.Tensor, slots: torch.Tensor, cache):
+    """Engine.forward's layers and final norm for M = B*T <= FUSED_ROWS query rows (per-row values
+    flattened, as Engine.forward hands them to the ops): (h16 [M, H] int16, exp [M, 1] int64)."""
+    _threads()
+    m = x.shape[0]
+    key = ("rows", m, threading.get_ident())    # per thread: an engine may serve several
+    scratch = engine.scratch.get(key)
+    if scratch is None:
+        scratch = engine.scratch[key] = _Scratch(engine.arch, m)
+    work = scratch.args()
+    xa = x.numpy()
+    eps = engine.scratch.get("eps")
+    if eps is None:
+        eps = engine.scratch["eps"] = engine._eps.numpy()
+        engine.scratch["final_gain"] = _arr(engine.model.final_gain)
+    rows = tuple(np.ascontiguousarray(t.numpy()) for t in (crow, ka, kb, kc, slots))
+    cs, sn = np.ascontiguousarray(cos.numpy()), np.ascontiguousarray(sin.numpy())
+    lc = fixedmath.att_log2e(engine.arch.head_dim)
+    for (attn, mlp), kv in zip(_layer_arrays(engine), _cache_arrays(cache)):
+        _layer(xa, eps, *rows, cs, sn, _EXP2, lc, _SIG, *attn, *kv, *mlp, *work)
+    h16 = np.empty((m, x.shape[1]), np.int16)
+    e = np.empty(m, np.int64)
+    model = engine.model
+    _final(xa, engine.scratch["final_gain"], model.final_gain_shift, eps, h16, e)
+    return torch.from_numpy(h16), torch.from_numpy(e).view(m, 1)
+
+
+def gaps_rows(engine, h16: torch.Tensor, exp: torch.Tensor) -> torch.Tensor:
+    """Engine.gaps for at most FUSED_ROWS rows: the head's product and the gaps in one kernel."""
+    _threads()
+    head = engine.model.head
+    w = engine.scratch.get("head")
+    if w is None:
+        w = engine.scratch["head"] = (_arr(head.weight), _arr(head.mult))
+    m = h16.shape[0]
+    key = ("lam", m, threading.get_ident())
+    lam = engine.scratch.get(key)
+    if lam is None:
+        lam = engine.scratch[key] = np.empty((m, w[0].shape[0]), np.int64)
+    out = np.empty((m, w[0].shape[0]), np.int64)
+    e = np.ascontiguousarray((exp - head.shift).numpy().reshape(-1))
+    _head_gaps(np.ascontiguousarray(h16.numpy()), w[0], w[1], e, lam, out)
+    return torch.from_numpy(out)

@@ -1,0 +1,82 @@
+"""The fused CPU step (lmcodec.engine.fused_cpu) gives the general path's integers, bit for bit.
+
+Engine.forward and Engine.gaps take the fused step at up to ``ops_cpu.FUSED_ROWS`` query
+rows; tests/test_exact.py and tests/test_rows.py check both paths against the reference.
+Here the two paths run the same passes side by side on a tiny model: shared and per-row
+positions, several positions per row, rows reused, through the ring, every hidden row,
+exponent, gap and cache entry equal.  The products' int32 chunks are checked at the
+operand limits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import load_tiny, make_tiny_llama
+
+from lmcodec.engine import fused_cpu, ops_cpu
+from lmcodec.engine.engine import Engine, KVCache
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, loaded_model):
+    return load_tiny(make_tiny_llama(tmp_path_factory.mktemp("fused-llama"), loaded_model, seed=7))
+
+
+def run_passes(engine: Engine, fused_rows: int, monkeypatch, passes) -> list:
+    """Each pass's (h, e, gaps) and the final cache, with the fused step up to ``fused_rows`` rows."""
+    monkeypatch.setattr(ops_cpu, "FUSED_ROWS", fused_rows)
+    cache = KVCache.empty(engine.model, 3, 12, "cpu")
+    out = []
+    for ids, pos, slots, ka, kb, kc in passes:
+        h, e = engine.forward(ids, pos, cache, slots, (ka, kb, kc))
+        out.append((h, e, engine.gaps(h, e)))
+    out.append(tuple(torch.cat([t.reshape(-1).to(torch.int64) for t in ts]) for ts in
+                     (cache.k, cache.kmax, cache.v, cache.vmax)))
+    return out
+
+
+def make_passes(vocab: int) -> list:
+    rng = np.random.default_rng(3)
+    t = lambda a: torch.as_tensor(np.asarray(a, dtype=np.int64))
+    passes = []
+    # shared positions [T]: a prefix pass of 3 rows x 1, then lockstep steps
+    for p in range(4):
+        passes.append((t(rng.integers(0, vocab, (3, 1))), t([p]), t([p]), t([0]), t([0]), t([p + 1])))
+    # per-row positions [B, T]: rows at their own positions, a ring past slot 11 (prefix 2)
+    pos = np.array([4, 6, 9])
+    for _ in range(6):
+        slot = np.where(pos < 12, pos, 2 + (pos - 2) % 10)
+        ends = np.minimum(pos + 1, 12)
+        passes.append((t(rng.integers(0, vocab, (3, 1))), t(pos[:, None]), t(slot[:, None]), t(np.zeros((3, 1))),
+                       t(np.zeros((3, 1))), t(ends[:, None])))
+        pos = pos + 1
+    # two rows, two positions each (a verify pass: 4 query rows)
+    p2 = np.array([[3, 4], [5, 6]])
+    passes.append((t(rng.integers(0, vocab, (2, 2))), t(p2), t(p2), t(np.zeros((2, 2))), t(np.zeros((2, 2))), t(p2 + 1)))
+    return passes
+
+
+def test_fused_step_equals_the_general_path(tiny, monkeypatch):
+    im, tok = tiny
+    engine = Engine(im, "cpu")
+    passes = make_passes(tok.vocab_size)
+    fused = run_passes(engine, 4, monkeypatch, passes)
+    general = run_passes(engine, 0, monkeypatch, passes)
+    for a, b in zip(fused, general):
+        for u, v in zip(a, b):
+            assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("k", [1, 511, 512, 513, 576, 1536, 2049])
+def test_dot_products_are_exact_at_the_operand_limits(k):
+    rng = np.random.default_rng(k)
+    w = np.where(rng.random((5, k)) < 0.5, -127, 127).astype(np.int8)
+    w[0] = -127
+    h = np.where(rng.random((2, k)) < 0.5, -32639, 32639).astype(np.int16)
+    h[0] = -32639                       # row 0 x weight row 0: every product +32639 * 127
+    lam = np.empty((2, 5), np.int64)
+    out = np.empty((2, 5), np.int64)
+    fused_cpu._head_gaps(h, w, np.ones(5, np.int64), np.zeros(2, np.int64), lam, out)
+    assert np.array_equal(lam, h.astype(np.int64) @ w.astype(np.int64).T)
