@@ -2,7 +2,7 @@
 
     python -m benchmarks.speed [--file PATH] [--device auto|cpu|cuda] [--lanes N] [--decode-rows N]
                                [--segment-tokens N] [--context N] [--threads N] [--level N] [--bytes N]
-                               [--no-forward] [--json OUT]
+                               [--no-forward] [--float] [--json OUT]
 
 Prints bytes/s and tokens/s for compression and decompression, the settings,
 and the ratio of the codec's tokens/s to a plain full-sequence forward of the
@@ -10,7 +10,8 @@ same exact engine over the same tokens (windows of ``segment-tokens``, logits
 and symbol weights of every position) measured in the same run: the yardstick
 for what the coding around the model costs.  ``--no-forward`` leaves that
 yardstick out (it costs as much as compressing again; scripts/gpu/check.sh
-times only the two directions).
+times only the two directions); ``--float`` adds the float32 model's forward
+(transformers) over the same windows, and compression's share of it.
 """
 
 from __future__ import annotations
@@ -56,6 +57,30 @@ def plain_forward_tokens_per_s(codec, symbols, segment: int, batch: int) -> floa
     return done / (time.perf_counter() - t0)
 
 
+def float_forward_tokens_per_s(model_arg, tok, symbols, segment: int, threads: int) -> float:
+    """Tokens/s of the float32 model (transformers' Llama with the same weights) over the same
+    ``segment``-token windows, one at a time, logits of every position: the issue's yardstick
+    for the exact engine's parallel pass (compression)."""
+    from lmcodec.engine import models
+
+    from .quantization import float_llama
+
+    model = float_llama(models.load(model_arg)).eval()
+    ids = torch.from_numpy(tok.model_inputs(symbols))
+    n = max(segment, 1)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            model(ids[:min(n, 64)][None])                  # warm up
+            t0 = time.perf_counter()
+            for start in range(0, len(ids), n):
+                model(ids[start:start + n][None])
+            return len(ids) / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(old)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.split("\n\n")[0])
     add_file_args(ap)
@@ -67,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="windows per plain forward call [cpu: 1, the fastest there; cuda: 16]")
     ap.add_argument("--no-forward", dest="forward", action="store_false",
                     help="skip the plain-forward yardstick (only the two directions are timed)")
+    ap.add_argument("--float", dest="float_forward", action="store_true",
+                    help="also time the float32 model's forward (transformers) over the same windows")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     args = ap.parse_args(argv)
 
@@ -98,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     segments = -(-len(symbols) // s.segment_tokens)
     fwd_batch = args.forward_batch or (1 if device == "cpu" else min(16, segments))
     fwd = plain_forward_tokens_per_s(codec, symbols, s.segment_tokens, fwd_batch) if args.forward else None
+    flt = (float_forward_tokens_per_s(args.model, tok, symbols, s.segment_tokens, s.threads)
+           if args.float_forward else None)
     st = codec.last_stats
     res = {
         "file": str(path), "bytes": len(data), "tokens": int(len(symbols)), "device": device,
@@ -108,8 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         "archive_bytes": len(blob), "bpb": 8 * len(blob) / len(data), "model_bpb": st.model_bpb,
         "compress_Bps": len(data) / (t1 - t0), "decompress_Bps": len(data) / (t2 - t1),
         "compress_tokps": len(symbols) / (t1 - t0), "decompress_tokps": len(symbols) / (t2 - t1),
-        "forward_tokps": fwd, "forward_batch": fwd_batch,
+        "forward_tokps": fwd, "forward_batch": fwd_batch, "float_forward_tokps": flt,
+        "decode": codec.last_decode.as_dict(),
     }
+    res["compress_vs_float"] = res["compress_tokps"] / flt if flt else None
     res["compress_vs_forward"] = res["compress_tokps"] / fwd if fwd else None
     res["decompress_vs_forward"] = res["decompress_tokps"] / fwd if fwd else None
     print(f"{path.name}: {len(data)} bytes, {len(symbols)} tokens, {segments} segments of "
@@ -122,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {way:<10} {res[way + '_Bps']:8.0f} B/s  {res[way + '_tokps']:8.1f} tok/s{share}")
     if fwd:
         print(f"  plain forward {fwd:8.1f} tok/s  ({fwd_batch} window(s) of {s.segment_tokens} per call)")
+    if flt:
+        print(f"  float32 forward {flt:8.1f} tok/s  (transformers; compression {res['compress_vs_float']:.2f}x of it)")
+    print(f"  decoding   {res['decode']['tokens_per_row_pass']:.3f} tokens a row's model pass")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
     return 0

@@ -87,12 +87,13 @@ def test_speed_benchmark_round_trips_and_reports_both_directions(corpus, tmp_pat
     from benchmarks import speed
 
     out = tmp_path / "speed.json"
-    assert speed.main(["--file", str(corpus / "texts/a.txt"), "--device", "cpu", "--json", str(out),
+    assert speed.main(["--file", str(corpus / "texts/a.txt"), "--device", "cpu", "--json", str(out), "--float",
                        *FAST]) == 0
     doc = json.loads(out.read_text())
     for key in ("compress_Bps", "decompress_Bps", "compress_tokps", "decompress_tokps", "forward_tokps",
-                "compress_vs_forward", "decompress_vs_forward"):
+                "compress_vs_forward", "decompress_vs_forward", "float_forward_tokps", "compress_vs_float"):
         assert doc[key] > 0, key
+    assert doc["decode"]["tokens"] == doc["tokens"] and doc["decode"]["tokens_per_row_pass"] >= 1
     assert doc["device"] == "cpu" and doc["segment_tokens"] == 24 and doc["lanes"] == 2
     assert "decompress" in capsys.readouterr().out
 
