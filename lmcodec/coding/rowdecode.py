@@ -136,6 +136,7 @@ class Rows:
         self.cost = PassCost()
         self.stats = stats if stats is not None else DecodeStats()
         self._pass: tuple[int, float] | None = None     # (queries, seconds) of the last pass, gaps still to add
+        self._next = 1                                   # columns of the next pass (_guess chooses)
 
     def code(self, tick: Callable[[int], None] | None = None) -> bool:
         """Admit, decode every live lane's tokens from the last pass, retire; False once every stream is done."""
@@ -268,7 +269,7 @@ class Rows:
 
     def launch(self) -> None:
         """The model pass: the tokens just decoded and their guesses in, the next hidden rows out."""
-        T = getattr(self, "_next", 1)
+        T = self._next
         t0 = time.perf_counter()
         self.run.advance(self.feed[:, :T], self.live, guesses=np.where(self.live, self.width - 1, 0))
         self._pass = (self.run.rows * T, time.perf_counter() - t0)
