@@ -70,6 +70,21 @@ def load_tiny(d):
     return load_int_model(loaded, tok.fingerprint), tok
 
 
+def archive_blocks(blob: bytes):
+    """(header, blocks) of an archive, read with the format's Reader."""
+    import io
+
+    from lmcodec.format.container import End
+    from lmcodec.format.reader import Reader
+
+    reader = Reader(io.BytesIO(blob), len(blob))
+    header = reader.header()
+    blocks = []
+    while not isinstance(rec := reader.next(header), End):
+        blocks.append(rec)
+    return header, blocks
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, loaded_model):
     """A real, different model: a 2-layer random Llama sharing SmolLM2's tokenizer."""

@@ -12,12 +12,10 @@ prompt.  A 2-layer model keeps it fast; the drafts do not depend on the model.
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import archive_blocks, load_tiny, make_tiny_llama
 
 from lmcodec import Codec
 from lmcodec.coding import draft, rowdecode
@@ -29,8 +27,7 @@ from lmcodec.coding.tokens import ByteTokenizer
 from lmcodec.engine import models
 from lmcodec.engine.engine import Engine
 from lmcodec.engine.quantize import load_int_model
-from lmcodec.format.container import End, stream_groups
-from lmcodec.format.reader import Reader
+from lmcodec.format.container import stream_groups
 
 RECORD = b'{"name": "ListObjects", "input_token": "Marker", "output_token": "NextMarker", "limit_key": "MaxKeys"}\n'
 TEXT = RECORD * 4 + b"Then something else entirely, \xff\xfe\x00 bytes and all.\n" + RECORD * 2
@@ -45,14 +42,9 @@ def short_model(tmp_path_factory, loaded_model):
 def blocks_of(model_dir, data: bytes, prompt: bytes | None = None, **settings):
     codec = Codec(model_dir, method="lm", mixer=ALL, threads=2, guesses=0, **settings)
     blob = codec.compress(data, prompt)
-    loaded = models.load(model_dir)
-    tok = ByteTokenizer(loaded.tokenizer, loaded.arch.vocab_size)
-    reader = Reader(io.BytesIO(blob), len(blob))
-    header = reader.header()
-    blocks = []
-    while not isinstance(rec := reader.next(header), End):
-        blocks.append(rec)
-    return codec, blob, load_int_model(loaded, tok.fingerprint), tok, header, blocks
+    im, tok = load_tiny(model_dir)
+    header, blocks = archive_blocks(blob)
+    return codec, blob, im, tok, header, blocks
 
 
 def decode(im, tok, header, block, rows: int, guesses: int, prefix: list[int]) -> tuple[np.ndarray, DecodeStats]:

@@ -8,22 +8,17 @@ are admitted in and however many rows there are.  A 2-layer model keeps it fast.
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 import torch
+from conftest import archive_blocks, load_tiny
 
 from lmcodec import Codec
 from lmcodec.coding.mixing import ALL, MixerConfig
 from lmcodec.coding.rowdecode import decode_streams
 from lmcodec.coding.runner import prefill
-from lmcodec.coding.tokens import ByteTokenizer
-from lmcodec.engine import models
 from lmcodec.engine.engine import Engine
-from lmcodec.engine.quantize import load_int_model
-from lmcodec.format.container import End, Method, stream_groups
-from lmcodec.format.reader import Reader
+from lmcodec.format.container import Method, stream_groups
 
 TEXT = (b"It was the best of times, it was the worst of times, it was the age of wisdom, "
         b"it was the age of foolishness; 12345 \xff\xfe end.\n")
@@ -35,15 +30,10 @@ def archive(tiny_model_dir):
     codec = Codec(tiny_model_dir, **SETTINGS)
     blob = codec.compress(TEXT)
     assert codec.decompress(blob) == TEXT          # the codec's own decoder
-    loaded = models.load(tiny_model_dir)
-    tok = ByteTokenizer(loaded.tokenizer, loaded.arch.vocab_size)
-    reader = Reader(io.BytesIO(blob), len(blob))
-    header = reader.header()
-    blocks = []
-    while not isinstance(rec := reader.next(header), End):
-        blocks.append(rec)
+    im, tok = load_tiny(tiny_model_dir)
+    header, blocks = archive_blocks(blob)
     assert len(blocks) == 1 and blocks[0].method == Method.LM
-    return load_int_model(loaded, tok.fingerprint), tok, header, blocks[0]
+    return im, tok, header, blocks[0]
 
 
 @pytest.mark.parametrize("halves", [1, 2])

@@ -100,9 +100,6 @@ class Acceptance:
         rate = (self.held[length, 1:count + 1] + 1) / (self.tried[length, 1:count + 1] + 2)
         return np.cumprod(rate)
 
-    def summary(self) -> dict:
-        return {"tried": int(self.tried.sum()), "held": int(self.held.sum())}
-
 
 class PassCost:
     """Seconds a pass takes by its queries (rows x columns), measured as the decode goes:
