@@ -80,6 +80,10 @@ def _value_sums(tot, acc, zmax, sh, q_parts, k_base, km_base, skd, v_base, vm_ba
     """
     dv = tl.arange(0, HD_PAD)
     byte = tl.arange(0, BYTES)[:, None, None]
+    # Shift counts stay below 64 for every padding row too (BYTES is 16 for one head per KV head):
+    # a 64-bit shift by >= 64 is poison to LLVM, and the compiled kernel summed garbage (the
+    # interpreter does not).  Padding rows hold zero digits, so their products are 0 at shift 0.
+    shift = tl.where(byte < 5, byte * 8, 0)
     for j0 in range(lo, hi, BLOCK_S):
         z, j, valid = _scores(q_parts, k_base, km_base, skd, j0, lo, hi, hd, GROUP, PARTS, HD_PAD, BLOCK_S)
         # zmax >= z on every valid key; the clamp at 0 only touches masked lanes (no negative shifts).
@@ -92,10 +96,10 @@ def _value_sums(tot, acc, zmax, sh, q_parts, k_base, km_base, skd, v_base, vm_ba
         tot += tl.sum(p, axis=1).to(tl.int64)               # < 2^16 * BLOCK_S per tile
         w = p.to(tl.int64) * tl.load(vm_base + j, mask=valid, other=0).to(tl.int64)[None, :]
         v = tl.load(v_base + j[:, None] * svs + dv[None, :], mask=valid[:, None] & (dv[None, :] < hd), other=0)
-        digits = tl.where(byte < 5, ((w[None, :, :] >> (byte * 8)) & 255) - 128, 0).to(tl.int8)
+        digits = tl.where(byte < 5, ((w[None, :, :] >> shift) & 255) - 128, 0).to(tl.int8)
         y = tl.dot(tl.reshape(digits, (BYTES * GROUP, BLOCK_S)), v, out_dtype=tl.int32)
         y = tl.reshape(y, (BYTES, GROUP, HD_PAD)).to(tl.int64)
-        acc += tl.sum(y << (byte * 8), axis=0) + tl.sum(v.to(tl.int64), axis=0)[None, :] * W_OFFSET
+        acc += tl.sum(y << shift, axis=0) + tl.sum(v.to(tl.int64), axis=0)[None, :] * W_OFFSET
     return tot, acc
 
 
