@@ -55,6 +55,10 @@ def make_passes(vocab: int) -> list:
     # two rows, two positions each (a verify pass: 4 query rows)
     p2 = np.array([[3, 4], [5, 6]])
     passes.append((t(rng.integers(0, vocab, (2, 2))), t(p2), t(p2), t(np.zeros((2, 2))), t(np.zeros((2, 2))), t(p2 + 1)))
+    # three rows, three positions each: 9 query rows, one row and 8 guesses' worth (ops_cpu.FUSED_ROWS)
+    p3 = np.array([[7, 8, 9], [8, 9, 10], [2, 3, 4]])
+    passes.append((t(rng.integers(0, vocab, (3, 3))), t(p3), t(p3), t(np.zeros((3, 3))), t(np.zeros((3, 3))),
+                   t(p3 + 1)))
     return passes
 
 
@@ -62,7 +66,7 @@ def test_fused_step_equals_the_general_path(tiny, monkeypatch):
     im, tok = tiny
     engine = Engine(im, "cpu")
     passes = make_passes(tok.vocab_size)
-    fused = run_passes(engine, 4, monkeypatch, passes)
+    fused = run_passes(engine, ops_cpu.FUSED_ROWS, monkeypatch, passes)
     general = run_passes(engine, 0, monkeypatch, passes)
     for a, b in zip(fused, general):
         for u, v in zip(a, b):

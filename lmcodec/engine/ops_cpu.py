@@ -256,9 +256,11 @@ def gaps(y, mult, exp):
 
 
 #: Query rows up to which Engine.forward and Engine.gaps take the fused step (lmcodec.engine.fused_cpu):
-#: one kernel per layer, products as int16 dot products. More rows go to torch._int_mm, whose
-#: kernels are compute-bound and fast there where a dot product per row is not.
-FUSED_ROWS = 4
+#: one kernel per layer, products as int16 dot products (~65 GMAC/s on 2 EPYC cores). More rows go
+#: to torch._int_mm, whose kernels gain more per extra row. Measured (a pass plus its gaps, SmolLM2,
+#: 1,500 cached keys, 2 threads): fused/general 9.8/24.1 ms at 1 row, 28/37 at 4, 55/63 at 9,
+#: 89/81 at 12: the paths cross between 9 and 12, and 9 is one row with 8 guesses (Settings.guesses).
+FUSED_ROWS = 9
 
 
 def forward_rows(engine, *args):
