@@ -130,7 +130,10 @@ def test_a_prompt_is_guessed_from(tiny_model_dir):
         c = Codec(tiny_model_dir, threads=2, guesses=guesses)
         assert c.decompress(blob, prompt) == RECORD
         assert c.last_decode.tokens == blocks[0].tokens[0]
-    assert c.last_decode.tokens_per_row_pass > 2 and c.last_decode_passes == c.last_decode.row_passes
+    # The copy from the prompt is right almost every time; how wide passes go is the cost model's call.
+    stats = c.last_decode
+    assert stats.held > 0.9 * stats.tried and stats.tried > stats.tokens // 2
+    assert stats.tokens_per_row_pass > 1.5 and c.last_decode_passes == stats.row_passes
 
 
 def test_choose_width_pays_for_columns_only_when_guesses_hold():

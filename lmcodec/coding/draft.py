@@ -105,10 +105,12 @@ class PassCost:
     """Seconds a pass takes by its queries (rows x columns), measured as the decode goes:
     a moving average per query count, and a line through them for counts not yet run.
     Before two counts have been seen, one more query is assumed to cost ``prior`` of a
-    one-query pass (the fused step on a 2-core EPYC: 0.42 with a few cached keys, 0.57
-    with 1,500; the general path's 0.03-0.08 before it, when one query cost 2.5x more)."""
+    one-query pass. The prior is optimistic on purpose (measured with the fused step on a
+    2-core EPYC: 0.42 with a few cached keys, 0.57 with 1,500): a width's cost is known only
+    once a pass of it has run, and a pessimistic prior would keep passes at one column where
+    guesses hold and wide passes pay (a tiny model's passes cost nearly the same at any width)."""
 
-    def __init__(self, prior: float = 0.5, decay: float = 0.8):
+    def __init__(self, prior: float = 0.08, decay: float = 0.8):
         self.prior, self.decay = prior, decay
         self.seen: dict[int, float] = {}
 
