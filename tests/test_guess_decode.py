@@ -94,6 +94,18 @@ def test_guesses_change_no_symbol(tiny_model_dir, lanes, segment, rows, scramble
     assert s8.row_passes < s0.row_passes
 
 
+@pytest.mark.parametrize("level", range(1, 10))
+def test_every_level_decodes_the_same_with_guesses(tiny_model_dir, level, scrambled):
+    """Each level's settings (segments, lanes, context, online models) through the public API:
+    the archive written with guesses off decodes to the input with corrupted drafts and random widths."""
+    data = TEXT
+    blob = Codec(tiny_model_dir, level=level, method="lm", threads=1, guesses=0).compress(data)
+    c = Codec(tiny_model_dir, level=level, method="lm", threads=1, guesses=8)
+    assert c.decompress(blob) == data
+    stats = c.last_decode
+    assert stats.tokens > 0 and stats.held > 0 and stats.tried > stats.held and stats.row_passes < stats.tokens
+
+
 def test_guesses_across_the_ring_and_prefix_moves(short_model, scrambled):
     """One segment of ~300 tokens in a context of 40 on a model trained to 64 positions: the
     cache turns into a ring (its spare slots take the guesses) and the prefix moves every 16."""
