@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -89,3 +91,22 @@ def archive_blocks(blob: bytes):
 def tiny_model_dir(tmp_path_factory, loaded_model):
     """A real, different model: a 2-layer random Llama sharing SmolLM2's tokenizer."""
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), loaded_model)
+
+
+def guessed_passes(run, vocab: int, passes: int, seed: int) -> list:
+    """Drive a RowStep or GraphStep through passes of random widths with random guesses per row
+    (within :meth:`room`), a random number of them held, and rows restarted now and then; return
+    every used output (h, e) of every pass.  Two steps driven with one seed must return the same."""
+    rng = np.random.default_rng(seed)
+    rows, out = run.rows, []
+    for t in range(passes):
+        if t % 11 == 7:
+            run.start([t % rows])
+        T = int(rng.integers(1, run.spare + 2))
+        k = np.minimum(rng.integers(0, T, rows), run.room(np.arange(rows)))
+        tokens = rng.integers(0, vocab, (rows, T))
+        run.advance(tokens, guesses=k)
+        used = torch.as_tensor([r * T + j for r in range(rows) for j in range(int(k[r]) + 1)])
+        out.append((run.h[used].cpu().clone(), run.e[used].cpu().clone()))
+        run.skip(np.arange(rows), rng.integers(0, k + 1))
+    return out

@@ -15,14 +15,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import archive_blocks, load_tiny, make_tiny_llama
+from conftest import archive_blocks, guessed_passes, load_tiny, make_tiny_llama
 
 from lmcodec import Codec
 from lmcodec.coding import draft, rowdecode
 from lmcodec.coding.mixing import ALL, MixerConfig
 from lmcodec.coding.runner import prefill
 from lmcodec.coding.settings import DecodeStats
-from lmcodec.coding.steps import RowStep
+from lmcodec.coding.steps import GraphStep, RowStep
 from lmcodec.coding.tokens import ByteTokenizer
 from lmcodec.engine import models
 from lmcodec.engine.engine import Engine
@@ -114,6 +114,21 @@ def test_guesses_across_the_ring_and_prefix_moves(short_model, scrambled):
     assert blocks[0].tokens[0] > 200
     got, stats = decode(im, tok, header, blocks[0], 1, 8, [tok.start_token])
     assert np.array_equal(got, tok.encode(data)) and stats.held > 0
+
+
+def test_graph_step_takes_the_same_guessed_passes(short_model):
+    """GraphStep (the CUDA step; eager here) with guesses: static inputs per width, the whole
+    context as its cache, and every output RowStep gives, through the ring and prefix moves."""
+    loaded = models.load(short_model)
+    tok = ByteTokenizer(loaded.tokenizer, loaded.arch.vocab_size)
+    engine = Engine(load_int_model(loaded, tok.fingerprint), "cpu")
+    outs = []
+    with torch.inference_mode():
+        pre = prefill(engine, [tok.start_token, 5])
+        for step in (RowStep, GraphStep):
+            outs.append(guessed_passes(step(engine, pre, 3, 40, 150, spare=8), tok.vocab_size, 60, seed=4))
+    for (h1, e1), (h2, e2) in zip(*outs):
+        assert torch.equal(h1, h2) and torch.equal(e1, e2)
 
 
 def test_room_keeps_guesses_between_prefix_moves_and_below_the_bound(short_model):

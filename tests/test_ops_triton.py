@@ -313,6 +313,28 @@ def test_engine_on_triton_kernels_equals_reference(tiny_model_dir):
     assert torch.equal(engine.gaps(h, e), ops_torch.gaps(int_mm(h, head.weight), head.mult, e - head.shift))
 
 
+def test_graph_step_with_guesses_on_triton_kernels(tiny_model_dir):
+    """The CUDA decoder's step (GraphStep: static inputs per width; graphs captured on CUDA) fed
+    guesses -- rows of one pass with different k, guesses held or not, the ring crossed -- on the
+    Triton kernels gives the CPU RowStep's outputs bit for bit."""
+    from conftest import guessed_passes
+
+    from lmcodec.coding.tokens import ByteTokenizer
+    from lmcodec.engine import models
+    from lmcodec.engine.quantize import load_int_model
+
+    loaded = models.load(tiny_model_dir)
+    tok = ByteTokenizer(loaded.tokenizer, loaded.arch.vocab_size)
+    im = load_int_model(loaded, tok.fingerprint)
+    outs = []
+    for engine, step in ((Engine(im, "cpu"), steps.RowStep), (Engine(im, DEVICE, ops=TRITON), steps.GraphStep)):
+        with torch.inference_mode():
+            pre = runner.prefill(engine, [tok.start_token])
+            outs.append(guessed_passes(step(engine, pre, 2, 6, 40, spare=3), tok.vocab_size, 10, seed=9))
+    for (h1, e1), (h2, e2) in zip(*outs):
+        assert torch.equal(h1, h2) and torch.equal(e1, e2)
+
+
 def test_kernel_benchmark_runs_a_decode_step(tmp_path):
     """benchmarks/kernels.py (the GPU's per-kernel timing) on tiny shapes: its figures are all there."""
     import json

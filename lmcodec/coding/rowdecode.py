@@ -120,10 +120,9 @@ class Rows:
         rows = max(rows, max(len(g) for g in groups))
         self.sched = Scheduler([[lengths[g] for g in group] for group in groups], rows)
         longest = max((lengths[g] for group in groups for g in group), default=0)
-        cuda = engine.device.type == "cuda"
-        self.most = 0 if cuda else max(0, guesses)       # GraphStep has one static column
-        self.run = (GraphStep(engine, pre, rows, context, longest) if cuda else
-                    RowStep(engine, pre, rows, context, longest, spare=self.most))
+        self.most = max(0, guesses)
+        step = GraphStep if engine.device.type == "cuda" else RowStep    # CUDA: static shapes and graphs
+        self.run = step(engine, pre, rows, context, longest, spare=self.most)
         self.feed = np.full((rows, 1 + self.most), tok.placeholder, dtype=np.int64)
         self.width = np.ones(rows, dtype=np.int64)      # outputs of each row's last pass in use: 1 + its guesses
         self.matched = np.zeros(rows, dtype=np.int64)   # the draft's match length behind each row's guesses

@@ -88,6 +88,7 @@ class Settings:
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         rows = self.decode_rows or DECODE_ROWS[device]
+        # On by default where measured (CPU); CUDA's GraphStep takes guesses too, unmeasured on a GPU yet.
         guesses = (MOST_GUESSES if device == "cpu" else 0) if self.guesses is None else self.guesses
         if not 0 <= guesses <= 64:
             raise UsageError("guesses must be 0..64")

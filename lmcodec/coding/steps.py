@@ -187,48 +187,59 @@ class RowStep:
 
 class GraphStep(RowStep):
     """:class:`RowStep` with static shapes, like gpt-fast's ``setup_caches``: the cache
-    (``rows`` x ``context`` slots) and the step's inputs are allocated once; a step
-    only ``copy_``s the host columns into them and, on CUDA, replays a CUDA graph
-    of the forward pass captured at the first step (``graph=False``: eager, the
-    same static-shape step; on CPU always).  Prefix moves (``_place``) are cache
-    copies between replays.  ``.h`` / ``.e`` are the graph's static outputs: read
-    them (or copy) before the next :meth:`advance`.
+    (``rows`` x ``context`` slots, plus ``spare`` for guesses) and the step's inputs are
+    allocated once per pass width T (1 + guesses: one set of [rows, T] inputs and, on
+    CUDA, one graph per width used); a step only ``copy_``s the host columns into them
+    and, on CUDA, replays the CUDA graph of the forward pass captured at the width's first
+    step (``graph=False``: eager, the same static-shape step; on CPU always).  Prefix
+    moves (``_place``) are cache copies between replays.  ``.h`` / ``.e`` are the graph's
+    static outputs: read them (or copy) before the next :meth:`advance`.
     """
 
     def __init__(self, engine: Engine, pre: Prefix, rows: int, context: int, longest: int,
-                 graph: bool | None = None):
-        super().__init__(engine, pre, rows, context, longest, capacity=context)
-        dev = engine.device
-        self._static = [torch.zeros((rows, 1), dtype=torch.int64, device=dev) for _ in range(6)]
-        self.graph = (dev.type == "cuda") if graph is None else graph
-        self._graph = None
-        self._out: tuple[torch.Tensor, torch.Tensor] | None = None
+                 graph: bool | None = None, spare: int = 0):
+        super().__init__(engine, pre, rows, context, longest, capacity=context, spare=spare)
+        self.graph = (engine.device.type == "cuda") if graph is None else graph
+        self._static: dict[int, list[torch.Tensor]] = {}     # per width T: ids, positions, slots, a, b, c
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._outs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _forward(self) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, pos, slot, a, b, c = self._static
+    def _buffers(self, T: int) -> list[torch.Tensor]:
+        got = self._static.get(T)
+        if got is None:
+            dev = self.engine.device
+            got = self._static[T] = [torch.zeros((self.rows, T), dtype=torch.int64, device=dev) for _ in range(6)]
+        return got
+
+    def _forward(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, pos, slot, a, b, c = self._static[T]
         return self.engine.forward(ids, pos, self.cache, slot, (a, b, c), bound=self.bound)
 
-    def _capture(self) -> None:
-        """Warm up on a side stream (allocator, lazy tables), then capture one step."""
+    def _capture(self, T: int) -> None:
+        """Warm up on a side stream (allocator, lazy tables), then capture one step of width T."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._forward()
+                self._forward(T)
         torch.cuda.current_stream().wait_stream(side)
-        self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):
-            self._out = self._forward()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._outs[T] = self._forward(T)
+        self._graphs[T] = graph
 
     def advance(self, tokens: np.ndarray, live: np.ndarray | None = None, guesses: np.ndarray | None = None) -> None:
-        """:meth:`RowStep.advance` with one column (no spare slots: a guess is refused)."""
-        for buf, v in zip(self._static, self._inputs(tokens, guesses)):
+        """:meth:`RowStep.advance` on the static inputs of the pass's width."""
+        inputs = self._inputs(tokens, guesses)
+        T = inputs[0].shape[1]
+        for buf, v in zip(self._buffers(T), inputs):
             buf.copy_(torch.from_numpy(v))
         if not self.graph:
-            self.h, self.e = self._forward()
+            self.h, self.e = self._forward(T)
         else:
-            if self._graph is None:
-                self._capture()     # its warm-up steps rewrite this step's slots with the same values
-            self._graph.replay()
-            self.h, self.e = self._out
+            if T not in self._graphs:
+                self._capture(T)     # its warm-up steps rewrite this step's slots with the same values
+            self._graphs[T].replay()
+            self.h, self.e = self._outs[T]
+        self.T = T
         self._moved(live)
