@@ -1,0 +1,93 @@
+"""Byte-fallback (SentencePiece-style) vocabularies: bytes -> symbols -> bytes is exact.
+
+A small byte-fallback BPE built with the ``tokenizers`` library covers the code path
+everywhere; the real Gemma 3 tokenizer is tested where its package is installed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+
+from lmcodec.coding.tokens import ByteTokenizer, is_byte_fallback
+
+HOSTILE = [
+    b"", b" ", b"  leading spaces", b" " * 300, b"trailing   ", b"\x00", b"a\x00b\x00\x00c",
+    b"\xff\xfe\xc3( \xed\xa0\x80 \xf4\x90\x80\x80", b"\r\n\r\n\t\x0b\x0c\x1c\x85",
+    "a\u2581b \u2581\u2581 c".encode(), "\u2581".encode() * 5, "Grüße 😀👍🏽 中文字符\n".encode(),
+    b"<bos><eos><unk><pad><s></s><0x41><start_of_turn>", bytes(range(256)) * 2,
+    "x\udc80y".encode("utf-8", "surrogateescape"), b"line\n" * 50 + "odd \u2581 line\n".encode() + b"more\n" * 50,
+]
+
+
+def _synthetic() -> tuple[Tokenizer, int]:
+    """A byte-fallback BPE: specials, the 256 byte tokens, "▁" and a few merged pieces."""
+    pieces = ["<unk>", "<bos>", "<eos>"] + [f"<0x{b:02X}>" for b in range(256)]
+    pieces += ["\u2581", "a", "b", "c", "t", "h", "e", "ab", "\u2581a", "\u2581ab", "th", "the", "\u2581the", "\n"]
+    vocab = {p: i for i, p in enumerate(pieces)}
+    merges = [("\u2581", "a"), ("\u2581a", "b"), ("a", "b"), ("t", "h"), ("th", "e"), ("\u2581", "the")]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens([AddedToken("<unk>", special=True), AddedToken("<bos>", special=True),
+                            AddedToken("<eos>", special=True)])
+    return tok, len(vocab)
+
+
+@pytest.fixture(scope="module")
+def synthetic() -> ByteTokenizer:
+    tok, size = _synthetic()
+    return ByteTokenizer(tok, size)
+
+
+def test_the_vocabulary_kind_comes_from_the_tokenizer(synthetic, tokenizer):
+    assert synthetic.byte_fallback and is_byte_fallback(synthetic._tok)
+    assert not tokenizer.byte_fallback          # SmolLM2: byte-level BPE, its table as before
+
+
+def test_byte_tokens_spell_every_byte_and_specials_are_never_emitted(synthetic):
+    assert synthetic.missing_bytes == []
+    vocab = synthetic._tok.get_vocab()
+    assert synthetic.decode([vocab["<0x41>"], vocab["\u2581ab"], vocab["\u2581"]]) == b"A ab "
+    assert synthetic.start_token == vocab["<bos>"]
+    for name in ("<unk>", "<bos>", "<eos>"):
+        with pytest.raises(ValueError):
+            synthetic.decode([vocab[name]])
+    symbols = synthetic.encode(b"<bos> ab\xff")
+    assert vocab["<bos>"] not in symbols.tolist() and synthetic.decode(symbols) == b"<bos> ab\xff"
+    assert not (symbols >= synthetic.vocab_size).any()     # no escapes: byte tokens spell all
+
+
+def test_pieces_are_used_and_an_odd_spot_costs_only_its_line(synthetic):
+    vocab = synthetic._tok.get_vocab()
+    assert synthetic.encode(b" the ab").tolist() == [vocab["\u2581the"], vocab["\u2581ab"]]
+    data = b" ab\n" * 20 + "a\u2581b\n".encode() + b" ab\n" * 20
+    symbols = synthetic.encode(data).tolist()
+    assert synthetic.decode(symbols) == data
+    assert symbols.count(vocab["\u2581ab"]) == 40
+
+
+@pytest.mark.parametrize("data", HOSTILE)
+def test_hostile_bytes_round_trip(synthetic, data):
+    assert synthetic.decode(synthetic.encode(data)) == data
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_any_bytes_round_trip(synthetic, data):
+    assert synthetic.decode(synthetic.encode(data)) == data
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list(" abthe\n\u2581\x00\t") + ["\udc80", "é"]), max_size=200))
+def test_any_text_of_the_vocabulary_round_trips(synthetic, text):
+    data = text.encode("utf-8", errors="surrogateescape")
+    assert synthetic.decode(synthetic.encode(data)) == data
+
+
+def test_the_model_sees_tokens_only(synthetic):
+    symbols = synthetic.encode(bytes(range(256)))
+    assert np.array_equal(synthetic.model_inputs(symbols), symbols)
