@@ -91,3 +91,72 @@ def test_any_text_of_the_vocabulary_round_trips(synthetic, text):
 def test_the_model_sees_tokens_only(synthetic):
     symbols = synthetic.encode(bytes(range(256)))
     assert np.array_equal(synthetic.model_inputs(symbols), symbols)
+
+
+# -- the real Gemma 3 tokenizer (262,144 tokens), where its package is installed -----------------
+
+GEMMA = "gemma3-270m"
+
+
+@pytest.fixture(scope="module")
+def gemma() -> ByteTokenizer:
+    """Gemma 3's tokenizer as transformers builds it from the registered GGUF (assembled once)."""
+    from lmcodec.engine import models as registry
+
+    if not registry.parts_present(registry.REGISTRY[GEMMA].package):
+        pytest.skip("the Gemma package (lmcodec[gemma]) is not installed")
+    from transformers import AutoTokenizer
+
+    path = registry.assembled(GEMMA)
+    fast = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return ByteTokenizer(fast.backend_tokenizer, 262_144)
+
+
+def test_gemma_is_read_as_byte_fallback(gemma):
+    vocab = gemma._tok.get_vocab()
+    assert gemma.byte_fallback and gemma.missing_bytes == [] and gemma.alphabet_size == 262_400
+    assert gemma.start_token == vocab["<bos>"] != vocab["<s>"]     # "<s>" is a plain piece in Gemma
+    assert gemma.decode([vocab["\u2581world"], vocab["<0x0A>"]]) == b" world\n"
+    for name in ("<bos>", "<eos>", "<pad>", "<start_of_turn>"):
+        with pytest.raises(ValueError):
+            gemma.decode([vocab[name]])
+
+
+def test_gemma_tokenizes_prose_with_its_pieces(gemma):
+    text = b"The quick brown fox jumps over the lazy dog.  Two spaces,\ttabs and\r\nlines.\n" * 4
+    symbols = gemma.encode(text)
+    assert gemma.decode(symbols) == text and len(symbols) < len(text) / 3
+    assert not (symbols >= gemma.vocab_size).any()
+
+
+@pytest.mark.parametrize("data", HOSTILE)
+def test_gemma_hostile_bytes_round_trip(gemma, data):
+    assert gemma.decode(gemma.encode(data)) == data
+
+
+def test_gemma_samples_round_trip(gemma):
+    from conftest import SAMPLES
+
+    for name, data in SAMPLES.items():
+        assert gemma.decode(gemma.encode(data)) == data, name
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400))
+def test_gemma_any_bytes_round_trip(gemma, data):
+    assert gemma.decode(gemma.encode(data)) == data
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=200))
+def test_gemma_any_text_round_trips(gemma, text):
+    data = text.encode("utf-8", errors="surrogatepass")
+    assert gemma.decode(gemma.encode(data)) == data
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from([" ", "  ", "\u2581", "\t", "\n", "\r", "\x00", "\x7f", "\udc80", "\ud800",
+                                         "a", "The", "é", "中", "😀", "<0x41>", "<bos>"]), max_size=120))
+def test_gemma_spaces_controls_and_surrogates_round_trip(gemma, text):
+    data = text.encode("utf-8", errors="surrogatepass")
+    assert gemma.decode(gemma.encode(data)) == data
