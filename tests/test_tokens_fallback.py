@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from lmcodec.coding.tokens import ByteTokenizer, is_byte_fallback
 
@@ -35,6 +35,24 @@ def _synthetic() -> tuple[Tokenizer, int]:
     tok.add_special_tokens([AddedToken("<unk>", special=True), AddedToken("<bos>", special=True),
                             AddedToken("<eos>", special=True)])
     return tok, len(vocab)
+
+
+@pytest.mark.parametrize("prefix", ["normalizer", "metaspace"])
+def test_a_tokenizer_that_adds_a_space_prefix_is_read_without_it(prefix):
+    """SentencePiece's add_space_prefix (a Prepend normalizer, or a Metaspace pre-tokenizer) would
+    make every piece start with a space that is not in the data; lmcodec tokenizes without it."""
+    tok, size = _synthetic()
+    if prefix == "normalizer":
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    else:
+        tok.normalizer = None
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    assert tok.encode("ab", add_special_tokens=False).tokens == ["\u2581ab"]      # the prefix is there
+    byte_tok = ByteTokenizer(tok, size)
+    vocab = tok.get_vocab()
+    assert byte_tok.encode(b"ab ab").tolist() == [vocab["ab"], vocab["\u2581ab"]]
+    for data in HOSTILE:
+        assert byte_tok.decode(byte_tok.encode(data)) == data
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ Decoding never goes through ``str``: every symbol maps to a fixed byte string.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from functools import cached_property
 
@@ -93,6 +94,45 @@ def _byte_fallback_table(tokenizer, vocab_size: int) -> list[bytes | None]:
     return table
 
 
+def _drop_space_prefix(doc: dict | None) -> bool:
+    """Remove a "▁" prefix from a normalizer or pre-tokenizer description (in place); whether one was there."""
+    if not doc:
+        return False
+    kind = doc.get("type")
+    if kind == "Metaspace" and doc.get("prepend_scheme", "always") != "never":
+        doc["prepend_scheme"], doc["add_prefix_space"] = "never", False
+        return True
+    found = False
+    for key in ("normalizers", "pretokenizers"):
+        if kind == "Sequence" and key in doc:
+            kept = [d for d in doc[key] if d.get("type") != "Prepend"]
+            found = len(kept) < len(doc[key])
+            doc[key] = kept
+            found = any([_drop_space_prefix(d) for d in kept]) or found
+    return found
+
+
+def without_space_prefix(tokenizer):
+    """The tokenizer without the space it would put before its input (SentencePiece's add_space_prefix).
+
+    lmcodec tokenizes pieces of a text, and a token's bytes must be exactly the text's:
+    a "▁" added in front of every piece would never round-trip.  Only rebuilt when
+    the tokenizer does add one (one short probe; rebuilding a 262k vocabulary takes a second).
+    """
+    probe = tokenizer.encode("a", add_special_tokens=False).tokens
+    if not probe or not probe[0].startswith(_SPACE):
+        return tokenizer
+    from tokenizers import Tokenizer
+
+    doc = json.loads(tokenizer.to_str())
+    normalizer = doc.get("normalizer")
+    if normalizer and normalizer.get("type") == "Prepend":
+        doc["normalizer"] = None
+    elif not (_drop_space_prefix(normalizer) | _drop_space_prefix(doc.get("pre_tokenizer"))):
+        return tokenizer
+    return Tokenizer.from_str(json.dumps(doc))
+
+
 def _byte_token_ids(tokenizer) -> set[int]:
     """Ids of a byte-fallback vocabulary's ``<0xNN>`` tokens."""
     return {idx for token, idx in tokenizer.get_vocab(with_added_tokens=False).items() if _BYTE_TOKEN.fullmatch(token)}
@@ -114,10 +154,10 @@ class ByteTokenizer:
     """Lossless bytes <-> symbol ids on top of a ``tokenizers.Tokenizer``: byte-level BPE or byte fallback."""
 
     def __init__(self, tokenizer, vocab_size: int):
-        self._tok = tokenizer
+        self.byte_fallback = is_byte_fallback(tokenizer)
+        self._tok = without_space_prefix(tokenizer) if self.byte_fallback else tokenizer
         self._tok.encode_special_tokens = True  # "<|endoftext|>" in data is just text
         self.vocab_size = vocab_size
-        self.byte_fallback = is_byte_fallback(tokenizer)
         if self.byte_fallback:
             self._table = _byte_fallback_table(tokenizer, vocab_size)
         else:
