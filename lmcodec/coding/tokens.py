@@ -102,14 +102,13 @@ def _drop_space_prefix(doc: dict | None) -> bool:
     if kind == "Metaspace" and doc.get("prepend_scheme", "always") != "never":
         doc["prepend_scheme"], doc["add_prefix_space"] = "never", False
         return True
-    found = False
-    for key in ("normalizers", "pretokenizers"):
-        if kind == "Sequence" and key in doc:
-            kept = [d for d in doc[key] if d.get("type") != "Prepend"]
-            found = len(kept) < len(doc[key])
-            doc[key] = kept
-            found = any([_drop_space_prefix(d) for d in kept]) or found
-    return found
+    if kind != "Sequence":
+        return False
+    key = "normalizers" if "normalizers" in doc else "pretokenizers"
+    items = doc.get(key) or []
+    doc[key] = [d for d in items if d.get("type") != "Prepend"]
+    nested = [_drop_space_prefix(d) for d in doc[key]]
+    return len(doc[key]) < len(items) or any(nested)
 
 
 def without_space_prefix(tokenizer):
