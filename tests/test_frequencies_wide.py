@@ -149,3 +149,21 @@ def test_any_row_at_width_1025_is_exact_and_round_trips(kind, seed, spikes):
     tables = _check_row(row)
     rng = np.random.default_rng(seed)
     _round_trip(tables, [int(s) for s in rng.integers(0, ALPHABET, 5)] + [int(np.argmax(row))])
+
+
+def test_the_online_models_at_gemmas_alphabet_stay_in_bounds():
+    """Every online model on (mixer 127) at 262,400 symbols: the LM at its widest (every gap 0, so
+    sum p = 2^48), a token repeated so the n-grams and the match model predict it; each mixed row
+    stays under 2^38 and its tables are the Python-integer formulas', coded and read back."""
+    from lmcodec.coding.mixing import MixerConfig, StreamMixer
+
+    mixer = StreamMixer(MixerConfig(127), 1, ALPHABET)
+    gaps = torch.zeros((1, GEMMA_VOCAB), dtype=torch.int64)
+    gaps[0, 1:] = torch.from_numpy(np.random.default_rng(1).integers(0, 3, GEMMA_VOCAB - 1))
+    for step in range(12):
+        w = mixer.mix([0], gaps)
+        assert w.shape == (1, BUCKETS, WIDTH) and int(w.sum()) < 1 << 38 and int(w.min()) >= 0
+        if step in (0, 11):
+            tables = _check_row(w.reshape(-1).numpy())
+            _round_trip(tables, [7, ALPHABET - 1, GEMMA_VOCAB + 65])
+        mixer.update([7])
