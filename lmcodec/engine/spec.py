@@ -47,6 +47,17 @@ BUCKET_FLOOR = 256
 MIN_TOKEN_BITS = -math.log2(1.0 - (BUCKETS - 1) * BUCKET_FLOOR / TOTAL)
 
 
+#: The largest vocabulary the frequencies' bounds are proved for (docs/ENGINE.md, "Limits"):
+#: an escape then weighs at most 2^30, as a token does, and a bucket holds at most 65,537 symbols.
+MAX_VOCAB = 1 << 24
+
+
 def bucket_width(alphabet: int) -> int:
-    """Symbols per bucket of the coder's two stages: the alphabet padded to a multiple of 256."""
+    """Symbols per bucket of the coder's two stages: the alphabet padded to a multiple of 256.
+
+    Refuses a vocabulary (alphabet less the escapes) outside 1..MAX_VOCAB, where the
+    bounds that keep every product below 2^63 are not proved.
+    """
+    if not ESCAPES < alphabet <= MAX_VOCAB + ESCAPES:
+        raise ValueError(f"a vocabulary of {alphabet - ESCAPES} tokens is outside 1..{MAX_VOCAB}")
     return -(-alphabet // BUCKETS)

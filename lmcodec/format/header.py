@@ -82,7 +82,11 @@ F5_METHOD_SHIFT = 6     # short form: the one block's method (0 raw, 1 zstd, 2 L
 
 #: Registered models' ids in a v4 header (flag bit 2): an id is never reused.
 #: Every name of ``lmcodec.engine.models.REGISTRY`` has one (a test checks it).
-MODEL_IDS = {1: "smollm2-135m"}
+#: 2 is Gemma 3 270M's (``gemma3-270m``), allocated before its fingerprint can be
+#: pinned (the exact engine does not run Gemma yet): until MODEL_FINGERPRINTS holds
+#: it, its archives name it by name and 8 bytes of fingerprint, and an archive that
+#: uses id 2 was written by a newer lmcodec.
+MODEL_IDS = {1: "smollm2-135m", 2: "gemma3-270m"}
 _MODEL_ID_OF = {name: i for i, name in MODEL_IDS.items()}
 _NAMES_BY_ID = frozenset(name.encode() for name in _MODEL_ID_OF)
 #: v5: a registered id names exact weights, so it determines the model fingerprint
@@ -225,7 +229,8 @@ class Header:
     def _model_id(self) -> int | None:
         """The registered id this header's model is written by, or None (by name, or no model)."""
         model_id = _MODEL_ID_OF.get(self.model_name)
-        if model_id is None or self.model_fingerprint != MODEL_FINGERPRINTS[model_id][:MODEL_CHECK_BYTES]:
+        pinned = MODEL_FINGERPRINTS.get(model_id)
+        if pinned is None or self.model_fingerprint != pinned[:MODEL_CHECK_BYTES]:
             return None
         return model_id
 
@@ -383,7 +388,7 @@ class HeaderFields:
                 or (flags & F5_LAYOUT and (lanes, block_size) == (DEFAULT_LANES, DEFAULT_BLOCK_SIZE)) \
                 or (flags & F5_GENERAL and flags >> F5_METHOD_SHIFT) or flags >> F5_METHOD_SHIFT == 3 \
                 or (flags & F5_MODEL_NAME and name in _NAMES_BY_ID
-                    and mfp == MODEL_FINGERPRINTS[_MODEL_ID_OF[name.decode()]][:MODEL_CHECK_BYTES])
+                    and mfp == MODEL_FINGERPRINTS.get(_MODEL_ID_OF[name.decode()], b"")[:MODEL_CHECK_BYTES])
             flags = (FLAG_PROMPT if flags & F5_PROMPT else 0) | (FLAG_MODEL | FLAG_MODEL_ID if flags & F5_MODEL_ID
                                                                    else FLAG_MODEL if flags & F5_MODEL_NAME else 0)
         else:
@@ -414,6 +419,10 @@ class HeaderFields:
                     "(a newer lmcodec wrote it)")
             name = MODEL_IDS[model_id].encode("utf-8")
             if version >= 5:  # the id determines the fingerprint
+                if model_id not in MODEL_FINGERPRINTS:
+                    raise UnsupportedFormatError(
+                        f"archive names registered model #{model_id} ({MODEL_IDS[model_id]}) by its id, whose "
+                        "fingerprint this lmcodec does not pin yet (a newer lmcodec wrote it)")
                 mfp = MODEL_FINGERPRINTS[model_id][:MODEL_CHECK_BYTES]
         try:
             model_name = name.decode("utf-8")
