@@ -193,3 +193,17 @@ def test_engine_follows_the_float_model(gemma_dir, gemma):
     corr = [np.corrcoef(got[i], want[i])[0, 1] for i in range(1, len(ids))]
     assert min(corr) > 0.99, corr
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.8
+
+
+def test_codec_round_trip_through_the_decoder(gemma_dir):
+    """Compress with the parallel pass, decompress with the scheduled decoder's rows: the same bytes back,
+    through the engine's window, the local layers' window and moves of the prefix (16 trained positions)."""
+    from conftest import FAST
+
+    from lmcodec import Codec
+
+    text = (b"It was the best of times, it was the worst of times, it was the age of wisdom, "
+            b"it was the age of foolishness.\n") * 2
+    codec = Codec(gemma_dir, method="lm", **FAST)
+    blob = codec.compress(text)
+    assert Codec(gemma_dir, **FAST).decompress(blob) == text
