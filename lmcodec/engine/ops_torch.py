@@ -244,7 +244,9 @@ def attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c, window=None, lc: int | No
     # 20-bit halves of w keep every float64 sum below 2^53 (exact).
     acc = (torch.matmul((w >> 20).to(torch.float64), v).to(torch.int64) << 20) + torch.matmul(
         (w & ((1 << 20) - 1)).to(torch.float64), v).to(torch.int64)
-    den = 127 * total
+    # A real query always sees its own key (tot >= 2^16); only a padding column of a local layer
+    # (it reads slot 0, outside its window) finds none: it gets 0 and is discarded.
+    den = 127 * total.clamp(min=1)
     return torch.div(2 * acc + den, 2 * den, rounding_mode="floor").view(n_q, nh, hd)
 
 
