@@ -207,3 +207,28 @@ def test_codec_round_trip_through_the_decoder(gemma_dir):
     codec = Codec(gemma_dir, method="lm", **FAST)
     blob = codec.compress(text)
     assert Codec(gemma_dir, **FAST).decompress(blob) == text
+
+
+def test_dictionary_merge_keeps_gemma_gains_and_equals_reference(gemma):
+    """A dictionary's integer deltas merged into a Gemma model (adapter.merge) keep its q/k and post-norm
+    gains, equal reference_merge, and the adapted engine equals reference_run."""
+    from test_adapter import random_tensors
+
+    from lmcodec.dictionary.adapter import Adapter
+    from lmcodec.engine.reference import reference_merge
+
+    im, tok = gemma
+    t = random_tensors(im, 5)
+    for key in t.scale:
+        t.scale[key] //= 8
+    ad = Adapter.build(im.fingerprint, t)
+    merged = ad.apply(im)
+    ref = reference_merge(im, ad.tensors, merged.fingerprint)
+    for a, b, base in zip(merged.layers, ref.layers, im.layers, strict=True):
+        for name in ("q_gain", "k_gain", "post_attn_gain", "post_mlp_gain"):
+            assert torch.equal(getattr(a, name), getattr(base, name)) and torch.equal(getattr(b, name), getattr(base, name))
+    prefix = [tok.start_token]
+    inputs = _seq(im, 12, 8)
+    lam, exp = _reference(ref, prefix, inputs, CONTEXT)
+    got = _pass(Engine(merged, "cpu"), prefix, inputs, CONTEXT)
+    assert np.array_equal(got[1], exp) and np.array_equal(got[0], lam)
