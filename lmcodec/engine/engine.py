@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 from contextlib import contextmanager
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 
@@ -253,7 +254,6 @@ class Engine:
 
     def _fraction(self, theta: float):
         """A RoPE base as the exact rational the tables take (the model's own for rope_theta)."""
-        from fractions import Fraction
         return self.model.rope_theta if theta == self.arch.rope_theta else Fraction(theta)
 
     def reserve_positions(self, n: int) -> None:
