@@ -220,10 +220,9 @@ def attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c, window=None, lc: int | No
     nkv, slots = kt.shape[1], kt.shape[3]
     group = nh // nkv
     dev = q16.device
-    k = kt[crow].to(torch.float64)                                   # [N, nkv, hd, S]
     q = q16.view(n_q, nkv, group, hd).to(torch.float64)
     # |s| < 2^31: exact in float64 on every device (CUDA has no int64 GEMM).
-    s = torch.matmul(q, k).to(torch.int64)                           # [N, nkv, G, S]
+    s = _per_row(q, kt, crow).to(torch.int64)                        # [N, nkv, G, S]
     z = s * kmax[crow].to(torch.int64)[:, :, None, :]
     j = torch.arange(slots, device=dev)
     valid = (j[None, :] < a[:, None]) | ((j[None, :] >= b[:, None]) & (j[None, :] < c[:, None]))
@@ -240,14 +239,36 @@ def attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c, window=None, lc: int | No
     p = torch.where(valid & (u < ATT_U_CAP), p, torch.zeros_like(p))
     total = p.sum(dim=-1, keepdim=True)
     w = p * vmax[crow].to(torch.int64)[:, :, None, :]                 # < 2^40
-    v = vc[crow].to(torch.float64)                                    # [N, nkv, S, hd]
     # 20-bit halves of w keep every float64 sum below 2^53 (exact).
-    acc = (torch.matmul((w >> 20).to(torch.float64), v).to(torch.int64) << 20) + torch.matmul(
-        (w & ((1 << 20) - 1)).to(torch.float64), v).to(torch.int64)
+    acc = (_per_row((w >> 20).to(torch.float64), vc, crow).to(torch.int64) << 20) + _per_row(
+        (w & ((1 << 20) - 1)).to(torch.float64), vc, crow).to(torch.int64)
     # A real query always sees its own key (tot >= 2^16); only a padding column of a local layer
     # (it reads slot 0, outside its window) finds none: it gets 0 and is discarded.
     den = 127 * total.clamp(min=1)
     return torch.div(2 * acc + den, 2 * den, rounding_mode="floor").view(n_q, nh, hd)
+
+
+def _per_row(x: torch.Tensor, cache: torch.Tensor, crow: torch.Tensor) -> torch.Tensor:
+    """``x[n] @ cache[crow[n]]`` as float64: x [N, nkv, G, A], cache [rows, nkv, A, B] -> [N, nkv, G, B].
+
+    Every entry is one exact sum (integers below 2^53), so how the queries are grouped changes
+    nothing.  On a CPU, queries that come in runs of one cache row (a segment's parallel pass)
+    take one GEMM per run against that row's keys or values, converted once, instead of a
+    gathered copy of the row per query; elsewhere (no host sync: CUDA graphs) and for one query
+    per row (a decoding step), the gathered copy.
+    """
+    if crow.device.type == "cpu" and len(crow) > 1:
+        rows, counts = torch.unique_consecutive(crow, return_counts=True)
+        if len(rows) < len(crow):
+            n_kv, group, inner = x.shape[1], x.shape[2], x.shape[3]
+            out, i = [], 0
+            for row, n in zip(rows.tolist(), counts.tolist()):
+                xs = x[i:i + n].permute(1, 0, 2, 3).reshape(n_kv, n * group, inner)
+                y = torch.matmul(xs, cache[row].to(torch.float64))                 # [nkv, n G, B]
+                out.append(y.view(n_kv, n, group, -1).permute(1, 0, 2, 3))
+                i += n
+            return torch.cat(out)
+    return torch.matmul(x, cache[crow].to(torch.float64))
 
 
 def gaps(y: torch.Tensor, mult: torch.Tensor, exp: torch.Tensor) -> torch.Tensor:
