@@ -63,6 +63,31 @@ def make_tiny_llama(d, loaded_model, *, max_positions: int = 512, seed: int = 0)
     return d
 
 
+def make_tiny_gemma(d, loaded_model, *, max_positions: int = 512, seed: int = 0, window: int = 8):
+    """Save a 3-layer random Gemma 3 (local, local, global; sliding window ``window``; head dim 32,
+    4 query heads, 1 KV head) sharing SmolLM2's tokenizer in ``d``.  Its RMSNorm weights are
+    drawn at random too (HF initializes them to 0, i.e. gains of exactly 1)."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
+
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(vocab_size=loaded_model.arch.vocab_size, hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+                           query_pre_attn_scalar=24, sliding_window=window,
+                           layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                           rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}},
+                           max_position_embeddings=max_positions, tie_word_embeddings=True)
+    model = Gemma3ForCausalLM(cfg)
+    with torch.no_grad():
+        for name, w in model.named_parameters():
+            if name.endswith("norm.weight"):
+                w.normal_(0.0, 0.5)
+    model.save_pretrained(d)
+    PreTrainedTokenizerFast(tokenizer_object=loaded_model.tokenizer).save_pretrained(d)
+    return d
+
+
 def load_tiny(d):
     """(integer model, tokenizer) of a model directory made by :func:`make_tiny_llama`."""
     from lmcodec.engine.quantize import load_int_model

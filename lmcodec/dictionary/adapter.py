@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..engine.quantize import IntLayer, IntLinear, IntModel
+from ..engine.quantize import IntLinear, IntModel
 from ..errors import DictionaryError
 
 MAGIC = b"LMCD"
@@ -346,9 +346,8 @@ def merge(model: IntModel, t: AdapterTensors, fingerprint: bytes) -> IntModel:
     layers = []
     for i, layer in enumerate(model.layers):
         lins = {n: _merge_linear(getattr(layer, n), f"{i}.{n}", t) for n in LINEARS}
-        layers.append(IntLayer(_merge_gain(layer.attn_gain, f"{i}.attn_gain", t), layer.attn_gain_shift,
-                               lins["qkv"], lins["o"],
-                               _merge_gain(layer.mlp_gain, f"{i}.mlp_gain", t), layer.mlp_gain_shift,
-                               lins["gate_up"], lins["down"]))
+        # replace keeps every other field (Gemma 3's q/k and post-norm gains) as it was.
+        layers.append(replace(layer, attn_gain=_merge_gain(layer.attn_gain, f"{i}.attn_gain", t),
+                              mlp_gain=_merge_gain(layer.mlp_gain, f"{i}.mlp_gain", t), **lins))
     return replace(model, layers=layers, final_gain=_merge_gain(model.final_gain, "final_gain", t),
                    fingerprint=fingerprint)

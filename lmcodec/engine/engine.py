@@ -29,11 +29,12 @@ from __future__ import annotations
 import functools
 from contextlib import contextmanager
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 
 from ..errors import UsageError
-from . import fixedmath, ops_torch
+from . import fixedmath, gemma, ops_torch
 from .quantize import IntModel
 from .spec import ACT_FRAC, MAX_HEAD_DIM, RESID_FRAC, bucket_width
 
@@ -165,6 +166,9 @@ class KVCache:
     kmax: list[torch.Tensor]
     v: list[torch.Tensor]
     vmax: list[torch.Tensor]
+    #: Position of the key in each slot, int64 [rows, slots]: kept only for models with local
+    #: (sliding-window) layers, whose queries select keys by position (None otherwise).
+    pos: torch.Tensor | None = None
 
     @classmethod
     def empty(cls, model: IntModel, rows: int, slots: int, device) -> "KVCache":
@@ -173,7 +177,8 @@ class KVCache:
         k = [torch.zeros((rows, n, hd, slots), dtype=torch.int8, device=device) for _ in range(a.num_layers)]
         v = [torch.zeros((rows, n, slots, hd), dtype=torch.int8, device=device) for _ in range(a.num_layers)]
         mag = lambda: [torch.zeros((rows, n, slots), dtype=torch.int32, device=device) for _ in range(a.num_layers)]
-        return cls(k, mag(), v, mag())
+        pos = torch.zeros((rows, slots), dtype=torch.int64, device=device) if a.sliding_window else None
+        return cls(k, mag(), v, mag(), pos)
 
     def copy_rows(self, src: "KVCache", n_slots: int, rows=None) -> None:
         """Rows ``rows`` of self (default: all) take row 0 of ``src`` in slots [0, n_slots) (the shared prefix)."""
@@ -183,6 +188,8 @@ class KVCache:
             self.kmax[layer][at, ..., :n_slots] = src.kmax[layer][:1, ..., :n_slots]
             self.v[layer][at, :, :n_slots] = src.v[layer][:1, :, :n_slots]
             self.vmax[layer][at, ..., :n_slots] = src.vmax[layer][:1, ..., :n_slots]
+        if self.pos is not None:
+            self.pos[at, :n_slots] = src.pos[:1, :n_slots]
 
     def move_slots(self, src: slice, dst: int) -> None:
         """Copy slots ``src`` to start at slot ``dst`` (sliding a window down)."""
@@ -192,6 +199,8 @@ class KVCache:
             self.kmax[layer][..., dst:dst + n] = self.kmax[layer][..., src].clone()
             self.v[layer][:, :, dst:dst + n] = self.v[layer][:, :, src].clone()
             self.vmax[layer][..., dst:dst + n] = self.vmax[layer][..., src].clone()
+        if self.pos is not None:
+            self.pos[..., dst:dst + n] = self.pos[..., src].clone()
 
 
 def kv_bytes(model_arch, rows: int, slots: int) -> int:
@@ -212,15 +221,26 @@ class Engine:
         self.arch = model.arch
         self.ops = ops or backend(self.device)
         a = self.arch
+        if gemma.needs_torch_ops(a):
+            # Gemma 3's norms, GELU and local layers exist only as ops_torch steps (gemma.py):
+            # the numba, fused and Triton kernels compute a Llama layer and must never run it.
+            if ops is not None and ops is not ops_torch:
+                raise UsageError(f"{a.model_type} runs on the ops_torch steps only, not {ops.__name__}")
+            self.ops = ops_torch
         if a.num_heads % a.num_kv_heads or a.head_dim % 2 or a.head_dim > MAX_HEAD_DIM:
             raise UsageError(f"unsupported attention shape (head dim {a.head_dim}: even, at most {MAX_HEAD_DIM})")
         self.q_size = a.num_heads * a.head_dim
         self.kv_size = a.num_kv_heads * a.head_dim
-        self._sigmoid = torch.as_tensor(fixedmath.sigmoid_table(), device=self.device)
+        self._sigmoid = torch.as_tensor(gemma.activation_table(a), device=self.device)
+        self._embed_scale = gemma.embed_scale(a)
         # RoPE: cos/sin of every offset in a block of 64 positions, and of each block's start
         # (grown as positions are reached): a position's row combines the two on the device.
-        self._rope_lo = torch.as_tensor(fixedmath.rope_offsets(model.rope_theta, a.head_dim), device=self.device)
-        self._rope_hi = torch.zeros((2, 0, a.head_dim // 2), dtype=torch.int64, device=self.device)
+        # One pair per RoPE base (Gemma 3's local layers have their own).
+        self._thetas = sorted({a.layer_theta(i) for i in range(a.num_layers)} | {a.rope_theta})
+        self._rope_lo = {th: torch.as_tensor(fixedmath.rope_offsets(self._fraction(th), a.head_dim),
+                                             device=self.device) for th in self._thetas}
+        self._rope_hi = {th: torch.zeros((2, 0, a.head_dim // 2), dtype=torch.int64, device=self.device)
+                         for th in self._thetas}
         # eps in the units of rows shifted right by s: eps * 2^(2 (16 - s)) = eps_q32 / 4^s.
         eps = [(model.eps_q32 + (1 << (2 * s - 1))) >> (2 * s) if s else model.eps_q32 for s in range(64)]
         self._eps = torch.tensor(eps, dtype=torch.int64, device=self.device)
@@ -232,19 +252,25 @@ class Engine:
     def fingerprint(self) -> bytes:
         return self.model.fingerprint
 
+    def _fraction(self, theta: float):
+        """A RoPE base as the exact rational the tables take (the model's own for rope_theta)."""
+        return self.model.rope_theta if theta == self.arch.rope_theta else Fraction(theta)
+
     def reserve_positions(self, n: int) -> None:
         """Make positions [0, n) usable (RoPE block rows, added ROPE_RANGE positions at a time).
         Host work; a static-shape step calls it once, before capture."""
-        have = self._rope_hi.shape[1]
-        need = -(-n // fixedmath.ROPE_BLOCK)
-        if need <= have:
-            return
-        per = ROPE_RANGE // fixedmath.ROPE_BLOCK
-        need = -(-need // per) * per
-        rows = fixedmath.rope_block_starts(self.model.rope_theta, self.arch.head_dim, have, need - have)
-        self._rope_hi = torch.cat([self._rope_hi, torch.as_tensor(rows, device=self.device)], dim=1)
+        for th in self._thetas:
+            have = self._rope_hi[th].shape[1]
+            need = -(-n // fixedmath.ROPE_BLOCK)
+            if need <= have:
+                continue
+            per = ROPE_RANGE // fixedmath.ROPE_BLOCK
+            need = -(-need // per) * per
+            rows = fixedmath.rope_block_starts(self._fraction(th), self.arch.head_dim, have, need - have)
+            self._rope_hi[th] = torch.cat([self._rope_hi[th], torch.as_tensor(rows, device=self.device)], dim=1)
 
-    def _rope_tables(self, positions: torch.Tensor, bound: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope_tables(self, positions: torch.Tensor, bound: int | None = None,
+                     theta: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin rows of ``positions`` (any shape: [T], or per row [B, T]) -> [..., hd/2].
 
         Each row combines its block's and its offset's rows (fixedmath.rope_combine: the
@@ -253,15 +279,18 @@ class Engine:
         on the host (a sync when they live on a GPU).
         """
         self.reserve_positions(bound if bound is not None else int(positions.max()) + 1)
+        th = self.arch.rope_theta if theta is None else theta
         p = positions.to(self.device)
         block = torch.div(p, fixedmath.ROPE_BLOCK, rounding_mode="floor")
-        hi, lo = self._rope_hi[:, block], self._rope_lo[:, p - block * fixedmath.ROPE_BLOCK]
+        hi, lo = self._rope_hi[th][:, block], self._rope_lo[th][:, p - block * fixedmath.ROPE_BLOCK]
         return fixedmath.rope_combine(hi[0], hi[1], lo[0], lo[1])
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Residual rows of tokens: the int8 embedding row times its scale, at 16 fractional bits."""
         e = self.model.embed
         rows = e.weight[ids].to(torch.int64) * e.mult[ids].unsqueeze(-1)
+        if self._embed_scale is not None:  # Gemma: times sqrt(H) at 16 fractional bits
+            return ops_torch.round_shift(rows * self._embed_scale, e.shift)
         return ops_torch.round_shift(rows, e.shift - RESID_FRAC)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor,
@@ -294,6 +323,15 @@ class Engine:
         else:  # the ops take per-row values flattened, row b T + t: [B*T] slots, [B*T, hd/2] RoPE rows
             ka, kb, kc = (r.to(dev).reshape(B * T) for r in key_ranges)
             slots, cos, sin = slots.reshape(B * T), cos.reshape(B * T, -1), sin.reshape(B * T, -1)
+        if gemma.needs_torch_ops(a):
+            shared = positions.dim() == 1
+            pos = positions.to(dev).expand(B, T).reshape(B * T)
+            if cache.pos is not None:
+                cache.pos[crow, slots.repeat(B) if shared else slots] = pos
+            rope = {th: (cos, sin) if th == a.rope_theta else self._rope_flat(positions, bound, th, B, shared)
+                    for th in self._thetas}
+            gemma.forward_layers(self, int_mm, x, rope, B, T, pos, cache, slots, crow, ka, kb, kc)
+            return ops_torch.norm(x, self.model.final_gain, self.model.final_gain_shift, self._eps)
         fused = getattr(ops, "forward_rows", None)
         if fused is not None and B * T <= ops.FUSED_ROWS:  # a step's few rows: one kernel per layer
             if slots.dim() == 1:
@@ -312,6 +350,11 @@ class Engine:
             a16, sa = ops.mlp(int_mm(h, lin.weight), lin.mult, lin.shift, e, self._sigmoid)
             ops.residual_add(x, int_mm(a16, layer.down.weight), layer.down.mult, layer.down.shift, sa - 2 * ACT_FRAC)
         return ops.norm(x, self.model.final_gain, self.model.final_gain_shift, self._eps)
+
+    def _rope_flat(self, positions: torch.Tensor, bound: int | None, theta: float, B: int, shared: bool):
+        """RoPE rows of base ``theta`` in the ops' layout: [T, hd/2] shared, or [B*T, hd/2] per row."""
+        cos, sin = self._rope_tables(positions, bound, theta)
+        return (cos, sin) if shared else (cos.reshape(B * positions.shape[1], -1), sin.reshape(B * positions.shape[1], -1))
 
     def weights(self, h16: torch.Tensor, exp: torch.Tensor, alphabet: int) -> torch.Tensor:
         """Integer weights of every coding symbol for hidden rows: [N, 256, width] int64 (frequencies.py)."""

@@ -270,3 +270,30 @@ def rope_tables(rope_theta: Fraction, head_dim: int, positions: int,
     ca, sa = hi[0, p // ROPE_BLOCK - a0], hi[1, p // ROPE_BLOCK - a0]
     cb, sb = lo[0, p % ROPE_BLOCK], lo[1, p % ROPE_BLOCK]
     return rope_combine(ca, sa, cb, sb)
+
+
+#: GELU's (tanh form) gate: the same grid and value bits as the logistic table.
+GELU_C = Fraction(44715, 1000000)
+
+
+@lru_cache(maxsize=None)
+def gelu_gate_table() -> np.ndarray:
+    """``P[i] = round(2^16 * (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) / 2)`` for x = (i - 16384) / 1024,
+    i in [0, 32768]: int64.  GELU (tanh form) is ``x * P(x)``, as SiLU is ``x * sigmoid(x)``.
+
+    ``(1 + tanh u) / 2 = 1 / (1 + e^(-2u))``; u is odd in x, so ``P(-x) = 2^16 - P(x)``.
+    sqrt(2/pi) and u at 100 fractional bits (integer square root of ``2^(2w+1) / pi``).
+    """
+    n = SIGMOID_RANGE << SIGMOID_STEP_BITS
+    w = WORK_BITS
+    one = 1 << w
+    k = isqrt_int((2 << (2 * w)) * one // pi(w))     # sqrt(2/pi) at w fractional bits
+    pos = []
+    for j in range(n + 1):
+        x = Fraction(j, 1 << SIGMOID_STEP_BITS)
+        inner = x + GELU_C * x * x * x                  # exact rational
+        u2 = 2 * k * inner.numerator // inner.denominator  # 2u at w fractional bits (floor)
+        pos.append(_div(1 << SIGMOID_VALUE_BITS, one + exp_fixed(-u2), w))
+    full = 1 << SIGMOID_VALUE_BITS
+    neg = [full - v for v in reversed(pos[1:])]
+    return np.array(neg + pos, dtype=np.int64)

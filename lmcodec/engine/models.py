@@ -75,7 +75,7 @@ REGISTRY: dict[str, Registered] = {
 #: ``python -m benchmarks.models`` from a committed benchmark results file, never by hand.
 MEASURED_FILE = Path(__file__).with_name("measured.json")
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "mistral")
+SUPPORTED_ARCHS = ("llama", "qwen2", "mistral", "gemma3_text")
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,25 @@ class ArchConfig:
     rope_theta: float
     tie_word_embeddings: bool
     max_position_embeddings: int
+    # Gemma 3's additions (docs/ENGINE.md, "Gemma 3"); the defaults are a Llama's, and
+    # quantize.arch_dict leaves a field out of the fingerprint while it holds its default.
+    hidden_act: str = "silu"                 # "silu" or "gelu_pytorch_tanh": the MLP's gate
+    embed_scale: bool = False                # embeddings times sqrt(hidden_size)
+    norm_plus_one: bool = False              # RMSNorm gains are 1 + w
+    qk_norm: bool = False                    # per-head RMSNorm of q and k before RoPE
+    post_norms: bool = False                 # RMSNorm of the attention and MLP outputs
+    query_pre_attn_scalar: int = 0           # attention scale scalar^-1/2 (0: head_dim)
+    sliding_window: int = 0                  # keys a local layer's query sees (0: no local layers)
+    layer_types: tuple = ()                  # "sliding_attention" / "full_attention" per layer
+    rope_local_theta: float = 0.0            # local layers' RoPE base
+
+    def is_local(self, layer: int) -> bool:
+        """Whether ``layer`` attends to the last ``sliding_window`` positions only."""
+        return bool(self.layer_types) and self.layer_types[layer] == "sliding_attention"
+
+    def layer_theta(self, layer: int) -> float:
+        """The RoPE base of ``layer``."""
+        return self.rope_local_theta if self.is_local(layer) else self.rope_theta
 
     @classmethod
     def from_hf(cls, cfg) -> "ArchConfig":
@@ -103,12 +122,17 @@ class ArchConfig:
                 f"(supported: {', '.join(SUPPORTED_ARCHS)})"
             )
         rope = getattr(cfg, "rope_parameters", None) or {}
+        extra = {}
+        if cfg.model_type == "gemma3_text":
+            extra = _gemma3_fields(cfg)
+            rope = rope.get("full_attention", rope)
         rope_type = rope.get("rope_type", "default")
         if rope_type != "default":
             raise ModelError(f"RoPE scaling {rope_type!r} is not supported")
         theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
         heads = cfg.num_attention_heads
         return cls(
+            **extra,
             model_type=cfg.model_type,
             vocab_size=cfg.vocab_size,
             hidden_size=cfg.hidden_size,
@@ -122,6 +146,26 @@ class ArchConfig:
             tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
             max_position_embeddings=int(getattr(cfg, "max_position_embeddings", 2048)),
         )
+
+
+def _gemma3_fields(cfg) -> dict:
+    """ArchConfig's Gemma 3 fields from a ``Gemma3TextConfig``; refuses what the engine does not compute."""
+    for name in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if getattr(cfg, name, None) is not None:
+            raise ModelError(f"Gemma 3 with {name} is not supported")
+    if getattr(cfg, "use_bidirectional_attention", False):
+        raise ModelError("bidirectional attention is not supported")
+    act = getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", "gelu_pytorch_tanh")
+    if act != "gelu_pytorch_tanh":
+        raise ModelError(f"activation {act!r} is not supported")
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    local = rope.get("sliding_attention", {})
+    if local.get("rope_type", "default") != "default":
+        raise ModelError(f"RoPE scaling {local['rope_type']!r} is not supported")
+    local_theta = local.get("rope_theta", getattr(cfg, "rope_local_base_freq", 10000.0))
+    return dict(hidden_act=act, embed_scale=True, norm_plus_one=True, qk_norm=True, post_norms=True,
+                query_pre_attn_scalar=int(cfg.query_pre_attn_scalar), sliding_window=int(cfg.sliding_window),
+                layer_types=tuple(cfg.layer_types), rope_local_theta=float(local_theta))
 
 
 @dataclass
@@ -334,7 +378,9 @@ def load(model: str | os.PathLike | None = None) -> LoadedModel:
     from tokenizers import Tokenizer
 
     try:
-        arch = ArchConfig(**json.loads((target / "arch.json").read_text()))
+        fields = json.loads((target / "arch.json").read_text())
+        fields["layer_types"] = tuple(fields.get("layer_types", ()))
+        arch = ArchConfig(**fields)
         tokenizer = Tokenizer.from_file(str(target / "tokenizer.json"))
     except Exception as exc:
         raise ModelError(f"model cache {target} is unreadable ({exc}); delete it and retry") from exc

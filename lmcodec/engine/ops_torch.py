@@ -117,6 +117,19 @@ def norm(x: torch.Tensor, gain: torch.Tensor, gain_shift: int, eps: torch.Tensor
     return h.to(torch.int16), s2 - RSQRT_BITS - gain_shift
 
 
+def norm16(x: torch.Tensor, gain: torch.Tensor, gain_shift: int, eps: torch.Tensor, limit: int) -> torch.Tensor:
+    """Gemma's RMSNorms whose result is no product's operand (q and k per head, the outputs of
+    attention and MLP): the RMSNorm's ``t = xs G r`` at 16 fractional bits, clamped to +-limit."""
+    k = x.shape[-1]
+    s = (bit_length(x.abs().amax(dim=-1, keepdim=True)) - 15).clamp(min=0)
+    xs = round_shift(x, s)
+    d = ((xs * xs).sum(dim=-1, keepdim=True) + k * eps[s]).clamp(min=1)
+    t = xs * gain * isqrt(torch.div(k << (2 * RSQRT_BITS), d, rounding_mode="floor"))
+    c = RSQRT_BITS + gain_shift - RESID_FRAC
+    out = round_shift(t, c) if c >= 0 else t.clamp(-RESID_LIMIT, RESID_LIMIT) << min(-c, 20)
+    return out.clamp(-limit, limit)
+
+
 def operand(x: torch.Tensor, limit: int = ACT_MAX):
     """int64 rows -> (int16 rows, shift): the least power-of-two shift that fits ``limit``."""
     h, s = fit_rows(x, limit)
@@ -148,11 +161,13 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return torch.cat([r1, r2], dim=-1).clamp(-QKV_LIMIT, QKV_LIMIT)
 
 
-def qkv(y, mult, shift, bias, exp, cos, sin, B, T, nh, nkv, hd, kt, kmax, vc, vmax, slots):
+def qkv(y, mult, shift, bias, exp, cos, sin, B, T, nh, nkv, hd, kt, kmax, vc, vmax, slots, qk_norm=None):
     """q/k/v from the qkv product: RoPE, the int8 cache write, the int16 queries.
 
     ``slots`` [T] (every row writes the same slots) or [B*T] (row ``b T + t`` its own);
     ``cos``/``sin`` [T, hd/2] or [B*T, hd/2] likewise (ops_triton.qkv's contract).
+    ``qk_norm`` (Gemma 3): ``(q gain, shift, k gain, shift, eps)``, the per-head :func:`norm16`
+    of q and k before RoPE.
     """
     if slots.shape[0] == B * T != T:
         slots, cos, sin = slots.view(B, T), cos.view(B, T, -1), sin.view(B, T, -1)
@@ -161,8 +176,12 @@ def qkv(y, mult, shift, bias, exp, cos, sin, B, T, nh, nkv, hd, kt, kmax, vc, vm
         v = v + bias
     v = v.clamp(-QKV_LIMIT, QKV_LIMIT)
     q, k, val = v.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
-    q = rope(q.reshape(B, T, nh, hd), cos, sin)
-    k = rope(k.reshape(B, T, nkv, hd), cos, sin)
+    q, k = q.reshape(B, T, nh, hd), k.reshape(B, T, nkv, hd)
+    if qk_norm is not None:
+        qg, qs, kg, ks, eps = qk_norm
+        q, k = norm16(q, qg, qs, eps, QKV_LIMIT), norm16(k, kg, ks, eps, QKV_LIMIT)
+    q = rope(q, cos, sin)
+    k = rope(k, cos, sin)
     k8, km = quantize_kv(k)                                  # [B, T, nkv, hd]
     v8, vm = quantize_kv(val.reshape(B, T, nkv, hd))
     if slots.dim() == 1:
@@ -190,35 +209,66 @@ def mlp(y, mult, shift, exp, sigmoid):
     return operand(silu * u)
 
 
-def attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c) -> torch.Tensor:
-    """Exact attention (docs/ENGINE.md) with tensor operations; memory O(N * slots)."""
+def attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c, window=None, lc: int | None = None) -> torch.Tensor:
+    """Exact attention (docs/ENGINE.md) with tensor operations; memory O(N * slots).
+
+    ``window`` (a local layer, Gemma 3): ``(key positions [rows, slots], lowest position [N])``:
+    query n sees only the slots of its key set whose key stands at ``lowest[n]`` or later.
+    ``lc``: the scores' base-2 constant (default: that of 1/sqrt(head dim)).
+    """
     n_q, nh, hd = q16.shape
     nkv, slots = kt.shape[1], kt.shape[3]
     group = nh // nkv
     dev = q16.device
-    k = kt[crow].to(torch.float64)                                   # [N, nkv, hd, S]
     q = q16.view(n_q, nkv, group, hd).to(torch.float64)
     # |s| < 2^31: exact in float64 on every device (CUDA has no int64 GEMM).
-    s = torch.matmul(q, k).to(torch.int64)                           # [N, nkv, G, S]
+    s = _per_row(q, kt, crow).to(torch.int64)                        # [N, nkv, G, S]
     z = s * kmax[crow].to(torch.int64)[:, :, None, :]
     j = torch.arange(slots, device=dev)
     valid = (j[None, :] < a[:, None]) | ((j[None, :] >= b[:, None]) & (j[None, :] < c[:, None]))
+    if window is not None:
+        kpos, lowest = window
+        valid = valid & (kpos[crow] >= lowest[:, None])
     valid = valid[:, None, None, :]
     low = _constants(dev)["low"]
     zmax = torch.where(valid, z, low).amax(dim=-1, keepdim=True)
     d = ((zmax - z) >> (ATT_PRESHIFT - qe).view(n_q, nkv, group, 1)).clamp(max=ATT_D_CAP)
-    u = ((d * fixedmath.att_log2e(hd)) >> ATT_SHIFT).clamp(max=ATT_U_CAP)
+    u = ((d * (lc or fixedmath.att_log2e(hd))) >> ATT_SHIFT).clamp(max=ATT_U_CAP)
     table = _constants(dev)["exp2"]
     p = table[u & 1023] >> ((u >> 10) + ATT_P_SHIFT)
     p = torch.where(valid & (u < ATT_U_CAP), p, torch.zeros_like(p))
     total = p.sum(dim=-1, keepdim=True)
     w = p * vmax[crow].to(torch.int64)[:, :, None, :]                 # < 2^40
-    v = vc[crow].to(torch.float64)                                    # [N, nkv, S, hd]
     # 20-bit halves of w keep every float64 sum below 2^53 (exact).
-    acc = (torch.matmul((w >> 20).to(torch.float64), v).to(torch.int64) << 20) + torch.matmul(
-        (w & ((1 << 20) - 1)).to(torch.float64), v).to(torch.int64)
-    den = 127 * total
+    acc = (_per_row((w >> 20).to(torch.float64), vc, crow).to(torch.int64) << 20) + _per_row(
+        (w & ((1 << 20) - 1)).to(torch.float64), vc, crow).to(torch.int64)
+    # A real query always sees its own key (tot >= 2^16); only a padding column of a local layer
+    # (it reads slot 0, outside its window) finds none: it gets 0 and is discarded.
+    den = 127 * total.clamp(min=1)
     return torch.div(2 * acc + den, 2 * den, rounding_mode="floor").view(n_q, nh, hd)
+
+
+def _per_row(x: torch.Tensor, cache: torch.Tensor, crow: torch.Tensor) -> torch.Tensor:
+    """``x[n] @ cache[crow[n]]`` as float64: x [N, nkv, G, A], cache [rows, nkv, A, B] -> [N, nkv, G, B].
+
+    Every entry is one exact sum (integers below 2^53), so how the queries are grouped changes
+    nothing.  On a CPU, queries that come in runs of one cache row (a segment's parallel pass)
+    take one GEMM per run against that row's keys or values, converted once, instead of a
+    gathered copy of the row per query; elsewhere (no host sync: CUDA graphs) and for one query
+    per row (a decoding step), the gathered copy.
+    """
+    if crow.device.type == "cpu" and len(crow) > 1:
+        rows, counts = torch.unique_consecutive(crow, return_counts=True)
+        if len(rows) < len(crow):
+            n_kv, group, inner = x.shape[1], x.shape[2], x.shape[3]
+            out, i = [], 0
+            for row, n in zip(rows.tolist(), counts.tolist()):
+                xs = x[i:i + n].permute(1, 0, 2, 3).reshape(n_kv, n * group, inner)
+                y = torch.matmul(xs, cache[row].to(torch.float64))                 # [nkv, n G, B]
+                out.append(y.view(n_kv, n, group, -1).permute(1, 0, 2, 3))
+                i += n
+            return torch.cat(out)
+    return torch.matmul(x, cache[crow].to(torch.float64))
 
 
 def gaps(y: torch.Tensor, mult: torch.Tensor, exp: torch.Tensor) -> torch.Tensor:

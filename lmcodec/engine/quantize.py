@@ -25,7 +25,7 @@ import hashlib
 import json
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from fractions import Fraction
 from pathlib import Path
 
@@ -147,6 +147,31 @@ class IntLayer:
     mlp_gain_shift: int
     gate_up: IntLinear
     down: IntLinear
+    # Gemma 3 (ArchConfig.qk_norm, post_norms): per-head gains of q and k, and the gains of
+    # the norms after attention and after the MLP; (None, 0) for a Llama.
+    q_gain: torch.Tensor | None = None
+    q_gain_shift: int = 0
+    k_gain: torch.Tensor | None = None
+    k_gain_shift: int = 0
+    post_attn_gain: torch.Tensor | None = None
+    post_attn_gain_shift: int = 0
+    post_mlp_gain: torch.Tensor | None = None
+    post_mlp_gain_shift: int = 0
+
+    def to(self, device: str) -> "IntLayer":
+        """A copy with every tensor on ``device``."""
+        def mv(v):
+            if isinstance(v, IntLinear):
+                return IntLinear(v.weight.to(device), v.mult.to(device), v.shift,
+                                 None if v.bias is None else v.bias.to(device))
+            return v.to(device) if isinstance(v, torch.Tensor) else v
+        return IntLayer(**{f.name: mv(getattr(self, f.name)) for f in fields(self)})
+
+
+#: The optional IntLayer gains by quantized-array name and (Gemma 3) HF weight name.
+GEMMA_GAINS = (("q_gain", "self_attn.q_norm.weight"), ("k_gain", "self_attn.k_norm.weight"),
+               ("post_attn_gain", "post_attention_layernorm.weight"),
+               ("post_mlp_gain", "post_feedforward_layernorm.weight"))
 
 
 @dataclass
@@ -168,9 +193,7 @@ class IntModel:
         def mv(lin: IntLinear) -> IntLinear:
             return IntLinear(lin.weight.to(device), lin.mult.to(device), lin.shift,
                              None if lin.bias is None else lin.bias.to(device))
-        layers = [IntLayer(l.attn_gain.to(device), l.attn_gain_shift, mv(l.qkv), mv(l.o),
-                           l.mlp_gain.to(device), l.mlp_gain_shift, mv(l.gate_up), mv(l.down))
-                  for l in self.layers]
+        layers = [l.to(device) for l in self.layers]
         head = mv(self.head)
         embed = head if self.embed is self.head else mv(self.embed)
         return IntModel(self.arch, layers, self.final_gain.to(device), self.final_gain_shift, head, embed,
@@ -191,6 +214,8 @@ def _tensors(model: LoadedModel) -> tuple[dict[str, np.ndarray], dict[str, int]]
             arrays[name + ".bias"] = to_fixed(np.concatenate(biases), BIAS_FRAC)
 
     def gain(name: str, g: np.ndarray) -> None:
+        if a.norm_plus_one:  # Gemma's RMSNorm scales by 1 + w: the float32 sum, as HF computes it
+            g = np.float32(1.0) + g.astype(np.float32)
         arrays[name], shifts[name] = quantize_gain(g)
 
     for i in range(a.num_layers):
@@ -200,7 +225,12 @@ def _tensors(model: LoadedModel) -> tuple[dict[str, np.ndarray], dict[str, int]]
         linear(f"{i}.qkv", [w[p + f"self_attn.{n}_proj.weight"] for n in "qkv"],
                qkv_b if all(b is not None for b in qkv_b) else None)
         linear(f"{i}.o", [w[p + "self_attn.o_proj.weight"]])
-        gain(f"{i}.mlp_gain", w[p + "post_attention_layernorm.weight"])
+        if a.post_norms:  # Gemma: post_attention_layernorm follows attention; the MLP's pre-norm is its own
+            for name, hf in GEMMA_GAINS:
+                gain(f"{i}.{name}", w[p + hf])
+            gain(f"{i}.mlp_gain", w[p + "pre_feedforward_layernorm.weight"])
+        else:
+            gain(f"{i}.mlp_gain", w[p + "post_attention_layernorm.weight"])
         linear(f"{i}.gate_up", [w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]])
         linear(f"{i}.down", [w[p + "mlp.down_proj.weight"]])
     gain("final_gain", w["model.norm.weight"])
@@ -210,12 +240,28 @@ def _tensors(model: LoadedModel) -> tuple[dict[str, np.ndarray], dict[str, int]]
     return arrays, shifts
 
 
+def arch_dict(arch: ArchConfig) -> dict:
+    """The shape as the fingerprint hashes it: a field added after ``lmcodec-int-1``'s first models
+    (Gemma 3's) only where it differs from its default, so a Llama's fingerprint stays what it was."""
+    out = asdict(arch)
+    for f in fields(arch):
+        if f.name in _ADDED_FIELDS and out[f.name] == f.default:
+            del out[f.name]
+    if "layer_types" in out:
+        out["layer_types"] = list(out["layer_types"])
+    return out
+
+
+_ADDED_FIELDS = ("hidden_act", "embed_scale", "norm_plus_one", "qk_norm", "post_norms", "query_pre_attn_scalar",
+                 "sliding_window", "layer_types", "rope_local_theta")
+
+
 def fingerprint(arch: ArchConfig, arrays: dict[str, np.ndarray], shifts: dict[str, int],
                 eps_q32: int, tokenizer_fingerprint: bytes) -> bytes:
     """BLAKE2b-128 of what decoding depends on (see the module docstring)."""
     h = hashlib.blake2b(digest_size=16, person=b"lmcodec-engine")
     h.update(SPEC_VERSION.encode() + b"\0")
-    h.update(json.dumps(asdict(arch), sort_keys=True).encode() + b"\0")
+    h.update(json.dumps(arch_dict(arch), sort_keys=True).encode() + b"\0")
     h.update(json.dumps(shifts, sort_keys=True).encode() + b"\0")
     h.update(str(eps_q32).encode() + b"\0")
     for name in sorted(arrays):
@@ -226,6 +272,11 @@ def fingerprint(arch: ArchConfig, arrays: dict[str, np.ndarray], shifts: dict[st
     h.update(fixedmath.sigmoid_table().tobytes())
     cos, sin = fixedmath.rope_tables(Fraction(arch.rope_theta), arch.head_dim, 1024)
     h.update(cos.tobytes() + sin.tobytes())
+    if arch.hidden_act != "silu":
+        h.update(fixedmath.gelu_gate_table().tobytes())
+    if arch.rope_local_theta:
+        cos, sin = fixedmath.rope_tables(Fraction(arch.rope_local_theta), arch.head_dim, 1024)
+        h.update(cos.tobytes() + sin.tobytes())
     h.update(tokenizer_fingerprint)
     return h.digest()
 
@@ -235,8 +286,15 @@ def _assemble(arch: ArchConfig, arrays: dict[str, torch.Tensor], shifts: dict[st
     def lin(name: str) -> IntLinear:
         return IntLinear(arrays[name + ".weight"], arrays[name + ".mult"], shifts[name], arrays.get(name + ".bias"))
 
+    def extra(i: int) -> dict:
+        out = {}
+        for name, _ in GEMMA_GAINS if arch.post_norms else ():
+            out[name], out[name + "_shift"] = arrays[f"{i}.{name}"], shifts[f"{i}.{name}"]
+        return out
+
     layers = [IntLayer(arrays[f"{i}.attn_gain"], shifts[f"{i}.attn_gain"], lin(f"{i}.qkv"), lin(f"{i}.o"),
-                       arrays[f"{i}.mlp_gain"], shifts[f"{i}.mlp_gain"], lin(f"{i}.gate_up"), lin(f"{i}.down"))
+                       arrays[f"{i}.mlp_gain"], shifts[f"{i}.mlp_gain"], lin(f"{i}.gate_up"), lin(f"{i}.down"),
+                       **extra(i))
               for i in range(arch.num_layers)]
     head = lin("head")
     embed = head if arch.tie_word_embeddings else lin("embed")

@@ -14,6 +14,7 @@ int64 once.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 
@@ -22,6 +23,7 @@ from .spec import ESCAPES
 
 EXP2 = fixedmath.exp2_table()           # int64 [1024], EXP2[0] = 2^30
 SIG = fixedmath.sigmoid_table()         # int64 [32769]
+GELU = fixedmath.gelu_gate_table()      # int64 [32769]
 
 
 def _log2e_constants() -> tuple[int, int]:
@@ -94,6 +96,25 @@ def rmsnorm(x: np.ndarray, gain: np.ndarray, gs: int, eps_q32: int) -> tuple[np.
     s2 = fit(absmax(t), 32639)
     h = rshift(t, s2)
     return h, s2 - 24 - gs
+
+
+def norm16(x: np.ndarray, gain: np.ndarray, gs: int, eps_q32: int, limit: int) -> np.ndarray:
+    """Gemma's RMSNorms whose result is not a product's operand (q and k per head, the outputs of
+    attention and MLP): the RMSNorm's t = xs G r at 16 fractional bits, clamped to +-limit."""
+    k = len(x)
+    s = max(0, bitlen(absmax(x)) - 15)
+    xs = rshift(x, s)
+    d = max(1, int((xs * xs).sum()) + k * rshift(eps_q32, 2 * s))
+    t = xs * gain * math.isqrt((k << 48) // d)
+    c = 24 + gs - 16
+    out = rshift(t, c) if c >= 0 else clamp(t, 1 << 40) << min(-c, 20)
+    return clamp(out, limit)
+
+
+def gelu_gate(g: np.ndarray) -> np.ndarray:
+    """GELU (tanh form) of gate values at 16 fractional bits, from the integer table (as SiLU's)."""
+    i_ = clamp(rshift(g, 6), 16384)
+    return rshift(g * GELU[i_ + 16384], 16)
 
 
 class _Linear:
@@ -205,20 +226,35 @@ def reference_run(model, ids: list[int], prefix_len: int, context: int,
     # separate run of the prefix tokens alone, positions base .. base + prefix_len - 1.
     runs = [(0, ids, n)] + [(d, ids[:prefix_len], prefix_len) for d in bases]
     top = max(d + m for d, _, m in runs)
-    cos, sin = fixedmath.rope_tables(model.rope_theta, hd, top)
+    tables = {th: fixedmath.rope_tables(Fraction(th), hd, top) for th in {a.layer_theta(i) for i in range(a.num_layers)}}
     eps = int(model.eps_q32)
+    if a.query_pre_attn_scalar:
+        lc = _att_constant(a.query_pre_attn_scalar)
+    act_table = GELU if a.hidden_act == "gelu_pytorch_tanh" else SIG
+    # Gemma: embeddings times sqrt(H), taken as isqrt(H 2^32) (16 fractional bits).
+    scale = math.isqrt(a.hidden_size << 32) if a.embed_scale else None
 
-    # Embedding: x = rshift(q_t * mult_t, shift_head - 16).
+    # Embedding: x = rshift(q_t * mult_t, shift_head - 16) (Gemma: rshift(q_t * mult_t * scale, shift_head)).
     emb = model.embed
     def embed(tokens: list[int]) -> list[np.ndarray]:
         out = []
         for t in tokens:
             row = emb.weight[t].numpy().astype(np.int64) * int(emb.mult[t])
-            out.append(rshift(row, int(emb.shift) - 16))
+            if scale is None:
+                out.append(rshift(row, int(emb.shift) - 16) if int(emb.shift) >= 16 else row << (16 - int(emb.shift)))
+            else:
+                out.append(rshift(row * scale, int(emb.shift)) if int(emb.shift) >= 0 else row * scale << -int(emb.shift))
         return out
     xs = {d: embed(toks) for d, toks, _ in runs}
 
-    for layer in model.layers:
+    for li, layer in enumerate(model.layers):
+        cos, sin = tables[a.layer_theta(li)]
+        window = a.sliding_window if a.is_local(li) else None
+        qk_norm = a.qk_norm
+        if qk_norm:
+            qg, kg = (getattr(layer, n).numpy().astype(np.int64) for n in ("q_gain", "k_gain"))
+        if a.post_norms:
+            pag, pmg = (getattr(layer, n).numpy().astype(np.int64) for n in ("post_attn_gain", "post_mlp_gain"))
         qkv, o = _Linear(layer.qkv), _Linear(layer.o)
         gate_up, down = _Linear(layer.gate_up), _Linear(layer.down)
         attn_gain = layer.attn_gain.numpy().astype(np.int64)
@@ -237,32 +273,47 @@ def reference_run(model, ids: list[int], prefix_len: int, context: int,
                 q_all = qkv_out[: nh * hd]
                 k_all = qkv_out[nh * hd: (nh + nkv) * hd]
                 v_all = qkv_out[(nh + nkv) * hd: (nh + 2 * nkv) * hd]
-                cache_k.append([quantize_cache(rope(k_all[j * hd:(j + 1) * hd], cos[p], sin[p])) for j in range(nkv)])
+                def head_k(j: int) -> np.ndarray:
+                    vec = k_all[j * hd:(j + 1) * hd]
+                    return norm16(vec, kg, layer.k_gain_shift, eps, QKV_LIMIT) if qk_norm else vec
+                cache_k.append([quantize_cache(rope(head_k(j), cos[p], sin[p])) for j in range(nkv)])
                 cache_v.append([quantize_cache(v_all[j * hd:(j + 1) * hd]) for j in range(nkv)])
                 if d:                                        # a moved prefix: causal among its own tokens
-                    keys = [(cache_k[j], cache_v[j]) for j in range(i + 1)]
+                    keys = [(cache_k[j], cache_v[j], d + j) for j in range(i + 1)]
                 else:
-                    sk, sv = caches[sink_at(i, prefix_len, trained)]
-                    keys = [((sk if j < prefix_len else cache_k)[j], (sv if j < prefix_len else cache_v)[j])
+                    base = sink_at(i, prefix_len, trained)
+                    sk, sv = caches[base]
+                    keys = [(sk[j], sv[j], base + j) if j < prefix_len else (cache_k[j], cache_v[j], j)
                             for j in key_positions(i, prefix_len, context)]
+                if window is not None:                       # a local layer: the last `window` positions only
+                    keys = [key for key in keys if key[2] > p - window]
                 heads = []
                 for qh in range(nh):
                     kvh = qh // group
-                    q = rope(q_all[qh * hd:(qh + 1) * hd], cos[p], sin[p])
-                    heads.append(attend(q, [k[kvh] for k, _ in keys], [v[kvh] for _, v in keys], lc))
+                    q = q_all[qh * hd:(qh + 1) * hd]
+                    if qk_norm:
+                        q = norm16(q, qg, layer.q_gain_shift, eps, QKV_LIMIT)
+                    q = rope(q, cos[p], sin[p])
+                    heads.append(attend(q, [k[kvh] for k, _, _ in keys], [v[kvh] for _, v, _ in keys], lc))
                 att = np.concatenate(heads)
                 s = fit(absmax(att), 32639)
-                x = clamp(x + o.product(rshift(att, s), s - 16, 16), RESIDUAL_LIMIT)
+                y = o.product(rshift(att, s), s - 16, 16)
+                if a.post_norms:
+                    y = norm16(clamp(y, RESIDUAL_LIMIT), pag, layer.post_attn_gain_shift, eps, RESIDUAL_LIMIT)
+                x = clamp(x + y, RESIDUAL_LIMIT)
                 # MLP block.
                 h, e = rmsnorm(x, mlp_gain, layer.mlp_gain_shift, eps)
                 gu = clamp(gate_up.product(h, e, 16), GATE_UP_LIMIT)
                 g, u = gu[: a.intermediate_size], gu[a.intermediate_size:]
                 i_ = clamp(rshift(g, 6), 16384)
-                silu = rshift(g * SIG[i_ + 16384], 16)
+                silu = rshift(g * act_table[i_ + 16384], 16)
                 act = silu * u
                 assert absmax(act) < (1 << 52)
                 s = fit(absmax(act), 32639)
-                x = clamp(x + down.product(rshift(act, s), s - 32, 16), RESIDUAL_LIMIT)
+                y = down.product(rshift(act, s), s - 32, 16)
+                if a.post_norms:
+                    y = norm16(clamp(y, RESIDUAL_LIMIT), pmg, layer.post_mlp_gain_shift, eps, RESIDUAL_LIMIT)
+                x = clamp(x + y, RESIDUAL_LIMIT)
                 xs[d][i] = x
     xs = xs[0]
 
@@ -357,8 +408,6 @@ def reference_merge(model, tensors, fingerprint: bytes):
 
     import torch
 
-    from .quantize import IntLayer
-
     def gain(g, key):
         if key not in tensors.gain:
             return g
@@ -369,7 +418,6 @@ def reference_merge(model, tensors, fingerprint: bytes):
     for i, layer in enumerate(model.layers):
         lin = {n: _merged_linear(getattr(layer, n), f"{i}.{n}", tensors.lora, tensors.scale, tensors.bias)
                for n in ("qkv", "o", "gate_up", "down")}
-        layers.append(IntLayer(gain(layer.attn_gain, f"{i}.attn_gain"), layer.attn_gain_shift, lin["qkv"], lin["o"],
-                               gain(layer.mlp_gain, f"{i}.mlp_gain"), layer.mlp_gain_shift,
-                               lin["gate_up"], lin["down"]))
+        layers.append(replace(layer, attn_gain=gain(layer.attn_gain, f"{i}.attn_gain"),
+                              mlp_gain=gain(layer.mlp_gain, f"{i}.mlp_gain"), **lin))
     return replace(model, layers=layers, final_gain=gain(model.final_gain, "final_gain"), fingerprint=fingerprint)

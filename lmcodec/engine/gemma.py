@@ -1,0 +1,82 @@
+"""Gemma 3's layers in the exact engine (docs/ENGINE.md, "Gemma 3").
+
+A Gemma 3 layer is a Llama layer with more norms and a local attention: q and
+k are RMS-normalized per head before RoPE, the outputs of attention and of the
+MLP are RMS-normalized before they join the residual stream, the MLP's gate is
+GELU (tanh form) from an integer table, and the "sliding" layers see only the
+last ``sliding_window`` positions, with their own RoPE base.  Every step is
+:mod:`lmcodec.engine.ops_torch`'s (tensor operations, any device): the numba
+kernels, the fused CPU step and the Triton kernels compute a Llama layer only,
+so :class:`lmcodec.engine.engine.Engine` runs a Gemma model on these steps
+alone (:func:`needs_torch_ops`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import fixedmath, ops_torch
+from .models import ArchConfig
+from .spec import ACT_FRAC, RESID_LIMIT
+
+
+def needs_torch_ops(arch: ArchConfig) -> bool:
+    """Whether ``arch`` has any part only :mod:`ops_torch` computes (any Gemma 3 feature)."""
+    return (arch.hidden_act != "silu" or arch.embed_scale or arch.qk_norm or arch.post_norms
+            or bool(arch.sliding_window) or bool(arch.query_pre_attn_scalar))
+
+
+def embed_scale(arch: ArchConfig) -> int | None:
+    """sqrt(hidden_size) at 16 fractional bits, floor (``isqrt(H 2^32)``); None: no scale."""
+    return fixedmath.isqrt_int(arch.hidden_size << 32) if arch.embed_scale else None
+
+
+def activation_table(arch: ArchConfig):
+    """The MLP gate's table: the logistic (SiLU) or GELU's tanh gate, both ``x * T[x]``."""
+    return fixedmath.gelu_gate_table() if arch.hidden_act == "gelu_pytorch_tanh" else fixedmath.sigmoid_table()
+
+
+def attention_constant(arch: ArchConfig) -> int:
+    """Scores -> base-2 exponent with the scale query_pre_attn_scalar^-1/2 (head_dim^-1/2 without it)."""
+    return fixedmath.att_log2e(arch.query_pre_attn_scalar or arch.head_dim)
+
+
+def forward_layers(engine, mm, x: torch.Tensor, rope: dict, B: int, T: int, positions: torch.Tensor,
+                   cache, slots: torch.Tensor, crow: torch.Tensor, ka, kb, kc) -> None:
+    """Run every layer on residual rows ``x`` [B*T, H] in place (``mm``: the engine's exact int8 product).
+
+    ``rope``: RoPE base -> (cos, sin) rows of the queries; ``positions`` [B*T] (flattened
+    per query) bound the local layers' windows: query at p sees keys at positions > p - W.
+    """
+    a, ops, eps = engine.arch, ops_torch, engine._eps
+    nh, nkv, hd = a.num_heads, a.num_kv_heads, a.head_dim
+    lc = attention_constant(a)
+    lowest = positions - a.sliding_window + 1 if a.sliding_window else None
+    for li, layer in enumerate(engine.model.layers):
+        cos, sin = rope[a.layer_theta(li)]
+        h, e = ops.norm(x, layer.attn_gain, layer.attn_gain_shift, eps)
+        lin = layer.qkv
+        qk = (layer.q_gain, layer.q_gain_shift, layer.k_gain, layer.k_gain_shift, eps) if a.qk_norm else None
+        q16, qe = ops.qkv(mm(h, lin.weight), lin.mult, lin.shift, lin.bias, e, cos, sin, B, T, nh, nkv, hd,
+                          cache.k[li], cache.kmax[li], cache.v[li], cache.vmax[li], slots, qk)
+        window = (cache.pos, lowest) if a.is_local(li) else None
+        o = ops.attend(q16, qe, cache.k[li], cache.kmax[li], cache.v[li], cache.vmax[li], crow, ka, kb, kc,
+                       window, lc)
+        o16, so = ops.operand(o.reshape(B * T, nh * hd))
+        _add(engine, mm, x, o16, so - ACT_FRAC, layer.o, layer.post_attn_gain, layer.post_attn_gain_shift)
+        h, e = ops.norm(x, layer.mlp_gain, layer.mlp_gain_shift, eps)
+        lin = layer.gate_up
+        a16, sa = ops.mlp(mm(h, lin.weight), lin.mult, lin.shift, e, engine._sigmoid)
+        _add(engine, mm, x, a16, sa - 2 * ACT_FRAC, layer.down, layer.post_mlp_gain, layer.post_mlp_gain_shift)
+
+
+def _add(engine, mm, x: torch.Tensor, h16: torch.Tensor, exp: torch.Tensor, lin, gain, gain_shift: int) -> None:
+    """x += the product of an operand with ``lin``, RMS-normalized with ``gain`` first when there is one."""
+    y = ops_torch.combine(mm(h16, lin.weight))
+    if gain is None:
+        x.copy_((x + ops_torch.requant(y, lin.mult, lin.shift, exp, ACT_FRAC)).clamp(-RESID_LIMIT, RESID_LIMIT))
+        return
+    y = ops_torch.requant(y, lin.mult, lin.shift, exp, ACT_FRAC).clamp(-RESID_LIMIT, RESID_LIMIT)
+    y = ops_torch.norm16(y, gain, gain_shift, engine._eps, RESID_LIMIT)
+    x.copy_((x + y).clamp(-RESID_LIMIT, RESID_LIMIT))
+
