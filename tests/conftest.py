@@ -135,3 +135,32 @@ def guessed_passes(run, vocab: int, passes: int, seed: int) -> list:
         out.append((run.h[used].cpu().clone(), run.e[used].cpu().clone()))
         run.skip(np.arange(rows), rng.integers(0, k + 1))
     return out
+
+
+def rows_by_plan(engine, run, seqs: list, plan: list, steps: int, rng=None) -> dict:
+    """Drive a RowStep/GraphStep by ``plan`` [(sequence, row, first step)]: each sequence is fed
+    token by token in its row from its first step on, rows idle otherwise (fed ``rng``'s random
+    tokens, or 0 without one: no query reads what they write).  Returns per sequence the
+    logits (lam rows, exps) of every prediction its row made, in order."""
+    got = {s: ([], []) for s in range(len(seqs))}
+    where = {}                                   # row -> (sequence, tokens fed)
+    for step in range(steps):
+        for s, row, first in plan:
+            if first == step:
+                run.start([row])
+                where[row] = (s, 0)
+        feed = (rng.integers(0, engine.arch.vocab_size, run.rows) if rng is not None
+                else np.zeros(run.rows, dtype=np.int64))
+        live = np.zeros(run.rows, dtype=bool)
+        lg = engine.logits(run.h, run.e)
+        for row, (s, k) in list(where.items()):
+            got[s][0].append(lg.lam[row].numpy())
+            got[s][1].append(int(lg.exp[row]))
+            feed[row], live[row] = seqs[s][k], True
+            if k + 1 == len(seqs[s]):
+                del where[row]
+            else:
+                where[row] = (s, k + 1)
+        run.advance(feed, live)
+    assert not where, "the plan's steps end before its sequences"
+    return got

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import load_tiny, make_tiny_gemma
+from conftest import load_tiny, make_tiny_gemma, rows_by_plan
 
 from lmcodec.coding import runner, steps
 from lmcodec.engine import fixedmath, ops_cpu, ops_torch
@@ -120,29 +120,10 @@ def test_rows_at_their_own_positions_past_trained_positions_equal_reference(gemm
     seqs = [np.array(_seq(im, n, 10 + n)) for n in (26, 9, 13)]
     plan = [(0, 0, 0), (1, 1, 2), (2, 1, 12)]
     engine = Engine(im, "cpu")
-    got = {s: ([], []) for s in range(len(seqs))}
     with torch.inference_mode():
         pre = runner.prefill(engine, prefix)
         run = steps.RowStep(engine, pre, 2, context, max(len(s) for s in seqs))
-        where = {}
-        for step in range(27):
-            for s, row, first in plan:
-                if first == step:
-                    run.start([row])
-                    where[row] = (s, 0)
-            feed = np.zeros(2, dtype=np.int64)
-            live = np.zeros(2, dtype=bool)
-            lg = engine.logits(run.h, run.e)
-            for row, (s, k) in list(where.items()):
-                got[s][0].append(lg.lam[row].numpy())
-                got[s][1].append(int(lg.exp[row]))
-                feed[row], live[row] = seqs[s][k], True
-                if k + 1 == len(seqs[s]):
-                    del where[row]
-                else:
-                    where[row] = (s, k + 1)
-            run.advance(feed, live)
-    assert not where
+        got = rows_by_plan(engine, run, seqs, plan, 27)
     for s, seq in enumerate(seqs):
         lam, exp = _reference(im, prefix, seq.tolist(), context, trained=TRAINED)
         assert np.array_equal(np.array(got[s][1]), exp), f"sequence {s}"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import load_tiny, make_tiny_llama
+from conftest import load_tiny, make_tiny_llama, rows_by_plan
 
 from lmcodec.coding import runner, steps
 from lmcodec.engine import ops_torch
@@ -46,30 +46,10 @@ def test_rows_started_at_different_steps_and_refilled_equal_reference(short, ops
     # row 2 idles for five steps, row 1 for two.
     plan = [(0, 0, 0), (1, 1, 2), (2, 2, 5), (3, 1, 11)]
     engine = Engine(im, "cpu", ops=None if ops == "cpu" else ops_torch)
-    got = {s: ([], []) for s in range(len(seqs))}
     with torch.inference_mode():
         pre = runner.prefill(engine, prefix)
         run = getattr(steps, step)(engine, pre, 3, CONTEXT, max(len(s) for s in seqs))
-        where = {}                                   # row -> (sequence, tokens fed)
-        for step in range(30):
-            for s, row, first in plan:
-                if first == step:
-                    run.start([row])
-                    where[row] = (s, 0)
-            feed = rng.integers(0, im.arch.vocab_size, 3)   # idle rows: any token
-            live = np.zeros(3, dtype=bool)
-            lg = engine.logits(run.h, run.e)
-            for row, (s, k) in list(where.items()):
-                got[s][0].append(lg.lam[row].numpy())
-                got[s][1].append(int(lg.exp[row]))
-                feed[row] = seqs[s][k]
-                live[row] = True
-                if k + 1 == len(seqs[s]):
-                    del where[row]
-                else:
-                    where[row] = (s, k + 1)
-            run.advance(feed, live)
-    assert not where
+        got = rows_by_plan(engine, run, seqs, plan, 30, rng)   # idle rows fed random tokens
     for s, seq in enumerate(seqs):
         lam, exp = reference_logits(im, prefix, seq)
         assert np.array_equal(np.stack(got[s][0]), lam), f"sequence {s}"
