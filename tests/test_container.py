@@ -46,7 +46,7 @@ from lmcodec.format.container import (
     stream_groups,
     stream_tokens,
 )
-from lmcodec.format.header import MIXER_MASK
+from lmcodec.format.header import MIXER_MASK, MODEL_IDS
 from lmcodec.format.reader import Reader
 
 DEFAULT_FP = MODEL_FINGERPRINTS[1][:8]
@@ -63,7 +63,7 @@ def headers(draw):
     if draw(st.booleans()):
         name = draw(st.one_of(st.just("smollm2-135m"), st.just("gemma3-270m"),
                               st.text(max_size=40).filter(lambda n: len(n.encode()) <= 255)))
-        fp = draw(st.one_of(st.just(DEFAULT_FP), st.binary(min_size=8, max_size=8)))
+        fp = draw(st.one_of(st.just(DEFAULT_FP), st.just(MODEL_FINGERPRINTS[2][:8]), st.binary(min_size=8, max_size=8)))
         if not name and not any(fp):  # that names no model: a stored-only header, drawn below
             fp = b"\x01" + fp[1:]
         model = dict(model_name=name, model_fingerprint=fp, tokenizer_fingerprint=b"")
@@ -226,13 +226,14 @@ def v5_fields(flags: int, level: int, mixer: int, values: tuple[int, int, int, i
 def v5_header(header: Header, method: int | None) -> bytes:
     """What an encoder writes for ``header`` (``method`` None: the general form, with its CRC)."""
     named = bool(header.model_name) or any(header.model_fingerprint)
-    registered = named and header.model_name == "smollm2-135m" and header.model_fingerprint == DEFAULT_FP
+    model_id = {name: i for i, name in MODEL_IDS.items()}.get(header.model_name, 0)
+    registered = named and model_id and header.model_fingerprint == MODEL_FINGERPRINTS[model_id][:8]
     layout = (header.lanes, header.block_size) != (64, 4 << 20)
     flags = (header.has_prompt | 2 * bool(header.dict_id) | 4 * registered | 8 * (named and not registered)
              | 16 * layout | (32 if method is None else method << 6))
     body = v5_fields(flags, header.level, header.mixer,
                      (header.context, header.segment_tokens, header.lanes, header.block_size),
-                     header.model_name.encode(), 1, header.model_fingerprint, header.dict_id, header.prompt_check)
+                     header.model_name.encode(), model_id, header.model_fingerprint, header.dict_id, header.prompt_check)
     return body + (struct.pack("<I", zlib.crc32(body)) if method is None else b"")
 
 
@@ -254,7 +255,8 @@ def test_header_layout(header):
     size = 5 + (1 + len(ref_varint(header.context)) + len(ref_varint(header.segment_tokens))) * (header.level == 0)
     if (header.lanes, header.block_size) != (64, 4 << 20):
         size += len(ref_varint(header.lanes)) + len(ref_varint(header.block_size))
-    if header.model_name == "smollm2-135m" and header.model_fingerprint == DEFAULT_FP:
+    pinned = {MODEL_IDS[i]: fp[:8] for i, fp in MODEL_FINGERPRINTS.items()}
+    if pinned.get(header.model_name) == header.model_fingerprint:
         size += 1
     elif header.model_name or any(header.model_fingerprint):
         size += 9 + len(header.model_name.encode())
@@ -896,7 +898,7 @@ def test_v5_header_fields_parse_in_range_or_fail_cleanly(flags, level, mixer, va
     try:  # the header alone (the block after it is a raw one, whatever the method bits say)
         h = Reader(io.BytesIO(blob), len(blob), prescan=False).header()
     except UnsupportedFormatError as exc:
-        assert flags & 4 and model_id != 1 and "registered model" in str(exc)
+        assert flags & 4 and model_id not in MODEL_FINGERPRINTS and "registered model" in str(exc)
     except ArchiveError as exc:
         assert "\n" not in str(exc)
         if level and level <= 9:
@@ -917,7 +919,7 @@ def test_v5_header_fields_parse_in_range_or_fail_cleanly(flags, level, mixer, va
             assert (h.context, h.segment_tokens, h.mixer) == (context, seg, mixer)
         assert h.prompt_check == (pcheck if flags & 1 else bytes(4)) and h.dict_id == (dict_id if flags & 2 else b"")
         if flags & 4:
-            assert (h.model_name, h.model_fingerprint) == ("smollm2-135m", DEFAULT_FP)
+            assert (h.model_name, h.model_fingerprint) == (MODEL_IDS[model_id], MODEL_FINGERPRINTS[model_id][:8])
         else:
             assert h.model_fingerprint == (fp if flags & 8 else b"")
         if version == VERSION:

@@ -7,6 +7,7 @@ of hiding one (``sys.modules[name] = None``) makes it absent for the process.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import sys
@@ -16,7 +17,7 @@ from click.testing import CliRunner
 
 from lmcodec.cli.main import main
 from lmcodec.engine import models
-from lmcodec.errors import ModelError, UnsupportedFormatError
+from lmcodec.errors import CorruptArchiveError, ModelError
 from lmcodec.format.container import (
     LEVELS,
     MODEL_FINGERPRINTS,
@@ -58,7 +59,7 @@ def _gemma_header(**kw) -> Header:
 
 
 def _gemma_archive() -> bytes:
-    """A v6 archive whose one LM block names Gemma by name and fingerprint (its id has none pinned yet)."""
+    """A v6 archive whose one LM block names Gemma by name and another fingerprint (other weights)."""
     raw = b"The weights decide; the archive only names them.\n"
     block = Block.build(Method.LM, raw, [bytes(16)], segment_layout(12, LEVELS[6].segment_tokens))
     return pack_short(_gemma_header(), block, raw)
@@ -71,27 +72,45 @@ def test_gemma_is_registered_with_its_terms_and_an_id():
     assert MODEL_IDS[2] == NAME
 
 
-def test_gemmas_archives_name_it_until_its_fingerprint_is_pinned():
-    """Without a pinned fingerprint the header names Gemma by name and 8 bytes; with one, by id 2."""
+def _short(head: bytes) -> bytes:
+    """A short-form archive of ``head`` (method bits 0) with an empty raw block and its check."""
+    check = hashlib.blake2b(head, digest_size=4, person=b"lmcodec-v5").digest()
+    return head + b"\x00" + check
+
+
+#: Gemma's pinned fingerprint, and a level-6 v6 header of it as docs/FORMAT.md lays it out: magic,
+#: version, flags, level, then the model by id (flag 4) or by name and 8 bytes (flag 8).
+PINNED = MODEL_FINGERPRINTS[2][:8]
+BY_ID = b"\x89L" + bytes([6, 4, 6, 2])
+BY_NAME = b"\x89L" + bytes([6, 8, 6, len(NAME)]) + NAME.encode() + PINNED
+
+
+def test_gemmas_archives_name_it_by_its_id_and_pinned_fingerprint():
+    """Gemma's fingerprint is pinned: a header of those weights stores id 2 alone, and reads back whole."""
+    header = _gemma_header(model_fingerprint=PINNED)
+    assert header.fields(Method.RAW) == BY_ID
+    back = Reader(io.BytesIO(_short(BY_ID)), len(_short(BY_ID))).header()
+    assert (back.model_name, back.model_fingerprint) == (NAME, PINNED)
+
+
+def test_other_gemma_weights_are_named_with_their_own_fingerprint():
+    """Another release of the package (other weights): the name and its own 8 bytes, as for any model."""
     header = _gemma_header()
-    fields = header.fields(Method.LM)
-    if 2 in MODEL_FINGERPRINTS:
-        pytest.skip("Gemma's fingerprint is pinned: its archives use id 2")
-    assert NAME.encode() + header.model_fingerprint in fields
+    assert NAME.encode() + header.model_fingerprint in header.fields(Method.LM)
     back = Reader(io.BytesIO(_gemma_archive()), len(_gemma_archive())).header()
     assert (back.model_name, back.model_fingerprint) == (NAME, header.model_fingerprint)
 
 
-def test_an_archive_with_gemmas_id_is_refused_while_no_fingerprint_is_pinned():
-    if 2 in MODEL_FINGERPRINTS:
-        pytest.skip("Gemma's fingerprint is pinned")
-    smol = Header("smollm2-135m", MODEL_FINGERPRINTS[1][:8], b"", bytes(4), False, 2048, 8192, 64, 4 << 20,
-                  level=6, mixer=LEVELS[6].mixer)
-    blob = bytearray(pack_short(smol, None, b""))
-    assert blob[5] == 1                  # magic 2, version, flags, level, then the model id
-    blob[5] = 2
-    with pytest.raises(UnsupportedFormatError, match="#2 .gemma3-270m. by its id.*newer lmcodec"):
-        Reader(io.BytesIO(bytes(blob)), len(blob)).header()
+def test_an_archive_written_before_the_pinning_still_reads():
+    """The release that registered Gemma named it by name and 8 bytes of this fingerprint (no id had
+    one yet). That second encoding of the same model stays readable; writing it again gives the id."""
+    back = Reader(io.BytesIO(_short(BY_NAME)), len(_short(BY_NAME))).header()
+    assert (back.model_name, back.model_fingerprint) == (NAME, PINNED)
+    assert back.fields(Method.RAW) == BY_ID
+    # SmolLM2's id was pinned from the start: its name with its pinned bytes is a header no encoder wrote.
+    smol = b"\x89L" + bytes([6, 8, 6, 12]) + b"smollm2-135m" + MODEL_FINGERPRINTS[1][:8]
+    with pytest.raises(CorruptArchiveError, match="invalid parameters"):
+        Reader(io.BytesIO(_short(smol)), len(_short(smol))).header()
 
 
 def _one_line_error(result) -> str:

