@@ -64,12 +64,21 @@ def test_arch_is_read_from_the_config(gemma):
     assert all(layer.q_gain is not None and layer.post_mlp_gain is not None for layer in im.layers)
 
 
-def test_engine_runs_gemma_on_the_tensor_steps_only(gemma):
-    """The numba, fused and Triton kernels compute a Llama layer: a Gemma model never reaches them."""
+def test_engine_runs_gemma_on_the_steps_that_compute_it(gemma):
+    """numba's steps and the tensor steps compute Gemma's forms; the fused step runs only Llama layers
+    (Engine.forward never reaches it for Gemma), and the Triton kernels are refused: on CUDA, tensor steps."""
+    from lmcodec.engine import gemma as gemma_steps
+    from lmcodec.engine import ops_triton
+
     im, _ = gemma
-    assert Engine(im, "cpu").ops is ops_torch
-    with pytest.raises(UsageError):
-        Engine(im, "cpu", ops=ops_cpu)
+    assert Engine(im, "cpu").ops is ops_cpu and Engine(im, "cpu", ops=ops_torch).ops is ops_torch
+    assert gemma_steps.steps_for(ops_triton) is ops_torch
+    with pytest.raises(UsageError, match="ops_triton"):
+        Engine(im, "cpu", ops=ops_triton)
+
+
+#: Both backends that run Gemma on a CPU: numba's steps (the default) and the tensor steps.
+BACKENDS = pytest.mark.parametrize("ops", [ops_cpu, ops_torch], ids=["numba", "tensor"])
 
 
 def test_gelu_table_matches_the_function():
@@ -81,22 +90,28 @@ def test_gelu_table_matches_the_function():
     assert table[16384] == 32768 and table[-1] == 65536 and table[0] == 0
 
 
-def test_parallel_pass_equals_reference_across_the_window(gemma, monkeypatch):
+@BACKENDS
+def test_parallel_pass_equals_reference_across_the_window(gemma, monkeypatch, ops):
+    """One pass and passes in chunks; on numba the global layer's queries also take the integer GEMMs."""
+    from lmcodec.engine import attend_gemm
+
+    monkeypatch.setattr(attend_gemm, "MIN_QUERIES", 4)
     im, tok = gemma
     prefix = [tok.start_token, 11, 12]
     inputs = _seq(im, 20, 1)
     lam, exp = _reference(im, prefix, inputs, CONTEXT)
     for chunk in (None, 4):
-        got = _pass(Engine(im, "cpu"), prefix, inputs, CONTEXT, chunk, monkeypatch)
+        got = _pass(Engine(im, "cpu", ops=ops), prefix, inputs, CONTEXT, chunk, monkeypatch)
         assert np.array_equal(got[1], exp) and np.array_equal(got[0], lam), f"chunk {chunk}"
 
 
-def test_steps_in_a_batch_equal_reference(gemma):
+@BACKENDS
+def test_steps_in_a_batch_equal_reference(gemma, ops):
     im, tok = gemma
     prefix = [tok.start_token, 11, 12]
     inputs = _seq(im, 20, 2)
     lam, exp = _reference(im, prefix, inputs, CONTEXT)
-    engine = Engine(im, "cpu")
+    engine = Engine(im, "cpu", ops=ops)
     rng = np.random.default_rng(5)
     got_lam, got_exp = [], []
     with torch.inference_mode():
@@ -112,14 +127,15 @@ def test_steps_in_a_batch_equal_reference(gemma):
     assert np.array_equal(np.array(got_exp), exp) and np.array_equal(np.stack(got_lam), lam)
 
 
-def test_rows_at_their_own_positions_past_trained_positions_equal_reference(gemma):
+@BACKENDS
+def test_rows_at_their_own_positions_past_trained_positions_equal_reference(gemma, ops):
     """RowStep: rows started at different steps, one refilled, through the ring and moves of the prefix."""
     im, tok = gemma
     context = 9
     prefix = [tok.start_token, 11, 12]
     seqs = [np.array(_seq(im, n, 10 + n)) for n in (26, 9, 13)]
     plan = [(0, 0, 0), (1, 1, 2), (2, 1, 12)]
-    engine = Engine(im, "cpu")
+    engine = Engine(im, "cpu", ops=ops)
     with torch.inference_mode():
         pre = runner.prefill(engine, prefix)
         run = steps.RowStep(engine, pre, 2, context, max(len(s) for s in seqs))
@@ -130,7 +146,8 @@ def test_rows_at_their_own_positions_past_trained_positions_equal_reference(gemm
         assert np.array_equal(np.stack(got[s][0]), lam), f"sequence {s}"
 
 
-def test_clamps_reached_equal_reference(gemma, monkeypatch):
+@BACKENDS
+def test_clamps_reached_equal_reference(gemma, monkeypatch, ops):
     """Weights scaled up so q/k/v, gate/up and the residual clamps bind: still the reference's integers."""
     from dataclasses import replace
 
@@ -155,7 +172,7 @@ def test_clamps_reached_equal_reference(gemma, monkeypatch):
     inputs = _seq(im, 12, 4)
     lam, exp = _reference(hot, prefix, inputs, CONTEXT)
     assert bound[reference.QKV_LIMIT] and bound[reference.GATE_UP_LIMIT] and bound[reference.RESIDUAL_LIMIT], bound
-    got = _pass(Engine(hot, "cpu"), prefix, inputs, CONTEXT)
+    got = _pass(Engine(hot, "cpu", ops=ops), prefix, inputs, CONTEXT)
     assert np.array_equal(got[1], exp) and np.array_equal(got[0], lam)
 
 

@@ -126,15 +126,16 @@ def usable(crow: torch.Tensor) -> bool:
     return n >= MIN_QUERIES and n // (int(crow.max()) - int(crow.min()) + 1) >= MIN_QUERIES
 
 
-def attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c) -> torch.Tensor:
+def attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c, lc: int | None = None) -> torch.Tensor:
     """:func:`lmcodec.engine.ops_cpu.attend`'s result [N, nh, hd] int64, in tiles of queries
-    of one cache row (consecutive queries with the same ``crow``)."""
+    of one cache row (consecutive queries with the same ``crow``); ``lc``: the scores' base-2
+    constant (default: 1/sqrt(head dim)'s)."""
     n_q, nh, hd = q16.shape
     nkv = kt.shape[1]
     group = nh // nkv
     out = torch.empty((n_q, nh, hd), dtype=torch.int64)      # contiguous: tiles write through numpy views
     rows = crow.numpy()
-    lc = fixedmath.att_log2e(hd)
+    lc = fixedmath.att_log2e(hd) if lc is None else lc
     start = 0
     while start < n_q:
         stop = start + 1

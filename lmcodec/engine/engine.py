@@ -221,12 +221,13 @@ class Engine:
         self.arch = model.arch
         self.ops = ops or backend(self.device)
         a = self.arch
-        if gemma.needs_torch_ops(a):
-            # Gemma 3's norms, GELU and local layers exist only as ops_torch steps (gemma.py):
-            # the numba, fused and Triton kernels compute a Llama layer and must never run it.
-            if ops is not None and ops is not ops_torch:
-                raise UsageError(f"{a.model_type} runs on the ops_torch steps only, not {ops.__name__}")
-            self.ops = ops_torch
+        if gemma.has_gemma_parts(a):
+            # Gemma 3's attention windows and scale and its GELU table: the backends that compute
+            # them (GEMMA_STEPS: numba, tensor ops) run it; the fused and Triton kernels compute a
+            # Llama layer only and must never run it (gemma.py).
+            if ops is not None and gemma.steps_for(ops) is not ops:
+                raise UsageError(f"{a.model_type} does not run on the {ops.__name__} kernels")
+            self.ops = gemma.steps_for(self.ops)
         if a.num_heads % a.num_kv_heads or a.head_dim % 2 or a.head_dim > MAX_HEAD_DIM:
             raise UsageError(f"unsupported attention shape (head dim {a.head_dim}: even, at most {MAX_HEAD_DIM})")
         self.q_size = a.num_heads * a.head_dim
@@ -323,7 +324,7 @@ class Engine:
         else:  # the ops take per-row values flattened, row b T + t: [B*T] slots, [B*T, hd/2] RoPE rows
             ka, kb, kc = (r.to(dev).reshape(B * T) for r in key_ranges)
             slots, cos, sin = slots.reshape(B * T), cos.reshape(B * T, -1), sin.reshape(B * T, -1)
-        if gemma.needs_torch_ops(a):
+        if gemma.has_gemma_parts(a):
             shared = positions.dim() == 1
             pos = positions.to(dev).expand(B, T).reshape(B * T)
             if cache.pos is not None:
@@ -331,7 +332,7 @@ class Engine:
             rope = {th: (cos, sin) if th == a.rope_theta else self._rope_flat(positions, bound, th, B, shared)
                     for th in self._thetas}
             gemma.forward_layers(self, int_mm, x, rope, B, T, pos, cache, slots, crow, ka, kb, kc)
-            return ops_torch.norm(x, self.model.final_gain, self.model.final_gain_shift, self._eps)
+            return ops.norm(x, self.model.final_gain, self.model.final_gain_shift, self._eps)
         fused = getattr(ops, "forward_rows", None)
         if fused is not None and B * T <= ops.FUSED_ROWS:  # a step's few rows: one kernel per layer
             if slots.dim() == 1:

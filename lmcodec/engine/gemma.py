@@ -4,11 +4,15 @@ A Gemma 3 layer is a Llama layer with more norms and a local attention: q and
 k are RMS-normalized per head before RoPE, the outputs of attention and of the
 MLP are RMS-normalized before they join the residual stream, the MLP's gate is
 GELU (tanh form) from an integer table, and the "sliding" layers see only the
-last ``sliding_window`` positions, with their own RoPE base.  Every step is
-:mod:`lmcodec.engine.ops_torch`'s (tensor operations, any device): the numba
-kernels, the fused CPU step and the Triton kernels compute a Llama layer only,
-so :class:`lmcodec.engine.engine.Engine` runs a Gemma model on these steps
-alone (:func:`needs_torch_ops`).
+last ``sliding_window`` positions, with their own RoPE base.
+
+The steps a Llama layer shares (the norms, the operands, the MLP with its
+table, attention with a window and a scale) are the engine's backend's when it
+computes Gemma's forms of them (``GEMMA_STEPS``: the numba kernels and the
+tensor operations); the parts only Gemma has (q/k norms, post norms) are
+:mod:`lmcodec.engine.ops_torch`'s, which run on any device.  The fused CPU step
+and the Triton kernels compute a Llama layer only: on CUDA a Gemma model runs on
+the tensor operations (:func:`steps_for`).
 """
 
 from __future__ import annotations
@@ -20,10 +24,16 @@ from .models import ArchConfig
 from .spec import ACT_FRAC, RESID_LIMIT
 
 
-def needs_torch_ops(arch: ArchConfig) -> bool:
-    """Whether ``arch`` has any part only :mod:`ops_torch` computes (any Gemma 3 feature)."""
+def has_gemma_parts(arch: ArchConfig) -> bool:
+    """Whether ``arch`` has any part a Llama lacks (any Gemma 3 feature)."""
     return (arch.hidden_act != "silu" or arch.embed_scale or arch.qk_norm or arch.post_norms
             or bool(arch.sliding_window) or bool(arch.query_pre_attn_scalar))
+
+
+def steps_for(backend):
+    """The steps a Gemma model runs on where ``backend`` is the device's: its own when it computes
+    Gemma's forms (attention with a window and scale, the MLP with any gate table), else ops_torch's."""
+    return backend if getattr(backend, "GEMMA_STEPS", False) else ops_torch
 
 
 def embed_scale(arch: ArchConfig) -> int | None:
@@ -48,7 +58,7 @@ def forward_layers(engine, mm, x: torch.Tensor, rope: dict, B: int, T: int, posi
     ``rope``: RoPE base -> (cos, sin) rows of the queries; ``positions`` [B*T] (flattened
     per query) bound the local layers' windows: query at p sees keys at positions > p - W.
     """
-    a, ops, eps = engine.arch, ops_torch, engine._eps
+    a, ops, eps = engine.arch, engine.ops, engine._eps
     nh, nkv, hd = a.num_heads, a.num_kv_heads, a.head_dim
     lc = attention_constant(a)
     lowest = positions - a.sliding_window + 1 if a.sliding_window else None
@@ -57,7 +67,7 @@ def forward_layers(engine, mm, x: torch.Tensor, rope: dict, B: int, T: int, posi
         h, e = ops.norm(x, layer.attn_gain, layer.attn_gain_shift, eps)
         lin = layer.qkv
         qk = (layer.q_gain, layer.q_gain_shift, layer.k_gain, layer.k_gain_shift, eps) if a.qk_norm else None
-        q16, qe = ops.qkv(mm(h, lin.weight), lin.mult, lin.shift, lin.bias, e, cos, sin, B, T, nh, nkv, hd,
+        q16, qe = ops_torch.qkv(mm(h, lin.weight), lin.mult, lin.shift, lin.bias, e, cos, sin, B, T, nh, nkv, hd,
                           cache.k[li], cache.kmax[li], cache.v[li], cache.vmax[li], slots, qk)
         window = (cache.pos, lowest) if a.is_local(li) else None
         o = ops.attend(q16, qe, cache.k[li], cache.kmax[li], cache.v[li], cache.vmax[li], crow, ka, kb, kc,

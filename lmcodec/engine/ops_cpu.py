@@ -17,11 +17,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import attend_gemm, fixedmath
+from . import attend_gemm, attend_window, fixedmath
 from .cpu_rows import (
     _EXP2,
     _JIT,
-    _SIG,
     _SIG_BITS,
     _SIG_SHIFT,
     _SIG_SPAN,
@@ -167,6 +166,10 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
+#: This backend computes Gemma 3's forms of the shared steps: attention over a window with any
+#: scale, the MLP with the gate table it is given (gemma.steps_for).
+GEMMA_STEPS = True
+
 def _empty(shape, dtype) -> tuple[torch.Tensor, np.ndarray]:
     """A new output array and the tensor on the same memory (numpy allocates faster than torch.empty)."""
     arr = np.empty(shape, dtype=dtype)
@@ -231,19 +234,28 @@ def mlp(y, mult, shift, exp, sigmoid):
     m = exp.shape[0]
     out, out_a = _empty((m, y.shape[1] // 2), np.int16)
     oshift, oshift_a = _empty((m, 1), np.int64)
-    _mlp(_np(y), _np(mult), shift, _np(exp).reshape(-1), _SIG, out_a, oshift_a.reshape(-1))
+    _mlp(_np(y), _np(mult), shift, _np(exp).reshape(-1), _np(sigmoid), out_a, oshift_a.reshape(-1))
     return out, oshift
 
 
-def attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c):
+def attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c, window=None, lc: int | None = None):
     """Per query (a decoding step), or on integer GEMMs where a cache row has many queries
-    (the parallel pass: :mod:`lmcodec.engine.attend_gemm`, the same integers)."""
+    (the parallel pass: :mod:`lmcodec.engine.attend_gemm`, the same integers).
+
+    ``window`` (a local layer: key positions [rows, slots], each query's lowest visible
+    position [N]) and ``lc`` (the scores' base-2 constant; default 1/sqrt(head dim)'s)
+    as :func:`lmcodec.engine.ops_torch.attend`: a local layer's queries gather the keys
+    inside their window (:mod:`lmcodec.engine.attend_window`).
+    """
     _threads()
+    lc = fixedmath.att_log2e(q16.shape[-1]) if lc is None else lc
+    if window is not None:
+        return attend_window.attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c, window[0], window[1], lc)
     if attend_gemm.usable(crow):
-        return attend_gemm.attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c)
+        return attend_gemm.attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c, lc)
     out, out_a = _empty(tuple(q16.shape), np.int64)
     _attend(_np(q16), _np(qe), _np(kt), _np(kmax), _np(vc), _np(vmax), _np(crow), _np(a), _np(b), _np(c),
-            _EXP2, fixedmath.att_log2e(q16.shape[-1]), out_a)
+            _EXP2, lc, out_a)
     return out
 
 

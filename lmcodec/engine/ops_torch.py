@@ -51,6 +51,10 @@ def _constants(device: torch.device) -> dict[str, torch.Tensor]:
             "low": torch.tensor(-(1 << 62), dtype=torch.int64, device=device)}
 
 
+#: This backend computes Gemma 3's forms of the shared steps: attention over a window with any
+#: scale, the MLP with the gate table it is given (gemma.steps_for).
+GEMMA_STEPS = True
+
 def round_shift(x: torch.Tensor, s) -> torch.Tensor:
     """``x / 2^s`` rounded half up for s >= 0 (int or broadcastable tensor); an int s < 0 shifts left."""
     if isinstance(s, int):
