@@ -60,33 +60,60 @@ def forward_layers(engine, mm, x: torch.Tensor, rope: dict, B: int, T: int, posi
     """
     a, ops, eps = engine.arch, engine.ops, engine._eps
     nh, nkv, hd = a.num_heads, a.num_kv_heads, a.head_dim
+    own = _own_steps(ops)
     lc = attention_constant(a)
     lowest = positions - a.sliding_window + 1 if a.sliding_window else None
     for li, layer in enumerate(engine.model.layers):
         cos, sin = rope[a.layer_theta(li)]
         h, e = ops.norm(x, layer.attn_gain, layer.attn_gain_shift, eps)
         lin = layer.qkv
-        qk = (layer.q_gain, layer.q_gain_shift, layer.k_gain, layer.k_gain_shift, eps) if a.qk_norm else None
-        q16, qe = ops_torch.qkv(mm(h, lin.weight), lin.mult, lin.shift, lin.bias, e, cos, sin, B, T, nh, nkv, hd,
-                          cache.k[li], cache.kmax[li], cache.v[li], cache.vmax[li], slots, qk)
+        caches = (cache.k[li], cache.kmax[li], cache.v[li], cache.vmax[li], slots)
+        y = mm(h, lin.weight)
+        if not a.qk_norm:
+            q16, qe = ops.qkv(y, lin.mult, lin.shift, lin.bias, e, cos, sin, B, T, nh, nkv, hd, *caches)
+        else:
+            qk = (layer.q_gain, layer.q_gain_shift, layer.k_gain, layer.k_gain_shift, eps)
+            q16, qe = own.qkv(y, lin.mult, lin.shift, lin.bias, e, cos, sin, B, T, nh, nkv, hd, *caches, qk)
         window = (cache.pos, lowest) if a.is_local(li) else None
         o = ops.attend(q16, qe, cache.k[li], cache.kmax[li], cache.v[li], cache.vmax[li], crow, ka, kb, kc,
                        window, lc)
         o16, so = ops.operand(o.reshape(B * T, nh * hd))
-        _add(engine, mm, x, o16, so - ACT_FRAC, layer.o, layer.post_attn_gain, layer.post_attn_gain_shift)
+        _add(engine, own, mm(o16, layer.o.weight), x, so - ACT_FRAC, layer.o, layer.post_attn_gain,
+             layer.post_attn_gain_shift)
         h, e = ops.norm(x, layer.mlp_gain, layer.mlp_gain_shift, eps)
         lin = layer.gate_up
         a16, sa = ops.mlp(mm(h, lin.weight), lin.mult, lin.shift, e, engine._sigmoid)
-        _add(engine, mm, x, a16, sa - 2 * ACT_FRAC, layer.down, layer.post_mlp_gain, layer.post_mlp_gain_shift)
+        _add(engine, own, mm(a16, layer.down.weight), x, sa - 2 * ACT_FRAC, layer.down, layer.post_mlp_gain,
+             layer.post_mlp_gain_shift)
 
 
-def _add(engine, mm, x: torch.Tensor, h16: torch.Tensor, exp: torch.Tensor, lin, gain, gain_shift: int) -> None:
-    """x += the product of an operand with ``lin``, RMS-normalized with ``gain`` first when there is one."""
-    y = ops_torch.combine(mm(h16, lin.weight))
+def _own_steps(ops):
+    """Where Gemma's own steps (the q/k norms in q|k|v, a post norm's add) run: numba kernels beside
+    the numba steps (:mod:`lmcodec.engine.gemma_cpu`), tensor operations beside the tensor steps."""
+    if ops is ops_torch:
+        return _TorchSteps
+    from . import gemma_cpu  # numba loads only where the CPU path runs
+    return gemma_cpu
+
+
+class _TorchSteps:
+    """Gemma's own steps as tensor operations (any device); gemma_cpu's interface."""
+
+    @staticmethod
+    def qkv(y, mult, shift, bias, exp, cos, sin, B, T, nh, nkv, hd, kt, kmax, vc, vmax, slots, qk_norm):
+        return ops_torch.qkv(y, mult, shift, bias, exp, cos, sin, B, T, nh, nkv, hd, kt, kmax, vc, vmax, slots,
+                             qk_norm)
+
+    @staticmethod
+    def add_normed(x, y, mult, shift: int, exp, gain, gain_shift: int, eps) -> None:
+        y = ops_torch.requant(ops_torch.combine(y), mult, shift, exp, ACT_FRAC).clamp(-RESID_LIMIT, RESID_LIMIT)
+        y = ops_torch.norm16(y, gain, gain_shift, eps, RESID_LIMIT)
+        x.copy_((x + y).clamp(-RESID_LIMIT, RESID_LIMIT))
+
+
+def _add(engine, own, y: torch.Tensor, x: torch.Tensor, exp: torch.Tensor, lin, gain, gain_shift: int) -> None:
+    """x += the product ``y`` of an operand with ``lin``, RMS-normalized with ``gain`` first when there is one."""
     if gain is None:
-        x.copy_((x + ops_torch.requant(y, lin.mult, lin.shift, exp, ACT_FRAC)).clamp(-RESID_LIMIT, RESID_LIMIT))
-        return
-    y = ops_torch.requant(y, lin.mult, lin.shift, exp, ACT_FRAC).clamp(-RESID_LIMIT, RESID_LIMIT)
-    y = ops_torch.norm16(y, gain, gain_shift, engine._eps, RESID_LIMIT)
-    x.copy_((x + y).clamp(-RESID_LIMIT, RESID_LIMIT))
-
+        engine.ops.residual_add(x, y, lin.mult, lin.shift, exp)
+    else:
+        own.add_normed(x, y, lin.mult, lin.shift, exp, gain, gain_shift, engine._eps)
