@@ -21,7 +21,10 @@ from lmcodec.coding.mixing import (
     ORDER_BITS,
     MixerConfig,
     StreamMixer,
+    _rate_array,
     bias_rates,
+    bias_step,
+    biased_weights,
 )
 from lmcodec.engine.ops_torch import weights_from_gaps
 from lmcodec.engine.spec import OUT_U_CAP
@@ -151,6 +154,32 @@ def test_adaptive_bias_matches_a_plain_reference():
         assert got.reshape(3, -1)[:, :VOCAB].tolist() == want
         m.update(sym)
         assert m.bias.tolist() == bias
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_cpu_kernels_compute_the_tensor_steps_integers(seed):
+    """bias_cpu (the CPU's path) against the tensor operations (other devices' path), bit for bit: biases at
+    and near the caps, counts at the count cap, a token coded twice in one step, an escape, no bias."""
+    from lmcodec.coding import bias_cpu
+
+    rng = np.random.default_rng(seed)
+    u = lm_rows(rng, 4)
+    bias = torch.from_numpy(rng.integers(-BIAS_CAP - 5, BIAS_CAP + 5, VOCAB)).clamp(-BIAS_CAP, BIAS_CAP)
+    bias[:3] = torch.tensor([BIAS_CAP, -BIAS_CAP, BIAS_CAP - 1])
+    for b in (bias, None):
+        got = bias_cpu.lm_weights(u, b, BIAS_FRAC, ALPHABET, WIDTH)
+        assert torch.equal(got, biased_weights(u, b, ALPHABET))
+    q = biased_weights(u, bias, ALPHABET).reshape(4, -1)
+    coded = torch.from_numpy(rng.integers(0, BIAS_COUNT_CAP + 1, VOCAB))
+    coded[:2] = BIAS_COUNT_CAP
+    symbols = [0, 1, VOCAB + 3, 1]
+    want_coded = coded.clone()
+    want = bias_step(q, symbols, want_coded, bias.clone(), VOCAB)
+    sym = np.asarray(symbols)
+    rows = np.flatnonzero(sym < VOCAB)
+    got_bias = bias.clone()
+    bias_cpu.learn_bias(q, rows, sym[rows], coded, _rate_array(), got_bias, BIAS_COUNT_CAP, BIAS_CAP)
+    assert torch.equal(coded, want_coded) and torch.equal(got_bias, want)
 
 
 def test_adaptive_bias_learns_the_document_and_stays_bounded():

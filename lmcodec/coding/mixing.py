@@ -44,6 +44,7 @@ import torch
 from ..engine.ops_torch import weights_from_gaps
 from ..engine.spec import ESCAPES, OUT_U_CAP
 from ..format.header import MIXER_BIAS, MIXER_MASK, MIXER_MATCH, MIXER_ORDERS
+from . import bias_cpu
 from .frequencies import bucket_width
 
 #: Bits of the mixer byte recorded in the archive header (spec.py).
@@ -87,6 +88,35 @@ def bias_rates(rate: int = BIAS_RATE, cap: int = BIAS_COUNT_CAP) -> tuple[int, .
 def _rate_table(device: torch.device) -> torch.Tensor:
     """:func:`bias_rates` as an int64 tensor, built once per device and only read (shared by every stream)."""
     return torch.tensor(bias_rates(BIAS_RATE, BIAS_COUNT_CAP), dtype=torch.int64, device=device)
+
+
+def biased_weights(u: torch.Tensor, bias: torch.Tensor | None, alphabet: int) -> torch.Tensor:
+    """:meth:`Mixer.lm_weights` as tensor operations (any device; on a CPU bias_cpu computes the same)."""
+    if bias is not None:
+        u = u - (bias >> BIAS_FRAC)
+        u = (u - u.amin(dim=1, keepdim=True)).clamp(max=OUT_U_CAP)
+    return weights_from_gaps(u, alphabet, bucket_width(alphabet))
+
+
+def bias_step(q: torch.Tensor, symbols: list[int], coded: torch.Tensor, bias: torch.Tensor, vocab: int) -> torch.Tensor:
+    """:meth:`Mixer._learn_bias` as tensor operations (any device): counts ``coded`` in place, returns the new bias."""
+    y = torch.as_tensor(symbols, dtype=torch.int64, device=q.device)
+    ok = y < vocab
+    if not bool(ok.any()):
+        return bias
+    y = y[ok]
+    coded.index_add_(0, y, torch.ones_like(y)).clamp_(max=BIAS_COUNT_CAP)
+    rate = _rate_table(y.device)[coded]
+    q = q[ok, :vocab]
+    down = torch.div(q * rate, q.sum(dim=1, keepdim=True), rounding_mode="floor").sum(dim=0)
+    up = torch.zeros_like(down).index_add_(0, y, rate[y])
+    return (bias + up - down).clamp(-BIAS_CAP, BIAS_CAP)
+
+
+@functools.cache
+def _rate_array() -> np.ndarray:
+    """:func:`bias_rates` as an int64 array for the CPU kernels (bias_cpu)."""
+    return np.asarray(bias_rates(BIAS_RATE, BIAS_COUNT_CAP), dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -217,12 +247,12 @@ class StreamMixer:
         and the row is shifted so that its best token again has gap 0: the
         weights are those of the LM's logits plus a learned per-token offset.
         """
-        if self.config.bias:
-            if self.bias is None:
-                self.bias = torch.zeros(u.shape[1], dtype=torch.int64, device=u.device)
-            u = u - (self.bias >> BIAS_FRAC)
-            u = (u - u.amin(dim=1, keepdim=True)).clamp(max=OUT_U_CAP)
-        return weights_from_gaps(u, self.alphabet, bucket_width(self.alphabet))
+        if self.config.bias and self.bias is None:
+            self.bias = torch.zeros(u.shape[1], dtype=torch.int64, device=u.device)
+        bias = self.bias if self.config.bias else None
+        if u.device.type == "cpu":  # one numba pass over the vocabulary (the same integers)
+            return bias_cpu.lm_weights(u, bias, BIAS_FRAC, self.alphabet, bucket_width(self.alphabet))
+        return biased_weights(u, bias, self.alphabet)
 
     def mix(self, lanes: list[int], u: torch.Tensor) -> torch.Tensor:
         """Mixed integer symbol weights for one row per lane.
@@ -309,19 +339,16 @@ class StreamMixer:
         Summing before applying makes the result independent of the rows' order.
         """
         vocab = self.alphabet - ESCAPES
-        y = torch.as_tensor(symbols, dtype=torch.int64, device=self._lm_rows.device)
-        ok = y < vocab
-        if not bool(ok.any()):
-            return
-        y = y[ok]
         if self.coded is None:
-            self.coded = torch.zeros(vocab, dtype=torch.int64, device=y.device)
-        self.coded.index_add_(0, y, torch.ones_like(y)).clamp_(max=BIAS_COUNT_CAP)
-        rate = _rate_table(y.device)[self.coded]
-        q = self._lm_rows[ok, :vocab]
-        down = torch.div(q * rate, q.sum(dim=1, keepdim=True), rounding_mode="floor").sum(dim=0)
-        up = torch.zeros_like(down).index_add_(0, y, rate[y])
-        self.bias = (self.bias + up - down).clamp(-BIAS_CAP, BIAS_CAP)
+            self.coded = torch.zeros(vocab, dtype=torch.int64, device=self._lm_rows.device)
+        if self._lm_rows.device.type == "cpu":  # one numba pass over the vocabulary (the same integers)
+            sym = np.asarray(symbols, dtype=np.int64)
+            rows = np.flatnonzero(sym < vocab)
+            if len(rows):
+                bias_cpu.learn_bias(self._lm_rows, rows, sym[rows], self.coded, _rate_array(), self.bias,
+                                    BIAS_COUNT_CAP, BIAS_CAP)
+            return
+        self.bias = bias_step(self._lm_rows, symbols, self.coded, self.bias, vocab)
 
     def _learn(self, pend: _Pending, x: int, px: int) -> None:
         terms = [(px * pend.lm_scale) >> MASS_BITS]

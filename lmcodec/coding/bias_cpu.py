@@ -1,0 +1,94 @@
+"""The adaptive bias's per-token work as numba kernels on a CPU: one pass over the vocabulary
+where tensor operations take about ten, each with its own [rows, V] temporary.
+
+:meth:`lmcodec.coding.mixing.Mixer.lm_weights` (the LM's symbol weights after the
+bias) and :meth:`~lmcodec.coding.mixing.Mixer._learn_bias` (one gradient step of the
+bias) touch every token of the vocabulary at every decoding step: with Gemma 3's
+262,144 tokens that is most of the online models' time.  These kernels compute
+exactly the integers of the tensor code in ``mixing.py`` (which stays for other
+devices; ``tests/test_mixing.py`` checks the two equal), in the same order of
+floors and clamps, so an archive's bytes do not depend on which ran.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..engine.cpu_rows import _EXP2, _JIT, _threads, njit, prange
+from ..engine.spec import ESCAPES, OUT_U_CAP
+
+
+@njit(parallel=True, **_JIT)
+def _lm_weights(u, bias, has_bias, frac, exp2, out):  # pragma: no cover - compiled
+    """out [n, 256 width] <- the symbol weights of gaps ``u`` [n, V], after the bias when ``has_bias``."""
+    n, vocab = u.shape
+    for i in prange(n):
+        g = np.empty(vocab, np.int64)
+        low = np.int64(1 << 62)
+        for v in range(vocab):
+            g[v] = u[i, v] - (bias[v] >> frac) if has_bias else u[i, v]
+            low = min(low, g[v])
+        if not has_bias:
+            low = 0
+        total = np.int64(0)
+        for v in range(vocab):
+            e = min(g[v] - low, OUT_U_CAP) if has_bias else g[v]
+            p = exp2[e & 1023] >> (e >> 10)
+            out[i, v] = p
+            total += p
+        esc = max(total >> 24, np.int64(1))
+        for v in range(vocab, vocab + ESCAPES):
+            out[i, v] = esc
+        for v in range(vocab + ESCAPES, out.shape[1]):
+            out[i, v] = 0
+
+
+@njit(**_JIT)
+def _count(coded, y, cap):  # pragma: no cover - compiled
+    for t in y:
+        coded[t] = min(coded[t] + 1, cap)
+
+
+@njit(parallel=True, **_JIT)
+def _learn(q, rows, y, coded, rates, bias, cap, up):  # pragma: no cover - compiled
+    """bias <- clamp(bias + up - down, +-cap): down_v = sum over ``rows`` of floor(q_rv rate_v / sum_v q_rv),
+    up (zeros on entry) gets rate_y once per coded token y."""
+    vocab = bias.shape[0]
+    m = rows.shape[0]
+    sums = np.zeros(m, np.int64)
+    for k in prange(m):
+        s = np.int64(0)
+        for v in range(vocab):
+            s += q[rows[k], v]
+        sums[k] = s
+    for t in y:
+        up[t] += rates[coded[t]]
+    for v in prange(vocab):
+        rate = rates[coded[v]]
+        down = np.int64(0)
+        for k in range(m):
+            down += q[rows[k], v] * rate // sums[k]
+        b = bias[v] + up[v] - down
+        bias[v] = cap if b > cap else (-cap if b < -cap else b)
+
+
+def lm_weights(u: torch.Tensor, bias: torch.Tensor | None, frac: int, alphabet: int, width: int) -> torch.Tensor:
+    """The LM's symbol weights [n, 256, width] int64 from gaps ``u`` [n, V] (``bias``: the adaptive bias,
+    applied as ``Mixer.lm_weights`` does; None: ``ops_torch.weights_from_gaps`` alone)."""
+    _threads()
+    n = u.shape[0]
+    out = np.empty((n, 256 * width), np.int64)
+    b = bias.numpy() if bias is not None else np.zeros(1, np.int64)
+    _lm_weights(np.ascontiguousarray(u.numpy()), b, bias is not None, frac, _EXP2, out)
+    return torch.from_numpy(out).view(n, 256, width)
+
+
+def learn_bias(q: torch.Tensor, rows: np.ndarray, y: np.ndarray, coded: torch.Tensor, rates: np.ndarray,
+               bias: torch.Tensor, count_cap: int, bias_cap: int) -> None:
+    """One step of ``Mixer._learn_bias`` in place on ``coded`` and ``bias``: ``q`` [n, >= V] the step's LM
+    weights, ``rows`` the rows whose symbol ``y`` is a token (not an escape)."""
+    _threads()
+    _count(coded.numpy(), y, count_cap)
+    up = np.zeros(bias.shape[0], np.int64)
+    _learn(q.numpy(), rows, y, coded.numpy(), rates, bias.numpy(), bias_cap, up)
