@@ -31,6 +31,8 @@ from .spec import (
     KV_MAX,
     Q_MAX,
     QKV_LIMIT,
+    RESID_FRAC,
+    RESID_LIMIT,
     RSQRT_BITS,
 )
 
@@ -99,17 +101,16 @@ def _clamp(v, lim):
 
 
 @njit(inline="always", **_JIT)
-def _norm_row(xr, gain, gain_shift, eps, out):
-    """RMSNorm of one residual row ``xr`` into operand row ``out``; returns its exponent
-    (one row's whole norm, shared by :func:`_norm` and the fused step, lmcodec.engine.fused_cpu)."""
-    k = xr.shape[0]
+def _rms_scale(v, base, k, eps):
+    """An RMSNorm's pre-shift ``s`` and ``r = isqrt(k 2^48 / d)`` over ``v[base:base+k]``
+    (docs/ENGINE.md, RMSNorm; shared by the operand norm and Gemma's norm16)."""
     m = np.int64(0)
     for j in range(k):
-        m = max(m, abs(xr[j]))
+        m = max(m, abs(v[base + j]))
     s = max(_bitlen(m) - 15, 0)
     ss = np.int64(0)
     for j in range(k):
-        xs = _rshift(xr[j], s)
+        xs = _rshift(v[base + j], s)
         ss += xs * xs
     d = max(ss + k * eps[s], np.int64(1))
     n = (np.int64(k) << (2 * RSQRT_BITS)) // d
@@ -119,6 +120,27 @@ def _norm_row(xr, gain, gain_shift, eps, out):
             r -= 1
         if (r + 1) * (r + 1) <= n:
             r += 1
+    return s, r
+
+
+@njit(inline="always", **_JIT)
+def _norm16(v, base, k, gain, gain_shift, eps, limit):
+    """``v[base:base+k]`` <- Gemma's norm16 of it with ``gain``, clamped to +-limit (in place:
+    ``r`` needs the whole span first; docs/ENGINE.md, "Gemma 3")."""
+    s, r = _rms_scale(v, base, k, eps)
+    c = RSQRT_BITS + gain_shift - RESID_FRAC
+    for j in range(k):
+        t = _rshift(v[base + j], s) * gain[j] * r
+        out = _rshift(t, c) if c >= 0 else _clamp(t, RESID_LIMIT) << min(-c, 20)
+        v[base + j] = _clamp(out, limit)
+
+
+@njit(inline="always", **_JIT)
+def _norm_row(xr, gain, gain_shift, eps, out):
+    """RMSNorm of one residual row ``xr`` into operand row ``out``; returns its exponent
+    (one row's whole norm, shared by :func:`_norm` and the fused step, lmcodec.engine.fused_cpu)."""
+    k = xr.shape[0]
+    s, r = _rms_scale(xr, 0, k, eps)
     mt = np.int64(0)
     for j in range(k):
         mt = max(mt, abs(_rshift(xr[j], s) * gain[j] * r))

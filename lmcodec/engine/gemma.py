@@ -6,13 +6,13 @@ MLP are RMS-normalized before they join the residual stream, the MLP's gate is
 GELU (tanh form) from an integer table, and the "sliding" layers see only the
 last ``sliding_window`` positions, with their own RoPE base.
 
-The steps a Llama layer shares (the norms, the operands, the MLP with its
-table, attention with a window and a scale) are the engine's backend's when it
-computes Gemma's forms of them (``GEMMA_STEPS``: the numba kernels and the
-tensor operations); the parts only Gemma has (q/k norms, post norms) are
-:mod:`lmcodec.engine.ops_torch`'s, which run on any device.  The fused CPU step
-and the Triton kernels compute a Llama layer only: on CUDA a Gemma model runs on
-the tensor operations (:func:`steps_for`).
+Every step is the engine's backend's when it computes Gemma's forms
+(``GEMMA_STEPS``: the numba kernels and the tensor operations): the MLP with the
+table it is given, attention with a window and a scale, ``qkv`` with the q/k
+norms; the post-norm residual add is :mod:`lmcodec.engine.gemma_cpu`'s kernel
+beside the numba steps and tensor operations beside the tensor steps.  The
+fused CPU step and the Triton kernels compute a Llama layer only: on CUDA a
+Gemma model runs on the tensor operations (:func:`steps_for`).
 """
 
 from __future__ import annotations
@@ -68,12 +68,9 @@ def forward_layers(engine, mm, x: torch.Tensor, rope: dict, B: int, T: int, posi
         h, e = ops.norm(x, layer.attn_gain, layer.attn_gain_shift, eps)
         lin = layer.qkv
         caches = (cache.k[li], cache.kmax[li], cache.v[li], cache.vmax[li], slots)
-        y = mm(h, lin.weight)
-        if not a.qk_norm:
-            q16, qe = ops.qkv(y, lin.mult, lin.shift, lin.bias, e, cos, sin, B, T, nh, nkv, hd, *caches)
-        else:
-            qk = (layer.q_gain, layer.q_gain_shift, layer.k_gain, layer.k_gain_shift, eps)
-            q16, qe = own.qkv(y, lin.mult, lin.shift, lin.bias, e, cos, sin, B, T, nh, nkv, hd, *caches, qk)
+        qk = (layer.q_gain, layer.q_gain_shift, layer.k_gain, layer.k_gain_shift, eps) if a.qk_norm else None
+        q16, qe = ops.qkv(mm(h, lin.weight), lin.mult, lin.shift, lin.bias, e, cos, sin, B, T, nh, nkv, hd,
+                          *caches, qk)
         window = (cache.pos, lowest) if a.is_local(li) else None
         o = ops.attend(q16, qe, cache.k[li], cache.kmax[li], cache.v[li], cache.vmax[li], crow, ka, kb, kc,
                        window, lc)
@@ -88,8 +85,9 @@ def forward_layers(engine, mm, x: torch.Tensor, rope: dict, B: int, T: int, posi
 
 
 def _own_steps(ops):
-    """Where Gemma's own steps (the q/k norms in q|k|v, a post norm's add) run: numba kernels beside
-    the numba steps (:mod:`lmcodec.engine.gemma_cpu`), tensor operations beside the tensor steps."""
+    """Where Gemma's post-norm add runs: a numba kernel beside the numba steps
+    (:mod:`lmcodec.engine.gemma_cpu`), tensor operations beside the tensor steps.
+    (The q/k norms are part of each op set's ``qkv``.)"""
     if ops is ops_torch:
         return _TorchSteps
     from . import gemma_cpu  # numba loads only where the CPU path runs
@@ -97,12 +95,7 @@ def _own_steps(ops):
 
 
 class _TorchSteps:
-    """Gemma's own steps as tensor operations (any device); gemma_cpu's interface."""
-
-    @staticmethod
-    def qkv(y, mult, shift, bias, exp, cos, sin, B, T, nh, nkv, hd, kt, kmax, vc, vmax, slots, qk_norm):
-        return ops_torch.qkv(y, mult, shift, bias, exp, cos, sin, B, T, nh, nkv, hd, kt, kmax, vc, vmax, slots,
-                             qk_norm)
+    """Gemma's post-norm add as tensor operations (any device); gemma_cpu's interface."""
 
     @staticmethod
     def add_normed(x, y, mult, shift: int, exp, gain, gain_shift: int, eps) -> None:

@@ -27,6 +27,7 @@ from .cpu_rows import (
     _attend,
     _clamp,
     _fit,
+    _norm16,
     _norm_row,
     _qkv_heads,
     _requant,
@@ -102,7 +103,7 @@ def _residual_add(x, y, mult, shift, exp):  # pragma: no cover - compiled
 
 @njit(parallel=True, **_JIT)
 def _qkv(y, mult, shift, bias, has_bias, exp, cos, sin, n_t, nh, nkv, hd, kt, kmax, vc, vmax, slots,
-         q16, qe):  # pragma: no cover - compiled
+         q16, qe, has_qk, qg, qs, kg, ks, eps):  # pragma: no cover - compiled
     m_rows = exp.shape[0]
     n = y.shape[1]
     per_row = cos.shape[0] > 1
@@ -119,6 +120,11 @@ def _qkv(y, mult, shift, bias, has_bias, exp, cos, sin, n_t, nh, nkv, hd, kt, km
             if has_bias:
                 v += bias[j]
             vals[j] = _clamp(v, QKV_LIMIT)
+        if has_qk:  # Gemma 3: each q and k head vector's norm16 before RoPE
+            for h in range(nh):
+                _norm16(vals, h * hd, hd, qg, qs, eps, QKV_LIMIT)
+            for h in range(nkv):
+                _norm16(vals, (nh + h) * hd, hd, kg, ks, eps, QKV_LIMIT)
         _qkv_heads(vals, cs, sn, t, nh, nkv, hd, q16[i], qe[i], kt[b], kmax[b], vc[b], vmax[b], slot)
 
 
@@ -167,7 +173,7 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 #: This backend computes Gemma 3's forms of the shared steps: attention over a window with any
-#: scale, the MLP with the gate table it is given (gemma.steps_for).
+#: scale, the MLP with the gate table it is given, qkv with the q/k norms (gemma.steps_for).
 GEMMA_STEPS = True
 
 def _empty(shape, dtype) -> tuple[torch.Tensor, np.ndarray]:
@@ -214,8 +220,9 @@ def residual_add(x, y, mult, shift, exp) -> None:
     _residual_add(_np(x), _np(y), _np(mult), shift, _np(exp).reshape(-1))
 
 
-def qkv(y, mult, shift, bias, exp, cos, sin, B, T, nh, nkv, hd, kt, kmax, vc, vmax, slots):
-    """``slots`` [T] or [B*T], ``cos``/``sin`` [T, hd/2] or [B*T, hd/2] (ops_torch.qkv)."""
+def qkv(y, mult, shift, bias, exp, cos, sin, B, T, nh, nkv, hd, kt, kmax, vc, vmax, slots, qk_norm=None):
+    """``slots`` [T] or [B*T], ``cos``/``sin`` [T, hd/2] or [B*T, hd/2]; ``qk_norm`` (Gemma 3):
+    ``(q gain, shift, k gain, shift, eps)`` (ops_torch.qkv)."""
     _threads()
     per_row = slots.shape[0] == B * T != T
     slots2 = (slots.view(B, T) if per_row else slots.expand(B, T)).contiguous()
@@ -223,10 +230,17 @@ def qkv(y, mult, shift, bias, exp, cos, sin, B, T, nh, nkv, hd, kt, kmax, vc, vm
     q16, q16_a = _empty((B * T, nh, hd), np.int16)
     qe, qe_a = _empty((B * T, nh), np.int64)
     has_bias = bias is not None
-    b = _np(bias) if has_bias else np.zeros(1, dtype=np.int64)
+    b = _np(bias) if has_bias else _NONE
+    qg, qs, kg, ks, eps = (_np(qk_norm[0]), qk_norm[1], _np(qk_norm[2]), qk_norm[3], _np(qk_norm[4])) \
+        if qk_norm is not None else (_NONE, 0, _NONE, 0, _NONE)
     _qkv(_np(y), _np(mult), shift, b, has_bias, _np(exp).reshape(-1), _np(cos3.contiguous()), _np(sin3.contiguous()),
-         T, nh, nkv, hd, _np(kt), _np(kmax), _np(vc), _np(vmax), _np(slots2), q16_a, qe_a)
+         T, nh, nkv, hd, _np(kt), _np(kmax), _np(vc), _np(vmax), _np(slots2), q16_a, qe_a,
+         qk_norm is not None, qg, qs, kg, ks, eps)
     return q16, qe
+
+
+#: The empty stand-in for an absent bias or gain (int64, so one compiled signature serves both).
+_NONE = np.zeros(1, dtype=np.int64)
 
 
 def mlp(y, mult, shift, exp, sigmoid):

@@ -52,7 +52,7 @@ def _constants(device: torch.device) -> dict[str, torch.Tensor]:
 
 
 #: This backend computes Gemma 3's forms of the shared steps: attention over a window with any
-#: scale, the MLP with the gate table it is given (gemma.steps_for).
+#: scale, the MLP with the gate table it is given, qkv with the q/k norms (gemma.steps_for).
 GEMMA_STEPS = True
 
 def round_shift(x: torch.Tensor, s) -> torch.Tensor:
