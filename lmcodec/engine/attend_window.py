@@ -17,8 +17,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .cpu_rows import _EXP2, _JIT, njit, prange  # numba configured there (its cache directory, threads)
-from .spec import ATT_D_CAP, ATT_P_SHIFT, ATT_PRESHIFT, ATT_SHIFT, ATT_U_CAP
+from .cpu_rows import _EXP2, _JIT, _softmax_values, njit, prange  # numba configured there (cache, threads)
+from .spec import ATT_PRESHIFT
 
 
 @njit(parallel=True, **_JIT)
@@ -48,30 +48,8 @@ def _attend_window(q16, qe, kt, kmax, vc, vmax, crow, a, b, c, kpos, lowest, exp
             kr = kt[r, h, d]
             for m in range(cnt):
                 s[m] += qd * np.int32(kr[seen[m]])
-        z = np.empty(cnt, np.int64)
-        zmax = np.int64(-(1 << 62))
-        for m in range(cnt):
-            z[m] = np.int64(s[m]) * np.int64(kmax[r, h, seen[m]])
-            zmax = max(zmax, z[m])
-        sh = ATT_PRESHIFT - qe[n, head]
-        total = np.int64(0)
-        acc = np.zeros(hd, np.int64)
-        for m in range(cnt):
-            u = (min((zmax - z[m]) >> sh, ATT_D_CAP) * lc) >> ATT_SHIFT
-            if u >= ATT_U_CAP:
-                continue
-            p = exp2[u & 1023] >> ((u >> 10) + ATT_P_SHIFT)
-            if p == 0:
-                continue
-            total += p
-            j = seen[m]
-            w = p * np.int64(vmax[r, h, j])
-            vr = vc[r, h, j]
-            for d in range(hd):
-                acc[d] += w * np.int64(vr[d])
-        den = 127 * max(total, np.int64(1))       # no key seen: acc = 0, and the quotient is 0
-        for d in range(hd):
-            out[n, head, d] = (2 * acc[d] + den) // (2 * den)
+        _softmax_values(s, seen, cnt, kmax[r, h], vmax[r, h], vc[r, h], ATT_PRESHIFT - qe[n, head], lc, exp2,
+                        out[n, head])
 
 
 def attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c, kpos, lowest, lc: int) -> torch.Tensor:

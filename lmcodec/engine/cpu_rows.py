@@ -13,8 +13,10 @@ its threading layer (below) before any kernel compiles.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,10 +38,25 @@ from .spec import (
     RSQRT_BITS,
 )
 
+def _sources_digest() -> str:
+    """A digest of lmcodec's own source files, naming the directory of its compiled kernels.
+
+    numba's cache checks only the file that defines a kernel: a kernel that inlines
+    or calls a helper from another file (every kernel here inlines this module's)
+    would keep its compiled code after that helper changed.  A directory per
+    source digest means a kernel is only ever loaded by the code that compiled it.
+    """
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 if "NUMBA_CACHE_DIR" not in os.environ:  # site-packages may be read-only
     from .models import cache_dir
 
-    os.environ["NUMBA_CACHE_DIR"] = str(cache_dir() / "numba")
+    os.environ["NUMBA_CACHE_DIR"] = str(cache_dir() / "numba" / _sources_digest())
 
 import numba  # noqa: E402
 from numba import njit, prange  # noqa: E402  (the kernels import both from here)
@@ -207,6 +224,38 @@ def _threads() -> None:
         _THREADS.n = n
 
 
+@njit(inline="always", **_JIT)
+def _softmax_values(s, key_slots, cnt, kmax, vmax, vc, sh, lc, exp2, out):
+    """One query head's output from its scores ``s[m]`` against the keys in cache slots
+    ``key_slots[m]`` (m < cnt) of its row and KV head (``kmax``/``vmax`` [slots], ``vc``
+    [slots, hd]): the spec's z, its maximum, the fixed-point exponentials and the rounded
+    weighted mean of the values (docs/ENGINE.md, Attention).  No key (cnt 0): all zeros."""
+    hd = out.shape[0]
+    z = np.empty(cnt, np.int64)
+    zmax = np.int64(-(1 << 62))
+    for m in range(cnt):
+        z[m] = np.int64(s[m]) * np.int64(kmax[key_slots[m]])
+        zmax = max(zmax, z[m])
+    acc = np.zeros(hd, np.int64)
+    total = np.int64(0)
+    for m in range(cnt):
+        u = (min((zmax - z[m]) >> sh, ATT_D_CAP) * lc) >> ATT_SHIFT
+        if u >= ATT_U_CAP:
+            continue
+        p = exp2[u & 1023] >> ((u >> 10) + ATT_P_SHIFT)
+        if p == 0:
+            continue
+        total += p
+        j = key_slots[m]
+        w = p * np.int64(vmax[j])
+        vr = vc[j]
+        for d in range(hd):
+            acc[d] += w * np.int64(vr[d])
+    den = 127 * max(total, np.int64(1))       # a query always sees its own key, but a padding
+    for d in range(hd):                       # column of a local layer may see none: then 0
+        out[d] = (2 * acc[d] + den) // (2 * den)
+
+
 @njit(parallel=True, **_JIT)
 def _attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c, exp2, lc, out):  # pragma: no cover - compiled
     # One task per (query, query head): a decoding step's one query still splits into nh
@@ -233,29 +282,8 @@ def _attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c, exp2, lc, out):  # pragm
             kr2 = kr[off:off + n2]
             for j in range(n2):
                 s2[j] += qd * np.int32(kr2[j])
-        z = np.empty(length, np.int64)
-        acc = np.zeros(hd, np.int64)
-        zmax = np.int64(-(1 << 62))
+        key_slots = np.empty(length, np.int64)
         for jj in range(length):
-            j = jj if jj < n1 else off + jj - n1
-            z[jj] = np.int64(s[jj]) * np.int64(kmax[r, h, j])
-            zmax = max(zmax, z[jj])
-        sh = ATT_PRESHIFT - qe[n, head]
-        total = np.int64(0)
-        for jj in range(length):
-            dd = min((zmax - z[jj]) >> sh, ATT_D_CAP)
-            u = (dd * lc) >> ATT_SHIFT
-            if u >= ATT_U_CAP:
-                continue
-            p = exp2[u & 1023] >> ((u >> 10) + ATT_P_SHIFT)
-            if p == 0:
-                continue
-            total += p
-            j = jj if jj < n1 else off + jj - n1
-            w = p * np.int64(vmax[r, h, j])
-            vr = vc[r, h, j]
-            for d in range(hd):
-                acc[d] += w * np.int64(vr[d])
-        den = 127 * total
-        for d in range(hd):
-            out[n, head, d] = (2 * acc[d] + den) // (2 * den)
+            key_slots[jj] = jj if jj < n1 else off + jj - n1
+        _softmax_values(s, key_slots, length, kmax[r, h], vmax[r, h], vc[r, h], ATT_PRESHIFT - qe[n, head], lc,
+                        exp2, out[n, head])
