@@ -23,7 +23,8 @@ def per_query(*args):
     q16, qe, kt, kmax, vc, vmax, crow, a, b, c = args
     out = np.empty(tuple(q16.shape), dtype=np.int64)
     cpu_rows._attend(q16.numpy(), qe.numpy(), kt.numpy(), kmax.numpy(), vc.numpy(), vmax.numpy(), crow.numpy(),
-                     a.numpy(), b.numpy(), c.numpy(), cpu_rows._EXP2, fixedmath.att_log2e(q16.shape[-1]), out)
+                     a.numpy(), b.numpy(), c.numpy(), cpu_rows.NO_KEY_POSITIONS, cpu_rows.NO_LOWEST, False,
+                     cpu_rows._EXP2, fixedmath.att_log2e(q16.shape[-1]), out)
     return torch.from_numpy(out)
 
 

@@ -85,9 +85,15 @@ def bias_rates(rate: int = BIAS_RATE, cap: int = BIAS_COUNT_CAP) -> tuple[int, .
 
 
 @functools.cache
+def _rate_array() -> np.ndarray:
+    """:func:`bias_rates` as an int64 array, built once and only read (the CPU kernels, bias_cpu)."""
+    return np.asarray(bias_rates(BIAS_RATE, BIAS_COUNT_CAP), dtype=np.int64)
+
+
+@functools.cache
 def _rate_table(device: torch.device) -> torch.Tensor:
-    """:func:`bias_rates` as an int64 tensor, built once per device and only read (shared by every stream)."""
-    return torch.tensor(bias_rates(BIAS_RATE, BIAS_COUNT_CAP), dtype=torch.int64, device=device)
+    """:func:`_rate_array` as a tensor, made once per device and only read (shared by every stream)."""
+    return torch.as_tensor(_rate_array(), device=device)
 
 
 def biased_weights(u: torch.Tensor, bias: torch.Tensor | None, alphabet: int) -> torch.Tensor:
@@ -111,12 +117,6 @@ def bias_step(q: torch.Tensor, symbols: list[int], coded: torch.Tensor, bias: to
     down = torch.div(q * rate, q.sum(dim=1, keepdim=True), rounding_mode="floor").sum(dim=0)
     up = torch.zeros_like(down).index_add_(0, y, rate[y])
     return (bias + up - down).clamp(-BIAS_CAP, BIAS_CAP)
-
-
-@functools.cache
-def _rate_array() -> np.ndarray:
-    """:func:`bias_rates` as an int64 array for the CPU kernels (bias_cpu)."""
-    return np.asarray(bias_rates(BIAS_RATE, BIAS_COUNT_CAP), dtype=np.int64)
 
 
 @dataclass(frozen=True)

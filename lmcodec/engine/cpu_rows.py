@@ -38,6 +38,7 @@ from .spec import (
     RSQRT_BITS,
 )
 
+
 def _sources_digest() -> str:
     """A digest of lmcodec's own source files, naming the directory of its compiled kernels.
 
@@ -256,8 +257,17 @@ def _softmax_values(s, key_slots, cnt, kmax, vmax, vc, sh, lc, exp2, out):
         out[d] = (2 * acc[d] + den) // (2 * den)
 
 
+#: The window arguments of :func:`_attend` for a call without one (no local layer).
+NO_KEY_POSITIONS = np.zeros((1, 1), np.int64)
+NO_LOWEST = np.zeros(1, np.int64)
+
+
 @njit(parallel=True, **_JIT)
-def _attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c, exp2, lc, out):  # pragma: no cover - compiled
+def _attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c, kpos, lowest, windowed, exp2, lc,
+            out):  # pragma: no cover - compiled
+    """Attention of each query n over its key set ``[0, a) + [b, c)`` of cache row ``crow[n]``;
+    ``windowed`` (a local layer, Gemma 3): only the keys whose position ``kpos[row, slot]`` is
+    ``lowest[n]`` or later, gathered first, so a query costs its window, not the segment."""
     # One task per (query, query head): a decoding step's one query still splits into nh
     # tasks (9 for SmolLM2), where one per KV head (3) left one of two threads a third idle.
     n_q, nh, hd = q16.shape
@@ -269,21 +279,31 @@ def _attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c, exp2, lc, out):  # pragm
         h = head // group
         r = crow[n]
         n1 = a[n]
-        n2 = c[n] - b[n]
         off = b[n]
-        length = n1 + n2
-        s = np.zeros(length, np.int32)   # |s| < 2^31 for head dims up to 256
-        s2 = s[n1:]
-        for d in range(hd):
-            qd = np.int32(q16[n, head, d])
-            kr = kt[r, h, d]
-            for j in range(n1):
-                s[j] += qd * np.int32(kr[j])
-            kr2 = kr[off:off + n2]
-            for j in range(n2):
-                s2[j] += qd * np.int32(kr2[j])
-        key_slots = np.empty(length, np.int64)
-        for jj in range(length):
-            key_slots[jj] = jj if jj < n1 else off + jj - n1
-        _softmax_values(s, key_slots, length, kmax[r, h], vmax[r, h], vc[r, h], ATT_PRESHIFT - qe[n, head], lc,
+        n2 = max(c[n] - off, 0)
+        key_slots = np.empty(n1 + n2, np.int64)
+        cnt = 0
+        for jj in range(n1 + n2):
+            j = jj if jj < n1 else off + jj - n1
+            if not windowed or kpos[r, j] >= lowest[n]:
+                key_slots[cnt] = j
+                cnt += 1
+        s = np.zeros(cnt, np.int32)      # |s| < 2^31 for head dims up to 256
+        if windowed:
+            for d in range(hd):
+                qd = np.int32(q16[n, head, d])
+                kr = kt[r, h, d]
+                for m in range(cnt):
+                    s[m] += qd * np.int32(kr[key_slots[m]])
+        else:                            # the whole key set: two contiguous runs of slots
+            s2 = s[n1:]
+            for d in range(hd):
+                qd = np.int32(q16[n, head, d])
+                kr = kt[r, h, d]
+                for j in range(n1):
+                    s[j] += qd * np.int32(kr[j])
+                kr2 = kr[off:off + n2]
+                for j in range(n2):
+                    s2[j] += qd * np.int32(kr2[j])
+        _softmax_values(s, key_slots, cnt, kmax[r, h], vmax[r, h], vc[r, h], ATT_PRESHIFT - qe[n, head], lc,
                         exp2, out[n, head])

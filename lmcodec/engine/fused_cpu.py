@@ -34,6 +34,8 @@ from .cpu_rows import (
     _SIG_BITS,
     _SIG_SHIFT,
     _SIG_SPAN,
+    NO_KEY_POSITIONS,
+    NO_LOWEST,
     _attend,
     _clamp,
     _fit,
@@ -117,7 +119,7 @@ def _layer(x, eps, crow, ka, kb, kc, slots, cos, sin, exp2, lc, sig,
     for i in range(m_rows):
         r = crow[i]
         _qkv_heads(y[i], cos, sin, i, nh, nkv, hd, q16[i], qe[i], kt[r], kmax[r], vc[r], vmax[r], slots[i])
-    _attend(q16, qe, kt, kmax, vc, vmax, crow, ka, kb, kc, exp2, lc, o)
+    _attend(q16, qe, kt, kmax, vc, vmax, crow, ka, kb, kc, NO_KEY_POSITIONS, NO_LOWEST, False, exp2, lc, o)
     for i in range(m_rows):
         so[i] = _operand_row(o2[i], o16[i])
     for blk in prange((hidden + _BLOCK - 1) // _BLOCK):

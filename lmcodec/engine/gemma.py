@@ -9,8 +9,7 @@ last ``sliding_window`` positions, with their own RoPE base.
 Every step is the engine's backend's when it computes Gemma's forms
 (``GEMMA_STEPS``: the numba kernels and the tensor operations): the MLP with the
 table it is given, attention with a window and a scale, ``qkv`` with the q/k
-norms; the post-norm residual add is :mod:`lmcodec.engine.gemma_cpu`'s kernel
-beside the numba steps and tensor operations beside the tensor steps.  The
+norms, and ``add_normed``, the residual add through a post norm.  The
 fused CPU step and the Triton kernels compute a Llama layer only: on CUDA a
 Gemma model runs on the tensor operations (:func:`steps_for`).
 """
@@ -21,7 +20,7 @@ import torch
 
 from . import fixedmath, ops_torch
 from .models import ArchConfig
-from .spec import ACT_FRAC, RESID_LIMIT
+from .spec import ACT_FRAC
 
 
 def has_gemma_parts(arch: ArchConfig) -> bool:
@@ -60,7 +59,6 @@ def forward_layers(engine, mm, x: torch.Tensor, rope: dict, B: int, T: int, posi
     """
     a, ops, eps = engine.arch, engine.ops, engine._eps
     nh, nkv, hd = a.num_heads, a.num_kv_heads, a.head_dim
-    own = _own_steps(ops)
     lc = attention_constant(a)
     lowest = positions - a.sliding_window + 1 if a.sliding_window else None
     for li, layer in enumerate(engine.model.layers):
@@ -75,38 +73,18 @@ def forward_layers(engine, mm, x: torch.Tensor, rope: dict, B: int, T: int, posi
         o = ops.attend(q16, qe, cache.k[li], cache.kmax[li], cache.v[li], cache.vmax[li], crow, ka, kb, kc,
                        window, lc)
         o16, so = ops.operand(o.reshape(B * T, nh * hd))
-        _add(engine, own, mm(o16, layer.o.weight), x, so - ACT_FRAC, layer.o, layer.post_attn_gain,
-             layer.post_attn_gain_shift)
+        _add(ops, mm(o16, layer.o.weight), x, so - ACT_FRAC, layer.o, layer.post_attn_gain,
+             layer.post_attn_gain_shift, eps)
         h, e = ops.norm(x, layer.mlp_gain, layer.mlp_gain_shift, eps)
         lin = layer.gate_up
         a16, sa = ops.mlp(mm(h, lin.weight), lin.mult, lin.shift, e, engine._sigmoid)
-        _add(engine, own, mm(a16, layer.down.weight), x, sa - 2 * ACT_FRAC, layer.down, layer.post_mlp_gain,
-             layer.post_mlp_gain_shift)
+        _add(ops, mm(a16, layer.down.weight), x, sa - 2 * ACT_FRAC, layer.down, layer.post_mlp_gain,
+             layer.post_mlp_gain_shift, eps)
 
 
-def _own_steps(ops):
-    """Where Gemma's post-norm add runs: a numba kernel beside the numba steps
-    (:mod:`lmcodec.engine.gemma_cpu`), tensor operations beside the tensor steps.
-    (The q/k norms are part of each op set's ``qkv``.)"""
-    if ops is ops_torch:
-        return _TorchSteps
-    from . import gemma_cpu  # numba loads only where the CPU path runs
-    return gemma_cpu
-
-
-class _TorchSteps:
-    """Gemma's post-norm add as tensor operations (any device); gemma_cpu's interface."""
-
-    @staticmethod
-    def add_normed(x, y, mult, shift: int, exp, gain, gain_shift: int, eps) -> None:
-        y = ops_torch.requant(ops_torch.combine(y), mult, shift, exp, ACT_FRAC).clamp(-RESID_LIMIT, RESID_LIMIT)
-        y = ops_torch.norm16(y, gain, gain_shift, eps, RESID_LIMIT)
-        x.copy_((x + y).clamp(-RESID_LIMIT, RESID_LIMIT))
-
-
-def _add(engine, own, y: torch.Tensor, x: torch.Tensor, exp: torch.Tensor, lin, gain, gain_shift: int) -> None:
+def _add(ops, y: torch.Tensor, x: torch.Tensor, exp: torch.Tensor, lin, gain, gain_shift: int, eps) -> None:
     """x += the product ``y`` of an operand with ``lin``, RMS-normalized with ``gain`` first when there is one."""
     if gain is None:
-        engine.ops.residual_add(x, y, lin.mult, lin.shift, exp)
+        ops.residual_add(x, y, lin.mult, lin.shift, exp)
     else:
-        own.add_normed(x, y, lin.mult, lin.shift, exp, gain, gain_shift, engine._eps)
+        ops.add_normed(x, y, lin.mult, lin.shift, exp, gain, gain_shift, eps)

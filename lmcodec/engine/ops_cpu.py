@@ -17,13 +17,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import attend_gemm, attend_window, fixedmath
+from . import attend_gemm, fixedmath
 from .cpu_rows import (
     _EXP2,
     _JIT,
     _SIG_BITS,
     _SIG_SHIFT,
     _SIG_SPAN,
+    NO_KEY_POSITIONS,
+    NO_LOWEST,
     _attend,
     _clamp,
     _fit,
@@ -102,6 +104,19 @@ def _residual_add(x, y, mult, shift, exp):  # pragma: no cover - compiled
 
 
 @njit(parallel=True, **_JIT)
+def _add_normed(x, y, mult, shift, exp, gain, gain_shift, eps):  # pragma: no cover - compiled
+    m_rows, n = x.shape
+    for i in prange(m_rows):
+        c = shift - exp[i] - RESID_FRAC
+        v = np.empty(n, np.int64)
+        for j in range(n):
+            v[j] = _clamp(_requant((np.int64(y[i, j]) << 8) + np.int64(y[m_rows + i, j]), mult[j], c), RESID_LIMIT)
+        _norm16(v, 0, n, gain, gain_shift, eps, RESID_LIMIT)
+        for j in range(n):
+            x[i, j] = _clamp(x[i, j] + v[j], RESID_LIMIT)
+
+
+@njit(parallel=True, **_JIT)
 def _qkv(y, mult, shift, bias, has_bias, exp, cos, sin, n_t, nh, nkv, hd, kt, kmax, vc, vmax, slots,
          q16, qe, has_qk, qg, qs, kg, ks, eps):  # pragma: no cover - compiled
     m_rows = exp.shape[0]
@@ -173,8 +188,10 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 #: This backend computes Gemma 3's forms of the shared steps: attention over a window with any
-#: scale, the MLP with the gate table it is given, qkv with the q/k norms (gemma.steps_for).
+#: scale, the MLP with the gate table it is given, qkv with the q/k norms, and add_normed
+#: (gemma.steps_for).
 GEMMA_STEPS = True
+
 
 def _empty(shape, dtype) -> tuple[torch.Tensor, np.ndarray]:
     """A new output array and the tensor on the same memory (numpy allocates faster than torch.empty)."""
@@ -220,6 +237,12 @@ def residual_add(x, y, mult, shift, exp) -> None:
     _residual_add(_np(x), _np(y), _np(mult), shift, _np(exp).reshape(-1))
 
 
+def add_normed(x, y, mult, shift: int, exp, gain, gain_shift: int, eps) -> None:
+    """x += norm16(the product at 16 fractional bits, clamped), clamped, in one pass (ops_torch.add_normed)."""
+    _threads()
+    _add_normed(_np(x), _np(y), _np(mult), shift, _np(exp).reshape(-1), _np(gain), gain_shift, _np(eps))
+
+
 def qkv(y, mult, shift, bias, exp, cos, sin, B, T, nh, nkv, hd, kt, kmax, vc, vmax, slots, qk_norm=None):
     """``slots`` [T] or [B*T], ``cos``/``sin`` [T, hd/2] or [B*T, hd/2]; ``qk_norm`` (Gemma 3):
     ``(q gain, shift, k gain, shift, eps)`` (ops_torch.qkv)."""
@@ -259,17 +282,16 @@ def attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c, window=None, lc: int | No
     ``window`` (a local layer: key positions [rows, slots], each query's lowest visible
     position [N]) and ``lc`` (the scores' base-2 constant; default 1/sqrt(head dim)'s)
     as :func:`lmcodec.engine.ops_torch.attend`: a local layer's queries gather the keys
-    inside their window (:mod:`lmcodec.engine.attend_window`).
+    inside their window, one query at a time.
     """
     _threads()
     lc = fixedmath.att_log2e(q16.shape[-1]) if lc is None else lc
-    if window is not None:
-        return attend_window.attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c, window[0], window[1], lc)
-    if attend_gemm.usable(crow):
+    if window is None and attend_gemm.usable(crow):
         return attend_gemm.attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c, lc)
+    kpos, lowest = (_np(window[0]), _np(window[1])) if window is not None else (NO_KEY_POSITIONS, NO_LOWEST)
     out, out_a = _empty(tuple(q16.shape), np.int64)
     _attend(_np(q16), _np(qe), _np(kt), _np(kmax), _np(vc), _np(vmax), _np(crow), _np(a), _np(b), _np(c),
-            _EXP2, lc, out_a)
+            kpos, lowest, window is not None, _EXP2, lc, out_a)
     return out
 
 

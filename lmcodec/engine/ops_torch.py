@@ -52,8 +52,10 @@ def _constants(device: torch.device) -> dict[str, torch.Tensor]:
 
 
 #: This backend computes Gemma 3's forms of the shared steps: attention over a window with any
-#: scale, the MLP with the gate table it is given, qkv with the q/k norms (gemma.steps_for).
+#: scale, the MLP with the gate table it is given, qkv with the q/k norms, and add_normed
+#: (gemma.steps_for).
 GEMMA_STEPS = True
+
 
 def round_shift(x: torch.Tensor, s) -> torch.Tensor:
     """``x / 2^s`` rounded half up for s >= 0 (int or broadcastable tensor); an int s < 0 shifts left."""
@@ -110,25 +112,26 @@ def requant(y: torch.Tensor, mult: torch.Tensor, shift: int, exp: torch.Tensor, 
     return torch.where(c >= 0, right, left)
 
 
-def norm(x: torch.Tensor, gain: torch.Tensor, gain_shift: int, eps: torch.Tensor):
-    """RMSNorm of residual rows -> (int16 operand rows, exponent per row)."""
+def _rms_scaled(x: torch.Tensor, gain: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """An RMSNorm's ``t = xs G r`` per row (``xs`` the row pre-shifted below 2^15, ``r = isqrt(k 2^48 / d)``):
+    what the operand norm fits into int16 and Gemma's norm16 rounds to 16 fractional bits."""
     k = x.shape[-1]
     s = (bit_length(x.abs().amax(dim=-1, keepdim=True)) - 15).clamp(min=0)
     xs = round_shift(x, s)
     d = ((xs * xs).sum(dim=-1, keepdim=True) + k * eps[s]).clamp(min=1)
-    r = isqrt(torch.div(k << (2 * RSQRT_BITS), d, rounding_mode="floor"))
-    h, s2 = fit_rows(xs * gain * r, ACT_MAX)
+    return xs * gain * isqrt(torch.div(k << (2 * RSQRT_BITS), d, rounding_mode="floor"))
+
+
+def norm(x: torch.Tensor, gain: torch.Tensor, gain_shift: int, eps: torch.Tensor):
+    """RMSNorm of residual rows -> (int16 operand rows, exponent per row)."""
+    h, s2 = fit_rows(_rms_scaled(x, gain, eps), ACT_MAX)
     return h.to(torch.int16), s2 - RSQRT_BITS - gain_shift
 
 
 def norm16(x: torch.Tensor, gain: torch.Tensor, gain_shift: int, eps: torch.Tensor, limit: int) -> torch.Tensor:
     """Gemma's RMSNorms whose result is no product's operand (q and k per head, the outputs of
     attention and MLP): the RMSNorm's ``t = xs G r`` at 16 fractional bits, clamped to +-limit."""
-    k = x.shape[-1]
-    s = (bit_length(x.abs().amax(dim=-1, keepdim=True)) - 15).clamp(min=0)
-    xs = round_shift(x, s)
-    d = ((xs * xs).sum(dim=-1, keepdim=True) + k * eps[s]).clamp(min=1)
-    t = xs * gain * isqrt(torch.div(k << (2 * RSQRT_BITS), d, rounding_mode="floor"))
+    t = _rms_scaled(x, gain, eps)
     c = RSQRT_BITS + gain_shift - RESID_FRAC
     out = round_shift(t, c) if c >= 0 else t.clamp(-RESID_LIMIT, RESID_LIMIT) << min(-c, 20)
     return out.clamp(-limit, limit)
@@ -143,6 +146,13 @@ def operand(x: torch.Tensor, limit: int = ACT_MAX):
 def residual_add(x: torch.Tensor, y: torch.Tensor, mult: torch.Tensor, shift: int, exp: torch.Tensor) -> None:
     """x += the product at 16 fractional bits, clamped (in place)."""
     x.copy_((x + requant(combine(y), mult, shift, exp, RESID_FRAC)).clamp(-RESID_LIMIT, RESID_LIMIT))
+
+
+def add_normed(x: torch.Tensor, y: torch.Tensor, mult: torch.Tensor, shift: int, exp: torch.Tensor,
+               gain: torch.Tensor, gain_shift: int, eps: torch.Tensor) -> None:
+    """Gemma's post-norm add: x += norm16(the product at 16 fractional bits, clamped), clamped (in place)."""
+    v = requant(combine(y), mult, shift, exp, RESID_FRAC).clamp(-RESID_LIMIT, RESID_LIMIT)
+    x.copy_((x + norm16(v, gain, gain_shift, eps, RESID_LIMIT)).clamp(-RESID_LIMIT, RESID_LIMIT))
 
 
 def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
