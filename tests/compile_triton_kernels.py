@@ -23,7 +23,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from lmcodec.engine import ops_triton, ops_triton_attend  # noqa: E402
+from lmcodec.engine import ops_triton, ops_triton_attend, ops_triton_gemma  # noqa: E402
 
 #: Pointer arguments by name -> element type; other lower-case arguments are int32 scalars.
 POINTERS = {
@@ -31,19 +31,26 @@ POINTERS = {
     "shift_ptr": "i64", "y_ptr": "i32", "mult_ptr": "i64", "bias_ptr": "i64", "cos_ptr": "i64", "sin_ptr": "i64",
     "slots_ptr": "i64", "kt_ptr": "i8", "kmax_ptr": "i32", "vc_ptr": "i8", "vmax_ptr": "i32", "q_ptr": "i16",
     "qe_ptr": "i64", "sig_ptr": "i64", "crow_ptr": "i64", "a_ptr": "i64", "b_ptr": "i64", "c_ptr": "i64",
-    "exp2_ptr": "i32",
+    "exp2_ptr": "i32", "qg_ptr": "i64", "kg_ptr": "i64", "kpos_ptr": "i64", "low_ptr": "i64",
 }
-#: (kernel, element type of out_ptr, constexprs): the default tiles at SmolLM2's shapes.
+#: (kernel, element type of out_ptr, constexprs): the default tiles at SmolLM2's shapes, then
+#: Gemma 3 270M's forms (4 query heads over 1 KV head of 256 dims, q/k norms, windows, post norms).
 KERNELS = [
     (ops_triton._split_kernel, "i8", {"BLOCK": 1024}),
     (ops_triton._norm_kernel, "i16", {"BLOCK": 1024}),
     (ops_triton._operand_kernel, "i16", {"BLOCK": 1024}),
     (ops_triton._residual_add_kernel, "i64", {"BLOCK": 1024}),
-    (ops_triton._qkv_kernel, "i64", {"HAS_BIAS": False, "POS_PER_ROW": True, "SLOT_PER_ROW": True, "HEADS": 16,
-                                     "HALF": 32}),
+    (ops_triton._qkv_kernel, "i64", {"HAS_BIAS": False, "QK_NORM": False, "POS_PER_ROW": True,
+                                     "SLOT_PER_ROW": True, "HEADS": 16, "HALF": 32}),
     (ops_triton._mlp_kernel, "i16", {"BLOCK": 1024}),
     (ops_triton._gaps_kernel, "i64", {"BLOCK": 1024}),
-    (ops_triton_attend._attend_kernel, "i64", {"GROUP": 4, "PARTS": 4, "BYTES": 8, "HD_PAD": 64, "BLOCK_S": 64}),
+    (ops_triton_attend._attend_kernel, "i64", {"WINDOWED": False, "GROUP": 4, "PARTS": 4, "BYTES": 8, "HD_PAD": 64,
+                                               "BLOCK_S": 64}),
+    (ops_triton_gemma._add_normed_kernel, "i64", {"BLOCK": 1024}),
+    (ops_triton._qkv_kernel, "i64", {"HAS_BIAS": False, "QK_NORM": True, "POS_PER_ROW": True,
+                                     "SLOT_PER_ROW": True, "HEADS": 8, "HALF": 128}),
+    (ops_triton_attend._attend_kernel, "i64", {"WINDOWED": True, "GROUP": 4, "PARTS": 4, "BYTES": 8, "HD_PAD": 256,
+                                               "BLOCK_S": 64}),
 ]
 
 

@@ -76,8 +76,13 @@ class OnDevice:
     def __getattr__(self, name):
         fn = getattr(self.module, name)
 
+        def to_device(a):
+            if isinstance(a, tuple):                 # Gemma's q/k norms and attention window
+                return tuple(to_device(x) for x in a)
+            return a.to(DEVICE) if isinstance(a, torch.Tensor) else a
+
         def call(*args):
-            moved = [a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args]
+            moved = [to_device(a) for a in args]
             out = fn(*moved)
             for a, m in zip(args, moved):
                 if isinstance(a, torch.Tensor) and m is not a:
@@ -101,6 +106,7 @@ def test_the_module_is_the_cuda_backend_with_the_torch_op_set():
     assert _backend("cuda") is module
     assert all(callable(getattr(module, name)) for name in OPS)
     assert all(callable(getattr(ops_torch, name)) for name in OPS)
+    assert module.GEMMA_STEPS and callable(module.add_normed)          # Gemma 3's forms too
 
 
 def test_kernels_compile_for_the_gpu_and_the_cpu_path_never_imports_triton():
@@ -111,8 +117,10 @@ def test_kernels_compile_for_the_gpu_and_the_cpu_path_never_imports_triton():
     out = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
-    assert len(lines) == 8 and all("compiled for sm_90" in line for line in lines)
-    assert "mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32" in lines[-1]   # attend: int8 MMAs
+    assert len(lines) == 11 and all("compiled for sm_90" in line for line in lines)
+    attend = [line for line in lines if line.startswith("_attend_kernel")]
+    assert len(attend) == 2                                          # SmolLM2's and Gemma's (windowed, hd 256)
+    assert all("mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32" in line for line in attend)
 
 
 def test_split(ot):
@@ -214,13 +222,62 @@ def test_qkv_with_a_position_and_slot_per_row(ot):
     same(tuple(got_cache), tuple(want_cache))
 
 
-def test_mlp(ot):
+#: Gemma 3's q/k norms before RoPE at head dims 32 (the tiny Gemma) and 256 (Gemma 3 270M, one KV head); gain
+#: shifts that round right and, at -30, shift left past the 2^40 clamp.
+@pytest.mark.parametrize("hd,nh,shifts", [(32, 4, (14, 12)), (256, 4, (-30, 3))])
+def test_qkv_with_gemma_qk_norms(ot, hd, nh, shifts):
+    rng = np.random.default_rng(hd + 1)
+    B, T, nkv, rows, slots = 2, 2, 1, 3, 40
+    n = (nh + 2 * nkv) * hd
+    y = ints(rng, -(1 << 26), 1 << 26, (2 * B * T, n), torch.int32)
+    mult = ints(rng, 0, 1 << 24, (n,))
+    exp = torch.tensor([[-3], [10], [30], [6]])
+    cos, sin = fixedmath.rope_tables(Fraction(10000), hd, 5000)
+    cos, sin = torch.as_tensor(cos)[[17, 4999]], torch.as_tensor(sin)[[17, 4999]]
+    gains = ints(rng, -(1 << 15) + 1, (1 << 15) - 1, (2, hd))
+    norms = (gains[0], shifts[0], gains[1], shifts[1], _eps())
+    at = torch.tensor([0, slots - 1])
+
+    def run(ops):
+        cache = [torch.zeros((rows, nkv, hd, slots), dtype=torch.int8), torch.zeros((rows, nkv, slots), dtype=torch.int32),
+                 torch.zeros((rows, nkv, slots, hd), dtype=torch.int8), torch.zeros((rows, nkv, slots), dtype=torch.int32)]
+        return ops.qkv(y, mult, 45, None, exp, cos, sin, B, T, nh, nkv, hd, *cache, at, norms) + tuple(cache)
+
+    same(run(ot), run(ops_torch))
+
+
+def _eps():
+    """EPS[s] of SmolLM2's 1e-5 at 32 fractional bits (Engine._eps)."""
+    eps_q32 = 42950
+    return torch.tensor([(eps_q32 + (1 << (2 * s - 1))) >> (2 * s) if s else eps_q32 for s in range(64)])
+
+
+@pytest.mark.parametrize("gain_shift", [14, -20])
+def test_add_normed(ot, gain_shift):
+    """Gemma's post-norm add: the product's norm16 joins the residual (rounded right, or shifted left)."""
+    rng = np.random.default_rng(4)
+    m, n = 6, 70
+    x = ints(rng, -RESID_LIMIT, RESID_LIMIT, (m, n))
+    y = ints(rng, -(1 << 25), 1 << 25, (2 * m, n), torch.int32)
+    mult = ints(rng, 0, 1 << 24, (n,))
+    exp = torch.tensor([[44], [24], [20], [0], [-22], [-38]])
+    gain = ints(rng, -(1 << 15) + 1, (1 << 15) - 1, (n,))
+    x1, x2 = x.clone(), x.clone()
+    ot.add_normed(x1, y, mult, 40, exp, gain, gain_shift, _eps())
+    ops_torch.add_normed(x2, y, mult, 40, exp, gain, gain_shift, _eps())
+    same(x1, x2)
+    assert (x1.abs() == RESID_LIMIT).any() == (gain_shift < 0)      # the left shift drives sums to the clamp
+
+
+@pytest.mark.parametrize("table", ["sigmoid", "gelu"])
+def test_mlp(ot, table):
+    """SiLU's gate table (Llama) and GELU's (Gemma 3): the kernel takes the table it is given."""
     rng = np.random.default_rng(5)
     m, inter = 4, 48
     y = ints(rng, -(1 << 28), 1 << 28, (2 * m, 2 * inter), torch.int32)
     mult = ints(rng, 0, 1 << 24, (2 * inter,))
     exp = torch.tensor([[-10], [12], [20], [35]])
-    sigmoid = torch.as_tensor(fixedmath.sigmoid_table())
+    sigmoid = torch.as_tensor(fixedmath.sigmoid_table() if table == "sigmoid" else fixedmath.gelu_gate_table())
     got, want = ot.mlp(y, mult, 40, exp, sigmoid), ops_torch.mlp(y, mult, 40, exp, sigmoid)
     same(got, want)
     gu = ops_torch.requant(ops_torch.combine(y), mult, 40, exp, 16)
@@ -251,6 +308,31 @@ def test_attend(ot, hd, nh, nkv):
     # The caps bind: some score gaps pass ATT_D_CAP, so some keys weigh 0.
     z = q16[0, 0].long() @ kt[0, 0].long() * kmax[0, 0].long()
     assert ((z.max() - z) >> (19 - int(qe[0, 0]))).max() > ATT_D_CAP
+
+
+@pytest.mark.parametrize("hd", [32, 256])
+def test_attend_in_a_window_with_a_scale(ot, hd):
+    """Gemma 3's local layers: keys by position (some queries see part of their set, one none at all:
+    a padding column, 0), with query_pre_attn_scalar's constant; 4 query heads over 1 KV head."""
+    rng = np.random.default_rng(hd)
+    rows, slots, n, nh = 3, 80, 6, 4
+    kt = ints(rng, -127, 127, (rows, 1, hd, slots), torch.int8)
+    vc = ints(rng, -127, 127, (rows, 1, slots, hd), torch.int8)
+    kmax = ints(rng, 0, QKV_LIMIT, (rows, 1, slots), torch.int32)
+    vmax = ints(rng, 0, QKV_LIMIT, (rows, 1, slots), torch.int32)
+    q16 = ints(rng, -Q_MAX, Q_MAX, (n, nh, hd), torch.int16)
+    qe = ints(rng, 0, 10, (n, nh))
+    crow = torch.tensor([0, 1, 2, 2, 0, 1])
+    a = torch.tensor([3, 0, 33, 80, 20, 1])
+    b = torch.tensor([10, 0, 50, 80, 10, 1])
+    c = torch.tensor([75, 80, 50, 80, 60, 1])
+    kpos = ints(rng, 0, 200, (rows, slots))
+    lowest = torch.tensor([50, 100, 0, 150, 300, 0])               # query 4: no key at 300 or later
+    lc = fixedmath.att_log2e(24)
+    for window in (None, (kpos, lowest)):
+        got = ot.attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c, window, lc)
+        same(got, ops_torch.attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c, window, lc))
+    assert not got[4].any() and got[0].any()
 
 
 def test_gaps(ot):
@@ -331,6 +413,46 @@ def test_graph_step_with_guesses_on_triton_kernels(tiny_model_dir):
         with torch.inference_mode():
             pre = runner.prefill(engine, [tok.start_token])
             outs.append(guessed_passes(step(engine, pre, 2, 6, 40, spare=3), tok.vocab_size, 10, seed=9))
+    for (h1, e1), (h2, e2) in zip(*outs):
+        assert torch.equal(h1, h2) and torch.equal(e1, e2)
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma(tmp_path_factory, loaded_model):
+    """The 3-layer random Gemma 3 of tests/test_gemma.py, its window (4) and trained positions (10) shortened:
+    an interpreted kernel launch costs ~30 ms a program, so the test's passes are few and short."""
+    from conftest import load_tiny, make_tiny_gemma
+
+    d = tmp_path_factory.mktemp("tiny-gemma")
+    return load_tiny(make_tiny_gemma(d, loaded_model, max_positions=10, seed=3, window=4))
+
+
+def test_gemma_on_triton_kernels_equals_reference(tiny_gemma):
+    """Gemma 3 through Engine(ops=ops_triton) (its q/k norms, post norms, GELU table, windows and scale):
+    one parallel pass equals the reference, and the CUDA decoder's step (GraphStep) fed guesses gives the
+    CPU RowStep's outputs (numba) bit for bit, past the local window and the trained positions."""
+    from conftest import guessed_passes
+
+    from lmcodec.engine.reference import reference_run
+
+    im, tok = tiny_gemma
+    prefix, context = [tok.start_token, 11, 12], 8
+    inputs = np.random.default_rng(1).integers(0, im.arch.vocab_size, 14)
+    lam, exp = reference_run(im, prefix + inputs[:-1].tolist(), len(prefix), context, trained=10)
+    engine = Engine(im, DEVICE, ops=TRITON)
+    assert engine.ops is TRITON
+    with torch.inference_mode():
+        pre = runner.prefill(engine, prefix)
+        h, e = runner.score_segment(engine, pre, inputs[:-1], context)
+        lg = engine.logits(h, e)
+    start = len(prefix) - 1
+    assert np.array_equal(lg.exp.cpu().numpy().reshape(-1), exp[start:])
+    assert np.array_equal(lg.lam.cpu().numpy(), lam[start:])
+    outs = []
+    for engine, step in ((Engine(im, "cpu"), steps.RowStep), (Engine(im, DEVICE, ops=TRITON), steps.GraphStep)):
+        with torch.inference_mode():
+            pre = runner.prefill(engine, prefix)
+            outs.append(guessed_passes(step(engine, pre, 2, context, 30, spare=2), tok.vocab_size, 8, seed=4))
     for (h1, e1), (h2, e2) in zip(*outs):
         assert torch.equal(h1, h2) and torch.equal(e1, e2)
 

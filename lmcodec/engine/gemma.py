@@ -7,11 +7,11 @@ GELU (tanh form) from an integer table, and the "sliding" layers see only the
 last ``sliding_window`` positions, with their own RoPE base.
 
 Every step is the engine's backend's when it computes Gemma's forms
-(``GEMMA_STEPS``: the numba kernels and the tensor operations): the MLP with the
-table it is given, attention with a window and a scale, ``qkv`` with the q/k
-norms, and ``add_normed``, the residual add through a post norm.  The
-fused CPU step and the Triton kernels compute a Llama layer only: on CUDA a
-Gemma model runs on the tensor operations (:func:`steps_for`).
+(``GEMMA_STEPS``: the numba kernels, the tensor operations and the Triton
+kernels): the MLP with the table it is given, attention with a window and a
+scale, ``qkv`` with the q/k norms, and ``add_normed``, the residual add through
+a post norm.  The fused CPU step (one kernel per Llama layer) computes a Llama
+layer only, so a Gemma layer runs op by op (:func:`forward_layers`).
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Same functions, same integers as :mod:`lmcodec.engine.ops_torch` (the tensor-operation
 spelling of docs/ENGINE.md) and :mod:`lmcodec.engine.ops_cpu` (numba): the engine
-calls exactly ``split norm operand residual_add qkv mlp attend gaps`` through
-``Engine.ops``, and ``engine._backend("cuda")`` returns this module.  Each
+calls exactly ``split norm operand residual_add qkv mlp attend gaps`` (and Gemma 3's
+``add_normed``) through ``Engine.ops``, and ``engine._backend("cuda")`` returns this module.  Each
 ``@triton.jit`` kernel sits directly above its launcher; a launcher checks
 shapes and spec limits, allocates its outputs and launches, nothing more.
 
@@ -16,7 +16,8 @@ products are ``tl.dot`` on int8 with int32 sums, which are exact; and a tile
 size only changes the order of exact sums and maxima, never their value
 (``tests/test_ops_triton.py`` runs two tile configurations against ops_torch).
 
-Attention (``attend``) lives in :mod:`lmcodec.engine.ops_triton_attend`, the shared
+Attention (``attend``) lives in :mod:`lmcodec.engine.ops_triton_attend`, Gemma 3's
+post-norm add and q/k norms in :mod:`lmcodec.engine.ops_triton_gemma`, the shared
 constants, integer primitives, tile sizes and shape checks in
 :mod:`lmcodec.engine.triton_int`.  Import these only where the Triton backend is
 used: they import triton, which CPU-only installs need not have.  A CUDA graph
@@ -31,8 +32,10 @@ import triton
 import triton.language as tl
 
 from . import fixedmath, spec
+from . import ops_triton_gemma as tg
 from . import triton_int as ti
 from .ops_triton_attend import attend  # noqa: F401  (the op set: split norm operand residual_add qkv mlp attend gaps)
+from .ops_triton_gemma import add_normed  # noqa: F401  (and Gemma 3's post-norm add)
 from .triton_int import (
     ACT_FRAC,
     ACT_MAX,
@@ -65,6 +68,11 @@ from .triton_int import (
     requant,
     rshift,
 )
+
+#: This backend computes Gemma 3's forms of the shared steps: attention over a window with any
+#: scale, the MLP with the gate table it is given, qkv with the q/k norms, and add_normed
+#: (gemma.steps_for).
+GEMMA_STEPS = True
 
 
 # -- split ---------------------------------------------------------------------------------
@@ -103,16 +111,7 @@ def _norm_kernel(x_ptr, gain_ptr, eps_ptr, out_ptr, exp_ptr, n_cols, gain_shift,
         cols = c0 + tl.arange(0, BLOCK)
         xs = rshift(tl.load(base + cols, mask=cols < n_cols, other=0), s)
         ss += tl.sum(xs * xs)                                # |xs| <= 2^15: < 2^30 per entry
-    d = tl.maximum(ss + n_cols * tl.load(eps_ptr + s), 1)
-    n = (n_cols.to(tl.int64) << (2 * RSQRT_BITS)) // d     # both positive: // is the floor
-    # isqrt(n), n < 2^60: an IEEE float64 square root (within 1 of the root), one integer
-    # Newton step (in case the device's root were less precise), then exact corrections.
-    r = tl.sqrt(n.to(tl.float64)).to(tl.int64)
-    r = tl.maximum(r, 1)
-    r = (r + n // r) >> 1
-    for _ in tl.static_range(2):
-        r = tl.where(r * r > n, r - 1, r)
-        r = tl.where((r + 1) * (r + 1) <= n, r + 1, r)
+    r = ti.rms_root(ss, n_cols, tl.load(eps_ptr + s))
     mt = tl.full((), 0, tl.int64)
     for c0 in range(0, n_cols, BLOCK):
         cols = c0 + tl.arange(0, BLOCK)
@@ -201,12 +200,13 @@ def residual_add(x: torch.Tensor, y: torch.Tensor, mult: torch.Tensor, shift: in
 # -- qkv -----------------------------------------------------------------------------------
 @triton.jit
 def _qkv_kernel(y_ptr, mult_ptr, bias_ptr, exp_ptr, cos_ptr, sin_ptr, slots_ptr, kt_ptr, kmax_ptr, vc_ptr,
-                vmax_ptr, q_ptr, qe_ptr, n_rows, n_t, shift, nh, nkv, hd,
+                vmax_ptr, q_ptr, qe_ptr, qg_ptr, kg_ptr, eps_ptr, n_rows, n_t, shift, nh, nkv, hd, c_q, c_k,
                 skt_r, skt_h, skt_d, skm_r, skm_h, svc_r, svc_h, svc_s, svm_r, svm_h,
-                HAS_BIAS: tl.constexpr, POS_PER_ROW: tl.constexpr, SLOT_PER_ROW: tl.constexpr,
-                HEADS: tl.constexpr, HALF: tl.constexpr):
+                HAS_BIAS: tl.constexpr, QK_NORM: tl.constexpr, POS_PER_ROW: tl.constexpr,
+                SLOT_PER_ROW: tl.constexpr, HEADS: tl.constexpr, HALF: tl.constexpr):
     """Every head vector of one row, a head per tile row (first halves | second halves):
-    requantize, bias, clamp; RoPE (q, k); the int16 queries and the int8 cache write."""
+    requantize, bias, clamp; Gemma's q/k norms (QK_NORM); RoPE (q, k); the int16 queries and
+    the int8 cache write."""
     row = tl.program_id(0).to(tl.int64)
     hh = tl.arange(0, HEADS)[:, None]                        # q heads, then k heads, then v heads
     d = tl.arange(0, HALF)[None, :]
@@ -223,6 +223,8 @@ def _qkv_kernel(y_ptr, mult_ptr, bias_ptr, exp_ptr, cos_ptr, sin_ptr, slots_ptr,
         x2 += tl.load(bias_ptr + col2, mask=mask, other=0)
     x1 = tl.minimum(tl.maximum(x1, -QKV_LIMIT), QKV_LIMIT)
     x2 = tl.minimum(tl.maximum(x2, -QKV_LIMIT), QKV_LIMIT)
+    if QK_NORM:
+        x1, x2 = tg.qk_norm(x1, x2, hh, d, mask, nh, nkv, hd, qg_ptr, kg_ptr, eps_ptr, c_q, c_k)
     t = row % n_t
     b = row // n_t
     at = row if POS_PER_ROW else t                          # the row's position (a table row)
@@ -258,13 +260,14 @@ def _qkv_kernel(y_ptr, mult_ptr, bias_ptr, exp_ptr, cos_ptr, sin_ptr, slots_ptr,
     tl.store(vmax_ptr + b * svm_r + (hh - nh - nkv) * svm_h + slot, mx.to(tl.int32), mask=is_v)
 
 
-def qkv(y, mult, shift, bias, exp, cos, sin, B, T, nh, nkv, hd, kt, kmax, vc, vmax, slots):
+def qkv(y, mult, shift, bias, exp, cos, sin, B, T, nh, nkv, hd, kt, kmax, vc, vmax, slots, qk_norm=None):
     """q/k/v from the qkv product: RoPE, the int8 cache write at ``slots``, the int16 queries.
 
     Row ``i = b T + t`` takes its RoPE rows from ``cos``/``sin`` and its cache slot
     from ``slots`` either per position (``[T]`` rows, shared by the B rows: ops_torch's
     contract) or per row (``[B T]``: every row its own position and slot); with
-    B = 1 the two are the same.
+    B = 1 the two are the same.  ``qk_norm`` (Gemma 3): ``(q gain, shift, k gain, shift,
+    eps)``, the per-head norm16 of q and k before RoPE (ops_torch.qkv).
     """
     m, n = B * T, (nh + 2 * nkv) * hd
     expect(y, torch.int32, 2, 2 * m, n)
@@ -279,15 +282,25 @@ def qkv(y, mult, shift, bias, exp, cos, sin, B, T, nh, nkv, hd, kt, kmax, vc, vm
     check_cache(kt, kmax, vc, vmax, nkv, hd)
     if kt.shape[0] < B or nh % nkv or hd % 2 or hd > spec.MAX_HEAD_DIM:
         raise ValueError(f"qkv: {B} rows into a cache of {kt.shape[0]}, {nh} heads over {nkv}, head dim {hd}")
+    if qk_norm is not None:
+        qg, qs, kg, ks, eps = qk_norm
+        expect(qg, torch.int64, 1, hd)
+        expect(kg, torch.int64, 1, hd)
+        expect(eps, torch.int64, 1, 64)
+        qg, kg, eps = qg.contiguous(), kg.contiguous(), eps.contiguous()
+        c_q, c_k = (spec.RSQRT_BITS + s - spec.RESID_FRAC for s in (qs, ks))
+    else:
+        qg = kg = eps = mult                                 # not read (QK_NORM off)
+        c_q = c_k = 0
     q16 = torch.empty((m, nh, hd), dtype=torch.int16, device=y.device)
     qe = torch.empty((m, nh), dtype=torch.int64, device=y.device)
     if m:
         _qkv_kernel[(m,)](
             y.contiguous(), mult.contiguous(), mult if bias is None else bias.contiguous(), exp.contiguous(),
-            cos.contiguous(), sin.contiguous(), slots.contiguous(), kt, kmax, vc, vmax, q16, qe, m, T, shift,
-            nh, nkv, hd, kt.stride(0), kt.stride(1), kt.stride(2), kmax.stride(0), kmax.stride(1),
+            cos.contiguous(), sin.contiguous(), slots.contiguous(), kt, kmax, vc, vmax, q16, qe, qg, kg, eps, m, T,
+            shift, nh, nkv, hd, c_q, c_k, kt.stride(0), kt.stride(1), kt.stride(2), kmax.stride(0), kmax.stride(1),
             vc.stride(0), vc.stride(1), vc.stride(2), vmax.stride(0), vmax.stride(1),
-            HAS_BIAS=bias is not None, POS_PER_ROW=pos_per_row, SLOT_PER_ROW=slot_per_row,
+            HAS_BIAS=bias is not None, QK_NORM=qk_norm is not None, POS_PER_ROW=pos_per_row, SLOT_PER_ROW=slot_per_row,
             HEADS=triton.next_power_of_2(nh + 2 * nkv),     # SmolLM2: 9 + 3 + 3 head vectors -> 16 tile rows
             HALF=triton.next_power_of_2(hd // 2))            # a RoPE half (32 of 64) per tile column
     return q16, qe

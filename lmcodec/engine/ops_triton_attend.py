@@ -33,9 +33,10 @@ from .triton_int import (
 
 
 @triton.jit
-def _scores(q_parts, k_base, km_base, skd, j0, lo, hi, hd, GROUP: tl.constexpr, PARTS: tl.constexpr,
-            HD_PAD: tl.constexpr, BLOCK_S: tl.constexpr):
+def _scores(q_parts, k_base, km_base, skd, kp_base, low, j0, lo, hi, hd, WINDOWED: tl.constexpr,
+            GROUP: tl.constexpr, PARTS: tl.constexpr, HD_PAD: tl.constexpr, BLOCK_S: tl.constexpr):
     """z = (q16 . k8) * kmax for the keys j0 .. j0 + BLOCK_S of [lo, hi): [GROUP, BLOCK_S] int64.
+    WINDOWED (a local layer of Gemma 3): only keys whose position (``kp_base[j]``) is ``low`` or later.
 
     One int8 MMA: ``q_parts`` stacks the group's queries as PARTS blocks of rows
     (hi, lo, then zeros up to NVIDIA's 16 rows), with q16 = 256 hi + lo + 128,
@@ -45,6 +46,8 @@ def _scores(q_parts, k_base, km_base, skd, j0, lo, hi, hd, GROUP: tl.constexpr, 
     """
     j = j0 + tl.arange(0, BLOCK_S)
     valid = (j >= lo) & (j < hi)
+    if WINDOWED:
+        valid = valid & (tl.load(kp_base + j, mask=valid, other=0) >= low)
     d = tl.arange(0, HD_PAD)
     k = tl.load(k_base + d[:, None] * skd + j[None, :], mask=(d[:, None] < hd) & valid[None, :], other=0)
     y = tl.reshape(tl.dot(q_parts, k, out_dtype=tl.int32), (PARTS, GROUP, BLOCK_S))
@@ -56,19 +59,20 @@ def _scores(q_parts, k_base, km_base, skd, j0, lo, hi, hd, GROUP: tl.constexpr, 
 
 
 @triton.jit
-def _max_score(zmax, q_parts, k_base, km_base, skd, lo, hi, hd, GROUP: tl.constexpr, PARTS: tl.constexpr,
-               HD_PAD: tl.constexpr, BLOCK_S: tl.constexpr):
+def _max_score(zmax, q_parts, k_base, km_base, skd, kp_base, low, lo, hi, hd, WINDOWED: tl.constexpr,
+               GROUP: tl.constexpr, PARTS: tl.constexpr, HD_PAD: tl.constexpr, BLOCK_S: tl.constexpr):
     """Pass 1 over the keys [lo, hi): the running max of z per head."""
     for j0 in range(lo, hi, BLOCK_S):
-        z, j, valid = _scores(q_parts, k_base, km_base, skd, j0, lo, hi, hd, GROUP, PARTS, HD_PAD, BLOCK_S)
+        z, j, valid = _scores(q_parts, k_base, km_base, skd, kp_base, low, j0, lo, hi, hd, WINDOWED, GROUP, PARTS,
+                              HD_PAD, BLOCK_S)
         zmax = tl.maximum(zmax, tl.max(tl.where(valid[None, :], z, NO_KEY), axis=1))
     return zmax
 
 
 @triton.jit
-def _value_sums(tot, acc, zmax, sh, q_parts, k_base, km_base, skd, v_base, vm_base, svs, exp2_ptr, lc,
-                lo, hi, hd, GROUP: tl.constexpr, PARTS: tl.constexpr, BYTES: tl.constexpr,
-                HD_PAD: tl.constexpr, BLOCK_S: tl.constexpr):
+def _value_sums(tot, acc, zmax, sh, q_parts, k_base, km_base, skd, kp_base, low, v_base, vm_base, svs, exp2_ptr,
+                lc, lo, hi, hd, WINDOWED: tl.constexpr, GROUP: tl.constexpr, PARTS: tl.constexpr,
+                BYTES: tl.constexpr, HD_PAD: tl.constexpr, BLOCK_S: tl.constexpr):
     """Pass 2 over the keys [lo, hi): p per key (the fixed-point softmax), tot += sum p, acc += sum p vmax v8.
 
     w = p * vmax is in [0, 2^40) (p <= 2^16, vmax < 2^24), so w = sum_{b<5} 256^b (byte_b - 128)
@@ -85,7 +89,8 @@ def _value_sums(tot, acc, zmax, sh, q_parts, k_base, km_base, skd, v_base, vm_ba
     # interpreter does not).  Padding rows hold zero digits, so their products are 0 at shift 0.
     shift = tl.where(byte < 5, byte * 8, 0)
     for j0 in range(lo, hi, BLOCK_S):
-        z, j, valid = _scores(q_parts, k_base, km_base, skd, j0, lo, hi, hd, GROUP, PARTS, HD_PAD, BLOCK_S)
+        z, j, valid = _scores(q_parts, k_base, km_base, skd, kp_base, low, j0, lo, hi, hd, WINDOWED, GROUP, PARTS,
+                              HD_PAD, BLOCK_S)
         # zmax >= z on every valid key; the clamp at 0 only touches masked lanes (no negative shifts).
         # From here on int32 does: d <= 2^30, and (d * lc) >> 36 is the high word of the
         # 64-bit product (d, lc < 2^31) shifted by 4; u <= 17 * 1024; EXP2 <= 2^30; p <= 2^16.
@@ -104,11 +109,12 @@ def _value_sums(tot, acc, zmax, sh, q_parts, k_base, km_base, skd, v_base, vm_ba
 
 
 @triton.jit
-def _attend_kernel(q_ptr, qe_ptr, kt_ptr, kmax_ptr, vc_ptr, vmax_ptr, crow_ptr, a_ptr, b_ptr, c_ptr, exp2_ptr,
-                   out_ptr, nh, hd, group, lc, skt_r, skt_h, skt_d, skm_r, skm_h, svc_r, svc_h, svc_s,
-                   svm_r, svm_h, GROUP: tl.constexpr, PARTS: tl.constexpr, BYTES: tl.constexpr,
-                   HD_PAD: tl.constexpr, BLOCK_S: tl.constexpr):
-    """One query's heads of one KV head over its key set [0, a) + [max(a, b), c) of cache row crow.
+def _attend_kernel(q_ptr, qe_ptr, kt_ptr, kmax_ptr, vc_ptr, vmax_ptr, crow_ptr, a_ptr, b_ptr, c_ptr, kpos_ptr,
+                   low_ptr, exp2_ptr, out_ptr, nh, hd, group, lc, skt_r, skt_h, skt_d, skm_r, skm_h, svc_r, svc_h,
+                   svc_s, svm_r, svm_h, skp_r, WINDOWED: tl.constexpr, GROUP: tl.constexpr, PARTS: tl.constexpr,
+                   BYTES: tl.constexpr, HD_PAD: tl.constexpr, BLOCK_S: tl.constexpr):
+    """One query's heads of one KV head over its key set [0, a) + [max(a, b), c) of cache row crow
+    (WINDOWED: only its keys at position ``low[n]`` or later, by the cache's key positions ``kpos``).
 
     Two passes, because p depends on the maximum over the whole set through floors
     and a table (no exact rescaling as in flash attention): pass 1 reads K for the
@@ -135,22 +141,32 @@ def _attend_kernel(q_ptr, qe_ptr, kt_ptr, kmax_ptr, vc_ptr, vmax_ptr, crow_ptr, 
     km_base = kmax_ptr + r * skm_r + h * skm_h
     v_base = vc_ptr + r * svc_r + h * svc_h
     vm_base = vmax_ptr + r * svm_r + h * svm_h
+    kp_base = kpos_ptr + r * skp_r
+    low = tl.load(low_ptr + n)                               # (without WINDOWED: a dummy, never compared)
     zmax = tl.full([GROUP], NO_KEY, tl.int64)
-    zmax = _max_score(zmax, q_parts, k_base, km_base, skt_d, 0, a, hd, GROUP, PARTS, HD_PAD, BLOCK_S)
-    zmax = _max_score(zmax, q_parts, k_base, km_base, skt_d, b, c, hd, GROUP, PARTS, HD_PAD, BLOCK_S)
+    zmax = _max_score(zmax, q_parts, k_base, km_base, skt_d, kp_base, low, 0, a, hd, WINDOWED, GROUP, PARTS, HD_PAD,
+                      BLOCK_S)
+    zmax = _max_score(zmax, q_parts, k_base, km_base, skt_d, kp_base, low, b, c, hd, WINDOWED, GROUP, PARTS, HD_PAD,
+                      BLOCK_S)
     tot = tl.zeros([GROUP], tl.int64)
     acc = tl.zeros([GROUP, HD_PAD], tl.int64)
-    tot, acc = _value_sums(tot, acc, zmax, sh, q_parts, k_base, km_base, skt_d, v_base, vm_base, svc_s,
-                           exp2_ptr, lc, 0, a, hd, GROUP, PARTS, BYTES, HD_PAD, BLOCK_S)
-    tot, acc = _value_sums(tot, acc, zmax, sh, q_parts, k_base, km_base, skt_d, v_base, vm_base, svc_s,
-                           exp2_ptr, lc, b, c, hd, GROUP, PARTS, BYTES, HD_PAD, BLOCK_S)
-    den = 127 * tot                                          # the best key has p = 2^16: den > 0
+    tot, acc = _value_sums(tot, acc, zmax, sh, q_parts, k_base, km_base, skt_d, kp_base, low, v_base, vm_base,
+                           svc_s, exp2_ptr, lc, 0, a, hd, WINDOWED, GROUP, PARTS, BYTES, HD_PAD, BLOCK_S)
+    tot, acc = _value_sums(tot, acc, zmax, sh, q_parts, k_base, km_base, skt_d, kp_base, low, v_base, vm_base,
+                           svc_s, exp2_ptr, lc, b, c, hd, WINDOWED, GROUP, PARTS, BYTES, HD_PAD, BLOCK_S)
+    # The best key has p = 2^16, so den > 0 -- except for a padding column of a local layer (it reads
+    # slot 0, outside its window): no key, tot = acc = 0, and it gets 0 (discarded), as in ops_torch.
+    den = 127 * tot
     out = floor_div(2 * acc + den[:, None], 2 * tl.maximum(den, 1)[:, None])
     tl.store(out_ptr + rows[:, None] * hd + dq[None, :], out, mask=mask)
 
 
-def attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c) -> torch.Tensor:
-    """Exact attention (docs/ENGINE.md): query n over slots [0, a[n]) + [b[n], c[n]) of cache row crow[n]."""
+def attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c, window=None, lc: int | None = None) -> torch.Tensor:
+    """Exact attention (docs/ENGINE.md): query n over slots [0, a[n]) + [b[n], c[n]) of cache row crow[n].
+
+    ``window`` (a local layer, Gemma 3): ``(key positions [rows, slots], lowest position [N])``;
+    ``lc``: the scores' base-2 constant (default: that of 1/sqrt(head dim)); ops_torch.attend's contract.
+    """
     expect(q16, torch.int16, 3)
     n_q, nh, hd = q16.shape
     nkv = kt.shape[1]
@@ -166,14 +182,22 @@ def attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c) -> torch.Tensor:
     n_bytes = max(8, MIN_DOT // group)                       # 5 bytes of w, zeros: the PV operand too
     hd_pad = max(MIN_DOT_K, triton.next_power_of_2(hd))      # zero dims pad the QK reduction to >= 32
     assert ti.BLOCKS.keys >= MIN_DOT_K, "the PV product reduces over ti.BLOCKS.keys keys: int8 MMA needs >= 32"
-    lc = fixedmath.att_log2e(hd)
+    if window is not None:
+        kpos, lowest = window
+        expect(kpos, torch.int64, 2, kt.shape[0], kt.shape[3])
+        expect(lowest, torch.int64, 1, n_q)
+        if kpos.stride(1) != 1:
+            raise ValueError("key positions need their slots contiguous")
+    else:
+        kpos, lowest = crow, crow                            # not read (WINDOWED off)
+    lc = lc or fixedmath.att_log2e(hd)
     assert 0 < lc < 1 << 31, "the kernel takes (d * LOG2E_ATT) >> 36 as a 32-bit high multiply"
     out = torch.empty((n_q, nh, hd), dtype=torch.int64, device=q16.device)
     if n_q:
         _attend_kernel[(n_q, nkv)](
             q16.contiguous(), qe.contiguous(), kt, kmax, vc, vmax, crow.contiguous(), a.contiguous(),
-            b.contiguous(), c.contiguous(), exp2_table(q16.device, torch.int32), out, nh, hd, nh // nkv, lc,
-            kt.stride(0), kt.stride(1), kt.stride(2), kmax.stride(0), kmax.stride(1),
-            vc.stride(0), vc.stride(1), vc.stride(2), vmax.stride(0), vmax.stride(1),
-            GROUP=group, PARTS=parts, BYTES=n_bytes, HD_PAD=hd_pad, BLOCK_S=ti.BLOCKS.keys)
+            b.contiguous(), c.contiguous(), kpos, lowest.contiguous(), exp2_table(q16.device, torch.int32), out, nh,
+            hd, nh // nkv, lc, kt.stride(0), kt.stride(1), kt.stride(2), kmax.stride(0), kmax.stride(1),
+            vc.stride(0), vc.stride(1), vc.stride(2), vmax.stride(0), vmax.stride(1), kpos.stride(0),
+            WINDOWED=window is not None, GROUP=group, PARTS=parts, BYTES=n_bytes, HD_PAD=hd_pad, BLOCK_S=ti.BLOCKS.keys)
     return out

@@ -118,6 +118,35 @@ def requant(y, mult, c):
 
 
 @triton.jit
+def isqrt(n):
+    """floor(sqrt(n)) for 0 <= n < 2^60: an IEEE float64 square root (within 1 of the root), one
+    integer Newton step (in case the device's root were less precise), then exact corrections."""
+    r = tl.maximum(tl.sqrt(n.to(tl.float64)).to(tl.int64), 1)
+    r = (r + n // r) >> 1
+    for _ in tl.static_range(2):
+        r = tl.where(r * r > n, r - 1, r)
+        r = tl.where((r + 1) * (r + 1) <= n, r + 1, r)
+    return r
+
+
+@triton.jit
+def rms_root(ss, k, eps_s):
+    """An RMSNorm's ``r = isqrt(k 2^48 / d)`` with d = max(ss + k eps[s], 1) (docs/ENGINE.md, RMSNorm)."""
+    d = tl.maximum(ss + k * eps_s, 1)
+    return isqrt((k.to(tl.int64) << (2 * RSQRT_BITS)) // d)   # both positive: // is the floor
+
+
+@triton.jit
+def norm16_out(t, c, limit):
+    """Gemma's norm16 from ``t = xs G r``: rshift(t, c) for c >= 0, else clamp(t, +-2^40) << min(-c, 20);
+    clamped to +-limit (ops_torch.norm16)."""
+    c = c.to(tl.int64)
+    right = rshift(t, tl.minimum(tl.maximum(c, 0), MAX_SHIFT))
+    left = tl.minimum(tl.maximum(t, -RESID_LIMIT), RESID_LIMIT) << tl.minimum(tl.maximum(-c, 0), 20)
+    return tl.minimum(tl.maximum(tl.where(c >= 0, right, left), -limit), limit)
+
+
+@triton.jit
 def row_absmax(base, n_cols, BLOCK: tl.constexpr):
     """The largest magnitude of a row of ``n_cols`` int64 values at ``base`` (norm, operand), in tiles of BLOCK."""
     m = tl.full((), 0, tl.int64)
