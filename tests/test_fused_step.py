@@ -16,7 +16,8 @@ import torch
 from conftest import load_tiny, make_tiny_llama
 
 from lmcodec.engine import fused_cpu, ops_cpu
-from lmcodec.engine.engine import Engine, KVCache
+from lmcodec.engine.engine import Engine
+from lmcodec.engine.kvcache import KVCache
 
 
 @pytest.fixture(scope="module")

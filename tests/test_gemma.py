@@ -127,10 +127,12 @@ def test_steps_in_a_batch_equal_reference(gemma, ops):
 
 
 @BACKENDS
-def test_rows_at_their_own_positions_past_trained_positions_equal_reference(gemma, ops):
-    """RowStep: rows started at different steps, one refilled, through the ring and moves of the prefix."""
+@pytest.mark.parametrize("context", [9, 14])
+def test_rows_at_their_own_positions_past_trained_positions_equal_reference(gemma, ops, context):
+    """RowStep: rows started at different steps, one refilled, through the ring and moves of the prefix.
+    Context 14 (a window of 11 after the prefix): the local layers keep a ring of their own 8 positions;
+    context 9 (a window of 6): theirs is the window's length too."""
     im, tok = gemma
-    context = 9
     prefix = [tok.start_token, 11, 12]
     seqs = [np.array(_seq(im, n, 10 + n)) for n in (26, 9, 13)]
     plan = [(0, 0, 0), (1, 1, 2), (2, 1, 12)]
@@ -138,11 +140,43 @@ def test_rows_at_their_own_positions_past_trained_positions_equal_reference(gemm
     with torch.inference_mode():
         pre = runner.prefill(engine, prefix)
         run = steps.RowStep(engine, pre, 2, context, max(len(s) for s in seqs))
+        assert [k.shape[-1] for k in run.cache.k] == [3 + min(8, context - 3)] * 2 + [context]
         got = rows_by_plan(engine, run, seqs, plan, 27)
     for s, seq in enumerate(seqs):
         lam, exp = _reference(im, prefix, seq.tolist(), context, trained=TRAINED)
         assert np.array_equal(np.array(got[s][1]), exp), f"sequence {s}"
         assert np.array_equal(np.stack(got[s][0]), lam), f"sequence {s}"
+
+
+def test_local_layers_own_ring_gives_the_shared_slots_outputs_with_guesses(gemma):
+    """RowStep fed guesses (rows with different k, guesses held or not, restarts) with the local layers
+    in a ring of their own 8 + spare slots gives, pass for pass, what it gives with the local layers in
+    the global layers' slots (a window of 11 + spare), across both rings and moves of the prefix."""
+    from conftest import guessed_passes
+
+    im, tok = gemma
+    engine = Engine(im, "cpu")
+    outs, sizes = [], []
+    with torch.inference_mode():
+        pre = runner.prefill(engine, [tok.start_token, 11, 12])
+        for own in (True, False):
+            run = steps.RowStep(engine, pre, 3, CONTEXT, 40, spare=3, own_local=own)
+            sizes.append([k.shape[-1] for k in run.cache.k])
+            outs.append(guessed_passes(run, tok.vocab_size, 24, seed=6))
+    assert sizes == [[3 + 8 + 6] * 2 + [CONTEXT + 6], [CONTEXT + 6] * 3]
+    for (h1, e1), (h2, e2) in zip(*outs, strict=True):
+        assert torch.equal(h1, h2) and torch.equal(e1, e2)
+
+
+def test_kv_bytes_counts_the_local_layers_own_slots(gemma):
+    from lmcodec.engine.kvcache import KVCache, kv_bytes
+
+    im, _ = gemma
+    for local in (None, 11):
+        cache = KVCache.empty(im, 2, 30, "cpu", local)
+        held = sum(t.nbytes for part in (cache.k, cache.kmax, cache.v, cache.vmax) for t in part)
+        assert kv_bytes(im.arch, 2, 30, local) == held
+    assert kv_bytes(im.arch, 2, 30, 11) < kv_bytes(im.arch, 2, 30)
 
 
 @BACKENDS

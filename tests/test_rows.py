@@ -17,7 +17,8 @@ from conftest import load_tiny, make_tiny_llama, rows_by_plan
 
 from lmcodec.coding import runner, steps
 from lmcodec.engine import ops_torch
-from lmcodec.engine.engine import Engine, KVCache
+from lmcodec.engine.engine import Engine
+from lmcodec.engine.kvcache import KVCache
 from lmcodec.engine.reference import reference_run
 
 CONTEXT = 9        # prefix 3 + a window of 6: rings wrap within a few steps

@@ -21,7 +21,8 @@ from conftest import load_tiny, make_tiny_llama
 
 from lmcodec.coding import runner
 from lmcodec.engine import ops_torch
-from lmcodec.engine.engine import Engine, KVCache
+from lmcodec.engine.engine import Engine
+from lmcodec.engine.kvcache import KVCache
 from lmcodec.engine.reference import reference_run
 
 TRAINED = 64       # no prefix moves below it

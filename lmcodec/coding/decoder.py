@@ -23,6 +23,7 @@ from .mixing import MixerConfig
 from .modelcache import ModelCache, check_memory
 from .rowdecode import decode_streams
 from .settings import Settings
+from .steps import cache_slots
 
 
 class BlockDecoder:
@@ -88,8 +89,9 @@ class BlockDecoder:
             # The decoder's own choice: its row budget, or fewer when there are fewer segments.
             rows = min(max(s.decode_rows, header.lanes), len(lengths))
             cuda = engine.device.type == "cuda"    # GraphStep: a cache of the whole context
-            check_memory(engine.model, rows, header.context if cuda else
-                         min(header.context, pre.length + max(lengths, default=0)))
+            check_memory(engine.model, rows, *cache_slots(engine.arch, pre.length, header.context,
+                                                          max(lengths, default=0), s.guesses,
+                                                          header.context if cuda else None))
             symbols = decode_streams(engine, pre, groups, payloads, lengths, header.context, tok,
                                      MixerConfig(header.mixer), rows, tick=progress.tokens,
                                      halves=overlap_halves(engine.device), guesses=s.guesses,

@@ -10,7 +10,8 @@ import os
 from typing import Protocol
 
 from ..engine import models
-from ..engine.engine import Engine, kv_bytes
+from ..engine.engine import Engine
+from ..engine.kvcache import kv_bytes
 from ..engine.quantize import IntModel, load_int_model
 from ..errors import DictionaryMismatchError, ModelMismatchError, ResourceLimitError
 from ..format.container import DICT_ID_BYTES, Header, prompt_check
@@ -191,9 +192,10 @@ class ModelCache:
 PREFILLS_KEPT = 4
 
 
-def check_memory(model: IntModel, rows: int, slots: int) -> None:
-    """Refuse a KV cache over :func:`lmcodec.coding.settings.max_kv_bytes` before allocating it."""
-    need = kv_bytes(model.arch, rows, slots)
+def check_memory(model: IntModel, rows: int, slots: int, local_slots: int | None = None) -> None:
+    """Refuse a KV cache over :func:`lmcodec.coding.settings.max_kv_bytes` before allocating it
+    (``local_slots``: the local layers' own, steps.cache_slots)."""
+    need = kv_bytes(model.arch, rows, slots, local_slots)
     if need > max_kv_bytes():
         raise ResourceLimitError(
             f"coding needs {need / 2**30:.1f} GiB of KV cache ({rows} rows x {slots} slots), over the "

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..engine.engine import Engine, KVCache
+from ..engine.engine import Engine
+from ..engine.kvcache import KVCache
 
 #: Positions per parallel pass (bounds activation memory for long segments).
 SCORE_CHUNK = 2048

@@ -16,8 +16,25 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..engine.engine import Engine, KVCache
+from ..engine.engine import Engine
+from ..engine.kvcache import KVCache
 from .runner import Prefix, next_sink_move, sink_base
+
+
+def cache_slots(arch, P: int, context: int, longest: int, spare: int = 0, capacity: int | None = None,
+                own_local: bool = True) -> tuple[int, int | None]:
+    """Slots of a :class:`RowStep`'s cache: ``(every layer's, the local layers' own or None)``.
+
+    The prefix's P slots, the ring of the window's positions plus ``spare`` (guesses), and
+    ``spare`` scratch slots for padding columns; a model with local layers (Gemma 3) gives
+    those a ring of their own window's positions, W of them, when that is shorter.
+    """
+    capacity = capacity or min(context, P + longest)
+    slots = capacity + 2 * spare
+    w = arch.sliding_window
+    if not (own_local and w and any(arch.is_local(i) for i in range(arch.num_layers))):
+        return slots, None
+    return slots, P + min(w, capacity - P) + 2 * spare
 
 
 def ring_slot(pos: int, sink: int, capacity: int) -> int:
@@ -88,20 +105,31 @@ class RowStep:
     slots past the ring and read slot 0 only; their outputs are never used.
     After a pass the row's outputs are ``h[r * T + j]``; :meth:`skip` moves a
     row on by the guesses that held.
+
+    **Local layers** (Gemma 3: a query sees the last W positions): they keep a ring of
+    their own, the prefix and ``min(W, window) + spare`` slots (:func:`cache_slots`),
+    with their own slots and key sets, made by the same rule; which keys a query
+    sees does not change (the window's test by key position still applies), only
+    where they are kept.  ``own_local=False``: they share the global layers' slots.
     """
 
     def __init__(self, engine: Engine, pre: Prefix, rows: int, context: int, longest: int,
-                 capacity: int | None = None, spare: int = 0):
+                 capacity: int | None = None, spare: int = 0, own_local: bool = True):
         self.engine = engine
         self.pre = pre
         self.rows = rows
-        self.capacity = capacity or min(context, pre.length + longest)
-        self.window = context - pre.length         # positions after the prefix a query sees, itself included
+        P = pre.length
+        slots, local_slots = cache_slots(engine.arch, P, context, longest, spare, capacity, own_local)
+        self.capacity = slots - 2 * spare
+        self.window = context - P                  # positions after the prefix a query sees, itself included
         self.spare = spare                         # ring slots past the window, and scratch slots for padding
-        self.ring = self.capacity - pre.length + spare      # slots after the prefix: linear until used, then a ring
-        self.bound = pre.length + longest          # every position a row reaches is below this
+        self.ring = self.capacity - P + spare      # slots after the prefix: linear until used, then a ring
+        # The local layers' own ring and window (None: they share the slots above).
+        self.local_ring = None if local_slots is None else local_slots - P - spare
+        self.local_window = None if local_slots is None else min(engine.arch.sliding_window, self.window)
+        self.bound = P + longest                   # every position a row reaches is below this
         engine.reserve_positions(self.bound)
-        self.cache = KVCache.empty(engine.model, rows, pre.length + self.ring + spare, engine.device)
+        self.cache = KVCache.empty(engine.model, rows, slots, engine.device, local_slots)
         self.cache.copy_rows(pre.cache, pre.length)
         self.position = np.full(rows, pre.length, dtype=np.int64)
         self.sink_at = np.zeros(rows, dtype=np.int64)   # where each row's prefix stands (sink_base)
@@ -138,13 +166,9 @@ class RowStep:
         moves = np.array([next_sink_move(int(p), P, trained) for p in pos], dtype=np.int64)
         return np.clip(np.minimum(self.bound - 1 - pos, moves - 1 - pos), 0, self.spare)
 
-    def _slot(self, pos: np.ndarray) -> np.ndarray:
-        """Cache slot of positions >= P: P + (pos - P) mod the ring (linear until it is used)."""
-        P = self.pre.length
-        return P + (pos - P) % self.ring
-
     def _inputs(self, tokens: np.ndarray, guesses: np.ndarray | None = None) -> list[np.ndarray]:
-        """This pass's [rows, T] host columns: ids, positions, slots, key sets (a, b, c)."""
+        """This pass's [rows, T] host columns: ids, positions, slots, key sets (a, b, c), and
+        the local layers' own slots and key sets when they have their own ring."""
         tokens = np.asarray(tokens, dtype=np.int64).reshape(self.rows, -1)
         T = tokens.shape[1]
         k = np.zeros(self.rows, dtype=np.int64) if guesses is None else np.asarray(guesses, dtype=np.int64)
@@ -158,15 +182,32 @@ class RowStep:
         col = np.arange(T)
         real = col[None, :] <= k[:, None]
         at = np.where(real, pos[:, None] + col, pos[:, None])
-        # The key set of a query at q: the prefix [0, P) and the window's slots, positions
-        # max(P, q - W + 1) .. q; where the window wraps around the ring, [0, hi] + [lo, P + ring).
-        lo, hi = self._slot(np.maximum(P, at - self.window + 1)), self._slot(at)
+        out = [tokens, at, *self._keys(at, real, self.ring, self.window)]
+        if self.local_ring is not None:
+            out += self._keys(at, real, self.local_ring, self.local_window)
+        return out
+
+    def _keys(self, at: np.ndarray, real: np.ndarray, ring: int, window: int) -> list[np.ndarray]:
+        """Slots and key sets (a, b, c) of the queries at positions ``at`` in a ring of ``ring``
+        slots after the prefix (positions >= P go to P + (pos - P) mod ring: linear until used).
+
+        A query at q writes its own position's slot and reads the prefix [0, P) and the window's
+        slots, positions max(P, q - window + 1) .. q; where those wrap around the ring,
+        [0, hi] + [lo, P + ring).  A padding column writes a scratch slot past the ring and
+        reads slot 0 only."""
+        P = self.pre.length
+        lo, hi = P + (np.maximum(P, at - window + 1) - P) % ring, P + (at - P) % ring
         wrap = lo > hi
-        a, b, c = np.where(wrap, hi + 1, P), lo, np.where(wrap, P + self.ring, hi + 1)
-        scratch = P + self.ring + col - 1
+        a, b, c = np.where(wrap, hi + 1, P), lo, np.where(wrap, P + ring, hi + 1)
+        scratch = P + ring + np.arange(at.shape[1]) - 1
         slot = np.where(real, hi, scratch)
         a, b, c = np.where(real, a, 0), np.where(real, b, 0), np.where(real, c, 1)
-        return [tokens, at, slot, a, b, c]
+        return [slot, a, b, c]
+
+    def _forward(self, ids, pos, slot, a, b, c, *local) -> tuple[torch.Tensor, torch.Tensor]:
+        """The engine's pass over this pass's columns (as tensors), the local layers' keys with them."""
+        return self.engine.forward(ids, pos, self.cache, slot, (a, b, c), bound=self.bound,
+                                   local=(local[0], tuple(local[1:])) if local else None)
 
     def _moved(self, live: np.ndarray | None) -> None:
         self.position = self.position + (1 if live is None else np.asarray(live, dtype=np.int64))
@@ -179,9 +220,9 @@ class RowStep:
         """Feed one token per row (``tokens`` [rows] or [rows, T]: the token, then its guesses);
         the next hidden rows land in ``self.h`` / ``self.e`` (row r's column j at r * T + j).
         Rows where ``live`` is False keep their position (default: every row moves one on)."""
-        ids, pos, slot, a, b, c = (torch.from_numpy(v) for v in self._inputs(tokens, guesses))
-        self.h, self.e = self.engine.forward(ids, pos, self.cache, slot, (a, b, c), bound=self.bound)
-        self.T = ids.shape[1]
+        inputs = [torch.from_numpy(v) for v in self._inputs(tokens, guesses)]
+        self.h, self.e = self._forward(*inputs)
+        self.T = inputs[0].shape[1]
         self._moved(live)
 
 
@@ -197,23 +238,22 @@ class GraphStep(RowStep):
     """
 
     def __init__(self, engine: Engine, pre: Prefix, rows: int, context: int, longest: int,
-                 graph: bool | None = None, spare: int = 0):
-        super().__init__(engine, pre, rows, context, longest, capacity=context, spare=spare)
+                 graph: bool | None = None, spare: int = 0, own_local: bool = True):
+        super().__init__(engine, pre, rows, context, longest, capacity=context, spare=spare, own_local=own_local)
         self.graph = (engine.device.type == "cuda") if graph is None else graph
-        self._static: dict[int, list[torch.Tensor]] = {}     # per width T: ids, positions, slots, a, b, c
+        self._static: dict[int, list[torch.Tensor]] = {}     # per width T: RowStep._inputs' columns
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _buffers(self, T: int) -> list[torch.Tensor]:
+    def _buffers(self, T: int, n: int) -> list[torch.Tensor]:
         got = self._static.get(T)
         if got is None:
             dev = self.engine.device
-            got = self._static[T] = [torch.zeros((self.rows, T), dtype=torch.int64, device=dev) for _ in range(6)]
+            got = self._static[T] = [torch.zeros((self.rows, T), dtype=torch.int64, device=dev) for _ in range(n)]
         return got
 
-    def _forward(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, pos, slot, a, b, c = self._static[T]
-        return self.engine.forward(ids, pos, self.cache, slot, (a, b, c), bound=self.bound)
+    def _replay_forward(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._forward(*self._static[T])
 
     def _capture(self, T: int) -> None:
         """Warm up on a side stream (allocator, lazy tables), then capture one step of width T."""
@@ -221,21 +261,21 @@ class GraphStep(RowStep):
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._forward(T)
+                self._replay_forward(T)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._outs[T] = self._forward(T)
+            self._outs[T] = self._replay_forward(T)
         self._graphs[T] = graph
 
     def advance(self, tokens: np.ndarray, live: np.ndarray | None = None, guesses: np.ndarray | None = None) -> None:
         """:meth:`RowStep.advance` on the static inputs of the pass's width."""
         inputs = self._inputs(tokens, guesses)
         T = inputs[0].shape[1]
-        for buf, v in zip(self._buffers(T), inputs):
+        for buf, v in zip(self._buffers(T, len(inputs)), inputs, strict=True):
             buf.copy_(torch.from_numpy(v))
         if not self.graph:
-            self.h, self.e = self._forward(T)
+            self.h, self.e = self._replay_forward(T)
         else:
             if T not in self._graphs:
                 self._capture(T)     # its warm-up steps rewrite this step's slots with the same values

@@ -35,6 +35,7 @@ import torch
 
 from ..errors import UsageError
 from . import fixedmath, gemma, ops_torch
+from .kvcache import KVCache
 from .quantize import IntModel
 from .spec import ACT_FRAC, MAX_HEAD_DIM, RESID_FRAC, bucket_width
 
@@ -156,56 +157,12 @@ class Logits:
     exp: torch.Tensor   # int64 [N, 1]
 
 
-@dataclass
-class KVCache:
-    """Per layer: int8 keys [rows, kv heads, head dim, slots] (slots last: the kernel
-    reads a key component for many slots at once), int8 values [rows, kv heads,
-    slots, head dim], and each head vector's max magnitude (int32)."""
-
-    k: list[torch.Tensor]
-    kmax: list[torch.Tensor]
-    v: list[torch.Tensor]
-    vmax: list[torch.Tensor]
-    #: Position of the key in each slot, int64 [rows, slots]: kept only for models with local
-    #: (sliding-window) layers, whose queries select keys by position (None otherwise).
-    pos: torch.Tensor | None = None
-
-    @classmethod
-    def empty(cls, model: IntModel, rows: int, slots: int, device) -> "KVCache":
-        a = model.arch
-        n, hd = a.num_kv_heads, a.head_dim
-        k = [torch.zeros((rows, n, hd, slots), dtype=torch.int8, device=device) for _ in range(a.num_layers)]
-        v = [torch.zeros((rows, n, slots, hd), dtype=torch.int8, device=device) for _ in range(a.num_layers)]
-        mag = lambda: [torch.zeros((rows, n, slots), dtype=torch.int32, device=device) for _ in range(a.num_layers)]
-        pos = torch.zeros((rows, slots), dtype=torch.int64, device=device) if a.sliding_window else None
-        return cls(k, mag(), v, mag(), pos)
-
-    def copy_rows(self, src: "KVCache", n_slots: int, rows=None) -> None:
-        """Rows ``rows`` of self (default: all) take row 0 of ``src`` in slots [0, n_slots) (the shared prefix)."""
-        at = slice(None) if rows is None else torch.as_tensor(rows, dtype=torch.int64, device=self.k[0].device)
-        for layer in range(len(self.k)):
-            self.k[layer][at, ..., :n_slots] = src.k[layer][:1, ..., :n_slots]
-            self.kmax[layer][at, ..., :n_slots] = src.kmax[layer][:1, ..., :n_slots]
-            self.v[layer][at, :, :n_slots] = src.v[layer][:1, :, :n_slots]
-            self.vmax[layer][at, ..., :n_slots] = src.vmax[layer][:1, ..., :n_slots]
-        if self.pos is not None:
-            self.pos[at, :n_slots] = src.pos[:1, :n_slots]
-
-    def move_slots(self, src: slice, dst: int) -> None:
-        """Copy slots ``src`` to start at slot ``dst`` (sliding a window down)."""
-        n = src.stop - src.start
-        for layer in range(len(self.k)):
-            self.k[layer][..., dst:dst + n] = self.k[layer][..., src].clone()
-            self.kmax[layer][..., dst:dst + n] = self.kmax[layer][..., src].clone()
-            self.v[layer][:, :, dst:dst + n] = self.v[layer][:, :, src].clone()
-            self.vmax[layer][..., dst:dst + n] = self.vmax[layer][..., src].clone()
-        if self.pos is not None:
-            self.pos[..., dst:dst + n] = self.pos[..., src].clone()
-
-
-def kv_bytes(model_arch, rows: int, slots: int) -> int:
-    """Memory of a :class:`KVCache` (int8 values, int32 magnitudes)."""
-    return 2 * model_arch.num_layers * rows * model_arch.num_kv_heads * slots * (model_arch.head_dim + 4)
+def _flat_keys(slots: torch.Tensor, key_ranges, B: int, T: int, dev) -> tuple:
+    """Slots and key ranges in the ops' layout: slots [T] stay shared by the B rows (their ranges
+    repeated per row), per-row [B, T] ones are flattened to [B*T] (row b T + t)."""
+    if slots.dim() == 1:
+        return (slots, *(r.to(dev).repeat(B) for r in key_ranges))
+    return (slots.reshape(B * T), *(r.to(dev).reshape(B * T) for r in key_ranges))
 
 
 #: Positions whose RoPE block rows the engine adds at a time (a multiple of fixedmath.ROPE_BLOCK).
@@ -301,7 +258,7 @@ class Engine:
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor,
                 key_ranges: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                bound: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                bound: int | None = None, local: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Run ``ids`` [B, T] at ``positions``, writing K/V at cache ``slots`` of rows 0..B-1.
 
         ``positions``, ``slots`` and each of ``key_ranges = (a, b, c)`` are either
@@ -314,6 +271,8 @@ class Engine:
         exp [B*T, 1])``; :meth:`weights` and :meth:`logits` take any subset of them.
         ``bound`` (> every position, when the caller knows one) spares reading the
         positions on the host: then nothing in the pass waits for the device.
+        ``local = (slots, key_ranges)``, in the same layout: the local layers' own, for a
+        cache that gives them their own slots (``KVCache.local_pos``; given exactly then).
         """
         a, ops, dev = self.arch, self.ops, self.device
         B, T = ids.shape
@@ -324,23 +283,27 @@ class Engine:
         cos, sin = self._rope_tables(positions, bound)
         x = self.embed(ids).reshape(B * T, a.hidden_size).contiguous()
         crow = torch.arange(B, device=dev).repeat_interleave(T)
-        if slots.dim() == 1:
-            ka, kb, kc = (r.to(dev).repeat(B) for r in key_ranges)
-        else:  # the ops take per-row values flattened, row b T + t: [B*T] slots, [B*T, hd/2] RoPE rows
-            ka, kb, kc = (r.to(dev).reshape(B * T) for r in key_ranges)
-            slots, cos, sin = slots.reshape(B * T), cos.reshape(B * T, -1), sin.reshape(B * T, -1)
+        shared = slots.dim() == 1
+        slots, ka, kb, kc = _flat_keys(slots, key_ranges, B, T, dev)
+        if not shared:  # the ops take per-row values flattened, row b T + t: [B*T] slots, [B*T, hd/2] RoPE rows
+            cos, sin = cos.reshape(B * T, -1), sin.reshape(B * T, -1)
+        if (local is None) != (cache.local_pos is None):
+            raise ValueError("local slots and key sets go with a cache whose local layers have their own slots")
         if gemma.has_gemma_parts(a):
-            shared = positions.dim() == 1
             pos = positions.to(dev).expand(B, T).reshape(B * T)
+            local_keys = None if local is None else _flat_keys(local[0].to(dev), local[1], B, T, dev)
             if cache.pos is not None:
                 cache.pos[crow, slots.repeat(B) if shared else slots] = pos
+            if local_keys is not None:
+                at = local_keys[0]
+                cache.local_pos[crow, at.repeat(B) if shared else at] = pos
             rope = {th: (cos, sin) if th == a.rope_theta else self._rope_flat(positions, bound, th, B, shared)
                     for th in self._thetas}
-            gemma.forward_layers(self, int_mm, x, rope, B, T, pos, cache, slots, crow, ka, kb, kc)
+            gemma.forward_layers(self, int_mm, x, rope, B, T, pos, cache, crow, (slots, ka, kb, kc), local_keys)
             return ops.norm(x, self.model.final_gain, self.model.final_gain_shift, self._eps)
         fused = getattr(ops, "forward_rows", None)
         if fused is not None and B * T <= ops.FUSED_ROWS:  # a step's few rows: one kernel per layer
-            if slots.dim() == 1:
+            if shared:
                 slots, cos, sin = slots.repeat(B), cos.repeat(B, 1), sin.repeat(B, 1)
             return fused(self, x, cos, sin, crow, ka, kb, kc, slots, cache)
         for li, layer in enumerate(self.model.layers):

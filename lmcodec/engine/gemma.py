@@ -51,17 +51,22 @@ def attention_constant(arch: ArchConfig) -> int:
 
 
 def forward_layers(engine, mm, x: torch.Tensor, rope: dict, B: int, T: int, positions: torch.Tensor,
-                   cache, slots: torch.Tensor, crow: torch.Tensor, ka, kb, kc) -> None:
+                   cache, crow: torch.Tensor, keys: tuple, local_keys: tuple | None) -> None:
     """Run every layer on residual rows ``x`` [B*T, H] in place (``mm``: the engine's exact int8 product).
 
     ``rope``: RoPE base -> (cos, sin) rows of the queries; ``positions`` [B*T] (flattened
     per query) bound the local layers' windows: query at p sees keys at positions > p - W.
+    ``keys = (slots, a, b, c)``: where each query writes its key and which slots it reads
+    (Engine.forward); ``local_keys`` the same in the local layers' own slots (None: they
+    share the global layers' slots).
     """
     a, ops, eps = engine.arch, engine.ops, engine._eps
     nh, nkv, hd = a.num_heads, a.num_kv_heads, a.head_dim
     lc = attention_constant(a)
     lowest = positions - a.sliding_window + 1 if a.sliding_window else None
     for li, layer in enumerate(engine.model.layers):
+        local = a.is_local(li)
+        slots, ka, kb, kc = local_keys if local and local_keys is not None else keys
         cos, sin = rope[a.layer_theta(li)]
         h, e = ops.norm(x, layer.attn_gain, layer.attn_gain_shift, eps)
         lin = layer.qkv
@@ -69,7 +74,7 @@ def forward_layers(engine, mm, x: torch.Tensor, rope: dict, B: int, T: int, posi
         qk = (layer.q_gain, layer.q_gain_shift, layer.k_gain, layer.k_gain_shift, eps) if a.qk_norm else None
         q16, qe = ops.qkv(mm(h, lin.weight), lin.mult, lin.shift, lin.bias, e, cos, sin, B, T, nh, nkv, hd,
                           *caches, qk)
-        window = (cache.pos, lowest) if a.is_local(li) else None
+        window = (cache.key_positions(True), lowest) if local else None
         o = ops.attend(q16, qe, cache.k[li], cache.kmax[li], cache.v[li], cache.vmax[li], crow, ka, kb, kc,
                        window, lc)
         o16, so = ops.operand(o.reshape(B * T, nh * hd))

@@ -172,7 +172,7 @@ def expect(t: torch.Tensor, dtype: torch.dtype, ndim: int | None = None, *sizes:
 
 
 def check_cache(kt, kmax, vc, vmax, nkv: int, hd: int) -> None:
-    """The KVCache layout (engine.KVCache): slots contiguous in keys, head dims contiguous in values."""
+    """The KVCache layout (kvcache.KVCache): slots contiguous in keys, head dims contiguous in values."""
     rows, slots = kt.shape[0], kt.shape[-1]
     expect(kt, torch.int8, 4, rows, nkv, hd, slots)
     expect(vc, torch.int8, 4, rows, nkv, slots, hd)
