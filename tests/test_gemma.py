@@ -76,6 +76,22 @@ def test_engine_runs_gemma_on_the_steps_that_compute_it(gemma):
         Engine(im, "cpu", ops=llama_only)
 
 
+def test_decoding_steps_take_the_fused_step(gemma, monkeypatch):
+    """On numba, a step's few rows run Gemma's layers in the fused step (one kernel per layer, its
+    q/k norms, windows and post norms; fused_cpu._layer): the reference tests below hold it exact."""
+    from lmcodec.engine import fused_cpu
+
+    calls = []
+    real = fused_cpu.forward_rows
+    monkeypatch.setattr(fused_cpu, "forward_rows", lambda *args: calls.append(args[1].shape[0]) or real(*args))
+    im, tok = gemma
+    engine = Engine(im, "cpu")
+    with torch.inference_mode():
+        run = steps.RowStep(engine, runner.prefill(engine, [tok.start_token]), 2, CONTEXT, 8, spare=2)
+        run.advance(np.array([[5, 6, 7], [8, 9, 10]]), guesses=np.array([2, 1]))
+    assert calls == [1, 6]                           # the one-token prefix, then 2 rows x 3 columns
+
+
 #: Both backends that run Gemma on a CPU: numba's steps (the default) and the tensor steps.
 BACKENDS = pytest.mark.parametrize("ops", [ops_cpu, ops_torch], ids=["numba", "tensor"])
 

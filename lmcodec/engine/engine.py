@@ -157,6 +157,11 @@ class Logits:
     exp: torch.Tensor   # int64 [N, 1]
 
 
+def _per_row(t: torch.Tensor, B: int, shared: bool) -> torch.Tensor:
+    """A value given per position ([T, ...], shared by the B rows) repeated for each row ([B*T, ...])."""
+    return t.repeat(B, *([1] * (t.dim() - 1))) if shared else t
+
+
 def _flat_keys(slots: torch.Tensor, key_ranges, B: int, T: int, dev) -> tuple:
     """Slots and key ranges in the ops' layout: slots [T] stay shared by the B rows (their ranges
     repeated per row), per-row [B, T] ones are flattened to [B*T] (row b T + t)."""
@@ -289,6 +294,8 @@ class Engine:
             cos, sin = cos.reshape(B * T, -1), sin.reshape(B * T, -1)
         if (local is None) != (cache.local_pos is None):
             raise ValueError("local slots and key sets go with a cache whose local layers have their own slots")
+        # A step's few rows: one kernel per layer (ops_cpu's fused step), every value given per row.
+        fused = getattr(ops, "forward_rows", None) if B * T <= getattr(ops, "FUSED_ROWS", 0) else None
         if gemma.has_gemma_parts(a):
             pos = positions.to(dev).expand(B, T).reshape(B * T)
             local_keys = None if local is None else _flat_keys(local[0].to(dev), local[1], B, T, dev)
@@ -299,13 +306,16 @@ class Engine:
                 cache.local_pos[crow, at.repeat(B) if shared else at] = pos
             rope = {th: (cos, sin) if th == a.rope_theta else self._rope_flat(positions, bound, th, B, shared)
                     for th in self._thetas}
+            if fused is not None:
+                lowest = pos - a.sliding_window + 1 if a.sliding_window else None
+                tables = {th: (_per_row(c, B, shared), _per_row(s, B, shared)) for th, (c, s) in rope.items()}
+                own = None if local_keys is None else (_per_row(local_keys[0], B, shared), *local_keys[1:])
+                return fused(self, x, tables, crow, (_per_row(slots, B, shared), ka, kb, kc), cache, own, lowest)
             gemma.forward_layers(self, int_mm, x, rope, B, T, pos, cache, crow, (slots, ka, kb, kc), local_keys)
             return ops.norm(x, self.model.final_gain, self.model.final_gain_shift, self._eps)
-        fused = getattr(ops, "forward_rows", None)
-        if fused is not None and B * T <= ops.FUSED_ROWS:  # a step's few rows: one kernel per layer
-            if shared:
-                slots, cos, sin = slots.repeat(B), cos.repeat(B, 1), sin.repeat(B, 1)
-            return fused(self, x, cos, sin, crow, ka, kb, kc, slots, cache)
+        if fused is not None:
+            return fused(self, x, {a.rope_theta: (_per_row(cos, B, shared), _per_row(sin, B, shared))}, crow,
+                         (_per_row(slots, B, shared), ka, kb, kc), cache)
         for li, layer in enumerate(self.model.layers):
             h, e = ops.norm(x, layer.attn_gain, layer.attn_gain_shift, self._eps)
             lin = layer.qkv

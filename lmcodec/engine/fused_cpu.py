@@ -7,7 +7,9 @@ layer, four ``torch._int_mm`` products whose oneDNN kernels read the weights at
 about half a plain read's speed at one or two rows, and converts tensors to
 numpy arrays at every call.  Here one kernel does a whole layer -- norm, the
 q|k|v product with RoPE and the cache write, attention, the o product with its
-residual, norm, gate|up with SiLU, down with its residual -- on numpy arrays
+residual, norm, gate|up with SiLU, down with its residual; for Gemma 3 also the
+q/k norms, a local layer's window and RoPE base, GELU's table and the post norms
+(flags and tables per layer, docs/ENGINE.md "Gemma 3") -- on numpy arrays
 made once: the model's weights once per engine, the KV cache once per cache,
 scratch once per row count and thread (``Engine.scratch``), and numba's thread count is set
 once per step.
@@ -16,7 +18,8 @@ The products take the int16 operand whole (no byte split): ``y = sum h_k q_nk``
 in int32 over chunks of at most ``DOT_CHUNK`` (512 x 32,639 x 127 < 2^31, so the
 sums are exact; LLVM turns the loop into ``vpmaddwd``) added in int64.  Every
 number is the integer docs/ENGINE.md specifies, so the results equal the general
-path's bit for bit (tests/test_exact.py, tests/test_rows.py, tests/test_verify_pass.py).
+path's bit for bit (tests/test_exact.py, tests/test_rows.py, tests/test_verify_pass.py,
+tests/test_gemma.py).
 """
 
 from __future__ import annotations
@@ -26,11 +29,10 @@ import threading
 import numpy as np
 import torch
 
-from . import fixedmath
+from . import gemma
 from .cpu_rows import (
     _EXP2,
     _JIT,
-    _SIG,
     _SIG_BITS,
     _SIG_SHIFT,
     _SIG_SPAN,
@@ -39,6 +41,7 @@ from .cpu_rows import (
     _attend,
     _clamp,
     _fit,
+    _norm16,
     _norm_row,
     _qkv_heads,
     _requant,
@@ -96,13 +99,28 @@ def _operand_row(v, out):
     return s
 
 
+@njit(inline="always", **_JIT)
+def _add_rows(x, rr, post, gain, gain_shift, eps):
+    """x += rr (the products at 16 fractional bits), clamped; with ``post`` (Gemma 3) rr clamped and
+    through its post norm first (ops_cpu._residual_add, ops_cpu._add_normed)."""
+    for i in range(x.shape[0]):
+        if post:
+            for n in range(x.shape[1]):
+                rr[i, n] = _clamp(rr[i, n], RESID_LIMIT)
+            _norm16(rr[i], 0, x.shape[1], gain, gain_shift, eps, RESID_LIMIT)
+        for n in range(x.shape[1]):
+            x[i, n] = _clamp(x[i, n] + rr[i, n], RESID_LIMIT)
+
+
 @njit(parallel=True, **_JIT)
-def _layer(x, eps, crow, ka, kb, kc, slots, cos, sin, exp2, lc, sig,
-           g1, gs1, qw, qm, qsh, qb, has_bias,
+def _layer(x, eps, crow, ka, kb, kc, slots, cos, sin, kpos, lowest, windowed, exp2, lc, sig,
+           g1, gs1, qw, qm, qsh, qb, has_bias, has_qk, qg, qgs, kg, kgs,
            kt, kmax, vc, vmax,
-           ow, om, osh, g2, gs2, gw, gm, gsh, dw, dm, dsh,
-           h16, e, y, q16, qe, o, o2, o16, so, a, a16, sa):  # pragma: no cover - compiled
-    """One layer for rows x [M, H] (in place), docs/ENGINE.md's attention and MLP blocks."""
+           ow, om, osh, g2, gs2, gw, gm, gsh, dw, dm, dsh, post, pg1, pgs1, pg2, pgs2,
+           h16, e, y, q16, qe, o, o2, o16, so, a, a16, sa, rr):  # pragma: no cover - compiled
+    """One layer for rows x [M, H] (in place), docs/ENGINE.md's attention and MLP blocks; with
+    Gemma 3's parts where its flags say (``has_qk``: q/k norms; ``windowed``: a local layer's
+    window by key position; ``post``: the post norms, through ``rr``) and ``sig`` its gate table."""
     m_rows, hidden = x.shape
     nh, hd = q16.shape[1], q16.shape[2]
     nkv = kt.shape[1]
@@ -118,15 +136,21 @@ def _layer(x, eps, crow, ka, kb, kc, slots, cos, sin, exp2, lc, sig,
                 y[i, n] = _clamp(v, QKV_LIMIT)
     for i in range(m_rows):
         r = crow[i]
+        if has_qk:  # Gemma 3: each q and k head vector's norm16 before RoPE (ops_cpu._qkv)
+            for h in range(nh):
+                _norm16(y[i], h * hd, hd, qg, qgs, eps, QKV_LIMIT)
+            for h in range(nkv):
+                _norm16(y[i], (nh + h) * hd, hd, kg, kgs, eps, QKV_LIMIT)
         _qkv_heads(y[i], cos, sin, i, nh, nkv, hd, q16[i], qe[i], kt[r], kmax[r], vc[r], vmax[r], slots[i])
-    _attend(q16, qe, kt, kmax, vc, vmax, crow, ka, kb, kc, NO_KEY_POSITIONS, NO_LOWEST, False, exp2, lc, o)
+    _attend(q16, qe, kt, kmax, vc, vmax, crow, ka, kb, kc, kpos, lowest, windowed, exp2, lc, o)
     for i in range(m_rows):
         so[i] = _operand_row(o2[i], o16[i])
     for blk in prange((hidden + _BLOCK - 1) // _BLOCK):
         for n in range(blk * _BLOCK, min(hidden, blk * _BLOCK + _BLOCK)):
             for i in range(m_rows):
                 c = osh - (so[i] - ACT_FRAC) - RESID_FRAC
-                x[i, n] = _clamp(x[i, n] + _requant(_dot(o16[i], ow[n]), om[n], c), RESID_LIMIT)
+                rr[i, n] = _requant(_dot(o16[i], ow[n]), om[n], c)
+    _add_rows(x, rr, post, pg1, pgs1, eps)
     for i in range(m_rows):
         e[i] = _norm_row(x[i], g2, gs2, eps, h16[i])
     inter = gw.shape[0] // 2
@@ -144,7 +168,8 @@ def _layer(x, eps, crow, ka, kb, kc, slots, cos, sin, exp2, lc, sig,
         for n in range(blk * _BLOCK, min(hidden, blk * _BLOCK + _BLOCK)):
             for i in range(m_rows):
                 c = dsh - (sa[i] - 2 * ACT_FRAC) - RESID_FRAC
-                x[i, n] = _clamp(x[i, n] + _requant(_dot(a16[i], dw[n]), dm[n], c), RESID_LIMIT)
+                rr[i, n] = _requant(_dot(a16[i], dw[n]), dm[n], c)
+    _add_rows(x, rr, post, pg2, pgs2, eps)
 
 
 @njit(**_JIT)
@@ -193,14 +218,24 @@ class _Scratch:
         self.a = np.empty((m, inter), np.int64)
         self.a16 = np.empty((m, inter), np.int16)
         self.sa = np.empty(m, np.int64)
+        self.rr = np.empty((m, hidden), np.int64)
 
     def args(self) -> tuple:
         return (self.h16, self.e, self.y, self.q16, self.qe, self.o, self.o.reshape(self.o.shape[0], -1),
-                self.o16, self.so, self.a, self.a16, self.sa)
+                self.o16, self.so, self.a, self.a16, self.sa, self.rr)
 
 
 def _arr(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.numpy())
+
+
+#: The stand-in for an absent bias or gain (int64: one compiled signature serves every model).
+_NONE = np.zeros(1, np.int64)
+
+
+def _gain(t: torch.Tensor | None, shift: int | None) -> tuple:
+    """A gain that may be absent (Gemma 3's q/k and post norms): its array and shift, or the stand-ins."""
+    return (_NONE, 0) if t is None else (_arr(t), shift)
 
 
 def _layer_arrays(engine) -> list[tuple]:
@@ -210,12 +245,15 @@ def _layer_arrays(engine) -> list[tuple]:
         got = []
         for layer in engine.model.layers:
             q = layer.qkv
-            bias = _arr(q.bias) if q.bias is not None else np.zeros(1, np.int64)
+            bias = _arr(q.bias) if q.bias is not None else _NONE
             got.append(((_arr(layer.attn_gain), layer.attn_gain_shift, _arr(q.weight), _arr(q.mult), q.shift, bias,
-                         q.bias is not None),
+                         q.bias is not None, layer.q_gain is not None, *_gain(layer.q_gain, layer.q_gain_shift),
+                         *_gain(layer.k_gain, layer.k_gain_shift)),
                         (_arr(layer.o.weight), _arr(layer.o.mult), layer.o.shift, _arr(layer.mlp_gain),
                          layer.mlp_gain_shift, _arr(layer.gate_up.weight), _arr(layer.gate_up.mult),
-                         layer.gate_up.shift, _arr(layer.down.weight), _arr(layer.down.mult), layer.down.shift)))
+                         layer.gate_up.shift, _arr(layer.down.weight), _arr(layer.down.mult), layer.down.shift,
+                         layer.post_attn_gain is not None, *_gain(layer.post_attn_gain, layer.post_attn_gain_shift),
+                         *_gain(layer.post_mlp_gain, layer.post_mlp_gain_shift))))
         engine.scratch["layers"] = got
     return got
 
@@ -230,11 +268,18 @@ def _cache_arrays(cache) -> list[tuple]:
     return got
 
 
-def forward_rows(engine, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, crow: torch.Tensor,
-                 ka: torch.Tensor, kb: torch.Tensor, kc: torch.Tensor, slots: torch.Tensor, cache):
-    """Engine.forward's layers and final norm for M = B*T <= FUSED_ROWS query rows (per-row values
-    flattened, as Engine.forward hands them to the ops): (h16 [M, H] int16, exp [M, 1] int64)."""
+def _np_rows(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.numpy())
+
+
+def forward_rows(engine, x: torch.Tensor, rope: dict, crow: torch.Tensor, keys: tuple, cache,
+                 local_keys: tuple | None = None, lowest: torch.Tensor | None = None):
+    """Engine.forward's layers and final norm for M = B*T <= FUSED_ROWS query rows, every value per
+    row (flattened, row b T + t): ``rope`` RoPE base -> (cos, sin) [M, hd/2], ``keys`` (slots, a, b,
+    c) [M] each; for Gemma 3 the local layers' own ``local_keys`` (None: they share ``keys``) and
+    each query's ``lowest`` visible position.  Returns (h16 [M, H] int16, exp [M, 1] int64)."""
     _threads()
+    arch = engine.arch
     m = x.shape[0]
     key = ("rows", m, threading.get_ident())    # per thread: an engine may serve several
     scratch = engine.scratch.get(key)
@@ -246,11 +291,22 @@ def forward_rows(engine, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
     if eps is None:
         eps = engine.scratch["eps"] = engine._eps.numpy()
         engine.scratch["final_gain"] = _arr(engine.model.final_gain)
-    rows = tuple(np.ascontiguousarray(t.numpy()) for t in (crow, ka, kb, kc, slots))
-    cs, sn = np.ascontiguousarray(cos.numpy()), np.ascontiguousarray(sin.numpy())
-    lc = fixedmath.att_log2e(engine.arch.head_dim)
-    for (attn, mlp), kv in zip(_layer_arrays(engine), _cache_arrays(cache)):
-        _layer(xa, eps, *rows, cs, sn, _EXP2, lc, _SIG, *attn, *kv, *mlp, *work)
+    rows = _np_rows(crow)
+    tables = {th: (_np_rows(c), _np_rows(s)) for th, (c, s) in rope.items()}
+    glob = tuple(_np_rows(t) for t in keys)                         # slots, a, b, c
+    loc = glob if local_keys is None else tuple(_np_rows(t) for t in local_keys)
+    window = (NO_KEY_POSITIONS, NO_LOWEST) if lowest is None else \
+        (cache.key_positions(True).numpy(), _np_rows(lowest))
+    lc = gemma.attention_constant(arch)
+    table = engine.scratch.get("gate_table")
+    if table is None:
+        table = engine.scratch["gate_table"] = _arr(engine._sigmoid)
+    for li, ((attn, mlp), kv) in enumerate(zip(_layer_arrays(engine), _cache_arrays(cache))):
+        local = arch.is_local(li)
+        slots, ka, kb, kc = loc if local else glob
+        kpos, low = window if local else (NO_KEY_POSITIONS, NO_LOWEST)
+        _layer(xa, eps, rows, ka, kb, kc, slots, *tables[arch.layer_theta(li)], kpos, low, local, _EXP2, lc, table,
+               *attn, *kv, *mlp, *work)
     h16 = np.empty((m, x.shape[1]), np.int16)
     e = np.empty(m, np.int64)
     model = engine.model
