@@ -257,6 +257,9 @@ def _softmax_values(s, key_slots, cnt, kmax, vmax, vc, sh, lc, exp2, out):
         out[d] = (2 * acc[d] + den) // (2 * den)
 
 
+#: The stand-in for an absent bias or gain (int64, so one compiled signature serves every model).
+NO_ARRAY = np.zeros(1, np.int64)
+
 #: The window arguments of :func:`_attend` for a call without one (no local layer).
 NO_KEY_POSITIONS = np.zeros((1, 1), np.int64)
 NO_LOWEST = np.zeros(1, np.int64)

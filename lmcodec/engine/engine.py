@@ -190,8 +190,7 @@ class Engine:
         if gemma.has_gemma_parts(a):
             # Gemma 3's attention windows and scale, its norms and GELU table: the backends that
             # compute them (GEMMA_STEPS: numba, tensor ops, Triton) run it; any other op set is
-            # refused (gemma.py). The fused CPU step computes a Llama layer only: forward never
-            # takes it for Gemma.
+            # refused (gemma.py).
             if ops is not None and gemma.steps_for(ops) is not ops:
                 raise UsageError(f"{a.model_type} does not run on the {ops.__name__} kernels")
             self.ops = gemma.steps_for(self.ops)

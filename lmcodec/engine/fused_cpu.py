@@ -36,6 +36,7 @@ from .cpu_rows import (
     _SIG_BITS,
     _SIG_SHIFT,
     _SIG_SPAN,
+    NO_ARRAY,
     NO_KEY_POSITIONS,
     NO_LOWEST,
     _attend,
@@ -229,13 +230,9 @@ def _arr(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.numpy())
 
 
-#: The stand-in for an absent bias or gain (int64: one compiled signature serves every model).
-_NONE = np.zeros(1, np.int64)
-
-
 def _gain(t: torch.Tensor | None, shift: int | None) -> tuple:
     """A gain that may be absent (Gemma 3's q/k and post norms): its array and shift, or the stand-ins."""
-    return (_NONE, 0) if t is None else (_arr(t), shift)
+    return (NO_ARRAY, 0) if t is None else (_arr(t), shift)
 
 
 def _layer_arrays(engine) -> list[tuple]:
@@ -245,7 +242,7 @@ def _layer_arrays(engine) -> list[tuple]:
         got = []
         for layer in engine.model.layers:
             q = layer.qkv
-            bias = _arr(q.bias) if q.bias is not None else _NONE
+            bias = _arr(q.bias) if q.bias is not None else NO_ARRAY
             got.append(((_arr(layer.attn_gain), layer.attn_gain_shift, _arr(q.weight), _arr(q.mult), q.shift, bias,
                          q.bias is not None, layer.q_gain is not None, *_gain(layer.q_gain, layer.q_gain_shift),
                          *_gain(layer.k_gain, layer.k_gain_shift)),
@@ -268,10 +265,6 @@ def _cache_arrays(cache) -> list[tuple]:
     return got
 
 
-def _np_rows(t: torch.Tensor) -> np.ndarray:
-    return np.ascontiguousarray(t.numpy())
-
-
 def forward_rows(engine, x: torch.Tensor, rope: dict, crow: torch.Tensor, keys: tuple, cache,
                  local_keys: tuple | None = None, lowest: torch.Tensor | None = None):
     """Engine.forward's layers and final norm for M = B*T <= FUSED_ROWS query rows, every value per
@@ -291,12 +284,12 @@ def forward_rows(engine, x: torch.Tensor, rope: dict, crow: torch.Tensor, keys: 
     if eps is None:
         eps = engine.scratch["eps"] = engine._eps.numpy()
         engine.scratch["final_gain"] = _arr(engine.model.final_gain)
-    rows = _np_rows(crow)
-    tables = {th: (_np_rows(c), _np_rows(s)) for th, (c, s) in rope.items()}
-    glob = tuple(_np_rows(t) for t in keys)                         # slots, a, b, c
-    loc = glob if local_keys is None else tuple(_np_rows(t) for t in local_keys)
+    rows = _arr(crow)
+    tables = {th: (_arr(c), _arr(s)) for th, (c, s) in rope.items()}
+    glob = tuple(_arr(t) for t in keys)                         # slots, a, b, c
+    loc = glob if local_keys is None else tuple(_arr(t) for t in local_keys)
     window = (NO_KEY_POSITIONS, NO_LOWEST) if lowest is None else \
-        (cache.key_positions(True).numpy(), _np_rows(lowest))
+        (cache.key_positions(True).numpy(), _arr(lowest))
     lc = gemma.attention_constant(arch)
     table = engine.scratch.get("gate_table")
     if table is None:

@@ -10,8 +10,9 @@ Every step is the engine's backend's when it computes Gemma's forms
 (``GEMMA_STEPS``: the numba kernels, the tensor operations and the Triton
 kernels): the MLP with the table it is given, attention with a window and a
 scale, ``qkv`` with the q/k norms, and ``add_normed``, the residual add through
-a post norm.  The fused CPU step (one kernel per Llama layer) computes a Llama
-layer only, so a Gemma layer runs op by op (:func:`forward_layers`).
+a post norm.  A pass runs its layers op by op (:func:`forward_layers`); a decoding
+step's few rows on the CPU take the fused step instead (one numba kernel a layer
+with Gemma's parts switched on, :mod:`lmcodec.engine.fused_cpu`).
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from .cpu_rows import (
     _SIG_BITS,
     _SIG_SHIFT,
     _SIG_SPAN,
+    NO_ARRAY,
     NO_KEY_POSITIONS,
     NO_LOWEST,
     _attend,
@@ -253,17 +254,13 @@ def qkv(y, mult, shift, bias, exp, cos, sin, B, T, nh, nkv, hd, kt, kmax, vc, vm
     q16, q16_a = _empty((B * T, nh, hd), np.int16)
     qe, qe_a = _empty((B * T, nh), np.int64)
     has_bias = bias is not None
-    b = _np(bias) if has_bias else _NONE
+    b = _np(bias) if has_bias else NO_ARRAY
     qg, qs, kg, ks, eps = (_np(qk_norm[0]), qk_norm[1], _np(qk_norm[2]), qk_norm[3], _np(qk_norm[4])) \
-        if qk_norm is not None else (_NONE, 0, _NONE, 0, _NONE)
+        if qk_norm is not None else (NO_ARRAY, 0, NO_ARRAY, 0, NO_ARRAY)
     _qkv(_np(y), _np(mult), shift, b, has_bias, _np(exp).reshape(-1), _np(cos3.contiguous()), _np(sin3.contiguous()),
          T, nh, nkv, hd, _np(kt), _np(kmax), _np(vc), _np(vmax), _np(slots2), q16_a, qe_a,
          qk_norm is not None, qg, qs, kg, ks, eps)
     return q16, qe
-
-
-#: The empty stand-in for an absent bias or gain (int64, so one compiled signature serves both).
-_NONE = np.zeros(1, dtype=np.int64)
 
 
 def mlp(y, mult, shift, exp, sigmoid):
