@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {"suite": args.suite, "window": args.window, "stride": args.stride,
            "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+           "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, check=False,
                                     text=True).stdout.strip(),
            "models": [run_model(name, files, args.window, args.stride) for name in args.model]}
     base = out["models"][0]

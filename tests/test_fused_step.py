@@ -4,8 +4,8 @@ Engine.forward and Engine.gaps take the fused step at up to ``ops_cpu.FUSED_ROWS
 rows; tests/test_exact.py and tests/test_rows.py check both paths against the reference.
 Here the two paths run the same passes side by side on a tiny model: shared and per-row
 positions, several positions per row, rows reused, through the ring, every hidden row,
-exponent, gap and cache entry equal.  The products' int32 chunks are checked at the
-operand limits.
+exponent, gap and cache entry equal, with the products on AVX-512 VNNI (where the CPU has
+it) and on the portable loop.  The products themselves: tests/test_int_dots.py.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import load_tiny, make_tiny_llama
 
-from lmcodec.engine import fused_cpu, ops_cpu
+from lmcodec.engine import fused_cpu, int_dots, ops_cpu
 from lmcodec.engine.engine import Engine
 from lmcodec.engine.kvcache import KVCache
 
@@ -63,25 +63,18 @@ def make_passes(vocab: int) -> list:
     return passes
 
 
-def test_fused_step_equals_the_general_path(tiny, monkeypatch):
+@pytest.mark.parametrize("vnni", [True, False], ids=["vnni", "portable"])
+def test_fused_step_equals_the_general_path(tiny, monkeypatch, vnni):
+    if vnni and not int_dots.available():
+        pytest.skip("this CPU has no AVX-512 VNNI")
     im, tok = tiny
     engine = Engine(im, "cpu")
+    engine.scratch["vnni"] = vnni            # fused_cpu.uses_vnni's decision, made here
     passes = make_passes(tok.vocab_size)
     fused = run_passes(engine, ops_cpu.FUSED_ROWS, monkeypatch, passes)
     general = run_passes(engine, 0, monkeypatch, passes)
     for a, b in zip(fused, general):
         for u, v in zip(a, b):
             assert torch.equal(u, v)
+    assert fused_cpu.uses_vnni(engine) is vnni
 
-
-@pytest.mark.parametrize("k", [1, 511, 512, 513, 576, 1536, 2049])
-def test_dot_products_are_exact_at_the_operand_limits(k):
-    rng = np.random.default_rng(k)
-    w = np.where(rng.random((5, k)) < 0.5, -127, 127).astype(np.int8)
-    w[0] = -127
-    h = np.where(rng.random((2, k)) < 0.5, -32639, 32639).astype(np.int16)
-    h[0] = -32639                       # row 0 x weight row 0: every product +32639 * 127
-    lam = np.empty((2, 5), np.int64)
-    out = np.empty((2, 5), np.int64)
-    fused_cpu._head_gaps(h, w, np.ones(5, np.int64), np.zeros(2, np.int64), lam, out)
-    assert np.array_equal(lam, h.astype(np.int64) @ w.astype(np.int64).T)

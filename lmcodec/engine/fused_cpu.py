@@ -14,9 +14,9 @@ made once: the model's weights once per engine, the KV cache once per cache,
 scratch once per row count and thread (``Engine.scratch``), and numba's thread count is set
 once per step.
 
-The products take the int16 operand whole (no byte split): ``y = sum h_k q_nk``
-in int32 over chunks of at most ``DOT_CHUNK`` (512 x 32,639 x 127 < 2^31, so the
-sums are exact; LLVM turns the loop into ``vpmaddwd``) added in int64.  Every
+The products are :mod:`lmcodec.engine.int_dots`' exact sums ``y = sum h_k q_nk`` of the
+int16 operand: on AVX-512 VNNI from weights packed once per engine (one 64-byte load feeds
+every row of the pass), elsewhere a portable loop.  Every
 number is the integer docs/ENGINE.md specifies, so the results equal the general
 path's bit for bit (tests/test_exact.py, tests/test_rows.py, tests/test_verify_pass.py,
 tests/test_gemma.py).
@@ -29,7 +29,7 @@ import threading
 import numpy as np
 import torch
 
-from . import gemma
+from . import gemma, int_dots
 from .cpu_rows import (
     _EXP2,
     _JIT,
@@ -51,6 +51,7 @@ from .cpu_rows import (
     njit,  # numba through cpu_rows, which sets numba's cache directory before importing it
     prange,
 )
+from .int_dots import NO_PACK, dots, split_rows
 from .spec import (
     ACT_FRAC,
     ACT_MAX,
@@ -64,28 +65,7 @@ from .spec import (
     RESID_LIMIT,
 )
 
-#: int32 partial sums of at most this many products |h q| <= 32,639 x 127 stay below 2^31.
-DOT_CHUNK = 512
-_BLOCK = 16      # weight rows per parallel task
-
-
-@njit(inline="always", **_JIT)
-def _dot32(hr, wr):
-    """sum hr wr in int32 (exact for at most DOT_CHUNK terms): a loop over whole views, which
-    LLVM vectorizes (vpmaddwd); a loop with a computed end inside the chunk loop it does not."""
-    acc = np.int32(0)
-    for j in range(hr.shape[0]):
-        acc = np.int32(acc + np.int32(np.int32(hr[j]) * np.int32(wr[j])))
-    return np.int64(acc)
-
-
-@njit(inline="always", **_JIT)
-def _dot(hr, wr):
-    """sum_k hr[k] wr[k] exactly: int32 sums over chunks of DOT_CHUNK, added in int64."""
-    tot = np.int64(0)
-    for k0 in range(0, hr.shape[0], DOT_CHUNK):
-        tot += _dot32(hr[k0:k0 + DOT_CHUNK], wr[k0:k0 + DOT_CHUNK])
-    return tot
+_BLOCK = 16      # output columns per parallel task of the requantizing loops
 
 
 @njit(**_JIT)
@@ -114,24 +94,26 @@ def _add_rows(x, rr, post, gain, gain_shift, eps):
 
 
 @njit(parallel=True, **_JIT)
-def _layer(x, eps, crow, ka, kb, kc, slots, cos, sin, kpos, lowest, windowed, exp2, lc, sig,
-           g1, gs1, qw, qm, qsh, qb, has_bias, has_qk, qg, qgs, kg, kgs,
+def _layer(x, eps, crow, ka, kb, kc, slots, cos, sin, kpos, lowest, windowed, exp2, lc, sig, vnni,
+           g1, gs1, qw, qm, qsh, qb, has_bias, has_qk, qg, qgs, kg, kgs, qp, qs,
            kt, kmax, vc, vmax,
-           ow, om, osh, g2, gs2, gw, gm, gsh, dw, dm, dsh, post, pg1, pgs1, pg2, pgs2,
-           h16, e, y, q16, qe, o, o2, o16, so, a, a16, sa, rr):  # pragma: no cover - compiled
+           ow, om, osh, g2, gs2, gw, gm, gsh, dw, dm, dsh, post, pg1, pgs1, pg2, pgs2, op, os_, gp, gs_, dp, ds,
+           h16, e, y, q16, qe, o, o2, o16, so, a, a16, sa, rr, uh, uo, ua, d):  # pragma: no cover - compiled
     """One layer for rows x [M, H] (in place), docs/ENGINE.md's attention and MLP blocks; with
     Gemma 3's parts where its flags say (``has_qk``: q/k norms; ``windowed``: a local layer's
-    window by key position; ``post``: the post norms, through ``rr``) and ``sig`` its gate table."""
+    window by key position; ``post``: the post norms, through ``rr``) and ``sig`` its gate table.
+    The products run on :func:`int_dots.dots` (``vnni``: on the packed blocks ``qp``/``qs`` ...)."""
     m_rows, hidden = x.shape
     nh, hd = q16.shape[1], q16.shape[2]
     nkv = kt.shape[1]
     nq = qw.shape[0]
     for i in range(m_rows):
         e[i] = _norm_row(x[i], g1, gs1, eps, h16[i])
+    dq = _products(h16, uh, qw, qp, qs, vnni, d)
     for blk in prange((nq + _BLOCK - 1) // _BLOCK):
         for n in range(blk * _BLOCK, min(nq, blk * _BLOCK + _BLOCK)):
             for i in range(m_rows):
-                v = _requant(_dot(h16[i], qw[n]), qm[n], qsh - e[i] - ACT_FRAC)
+                v = _requant(dq[i, n], qm[n], qsh - e[i] - ACT_FRAC)
                 if has_bias:
                     v += qb[n]
                 y[i, n] = _clamp(v, QKV_LIMIT)
@@ -146,31 +128,44 @@ def _layer(x, eps, crow, ka, kb, kc, slots, cos, sin, kpos, lowest, windowed, ex
     _attend(q16, qe, kt, kmax, vc, vmax, crow, ka, kb, kc, kpos, lowest, windowed, exp2, lc, o)
     for i in range(m_rows):
         so[i] = _operand_row(o2[i], o16[i])
+    do = _products(o16, uo, ow, op, os_, vnni, d)
     for blk in prange((hidden + _BLOCK - 1) // _BLOCK):
         for n in range(blk * _BLOCK, min(hidden, blk * _BLOCK + _BLOCK)):
             for i in range(m_rows):
                 c = osh - (so[i] - ACT_FRAC) - RESID_FRAC
-                rr[i, n] = _requant(_dot(o16[i], ow[n]), om[n], c)
+                rr[i, n] = _requant(do[i, n], om[n], c)
     _add_rows(x, rr, post, pg1, pgs1, eps)
     for i in range(m_rows):
         e[i] = _norm_row(x[i], g2, gs2, eps, h16[i])
     inter = gw.shape[0] // 2
+    dg = _products(h16, uh, gw, gp, gs_, vnni, d)
     for blk in prange((inter + _BLOCK - 1) // _BLOCK):
         for j in range(blk * _BLOCK, min(inter, blk * _BLOCK + _BLOCK)):
             for i in range(m_rows):
                 c = gsh - e[i] - ACT_FRAC
-                g = _clamp(_requant(_dot(h16[i], gw[j]), gm[j], c), MLP_LIMIT)
-                u = _clamp(_requant(_dot(h16[i], gw[inter + j]), gm[inter + j], c), MLP_LIMIT)
+                g = _clamp(_requant(dg[i, j], gm[j], c), MLP_LIMIT)
+                u = _clamp(_requant(dg[i, inter + j], gm[inter + j], c), MLP_LIMIT)
                 idx = _clamp(_rshift(g, _SIG_SHIFT), _SIG_SPAN)
                 a[i, j] = _rshift(g * sig[idx + _SIG_SPAN], _SIG_BITS) * u
     for i in range(m_rows):
         sa[i] = _operand_row(a[i], a16[i])
+    dd = _products(a16, ua, dw, dp, ds, vnni, d)
     for blk in prange((hidden + _BLOCK - 1) // _BLOCK):
         for n in range(blk * _BLOCK, min(hidden, blk * _BLOCK + _BLOCK)):
             for i in range(m_rows):
                 c = dsh - (sa[i] - 2 * ACT_FRAC) - RESID_FRAC
-                rr[i, n] = _requant(_dot(a16[i], dw[n]), dm[n], c)
+                rr[i, n] = _requant(dd[i, n], dm[n], c)
     _add_rows(x, rr, post, pg2, pgs2, eps)
+
+
+@njit(**_JIT)
+def _products(h, u, w, wp, wsum, vnni, d):  # pragma: no cover - compiled
+    """int_dots.dots into the first M x N of the flat buffer ``d``, split first for VNNI; returns it [M, N]."""
+    out = d[:h.shape[0] * w.shape[0]].reshape(h.shape[0], w.shape[0])
+    if vnni:
+        split_rows(h, u)
+    dots(h, u, w, wp, wsum, vnni, out)
+    return out
 
 
 @njit(**_JIT)
@@ -180,14 +175,17 @@ def _final(x, gain, gain_shift, eps, h16, e):  # pragma: no cover - compiled
 
 
 @njit(parallel=True, **_JIT)
-def _head_gaps(h16, w, mult, exp, lam, out):  # pragma: no cover - compiled
+def _head_gaps(h16, u, w, wp, wsum, vnni, mult, exp, lam, out):  # pragma: no cover - compiled
     """The output head's product and ops_cpu._gaps in one kernel: lam = (h q_v) mult_v, then gaps."""
     m_rows = h16.shape[0]
     vocab = w.shape[0]
+    if vnni:
+        split_rows(h16, u)
+    dots(h16, u, w, wp, wsum, vnni, lam)
     for blk in prange((vocab + _BLOCK - 1) // _BLOCK):
         for v in range(blk * _BLOCK, min(vocab, blk * _BLOCK + _BLOCK)):
             for i in range(m_rows):
-                lam[i, v] = _dot(h16[i], w[v]) * mult[v]
+                lam[i, v] *= mult[v]
     for i in range(m_rows):
         top = np.int64(-(1 << 62))
         for v in range(vocab):
@@ -220,10 +218,14 @@ class _Scratch:
         self.a16 = np.empty((m, inter), np.int16)
         self.sa = np.empty(m, np.int64)
         self.rr = np.empty((m, hidden), np.int64)
+        self.uh = np.empty((2 * m, hidden), np.uint8)        # operands as bytes, for int_dots' VNNI blocks
+        self.uo = np.empty((2 * m, nh * hd), np.uint8)
+        self.ua = np.empty((2 * m, inter), np.uint8)
+        self.d = np.empty(m * max(n_qkv, hidden, 2 * inter), np.int64)   # a product's sums
 
     def args(self) -> tuple:
         return (self.h16, self.e, self.y, self.q16, self.qe, self.o, self.o.reshape(self.o.shape[0], -1),
-                self.o16, self.so, self.a, self.a16, self.sa, self.rr)
+                self.o16, self.so, self.a, self.a16, self.sa, self.rr, self.uh, self.uo, self.ua, self.d)
 
 
 def _arr(t: torch.Tensor) -> np.ndarray:
@@ -235,8 +237,24 @@ def _gain(t: torch.Tensor | None, shift: int | None) -> tuple:
     return (NO_ARRAY, 0) if t is None else (_arr(t), shift)
 
 
+def uses_vnni(engine) -> bool:
+    """Whether this engine's fused products run on int_dots' VNNI blocks: the CPU has them, they
+    are not turned off, and every weight matrix packs (decided once per engine)."""
+    got = engine.scratch.get("vnni")
+    if got is None:
+        mats = [p.weight for layer in engine.model.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        got = engine.scratch["vnni"] = int_dots.available() and all(
+            int_dots.packable(m.numpy()) for m in mats + [engine.model.head.weight])
+    return got
+
+
+def _packed(engine, t: torch.Tensor) -> tuple:
+    """A weight matrix's VNNI blocks and row sums (int_dots.pack), or the stand-ins without VNNI."""
+    return int_dots.pack(t.numpy()) if uses_vnni(engine) else NO_PACK
+
+
 def _layer_arrays(engine) -> list[tuple]:
-    """Each layer's weights as numpy arrays (the same memory), made once per engine."""
+    """Each layer's weights as numpy arrays (the same memory; with VNNI also packed), made once per engine."""
     got = engine.scratch.get("layers")
     if got is None:
         got = []
@@ -245,12 +263,13 @@ def _layer_arrays(engine) -> list[tuple]:
             bias = _arr(q.bias) if q.bias is not None else NO_ARRAY
             got.append(((_arr(layer.attn_gain), layer.attn_gain_shift, _arr(q.weight), _arr(q.mult), q.shift, bias,
                          q.bias is not None, layer.q_gain is not None, *_gain(layer.q_gain, layer.q_gain_shift),
-                         *_gain(layer.k_gain, layer.k_gain_shift)),
+                         *_gain(layer.k_gain, layer.k_gain_shift), *_packed(engine, q.weight)),
                         (_arr(layer.o.weight), _arr(layer.o.mult), layer.o.shift, _arr(layer.mlp_gain),
                          layer.mlp_gain_shift, _arr(layer.gate_up.weight), _arr(layer.gate_up.mult),
                          layer.gate_up.shift, _arr(layer.down.weight), _arr(layer.down.mult), layer.down.shift,
                          layer.post_attn_gain is not None, *_gain(layer.post_attn_gain, layer.post_attn_gain_shift),
-                         *_gain(layer.post_mlp_gain, layer.post_mlp_gain_shift))))
+                         *_gain(layer.post_mlp_gain, layer.post_mlp_gain_shift), *_packed(engine, layer.o.weight),
+                         *_packed(engine, layer.gate_up.weight), *_packed(engine, layer.down.weight))))
         engine.scratch["layers"] = got
     return got
 
@@ -291,6 +310,7 @@ def forward_rows(engine, x: torch.Tensor, rope: dict, crow: torch.Tensor, keys: 
     window = (NO_KEY_POSITIONS, NO_LOWEST) if lowest is None else \
         (cache.key_positions(True).numpy(), _arr(lowest))
     lc = gemma.attention_constant(arch)
+    vnni = uses_vnni(engine)
     table = engine.scratch.get("gate_table")
     if table is None:
         table = engine.scratch["gate_table"] = _arr(engine._sigmoid)
@@ -299,7 +319,7 @@ def forward_rows(engine, x: torch.Tensor, rope: dict, crow: torch.Tensor, keys: 
         slots, ka, kb, kc = loc if local else glob
         kpos, low = window if local else (NO_KEY_POSITIONS, NO_LOWEST)
         _layer(xa, eps, rows, ka, kb, kc, slots, *tables[arch.layer_theta(li)], kpos, low, local, _EXP2, lc, table,
-               *attn, *kv, *mlp, *work)
+               vnni, *attn, *kv, *mlp, *work)
     h16 = np.empty((m, x.shape[1]), np.int16)
     e = np.empty(m, np.int64)
     model = engine.model
@@ -313,13 +333,14 @@ def gaps_rows(engine, h16: torch.Tensor, exp: torch.Tensor) -> torch.Tensor:
     head = engine.model.head
     w = engine.scratch.get("head")
     if w is None:
-        w = engine.scratch["head"] = (_arr(head.weight), _arr(head.mult))
+        w = engine.scratch["head"] = (_arr(head.weight), *_packed(engine, head.weight), _arr(head.mult))
     m = h16.shape[0]
     key = ("lam", m, threading.get_ident())
     lam = engine.scratch.get(key)
     if lam is None:
-        lam = engine.scratch[key] = np.empty((m, w[0].shape[0]), np.int64)
+        lam = engine.scratch[key] = (np.empty((m, w[0].shape[0]), np.int64), np.empty((2 * m, w[0].shape[1]),
+                                                                                     np.uint8))
     out = np.empty((m, w[0].shape[0]), np.int64)
     e = np.ascontiguousarray((exp - head.shift).numpy().reshape(-1))
-    _head_gaps(np.ascontiguousarray(h16.numpy()), w[0], w[1], e, lam, out)
+    _head_gaps(np.ascontiguousarray(h16.numpy()), lam[1], w[0], w[1], w[2], uses_vnni(engine), w[3], e, lam[0], out)
     return torch.from_numpy(out)

@@ -1,0 +1,217 @@
+"""The fused CPU step's products: ``out[i, n] = sum_k h[i, k] q[n, k]`` exactly, two ways.
+
+``h`` is an int16 operand row (|h| <= ACT_MAX = 32,639), ``q`` an int8 weight row; every
+sum is the exact integer docs/ENGINE.md's products specify, whichever kernel makes it.
+
+* **The portable loop** (:func:`_dot`): int32 sums over chunks of ``DOT_CHUNK`` terms
+  (512 x 32,639 x 127 < 2^31), added in int64.  LLVM makes it ``vpmaddwd``; it runs at
+  ~33 GMAC/s a core here whatever the rows, because each row re-widens every weight.
+* **AVX-512 VNNI blocks** (:func:`_block`): the operand split into bytes,
+  ``h = 256 (hi + 128) + lo - 32,768`` with ``hi + 128`` and ``lo`` in 0..255, so
+  ``sum h q = 256 (sum (hi+128) q - 128 sum q) + sum lo q``, and each unsigned-by-signed
+  byte sum is ``vpdpbusd``'s: 64 products an instruction into 16 int32 lanes.  The weights
+  are packed once (:func:`pack`) in blocks of 16 rows by 4 columns, so one 64-byte load
+  feeds every operand row of the pass and each lane ends holding one output: no horizontal
+  sums.  A lane adds at most K x 255 x 128 (< 2^31 for K <= 65,793, :data:`MAX_K`), so the
+  int32 sums are exact.  ~3x the portable loop at 2-9 rows, ~1.4x at one (1 thread,
+  weights in cache; issue #29's numbers in docs/SPEED.md).
+
+LLVM does not make ``vpdpbusd`` from a numba loop (it widens the bytes to int16 and uses
+``vpdpwssd``), so the block is a numba intrinsic that emits the instruction itself; on a
+CPU without it the intrinsic compiles to a trap that :func:`available` never lets run.
+Both kernels are tested against each other and the reference (tests/test_int_dots.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from llvmlite import binding as llvm
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+from .cpu_rows import _JIT, njit, prange
+
+#: int32 partial sums of at most this many products |h q| <= 32,639 x 127 stay below 2^31.
+DOT_CHUNK = 512
+#: The longest row VNNI's int32 lanes sum exactly: K x 255 x 128 < 2^31.
+MAX_K = (2**31 - 1) // (255 * 128)
+BLOCK_ROWS = 16      # weight rows a 512-bit block holds (lanes)
+_BLOCK = 16          # weight rows per parallel task of the portable loop
+
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+_V16 = ir.VectorType(_I32, 16)
+_VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
+
+
+def cpu_has_vnni() -> bool:
+    """Whether this CPU (as LLVM sees it) has AVX-512 VNNI: vpdpbusd on 512-bit registers."""
+    features = llvm.get_host_cpu_features()
+    return all(features.get(f, False) for f in ("avx512f", "avx512bw", "avx512vnni"))
+
+
+_HAS_VNNI = cpu_has_vnni()
+
+
+def available() -> bool:
+    """The VNNI kernel is used: the CPU has it and ``LMCODEC_VNNI=0`` does not turn it off."""
+    return _HAS_VNNI and os.environ.get("LMCODEC_VNNI", "1") != "0"
+
+
+def packable(w: np.ndarray) -> bool:
+    """A weight matrix [N, K] the VNNI blocks take: whole blocks of rows and of 4 columns."""
+    n, k = w.shape
+    return n % BLOCK_ROWS == 0 and k % 4 == 0 and 0 < k <= MAX_K
+
+
+def pack(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int8 [N, K] -> (the blocks, flat: block b's 4-column group g is the 64 bytes at
+    (b K/4 + g) 64, row 16 b + l's four bytes at 4 l; each row's sum, int64 [N])."""
+    n, k = w.shape
+    blocks = w.reshape(n // BLOCK_ROWS, BLOCK_ROWS, k // 4, 4).transpose(0, 2, 1, 3)
+    return np.ascontiguousarray(blocks).reshape(-1), w.sum(axis=1, dtype=np.int64)
+
+
+NO_PACK = (np.zeros(64, np.int8), np.zeros(1, np.int64))  # the stand-in where the portable loop runs
+
+
+def _vnni_block(rows: int):
+    """An intrinsic: acc[r, 0:16] = the VNNI sums of operand byte rows r0 .. r0 + rows - 1 of
+    ``u`` (uint8 [*, K]) against the packed block at byte ``woff`` of ``w`` (``nk4`` = K / 4)."""
+
+    @intrinsic
+    def block(typingctx, u, r0, w, woff, nk4, acc):
+        sig = types.void(u, r0, w, woff, nk4, acc)
+
+        def codegen(context, builder, signature, args):
+            ua, r0v, wa, woffv, nk, acca = args
+            uarr = context.make_array(signature.args[0])(context, builder, ua)
+            up = uarr.data
+            stride = builder.extract_value(uarr.strides, 0)
+            wp = context.make_array(signature.args[2])(context, builder, wa).data
+            out = context.make_array(signature.args[5])(context, builder, acca).data
+            zero = ir.Constant(_V16, None)
+            if _HAS_VNNI:
+                sums = _emit_loop(builder, up, stride, r0v, wp, woffv, nk, rows, zero)
+            else:   # never run (available() is False): something any CPU compiles
+                builder.call(_declare(builder.module, "llvm.trap", ir.FunctionType(ir.VoidType(), [])), [])
+                sums = [zero] * rows
+            for r, s in enumerate(sums):
+                dst = builder.gep(out, [ir.Constant(_I64, BLOCK_ROWS * r)])
+                builder.store(s, builder.bitcast(dst, _V16.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return block
+
+
+def _declare(module, name: str, fnty):
+    return module.globals.get(name) or ir.Function(module, fnty, name)
+
+
+def _emit_loop(builder, up, stride, r0, wp, woff, nk, rows: int, zero) -> list:
+    """for g < nk: acc_r = vpdpbusd(acc_r, broadcast(u[r0 + r, 4g : 4g + 4]), w[woff + 64 g : + 64])."""
+    fn = _declare(builder.module, _VPDPBUSD, ir.FunctionType(_V16, [_V16, _V16, _V16]))
+    pre = builder.block
+    loop = builder.append_basic_block("vnni.loop")
+    done = builder.append_basic_block("vnni.done")
+    builder.cbranch(builder.icmp_signed(">", nk, ir.Constant(_I64, 0)), loop, done)
+    builder.position_at_end(loop)
+    g = builder.phi(_I64)
+    accs = [builder.phi(_V16) for _ in range(rows)]
+    at = builder.add(woff, builder.mul(g, ir.Constant(_I64, 64)))
+    wv = builder.load(builder.bitcast(builder.gep(wp, [at]), _V16.as_pointer()), align=1)
+    col = builder.mul(g, ir.Constant(_I64, 4))
+    new = []
+    for r, acc in enumerate(accs):
+        base = builder.add(builder.mul(builder.add(r0, ir.Constant(_I64, r)), stride), col)
+        four = builder.load(builder.bitcast(builder.gep(up, [base]), _I32.as_pointer()), align=1)
+        one = builder.insert_element(ir.Constant(_V16, ir.Undefined), four, ir.Constant(_I32, 0))
+        new.append(builder.call(fn, [acc, builder.shuffle_vector(one, one, zero), wv]))
+    g2 = builder.add(g, ir.Constant(_I64, 1))
+    builder.cbranch(builder.icmp_signed("<", g2, nk), loop, done)
+    g.add_incoming(ir.Constant(_I64, 0), pre)
+    g.add_incoming(g2, loop)
+    for acc, nv in zip(accs, new):
+        acc.add_incoming(zero, pre)
+        acc.add_incoming(nv, loop)
+    builder.position_at_end(done)
+    sums = []
+    for nv in new:
+        ph = builder.phi(_V16)
+        ph.add_incoming(zero, pre)
+        ph.add_incoming(nv, loop)
+        sums.append(ph)
+    return sums
+
+
+_block2 = _vnni_block(2)
+_block4 = _vnni_block(4)
+_block8 = _vnni_block(8)
+
+
+@njit(inline="always", **_JIT)
+def _dot32(hr, wr):
+    """sum hr wr in int32 (exact for at most DOT_CHUNK terms): a loop over whole views, which
+    LLVM vectorizes (vpmaddwd); a loop with a computed end inside the chunk loop it does not."""
+    acc = np.int32(0)
+    for j in range(hr.shape[0]):
+        acc = np.int32(acc + np.int32(np.int32(hr[j]) * np.int32(wr[j])))
+    return np.int64(acc)
+
+
+@njit(inline="always", **_JIT)
+def _dot(hr, wr):
+    """sum_k hr[k] wr[k] exactly: int32 sums over chunks of DOT_CHUNK, added in int64."""
+    tot = np.int64(0)
+    for k0 in range(0, hr.shape[0], DOT_CHUNK):
+        tot += _dot32(hr[k0:k0 + DOT_CHUNK], wr[k0:k0 + DOT_CHUNK])
+    return tot
+
+
+@njit(**_JIT)
+def split_rows(h, u):  # pragma: no cover - compiled
+    """Operand rows h [M, K] int16 -> byte rows u [2M, K] uint8: 2i = (h >> 8) + 128, 2i + 1 = h & 255."""
+    for i in range(h.shape[0]):
+        for k in range(h.shape[1]):
+            v = np.int32(h[i, k])
+            u[2 * i, k] = np.uint8((v >> 8) + 128)
+            u[2 * i + 1, k] = np.uint8(v & 255)
+
+
+@njit(parallel=True, **_JIT)
+def dots(h, u, w, wp, wsum, vnni, out):  # pragma: no cover - compiled
+    """out[i, n] = sum_k h[i, k] w[n, k] (int64) for rows h [M, K] and weights w [N, K]; with
+    ``vnni`` from the byte rows ``u`` (:func:`split_rows`) and the packed blocks ``wp``/``wsum``."""
+    m_rows = h.shape[0]
+    n_out, k = w.shape
+    if vnni:
+        nk4 = np.int64(k // 4)
+        for b in prange(n_out // BLOCK_ROWS):
+            acc = np.empty((8, BLOCK_ROWS), np.int32)
+            woff = np.int64(b) * BLOCK_ROWS * k
+            i = 0
+            while i < 2 * m_rows:
+                c = min(8, 2 * m_rows - i)
+                if c == 8:
+                    _block8(u, np.int64(i), wp, woff, nk4, acc)
+                elif c >= 4:
+                    _block4(u, np.int64(i), wp, woff, nk4, acc)
+                    c = 4
+                else:
+                    _block2(u, np.int64(i), wp, woff, nk4, acc)
+                for r in range(0, c, 2):
+                    for lane in range(BLOCK_ROWS):
+                        n = b * BLOCK_ROWS + lane
+                        hi = np.int64(acc[r, lane]) - 128 * wsum[n]
+                        out[(i + r) // 2, n] = (hi << 8) + np.int64(acc[r + 1, lane])
+                i += c
+    else:
+        for blk in prange((n_out + _BLOCK - 1) // _BLOCK):
+            for n in range(blk * _BLOCK, min(n_out, blk * _BLOCK + _BLOCK)):
+                for i in range(m_rows):
+                    out[i, n] = _dot(h[i], w[n])
