@@ -15,7 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..engine.cpu_rows import _EXP2, _JIT, _threads, njit, prange
+from ..engine.cpu_rows import _EXP2, _threads
+from ..engine.jit import _JIT, njit, prange
 from ..engine.spec import ESCAPES, OUT_U_CAP
 
 

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from . import fixedmath
-from .cpu_rows import _EXP2, _JIT, njit, prange  # numba configured there (its cache directory, threads)
+from .cpu_rows import _EXP2
+from .jit import _JIT, njit, prange
 from .spec import ATT_D_CAP, ATT_P_SHIFT, ATT_PRESHIFT, ATT_SHIFT, ATT_U_CAP
 
 #: Queries of one cache row per tile: bounds the score and byte-plane buffers

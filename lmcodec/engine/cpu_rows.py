@@ -7,21 +7,18 @@ q|k|v row to its query operand and cache slot; and the attention kernel
 (:func:`_attend`), which both call whole.  Both CPU paths are built from
 them -- the general one (:mod:`lmcodec.engine.ops_cpu`) and the fused step
 (:mod:`lmcodec.engine.fused_cpu`) -- so they compute the same integers by
-construction.  Importing this module sets numba's cache directory and starts
-its threading layer (below) before any kernel compiles.
+construction.  numba is configured by :mod:`lmcodec.engine.jit`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 import threading
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import fixedmath
+from .jit import _JIT, njit, numba, prange  # first: it configures numba (the kernels import these from here)
 from .spec import (
     ACT_FRAC,
     ACT_MAX,
@@ -37,37 +34,7 @@ from .spec import (
     RESID_LIMIT,
     RSQRT_BITS,
 )
-
-
-def _sources_digest() -> str:
-    """A digest of lmcodec's own source files, naming the directory of its compiled kernels.
-
-    numba's cache checks only the file that defines a kernel: a kernel that inlines
-    or calls a helper from another file (every kernel here inlines this module's)
-    would keep its compiled code after that helper changed.  A directory per
-    source digest means a kernel is only ever loaded by the code that compiled it.
-    """
-    root = Path(__file__).resolve().parent.parent
-    h = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
-    return h.hexdigest()[:16]
-
-
-if "NUMBA_CACHE_DIR" not in os.environ:  # site-packages may be read-only
-    from .models import cache_dir
-
-    os.environ["NUMBA_CACHE_DIR"] = str(cache_dir() / "numba" / _sources_digest())
-
-import numba  # noqa: E402
-from numba import njit, prange  # noqa: E402  (the kernels import both from here)
-
-# Start numba's threading layer now, not at the first kernel: its OpenMP layer
-# shares torch's libgomp, and starting it resets the calling thread's OpenMP
-# thread count, which is what torch.get_num_threads() reports.  Started inside
-# ``engine.torch_threads(1)`` it silently put the first block of every process
-# back on all cores (2 threads where 1 was asked; 4 on 2 cores with 2 workers).
-numba.get_num_threads()
+from .value_sums import WIDTH, sums16, sums32, sums64
 
 _EXP2 = fixedmath.exp2_table()
 _SIG = fixedmath.sigmoid_table()
@@ -75,7 +42,6 @@ _SIG_SPAN = fixedmath.SIGMOID_RANGE << fixedmath.SIGMOID_STEP_BITS
 _SIG_SHIFT = ACT_FRAC - fixedmath.SIGMOID_STEP_BITS
 _SIG_BITS = fixedmath.SIGMOID_VALUE_BITS
 _ROPE_BITS = fixedmath.ROPE_BITS
-_JIT = dict(cache=True, nogil=True, boundscheck=False)
 
 
 @njit(inline="always", **_JIT)
@@ -230,15 +196,17 @@ def _softmax_values(s, key_slots, cnt, kmax, vmax, vc, sh, lc, exp2, out):
     """One query head's output from its scores ``s[m]`` against the keys in cache slots
     ``key_slots[m]`` (m < cnt) of its row and KV head (``kmax``/``vmax`` [slots], ``vc``
     [slots, hd]): the spec's z, its maximum, the fixed-point exponentials and the rounded
-    weighted mean of the values (docs/ENGINE.md, Attention).  No key (cnt 0): all zeros."""
+    weighted mean of the values (docs/ENGINE.md, Attention).  No key (cnt 0): all zeros.
+    The kept keys' slots and weights ``p vmax`` go to the front of ``key_slots`` and ``z``
+    (each written at or before the index being read) for :func:`_value_sums`."""
     hd = out.shape[0]
     z = np.empty(cnt, np.int64)
     zmax = np.int64(-(1 << 62))
     for m in range(cnt):
         z[m] = np.int64(s[m]) * np.int64(kmax[key_slots[m]])
         zmax = max(zmax, z[m])
-    acc = np.zeros(hd, np.int64)
     total = np.int64(0)
+    kept = 0
     for m in range(cnt):
         u = (min((zmax - z[m]) >> sh, ATT_D_CAP) * lc) >> ATT_SHIFT
         if u >= ATT_U_CAP:
@@ -248,13 +216,35 @@ def _softmax_values(s, key_slots, cnt, kmax, vmax, vc, sh, lc, exp2, out):
             continue
         total += p
         j = key_slots[m]
-        w = p * np.int64(vmax[j])
-        vr = vc[j]
-        for d in range(hd):
-            acc[d] += w * np.int64(vr[d])
+        key_slots[kept] = j
+        z[kept] = p * np.int64(vmax[j])
+        kept += 1
+    acc = np.empty(hd, np.int64)
+    _value_sums(vc, key_slots, z, kept, acc)
     den = 127 * max(total, np.int64(1))       # a query always sees its own key, but a padding
     for d in range(hd):                       # column of a local layer may see none: then 0
         out[d] = (2 * acc[d] + den) // (2 * den)
+
+
+@njit(inline="always", **_JIT)
+def _value_sums(vc, js, ws, n, acc):
+    """acc[d] = sum_{i < n} ws[i] vc[js[i], d]: value_sums' register-resident runs where the head
+    dim allows (the same int64 sums in another order), else a plain loop."""
+    hd = acc.shape[0]
+    if hd % WIDTH == 0:
+        for d0 in range(0, hd, WIDTH):
+            sums64(vc, js, ws, n, d0, acc)
+    elif hd == 32:
+        sums32(vc, js, ws, n, 0, acc)
+    elif hd == 16:
+        sums16(vc, js, ws, n, 0, acc)
+    else:
+        acc[:] = 0
+        for i in range(n):
+            w = ws[i]
+            vr = vc[js[i]]
+            for d in range(hd):
+                acc[d] += w * np.int64(vr[d])
 
 
 #: The stand-in for an absent bias or gain (int64, so one compiled signature serves every model).

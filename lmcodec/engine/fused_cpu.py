@@ -32,7 +32,6 @@ import torch
 from . import gemma, int_dots
 from .cpu_rows import (
     _EXP2,
-    _JIT,
     _SIG_BITS,
     _SIG_SHIFT,
     _SIG_SPAN,
@@ -48,10 +47,9 @@ from .cpu_rows import (
     _requant,
     _rshift,
     _threads,
-    njit,  # numba through cpu_rows, which sets numba's cache directory before importing it
-    prange,
 )
 from .int_dots import NO_PACK, dots, split_rows
+from .jit import _JIT, njit, prange
 from .spec import (
     ACT_FRAC,
     ACT_MAX,

@@ -29,10 +29,8 @@ import os
 import numpy as np
 from llvmlite import binding as llvm
 from llvmlite import ir
-from numba import types
-from numba.extending import intrinsic
 
-from .cpu_rows import _JIT, njit, prange
+from .jit import _JIT, intrinsic, njit, prange, types
 
 #: int32 partial sums of at most this many products |h q| <= 32,639 x 127 stay below 2^31.
 DOT_CHUNK = 512

@@ -1,0 +1,48 @@
+"""numba, configured before any kernel compiles: every module with kernels imports it from here.
+
+Its compiled kernels are cached per version of lmcodec's sources, and its threading layer
+is started at import (both below, and why).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+
+def _sources_digest() -> str:
+    """A digest of lmcodec's own source files, naming the directory of its compiled kernels.
+
+    numba's cache checks only the file that defines a kernel: a kernel that inlines
+    or calls a helper from another file (the kernels inline cpu_rows' helpers)
+    would keep its compiled code after that helper changed.  A directory per
+    source digest means a kernel is only ever loaded by the code that compiled it.
+    """
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+if "NUMBA_CACHE_DIR" not in os.environ:  # site-packages may be read-only
+    from .models import cache_dir
+
+    os.environ["NUMBA_CACHE_DIR"] = str(cache_dir() / "numba" / _sources_digest())
+
+import numba  # noqa: E402
+from numba import njit, prange, types  # noqa: E402
+from numba.extending import intrinsic  # noqa: E402
+
+# Start numba's threading layer now, not at the first kernel: its OpenMP layer
+# shares torch's libgomp, and starting it resets the calling thread's OpenMP
+# thread count, which is what torch.get_num_threads() reports.  Started inside
+# ``engine.torch_threads(1)`` it silently put the first block of every process
+# back on all cores (2 threads where 1 was asked; 4 on 2 cores with 2 workers).
+numba.get_num_threads()
+
+#: Every kernel's compile options: cached on disk (above), without the GIL, unchecked indices.
+_JIT = dict(cache=True, nogil=True, boundscheck=False)
+
+__all__ = ["_JIT", "intrinsic", "njit", "numba", "prange", "types"]

@@ -1,0 +1,54 @@
+"""Attention's value sums in registers (lmcodec.engine.value_sums) equal plain int64 sums.
+
+``acc[d] = sum_i w_i v[j_i, d]`` for each run width (64: SmolLM2 and Gemma 3 in runs of 64;
+32 and 16: the tests' tiny models) and the plain loop for other head dims, at the weights'
+largest values (2^40 - 1, the largest p vmax docs/ENGINE.md allows) and the values'
+extremes, with keys in any order and repeated, and for no key at all.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lmcodec.engine import cpu_rows
+from lmcodec.engine.jit import njit
+
+
+@njit
+def _run(vc, js, ws, n, acc):
+    cpu_rows._value_sums(vc, js, ws, n, acc)
+
+
+def value_sums(vc: np.ndarray, js: np.ndarray, ws: np.ndarray) -> np.ndarray:
+    acc = np.full(vc.shape[1], 7, np.int64)          # overwritten, not added to
+    _run(vc, js.astype(np.int64), ws.astype(np.int64), len(js), acc)
+    return acc
+
+
+def plain(vc: np.ndarray, js: np.ndarray, ws: np.ndarray) -> np.ndarray:
+    return (ws.astype(object)[:, None] * vc[js].astype(object)).sum(axis=0).astype(np.int64) if len(js) else \
+        np.zeros(vc.shape[1], np.int64)
+
+
+@pytest.mark.parametrize("hd", [16, 24, 32, 64, 256])
+def test_value_sums_at_the_extremes(hd):
+    vc = np.full((6, hd), 127, np.int8)
+    vc[1] = -128
+    vc[2, ::2] = -127
+    js = np.array([0, 0, 2, 5, 0] * 40)
+    ws = np.full(len(js), 2**40 - 1, np.int64)
+    assert np.array_equal(value_sums(vc, js, ws), plain(vc, js, ws))
+    assert np.array_equal(value_sums(vc, js[:0], ws[:0]), np.zeros(hd, np.int64))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from([16, 32, 64, 128, 256, 48]), st.integers(0, 300), st.randoms(use_true_random=False))
+def test_value_sums_equal_plain_sums(hd, n, rnd):
+    rng = np.random.default_rng(rnd.getrandbits(32))
+    vc = rng.integers(-128, 128, (40, hd), dtype=np.int8)
+    js = rng.integers(0, 40, n)
+    ws = rng.integers(0, 2**40, n)
+    assert np.array_equal(value_sums(vc, js, ws), plain(vc, js, ws))
