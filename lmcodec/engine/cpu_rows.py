@@ -37,6 +37,9 @@ from .spec import (
 from .value_sums import WIDTH, sums16, sums32, sums64
 
 _EXP2 = fixedmath.exp2_table()
+# The attention's weights drop their branch on U >= ATT_U_CAP (_softmax_values): capped there, the
+# formula itself gives the spec's 0.
+assert int(_EXP2.max()) >> ((ATT_U_CAP >> fixedmath.EXP2_FRAC_BITS) + ATT_P_SHIFT) == 0
 _SIG = fixedmath.sigmoid_table()
 _SIG_SPAN = fixedmath.SIGMOID_RANGE << fixedmath.SIGMOID_STEP_BITS
 _SIG_SHIFT = ACT_FRAC - fixedmath.SIGMOID_STEP_BITS
@@ -207,18 +210,14 @@ def _softmax_values(s, key_slots, cnt, kmax, vmax, vc, sh, lc, exp2, out):
         zmax = max(zmax, z[m])
     total = np.int64(0)
     kept = 0
-    for m in range(cnt):
-        u = (min((zmax - z[m]) >> sh, ATT_D_CAP) * lc) >> ATT_SHIFT
-        if u >= ATT_U_CAP:
-            continue
+    for m in range(cnt):    # no branch: at u = ATT_U_CAP, 2^30 >> (17 + 14) is already the spec's 0
+        u = min((min((zmax - z[m]) >> sh, ATT_D_CAP) * lc) >> ATT_SHIFT, ATT_U_CAP)
         p = exp2[u & 1023] >> ((u >> 10) + ATT_P_SHIFT)
-        if p == 0:
-            continue
         total += p
         j = key_slots[m]
-        key_slots[kept] = j
+        key_slots[kept] = j     # kept <= m: written after key_slots[m] and z[m] are read
         z[kept] = p * np.int64(vmax[j])
-        kept += 1
+        kept += p != 0
     acc = np.empty(hd, np.int64)
     _value_sums(vc, key_slots, z, kept, acc)
     den = 127 * max(total, np.int64(1))       # a query always sees its own key, but a padding

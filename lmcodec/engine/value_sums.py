@@ -56,17 +56,17 @@ def _sums(width: int):
             wv = builder.shuffle_vector(wv, wv, ir.Constant(ir.VectorType(ir.IntType(32), 8), None))
             row = builder.add(builder.mul(j, stride), d0v)
             new = []
-            for c, acc in enumerate(accs):
+            for c, run in enumerate(accs):
                 at = builder.gep(vp, [builder.add(row, ir.Constant(_I64, 8 * c))])
                 vals = builder.sext(builder.load(builder.bitcast(at, v8.as_pointer()), align=1), v64)
-                new.append(builder.add(acc, builder.mul(vals, wv)))
+                new.append(builder.add(run, builder.mul(vals, wv)))
             i2 = builder.add(i, ir.Constant(_I64, 1))
             builder.cbranch(builder.icmp_signed("<", i2, nv), loop, done)
             i.add_incoming(ir.Constant(_I64, 0), pre)
             i.add_incoming(i2, loop)
-            for acc, nxt in zip(accs, new):
-                acc.add_incoming(zero, pre)
-                acc.add_incoming(nxt, loop)
+            for run, nxt in zip(accs, new):
+                run.add_incoming(zero, pre)
+                run.add_incoming(nxt, loop)
             builder.position_at_end(done)
             final = []
             for nxt in new:
