@@ -195,27 +195,29 @@ def _threads() -> None:
 
 
 @njit(inline="always", **_JIT)
-def _softmax_values(s, key_slots, cnt, kmax, vmax, vc, sh, lc, exp2, out):
-    """One query head's output from its scores ``s[m]`` against the keys in cache slots
-    ``key_slots[m]`` (m < cnt) of its row and KV head (``kmax``/``vmax`` [slots], ``vc``
-    [slots, hd]): the spec's z, its maximum, the fixed-point exponentials and the rounded
-    weighted mean of the values (docs/ENGINE.md, Attention).  No key (cnt 0): all zeros.
-    The kept keys' slots and weights ``p vmax`` go to the front of ``key_slots`` and ``z``
-    (each written at or before the index being read) for :func:`_value_sums`."""
+def _softmax_values(z, key_slots, cnt, vmax, vc, sh, lc, exp2, out):
+    """One query head's output from its keys' ``z[m] = s_m kmax`` (m < cnt, the key in cache slot
+    ``key_slots[m]`` of its row and KV head; ``vmax`` [slots], ``vc`` [slots, hd]): the maximum,
+    the fixed-point exponentials and the rounded weighted mean of the values (docs/ENGINE.md,
+    Attention).  No key (cnt 0): all zeros.  In place and in passes a CPU vectorizes: ``z``
+    becomes the weights p (no branch: at u = ATT_U_CAP, 2^30 >> (17 + 14) is already the spec's
+    0), then the kept keys' slots and ``p vmax`` are compacted to the front of ``key_slots`` and
+    ``z`` (an entry is overwritten only after it is read) for :func:`_value_sums`."""
     hd = out.shape[0]
-    z = np.empty(cnt, np.int64)
     zmax = np.int64(-(1 << 62))
     for m in range(cnt):
-        z[m] = np.int64(s[m]) * np.int64(kmax[key_slots[m]])
         zmax = max(zmax, z[m])
-    total = np.int64(0)
-    kept = 0
-    for m in range(cnt):    # no branch: at u = ATT_U_CAP, 2^30 >> (17 + 14) is already the spec's 0
+    for m in range(cnt):
         u = min((min((zmax - z[m]) >> sh, ATT_D_CAP) * lc) >> ATT_SHIFT, ATT_U_CAP)
-        p = exp2[u & 1023] >> ((u >> 10) + ATT_P_SHIFT)
-        total += p
+        z[m] = exp2[u & 1023] >> ((u >> 10) + ATT_P_SHIFT)
+    total = np.int64(0)
+    for m in range(cnt):
+        total += z[m]
+    kept = 0
+    for m in range(cnt):
+        p = z[m]
         j = key_slots[m]
-        key_slots[kept] = j     # kept <= m: written after key_slots[m] and z[m] are read
+        key_slots[kept] = j
         z[kept] = p * np.int64(vmax[j])
         kept += p != 0
     acc = np.empty(hd, np.int64)
@@ -275,11 +277,18 @@ def _attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c, kpos, lowest, windowed, 
         n2 = max(c[n] - off, 0)
         key_slots = np.empty(n1 + n2, np.int64)
         cnt = 0
-        for jj in range(n1 + n2):
-            j = jj if jj < n1 else off + jj - n1
-            if not windowed or kpos[r, j] >= lowest[n]:
-                key_slots[cnt] = j
-                cnt += 1
+        if windowed:
+            for jj in range(n1 + n2):
+                j = jj if jj < n1 else off + jj - n1
+                if kpos[r, j] >= lowest[n]:
+                    key_slots[cnt] = j
+                    cnt += 1
+        else:
+            for jj in range(n1):
+                key_slots[jj] = jj
+            for jj in range(n2):
+                key_slots[n1 + jj] = off + jj
+            cnt = n1 + n2
         s = np.zeros(cnt, np.int32)      # |s| < 2^31 for head dims up to 256
         if windowed:
             for d in range(hd):
@@ -297,5 +306,15 @@ def _attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c, kpos, lowest, windowed, 
                 kr2 = kr[off:off + n2]
                 for j in range(n2):
                     s2[j] += qd * np.int32(kr2[j])
-        _softmax_values(s, key_slots, cnt, kmax[r, h], vmax[r, h], vc[r, h], ATT_PRESHIFT - qe[n, head], lc,
-                        exp2, out[n, head])
+        z = np.empty(cnt, np.int64)      # |z| < 2^55
+        km = kmax[r, h]
+        if windowed:
+            for m in range(cnt):
+                z[m] = np.int64(s[m]) * np.int64(km[key_slots[m]])
+        else:                            # the two runs of slots again: no gather
+            for m in range(n1):
+                z[m] = np.int64(s[m]) * np.int64(km[m])
+            for m in range(n2):
+                z[n1 + m] = np.int64(s[n1 + m]) * np.int64(km[off + m])
+        _softmax_values(z, key_slots, cnt, vmax[r, h], vc[r, h], ATT_PRESHIFT - qe[n, head], lc, exp2,
+                        out[n, head])
