@@ -113,10 +113,12 @@ class PassCost:
     def __init__(self, prior: float = 0.08, decay: float = 0.8):
         self.prior, self.decay = prior, decay
         self.seen: dict[int, float] = {}
+        self._slope: float | None = None     # the line's slope, fitted again after a record
 
     def record(self, queries: int, seconds: float) -> None:
         old = self.seen.get(queries)
         self.seen[queries] = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
+        self._slope = None
 
     def estimate(self, queries: int) -> float:
         if queries in self.seen:
@@ -124,9 +126,10 @@ class PassCost:
         q = np.array(list(self.seen), dtype=np.float64)
         t = np.array(list(self.seen.values()), dtype=np.float64)
         if len(q) >= 2:
-            slope = max(0.0, float(np.polyfit(q, t, 1)[0]))
+            if self._slope is None:
+                self._slope = max(0.0, float(np.polyfit(q, t, 1)[0]))
             near = int(np.argmin(np.abs(q - queries)))
-            return max(1e-9, float(t[near] + slope * (queries - q[near])))
+            return max(1e-9, float(t[near] + self._slope * (queries - q[near])))
         if len(q) == 1:
             one = t[0] / (1 + self.prior * (q[0] - 1))
             return one * (1 + self.prior * (queries - 1))
