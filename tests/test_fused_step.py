@@ -56,10 +56,15 @@ def make_passes(vocab: int) -> list:
     # two rows, two positions each (a verify pass: 4 query rows)
     p2 = np.array([[3, 4], [5, 6]])
     passes.append((t(rng.integers(0, vocab, (2, 2))), t(p2), t(p2), t(np.zeros((2, 2))), t(np.zeros((2, 2))), t(p2 + 1)))
-    # three rows, three positions each: 9 query rows, one row and 8 guesses' worth (ops_cpu.FUSED_ROWS)
+    # three rows, three positions each: 9 query rows, one row and 8 guesses' worth
     p3 = np.array([[7, 8, 9], [8, 9, 10], [2, 3, 4]])
     passes.append((t(rng.integers(0, vocab, (3, 3))), t(p3), t(p3), t(np.zeros((3, 3))), t(np.zeros((3, 3))),
                    t(p3 + 1)))
+    # two rows, eight positions each: 16 query rows (ops_cpu.FUSED_ROWS)
+    p4 = np.array([np.arange(2, 10), np.arange(3, 11)])
+    passes.append((t(rng.integers(0, vocab, (2, 8))), t(p4), t(p4), t(np.zeros((2, 8))), t(np.zeros((2, 8))),
+                   t(p4 + 1)))
+    assert max(p[0].numel() for p in passes) == ops_cpu.FUSED_ROWS
     return passes
 
 

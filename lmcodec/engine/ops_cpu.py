@@ -301,11 +301,13 @@ def gaps(y, mult, exp):
 
 
 #: Query rows up to which Engine.forward and Engine.gaps take the fused step (lmcodec.engine.fused_cpu):
-#: one kernel per layer, products as int16 dot products (~65 GMAC/s on 2 EPYC cores). More rows go
-#: to torch._int_mm, whose kernels gain more per extra row. Measured (a pass plus its gaps, SmolLM2,
-#: 1,500 cached keys, 2 threads): fused/general 9.8/24.1 ms at 1 row, 28/37 at 4, 55/63 at 9,
-#: 89/81 at 12: the paths cross between 9 and 12, and 9 is one row with 8 guesses (Settings.guesses).
-FUSED_ROWS = 9
+#: one kernel per layer, the products on int_dots (AVX-512 VNNI where the CPU has it). More rows go to
+#: torch._int_mm, whose kernels gain more per extra row. Measured (one row's pass of T positions with
+#: its head, 1,500 cached keys, 2 threads, 2-core EPYC, `benchmarks.step --widths`): fused / general
+#: SmolLM2 8.1 / 17.9 ms at 1, 33.6 / 41.3 at 9, 42.9 / 49.4 at 12, 56.1 / 60.4 at 16; Gemma 3 270M
+#: 14.3 / 29.8, 57.3 / 68.3, 75.9 / 81.2, 103.8 / 111.8 (before VNNI and the vectorized softmax the
+#: paths crossed between 9 and 12).
+FUSED_ROWS = 16
 
 
 def forward_rows(engine, *args):
