@@ -4,10 +4,11 @@
         --model smollm2-135m --model gemma3-270m --json docs/bench/float-smoke.json
 
 Each model is loaded through transformers from its GGUF (dequantized, float32) and scores
-every file of the suite in lmcodec's own tokens (its start token first) in
-sliding windows of ``--window`` tokens moved ``--stride`` at a time (each token scored once,
-with at least window - stride tokens of context after the first window), the usual
-perplexity method and the one issue #31's figures were taken with.  The figure is the
+every file of the suite in lmcodec's own tokens in sliding windows of ``--window`` tokens,
+each opened by lmcodec's start token, moved ``--stride`` at a time (each token scored once,
+with at least window - stride - 1 tokens of context after the first window): the usual
+perplexity method, issue #31's, with the start token at every window's front as in
+lmcodec's segments.  The figure is the
 cross-entropy of the tokens in bits over the file's bytes: no archive, no online models,
 no integer engine.  Comparing it with ``benchmarks.run``'s archive figures separates what
 the weights allow from what lmcodec's engine and levels add or cost.
@@ -31,22 +32,20 @@ from .corpus import load_suite
 
 
 def file_bits(model, ids: list[int], start: int, window: int, stride: int) -> float:
-    """Cross-entropy in bits of ``ids`` after ``start``, in windows of ``window`` tokens."""
-    seq = [start] + ids
-    total, scored = 0.0, 1          # seq[0] is context only
-    begin = 0
-    while scored < len(seq):
-        end = min(begin + window, len(seq))
-        chunk = torch.tensor([seq[begin:end]])
+    """Cross-entropy in bits of ``ids`` in windows of ``window`` tokens, each opened by ``start``
+    (as lmcodec's segments are: Gemma 3 without its <bos> at the front scores far worse) and
+    moved ``stride`` tokens at a time."""
+    total, scored, begin, n = 0.0, 0, 0, len(ids)
+    while scored < n:
+        end = min(begin + window - 1, n)
+        chunk = torch.tensor([[start] + ids[begin:end]])
         with torch.no_grad():
             logits = model(chunk).logits[0].double()
-        logp = torch.log_softmax(logits[:-1], dim=-1)
-        targets = chunk[0, 1:]
-        first = scored - begin - 1    # the first row whose target is not scored yet
-        rows = torch.arange(first, end - begin - 1)
-        total -= float(logp[rows, targets[rows]].sum())
+        logp = torch.log_softmax(logits[:-1], dim=-1)      # row i predicts ids[begin + i]
+        rows = torch.arange(scored - begin, end - begin)
+        total -= float(logp[rows, chunk[0, 1:][rows]].sum())
         scored = end
-        begin = max(end - (window - stride), begin + 1) if end < len(seq) else end
+        begin = max(begin + 1, end - (window - 1 - stride))
     return total / math.log(2)
 
 
