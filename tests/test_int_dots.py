@@ -8,6 +8,10 @@ that take the 8-, 4- and 2-row blocks.  The output head's kernel takes the same 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -84,3 +88,23 @@ def test_head_kernel_takes_the_same_products(vnni):
     out = np.empty((3, 48), np.int64)
     fused_cpu._head_gaps(h, np.empty((6, 64), np.uint8), w, wp, wsum, vnni, mult, np.zeros(3, np.int64), lam, out)
     assert np.array_equal(lam, exact(h, w) * mult)
+
+
+def test_kernels_compile_without_vnni(tmp_path):
+    """With LMCODEC_VNNI=0 (as on a CPU without it) the kernels hold no VNNI code, compile and
+    give the exact products on the portable loop (a fresh process and numba cache)."""
+    code = ("import numpy as np\n"
+            "from lmcodec.engine import int_dots\n"
+            "assert not int_dots.available()\n"
+            "rng = np.random.default_rng(1)\n"
+            "w = rng.integers(-127, 128, (32, 64), dtype=np.int8)\n"
+            "h = rng.integers(-32639, 32640, (3, 64), dtype=np.int16)\n"
+            "out = np.empty((3, 32), np.int64)\n"
+            "wp, ws = int_dots.NO_PACK\n"
+            "int_dots.dots(h, np.empty((6, 64), np.uint8), w, wp, ws, False, out)\n"
+            "assert np.array_equal(out, h.astype(np.int64) @ w.astype(np.int64).T)\n"
+            "asm = ''.join(int_dots.dots.inspect_asm(s) for s in int_dots.dots.signatures)\n"
+            "assert 'vpdpbusd' not in asm\n")
+    env = dict(os.environ, LMCODEC_VNNI="0", NUMBA_CACHE_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

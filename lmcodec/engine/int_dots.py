@@ -19,7 +19,8 @@ sum is the exact integer docs/ENGINE.md's products specify, whichever kernel mak
 
 LLVM does not make ``vpdpbusd`` from a numba loop (it widens the bytes to int16 and uses
 ``vpdpwssd``), so the block is a numba intrinsic that emits the instruction itself; on a
-CPU without it the intrinsic compiles to a trap that :func:`available` never lets run.
+CPU without it (or with ``LMCODEC_VNNI=0``) the intrinsic compiles to a trap that
+:func:`available` never lets run.
 Both kernels are tested against each other and the reference (tests/test_int_dots.py).
 """
 
@@ -52,12 +53,14 @@ def cpu_has_vnni() -> bool:
     return all(features.get(f, False) for f in ("avx512f", "avx512bw", "avx512vnni"))
 
 
-_HAS_VNNI = cpu_has_vnni()
+#: Whether the kernels hold VNNI code at all: the CPU has it and ``LMCODEC_VNNI=0`` was not set when
+#: this module was imported (without it they compile as on a CPU that lacks it).
+_EMIT = cpu_has_vnni() and os.environ.get("LMCODEC_VNNI", "1") != "0"
 
 
 def available() -> bool:
-    """The VNNI kernel is used: the CPU has it and ``LMCODEC_VNNI=0`` does not turn it off."""
-    return _HAS_VNNI and os.environ.get("LMCODEC_VNNI", "1") != "0"
+    """The VNNI kernel is used (decided at import: :data:`_EMIT`)."""
+    return _EMIT
 
 
 def packable(w: np.ndarray) -> bool:
@@ -93,7 +96,7 @@ def _vnni_block(rows: int):
             wp = context.make_array(signature.args[2])(context, builder, wa).data
             out = context.make_array(signature.args[5])(context, builder, acca).data
             zero = ir.Constant(_V16, None)
-            if _HAS_VNNI:
+            if _EMIT:
                 sums = _emit_loop(builder, up, stride, r0v, wp, woffv, nk, rows, zero)
             else:   # never run (available() is False): something any CPU compiles
                 builder.call(_declare(builder.module, "llvm.trap", ir.FunctionType(ir.VoidType(), [])), [])
