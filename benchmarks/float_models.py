@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", action="append", required=True, help="registered model name (repeatable)")
     ap.add_argument("--window", type=int, default=1024)
     ap.add_argument("--stride", type=int, default=512)
+    ap.add_argument("--files", nargs="*", default=None, help="only these files of the suite (relative names)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -88,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     files = load_suite(args.corpus, args.suite)
+    if args.files:
+        files = [f for f in files if f[0] in args.files]
+        if not files:
+            ap.error(f"none of {args.files} is in suite {args.suite!r}")
     out = {"suite": args.suite, "window": args.window, "stride": args.stride,
            "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
