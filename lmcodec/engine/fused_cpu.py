@@ -246,9 +246,15 @@ def uses_vnni(engine) -> bool:
     return got
 
 
-def _packed(engine, t: torch.Tensor) -> tuple:
-    """A weight matrix's VNNI blocks and row sums (int_dots.pack), or the stand-ins without VNNI."""
-    return int_dots.pack(t.numpy()) if uses_vnni(engine) else NO_PACK
+def _packed(engine, lin) -> tuple:
+    """An IntLinear's VNNI blocks and row sums (int_dots.pack), or the stand-ins without VNNI.  Kept
+    on the IntLinear, so the engines of one model (a process makes many) pack it once."""
+    if not uses_vnni(engine):
+        return NO_PACK
+    got = lin.__dict__.get("_vnni")
+    if got is None or got[0] != lin.weight.data_ptr():
+        got = lin.__dict__["_vnni"] = (lin.weight.data_ptr(), *int_dots.pack(lin.weight.numpy()))
+    return got[1:]
 
 
 def _layer_arrays(engine) -> list[tuple]:
@@ -261,13 +267,13 @@ def _layer_arrays(engine) -> list[tuple]:
             bias = _arr(q.bias) if q.bias is not None else NO_ARRAY
             got.append(((_arr(layer.attn_gain), layer.attn_gain_shift, _arr(q.weight), _arr(q.mult), q.shift, bias,
                          q.bias is not None, layer.q_gain is not None, *_gain(layer.q_gain, layer.q_gain_shift),
-                         *_gain(layer.k_gain, layer.k_gain_shift), *_packed(engine, q.weight)),
+                         *_gain(layer.k_gain, layer.k_gain_shift), *_packed(engine, q)),
                         (_arr(layer.o.weight), _arr(layer.o.mult), layer.o.shift, _arr(layer.mlp_gain),
                          layer.mlp_gain_shift, _arr(layer.gate_up.weight), _arr(layer.gate_up.mult),
                          layer.gate_up.shift, _arr(layer.down.weight), _arr(layer.down.mult), layer.down.shift,
                          layer.post_attn_gain is not None, *_gain(layer.post_attn_gain, layer.post_attn_gain_shift),
-                         *_gain(layer.post_mlp_gain, layer.post_mlp_gain_shift), *_packed(engine, layer.o.weight),
-                         *_packed(engine, layer.gate_up.weight), *_packed(engine, layer.down.weight))))
+                         *_gain(layer.post_mlp_gain, layer.post_mlp_gain_shift), *_packed(engine, layer.o),
+                         *_packed(engine, layer.gate_up), *_packed(engine, layer.down))))
         engine.scratch["layers"] = got
     return got
 
@@ -331,7 +337,7 @@ def gaps_rows(engine, h16: torch.Tensor, exp: torch.Tensor) -> torch.Tensor:
     head = engine.model.head
     w = engine.scratch.get("head")
     if w is None:
-        w = engine.scratch["head"] = (_arr(head.weight), *_packed(engine, head.weight), _arr(head.mult))
+        w = engine.scratch["head"] = (_arr(head.weight), *_packed(engine, head), _arr(head.mult))
     m = h16.shape[0]
     key = ("lam", m, threading.get_ident())
     lam = engine.scratch.get(key)
