@@ -33,6 +33,7 @@ from llvmlite import binding as llvm
 from llvmlite import ir
 
 from .jit import _JIT, intrinsic, njit, prange, types
+from .llvm_loop import counted_loop, splat
 
 #: int32 partial sums of at most this many products |h q| <= 32,639 x 127 stay below 2^31.
 DOT_CHUNK = 512
@@ -118,37 +119,19 @@ def _declare(module, name: str, fnty):
 def _emit_loop(builder, up, stride, r0, wp, woff, nk, rows: int, zero) -> list:
     """for g < nk: acc_r = vpdpbusd(acc_r, broadcast(u[r0 + r, 4g : 4g + 4]), w[woff + 64 g : + 64])."""
     fn = _declare(builder.module, _VPDPBUSD, ir.FunctionType(_V16, [_V16, _V16, _V16]))
-    pre = builder.block
-    loop = builder.append_basic_block("vnni.loop")
-    done = builder.append_basic_block("vnni.done")
-    builder.cbranch(builder.icmp_signed(">", nk, ir.Constant(_I64, 0)), loop, done)
-    builder.position_at_end(loop)
-    g = builder.phi(_I64)
-    accs = [builder.phi(_V16) for _ in range(rows)]
-    at = builder.add(woff, builder.mul(g, ir.Constant(_I64, 64)))
-    wv = builder.load(builder.bitcast(builder.gep(wp, [at]), _V16.as_pointer()), align=1)
-    col = builder.mul(g, ir.Constant(_I64, 4))
-    new = []
-    for r, acc in enumerate(accs):
-        base = builder.add(builder.mul(builder.add(r0, ir.Constant(_I64, r)), stride), col)
-        four = builder.load(builder.bitcast(builder.gep(up, [base]), _I32.as_pointer()), align=1)
-        one = builder.insert_element(ir.Constant(_V16, ir.Undefined), four, ir.Constant(_I32, 0))
-        new.append(builder.call(fn, [acc, builder.shuffle_vector(one, one, zero), wv]))
-    g2 = builder.add(g, ir.Constant(_I64, 1))
-    builder.cbranch(builder.icmp_signed("<", g2, nk), loop, done)
-    g.add_incoming(ir.Constant(_I64, 0), pre)
-    g.add_incoming(g2, loop)
-    for acc, nv in zip(accs, new):
-        acc.add_incoming(zero, pre)
-        acc.add_incoming(nv, loop)
-    builder.position_at_end(done)
-    sums = []
-    for nv in new:
-        ph = builder.phi(_V16)
-        ph.add_incoming(zero, pre)
-        ph.add_incoming(nv, loop)
-        sums.append(ph)
-    return sums
+
+    def step(g, accs):
+        at = builder.add(woff, builder.mul(g, ir.Constant(_I64, 64)))
+        wv = builder.load(builder.bitcast(builder.gep(wp, [at]), _V16.as_pointer()), align=1)
+        col = builder.mul(g, ir.Constant(_I64, 4))
+        new = []
+        for r, acc in enumerate(accs):
+            base = builder.add(builder.mul(builder.add(r0, ir.Constant(_I64, r)), stride), col)
+            four = builder.load(builder.bitcast(builder.gep(up, [base]), _I32.as_pointer()), align=1)
+            new.append(builder.call(fn, [acc, splat(builder, four, _V16), wv]))
+        return new
+
+    return counted_loop(builder, nk, [zero] * rows, step, "vnni")
 
 
 _block2 = _vnni_block(2)

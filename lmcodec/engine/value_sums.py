@@ -16,6 +16,7 @@ from __future__ import annotations
 from llvmlite import ir
 
 from .jit import intrinsic, types
+from .llvm_loop import counted_loop, splat
 
 #: Value lanes one call sums (8 vectors of 8 int64: half of AVX-512's registers).
 WIDTH = 64
@@ -43,37 +44,19 @@ def _sums(width: int):
             wp = context.make_array(signature.args[2])(context, builder, wsa).data
             out = context.make_array(signature.args[5])(context, builder, acca).data
             zero = ir.Constant(v64, None)
-            pre = builder.block
-            loop = builder.append_basic_block("vsum.loop")
-            done = builder.append_basic_block("vsum.done")
-            builder.cbranch(builder.icmp_signed(">", nv, ir.Constant(_I64, 0)), loop, done)
-            builder.position_at_end(loop)
-            i = builder.phi(_I64)
-            accs = [builder.phi(v64) for _ in range(lanes)]
-            j = builder.load(builder.gep(jp, [i]))
-            w = builder.load(builder.gep(wp, [i]))
-            wv = builder.insert_element(ir.Constant(v64, ir.Undefined), w, ir.Constant(ir.IntType(32), 0))
-            wv = builder.shuffle_vector(wv, wv, ir.Constant(ir.VectorType(ir.IntType(32), 8), None))
-            row = builder.add(builder.mul(j, stride), d0v)
-            new = []
-            for c, run in enumerate(accs):
-                at = builder.gep(vp, [builder.add(row, ir.Constant(_I64, 8 * c))])
-                vals = builder.sext(builder.load(builder.bitcast(at, v8.as_pointer()), align=1), v64)
-                new.append(builder.add(run, builder.mul(vals, wv)))
-            i2 = builder.add(i, ir.Constant(_I64, 1))
-            builder.cbranch(builder.icmp_signed("<", i2, nv), loop, done)
-            i.add_incoming(ir.Constant(_I64, 0), pre)
-            i.add_incoming(i2, loop)
-            for run, nxt in zip(accs, new):
-                run.add_incoming(zero, pre)
-                run.add_incoming(nxt, loop)
-            builder.position_at_end(done)
-            final = []
-            for nxt in new:
-                ph = builder.phi(v64)
-                ph.add_incoming(zero, pre)
-                ph.add_incoming(nxt, loop)
-                final.append(ph)
+
+            def step(i, accs):
+                j = builder.load(builder.gep(jp, [i]))
+                wv = splat(builder, builder.load(builder.gep(wp, [i])), v64)
+                row = builder.add(builder.mul(j, stride), d0v)
+                new = []
+                for c, run in enumerate(accs):
+                    at = builder.gep(vp, [builder.add(row, ir.Constant(_I64, 8 * c))])
+                    vals = builder.sext(builder.load(builder.bitcast(at, v8.as_pointer()), align=1), v64)
+                    new.append(builder.add(run, builder.mul(vals, wv)))
+                return new
+
+            final = counted_loop(builder, nv, [zero] * lanes, step, "vsum")
             for c, ph in enumerate(final):
                 dst = builder.gep(out, [builder.add(d0v, ir.Constant(_I64, 8 * c))])
                 builder.store(ph, builder.bitcast(dst, v64.as_pointer()), align=8)
