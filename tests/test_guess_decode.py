@@ -187,3 +187,22 @@ def test_lane_draft_copies_what_followed_the_longest_match():
     lane.push(12)
     assert lane.propose(3) == ([13, 14, 10], 3)   # (10, 11, 12): longer, earlier
     assert lane.propose(0) == ([], 0)
+
+
+def test_every_watched_proposal_is_scored_fed_or_not():
+    """A proposal counts at each place up to its first miss, as the symbols arrive, whether or not
+    its guesses were fed: one early miss must not stop a draft from ever being measured again."""
+    acc = draft.Acceptance(4)
+    lane = draft.PrefixIndex([1, 5, 6, 7, 8]).lane(acc)
+    lane.watch([7, 8, 9], 3)
+    lane.watch([6, 7], 2)                          # a second proposal, overlapping the first
+    for x in (7, 8, 4):
+        lane.push(x)
+    assert acc.tried[3, 1:4].tolist() == [1, 1, 1] and acc.held[3, 1:4].tolist() == [1, 1, 0]
+    assert acc.tried[2, 1:3].tolist() == [1, 0] and acc.held[2, 1:3].tolist() == [0, 0]
+    assert lane.watched == []                      # both decided: nothing left to score
+    lane.watch([], 2)
+    unscored = draft.PrefixIndex([1]).lane()       # no Acceptance: watching records nothing
+    unscored.watch([3], 2)
+    unscored.push(3)
+    assert acc.tried.sum() == 4 and unscored.watched == []

@@ -125,7 +125,6 @@ class Rows:
         self.run = step(engine, pre, rows, context, longest, spare=self.most)
         self.feed = np.full((rows, 1 + self.most), tok.placeholder, dtype=np.int64)
         self.width = np.ones(rows, dtype=np.int64)      # outputs of each row's last pass in use: 1 + its guesses
-        self.matched = np.zeros(rows, dtype=np.int64)   # the draft's match length behind each row's guesses
         self.live = np.zeros(rows, dtype=bool)
         self.coders: dict[int, StreamDecoder] = {}
         self.mixers: dict[int, StreamMixer] = {}
@@ -144,7 +143,7 @@ class Rows:
             self.coders[s] = StreamDecoder(self.payloads[s])
             self.mixers[s] = StreamMixer(self.mixer, len(self.groups[s]), self.tok.alphabet_size)
             if self.index is not None:
-                self.drafts[s] = [self.index.lane() for _ in self.groups[s]]
+                self.drafts[s] = [self.index.lane(self.accept) for _ in self.groups[s]]
             rows = [r for r in started.rows if r >= 0]
             self.run.start(rows)
             self.width[rows] = 1
@@ -216,7 +215,6 @@ class Rows:
                 decoded[row] += 1
                 if j + 1 < self.width[row]:            # a guess followed this token: did it hold?
                     ok = bool(self.feed[row, j + 1] == fed)
-                    self.accept.record(int(self.matched[row]), j + 1, ok)
                     self.stats.tried += 1
                     self.stats.held += ok
                     held &= ok
@@ -247,6 +245,8 @@ class Rows:
             room = self.run.room(rows)
             most = int(min(room.min(), min(r.lengths[i] - r.step for i in live) - 1, self.most))
             props = [self.drafts[r.stream][i].propose(most) for i in live]
+            for i, (guess, n) in zip(live, props):     # scored as the symbols come, fed or not
+                self.drafts[r.stream][i].watch(guess, n)
             count = min(len(p[0]) for p in props)
             if count == 0:
                 continue
@@ -260,11 +260,10 @@ class Rows:
         self._next = T
         for rows, props, count in plans:
             k = min(T - 1, count)
-            for row, (guess, n) in zip(rows, props):
+            for row, (guess, _) in zip(rows, props):
                 g = np.asarray(guess[:k], dtype=np.int64)
                 self.feed[row, 1:1 + k] = np.where(g < self.tok.vocab_size, g, self.tok.placeholder)
                 self.width[row] = 1 + k
-                self.matched[row] = n
 
     def launch(self) -> None:
         """The model pass: the tokens just decoded and their guesses in, the next hidden rows out."""
