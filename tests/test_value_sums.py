@@ -13,7 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmcodec.engine import cpu_rows
+from lmcodec.engine import cpu_rows, int_dots
+from lmcodec.engine import value_sums as value_sums_mod
 from lmcodec.engine.jit import njit
 
 
@@ -51,4 +52,27 @@ def test_value_sums_equal_plain_sums(hd, n, rnd):
     vc = rng.integers(-128, 128, (40, hd), dtype=np.int8)
     js = rng.integers(0, 40, n)
     ws = rng.integers(0, 2**40, n)
+    assert np.array_equal(value_sums(vc, js, ws), plain(vc, js, ws))
+
+
+@njit
+def _run_portable(vc, js, ws, n, acc):
+    for d0 in range(0, acc.shape[0], 64):
+        value_sums_mod.sums64(vc, js, ws, n, d0, acc)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.sampled_from([64, 256]), st.integers(0, 300), st.randoms(use_true_random=False))
+def test_both_kernels_equal_plain_sums(hd, n, rnd):
+    """The int64 runs (CPUs without VNNI) and, where this CPU has it, the VNNI byte products that
+    _value_sums takes instead: the same sums, tails of 0-3 keys and the weights' top byte included."""
+    rng = np.random.default_rng(rnd.getrandbits(32))
+    vc = rng.integers(-128, 128, (40, hd), dtype=np.int8)
+    js = rng.integers(0, 40, n)
+    ws = rng.integers(0, 2**40, n)
+    ws[: n // 3] = 2**40 - 1 - rng.integers(0, 256, n // 3)
+    acc = np.full(hd, 7, np.int64)
+    _run_portable(vc, js, ws, n, acc)
+    assert np.array_equal(acc, plain(vc, js, ws))
+    assert cpu_rows._VNNI_SUMS == int_dots.available()
     assert np.array_equal(value_sums(vc, js, ws), plain(vc, js, ws))

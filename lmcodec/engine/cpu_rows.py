@@ -34,7 +34,11 @@ from .spec import (
     RESID_LIMIT,
     RSQRT_BITS,
 )
-from .value_sums import WIDTH, sums16, sums32, sums64
+from .int_dots import available as _vnni_available
+from .value_sums import WIDTH, sums16, sums32, sums64, vnni64
+
+#: Value sums by VNNI byte products (value_sums.vnni64): decided at import, as int_dots' products are.
+_VNNI_SUMS = _vnni_available()
 
 _EXP2 = fixedmath.exp2_table()
 # The attention's weights drop their branch on U >= ATT_U_CAP (_softmax_values): capped there, the
@@ -229,10 +233,20 @@ def _softmax_values(z, key_slots, cnt, vmax, vc, sh, lc, exp2, out):
 
 @njit(inline="always", **_JIT)
 def _value_sums(vc, js, ws, n, acc):
-    """acc[d] = sum_{i < n} ws[i] vc[js[i], d]: value_sums' register-resident runs where the head
-    dim allows (the same int64 sums in another order), else a plain loop."""
+    """acc[d] = sum_{i < n} ws[i] vc[js[i], d]: where the head dim allows, value_sums' VNNI byte
+    products four keys at a time (the last n mod 4 keys in a plain loop), or its register-resident
+    int64 runs on a CPU without VNNI; else a plain loop.  The same integers every way."""
     hd = acc.shape[0]
-    if hd % WIDTH == 0:
+    if hd % WIDTH == 0 and _VNNI_SUMS:
+        groups = n // 4
+        for d0 in range(0, hd, WIDTH):
+            vnni64(vc, js, ws, np.int64(groups), np.int64(d0), acc)
+        for i in range(4 * groups, n):         # the last keys short of a group of four
+            w = ws[i]
+            vr = vc[js[i]]
+            for d in range(hd):
+                acc[d] += w * np.int64(vr[d])
+    elif hd % WIDTH == 0:
         for d0 in range(0, hd, WIDTH):
             sums64(vc, js, ws, n, d0, acc)
     elif hd == 32:

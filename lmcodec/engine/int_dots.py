@@ -33,7 +33,7 @@ from llvmlite import binding as llvm
 from llvmlite import ir
 
 from .jit import _JIT, intrinsic, njit, prange, types
-from .llvm_loop import counted_loop, splat
+from .llvm_loop import counted_loop, declare, splat
 
 #: int32 partial sums of at most this many products |h q| <= 32,639 x 127 stay below 2^31.
 DOT_CHUNK = 512
@@ -45,7 +45,8 @@ _BLOCK = 16          # weight rows per parallel task of the portable loop
 _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
 _V16 = ir.VectorType(_I32, 16)
-_VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
+#: vpdpbusd on 512 bits: per int32 lane, the sum of four unsigned-by-signed byte products, added.
+VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
 
 
 def cpu_has_vnni() -> bool:
@@ -100,7 +101,7 @@ def _vnni_block(rows: int):
             if _EMIT:
                 sums = _emit_loop(builder, up, stride, r0v, wp, woffv, nk, rows, zero)
             else:   # never run (available() is False): something any CPU compiles
-                builder.call(_declare(builder.module, "llvm.trap", ir.FunctionType(ir.VoidType(), [])), [])
+                builder.call(declare(builder.module, "llvm.trap", ir.FunctionType(ir.VoidType(), [])), [])
                 sums = [zero] * rows
             for r, s in enumerate(sums):
                 dst = builder.gep(out, [ir.Constant(_I64, BLOCK_ROWS * r)])
@@ -112,13 +113,9 @@ def _vnni_block(rows: int):
     return block
 
 
-def _declare(module, name: str, fnty):
-    return module.globals.get(name) or ir.Function(module, fnty, name)
-
-
 def _emit_loop(builder, up, stride, r0, wp, woff, nk, rows: int, zero) -> list:
     """for g < nk: acc_r = vpdpbusd(acc_r, broadcast(u[r0 + r, 4g : 4g + 4]), w[woff + 64 g : + 64])."""
-    fn = _declare(builder.module, _VPDPBUSD, ir.FunctionType(_V16, [_V16, _V16, _V16]))
+    fn = declare(builder.module, VPDPBUSD, ir.FunctionType(_V16, [_V16, _V16, _V16]))
 
     def step(g, accs):
         at = builder.add(woff, builder.mul(g, ir.Constant(_I64, 64)))

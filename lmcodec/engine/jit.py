@@ -29,7 +29,9 @@ def _sources_digest() -> str:
 if "NUMBA_CACHE_DIR" not in os.environ:  # site-packages may be read-only
     from .models import cache_dir
 
-    os.environ["NUMBA_CACHE_DIR"] = str(cache_dir() / "numba" / _sources_digest())
+    # LMCODEC_VNNI=0 compiles the kernels without VNNI code (int_dots): not the cache of those with it.
+    _VARIANT = "-novnni" if os.environ.get("LMCODEC_VNNI", "1") == "0" else ""
+    os.environ["NUMBA_CACHE_DIR"] = str(cache_dir() / "numba" / (_sources_digest() + _VARIANT))
 
 import numba  # noqa: E402
 from numba import njit, prange, types  # noqa: E402

@@ -14,6 +14,11 @@ from llvmlite import ir
 I64 = ir.IntType(64)
 
 
+def declare(module: ir.Module, name: str, fnty: ir.FunctionType) -> ir.Function:
+    """The function ``name`` of ``module`` (an LLVM intrinsic, say), declared once."""
+    return module.globals.get(name) or ir.Function(module, fnty, name)
+
+
 def splat(builder: ir.IRBuilder, scalar: ir.Value, vtype: ir.VectorType) -> ir.Value:
     """``scalar`` in every lane of a ``vtype`` vector."""
     one = builder.insert_element(ir.Constant(vtype, ir.Undefined), scalar, ir.Constant(ir.IntType(32), 0))
