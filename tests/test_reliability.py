@@ -572,7 +572,6 @@ def test_real_lm_archive_rebuilds_from_its_fields(tiny_lm):
 
 def test_corruption_campaign_small(codec):
     campaign = _load_campaign()
-    t0 = time.perf_counter()
     corpus = campaign.build_corpus(codec, small=True)
     cases = campaign.make_cases(corpus, count=300, seed=7, deep=2)
     report = campaign.run_cases(codec, cases, timeout=60)

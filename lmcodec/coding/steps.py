@@ -177,7 +177,6 @@ class RowStep:
         if (k > 0).any() and (k > self.room(np.arange(self.rows))).any():
             raise ValueError("a guess past the cache's linear phase, the bound or a move of the prefix")
         pos = self.position
-        P = self.pre.length
         self._place(np.arange(self.rows))
         col = np.arange(T)
         real = col[None, :] <= k[:, None]

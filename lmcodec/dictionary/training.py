@@ -185,7 +185,6 @@ class FloatModel:
             for i, layer in enumerate(self.model.layers):
                 for name in LINEARS:
                     key = f"{i}.{name}"
-                    lin: IntLinear = getattr(layer, name)
                     if key in self.p.lora_a:
                         b_units = self.p.lora_b[key].double() / self.unit[key].double()[:, None]
                         t.lora[key] = quantize_lora(self.p.lora_a[key].double().cpu().numpy(), b_units.cpu().numpy())

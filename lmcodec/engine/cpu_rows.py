@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from . import fixedmath
-from .jit import _JIT, njit, numba, prange  # first: it configures numba (the kernels import these from here)
+from .int_dots import available as _vnni_available
+from .jit import _JIT, njit, numba, prange  # it configures numba; int_dots, above, imports it first too
 from .spec import (
     ACT_FRAC,
     ACT_MAX,
@@ -34,7 +35,6 @@ from .spec import (
     RESID_LIMIT,
     RSQRT_BITS,
 )
-from .int_dots import available as _vnni_available
 from .value_sums import WIDTH, sums16, sums32, sums64, vnni64
 
 #: Value sums by VNNI byte products (value_sums.vnni64): decided at import, as int_dots' products are.
