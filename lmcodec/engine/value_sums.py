@@ -1,7 +1,7 @@
 """Attention's value sums with the accumulators in registers: ``acc[d] = sum_i w_i v[j_i, d]``.
 
 The exact attention (docs/ENGINE.md, "Attention") weighs each kept key's int8 value row by
-``w = p vmax`` (up to 41 bits) and sums in int64.  Written as a numba loop, the sum over
+``w = p vmax`` (below 2^40) and sums in int64.  Written as a numba loop, the sum over
 keys re-loads and re-stores the 64 int64 accumulators at every key, and it was ~60% of a
 verify pass's attention (issue #29: 0.85 of 1.42 ms a layer for 9 queries at 1,500 keys,
 one thread).  The intrinsic here keeps a run of ``WIDTH`` accumulators in vector
