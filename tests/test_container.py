@@ -181,12 +181,14 @@ def v4_body(flags: int, level: int, mixer: int, values: tuple[int, int, int, int
 def v4_header(header: Header) -> bytes:
     """What an encoder writes for ``header``: the flags it sets, then :func:`v4_body` and the CRC."""
     named = bool(header.model_name) or any(header.model_fingerprint)
-    registered = named and header.model_name == "smollm2-135m"
+    ids = {name: i for i, name in MODEL_IDS.items()}
+    registered = named and header.model_name in ids
     flags = (header.has_prompt | 2 * named | 4 * registered | 8 * (header.lanes != 64)
              | 16 * (header.block_size != 4 << 20))
     body = v4_body(flags, header.level, header.mixer,
                    (header.context, header.segment_tokens, header.lanes, header.block_size),
-                   header.model_name.encode(), 1, header.model_fingerprint, header.prompt_check)
+                   header.model_name.encode(), ids.get(header.model_name, 1), header.model_fingerprint,
+                   header.prompt_check)
     return body + struct.pack("<I", zlib.crc32(body))
 
 
@@ -417,7 +419,7 @@ def test_resigned_v4_header_fields_parse_in_range_or_fail_cleanly(flags, level, 
     try:
         h = Reader(io.BytesIO(blob), len(blob)).header()
     except UnsupportedFormatError as exc:
-        assert flags & 6 == 6 and model_id not in (1,) and "registered model" in str(exc)
+        assert flags & 6 == 6 and model_id not in MODEL_IDS and "registered model" in str(exc)
     except ArchiveError as exc:
         assert "\n" not in str(exc)
         if level and level <= 9:
@@ -438,8 +440,9 @@ def test_resigned_v4_header_fields_parse_in_range_or_fail_cleanly(flags, level, 
         assert h.prompt_check == (pcheck if flags & 1 else bytes(8))
         assert h.model_fingerprint == (fp if flags & 2 else b"") and h.tokenizer_fingerprint == b""
         if flags & 4:
-            assert h.model_name == "smollm2-135m"
-        if not (flags & 2 and not flags & 4 and name == b"smollm2-135m"):  # that name packs as its id
+            assert h.model_name == MODEL_IDS[model_id]
+        registered = {n.encode() for n in MODEL_IDS.values()}
+        if not (flags & 2 and not flags & 4 and name in registered):  # a registered name packs as its id
             assert v4_header(h) == blob[:len(v4_header(h))]  # one encoding per header
 
 
