@@ -232,6 +232,16 @@ def _softmax_values(z, key_slots, cnt, vmax, vc, sh, lc, exp2, out):
 
 
 @njit(inline="always", **_JIT)
+def _add_value_rows(vc, js, ws, start, n, acc):
+    """acc[d] += sum_{start <= i < n} ws[i] vc[js[i], d], one key at a time."""
+    for i in range(start, n):
+        w = ws[i]
+        vr = vc[js[i]]
+        for d in range(acc.shape[0]):
+            acc[d] += w * np.int64(vr[d])
+
+
+@njit(inline="always", **_JIT)
 def _value_sums(vc, js, ws, n, acc):
     """acc[d] = sum_{i < n} ws[i] vc[js[i], d]: where the head dim allows, value_sums' VNNI byte
     products four keys at a time (the last n mod 4 keys in a plain loop), or its register-resident
@@ -241,11 +251,7 @@ def _value_sums(vc, js, ws, n, acc):
         groups = n // 4
         for d0 in range(0, hd, WIDTH):
             vnni64(vc, js, ws, np.int64(groups), np.int64(d0), acc)
-        for i in range(4 * groups, n):         # the last keys short of a group of four
-            w = ws[i]
-            vr = vc[js[i]]
-            for d in range(hd):
-                acc[d] += w * np.int64(vr[d])
+        _add_value_rows(vc, js, ws, 4 * groups, n, acc)     # the last keys short of a group of four
     elif hd % WIDTH == 0:
         for d0 in range(0, hd, WIDTH):
             sums64(vc, js, ws, n, d0, acc)
@@ -255,11 +261,7 @@ def _value_sums(vc, js, ws, n, acc):
         sums16(vc, js, ws, n, 0, acc)
     else:
         acc[:] = 0
-        for i in range(n):
-            w = ws[i]
-            vr = vc[js[i]]
-            for d in range(hd):
-                acc[d] += w * np.int64(vr[d])
+        _add_value_rows(vc, js, ws, 0, n, acc)
 
 
 #: The stand-in for an absent bias or gain (int64, so one compiled signature serves every model).
