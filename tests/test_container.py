@@ -178,16 +178,19 @@ def v4_body(flags: int, level: int, mixer: int, values: tuple[int, int, int, int
     return body + (pcheck if flags & 1 else b"")
 
 
+#: Each registered model's one-byte id, by name (MODEL_IDS inverted).
+MODEL_ID_OF = {name: i for i, name in MODEL_IDS.items()}
+
+
 def v4_header(header: Header) -> bytes:
     """What an encoder writes for ``header``: the flags it sets, then :func:`v4_body` and the CRC."""
     named = bool(header.model_name) or any(header.model_fingerprint)
-    ids = {name: i for i, name in MODEL_IDS.items()}
-    registered = named and header.model_name in ids
+    registered = named and header.model_name in MODEL_ID_OF
     flags = (header.has_prompt | 2 * named | 4 * registered | 8 * (header.lanes != 64)
              | 16 * (header.block_size != 4 << 20))
     body = v4_body(flags, header.level, header.mixer,
                    (header.context, header.segment_tokens, header.lanes, header.block_size),
-                   header.model_name.encode(), ids.get(header.model_name, 1), header.model_fingerprint,
+                   header.model_name.encode(), MODEL_ID_OF.get(header.model_name, 1), header.model_fingerprint,
                    header.prompt_check)
     return body + struct.pack("<I", zlib.crc32(body))
 
@@ -228,7 +231,7 @@ def v5_fields(flags: int, level: int, mixer: int, values: tuple[int, int, int, i
 def v5_header(header: Header, method: int | None) -> bytes:
     """What an encoder writes for ``header`` (``method`` None: the general form, with its CRC)."""
     named = bool(header.model_name) or any(header.model_fingerprint)
-    model_id = {name: i for i, name in MODEL_IDS.items()}.get(header.model_name, 0)
+    model_id = MODEL_ID_OF.get(header.model_name, 0)
     registered = named and model_id and header.model_fingerprint == MODEL_FINGERPRINTS[model_id][:8]
     layout = (header.lanes, header.block_size) != (64, 4 << 20)
     flags = (header.has_prompt | 2 * bool(header.dict_id) | 4 * registered | 8 * (named and not registered)
@@ -441,8 +444,7 @@ def test_resigned_v4_header_fields_parse_in_range_or_fail_cleanly(flags, level, 
         assert h.model_fingerprint == (fp if flags & 2 else b"") and h.tokenizer_fingerprint == b""
         if flags & 4:
             assert h.model_name == MODEL_IDS[model_id]
-        registered = {n.encode() for n in MODEL_IDS.values()}
-        if not (flags & 2 and not flags & 4 and name in registered):  # a registered name packs as its id
+        if not (flags & 2 and not flags & 4 and name in {n.encode() for n in MODEL_ID_OF}):  # packs as its id
             assert v4_header(h) == blob[:len(v4_header(h))]  # one encoding per header
 
 

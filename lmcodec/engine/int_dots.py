@@ -33,7 +33,7 @@ from llvmlite import binding as llvm
 from llvmlite import ir
 
 from .jit import _JIT, intrinsic, njit, prange, types
-from .llvm_loop import counted_loop, declare, splat
+from .llvm_loop import counted_loop, declare, splat, trap
 
 #: int32 partial sums of at most this many products |h q| <= 32,639 x 127 stay below 2^31.
 DOT_CHUNK = 512
@@ -101,7 +101,7 @@ def _vnni_block(rows: int):
             if _EMIT:
                 sums = _emit_loop(builder, up, stride, r0v, wp, woffv, nk, rows, zero)
             else:   # never run (available() is False): something any CPU compiles
-                builder.call(declare(builder.module, "llvm.trap", ir.FunctionType(ir.VoidType(), [])), [])
+                trap(builder)
                 sums = [zero] * rows
             for r, s in enumerate(sums):
                 dst = builder.gep(out, [ir.Constant(_I64, BLOCK_ROWS * r)])

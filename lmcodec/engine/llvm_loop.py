@@ -19,6 +19,11 @@ def declare(module: ir.Module, name: str, fnty: ir.FunctionType) -> ir.Function:
     return module.globals.get(name) or ir.Function(module, fnty, name)
 
 
+def trap(builder: ir.IRBuilder) -> None:
+    """A trap: the body of an intrinsic compiled where its instruction is missing, never run."""
+    builder.call(declare(builder.module, "llvm.trap", ir.FunctionType(ir.VoidType(), [])), [])
+
+
 def splat(builder: ir.IRBuilder, scalar: ir.Value, vtype: ir.VectorType) -> ir.Value:
     """``scalar`` in every lane of a ``vtype`` vector."""
     one = builder.insert_element(ir.Constant(vtype, ir.Undefined), scalar, ir.Constant(ir.IntType(32), 0))

@@ -28,7 +28,7 @@ from llvmlite import ir
 
 from .int_dots import VPDPBUSD, available
 from .jit import intrinsic, types
-from .llvm_loop import counted_loop, declare, splat
+from .llvm_loop import counted_loop, declare, splat, trap
 
 #: Value lanes one call sums (8 vectors of 8 int64: half of AVX-512's registers).
 WIDTH = 64
@@ -143,7 +143,7 @@ def vnni64(typingctx, v, js, ws, groups, d0, acc):
         wp = context.make_array(signature.args[2])(context, builder, wsa).data
         out = context.make_array(signature.args[5])(context, builder, acca).data
         if not available():
-            builder.call(declare(builder.module, "llvm.trap", ir.FunctionType(ir.VoidType(), [])), [])
+            trap(builder)
             return context.get_dummy_value()
         fn = declare(builder.module, VPDPBUSD, ir.FunctionType(_W16, [_W16, _W16, _W16]))
         final = counted_loop(builder, nv, [ir.Constant(_W16, None)] * (4 * PLANES),
