@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from lmcodec.engine import models
+from lmcodec.engine.model import registry as models
 
 from .corpus import load_suite
 

@@ -58,7 +58,8 @@ def measure(device: str, rows: int, window: int, reps: int, vocab: int = VOCAB) 
     import numpy as np
     import torch
 
-    from lmcodec.engine import fixedmath, ops_triton
+    from lmcodec.engine.spec import fixedmath
+    from lmcodec.engine.triton import ops as ops_triton
 
     rng = np.random.default_rng(0)
     dev = torch.device(device)

@@ -2,7 +2,7 @@
 
 Reads a ``benchmarks.run`` results file (``results.json`` of a suite run with a
 registered model, every lmcodec round trip verified) and writes that model's
-entry of ``lmcodec/engine/measured.json``: bits per byte over the suite, tokens
+entry of ``lmcodec/engine/model/measured.json``: bits per byte over the suite, tokens
 per second both ways, and where and when they were measured.  The figures are
 the results file's, so ``lmcodec models`` never shows a number typed by hand
 (tests/test_models_cmd.py checks the committed file against the committed results).
@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from lmcodec.engine import models
+from lmcodec.engine.model import registry as models
 
 
 def summarize(results: dict) -> dict:

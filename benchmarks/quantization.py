@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     import lmcodec
-    from lmcodec.engine import models
+    from lmcodec.engine.model import registry as models
 
     if args.suite:
         try:
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(("exact integer engine (coded)", engine_bits(codec, tok, windows)))
     base = rows[0][1]
     print(f"{len(texts)} text(s), {nbytes} bytes, {n_tokens} tokens, windows of {args.window}")
-    print(f"| variant | bits/byte | vs float32 |\n|---|---:|---:|")
+    print("| variant | bits/byte | vs float32 |\n|---|---:|---:|")
     for label, bits in rows:
         print(f"| {label} | {bits / nbytes:.4f} | {bits / base - 1:+.2%} |")
     if args.json:

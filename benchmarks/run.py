@@ -145,9 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     import lmcodec
-    import lmcodec.engine.quantize
+    import lmcodec.engine.model.quantize
     from lmcodec.coding.mixing import MixerConfig
-    from lmcodec.engine import models
+    from lmcodec.engine.model import registry as models
     from lmcodec.engine.engine import pick_device
 
     settings = {k: getattr(args, k.replace("-", "_")) for k in
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{MixerConfig(resolved.mixer).describe()}, "
                          f"segment {resolved.segment_tokens} tokens, context {resolved.context}, "
                          f"lanes {resolved.lanes}, {resolved.threads} threads, exact engine "
-                         f"{lmcodec.engine.quantize.SPEC_VERSION}"),
+                         f"{lmcodec.engine.model.quantize.SPEC_VERSION}"),
             "key": key, "prompt": prompt.decode("utf-8", "replace") if prompt else None,
             "baselines": "Python bindings: gzip/lzma/bz2 (stdlib), python-zstandard, brotli"}
 

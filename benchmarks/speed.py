@@ -61,7 +61,7 @@ def float_forward_tokens_per_s(model_arg, tok, symbols, segment: int, threads: i
     """Tokens/s of the float32 model (transformers' Llama with the same weights) over the same
     ``segment``-token windows, one at a time, logits of every position: the issue's yardstick
     for the exact engine's parallel pass (compression)."""
-    from lmcodec.engine import models
+    from lmcodec.engine.model import registry as models
 
     from .quantization import float_llama
 

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import io
 import os
+from typing import TYPE_CHECKING
 
-from .codec import Codec, Settings, Stats
-from .dictionary.adapter import Adapter
 from .errors import (
     ArchiveError,
     ChecksumError,
@@ -33,7 +32,11 @@ from .errors import (
     UnsupportedFormatError,
     UsageError,
 )
-from .fileobj import LMCodecFile
+
+if TYPE_CHECKING:
+    from .codec import Codec, Settings, Stats
+    from .dictionary.adapter import Adapter
+    from .fileobj import LMCodecFile
 
 __version__ = "0.2.0"
 
@@ -45,10 +48,32 @@ __all__ = [
     "LMCodecFile", "compress", "decompress", "open", "train",
 ]
 
+#: The public classes, imported on first use: ``import lmcodec`` (and every command that only
+#: reads an archive or prints) stays free of torch, numba and the engine.
+_LAZY = {"Codec": "codec", "Settings": "codec", "Stats": "codec", "Adapter": "dictionary.adapter",
+         "LMCodecFile": "fileobj"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
 _codecs: dict[str | None, Codec] = {}
 
 
 def _codec(model: str | os.PathLike | None) -> Codec:
+    from .codec import Codec
+
     key = None if model is None else str(model)
     if key not in _codecs:
         _codecs[key] = Codec(model)
@@ -97,6 +122,9 @@ def open(filename, mode: str = "rb", *, codec: Codec | None = None, prompt: byte
         for name, value in (("encoding", encoding), ("errors", errors), ("newline", newline)):
             if value is not None:
                 raise ValueError(f"Argument '{name}' not supported in binary mode")
+    from .codec import Codec
+    from .fileobj import LMCodecFile
+
     if codec is None:
         codec = Codec(settings.pop("model", None), **settings)
     elif settings:

@@ -23,9 +23,23 @@ import zstandard
 
 from .coding.modelcache import ModelCache
 from .coding.settings import Settings, Stats
-from .errors import ChecksumError, CorruptArchiveError, LMCodecError, PromptMismatchError
+from .errors import (
+    ChecksumError,
+    CorruptArchiveError,
+    LMCodecError,
+    PromptMismatchError,
+)
 from .executors import DecodeJob, EncodeJob, Executor
-from .format.container import MODEL_CHECK_BYTES, Block, End, Header, Method, content_hasher, pack_short, prompt_check
+from .format.container import (
+    MODEL_CHECK_BYTES,
+    Block,
+    End,
+    Header,
+    Method,
+    content_hasher,
+    pack_short,
+    prompt_check,
+)
 from .format.reader import Reader
 from .progress import Progress
 

@@ -20,10 +20,19 @@ import os
 from typing import BinaryIO, Iterator
 
 from . import archive
+from .coding.context import BlockContext
 from .coding.modelcache import ModelCache
-from .coding.settings import DECODE_ROWS, DEFAULT_LEVEL, DecodeStats, Settings, Stats, max_kv_bytes  # noqa: F401  (public names)
+from .coding.settings import (  # noqa: F401  (public names)
+    DECODE_ROWS,
+    DEFAULT_LEVEL,
+    DecodeStats,
+    Settings,
+    Stats,
+    max_kv_bytes,
+)
 from .dictionary.adapter import Adapter
 from .executors import Executor, InProcessExecutor
+from .fileio import Counter
 from .fileobj import LMCodecFile
 from .format.container import Header, segment_layout
 from .format.reader import Reader
@@ -60,9 +69,10 @@ class Codec:
                  **settings):
         self.dictionary = _as_adapter(dictionary)
         self.models = ModelCache(model, self.dictionary)
+        self.context = BlockContext(self.models)
         self.settings = Settings(**settings)
         self.progress = progress
-        self.executor = executor or InProcessExecutor(self.models)
+        self.executor = executor or InProcessExecutor(self.context)
         self.last_stats: Stats | None = None
 
     layout = staticmethod(segment_layout)
@@ -71,22 +81,22 @@ class Codec:
     def last_decode(self) -> DecodeStats:
         """The model passes, rows and guesses of the last decompression run in this process
         (blocks decoded by other processes, a cluster's workers, are not counted)."""
-        return self.models.decode_stats
+        return self.context.decode_stats
 
     @property
     def last_decode_passes(self) -> int:
         """Row-passes of the last decompression: its tokens over this is the tokens a row
         decoded per model pass (1 without guesses; benchmarks.against)."""
-        return self.models.decode_stats.row_passes
+        return self.context.decode_stats.row_passes
 
     @property
     def score_memo(self) -> dict | None:
         """Set to a dict to keep segments' hidden rows between calls (benchmarks)."""
-        return self.models.score_memo
+        return self.context.score_memo
 
     @score_memo.setter
     def score_memo(self, memo: dict | None) -> None:
-        self.models.score_memo = memo
+        self.context.score_memo = memo
 
     def _progress(self) -> Progress:
         return Progress(self.progress)
@@ -140,7 +150,7 @@ class Codec:
                           size: int | None = None) -> Iterator[bytes]:
         """The original bytes of the archive in ``src``, chunk by chunk as blocks are decoded
         (what the decoder did: :attr:`last_decode`)."""
-        self.models.decode_stats = DecodeStats()
+        self.context.decode_stats = DecodeStats()
         return archive.iter_decompressed(src, models=self.models, settings=self.settings, prompt=self._prompt(prompt),
                                          executor=self.executor, progress=self._progress(), size=size)
 
@@ -162,17 +172,3 @@ class Codec:
         out = io.BytesIO()
         self.decompress_stream(io.BytesIO(blob), out, prompt, size=len(blob))
         return out.getvalue()
-
-
-class Counter(io.RawIOBase):
-    """A sink that only counts the bytes written to it (:meth:`Codec.analyze`, ``lmcodec test``)."""
-
-    def __init__(self) -> None:
-        self.n = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b) -> int:
-        self.n += len(b)
-        return len(b)

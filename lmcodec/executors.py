@@ -4,7 +4,7 @@ An archive is a sequence of independent blocks, and the exact engine gives
 every worker the same bits whatever its hardware, so the driver
 (:mod:`lmcodec.archive`) hands blocks to an :class:`Executor` and writes the
 results in order.  A job is a small picklable object -- settings, prompt,
-model argument, header -- called as ``job(models, item, progress)`` where the
+model argument, header -- called as ``job(context, item, progress)`` where the
 worker keeps its models loaded (:class:`~lmcodec.coding.modelcache.ModelCache`);
 blocks travel as bytes, never as paths.
 """
@@ -15,9 +15,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+from .coding.context import BlockContext
 from .coding.decoder import BlockDecoder
 from .coding.encoder import BlockEncoder, EncodedBlock
-from .coding.modelcache import ModelCache
 from .coding.settings import Settings
 from .format.container import Block, Header
 from .progress import Progress
@@ -39,8 +39,8 @@ class EncodeJob:
     model_check: bytes = b""
     dictionary: bytes | None = field(default=None, repr=False)
 
-    def __call__(self, models: ModelCache, raw: bytes, progress: Progress) -> EncodedBlock:
-        return BlockEncoder(models, self.settings, self.prompt).encode(raw, progress)
+    def __call__(self, ctx: BlockContext, raw: bytes, progress: Progress) -> EncodedBlock:
+        return BlockEncoder(ctx.models, self.settings, self.prompt, ctx.score_memo).encode(raw, progress)
 
     @staticmethod
     def weight(raw: bytes) -> int:
@@ -63,8 +63,9 @@ class DecodeJob:
         """The header's model fingerprint bytes (see :class:`EncodeJob`)."""
         return self.header.model_fingerprint
 
-    def __call__(self, models: ModelCache, blocks: list[Block], progress: Progress) -> list[bytes]:
-        return BlockDecoder(models, self.settings, self.header, self.prompt).decode(blocks, progress)
+    def __call__(self, ctx: BlockContext, blocks: list[Block], progress: Progress) -> list[bytes]:
+        return BlockDecoder(ctx.models, self.settings, self.header, self.prompt, ctx.decode_stats).decode(
+            blocks, progress)
 
     @staticmethod
     def weight(blocks: list[Block]) -> int:
@@ -76,7 +77,7 @@ class Executor(ABC):
 
     @abstractmethod
     def map(self, job, items: Iterable, progress: Progress) -> Iterator:
-        """``job(models, item, progress)`` for each item, results in order; items are pulled
+        """``job(context, item, progress)`` for each item, results in order; items are pulled
         lazily, so the input is never held whole (at most the executor's in-flight bound)."""
 
     def check(self) -> None:
@@ -93,11 +94,11 @@ class Executor(ABC):
 
 
 class InProcessExecutor(Executor):
-    """The default: one item at a time in this process, with this process's models."""
+    """The default: one item at a time in this process, with this process's models (``context``)."""
 
-    def __init__(self, models: ModelCache):
-        self.models = models
+    def __init__(self, context: BlockContext):
+        self.context = context
 
     def map(self, job, items: Iterable, progress: Progress) -> Iterator:
         for item in items:
-            yield job(self.models, item, progress)
+            yield job(self.context, item, progress)

@@ -7,6 +7,7 @@ failure, Ctrl-C or SIGTERM never leaves a truncated file under the real name.
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import sys
@@ -136,3 +137,17 @@ def atomic_output(path: Path, force: bool) -> Iterator[BinaryIO]:
         except FileNotFoundError:
             pass
         raise
+
+
+class Counter(io.RawIOBase):
+    """A sink that only counts the bytes written to it (:meth:`Codec.analyze`, ``lmcodec test``)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self.n += len(b)
+        return len(b)

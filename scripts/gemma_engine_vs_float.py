@@ -39,9 +39,9 @@ def main(gguf: str, text_file: str, n_bytes: int = 3000) -> None:
     from transformers import AutoModelForCausalLM
 
     from lmcodec.coding import runner
-    from lmcodec.engine import models
+    from lmcodec.engine.model import registry as models
     from lmcodec.engine.engine import Engine
-    from lmcodec.engine.quantize import load_int_model
+    from lmcodec.engine.model.quantize import load_int_model
 
     text = Path(text_file).read_bytes()[:n_bytes].decode("utf-8", errors="ignore")
     n = len(text.encode())

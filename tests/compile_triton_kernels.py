@@ -23,7 +23,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from lmcodec.engine import ops_triton, ops_triton_attend, ops_triton_gemma  # noqa: E402
+from lmcodec.engine.triton import ops as ops_triton, attend as ops_triton_attend, gemma as ops_triton_gemma  # noqa: E402
 
 #: Pointer arguments by name -> element type; other lower-case arguments are int32 scalars.
 POINTERS = {

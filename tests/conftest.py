@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import lmcodec  # noqa: E402
 from lmcodec.coding.tokens import ByteTokenizer  # noqa: E402
-from lmcodec.engine import models  # noqa: E402
+from lmcodec.engine.model import registry as models  # noqa: E402
 
 # Small segments keep the lockstep short (steps = segment length) so round trips
 # through the real 135M model take seconds, while still exercising several
@@ -90,7 +90,7 @@ def make_tiny_gemma(d, loaded_model, *, max_positions: int = 512, seed: int = 0,
 
 def load_tiny(d):
     """(integer model, tokenizer) of a model directory made by :func:`make_tiny_llama`."""
-    from lmcodec.engine.quantize import load_int_model
+    from lmcodec.engine.model.quantize import load_int_model
 
     loaded = models.load(d)
     tok = ByteTokenizer(loaded.tokenizer, loaded.arch.vocab_size)

@@ -1,4 +1,4 @@
-"""Attention on integer GEMMs (lmcodec.engine.attend_gemm) equals the per-query kernel bit for bit.
+"""Attention on integer GEMMs (lmcodec.engine.cpu.attend_gemm) equals the per-query kernel bit for bit.
 
 The parallel pass's attention runs on torch._int_mm with the scores split into the hi and
 lo bytes of q16 and the value sums into the five bytes of p * vmax; these cases put every
@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from lmcodec.engine import attend_gemm, cpu_rows, fixedmath, ops_cpu
+from lmcodec.engine.cpu import attend_gemm, rows as cpu_rows, ops as ops_cpu
+from lmcodec.engine.spec import fixedmath
 
 
 def per_query(*args):

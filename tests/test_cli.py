@@ -268,7 +268,7 @@ def test_same_gguf_under_another_name_decodes(runner, text_file, tmp_path):
     (``--model newpath``) decodes an archive made with the registered model, and back."""
     import shutil
 
-    from lmcodec.engine import models
+    from lmcodec.engine.model import registry as models
 
     _, directory, gguf = models.resolve("smollm2-135m")
     # A fixed name keeps lmcodec's conversion cache warm across runs (first run: ~30 s).

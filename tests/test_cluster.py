@@ -125,8 +125,8 @@ def tiny_dict(tmp_path_factory, tiny_model_dir):
 
     from lmcodec.coding.tokens import ByteTokenizer
     from lmcodec.dictionary.adapter import Adapter, AdapterTensors
-    from lmcodec.engine import models
-    from lmcodec.engine.quantize import load_int_model
+    from lmcodec.engine.model import registry as models
+    from lmcodec.engine.model.quantize import load_int_model
 
     m = models.load(tiny_model_dir)
     model = load_int_model(m, ByteTokenizer(m.tokenizer, m.arch.vocab_size).fingerprint)

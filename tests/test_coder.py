@@ -14,7 +14,7 @@ from lmcodec.coding.coder import StreamDecoder, StreamEncoder
 from lmcodec.coding.frequencies import CodingTables, bucket_width
 from lmcodec.coding.tokens import ESCAPES
 from lmcodec.engine import ops_torch
-from lmcodec.engine.spec import BUCKETS, MIN_TOKEN_BITS, TOTAL
+from lmcodec.engine.spec.constants import BUCKETS, MIN_TOKEN_BITS, TOTAL
 from lmcodec.errors import CorruptArchiveError
 
 

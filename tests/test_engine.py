@@ -19,9 +19,11 @@ from hypothesis import strategies as st
 
 from lmcodec.coding.runner import score_ids
 from lmcodec.coding.tokens import ByteTokenizer
-from lmcodec.engine import fixedmath, models, ops_torch
+from lmcodec.engine.spec import fixedmath
+from lmcodec.engine.model import registry as models
+from lmcodec.engine import ops_torch
 from lmcodec.engine.engine import Engine, int_mm
-from lmcodec.engine.quantize import _mantissas, load_int_model, quantize_gain, quantize_linear
+from lmcodec.engine.model.quantize import _mantissas, load_int_model, quantize_gain, quantize_linear
 
 # -- constant tables -----------------------------------------------------------------------
 
@@ -116,8 +118,8 @@ def test_int_mm_is_exact_at_the_operand_limits():
 @pytest.mark.parametrize("rows", [1, 5, 63, 64, 300])
 def test_operand_split_is_the_byte_decomposition(rows):
     """[hi; lo] with v = 256 hi + lo and lo in [-128, 127], on both sides of the CPU kernel's parallel threshold
-    (lmcodec.engine.ops_cpu.split) and on the tensor path the GPU takes (ops_torch.split), checked against Python ints."""
-    from lmcodec.engine import ops_cpu
+    (lmcodec.engine.cpu.ops.split) and on the tensor path the GPU takes (ops_torch.split), checked against Python ints."""
+    from lmcodec.engine.cpu import ops as ops_cpu
 
     rng = np.random.default_rng(rows)
     x = rng.integers(-32639, 32640, size=(rows, 577)).astype(np.int16)
@@ -211,10 +213,10 @@ def test_threads_asked_are_the_threads_used():
     workers of 1 thread ran 4 threads on 2 cores (docs/SCALE.md).
     """
     code = ("import torch, numba\n"
-            "from lmcodec.engine import ops_cpu\n"
+            "from lmcodec.engine.cpu import ops as ops_cpu\n"
             "from lmcodec.engine.engine import torch_threads\n"
             "with torch_threads(1):\n"
-            "    ops_cpu._threads()\n"
+            "    ops_cpu.sync_threads()\n"
             "    print(torch.get_num_threads(), numba.get_num_threads())\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS")})

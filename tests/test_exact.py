@@ -1,6 +1,6 @@
 """The proof that archives are portable: the engine equals the plain reference, bit for bit.
 
-``lmcodec.engine.reference`` implements docs/ENGINE.md in plain int64 numpy, one token
+``lmcodec.engine.spec.reference`` implements docs/ENGINE.md in plain int64 numpy, one token
 at a time.  Here the real default model runs through the engine in every way
 the codec uses it -- one parallel pass (also in chunks over a sliding cache),
 step by step, batch 1 and batch 3, the rows in another order, 1 and 2
@@ -19,8 +19,8 @@ from lmcodec.coding import runner, selftest, steps
 from lmcodec.coding.frequencies import CodingTables
 from lmcodec.engine import ops_torch
 from lmcodec.engine.engine import Engine, torch_threads
-from lmcodec.engine.quantize import load_int_model
-from lmcodec.engine.reference import reference_run, reference_tables
+from lmcodec.engine.model.quantize import load_int_model
+from lmcodec.engine.spec.reference import reference_run, reference_tables
 
 TEXT = b"Alice was beginning to get very tired of sitting by her sister, \xff on the bank."
 PROMPT = b"A story:"
@@ -58,7 +58,7 @@ OPS = ["cpu", "torch", pytest.param("triton", marks=pytest.mark.skipif(
 
 def make_engine(int_model, ops: str) -> Engine:
     if ops == "triton":
-        return Engine(int_model, "cuda")          # engine._backend("cuda") is lmcodec.engine.ops_triton
+        return Engine(int_model, "cuda")          # engine._backend("cuda") is lmcodec.engine.triton.ops
     return Engine(int_model, "cpu", ops=None if ops == "cpu" else ops_torch)
 
 
@@ -139,7 +139,7 @@ def test_golden_digest_on_the_tensor_backend(int_model, tokenizer):
 def test_another_model_shape_equals_reference(tiny_model_dir):
     """A 2-layer model with head dim 16 (another softmax scale): pass and steps equal the reference."""
     from lmcodec.coding.tokens import ByteTokenizer
-    from lmcodec.engine import models
+    from lmcodec.engine.model import registry as models
 
     loaded = models.load(tiny_model_dir)
     tok = ByteTokenizer(loaded.tokenizer, loaded.arch.vocab_size)

@@ -184,7 +184,7 @@ def test_info_names_the_archive_version(tmp_path):
 
 
 def test_every_registered_model_has_a_format_id():
-    from lmcodec.engine import models
+    from lmcodec.engine.model import registry as models
     from lmcodec.format.container import MODEL_IDS
 
     assert set(models.REGISTRY) <= set(MODEL_IDS.values())

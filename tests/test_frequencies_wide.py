@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from lmcodec.coding.coder import StreamDecoder, StreamEncoder
 from lmcodec.coding.frequencies import CodingTables, bucket_width
 from lmcodec.engine import ops_torch
-from lmcodec.engine.spec import BUCKET_FLOOR, BUCKETS, ESCAPES, MAX_VOCAB, MIN_TOKEN_BITS, TOTAL
+from lmcodec.engine.spec.constants import BUCKET_FLOOR, BUCKETS, ESCAPES, MAX_VOCAB, MIN_TOKEN_BITS, TOTAL
 
 GEMMA_VOCAB = 262_144
 ALPHABET = GEMMA_VOCAB + ESCAPES

@@ -1,4 +1,4 @@
-"""The fused CPU step (lmcodec.engine.fused_cpu) gives the general path's integers, bit for bit.
+"""The fused CPU step (lmcodec.engine.cpu.fused) gives the general path's integers, bit for bit.
 
 Engine.forward and Engine.gaps take the fused step at up to ``ops_cpu.FUSED_ROWS`` query
 rows; tests/test_exact.py and tests/test_rows.py check both paths against the reference.
@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import load_tiny, make_tiny_llama
 
-from lmcodec.engine import fused_cpu, int_dots, ops_cpu
+from lmcodec.engine.cpu import fused as fused_cpu, int_dots, ops as ops_cpu
 from lmcodec.engine.engine import Engine
 from lmcodec.engine.kvcache import KVCache
 

@@ -16,9 +16,11 @@ import torch
 from conftest import load_tiny, make_tiny_gemma, rows_by_plan
 
 from lmcodec.coding import runner, steps
-from lmcodec.engine import fixedmath, ops_cpu, ops_torch
+from lmcodec.engine.spec import fixedmath
+from lmcodec.engine.cpu import ops as ops_cpu
+from lmcodec.engine import ops_torch
 from lmcodec.engine.engine import Engine
-from lmcodec.engine.reference import reference_run
+from lmcodec.engine.spec.reference import reference_run
 from lmcodec.errors import UsageError
 
 CONTEXT = 14         # prefix 3 + a window of 11: both the engine's window and the local layers' (8) slide
@@ -79,7 +81,7 @@ def test_engine_runs_gemma_on_the_steps_that_compute_it(gemma):
 def test_decoding_steps_take_the_fused_step(gemma, monkeypatch):
     """On numba, a step's few rows run Gemma's layers in the fused step (one kernel per layer, its
     q/k norms, windows and post norms; fused_cpu._layer): the reference tests below hold it exact."""
-    from lmcodec.engine import fused_cpu
+    from lmcodec.engine.cpu import fused as fused_cpu
 
     calls = []
     real = fused_cpu.forward_rows
@@ -108,7 +110,7 @@ def test_gelu_table_matches_the_function():
 @BACKENDS
 def test_parallel_pass_equals_reference_across_the_window(gemma, monkeypatch, ops):
     """One pass and passes in chunks; on numba the global layer's queries also take the integer GEMMs."""
-    from lmcodec.engine import attend_gemm
+    from lmcodec.engine.cpu import attend_gemm
 
     monkeypatch.setattr(attend_gemm, "MIN_QUERIES", 4)
     im, tok = gemma
@@ -200,7 +202,7 @@ def test_clamps_reached_equal_reference(gemma, monkeypatch, ops):
     """Weights scaled up so q/k/v, gate/up and the residual clamps bind: still the reference's integers."""
     from dataclasses import replace
 
-    from lmcodec.engine import reference
+    from lmcodec.engine.spec import reference
 
     bound = {}                                       # clamp limit -> whether some value reached it
     plain = reference.clamp
@@ -262,7 +264,7 @@ def test_dictionary_merge_keeps_gemma_gains_and_equals_reference(gemma):
     from test_adapter import random_tensors
 
     from lmcodec.dictionary.adapter import Adapter
-    from lmcodec.engine.reference import reference_merge
+    from lmcodec.engine.spec.reference import reference_merge
 
     im, tok = gemma
     t = random_tensors(im, 5)

@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from lmcodec.cli.main import main
-from lmcodec.engine import models
+from lmcodec.engine.model import registry as models
 from lmcodec.errors import CorruptArchiveError, ModelError
 from lmcodec.format.container import (
     LEVELS,

@@ -24,9 +24,9 @@ from lmcodec.coding.runner import prefill
 from lmcodec.coding.settings import DecodeStats
 from lmcodec.coding.steps import GraphStep, RowStep
 from lmcodec.coding.tokens import ByteTokenizer
-from lmcodec.engine import models
+from lmcodec.engine.model import registry as models
 from lmcodec.engine.engine import Engine
-from lmcodec.engine.quantize import load_int_model
+from lmcodec.engine.model.quantize import load_int_model
 from lmcodec.format.container import stream_groups
 
 RECORD = b'{"name": "ListObjects", "input_token": "Marker", "output_token": "NextMarker", "limit_key": "MaxKeys"}\n'

@@ -1,4 +1,4 @@
-"""The fused step's products (lmcodec.engine.int_dots): exact int16 x int8 sums, both kernels.
+"""The fused step's products (lmcodec.engine.cpu.int_dots): exact int16 x int8 sums, both kernels.
 
 The portable loop's int32 chunks and VNNI's byte split with its int32 lanes are checked at the
 operand limits (every product +-32,639 x 127, the longest rows of both models), and against
@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmcodec.engine import fused_cpu, int_dots
+from lmcodec.engine.cpu import fused as fused_cpu, int_dots
 
 KERNELS = [pytest.param(True, id="vnni", marks=pytest.mark.skipif(not int_dots.available(),
                                                                   reason="this CPU has no AVX-512 VNNI")),
@@ -94,7 +94,7 @@ def test_kernels_compile_without_vnni(tmp_path):
     """With LMCODEC_VNNI=0 (as on a CPU without it) the kernels hold no VNNI code, compile and
     give the exact products on the portable loop (a fresh process and numba cache)."""
     code = ("import numpy as np\n"
-            "from lmcodec.engine import int_dots\n"
+            "from lmcodec.engine.cpu import int_dots\n"
             "assert not int_dots.available()\n"
             "rng = np.random.default_rng(1)\n"
             "w = rng.integers(-127, 128, (32, 64), dtype=np.int8)\n"

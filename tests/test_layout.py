@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lmcodec"
 
 #: Lowest first.  A prefix ending in "." is a wing (every module under it).
 LAYERS: list[list[str]] = [
-    ["lmcodec.errors", "lmcodec.progress", "lmcodec.fileio"],          # leaves every layer may use
+    ["lmcodec.errors", "lmcodec.progress", "lmcodec.fileio", "lmcodec.cache"],  # leaves every layer may use
     ["lmcodec.engine.", "lmcodec.format."],                             # the exact model; the archive's bytes
     ["lmcodec.coding."],                                                # tokens ... coder, encoder, decoder
     ["lmcodec.dictionary.", "lmcodec.probe."],                          # built on the coding and the engine
@@ -27,6 +27,20 @@ LAYERS: list[list[str]] = [
     ["lmcodec.fileobj", "lmcodec.codec", "lmcodec"],                    # the public facade
     ["lmcodec.cli.", "lmcodec.__main__"],                               # the command line
 ]
+
+
+#: A wing's own layers (sub-wings), lowest first, by the same rules: a module of the wing that
+#: matches no sub-wing is at the wing's top, above all its sub-wings.
+SUBLAYERS: dict[str, list[list[str]]] = {
+    "lmcodec.engine.": [
+        ["lmcodec.engine.spec."],                                       # constants, tables, the reference
+        ["lmcodec.engine.model."],                                      # model -> integer weights
+        ["lmcodec.engine.cpu.", "lmcodec.engine.triton."],              # the two kernel backends
+    ],
+}
+
+#: At most this many modules at a wing's top, where it has sub-wings (the rest live in them).
+MAX_TOP_MODULES = 8
 
 
 def module_name(path: Path) -> str:
@@ -46,6 +60,16 @@ def place(module: str) -> tuple[int, str]:
             if module == prefix or (prefix.endswith(".") and (module + ".").startswith(prefix)):
                 return rank, prefix
     raise AssertionError(f"{module} is in no layer: add it to LAYERS (and docs/ARCHITECTURE.md)")
+
+
+def sub_place(module: str, wing: str) -> tuple[int, str]:
+    """(rank, sub-wing) of a module within ``wing``: its top is above every sub-wing."""
+    layers = SUBLAYERS.get(wing, [])
+    for rank, prefixes in enumerate(layers):
+        for prefix in prefixes:
+            if (module + ".").startswith(prefix):
+                return rank, prefix
+    return len(layers), wing
 
 
 def resolve(importer: str, node: ast.ImportFrom | ast.Import) -> set[str]:
@@ -92,6 +116,10 @@ def test_imports_run_one_way():
             (rb, wb) = place(b)
             if rb > ra or (rb == ra and wa != wb and wa.endswith(".") and wb.endswith(".")):
                 wrong.append(f"{a} (layer {ra}) imports {b} (layer {rb})")
+            elif wa == wb and wa in SUBLAYERS:
+                (sa, swa), (sb, swb) = sub_place(a, wa), sub_place(b, wa)
+                if sb > sa or (sb == sa and swa != swb and swa != wa):
+                    wrong.append(f"{a} ({swa}) imports {b} ({swb}) against the grain of {wa}")
     assert not wrong, "\n".join(sorted(wrong))
 
 
@@ -115,8 +143,30 @@ def test_no_import_circle():
             visit(m)
 
 
+def test_wings_with_sub_wings_keep_a_small_top():
+    """A wing cut into sub-wings keeps at most MAX_TOP_MODULES modules at its top, and each
+    sub-wing named in SUBLAYERS exists."""
+    for wing, layers in SUBLAYERS.items():
+        top = [m for m in MODULES if (m + ".").startswith(wing) and sub_place(m, wing)[1] == wing]
+        assert len(top) <= MAX_TOP_MODULES, sorted(top)
+        for prefixes in layers:
+            for prefix in prefixes:
+                assert any((m + ".").startswith(prefix) for m in MODULES), f"{prefix} has no module"
+
+
+def test_the_check_sees_a_sub_wing_importing_upward():
+    """The checker itself: a CPU kernel importing the engine's top, or the spec importing a
+    model module, is against the grain."""
+    assert sub_place("lmcodec.engine.cpu.fused", "lmcodec.engine.")[0] < \
+        sub_place("lmcodec.engine.gemma", "lmcodec.engine.")[0]
+    assert sub_place("lmcodec.engine.spec.reference", "lmcodec.engine.")[0] < \
+        sub_place("lmcodec.engine.model.quantize", "lmcodec.engine.")[0]
+    assert sub_place("lmcodec.engine.cpu.ops", "lmcodec.engine.")[0] == \
+        sub_place("lmcodec.engine.triton.ops", "lmcodec.engine.")[0]
+
+
 def test_the_check_sees_an_upward_import(tmp_path):
     """The checker itself: an engine module importing the codec is caught."""
-    node = ast.parse("from ..codec import Codec").body[0]
-    (target,) = resolve("lmcodec.engine.spec", node)
-    assert target == "lmcodec.codec" and place(target)[0] > place("lmcodec.engine.spec")[0]
+    node = ast.parse("from ...codec import Codec").body[0]
+    (target,) = resolve("lmcodec.engine.spec.constants", node)
+    assert target == "lmcodec.codec" and place(target)[0] > place("lmcodec.engine.spec.constants")[0]

@@ -27,7 +27,7 @@ from lmcodec.coding.mixing import (
     biased_weights,
 )
 from lmcodec.engine.ops_torch import weights_from_gaps
-from lmcodec.engine.spec import OUT_U_CAP
+from lmcodec.engine.spec.constants import OUT_U_CAP
 
 ALPHABET = 49_152 + 256          # SmolLM2's: 256 buckets of 193 symbols, the last 256 escapes
 WIDTH = 193
@@ -117,7 +117,7 @@ def reference_bias_step(bias: list[int], counts: list[int], rows: list[list[int]
     Returns the rows' adapted token weights and the bias after learning the step;
     ``counts`` (times each token was coded) is updated in place.
     """
-    from lmcodec.engine.fixedmath import exp2_table
+    from lmcodec.engine.spec.fixedmath import exp2_table
 
     table = [int(x) for x in exp2_table()]
     weights = []

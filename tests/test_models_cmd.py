@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from benchmarks.models import summarize
 from lmcodec.cli.main import main
-from lmcodec.engine import models
+from lmcodec.engine.model import registry as models
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +28,7 @@ def test_models_lists_every_registered_model_with_its_measurements():
 
 
 def test_measurements_are_the_committed_results_not_typed_by_hand():
-    """Each entry of lmcodec/engine/measured.json is what benchmarks.models makes of its results file."""
+    """Each entry of lmcodec/engine/model/measured.json is what benchmarks.models makes of its results file."""
     recorded = models.measured()
     assert models.DEFAULT_MODEL in recorded
     for name, entry in recorded.items():

@@ -1,7 +1,7 @@
-"""The Triton kernels (lmcodec.engine.ops_triton): under Triton's interpreter on CPU, compiled on CUDA.
+"""The Triton kernels (lmcodec.engine.triton.ops): under Triton's interpreter on CPU, compiled on CUDA.
 
 Each launcher must ``torch.equal`` the ops_torch function (itself proven equal
-to lmcodec/engine/reference.py in test_exact.py) at the spec limits, under two tile
+to lmcodec/engine/spec/reference.py in test_exact.py) at the spec limits, under two tile
 configurations (integer sums and maxima cannot depend on tiles; this proves
 it), and the whole engine running these kernels must equal the reference bit
 for bit, in one parallel pass and step by step.  Every kernel also compiles
@@ -38,14 +38,12 @@ pytest.importorskip("triton", reason="triton is not installed here (Linux x86-64
 
 # noqa: E402
 from lmcodec.coding import runner, steps
-from lmcodec.engine import (
-    fixedmath,
-    ops_torch,
-    triton_int,  # noqa: E402
-)
-from lmcodec.engine import ops_triton as TRITON  # noqa: E402
+from lmcodec.engine.spec import fixedmath  # noqa: E402
+from lmcodec.engine import ops_torch  # noqa: E402
+from lmcodec.engine.triton import ints as triton_int  # noqa: E402
+from lmcodec.engine.triton import ops as TRITON  # noqa: E402
 from lmcodec.engine.engine import Engine, _backend, int_mm  # noqa: E402
-from lmcodec.engine.spec import (
+from lmcodec.engine.spec.constants import (
     ACT_MAX,
     ATT_D_CAP,
     MLP_LIMIT,
@@ -102,7 +100,7 @@ def same(a, b):
 
 
 def test_the_module_is_the_cuda_backend_with_the_torch_op_set():
-    module = importlib.import_module("lmcodec.engine.ops_triton")
+    module = importlib.import_module("lmcodec.engine.triton.ops")
     assert _backend("cuda") is module
     assert all(callable(getattr(module, name)) for name in OPS)
     assert all(callable(getattr(ops_torch, name)) for name in OPS)
@@ -365,9 +363,9 @@ def test_launchers_refuse_what_the_spec_excludes():
 def test_engine_on_triton_kernels_equals_reference(tiny_model_dir):
     """A 2-layer model (head dim 16, 4 heads over 2) through Engine(ops=ops_triton): pass and steps."""
     from lmcodec.coding.tokens import ByteTokenizer
-    from lmcodec.engine import models
-    from lmcodec.engine.quantize import load_int_model
-    from lmcodec.engine.reference import reference_run
+    from lmcodec.engine.model import registry as models
+    from lmcodec.engine.model.quantize import load_int_model
+    from lmcodec.engine.spec.reference import reference_run
 
     loaded = models.load(tiny_model_dir)
     tok = ByteTokenizer(loaded.tokenizer, loaded.arch.vocab_size)
@@ -402,8 +400,8 @@ def test_graph_step_with_guesses_on_triton_kernels(tiny_model_dir):
     from conftest import guessed_passes
 
     from lmcodec.coding.tokens import ByteTokenizer
-    from lmcodec.engine import models
-    from lmcodec.engine.quantize import load_int_model
+    from lmcodec.engine.model import registry as models
+    from lmcodec.engine.model.quantize import load_int_model
 
     loaded = models.load(tiny_model_dir)
     tok = ByteTokenizer(loaded.tokenizer, loaded.arch.vocab_size)
@@ -433,7 +431,7 @@ def test_gemma_on_triton_kernels_equals_reference(tiny_gemma):
     CPU RowStep's outputs (numba) bit for bit, past the local window and the trained positions."""
     from conftest import guessed_passes
 
-    from lmcodec.engine.reference import reference_run
+    from lmcodec.engine.spec.reference import reference_run
 
     im, tok = tiny_gemma
     prefix, context = [tok.start_token, 11, 12], 8

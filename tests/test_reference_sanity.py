@@ -1,4 +1,4 @@
-"""Sanity of the independent reference (lmcodec/engine/reference.py) on its own.
+"""Sanity of the independent reference (lmcodec/engine/spec/reference.py) on its own.
 
 The reference is what proves the fast engines bit-exact, so it must itself be a
 faithful integer model: its coding rows are valid, it is causal and honours the
@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmcodec.engine import reference as R
-from lmcodec.engine.quantize import load_int_model
+from lmcodec.engine.spec import reference as R
+from lmcodec.engine.model.quantize import load_int_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = b"Alice was beginning to get very tired of sitting by her sister on the bank.\n"
@@ -82,7 +82,7 @@ def _float_engine():
                              capture_output=True, check=True, timeout=30).stdout.decode()
     except (OSError, subprocess.SubprocessError):
         return None
-    src = src.replace("from .errors", "from lmcodec.errors").replace("from .models", "from lmcodec.engine.models")
+    src = src.replace("from .errors", "from lmcodec.errors").replace("from .models", "from lmcodec.engine.model.registry")
     spec = importlib.util.spec_from_loader("lmcodec_float_engine", loader=None)
     module = importlib.util.module_from_spec(spec)
     exec(compile(src, "float_engine.py", "exec"), module.__dict__)

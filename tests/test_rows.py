@@ -19,7 +19,7 @@ from lmcodec.coding import runner, steps
 from lmcodec.engine import ops_torch
 from lmcodec.engine.engine import Engine
 from lmcodec.engine.kvcache import KVCache
-from lmcodec.engine.reference import reference_run
+from lmcodec.engine.spec.reference import reference_run
 
 CONTEXT = 9        # prefix 3 + a window of 6: rings wrap within a few steps
 TRAINED = 16

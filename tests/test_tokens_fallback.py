@@ -119,7 +119,7 @@ GEMMA = "gemma3-270m"
 @pytest.fixture(scope="module")
 def gemma() -> ByteTokenizer:
     """Gemma 3's tokenizer as transformers builds it from the registered GGUF (assembled once)."""
-    from lmcodec.engine import models as registry
+    from lmcodec.engine.model import registry as registry
 
     if not registry.parts_present(registry.REGISTRY[GEMMA].package):
         pytest.skip("the Gemma package (lmcodec[gemma]) is not installed")

@@ -1,4 +1,4 @@
-"""Attention's value sums in registers (lmcodec.engine.value_sums) equal plain int64 sums.
+"""Attention's value sums in registers (lmcodec.engine.cpu.value_sums) equal plain int64 sums.
 
 ``acc[d] = sum_i w_i v[j_i, d]`` for each run width (64: SmolLM2 and Gemma 3 in runs of 64;
 32 and 16: the tests' tiny models) and the plain loop for other head dims, at the weights'
@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmcodec.engine import cpu_rows, int_dots
-from lmcodec.engine import value_sums as value_sums_mod
-from lmcodec.engine.jit import njit
+from lmcodec.engine.cpu import rows as cpu_rows, int_dots
+from lmcodec.engine.cpu import value_sums as value_sums_mod
+from lmcodec.engine.cpu.jit import njit
 
 
 @njit

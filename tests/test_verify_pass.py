@@ -23,7 +23,7 @@ from lmcodec.coding import runner
 from lmcodec.engine import ops_torch
 from lmcodec.engine.engine import Engine
 from lmcodec.engine.kvcache import KVCache
-from lmcodec.engine.reference import reference_run
+from lmcodec.engine.spec.reference import reference_run
 
 TRAINED = 64       # no prefix moves below it
 CAPACITY = 48      # every position these sequences reach, and their guesses past the end

@@ -13,12 +13,15 @@ import os
 import stat
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from ..codec import Codec
 from ..errors import LMCodecError, UsageError
 from ..fileio import Terminated, atomic_output
+
+if TYPE_CHECKING:
+    from ..codec import Codec
 
 
 class Context:
@@ -92,6 +95,9 @@ STDIO = "-"
 
 
 def _codec(model, progress=None, executor=None, **settings) -> Codec:
+    """A :class:`Codec` of the command's settings; the model's code is imported here, where a command codes."""
+    from ..codec import Codec
+
     settings = {k: v for k, v in settings.items() if v is not None}
     return Codec(model, progress=progress, executor=executor, **settings)
 

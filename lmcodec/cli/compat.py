@@ -32,9 +32,9 @@ from typing import Callable
 import click
 
 from .. import __version__
-from ..codec import DEFAULT_LEVEL, Counter
+from ..coding.settings import DEFAULT_LEVEL
 from ..errors import UsageError
-from ..fileio import install_signal_handlers
+from ..fileio import Counter, install_signal_handlers
 from ..format.container import End
 from ..format.reader import Reader
 from .common import (

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from ..coding.mixing import MixerConfig
+from ..coding.mixerconfig import MixerConfig
 from ..format.container import End, Method
 from ..format.reader import Reader
 from .baselines import classical_sizes

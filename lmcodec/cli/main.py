@@ -9,9 +9,9 @@ import sys
 import click
 
 from .. import __version__
-from ..codec import Counter, Stats
+from ..coding.settings import Stats
 from ..errors import LMCodecError
-from ..fileio import install_signal_handlers
+from ..fileio import Counter, install_signal_handlers
 from .common import (
     STDIO,
     SUFFIX,
@@ -28,7 +28,13 @@ from .common import (
 )
 from .inspect import bpb_command, info_command
 from .models import models_command
-from .options import _executor, cluster_option, coding_options, machine_options, model_options
+from .options import (
+    _executor,
+    cluster_option,
+    coding_options,
+    machine_options,
+    model_options,
+)
 from .probe import probe_command
 from .train import train_command
 

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from ..engine import models
+from ..engine.model import registry as models
 from .common import Context, handle_errors
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from ..codec import DEFAULT_LEVEL
-from ..coding.mixing import MixerConfig
+from ..coding.mixerconfig import MixerConfig
+from ..coding.settings import DEFAULT_LEVEL
 
 
 def model_options(fn):

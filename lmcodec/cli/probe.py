@@ -10,14 +10,22 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from ..dictionary.adapter import Adapter
 from ..errors import UsageError
 from ..fileio import atomic_output
-from ..probe.probe import DEFAULT_MIN_CONTEXT, DEFAULT_TOP_K, DEFAULT_WINDOW, ProbeResult, Thresholds, probe
+from ..probe.thresholds import (
+    DEFAULT_MIN_CONTEXT,
+    DEFAULT_TOP_K,
+    DEFAULT_WINDOW,
+    Thresholds,
+)
 from .common import Context, _prompt, handle_errors
+
+if TYPE_CHECKING:
+    from ..probe.probe import ProbeResult
 
 TOKEN_WIDTH = 18
 
@@ -127,6 +135,9 @@ def probe_command(ctx: Context, text, file, prompt, prompt_file, model, as_json,
     (zlib_ratio = bpb / zlib_bpb; low = the model knows this text better than
     its statistics explain), and runs of confidently predicted tokens.
     """
+    from ..dictionary.adapter import Adapter  # the model's code: only when a probe runs
+    from ..probe.probe import probe
+
     data = _read_text(text, file)
     key = _prompt(prompt, prompt_file)
     from tqdm import tqdm

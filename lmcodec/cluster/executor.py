@@ -45,7 +45,13 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
-from ..errors import ClusterError, EnvironmentMismatchError, LMCodecError, ModelMismatchError, UsageError
+from ..errors import (
+    ClusterError,
+    EnvironmentMismatchError,
+    LMCodecError,
+    ModelMismatchError,
+    UsageError,
+)
 from ..executors import Executor
 from .worker import Worker
 
@@ -305,7 +311,7 @@ class RayExecutor(Executor):
             self._load[i] -= 1
 
     def map(self, job, items: Iterable, progress) -> Iterator:
-        """``job(models, item)`` for every item on the workers; results in input order.
+        """``job(context, item)`` for every item on the workers; results in input order.
 
         Items are pulled from ``items`` only while fewer than :attr:`parallelism`
         are out (over all maps running at once, e.g. files coded side by side),

@@ -29,8 +29,10 @@ class Worker:
         self.exit_hook = exit_hook
         self._caches: dict = {}
 
-    def _models(self, spec: str | None, dictionary: bytes | None = None):
-        """One :class:`~lmcodec.coding.modelcache.ModelCache` per (model argument, dictionary), kept for the worker's life.
+    def _context(self, spec: str | None, dictionary: bytes | None = None):
+        """One :class:`~lmcodec.coding.context.BlockContext` (its models, a
+        :class:`~lmcodec.coding.modelcache.ModelCache`) per (model argument, dictionary), kept
+        for the worker's life.
 
         The dictionary arrives as its file's bytes and is parsed and checked here
         (:class:`~lmcodec.dictionary.adapter.Adapter`) like a file given with ``-D``; it is
@@ -38,6 +40,7 @@ class Worker:
         """
         key = (spec, None if dictionary is None else hashlib.blake2b(dictionary, digest_size=16).digest())
         if key not in self._caches:
+            from ..coding.context import BlockContext
             from ..coding.modelcache import ModelCache
             from ..dictionary.adapter import Adapter
 
@@ -45,18 +48,22 @@ class Worker:
             if self.ops == "torch":   # test-only: tensor ops instead of the numba kernels
                 from ..engine import ops_torch as ops
             adapter = None if dictionary is None else Adapter(dictionary)
-            self._caches[key] = ModelCache(spec, adapter, ops=ops)
+            self._caches[key] = BlockContext(ModelCache(spec, adapter, ops=ops))
         return self._caches[key]
 
+    def _models(self, spec: str | None, dictionary: bytes | None = None):
+        """The models of :meth:`_context`."""
+        return self._context(spec, dictionary).models
+
     def run(self, index: int, job, item) -> tuple[bytes, Any]:
-        """``job(models, item)`` here; returns (the fingerprint of the model it used, the result)."""
+        """``job(context, item)`` here; returns (the fingerprint of the model it used, the result)."""
         from ..progress import Progress
 
         job = replace(job, settings=replace(job.settings, device=self.device, threads=self.threads))
-        models = self._models(job.model, job.dictionary)
+        ctx = self._context(job.model, job.dictionary)
         progress = Progress(self.exit_callback(index))
-        result = job(models, item, progress)
-        return _fingerprint(job, models), result
+        result = job(ctx, item, progress)
+        return _fingerprint(job, ctx.models), result
 
     def exit_callback(self, index: int):
         """The test hook (``LMCODEC_TEST_WORKER_EXIT=INDEX[:MARKER]``, read by the driver):

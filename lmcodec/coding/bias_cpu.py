@@ -15,12 +15,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..engine.cpu_rows import _EXP2, _threads
-from ..engine.jit import _JIT, njit, prange
-from ..engine.spec import ESCAPES, OUT_U_CAP
+from ..engine.cpu.jit import JIT, njit, prange, sync_threads
+from ..engine.spec.constants import ESCAPES, OUT_U_CAP
+from ..engine.spec.fixedmath import exp2_table
+
+_EXP2 = exp2_table()
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=True, **JIT)
 def _lm_weights(u, bias, has_bias, frac, exp2, out):  # pragma: no cover - compiled
     """out [n, 256 width] <- the symbol weights of gaps ``u`` [n, V], after the bias when ``has_bias``."""
     n, vocab = u.shape
@@ -45,13 +47,13 @@ def _lm_weights(u, bias, has_bias, frac, exp2, out):  # pragma: no cover - compi
             out[i, v] = 0
 
 
-@njit(**_JIT)
+@njit(**JIT)
 def _count(coded, y, cap):  # pragma: no cover - compiled
     for t in y:
         coded[t] = min(coded[t] + 1, cap)
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=True, **JIT)
 def _learn(q, rows, y, coded, rates, bias, cap, up):  # pragma: no cover - compiled
     """bias <- clamp(bias + up - down, +-cap): down_v = sum over ``rows`` of floor(q_rv rate_v / sum_v q_rv),
     up (zeros on entry) gets rate_y once per coded token y."""
@@ -77,7 +79,7 @@ def _learn(q, rows, y, coded, rates, bias, cap, up):  # pragma: no cover - compi
 def lm_weights(u: torch.Tensor, bias: torch.Tensor | None, frac: int, alphabet: int, width: int) -> torch.Tensor:
     """The LM's symbol weights [n, 256, width] int64 from gaps ``u`` [n, V] (``bias``: the adaptive bias,
     applied as ``Mixer.lm_weights`` does; None: ``ops_torch.weights_from_gaps`` alone)."""
-    _threads()
+    sync_threads()
     n = u.shape[0]
     out = np.empty((n, 256 * width), np.int64)
     b = bias.numpy() if bias is not None else np.zeros(1, np.int64)
@@ -89,7 +91,7 @@ def learn_bias(q: torch.Tensor, rows: np.ndarray, y: np.ndarray, coded: torch.Te
                bias: torch.Tensor, count_cap: int, bias_cap: int) -> None:
     """One step of ``Mixer._learn_bias`` in place on ``coded`` and ``bias``: ``q`` [n, >= V] the step's LM
     weights, ``rows`` the rows whose symbol ``y`` is a token (not an escape)."""
-    _threads()
+    sync_threads()
     _count(coded.numpy(), y, count_cap)
     up = np.zeros(bias.shape[0], np.int64)
     _learn(q.numpy(), rows, y, coded.numpy(), rates, bias.numpy(), bias_cap, up)

@@ -22,18 +22,21 @@ from .frequencies import MIN_TOKEN_BITS
 from .mixing import MixerConfig
 from .modelcache import ModelCache, check_memory
 from .rowdecode import decode_streams
-from .settings import Settings
+from .settings import DecodeStats, Settings
 from .steps import cache_slots
 
 
 class BlockDecoder:
-    """Decodes the blocks of one archive (its header, the prompt given; ``settings`` resolved)."""
+    """Decodes the blocks of one archive (its header, the prompt given; ``settings`` resolved),
+    counting its model passes and guesses into ``stats``."""
 
-    def __init__(self, models: ModelCache, settings: Settings, header: Header, prompt: bytes | None):
+    def __init__(self, models: ModelCache, settings: Settings, header: Header, prompt: bytes | None,
+                 stats: DecodeStats | None = None):
         self.models = models
         self.settings = settings
         self.header = header
         self.prompt = prompt
+        self.stats = DecodeStats() if stats is None else stats
 
     def decode(self, blocks: list[Block], progress: Progress | None = None) -> list[bytes]:
         """The checked bytes of consecutive blocks (LM blocks decoded together, see :meth:`_decode_lm`)."""
@@ -95,7 +98,7 @@ class BlockDecoder:
             symbols = decode_streams(engine, pre, groups, payloads, lengths, header.context, tok,
                                      MixerConfig(header.mixer), rows, tick=progress.tokens,
                                      halves=overlap_halves(engine.device), guesses=s.guesses,
-                                     stats=self.models.decode_stats,
+                                     stats=self.stats,
                                      draft=self.models.draft_index(tok, self.prompt, prefix) if s.guesses else None)
         out, at = [], 0
         for block in blocks:

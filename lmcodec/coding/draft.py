@@ -29,10 +29,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .settings import MOST_GUESSES
+
 SHORTEST = 2        # tokens of context a draft's match needs
 LONGEST = 8         # longer matches are looked for up to this many tokens
-#: Most guesses per row and pass on a CPU (the decoder's own choice, Settings.guesses).
-MOST_GUESSES = 8
 #: The prompt's bytes a draft copies from (its last ones; the model sees fewer).
 DRAFT_PROMPT_BYTES = 1 << 20
 

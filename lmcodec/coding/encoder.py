@@ -23,7 +23,14 @@ from .coder import StreamEncoder
 from .frequencies import PRECISION, CodingTables
 from .mixing import MixerConfig, StreamMixer
 from .modelcache import ModelCache
-from .runner import SCORE_CHUNK, Prefix, SegmentRows, batch_rows, score_batch, score_segment
+from .runner import (
+    SCORE_CHUNK,
+    Prefix,
+    SegmentRows,
+    batch_rows,
+    score_batch,
+    score_segment,
+)
 from .settings import Settings
 
 ZSTD_LEVEL = 19
@@ -56,12 +63,16 @@ class EncodedBlock:
 
 
 class BlockEncoder:
-    """Encodes blocks with one model, settings and prompt (``settings`` resolved)."""
+    """Encodes blocks with one model, settings and prompt (``settings`` resolved): chooses each
+    block's method, and for an LM block runs the parallel pass (:class:`SegmentScorer`) and
+    codes its streams (:func:`encode_stream`).  ``score_memo``: see :class:`SegmentScorer`."""
 
-    def __init__(self, models: ModelCache, settings: Settings, prompt: bytes | None):
+    def __init__(self, models: ModelCache, settings: Settings, prompt: bytes | None,
+                 score_memo: dict | None = None):
         self.models = models
         self.settings = settings
         self.prompt = prompt
+        self.score_memo = score_memo
 
     def encode(self, raw: bytes, progress: Progress | None = None) -> EncodedBlock:
         """The smallest of the allowed methods for this block (``auto``: all three)."""
@@ -97,9 +108,10 @@ class BlockEncoder:
             pre = self.models.prefill(engine, prefix)
             streams = [[slice(offsets[g], offsets[g + 1]) for g in group]
                        for group in stream_groups(len(lengths), s.lanes)]
+            scorer = SegmentScorer(engine, prefix, pre, s.context, self.score_memo)
 
             def score(segs: list[slice]) -> list[SegmentRows]:
-                return self._score(engine, prefix, pre, [inputs[seg][:-1] for seg in segs])
+                return scorer([inputs[seg][:-1] for seg in segs])
 
             ahead = PassAhead(engine.device)
             pending = ahead.start(score, streams[0]) if streams else None
@@ -107,14 +119,23 @@ class BlockEncoder:
                 hidden = pending()
                 if k + 1 < len(streams):       # the next stream's pass runs while this one is coded (CUDA)
                     pending = ahead.start(score, streams[k + 1])
-                payload, b = self._encode_stream(engine, hidden, [symbols[seg] for seg in segs],
-                                                 tok.alphabet_size, MixerConfig(s.mixer), progress)
+                payload, b = encode_stream(engine, hidden, [symbols[seg] for seg in segs],
+                                           tok.alphabet_size, MixerConfig(s.mixer), progress)
                 payloads.append(payload)
                 bits += b
         return Block.build(Method.LM, raw, payloads, lengths), bits
 
-    def _score(self, engine: Engine, prefix: list[int], pre: Prefix, inputs: list[np.ndarray]) -> list[SegmentRows]:
-        """A stream's segments' hidden rows (the parallel pass), memoised when ``models.score_memo`` is a dict.
+
+class SegmentScorer:
+    """Segments' model inputs -> their hidden rows, every segment after the same prefill ``pre``
+    of ``prefix`` with ``context`` tokens of context.  ``memo``: None, or a dict that keeps the
+    rows between calls, keyed by model, prefix, context and the segment's tokens."""
+
+    def __init__(self, engine: Engine, prefix: list[int], pre: Prefix, context: int, memo: dict | None = None):
+        self.engine, self.prefix, self.pre, self.context, self.memo = engine, prefix, pre, context, memo
+
+    def __call__(self, inputs: list[np.ndarray]) -> list[SegmentRows]:
+        """A stream's segments' hidden rows (the parallel pass), memoised when ``memo`` is a dict.
 
         Segments are scored side by side, up to :data:`SCORE_ROWS` positions a
         pass.  Segments of up to :data:`EAGER_ROWS` are scored at once (their
@@ -123,7 +144,7 @@ class BlockEncoder:
         same text under several online-model settings with one LM pass (the rows
         do not depend on the mixer).
         """
-        context, memo = self.settings.context, self.models.score_memo
+        engine, prefix, pre, context, memo = self.engine, self.prefix, self.pre, self.context, self.memo
         if memo is not None:
             out = []
             for x in inputs:
@@ -147,44 +168,44 @@ class BlockEncoder:
                 out.append(SegmentRows(iter([(h, e)])))
         return out
 
-    @staticmethod
-    def _encode_stream(engine: Engine, hidden: list[SegmentRows], symbols: list[np.ndarray], alphabet: int,
-                       mixer: MixerConfig, progress: Progress) -> tuple[bytes, float]:
-        """One stream's payload from its segments' hidden rows, in step-major order.
 
-        At step t the stage-1 symbols of every live segment, then their stage-2
-        symbols -- the order the decoder meets them (:mod:`lmcodec.coding.decoder`).
-        Returns the payload and the exact code length in bits.
-        """
-        enc = StreamEncoder()
-        mix = StreamMixer(mixer, len(symbols), alphabet)
-        lengths = [len(x) for x in symbols]
-        bits = 0.0
-        steps = max(1, STEP_ROWS // len(symbols))
-        for t0 in range(0, max(lengths), steps):
-            t1 = min(t0 + steps, max(lengths))
-            # The LM's token gaps of a chunk of steps at once (one head GEMM), then step by step.
-            part = [hidden[i].take(t0, min(t1, n)) if t0 < n else None for i, n in enumerate(lengths)]
-            rows = [(i, t - t0) for t in range(t0, t1) for i in range(len(symbols)) if t < lengths[i]]
-            h = torch.stack([part[i][0][t] for i, t in rows])
-            e = torch.stack([part[i][1][t] for i, t in rows])
-            gaps = engine.gaps(h, e)
-            at = 0
-            for t in range(t0, t1):
-                live = [i for i in range(len(symbols)) if t < lengths[i]]
-                sym = np.array([symbols[i][t] for i in live], dtype=np.int64)
-                tables = CodingTables(mix.mix(live, gaps[at:at + len(live)]), alphabet)
-                at += len(live)
-                b, j = tables.split(sym)
-                rows1, rows2 = tables.stage1(), tables.stage2(b)
-                enc.encode(b, rows1)
-                enc.encode(j, rows2)
-                idx = np.arange(len(live))
-                bits += float(2 * PRECISION * len(live) - np.log2(rows1[idx, b].astype(np.float64)).sum()
-                              - np.log2(rows2[idx, j].astype(np.float64)).sum())
-                mix.update(sym.tolist())
-                progress.tokens(len(live))
-        return enc.finish(), bits
+def encode_stream(engine: Engine, hidden: list[SegmentRows], symbols: list[np.ndarray], alphabet: int,
+                  mixer: MixerConfig, progress: Progress) -> tuple[bytes, float]:
+    """One stream's payload from its segments' hidden rows, in step-major order.
+
+    At step t the stage-1 symbols of every live segment, then their stage-2
+    symbols -- the order the decoder meets them (:mod:`lmcodec.coding.decoder`).
+    Returns the payload and the exact code length in bits.
+    """
+    enc = StreamEncoder()
+    mix = StreamMixer(mixer, len(symbols), alphabet)
+    lengths = [len(x) for x in symbols]
+    bits = 0.0
+    steps = max(1, STEP_ROWS // len(symbols))
+    for t0 in range(0, max(lengths), steps):
+        t1 = min(t0 + steps, max(lengths))
+        # The LM's token gaps of a chunk of steps at once (one head GEMM), then step by step.
+        part = [hidden[i].take(t0, min(t1, n)) if t0 < n else None for i, n in enumerate(lengths)]
+        rows = [(i, t - t0) for t in range(t0, t1) for i in range(len(symbols)) if t < lengths[i]]
+        h = torch.stack([part[i][0][t] for i, t in rows])
+        e = torch.stack([part[i][1][t] for i, t in rows])
+        gaps = engine.gaps(h, e)
+        at = 0
+        for t in range(t0, t1):
+            live = [i for i in range(len(symbols)) if t < lengths[i]]
+            sym = np.array([symbols[i][t] for i in live], dtype=np.int64)
+            tables = CodingTables(mix.mix(live, gaps[at:at + len(live)]), alphabet)
+            at += len(live)
+            b, j = tables.split(sym)
+            rows1, rows2 = tables.stage1(), tables.stage2(b)
+            enc.encode(b, rows1)
+            enc.encode(j, rows2)
+            idx = np.arange(len(live))
+            bits += float(2 * PRECISION * len(live) - np.log2(rows1[idx, b].astype(np.float64)).sum()
+                          - np.log2(rows2[idx, j].astype(np.float64)).sum())
+            mix.update(sym.tolist())
+            progress.tokens(len(live))
+    return enc.finish(), bits
 
 
 class PassAhead:

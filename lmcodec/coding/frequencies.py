@@ -35,7 +35,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..engine.spec import (  # noqa: F401  (re-exported)
+from ..engine.spec.constants import (  # noqa: F401  (re-exported)
     BUCKET_FLOOR,
     BUCKETS,
     MIN_TOKEN_BITS,

@@ -42,16 +42,10 @@ import numpy as np
 import torch
 
 from ..engine.ops_torch import weights_from_gaps
-from ..engine.spec import ESCAPES, OUT_U_CAP
-from ..format.header import MIXER_BIAS, MIXER_MASK, MIXER_MATCH, MIXER_ORDERS
+from ..engine.spec.constants import ESCAPES, OUT_U_CAP
 from . import bias_cpu
 from .frequencies import bucket_width
-
-#: Bits of the mixer byte recorded in the archive header (spec.py).
-MATCH_BIT = MIXER_MATCH
-BIAS_BIT = MIXER_BIAS
-ORDER_BITS = MIXER_ORDERS
-ALL = MIXER_MASK
+from .mixerconfig import ALL, BIAS_BIT, MATCH_BIT, ORDER_BITS, MixerConfig  # noqa: F401  (re-exported)
 
 MATCH_MIN = 6           # symbols of context a match must share
 MATCH_CAP = 64          # match lengths are measured up to this
@@ -117,48 +111,6 @@ def bias_step(q: torch.Tensor, symbols: list[int], coded: torch.Tensor, bias: to
     down = torch.div(q * rate, q.sum(dim=1, keepdim=True), rounding_mode="floor").sum(dim=0)
     up = torch.zeros_like(down).index_add_(0, y, rate[y])
     return (bias + up - down).clamp(-BIAS_CAP, BIAS_CAP)
-
-
-@dataclass(frozen=True)
-class MixerConfig:
-    """Which online models run: a bit mask, recorded in the archive (0 = the LM alone)."""
-
-    mask: int = 0
-
-    def __post_init__(self):
-        if self.mask & ~ALL:
-            raise ValueError(f"unknown mixer bits {self.mask:#x}")
-
-    @property
-    def orders(self) -> tuple[int, ...]:
-        return tuple(k for k, bit in ORDER_BITS.items() if self.mask & bit)
-
-    @property
-    def match(self) -> bool:
-        return bool(self.mask & MATCH_BIT)
-
-    @property
-    def bias(self) -> bool:
-        return bool(self.mask & BIAS_BIT)
-
-    def describe(self) -> str:
-        """``none`` or the models' names joined by commas (what :meth:`parse` reads)."""
-        parts = ["bias"] * self.bias + ["match"] * self.match + [f"order{k}" for k in self.orders]
-        return ",".join(parts) if parts else "none"
-
-    @classmethod
-    def parse(cls, text: str) -> "MixerConfig":
-        """``none``, ``all`` or a comma list of ``bias``, ``match``, ``order0`` ... ``order4``."""
-        names = {"bias": BIAS_BIT, "match": MATCH_BIT, **{f"order{k}": bit for k, bit in ORDER_BITS.items()}}
-        mask = 0
-        for part in text.replace(" ", "").split(","):
-            if part == "all":
-                mask |= ALL
-            elif part in names:
-                mask |= names[part]
-            elif part != "none":
-                raise ValueError(f"unknown online model {part!r} (none, all, {', '.join(names)})")
-        return cls(mask)
 
 
 def _match_bucket(length: int) -> int:

@@ -9,15 +9,15 @@ from __future__ import annotations
 import os
 from typing import Protocol
 
-from ..engine import models
 from ..engine.engine import Engine
 from ..engine.kvcache import kv_bytes
-from ..engine.quantize import IntModel, load_int_model
+from ..engine.model import registry as models
+from ..engine.model.quantize import IntModel, load_int_model
 from ..errors import DictionaryMismatchError, ModelMismatchError, ResourceLimitError
 from ..format.container import DICT_ID_BYTES, Header, prompt_check
 from .draft import DRAFT_PROMPT_BYTES, PrefixIndex
 from .runner import Prefix, prefill
-from .settings import DecodeStats, max_kv_bytes
+from .settings import max_kv_bytes
 from .tokens import ByteTokenizer
 
 
@@ -53,8 +53,7 @@ class ModelCache:
 
     def __init__(self, model: ModelSpec = None, adapter: ModelAdapter | None = None, *, ops=None):
         self.model_arg = model
-        self.decode_stats = DecodeStats()
-        self._drafts: dict[tuple, PrefixIndex] = {}     # the last prompt's draft index     # what in-process decodes did since the codec last reset it
+        self._drafts: dict[tuple, PrefixIndex] = {}     # the last prompt's draft index
         self.ops = ops
         self.adapter = adapter
         self._models: dict[str, tuple[IntModel, ByteTokenizer, str]] = {}
@@ -62,8 +61,6 @@ class ModelCache:
         self._engines: dict[tuple, Engine] = {}
         self._prefixes: dict[tuple, list[int]] = {}
         self._prefilled: dict[tuple, Prefix] = {}
-        #: Set to a dict to keep segments' hidden rows between calls (benchmarks).
-        self.score_memo: dict | None = None
 
     def load(self, spec: ModelSpec = None) -> tuple[IntModel, ByteTokenizer, str]:
         """(integer model, tokenizer, display name) of a model argument, loaded once."""

@@ -1,7 +1,7 @@
 """Decode LM streams with the batch kept full: the scheduler's rows through the model.
 
-The lockstep decoder ran a batch of streams until its longest segment ended, so
-rows whose segments had ended sat idle.  Here :class:`~lmcodec.coding.schedule.Scheduler`
+A batch of streams run in lockstep would leave idle the rows whose segments have
+ended until its longest segment ends.  Instead :class:`~lmcodec.coding.schedule.Scheduler`
 hands free rows to the next stream at once, and the model step runs rows at
 their own positions (:class:`~lmcodec.coding.steps.RowStep`; on CUDA the captured
 :class:`~lmcodec.coding.steps.GraphStep`).  All rows' gaps, mixtures and frequency

@@ -10,13 +10,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-import torch
-
-from ..engine.engine import pick_device
 from ..errors import UsageError
-from ..format.container import DEFAULT_BLOCK_SIZE, DEFAULT_LANES, LEVELS, MAX_CONTEXT, MAX_LANES, MIN_CONTEXT
-from .draft import MOST_GUESSES
-from .mixing import MixerConfig
+from ..format.container import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_LANES,
+    LEVELS,
+    MAX_CONTEXT,
+    MAX_LANES,
+    MIN_CONTEXT,
+)
+from .mixerconfig import MixerConfig
 
 #: The levels' settings are part of the format (container.LEVELS: a header stores
 #: only the level). Levels 1-7 cut a block into segments decoded side by side (each
@@ -24,6 +27,8 @@ from .mixing import MixerConfig
 #: positions (the prefix moves along, runner.sink_base), and decode it one token at
 #: a time.
 DEFAULT_LEVEL = 6
+#: Most guesses per row and pass on a CPU (the decoder's own choice, Settings.guesses; coding.draft).
+MOST_GUESSES = 8
 #: Rows the decoder advances together (several streams at once); its own choice.
 DECODE_ROWS = {"cpu": 64, "cuda": 1024}
 
@@ -56,12 +61,16 @@ class Settings:
     block_size: int = DEFAULT_BLOCK_SIZE
     method: str = "auto"  # auto | lm | zstd | raw
     decode_rows: int | None = None
-    guesses: int | None = None   # most guessed tokens a decoding row is fed per pass (0: none; draft.MOST_GUESSES)
+    guesses: int | None = None   # most guessed tokens a decoding row is fed per pass (0: none; MOST_GUESSES)
     mixer: int | None = None     # online models mixed with the LM (lmcodec.coding.mixing.MixerConfig mask)
     level: int | None = None
 
     def resolved(self) -> "Settings":
         """Every field filled in and checked; ``level`` is 0 when an explicit field overrides it."""
+        import torch  # here, not at import: the commands that only read archives never load it
+
+        from ..engine.engine import pick_device
+
         level = DEFAULT_LEVEL if self.level is None else self.level
         if level not in LEVELS:
             raise UsageError(f"level must be 1..{max(LEVELS)}, not {level}")

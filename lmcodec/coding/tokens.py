@@ -24,7 +24,7 @@ from functools import cached_property
 
 import numpy as np
 
-from ..engine.spec import ESCAPES
+from ..engine.spec.constants import ESCAPES
 
 
 def _bytes_to_unicode() -> dict[int, str]:

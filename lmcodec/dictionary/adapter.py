@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..engine.quantize import IntLinear, IntModel
+from ..engine.model.quantize import IntLinear, IntModel
 from ..errors import DictionaryError
 
 MAGIC = b"LMCD"

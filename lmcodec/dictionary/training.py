@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..engine.quantize import IntLinear, IntModel
+from ..engine.model.quantize import IntLinear, IntModel
 from .adapter import LINEARS, Adapter, AdapterTensors, quantize_lora, quantize_scale
 
 #: Samples are cut into sequences of at most this many tokens (start token
@@ -329,8 +329,8 @@ def train_adapter(samples: Iterable[bytes], *, model=None, rank: int = 0, max_to
     last samples that fit as the dictionary's primer.  Returns an :class:`Adapter`.
     """
     from ..coding.tokens import ByteTokenizer
-    from ..engine import models
-    from ..engine.quantize import load_int_model
+    from ..engine.model import registry as models
+    from ..engine.model.quantize import load_int_model
 
     samples = [bytes(s) for s in samples]
     if not samples or not any(samples):

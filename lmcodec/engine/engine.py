@@ -18,10 +18,10 @@ Formats (``F`` = fractional bits; "row" = one token):
 * logits: int64 ``lam`` with a per-row exponent (real logit = lam * 2^exp).
 
 The :class:`Engine` is device-agnostic: it runs the integer steps of a backend
-module chosen explicitly by device (:func:`backend`): :mod:`lmcodec.engine.ops_cpu`
-(numba) on CPU, :mod:`lmcodec.engine.ops_triton` (Triton kernels) on CUDA,
+module chosen explicitly by device (:func:`backend`): :mod:`lmcodec.engine.cpu.ops`
+(numba) on CPU, :mod:`lmcodec.engine.triton.ops` (Triton kernels) on CUDA,
 :mod:`lmcodec.engine.ops_torch` (tensor operations) elsewhere; all three are tested
-bit-equal to the plain reference :mod:`lmcodec.engine.reference`.
+bit-equal to the plain reference :mod:`lmcodec.engine.spec.reference`.
 """
 
 from __future__ import annotations
@@ -34,10 +34,11 @@ from fractions import Fraction
 import torch
 
 from ..errors import UsageError
-from . import fixedmath, gemma, ops_torch
+from . import gemma, ops_torch
 from .kvcache import KVCache
-from .quantize import IntModel
-from .spec import ACT_FRAC, MAX_HEAD_DIM, RESID_FRAC, bucket_width
+from .model.quantize import IntModel
+from .spec import fixedmath
+from .spec.constants import ACT_FRAC, MAX_HEAD_DIM, RESID_FRAC, bucket_width
 
 
 def pick_device(device: str) -> str:
@@ -141,11 +142,13 @@ def backend(device: torch.device):
 @functools.cache
 def _backend(kind: str):
     if kind == "cpu":
-        from . import ops_cpu  # numba loads only where the CPU path runs
-        return ops_cpu
+        # numba loads only where the CPU path runs
+        from .cpu import ops as cpu_ops
+        return cpu_ops
     if kind == "cuda":
-        from . import ops_triton  # triton loads only where the CUDA path runs
-        return ops_triton
+        # triton loads only where the CUDA path runs
+        from .triton import ops as triton_ops
+        return triton_ops
     return ops_torch
 
 
@@ -179,7 +182,7 @@ ROPE_RANGE = 1024
 
 
 class Engine:
-    """The exact forward pass of one :class:`~lmcodec.engine.quantize.IntModel` on one device."""
+    """The exact forward pass of one :class:`~lmcodec.engine.model.quantize.IntModel` on one device."""
 
     def __init__(self, model: IntModel, device: str = "cpu", ops=None):
         self.device = torch.device(device)
@@ -200,6 +203,8 @@ class Engine:
         self.kv_size = a.num_kv_heads * a.head_dim
         self._sigmoid = torch.as_tensor(gemma.activation_table(a), device=self.device)
         self._embed_scale = gemma.embed_scale(a)
+        #: Scores -> base-2 exponent (gemma.attention_constant): the kernels take it from here.
+        self.att_constant = gemma.attention_constant(a)
         # RoPE: cos/sin of every offset in a block of 64 positions, and of each block's start
         # (grown as positions are reached): a position's row combines the two on the device.
         # One pair per RoPE base (Gemma 3's local layers have their own).
@@ -293,7 +298,7 @@ class Engine:
             cos, sin = cos.reshape(B * T, -1), sin.reshape(B * T, -1)
         if (local is None) != (cache.local_pos is None):
             raise ValueError("local slots and key sets go with a cache whose local layers have their own slots")
-        # A step's few rows: one kernel per layer (ops_cpu's fused step), every value given per row.
+        # A step's few rows: one kernel per layer (cpu.ops's fused step), every value given per row.
         fused = getattr(ops, "forward_rows", None) if B * T <= getattr(ops, "FUSED_ROWS", 0) else None
         if gemma.has_gemma_parts(a):
             pos = positions.to(dev).expand(B, T).reshape(B * T)

@@ -12,16 +12,17 @@ kernels): the MLP with the table it is given, attention with a window and a
 scale, ``qkv`` with the q/k norms, and ``add_normed``, the residual add through
 a post norm.  A pass runs its layers op by op (:func:`forward_layers`); a decoding
 step's few rows on the CPU take the fused step instead (one numba kernel a layer
-with Gemma's parts switched on, :mod:`lmcodec.engine.fused_cpu`).
+with Gemma's parts switched on, :mod:`lmcodec.engine.cpu.fused`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import fixedmath, ops_torch
-from .models import ArchConfig
-from .spec import ACT_FRAC
+from . import ops_torch
+from .model.registry import ArchConfig
+from .spec import fixedmath
+from .spec.constants import ACT_FRAC
 
 
 def has_gemma_parts(arch: ArchConfig) -> bool:
@@ -63,7 +64,7 @@ def forward_layers(engine, mm, x: torch.Tensor, rope: dict, B: int, T: int, posi
     """
     a, ops, eps = engine.arch, engine.ops, engine._eps
     nh, nkv, hd = a.num_heads, a.num_kv_heads, a.head_dim
-    lc = attention_constant(a)
+    lc = engine.att_constant
     lowest = positions - a.sliding_window + 1 if a.sliding_window else None
     for li, layer in enumerate(engine.model.layers):
         local = a.is_local(li)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .quantize import IntModel
+from .model.quantize import IntModel
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The exact engine's integer steps as tensor operations (any device).
 
-Each function implements one step of docs/ENGINE.md; :mod:`lmcodec.engine.ops_cpu`
+Each function implements one step of docs/ENGINE.md; :mod:`lmcodec.engine.cpu.ops`
 implements the same steps as fused numba kernels for the CPU.  The engine uses
 this module on CUDA and other devices; the tests run it on CPU against the
 numba kernels and the plain reference, so both stay bit-identical.
@@ -15,8 +15,8 @@ import functools
 
 import torch
 
-from . import fixedmath
-from .spec import (
+from .spec import fixedmath
+from .spec.constants import (
     ACT_FRAC,
     ACT_MAX,
     ATT_D_CAP,
@@ -179,7 +179,7 @@ def qkv(y, mult, shift, bias, exp, cos, sin, B, T, nh, nkv, hd, kt, kmax, vc, vm
     """q/k/v from the qkv product: RoPE, the int8 cache write, the int16 queries.
 
     ``slots`` [T] (every row writes the same slots) or [B*T] (row ``b T + t`` its own);
-    ``cos``/``sin`` [T, hd/2] or [B*T, hd/2] likewise (ops_triton.qkv's contract).
+    ``cos``/``sin`` [T, hd/2] or [B*T, hd/2] likewise (triton.ops.qkv's contract).
     ``qk_norm`` (Gemma 3): ``(q gain, shift, k gain, shift, eps)``, the per-head :func:`norm16`
     of q and k before RoPE.
     """

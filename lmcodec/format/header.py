@@ -81,7 +81,7 @@ F5_GENERAL = 32         # the general form: a header CRC, then Block* End
 F5_METHOD_SHIFT = 6     # short form: the one block's method (0 raw, 1 zstd, 2 LM); 0 in the general form
 
 #: Registered models' ids in a v4 header (flag bit 2): an id is never reused.
-#: Every name of ``lmcodec.engine.models.REGISTRY`` has one (a test checks it).
+#: Every name of ``lmcodec.engine.model.registry.REGISTRY`` has one (a test checks it).
 MODEL_IDS = {1: "smollm2-135m", 2: "gemma3-270m"}
 _MODEL_ID_OF = {name: i for i, name in MODEL_IDS.items()}
 _NAMES_BY_ID = frozenset(name.encode() for name in _MODEL_ID_OF)

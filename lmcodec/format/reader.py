@@ -13,7 +13,12 @@ import hashlib
 import zlib
 from typing import BinaryIO
 
-from ..errors import CorruptArchiveError, NotAnArchiveError, TruncatedArchiveError, UnsupportedFormatError
+from ..errors import (
+    CorruptArchiveError,
+    NotAnArchiveError,
+    TruncatedArchiveError,
+    UnsupportedFormatError,
+)
 from .container import (
     _CRC,
     BLOCK_TAG,

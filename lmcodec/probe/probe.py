@@ -35,18 +35,16 @@ import torch
 from ..coding.frequencies import CodingTables
 from ..coding.runner import score_ids
 from ..coding.tokens import ByteTokenizer
-from ..engine import models
 from ..engine.engine import Engine, pick_device
-from ..engine.quantize import load_int_model
-from ..engine.spec import MAX_KEYS
+from ..engine.model import registry as models
+from ..engine.model.quantize import load_int_model
+from ..engine.spec.constants import MAX_KEYS
 from ..errors import UsageError
+from .thresholds import DEFAULT_MIN_CONTEXT, DEFAULT_TOP_K, DEFAULT_WINDOW, Thresholds  # noqa: F401  (re-exported)
 
 #: Version of the JSON document :meth:`ProbeResult.to_json` produces.  Bump it
 #: whenever a key is added, removed or changes meaning.
 SCHEMA_VERSION = 2
-DEFAULT_WINDOW = 1024
-DEFAULT_MIN_CONTEXT = 512
-DEFAULT_TOP_K = 5
 #: Bytes of float32 logits one forward pass may produce (batch x window x vocab).
 LOGITS_BUDGET = {"cpu": 1 << 30, "cuda": 4 << 30}   # hidden rows of a batch (their tables go in chunks)
 #: Probability-table rows converted to float64 at once (bounds peak memory).
@@ -54,28 +52,6 @@ TABLE_CHUNK = 256
 
 #: ``progress(done, total)``: tokens scored so far, out of ``total``.
 Progress = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """When a run of tokens counts as a likely memorized span.
-
-    Defaults: at least 8 consecutive tokens, each predicted with p >= 0.5,
-    touching at least 4 words.  Eight tokens at p >= 0.5 cost at most 8 bits
-    together -- about one bit per word for text the model would normally pay
-    10+ bits per word for.  The word minimum keeps a single long, predictable
-    identifier or number (many tokens, one word) from being flagged.
-    """
-
-    min_probability: float = 0.5
-    min_tokens: int = 8
-    min_words: int = 4
-
-    def check(self) -> None:
-        if not 0.0 < self.min_probability <= 1.0:
-            raise UsageError("the minimum probability must be in (0, 1]")
-        if self.min_tokens < 1 or self.min_words < 0:
-            raise UsageError("the minimum span must be >= 1 token and >= 0 words")
 
 
 @dataclass

@@ -13,8 +13,8 @@ sum is the exact integer docs/ENGINE.md's products specify, whichever kernel mak
   are packed once (:func:`pack`) in blocks of 16 rows by 4 columns, so one 64-byte load
   feeds every operand row of the pass and each lane ends holding one output: no horizontal
   sums.  A lane adds at most K x 255 x 128 (< 2^31 for K <= 65,793, :data:`MAX_K`), so the
-  int32 sums are exact.  ~3x the portable loop at 2-9 rows, ~1.4x at one (1 thread,
-  weights in cache; issue #29's numbers in docs/SPEED.md).  The packed copies sit beside
+  int32 sums are exact.  Faster than the portable loop at every row count, most at 2-9 rows
+  (``python -m benchmarks.step --widths 1,9``; docs/SPEED.md).  The packed copies sit beside
   the weights the general path reads: 134 MB more for SmolLM2, 268 MB for Gemma 3.
 
 LLVM does not make ``vpdpbusd`` from a numba loop (it widens the bytes to int16 and uses
@@ -32,7 +32,7 @@ import numpy as np
 from llvmlite import binding as llvm
 from llvmlite import ir
 
-from .jit import _JIT, intrinsic, njit, prange, types
+from .jit import JIT, intrinsic, njit, prange, types
 from .llvm_loop import counted_loop, declare, splat, trap
 
 #: int32 partial sums of at most this many products |h q| <= 32,639 x 127 stay below 2^31.
@@ -136,7 +136,7 @@ _block4 = _vnni_block(4)
 _block8 = _vnni_block(8)
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _dot32(hr, wr):
     """sum hr wr in int32 (exact for at most DOT_CHUNK terms): a loop over whole views, which
     LLVM vectorizes (vpmaddwd); a loop with a computed end inside the chunk loop it does not."""
@@ -146,7 +146,7 @@ def _dot32(hr, wr):
     return np.int64(acc)
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _dot(hr, wr):
     """sum_k hr[k] wr[k] exactly: int32 sums over chunks of DOT_CHUNK, added in int64."""
     tot = np.int64(0)
@@ -155,7 +155,7 @@ def _dot(hr, wr):
     return tot
 
 
-@njit(**_JIT)
+@njit(**JIT)
 def split_rows(h, u):  # pragma: no cover - compiled
     """Operand rows h [M, K] int16 -> byte rows u [2M, K] uint8: 2i = (h >> 8) + 128, 2i + 1 = h & 255."""
     for i in range(h.shape[0]):
@@ -165,7 +165,7 @@ def split_rows(h, u):  # pragma: no cover - compiled
             u[2 * i + 1, k] = np.uint8(v & 255)
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=True, **JIT)
 def dots(h, u, w, wp, wsum, vnni, out):  # pragma: no cover - compiled
     """out[i, n] = sum_k h[i, k] w[n, k] (int64) for rows h [M, K] and weights w [N, K]; with
     ``vnni`` from the byte rows ``u`` (:func:`split_rows`) and the packed blocks ``wp``/``wsum``."""

@@ -32,8 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import fixedmath
-from .models import ArchConfig, LoadedModel, cache_dir
+from ...cache import cache_dir
+from ..spec import fixedmath
+from .registry import ArchConfig, LoadedModel
 
 #: Version of the integer engine's arithmetic (docs/ENGINE.md).  Any change to
 #: a rounding, a width or a table changes the bits an archive depends on, so it

@@ -2,15 +2,14 @@
 
 The exact attention (docs/ENGINE.md, "Attention") weighs each kept key's int8 value row by
 ``w = p vmax`` (below 2^40) and sums in int64.  Written as a numba loop, the sum over
-keys re-loads and re-stores the 64 int64 accumulators at every key, and it was ~60% of a
-verify pass's attention (issue #29: 0.85 of 1.42 ms a layer for 9 queries at 1,500 keys,
-one thread).  The intrinsic here keeps a run of ``WIDTH`` accumulators in vector
+keys re-loads and re-stores the 64 int64 accumulators at every key, the larger part of a
+verify pass's attention.  The intrinsic here keeps a run of ``WIDTH`` accumulators in vector
 registers for the whole key list: per key one load of the value bytes, their sign
 extension, one multiply and one add per 8 lanes.  Plain LLVM vector operations, so any CPU
 compiles it.  The sums are the same integers in any order (int64 addition), so the result
 equals the scalar loop's bit for bit (tests/test_value_sums.py).
 
-On a CPU with AVX-512 VNNI (:func:`lmcodec.engine.int_dots.available`), :data:`vnni64` takes
+On a CPU with AVX-512 VNNI (:func:`lmcodec.engine.cpu.int_dots.available`), :data:`vnni64` takes
 the keys four at a time instead.  ``w < 2^40`` (docs/ENGINE.md: p <= 2^16, vmax < 2^24) is
 five unsigned bytes, ``w = sum_b 256^b byte_b(w)``, so
 ``sum_i w_i v_id = sum_b 256^b sum_i byte_b(w_i) v_id``, and each inner sum is ``vpdpbusd``'s
@@ -132,7 +131,7 @@ def _vnni_step(builder, fn, vp, stride, jp, wp, d0, g, accs):
 def vnni64(typingctx, v, js, ws, groups, d0, acc):
     """acc[d0 + d] = sum_{i < 4 groups} ws[i] v[js[i], d0 + d] for d < 64 by VNNI byte products (v:
     int8 [slots, hd] C order; js, ws, acc: int64; every ws[i] in [0, 2^40)).  On a CPU without
-    VNNI (:func:`~lmcodec.engine.int_dots.available` False) it compiles to a trap, never run."""
+    VNNI (:func:`~lmcodec.engine.cpu.int_dots.available` False) it compiles to a trap, never run."""
     sig = types.void(v, js, ws, groups, d0, acc)
 
     def codegen(context, builder, signature, args):

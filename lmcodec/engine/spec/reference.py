@@ -19,7 +19,7 @@ from fractions import Fraction
 import numpy as np
 
 from . import fixedmath
-from .spec import ESCAPES
+from .constants import ESCAPES
 
 EXP2 = fixedmath.exp2_table()           # int64 [1024], EXP2[0] = 2^30
 SIG = fixedmath.sigmoid_table()         # int64 [32769]
@@ -383,8 +383,6 @@ def _merged_linear(lin, key: str, lora: dict, scale: dict, bias: dict):
     """docs/ENGINE.md, "Dictionaries", for one IntLinear: LoRA into q, then the row scale, then the bias."""
     import torch
 
-    from .quantize import IntLinear
-
     q = lin.weight.numpy().astype(np.int64)
     mult = lin.mult.numpy().astype(np.int64)
     b = None if lin.bias is None else lin.bias.numpy().astype(np.int64)
@@ -398,7 +396,7 @@ def _merged_linear(lin, key: str, lora: dict, scale: dict, bias: dict):
                          for n in range(len(mult))], dtype=np.int64)
     if key in bias:
         b = (np.zeros(len(mult), dtype=np.int64) if b is None else b) + bias[key].astype(np.int64)
-    return IntLinear(torch.from_numpy(q.astype(np.int8)), torch.from_numpy(mult), int(lin.shift),
+    return type(lin)(torch.from_numpy(q.astype(np.int8)), torch.from_numpy(mult), int(lin.shift),
                      None if b is None else torch.from_numpy(b))
 
 

@@ -17,7 +17,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from ..errors import ModelError
+from ...errors import ModelError
 
 
 def assembled_path(cache: Path, name: str, filename: str, sha256: str) -> Path:

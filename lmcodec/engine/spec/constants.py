@@ -1,7 +1,7 @@
 """The exact engine's constants (docs/ENGINE.md), in one place.
 
 Changing any of them changes the bits an archive depends on: bump
-:data:`lmcodec.engine.quantize.SPEC_VERSION` with them.
+:data:`lmcodec.engine.model.quantize.SPEC_VERSION` with them.
 """
 
 from __future__ import annotations

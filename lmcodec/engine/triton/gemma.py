@@ -1,9 +1,9 @@
 """Gemma 3's own Triton steps (docs/ENGINE.md, "Gemma 3"): the post-norm residual add and the per-head
-q/k norms that :mod:`lmcodec.engine.ops_triton`'s qkv kernel calls (``QK_NORM``).
+q/k norms that :mod:`lmcodec.engine.triton.ops`'s qkv kernel calls (``QK_NORM``).
 
 norm16 is the RMSNorm whose result is no product's operand: ``t = xs G r`` (``xs`` the values
 pre-shifted below 2^15, ``r = isqrt(k 2^48 / d)``) at 16 fractional bits, clamped; the same
-integers as ``ops_torch.norm16`` and ``cpu_rows._norm16``.
+integers as ``ops_torch.norm16`` and ``cpu.rows._norm16``.
 """
 
 from __future__ import annotations
@@ -12,9 +12,18 @@ import torch
 import triton
 import triton.language as tl
 
-from . import spec
-from . import triton_int as ti
-from .triton_int import QKV_LIMIT, RESID_FRAC, RESID_LIMIT, bitlen, combine, expect, requant, rshift
+from ..spec import constants as spec
+from . import ints as ti
+from .ints import (
+    QKV_LIMIT,
+    RESID_FRAC,
+    RESID_LIMIT,
+    bitlen,
+    combine,
+    expect,
+    requant,
+    rshift,
+)
 
 
 @triton.jit

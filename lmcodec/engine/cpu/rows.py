@@ -5,22 +5,17 @@ them: the rounding shift, the fitting shift, a product's requantization, a
 residual row's RMSNorm, RoPE of a head, the int8 cache entries, a query's
 q|k|v row to its query operand and cache slot; and the attention kernel
 (:func:`_attend`), which both call whole.  Both CPU paths are built from
-them -- the general one (:mod:`lmcodec.engine.ops_cpu`) and the fused step
-(:mod:`lmcodec.engine.fused_cpu`) -- so they compute the same integers by
-construction.  numba is configured by :mod:`lmcodec.engine.jit`.
+them -- the general one (:mod:`lmcodec.engine.cpu.ops`) and the fused step
+(:mod:`lmcodec.engine.cpu.fused`) -- so they compute the same integers by
+construction.  numba is configured by :mod:`lmcodec.engine.cpu.jit`.
 """
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
-import torch
 
-from . import fixedmath
-from .int_dots import available as _vnni_available
-from .jit import _JIT, njit, numba, prange  # it configures numba; int_dots, above, imports it first too
-from .spec import (
+from ..spec import fixedmath
+from ..spec.constants import (
     ACT_FRAC,
     ACT_MAX,
     ATT_D_CAP,
@@ -34,6 +29,12 @@ from .spec import (
     RESID_FRAC,
     RESID_LIMIT,
     RSQRT_BITS,
+)
+from .int_dots import available as _vnni_available
+from .jit import (  # it configures numba; int_dots, above, imports it first too
+    JIT,
+    njit,
+    prange,
 )
 from .value_sums import WIDTH, sums16, sums32, sums64, vnni64
 
@@ -51,7 +52,7 @@ _SIG_BITS = fixedmath.SIGMOID_VALUE_BITS
 _ROPE_BITS = fixedmath.ROPE_BITS
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _bitlen(m):
     n = 0
     while m >> n:
@@ -59,12 +60,12 @@ def _bitlen(m):
     return n
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _rshift(x, s):
     return (x + ((np.int64(1) << s) >> 1)) >> s
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _fit(m, limit):
     s = _bitlen(m) - 15
     if s < 0:
@@ -74,7 +75,7 @@ def _fit(m, limit):
     return s
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _requant(y, mult, c):
     p = y * mult
     if c >= 0:
@@ -86,12 +87,12 @@ def _requant(y, mult, c):
     return p << min(-c, 20)
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _clamp(v, lim):
     return lim if v > lim else (-lim if v < -lim else v)
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _rms_scale(v, base, k, eps):
     """An RMSNorm's pre-shift ``s`` and ``r = isqrt(k 2^48 / d)`` over ``v[base:base+k]``
     (docs/ENGINE.md, RMSNorm; shared by the operand norm and Gemma's norm16)."""
@@ -114,7 +115,7 @@ def _rms_scale(v, base, k, eps):
     return s, r
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _norm16(v, base, k, gain, gain_shift, eps, limit):
     """``v[base:base+k]`` <- Gemma's norm16 of it with ``gain``, clamped to +-limit (in place:
     ``r`` needs the whole span first; docs/ENGINE.md, "Gemma 3")."""
@@ -126,10 +127,10 @@ def _norm16(v, base, k, gain, gain_shift, eps, limit):
         v[base + j] = _clamp(out, limit)
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _norm_row(xr, gain, gain_shift, eps, out):
     """RMSNorm of one residual row ``xr`` into operand row ``out``; returns its exponent
-    (one row's whole norm, shared by :func:`_norm` and the fused step, lmcodec.engine.fused_cpu)."""
+    (one row's whole norm, shared by :func:`_norm` and the fused step, lmcodec.engine.cpu.fused)."""
     k = xr.shape[0]
     s, r = _rms_scale(xr, 0, k, eps)
     mt = np.int64(0)
@@ -141,7 +142,7 @@ def _norm_row(xr, gain, gain_shift, eps, out):
     return s2 - RSQRT_BITS - gain_shift
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _rope_head(vals, base, hd, cos, sin, t, out):
     half = hd // 2
     for d in range(half):
@@ -151,7 +152,7 @@ def _rope_head(vals, base, hd, cos, sin, t, out):
         out[half + d] = _clamp(_rshift(x2 * cos[t, d] + x1 * sin[t, d], _ROPE_BITS), QKV_LIMIT)
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _kv8(vec, hd, out8):
     m = np.int64(0)
     for d in range(hd):
@@ -162,7 +163,7 @@ def _kv8(vec, hd, out8):
     return m
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _qkv_heads(vals, cs, sn, t, nh, nkv, hd, q16, qe, kt, kmax, vc, vmax, slot):
     """One query's q|k|v row ``vals`` -> RoPE, its query operand (q16, qe) and its key and
     value written to ``slot`` of its cache row (shared with the fused step)."""
@@ -187,18 +188,7 @@ def _qkv_heads(vals, cs, sn, t, nh, nkv, hd, q16, qe, kt, kmax, vc, vmax, slot):
             vc[h, slot, d] = q8[d]
 
 
-_THREADS = threading.local()
-
-
-def _threads() -> None:
-    """numba's thread count follows torch's (speed only); set only when it changes (the call is slow)."""
-    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if getattr(_THREADS, "n", None) != n:
-        numba.set_num_threads(n)
-        _THREADS.n = n
-
-
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _softmax_values(z, key_slots, cnt, vmax, vc, sh, lc, exp2, out):
     """One query head's output from its keys' ``z[m] = s_m kmax`` (m < cnt, the key in cache slot
     ``key_slots[m]`` of its row and KV head; ``vmax`` [slots], ``vc`` [slots, hd]): the maximum,
@@ -231,7 +221,7 @@ def _softmax_values(z, key_slots, cnt, vmax, vc, sh, lc, exp2, out):
         out[d] = (2 * acc[d] + den) // (2 * den)
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _add_value_rows(vc, js, ws, start, n, acc):
     """acc[d] += sum_{start <= i < n} ws[i] vc[js[i], d], one key at a time."""
     for i in range(start, n):
@@ -241,7 +231,7 @@ def _add_value_rows(vc, js, ws, start, n, acc):
             acc[d] += w * np.int64(vr[d])
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _value_sums(vc, js, ws, n, acc):
     """acc[d] = sum_{i < n} ws[i] vc[js[i], d]: where the head dim allows, value_sums' VNNI byte
     products four keys at a time (the last n mod 4 keys in a plain loop), or its register-resident
@@ -272,7 +262,7 @@ NO_KEY_POSITIONS = np.zeros((1, 1), np.int64)
 NO_LOWEST = np.zeros(1, np.int64)
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=True, **JIT)
 def _attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c, kpos, lowest, windowed, exp2, lc,
             out):  # pragma: no cover - compiled
     """Attention of each query n over its key set ``[0, a) + [b, c)`` of cache row ``crow[n]``;

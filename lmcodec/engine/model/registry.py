@@ -28,12 +28,14 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import torch
-
-from ..errors import ModelError
+from ...cache import cache_dir
+from ...errors import ModelError
 from .assembled import assemble_once, assembled_path, parts_present, sha256_of  # noqa: F401  (re-exported)
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -173,7 +175,7 @@ class LoadedModel:
     """Shape, tokenizer and fingerprint of one model; its float weights load on first use.
 
     The exact engine needs the float weights only once, to derive its integer
-    model (cached by :mod:`lmcodec.engine.quantize`), so later runs never read them.
+    model (cached by :mod:`lmcodec.engine.model.quantize`), so later runs never read them.
     """
 
     name: str
@@ -196,15 +198,6 @@ class LoadedModel:
                                  "delete it and retry") from exc
             self.__dict__["_weights"] = cached
         return cached
-
-
-def cache_dir() -> Path:
-    """Where converted weights live: ``$LMCODEC_CACHE`` or the XDG cache dir."""
-    env = os.environ.get("LMCODEC_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
-    return Path(base) / "lmcodec"
 
 
 def _hash_files(paths: list[Path]) -> bytes:
@@ -318,6 +311,7 @@ def _convert(directory: Path, gguf: str | None, target: Path) -> None:
     """Load through transformers once and store fp32 safetensors + shape + tokenizer."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
+        import torch
         from safetensors.torch import save_file
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging

@@ -6,7 +6,7 @@ table made here with Python integers (arbitrary precision fixed point), never
 from libm, numpy or torch float functions, whose last bits differ between
 platforms and library versions.  The algorithms below are part of the engine's
 specification: the same code gives the same table bytes on every machine, and
-the tables' digest is part of the model fingerprint (see :mod:`lmcodec.engine.quantize`).
+the tables' digest is part of the model fingerprint (see :mod:`lmcodec.engine.model.quantize`).
 
 Fixed-point convention: an integer ``x`` at ``bits`` fractional bits stands for
 ``x / 2**bits``; products are rounded back with :func:`_mul`.

@@ -14,7 +14,7 @@ made once: the model's weights once per engine, the KV cache once per cache,
 scratch once per row count and thread (``Engine.scratch``), and numba's thread count is set
 once per step.
 
-The products are :mod:`lmcodec.engine.int_dots`' exact sums ``y = sum h_k q_nk`` of the
+The products are :mod:`lmcodec.engine.cpu.int_dots`' exact sums ``y = sum h_k q_nk`` of the
 int16 operand: on AVX-512 VNNI from weights packed once per engine (one 64-byte load feeds
 every row of the pass), elsewhere a portable loop.  Every
 number is the integer docs/ENGINE.md specifies, so the results equal the general
@@ -29,8 +29,22 @@ import threading
 import numpy as np
 import torch
 
-from . import gemma, int_dots
-from .cpu_rows import (
+from ..spec.constants import (
+    ACT_FRAC,
+    ACT_MAX,
+    LOG2E_OUT,
+    MLP_LIMIT,
+    OUT_D_CAP,
+    OUT_PRE_LIMIT,
+    OUT_U_CAP,
+    QKV_LIMIT,
+    RESID_FRAC,
+    RESID_LIMIT,
+)
+from . import int_dots
+from .int_dots import NO_PACK, dots, split_rows
+from .jit import JIT, njit, prange, sync_threads
+from .rows import (
     _EXP2,
     _SIG_BITS,
     _SIG_SHIFT,
@@ -46,29 +60,14 @@ from .cpu_rows import (
     _qkv_heads,
     _requant,
     _rshift,
-    _threads,
-)
-from .int_dots import NO_PACK, dots, split_rows
-from .jit import _JIT, njit, prange
-from .spec import (
-    ACT_FRAC,
-    ACT_MAX,
-    LOG2E_OUT,
-    MLP_LIMIT,
-    OUT_D_CAP,
-    OUT_PRE_LIMIT,
-    OUT_U_CAP,
-    QKV_LIMIT,
-    RESID_FRAC,
-    RESID_LIMIT,
 )
 
 _BLOCK = 16      # output columns per parallel task of the requantizing loops
 
 
-@njit(**_JIT)
+@njit(**JIT)
 def _operand_row(v, out):
-    """Rows of wide values -> operand (fit to ACT_MAX): returns the shift (ops_cpu._operand, one row)."""
+    """Rows of wide values -> operand (fit to ACT_MAX): returns the shift (cpu.ops._operand, one row)."""
     m = np.int64(0)
     for j in range(v.shape[0]):
         m = max(m, abs(v[j]))
@@ -78,10 +77,10 @@ def _operand_row(v, out):
     return s
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _add_rows(x, rr, post, gain, gain_shift, eps):
     """x += rr (the products at 16 fractional bits), clamped; with ``post`` (Gemma 3) rr clamped and
-    through its post norm first (ops_cpu._residual_add, ops_cpu._add_normed)."""
+    through its post norm first (cpu.ops._residual_add, cpu.ops._add_normed)."""
     for i in range(x.shape[0]):
         if post:
             for n in range(x.shape[1]):
@@ -91,7 +90,7 @@ def _add_rows(x, rr, post, gain, gain_shift, eps):
             x[i, n] = _clamp(x[i, n] + rr[i, n], RESID_LIMIT)
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=True, **JIT)
 def _layer(x, eps, crow, ka, kb, kc, slots, cos, sin, kpos, lowest, windowed, exp2, lc, sig, vnni,
            g1, gs1, qw, qm, qsh, qb, has_bias, has_qk, qg, qgs, kg, kgs, qp, qs,
            kt, kmax, vc, vmax,
@@ -117,7 +116,7 @@ def _layer(x, eps, crow, ka, kb, kc, slots, cos, sin, kpos, lowest, windowed, ex
                 y[i, n] = _clamp(v, QKV_LIMIT)
     for i in range(m_rows):
         r = crow[i]
-        if has_qk:  # Gemma 3: each q and k head vector's norm16 before RoPE (ops_cpu._qkv)
+        if has_qk:  # Gemma 3: each q and k head vector's norm16 before RoPE (cpu.ops._qkv)
             for h in range(nh):
                 _norm16(y[i], h * hd, hd, qg, qgs, eps, QKV_LIMIT)
             for h in range(nkv):
@@ -156,7 +155,7 @@ def _layer(x, eps, crow, ka, kb, kc, slots, cos, sin, kpos, lowest, windowed, ex
     _add_rows(x, rr, post, pg2, pgs2, eps)
 
 
-@njit(**_JIT)
+@njit(**JIT)
 def _products(h, u, w, wp, wsum, vnni, d):  # pragma: no cover - compiled
     """int_dots.dots into the first M x N of the flat buffer ``d``, split first for VNNI; returns it [M, N]."""
     out = d[:h.shape[0] * w.shape[0]].reshape(h.shape[0], w.shape[0])
@@ -166,15 +165,15 @@ def _products(h, u, w, wp, wsum, vnni, d):  # pragma: no cover - compiled
     return out
 
 
-@njit(**_JIT)
+@njit(**JIT)
 def _final(x, gain, gain_shift, eps, h16, e):  # pragma: no cover - compiled
     for i in range(x.shape[0]):
         e[i] = _norm_row(x[i], gain, gain_shift, eps, h16[i])
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=True, **JIT)
 def _head_gaps(h16, u, w, wp, wsum, vnni, mult, exp, lam, out):  # pragma: no cover - compiled
-    """The output head's product and ops_cpu._gaps in one kernel: lam = (h q_v) mult_v, then gaps."""
+    """The output head's product and cpu.ops._gaps in one kernel: lam = (h q_v) mult_v, then gaps."""
     m_rows = h16.shape[0]
     vocab = w.shape[0]
     if vnni:
@@ -294,7 +293,7 @@ def forward_rows(engine, x: torch.Tensor, rope: dict, crow: torch.Tensor, keys: 
     row (flattened, row b T + t): ``rope`` RoPE base -> (cos, sin) [M, hd/2], ``keys`` (slots, a, b,
     c) [M] each; for Gemma 3 the local layers' own ``local_keys`` (None: they share ``keys``) and
     each query's ``lowest`` visible position.  Returns (h16 [M, H] int16, exp [M, 1] int64)."""
-    _threads()
+    sync_threads()
     arch = engine.arch
     m = x.shape[0]
     key = ("rows", m, threading.get_ident())    # per thread: an engine may serve several
@@ -313,7 +312,7 @@ def forward_rows(engine, x: torch.Tensor, rope: dict, crow: torch.Tensor, keys: 
     loc = glob if local_keys is None else tuple(_arr(t) for t in local_keys)
     window = (NO_KEY_POSITIONS, NO_LOWEST) if lowest is None else \
         (cache.key_positions(True).numpy(), _arr(lowest))
-    lc = gemma.attention_constant(arch)
+    lc = engine.att_constant
     vnni = uses_vnni(engine)
     table = engine.scratch.get("gate_table")
     if table is None:
@@ -333,7 +332,7 @@ def forward_rows(engine, x: torch.Tensor, rope: dict, crow: torch.Tensor, keys: 
 
 def gaps_rows(engine, h16: torch.Tensor, exp: torch.Tensor) -> torch.Tensor:
     """Engine.gaps for at most FUSED_ROWS rows: the head's product and the gaps in one kernel."""
-    _threads()
+    sync_threads()
     head = engine.model.head
     w = engine.scratch.get("head")
     if w is None:

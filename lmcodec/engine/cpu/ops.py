@@ -9,7 +9,7 @@ checks both modules against the plain reference.
 numba compiles the kernels on first use (a few seconds, cached on disk under
 lmcodec's cache directory).  Integer arithmetic is exact, so the thread split
 does not matter.  The per-value and per-row helpers the kernels inline live in
-:mod:`lmcodec.engine.cpu_rows` (shared with the fused step, :mod:`lmcodec.engine.fused_cpu`).
+:mod:`lmcodec.engine.cpu.rows` (shared with the fused step, :mod:`lmcodec.engine.cpu.fused`).
 """
 
 from __future__ import annotations
@@ -17,10 +17,23 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import attend_gemm, fixedmath
-from .cpu_rows import (
+from ..spec import fixedmath
+from ..spec.constants import (
+    ACT_FRAC,
+    ACT_MAX,
+    LOG2E_OUT,
+    MLP_LIMIT,
+    OUT_D_CAP,
+    OUT_PRE_LIMIT,
+    OUT_U_CAP,
+    QKV_LIMIT,
+    RESID_FRAC,
+    RESID_LIMIT,
+)
+from . import attend_gemm
+from .jit import JIT, sync_threads
+from .rows import (
     _EXP2,
-    _JIT,
     _SIG_BITS,
     _SIG_SHIFT,
     _SIG_SPAN,
@@ -35,31 +48,18 @@ from .cpu_rows import (
     _qkv_heads,
     _requant,
     _rshift,
-    _threads,
     njit,
     prange,
 )
-from .spec import (
-    ACT_FRAC,
-    ACT_MAX,
-    LOG2E_OUT,
-    MLP_LIMIT,
-    OUT_D_CAP,
-    OUT_PRE_LIMIT,
-    OUT_U_CAP,
-    QKV_LIMIT,
-    RESID_FRAC,
-    RESID_LIMIT,
-)
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=True, **JIT)
 def _norm(x, gain, gain_shift, eps, out, exp):  # pragma: no cover - compiled
     for i in prange(x.shape[0]):
         exp[i] = _norm_row(x[i], gain, gain_shift, eps, out[i])
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _split_row(h, out, i):
     m_rows, k = h.shape
     for j in range(k):
@@ -69,19 +69,19 @@ def _split_row(h, out, i):
         out[m_rows + i, j] = v - (hi << 8)
 
 
-@njit(**_JIT)
+@njit(**JIT)
 def _split(h, out):  # pragma: no cover - compiled
     for i in range(h.shape[0]):
         _split_row(h, out, i)
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=True, **JIT)
 def _split_parallel(h, out):  # pragma: no cover - compiled
     for i in prange(h.shape[0]):
         _split_row(h, out, i)
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=True, **JIT)
 def _operand(x, limit, out, shift):  # pragma: no cover - compiled
     m_rows, k = x.shape
     for i in prange(m_rows):
@@ -94,7 +94,7 @@ def _operand(x, limit, out, shift):  # pragma: no cover - compiled
         shift[i] = s
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=True, **JIT)
 def _residual_add(x, y, mult, shift, exp):  # pragma: no cover - compiled
     m_rows, n = x.shape
     for i in prange(m_rows):
@@ -104,7 +104,7 @@ def _residual_add(x, y, mult, shift, exp):  # pragma: no cover - compiled
             x[i, j] = _clamp(x[i, j] + _requant(v, mult[j], c), RESID_LIMIT)
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=True, **JIT)
 def _add_normed(x, y, mult, shift, exp, gain, gain_shift, eps):  # pragma: no cover - compiled
     m_rows, n = x.shape
     for i in prange(m_rows):
@@ -117,7 +117,7 @@ def _add_normed(x, y, mult, shift, exp, gain, gain_shift, eps):  # pragma: no co
             x[i, j] = _clamp(x[i, j] + v[j], RESID_LIMIT)
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=True, **JIT)
 def _qkv(y, mult, shift, bias, has_bias, exp, cos, sin, n_t, nh, nkv, hd, kt, kmax, vc, vmax, slots,
          q16, qe, has_qk, qg, qs, kg, ks, eps):  # pragma: no cover - compiled
     m_rows = exp.shape[0]
@@ -144,7 +144,7 @@ def _qkv(y, mult, shift, bias, has_bias, exp, cos, sin, n_t, nh, nkv, hd, kt, km
         _qkv_heads(vals, cs, sn, t, nh, nkv, hd, q16[i], qe[i], kt[b], kmax[b], vc[b], vmax[b], slot)
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=True, **JIT)
 def _mlp(y, mult, shift, exp, sig, out, oshift):  # pragma: no cover - compiled
     m_rows = exp.shape[0]
     inter = y.shape[1] // 2
@@ -166,7 +166,7 @@ def _mlp(y, mult, shift, exp, sig, out, oshift):  # pragma: no cover - compiled
         oshift[i] = s
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=True, **JIT)
 def _gaps(y, mult, exp, out):  # pragma: no cover - compiled
     n_rows = exp.shape[0]
     vocab = y.shape[1]
@@ -208,7 +208,7 @@ def split(h16: torch.Tensor) -> torch.Tensor:
     out, arr = _empty((2 * h16.shape[0], h16.shape[1]), np.int8)
     src = _np(h16.contiguous())
     if h16.shape[0] >= SPLIT_PARALLEL_ROWS:
-        _threads()
+        sync_threads()
         _split_parallel(src, arr)
     else:  # a decoding step's few rows: starting threads costs more than the pass
         _split(src, arr)
@@ -216,7 +216,7 @@ def split(h16: torch.Tensor) -> torch.Tensor:
 
 
 def norm(x, gain, gain_shift, eps):
-    _threads()
+    sync_threads()
     out, out_a = _empty(x.shape, np.int16)
     exp, exp_a = _empty((x.shape[0], 1), np.int64)
     _norm(_np(x), _np(gain), gain_shift, _np(eps), out_a, exp_a.reshape(-1))
@@ -224,7 +224,7 @@ def norm(x, gain, gain_shift, eps):
 
 
 def operand(x, limit: int = ACT_MAX):
-    _threads()
+    sync_threads()
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     out, out_a = _empty(x2.shape, np.int16)
@@ -234,20 +234,20 @@ def operand(x, limit: int = ACT_MAX):
 
 
 def residual_add(x, y, mult, shift, exp) -> None:
-    _threads()
+    sync_threads()
     _residual_add(_np(x), _np(y), _np(mult), shift, _np(exp).reshape(-1))
 
 
 def add_normed(x, y, mult, shift: int, exp, gain, gain_shift: int, eps) -> None:
     """x += norm16(the product at 16 fractional bits, clamped), clamped, in one pass (ops_torch.add_normed)."""
-    _threads()
+    sync_threads()
     _add_normed(_np(x), _np(y), _np(mult), shift, _np(exp).reshape(-1), _np(gain), gain_shift, _np(eps))
 
 
 def qkv(y, mult, shift, bias, exp, cos, sin, B, T, nh, nkv, hd, kt, kmax, vc, vmax, slots, qk_norm=None):
     """``slots`` [T] or [B*T], ``cos``/``sin`` [T, hd/2] or [B*T, hd/2]; ``qk_norm`` (Gemma 3):
     ``(q gain, shift, k gain, shift, eps)`` (ops_torch.qkv)."""
-    _threads()
+    sync_threads()
     per_row = slots.shape[0] == B * T != T
     slots2 = (slots.view(B, T) if per_row else slots.expand(B, T)).contiguous()
     cos3, sin3 = (cos.view(B, T, -1), sin.view(B, T, -1)) if per_row else (cos[None], sin[None])
@@ -264,7 +264,7 @@ def qkv(y, mult, shift, bias, exp, cos, sin, B, T, nh, nkv, hd, kt, kmax, vc, vm
 
 
 def mlp(y, mult, shift, exp, sigmoid):
-    _threads()
+    sync_threads()
     m = exp.shape[0]
     out, out_a = _empty((m, y.shape[1] // 2), np.int16)
     oshift, oshift_a = _empty((m, 1), np.int64)
@@ -274,14 +274,14 @@ def mlp(y, mult, shift, exp, sigmoid):
 
 def attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c, window=None, lc: int | None = None):
     """Per query (a decoding step), or on integer GEMMs where a cache row has many queries
-    (the parallel pass: :mod:`lmcodec.engine.attend_gemm`, the same integers).
+    (the parallel pass: :mod:`lmcodec.engine.cpu.attend_gemm`, the same integers).
 
     ``window`` (a local layer: key positions [rows, slots], each query's lowest visible
     position [N]) and ``lc`` (the scores' base-2 constant; default 1/sqrt(head dim)'s)
     as :func:`lmcodec.engine.ops_torch.attend`: a local layer's queries gather the keys
     inside their window, one query at a time.
     """
-    _threads()
+    sync_threads()
     lc = fixedmath.att_log2e(q16.shape[-1]) if lc is None else lc
     if window is None and attend_gemm.usable(crow):
         return attend_gemm.attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c, lc)
@@ -293,30 +293,27 @@ def attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c, window=None, lc: int | No
 
 
 def gaps(y, mult, exp):
-    _threads()
+    sync_threads()
     n = exp.shape[0]
     out, out_a = _empty((n, y.shape[1]), np.int64)
     _gaps(_np(y), _np(mult), _np(exp).reshape(-1), out_a)
     return out
 
 
-#: Query rows up to which Engine.forward and Engine.gaps take the fused step (lmcodec.engine.fused_cpu):
+#: Query rows up to which Engine.forward and Engine.gaps take the fused step (lmcodec.engine.cpu.fused):
 #: one kernel per layer, the products on int_dots (AVX-512 VNNI where the CPU has it). More rows go to
-#: torch._int_mm, whose kernels gain more per extra row. Measured (one row's pass of T positions with
-#: its head, 1,500 cached keys, 2 threads, 2-core EPYC, `benchmarks.step --widths`): fused / general
-#: SmolLM2 8.1 / 17.9 ms at 1, 33.6 / 41.3 at 9, 42.9 / 49.4 at 12, 56.1 / 60.4 at 16; Gemma 3 270M
-#: 14.3 / 29.8, 57.3 / 68.3, 75.9 / 81.2, 103.8 / 111.8 (before VNNI and the vectorized softmax the
-#: paths crossed between 9 and 12).
+#: the general path's GEMMs, which gain more per extra row. Where the two cross is measured with
+#: `python -m benchmarks.step --widths 1,9,12,16` (docs/SPEED.md, "Passes of several positions").
 FUSED_ROWS = 16
 
 
 def forward_rows(engine, *args):
-    """Engine.forward's layers for at most FUSED_ROWS rows in one kernel per layer (fused_cpu.forward_rows)."""
-    from .fused_cpu import forward_rows as run
+    """Engine.forward's layers for at most FUSED_ROWS rows in one kernel per layer (cpu.fused.forward_rows)."""
+    from .fused import forward_rows as run
     return run(engine, *args)
 
 
 def gaps_rows(engine, h16, exp):
-    """Engine.gaps for at most FUSED_ROWS rows: head product and gaps in one kernel (fused_cpu.gaps_rows)."""
-    from .fused_cpu import gaps_rows as run
+    """Engine.gaps for at most FUSED_ROWS rows: head product and gaps in one kernel (cpu.fused.gaps_rows)."""
+    from .fused import gaps_rows as run
     return run(engine, h16, exp)

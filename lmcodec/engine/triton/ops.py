@@ -1,7 +1,7 @@
 """The exact engine's integer steps as Triton kernels (the CUDA path).
 
 Same functions, same integers as :mod:`lmcodec.engine.ops_torch` (the tensor-operation
-spelling of docs/ENGINE.md) and :mod:`lmcodec.engine.ops_cpu` (numba): the engine
+spelling of docs/ENGINE.md) and :mod:`lmcodec.engine.cpu.ops` (numba): the engine
 calls exactly ``split norm operand residual_add qkv mlp attend gaps`` (and Gemma 3's
 ``add_normed``) through ``Engine.ops``, and ``engine._backend("cuda")`` returns this module.  Each
 ``@triton.jit`` kernel sits directly above its launcher; a launcher checks
@@ -16,10 +16,10 @@ products are ``tl.dot`` on int8 with int32 sums, which are exact; and a tile
 size only changes the order of exact sums and maxima, never their value
 (``tests/test_ops_triton.py`` runs two tile configurations against ops_torch).
 
-Attention (``attend``) lives in :mod:`lmcodec.engine.ops_triton_attend`, Gemma 3's
-post-norm add and q/k norms in :mod:`lmcodec.engine.ops_triton_gemma`, the shared
+Attention (``attend``) lives in :mod:`lmcodec.engine.triton.attend`, Gemma 3's
+post-norm add and q/k norms in :mod:`lmcodec.engine.triton.gemma`, the shared
 constants, integer primitives, tile sizes and shape checks in
-:mod:`lmcodec.engine.triton_int`.  Import these only where the Triton backend is
+:mod:`lmcodec.engine.triton.ints`.  Import these only where the Triton backend is
 used: they import triton, which CPU-only installs need not have.  A CUDA graph
 must be captured after one warm-up call of each op (Triton compiles a kernel
 and the attention table is copied to the device on first use).
@@ -31,12 +31,13 @@ import torch
 import triton
 import triton.language as tl
 
-from . import fixedmath, spec
-from . import ops_triton_gemma as tg
-from . import triton_int as ti
-from .ops_triton_attend import attend  # noqa: F401  (the op set: split norm operand residual_add qkv mlp attend gaps)
-from .ops_triton_gemma import add_normed  # noqa: F401  (and Gemma 3's post-norm add)
-from .triton_int import (
+from ..spec import constants as spec
+from ..spec import fixedmath
+from . import gemma as tg
+from . import ints as ti
+from .attend import attend  # noqa: F401  (the op set: split norm operand residual_add qkv mlp attend gaps)
+from .gemma import add_normed  # noqa: F401  (and Gemma 3's post-norm add)
+from .ints import (
     ACT_FRAC,
     ACT_MAX,
     KV_MAX,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from pathlib import Path
 
 
@@ -15,11 +16,11 @@ def _sources_digest() -> str:
     """A digest of lmcodec's own source files, naming the directory of its compiled kernels.
 
     numba's cache checks only the file that defines a kernel: a kernel that inlines
-    or calls a helper from another file (the kernels inline cpu_rows' helpers)
+    or calls a helper from another file (the kernels inline cpu.rows' helpers)
     would keep its compiled code after that helper changed.  A directory per
     source digest means a kernel is only ever loaded by the code that compiled it.
     """
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # lmcodec/
     h = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
         h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
@@ -27,13 +28,14 @@ def _sources_digest() -> str:
 
 
 if "NUMBA_CACHE_DIR" not in os.environ:  # site-packages may be read-only
-    from .models import cache_dir
+    from ...cache import cache_dir
 
     # LMCODEC_VNNI=0 compiles the kernels without VNNI code (int_dots): not the cache of those with it.
     _VARIANT = "-novnni" if os.environ.get("LMCODEC_VNNI", "1") == "0" else ""
     os.environ["NUMBA_CACHE_DIR"] = str(cache_dir() / "numba" / (_sources_digest() + _VARIANT))
 
 import numba  # noqa: E402
+import torch  # noqa: E402
 from numba import njit, prange, types  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 
@@ -45,6 +47,17 @@ from numba.extending import intrinsic  # noqa: E402
 numba.get_num_threads()
 
 #: Every kernel's compile options: cached on disk (above), without the GIL, unchecked indices.
-_JIT = dict(cache=True, nogil=True, boundscheck=False)
+JIT = dict(cache=True, nogil=True, boundscheck=False)
 
-__all__ = ["_JIT", "intrinsic", "njit", "numba", "prange", "types"]
+_THREADS = threading.local()
+
+
+def sync_threads() -> None:
+    """numba's thread count follows torch's (speed only); set only when it changes (the call is slow)."""
+    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if getattr(_THREADS, "n", None) != n:
+        numba.set_num_threads(n)
+        _THREADS.n = n
+
+
+__all__ = ["JIT", "intrinsic", "njit", "numba", "prange", "sync_threads", "types"]

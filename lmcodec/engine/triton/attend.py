@@ -1,4 +1,4 @@
-"""Exact attention over the int8 KV cache as a Triton kernel (``attend`` of lmcodec/engine/ops_triton.py).
+"""Exact attention over the int8 KV cache as a Triton kernel (``attend`` of lmcodec/engine/triton/ops.py).
 
 docs/ENGINE.md's attention: scores of int16 queries against int8 keys, the
 fixed-point softmax (a table of 2^-f and shifts), and the value sums, all exact
@@ -12,9 +12,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import fixedmath, spec
-from . import triton_int as ti
-from .triton_int import (
+from ..spec import constants as spec
+from ..spec import fixedmath
+from . import ints as ti
+from .ints import (
     ATT_D_CAP,
     ATT_P_SHIFT,
     ATT_PRESHIFT,

@@ -1,6 +1,6 @@
 """The spec's attention for many queries of one cache row, on integer GEMMs (the CPU's parallel pass).
 
-:func:`lmcodec.engine.ops_cpu.attend` runs one query at a time: right for a
+:func:`lmcodec.engine.cpu.ops.attend` runs one query at a time: right for a
 decoding step (a query or a few per row), but in the parallel pass (a chunk of
 up to 2,048 queries of one segment over the same keys) its dot products are
 most of the pass.  Here they become int8 products on ``torch._int_mm``
@@ -18,7 +18,7 @@ int32 sums stay below 2^31 (128 * 127 * 256 for scores; 128 * 127 * 8,192 keys
 for values) and int64 totals below 2^61, so every sum is exact.  Between the
 two products a numba pass computes, per query and head, exactly the spec's
 ``z``, its maximum over the query's key set, ``p`` and ``w``; keys outside the
-set get ``w = 0``.  So the result equals :func:`ops_cpu.attend`'s bit for bit
+set get ``w = 0``.  So the result equals :func:`cpu.ops.attend`'s bit for bit
 (``tests/test_attend_gemm.py``), whatever the tiling.
 """
 
@@ -27,10 +27,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import fixedmath
-from .cpu_rows import _EXP2
-from .jit import _JIT, njit, prange
-from .spec import ATT_D_CAP, ATT_P_SHIFT, ATT_PRESHIFT, ATT_SHIFT, ATT_U_CAP
+from ..spec import fixedmath
+from ..spec.constants import ATT_D_CAP, ATT_P_SHIFT, ATT_PRESHIFT, ATT_SHIFT, ATT_U_CAP
+from .jit import JIT, njit, prange
+from .rows import _EXP2
 
 #: Queries of one cache row per tile: bounds the score and byte-plane buffers
 #: (heads x tile x keys: 9 x 256 x 2,048 int32 = 19 MB for SmolLM2).
@@ -41,7 +41,7 @@ MIN_QUERIES = 32
 W_OFFSET = 128 * ((1 << 40) - 1) // 255
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=True, **JIT)
 def _softmax_planes(s, ksum, kmax, qe, a, b, c, group, exp2, lc, planes, total):  # pragma: no cover - compiled
     """Per (query n, head g) row m = n * group + g of the stacked scores ``s`` [2 M, L]
     (hi rows, then lo rows): z over its key set, the maximum, p and w = p vmax's five
@@ -76,7 +76,7 @@ def _softmax_planes(s, ksum, kmax, qe, a, b, c, group, exp2, lc, planes, total):
         total[m] = tot
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=True, **JIT)
 def _split_heads(q16, group, out):  # pragma: no cover - compiled
     """q16 [t, nh, hd] -> out [nkv, 2 M, hd] int8, M = t * group: for KV head h, row
     n * group + g holds hi = q16 >> 8 of query n's head h * group + g, row M + (same) its
@@ -93,7 +93,7 @@ def _split_heads(q16, group, out):  # pragma: no cover - compiled
                 out[h, M + m, d] = np.int8((v & 255) - 128)
 
 
-@njit(**_JIT)
+@njit(**JIT)
 def _column_sums(keys, values, ksum, vsum):  # pragma: no cover - compiled
     """ksum[j] = sum_d keys[d, j] ([hd, L] int8), vsum[d] = sum_j values[j, d] ([L, hd] int8)."""
     hd, L = keys.shape
@@ -107,7 +107,7 @@ def _column_sums(keys, values, ksum, vsum):  # pragma: no cover - compiled
             vsum[d] += values[j, d]
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=True, **JIT)
 def _finish(r, vsum, total, out):  # pragma: no cover - compiled
     """out = floor((2 acc + 127 tot) / (2 * 127 tot)), acc = sum_b 256^b r_b + W_OFFSET * vsum."""
     M = total.shape[0]
@@ -128,7 +128,7 @@ def usable(crow: torch.Tensor) -> bool:
 
 
 def attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c, lc: int | None = None) -> torch.Tensor:
-    """:func:`lmcodec.engine.ops_cpu.attend`'s result [N, nh, hd] int64, in tiles of queries
+    """:func:`lmcodec.engine.cpu.ops.attend`'s result [N, nh, hd] int64, in tiles of queries
     of one cache row (consecutive queries with the same ``crow``); ``lc``: the scores' base-2
     constant (default: 1/sqrt(head dim)'s)."""
     n_q, nh, hd = q16.shape

@@ -1,4 +1,4 @@
-"""Shared pieces of the Triton kernels (lmcodec/engine/ops_triton.py, lmcodec/engine/ops_triton_attend.py).
+"""Shared pieces of the Triton kernels (lmcodec/engine/triton/ops.py, lmcodec/engine/triton/attend.py).
 
 The spec's constants as constexprs (a ``@triton.jit`` function reads only
 constexpr globals), its integer primitives (docs/ENGINE.md, Notation) as jit
@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import fixedmath, spec
+from ..spec import constants as spec
+from ..spec import fixedmath
 
 
 @dataclass(frozen=True)
