@@ -7,7 +7,7 @@ Each model is loaded through transformers from its GGUF (dequantized, float32) a
 every file of the suite in lmcodec's own tokens in sliding windows of ``--window`` tokens,
 each opened by lmcodec's start token, moved ``--stride`` at a time (each token scored once,
 with at least window - stride - 1 tokens of context after the first window): the usual
-perplexity method, issue #31's, with the start token at every window's front as in
+perplexity method, with the start token at every window's front as in
 lmcodec's segments.  The figure is the
 cross-entropy of the tokens in bits over the file's bytes: no archive, no online models,
 no integer engine.  Comparing it with ``benchmarks.run``'s archive figures separates what

@@ -4,7 +4,7 @@
                               [--widths 1,2,4,9 --keys 1500]
 
 A file of one segment decodes one row per step, so each step reads every weight
-once: on a CPU that read is the floor (issue 21's bound: the one-row step within
+once: on a CPU that read is the floor (the target: the one-row step within
 1.6x of it).  Both are timed the same way, median of ``--steps`` repeats after a
 warm-up, wall clock and this process's CPU time (on a shared machine the CPU time
 is the steadier figure); the machine's load average is recorded beside them.

@@ -40,7 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-#: Levels benchmarked both ways (the issue's targets: level 6 and level 3).
+#: Levels benchmarked both ways (the targets: level 6 and level 3).
 SPEED_LEVELS = (3, 6)
 #: The CUDA-only tests (the engine on the GPU against the reference and the CPU), and their time cap.
 CUDA_TESTS = ("tests/test_rows.py", "tests/test_exact.py", "tests/test_ops_triton.py", "tests/test_rowdecode.py")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of issue 21, in one go (README.md beside this script).
+# The GPU check, in one go (README.md beside this script).
 #
 #   on the GPU machine:  bash scripts/gpu/check.sh            (call 1 carries .gpu/p1, call 2 .gpu/p2)
 #   here, on CPU:        OUT=dir bash scripts/gpu/check.sh --dry-run
