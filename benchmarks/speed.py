@@ -81,6 +81,19 @@ def float_forward_tokens_per_s(model_arg, tok, symbols, segment: int, threads: i
         torch.set_num_threads(old)
 
 
+def cpu_paths() -> dict:
+    """The CPU's relevant flags and the exact paths the engine took on it (lmcodec.engine.cpu.platform)."""
+    from lmcodec.engine.cpu import platform
+
+    return platform.describe()
+
+
+def describe_paths(paths: dict) -> str:
+    """:func:`cpu_paths` on one line."""
+    return (f"{paths['machine']} [{' '.join(paths['flags'])}]{', LMCODEC_CPU=generic' if paths['generic'] else ''}: "
+            f"products {paths['gemm']}, fused step {paths['fused_products']}, numba target {paths['numba_target']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.split("\n\n")[0])
     add_file_args(ap)
@@ -139,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         "compress_tokps": len(symbols) / (t1 - t0), "decompress_tokps": len(symbols) / (t2 - t1),
         "forward_tokps": fwd, "forward_batch": fwd_batch, "float_forward_tokps": flt,
         "decode": codec.last_decode.as_dict(),
+        "cpu": cpu_paths() if device == "cpu" else None,
     }
     res["compress_vs_float"] = res["compress_tokps"] / flt if flt else None
     res["compress_vs_forward"] = res["compress_tokps"] / fwd if fwd else None
@@ -147,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{s.segment_tokens}, context {s.context}, level {s.level or 'custom'}, mixer {s.mixer:#x}, "
           f"lanes {s.lanes}, decode rows {s.decode_rows}, "
           f"{s.threads} threads, {device}")
+    if res["cpu"]:
+        print("  cpu        " + describe_paths(res["cpu"]))
     print(f"  ratio      {res['bpb']:.3f} bits/byte (model {res['model_bpb']:.3f})")
     for way in ("compress", "decompress"):
         share = f"  ({res[way + '_vs_forward']:.0%} of plain forward)" if fwd else ""

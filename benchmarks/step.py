@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .speed import cpu_paths, describe_paths
+
 
 def _timed(fn, n: int) -> tuple[float, float]:
     """Median wall and CPU seconds of ``fn()`` over ``n`` calls (one warm-up call first)."""
@@ -112,7 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     res = {"model": name, "device": s.device, "threads": s.threads, "steps": args.steps,
            "weight_bytes": nbytes, "step_ms": 1e3 * step_wall, "step_cpu_ms": 1e3 * step_cpu,
            "read_ms": 1e3 * read_wall, "read_cpu_ms": 1e3 * read_cpu, "ratio": step_wall / read_wall,
-           "load_average": os.getloadavg()[0], "keys": args.keys if passes else None, "pass_ms": passes}
+           "load_average": os.getloadavg()[0], "keys": args.keys if passes else None, "pass_ms": passes,
+           "cpu": cpu_paths() if s.device == "cpu" else None}
+    if res["cpu"]:
+        print("cpu: " + describe_paths(res["cpu"]))
     print(f"{name} on {s.device}, {s.threads} threads: one-row step {res['step_ms']:.1f} ms "
           f"(CPU {res['step_cpu_ms']:.1f} ms); reading {nbytes / 1e6:.0f} MB of int8 weights "
           f"{res['read_ms']:.1f} ms (CPU {res['read_cpu_ms']:.1f} ms): {res['ratio']:.2f}x the floor "

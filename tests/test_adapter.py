@@ -30,8 +30,8 @@ from lmcodec.dictionary.adapter import (
     AdapterTensors,
     adapted_fingerprint,
 )
-from lmcodec.engine.model import registry as models
 from lmcodec.engine.engine import Engine, torch_threads
+from lmcodec.engine.model import registry as models
 from lmcodec.engine.model.quantize import load_int_model
 from lmcodec.engine.spec.reference import reference_merge, reference_run
 from lmcodec.errors import DictionaryError, LMCodecError

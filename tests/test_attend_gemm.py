@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from lmcodec.engine.cpu import attend_gemm, rows as cpu_rows, ops as ops_cpu
+from lmcodec.engine.cpu import attend_gemm
+from lmcodec.engine.cpu import ops as ops_cpu
+from lmcodec.engine.cpu import rows as cpu_rows
 from lmcodec.engine.spec import fixedmath
 
 

@@ -19,11 +19,11 @@ from hypothesis import strategies as st
 
 from lmcodec.coding.runner import score_ids
 from lmcodec.coding.tokens import ByteTokenizer
-from lmcodec.engine.spec import fixedmath
-from lmcodec.engine.model import registry as models
 from lmcodec.engine import ops_torch
 from lmcodec.engine.engine import Engine, int_mm
+from lmcodec.engine.model import registry as models
 from lmcodec.engine.model.quantize import _mantissas, load_int_model, quantize_gain, quantize_linear
+from lmcodec.engine.spec import fixedmath
 
 # -- constant tables -----------------------------------------------------------------------
 
@@ -190,7 +190,7 @@ def test_fingerprint_is_by_content_not_name(loaded_model, tokenizer, tiny_model_
 
 
 def test_both_cpu_gemm_kernels_give_the_same_integers(monkeypatch):
-    from lmcodec.engine import engine as eng
+    from lmcodec.engine.cpu import gemm
 
     rng = np.random.default_rng(2)
     x = torch.from_numpy(rng.integers(-32639, 32640, size=(19, 1536))).to(torch.int16)
@@ -199,7 +199,7 @@ def test_both_cpu_gemm_kernels_give_the_same_integers(monkeypatch):
     w[:, :] = torch.where(torch.rand(64, 1536) < 0.5, w, torch.full_like(w, -127))
     ref = x.numpy().astype(np.int64) @ w.numpy().astype(np.int64).T
     for kind in ("int8", "float32"):
-        monkeypatch.setattr(eng, "_GEMM_KIND", kind)
+        monkeypatch.setattr(gemm, "_KIND", kind)
         assert np.array_equal(ops_torch.combine(int_mm(x, w)).numpy(), ref), kind
 
 

@@ -15,7 +15,9 @@ import pytest
 import torch
 from conftest import load_tiny, make_tiny_llama
 
-from lmcodec.engine.cpu import fused as fused_cpu, int_dots, ops as ops_cpu
+from lmcodec.engine.cpu import fused as fused_cpu
+from lmcodec.engine.cpu import int_dots
+from lmcodec.engine.cpu import ops as ops_cpu
 from lmcodec.engine.engine import Engine
 from lmcodec.engine.kvcache import KVCache
 
@@ -83,3 +85,22 @@ def test_fused_step_equals_the_general_path(tiny, monkeypatch, vnni):
             assert torch.equal(u, v)
     assert fused_cpu.uses_vnni(engine) is vnni
 
+
+
+def test_an_engine_packs_for_vnni_only_after_its_first_fused_calls(tiny, monkeypatch):
+    """The first PACK_AFTER fused calls run on the portable loop (no packed copy of the weights:
+    a compressor's few fused calls never make one), later ones on VNNI where the CPU has it;
+    the integers are the general path's throughout, across the switch."""
+    im, tok = tiny
+    passes = make_passes(tok.vocab_size)
+    assert 2 * len(passes) > fused_cpu.PACK_AFTER + 1     # forward and gaps per pass: the switch falls inside
+    engine = Engine(im, "cpu")
+    fused = run_passes(engine, ops_cpu.FUSED_ROWS, monkeypatch, passes)
+    general = run_passes(Engine(im, "cpu"), 0, monkeypatch, passes)
+    for a, b in zip(fused, general):
+        for u, v in zip(a, b):
+            assert torch.equal(u, v)
+    assert fused_cpu.uses_vnni(engine) is int_dots.available()
+    fresh = Engine(im, "cpu")
+    run_passes(fresh, ops_cpu.FUSED_ROWS, monkeypatch, passes[:1])
+    assert fused_cpu.uses_vnni(fresh) is False and fresh.scratch.get("fused_calls", 0) <= fused_cpu.PACK_AFTER

@@ -16,10 +16,10 @@ import torch
 from conftest import load_tiny, make_tiny_gemma, rows_by_plan
 
 from lmcodec.coding import runner, steps
-from lmcodec.engine.spec import fixedmath
-from lmcodec.engine.cpu import ops as ops_cpu
 from lmcodec.engine import ops_torch
+from lmcodec.engine.cpu import ops as ops_cpu
 from lmcodec.engine.engine import Engine
+from lmcodec.engine.spec import fixedmath
 from lmcodec.engine.spec.reference import reference_run
 from lmcodec.errors import UsageError
 

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from lmcodec.cli.main import main
 from lmcodec.coding import selftest
 from lmcodec.coding.modelcache import ModelCache
-from lmcodec.engine.model import registry as models
 from lmcodec.engine.engine import Engine, torch_threads
+from lmcodec.engine.model import registry as models
 from lmcodec.format.container import MODEL_FINGERPRINTS, MODEL_IDS
 
 NAME = "gemma3-270m"

@@ -24,8 +24,8 @@ from lmcodec.coding.runner import prefill
 from lmcodec.coding.settings import DecodeStats
 from lmcodec.coding.steps import GraphStep, RowStep
 from lmcodec.coding.tokens import ByteTokenizer
-from lmcodec.engine.model import registry as models
 from lmcodec.engine.engine import Engine
+from lmcodec.engine.model import registry as models
 from lmcodec.engine.model.quantize import load_int_model
 from lmcodec.format.container import stream_groups
 

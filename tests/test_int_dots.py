@@ -17,7 +17,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmcodec.engine.cpu import fused as fused_cpu, int_dots
+from lmcodec.engine.cpu import fused as fused_cpu
+from lmcodec.engine.cpu import int_dots
 
 KERNELS = [pytest.param(True, id="vnni", marks=pytest.mark.skipif(not int_dots.available(),
                                                                   reason="this CPU has no AVX-512 VNNI")),

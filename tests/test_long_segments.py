@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from lmcodec import Codec
 from lmcodec.coding import runner, steps
 from lmcodec.coding.mixing import ALL
-from lmcodec.engine.spec import fixedmath
 from lmcodec.engine.engine import Engine
+from lmcodec.engine.spec import fixedmath
 from lmcodec.engine.spec.reference import reference_run, sink_at
 
 TEXT = (b"It was the best of times, it was the worst of times, it was the age of wisdom, "

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmcodec.engine.spec import reference as R
 from lmcodec.engine.model.quantize import load_int_model
+from lmcodec.engine.spec import reference as R
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = b"Alice was beginning to get very tired of sitting by her sister on the bank.\n"

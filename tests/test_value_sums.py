@@ -13,7 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmcodec.engine.cpu import rows as cpu_rows, int_dots
+from lmcodec.engine.cpu import int_dots
+from lmcodec.engine.cpu import rows as cpu_rows
 from lmcodec.engine.cpu import value_sums as value_sums_mod
 from lmcodec.engine.cpu.jit import njit
 

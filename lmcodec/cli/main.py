@@ -261,10 +261,16 @@ def selftest(ctx: Context, model, device, threads, as_json, cluster):
     doc = {"model": name, "fingerprint": res.fingerprint, "device": s.device, "threads": s.threads,
            "tokens": res.tokens, "digest": res.digest, "golden": res.golden,
            "step_equals_pass": res.steps_agree, "ok": res.ok}
+    if s.device == "cpu":   # which exact paths ran: they change the speed, never the digest
+        from ..engine.cpu import platform
+
+        doc["cpu"] = platform.describe()
     if as_json:
         click.echo(json.dumps(doc, indent=2))
     else:
         for k, v in doc.items():
+            if isinstance(v, dict):
+                v = "; ".join(f"{a} {' '.join(b) if isinstance(b, list) else b}" for a, b in v.items())
             click.echo(f"{k}: {v}")
         if res.golden is None:
             click.echo("(no golden digest is recorded for this model: compare the digest across machines)")

@@ -46,10 +46,11 @@ EAGER_ROWS = 1 << 16
 #: a full GEMM, so only short segments are batched, and each batched segment's cache
 #: costs memory.  Results do not depend on it (runner.score_batch).
 SCORE_ROWS = {"cpu": SCORE_CHUNK, "cuda": 32 * SCORE_CHUNK}
-#: Rows (steps x lanes) of a stream whose LM gaps the encoder computes at once: one
-#: head GEMM per chunk, and a bound on the [rows, alphabet] int64 tensor
-#: (512 x 49,408 x 8 bytes = 202 MB): 8 steps of 64 lanes, 512 steps of one.
-STEP_ROWS = 512
+#: Rows (steps x lanes) of a stream whose LM gaps the encoder computes at once, by device:
+#: one head GEMM per chunk, and a bound on the [rows, alphabet] int64 tensors the head makes
+#: (its int32 product, the logits and the gaps: 64 rows of SmolLM2's 49,408 symbols are
+#: 25 MB each on a CPU, whose GEMMs are already full at 64 rows; a GPU wants more rows a launch).
+STEP_ROWS = {"cpu": 64, "cuda": 512}
 
 
 @dataclass
@@ -181,7 +182,7 @@ def encode_stream(engine: Engine, hidden: list[SegmentRows], symbols: list[np.nd
     mix = StreamMixer(mixer, len(symbols), alphabet)
     lengths = [len(x) for x in symbols]
     bits = 0.0
-    steps = max(1, STEP_ROWS // len(symbols))
+    steps = max(1, STEP_ROWS.get(engine.device.type, STEP_ROWS["cpu"]) // len(symbols))
     for t0 in range(0, max(lengths), steps):
         t1 = min(t0 + steps, max(lengths))
         # The LM's token gaps of a chunk of steps at once (one head GEMM), then step by step.

@@ -69,69 +69,18 @@ def torch_threads(n: int | None):
 def int_mm(h16: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Exact products of operand rows with int8 weights ``w`` [N, K]: [hi rows; lo rows] int32.
 
-    int8 x int8 sums stay below 2^31 for K < 2^17, so every GEMM kernel returns
-    the same integers.  Two exact kernels, chosen by speed only (see :func:`gemm_kind`).
+    int8 x int8 sums stay below 2^31 for K < 2^17, so every GEMM kernel returns the same
+    integers; on a CPU :mod:`lmcodec.engine.cpu.gemm` picks the faster of two exact kernels.
     """
     a = backend(h16.device).split(h16)  # on a CPU one numba pass: at a step's few rows tensor ops cost more
     if a.device.type == "cuda" and a.shape[0] <= 16:  # cuBLASLt needs M > 16
         pad = torch.zeros((17 - a.shape[0], a.shape[1]), dtype=a.dtype, device=a.device)
         return torch._int_mm(torch.cat([a, pad]), w.t())[: a.shape[0]]
-    if a.device.type == "cpu" and gemm_kind() == "float32":
-        return _float32_mm(a, w)
+    if a.device.type == "cpu":
+        from .cpu import gemm
+
+        return gemm.mm(a, w.t())
     return torch._int_mm(a, w.t())
-
-
-#: int8 x int8 products are at most 128 * 127 = 16,256 in magnitude, so float32
-#: sums of up to 1,032 of them stay below 2^24: every float32 GEMM returns them exactly.
-FLOAT32_EXACT_K = 1024
-_FLOAT_WEIGHTS: dict[int, torch.Tensor] = {}
-_GEMM_KIND: str | None = None
-
-
-def _float32_mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """The same integers as ``torch._int_mm`` from float32 GEMMs over K-chunks of <= 1024."""
-    key = w.data_ptr()
-    wf = _FLOAT_WEIGHTS.get(key)
-    if wf is None or wf.shape != w.shape:
-        wf = _FLOAT_WEIGHTS[key] = w.to(torch.float32)
-    af = a.to(torch.float32)
-    k = a.shape[1]
-    out = None
-    for c in range(0, k, FLOAT32_EXACT_K):
-        part = torch.nn.functional.linear(af[:, c:c + FLOAT32_EXACT_K], wf[:, c:c + FLOAT32_EXACT_K])
-        part = part.to(torch.int32)
-        out = part if out is None else out + part
-    return out
-
-
-def gemm_kind() -> str:
-    """``int8`` (``torch._int_mm``) or ``float32`` (exact float GEMMs) for CPU products.
-
-    Both give identical integers; which is faster depends on the CPU (int8 VNNI
-    kernels vs none).  ``LMCODEC_GEMM`` forces one; otherwise a one-time
-    measurement at the model's shapes decides.
-    """
-    global _GEMM_KIND
-    if _GEMM_KIND is None:
-        import os
-        import time
-
-        forced = os.environ.get("LMCODEC_GEMM", "")
-        if forced in ("int8", "float32"):
-            _GEMM_KIND = forced
-        else:
-            a = torch.ones((64, 576), dtype=torch.int8)
-            w = torch.ones((1536, 576), dtype=torch.int8)
-            timing = {}
-            for kind, fn in (("int8", lambda: torch._int_mm(a, w.t())), ("float32", lambda: _float32_mm(a, w))):
-                fn()
-                t0 = time.perf_counter()
-                for _ in range(5):
-                    fn()
-                timing[kind] = time.perf_counter() - t0
-            _FLOAT_WEIGHTS.clear()
-            _GEMM_KIND = min(timing, key=timing.get)
-    return _GEMM_KIND
 
 
 def backend(device: torch.device):

@@ -3,8 +3,8 @@
 :func:`lmcodec.engine.cpu.ops.attend` runs one query at a time: right for a
 decoding step (a query or a few per row), but in the parallel pass (a chunk of
 up to 2,048 queries of one segment over the same keys) its dot products are
-most of the pass.  Here they become int8 products on ``torch._int_mm``
-(oneDNN's VNNI/AMX kernels), decomposed exactly as the Triton kernels do
+most of the pass.  Here they become int8 products (:func:`lmcodec.engine.cpu.gemm.mm`:
+oneDNN's VNNI/AMX kernels, or exact float32 GEMMs), decomposed exactly as the Triton kernels do
 (docs/ENGINE.md, "The Triton kernels"):
 
 * scores: ``q16 = 256 hi + lo + 128`` with ``hi = q16 >> 8`` and
@@ -29,6 +29,7 @@ import torch
 
 from ..spec import fixedmath
 from ..spec.constants import ATT_D_CAP, ATT_P_SHIFT, ATT_PRESHIFT, ATT_SHIFT, ATT_U_CAP
+from . import gemm
 from .jit import JIT, njit, prange
 from .rows import _EXP2
 
@@ -166,9 +167,9 @@ def _tile(q16, qe, kt, kmax, vc, vmax, r, a, b, c, group, lc, out) -> None:
     for h in range(nkv):
         keys, values = kt[r, h, :, :L], vc[r, h, :L]                   # [hd, L], [L, hd] int8
         _column_sums(keys.numpy(), values.numpy(), ksum, vsum)
-        s = torch._int_mm(torch.from_numpy(stacked[h]), keys).numpy()  # [2M, L] int32
+        s = gemm.mm(torch.from_numpy(stacked[h]), keys).numpy()            # [2M, L] int32
         mags = np.concatenate([kmax[r, h, :L].numpy(), vmax[r, h, :L].numpy()])
         _softmax_planes(s, ksum, mags, qe_heads[h], an, bn, cn, group, _EXP2, lc, planes, total)
-        rr = torch._int_mm(torch.from_numpy(planes.reshape(5 * M, L)), values).numpy()
+        rr = gemm.mm(torch.from_numpy(planes.reshape(5 * M, L)), values).numpy()
         _finish(rr, vsum, total, res)
         out_a[:, h] = res.reshape(t, group, hd)

@@ -234,15 +234,32 @@ def _gain(t: torch.Tensor | None, shift: int | None) -> tuple:
     return (NO_ARRAY, 0) if t is None else (_arr(t), shift)
 
 
-def uses_vnni(engine) -> bool:
-    """Whether this engine's fused products run on int_dots' VNNI blocks: the CPU has them, they
-    are not turned off, and every weight matrix packs (decided once per engine)."""
-    got = engine.scratch.get("vnni")
-    if got is None:
+#: Fused calls an engine runs on the portable loop before it packs its weights for VNNI.  The packs
+#: are a second copy of the weights (134 MB for SmolLM2): a decoder, which runs thousands of
+#: fused steps, wins them back at once; a compressor (a prefill and a last short chunk of the
+#: head, its passes being wide) never needs them.  Either loop gives the same integers.
+PACK_AFTER = 8
+
+
+def _decide_vnni(engine) -> None:
+    """Count a fused call; after PACK_AFTER, decide once whether this engine runs on VNNI blocks:
+    the CPU has them, they are not turned off, and every weight matrix packs."""
+    if "vnni" in engine.scratch:
+        return
+    if not int_dots.available():
+        engine.scratch["vnni"] = False
+        return
+    n = engine.scratch["fused_calls"] = engine.scratch.get("fused_calls", 0) + 1
+    if n > PACK_AFTER:
         mats = [p.weight for layer in engine.model.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
-        got = engine.scratch["vnni"] = int_dots.available() and all(
-            int_dots.packable(m.numpy()) for m in mats + [engine.model.head.weight])
-    return got
+        engine.scratch["vnni"] = all(int_dots.packable(m.numpy()) for m in mats + [engine.model.head.weight])
+        engine.scratch.pop("layers", None)       # rebuilt with the packs
+        engine.scratch.pop("head", None)
+
+
+def uses_vnni(engine) -> bool:
+    """Whether this engine's fused products run on int_dots' VNNI blocks (decided by :func:`_decide_vnni`)."""
+    return engine.scratch.get("vnni", False)
 
 
 def _packed(engine, lin) -> tuple:
@@ -294,6 +311,7 @@ def forward_rows(engine, x: torch.Tensor, rope: dict, crow: torch.Tensor, keys: 
     c) [M] each; for Gemma 3 the local layers' own ``local_keys`` (None: they share ``keys``) and
     each query's ``lowest`` visible position.  Returns (h16 [M, H] int16, exp [M, 1] int64)."""
     sync_threads()
+    _decide_vnni(engine)
     arch = engine.arch
     m = x.shape[0]
     key = ("rows", m, threading.get_ident())    # per thread: an engine may serve several
@@ -333,6 +351,7 @@ def forward_rows(engine, x: torch.Tensor, rope: dict, crow: torch.Tensor, keys: 
 def gaps_rows(engine, h16: torch.Tensor, exp: torch.Tensor) -> torch.Tensor:
     """Engine.gaps for at most FUSED_ROWS rows: the head's product and the gaps in one kernel."""
     sync_threads()
+    _decide_vnni(engine)
     head = engine.model.head
     w = engine.scratch.get("head")
     if w is None:

@@ -32,6 +32,7 @@ import numpy as np
 from llvmlite import binding as llvm
 from llvmlite import ir
 
+from . import platform
 from .jit import JIT, intrinsic, njit, prange, types
 from .llvm_loop import counted_loop, declare, splat, trap
 
@@ -55,9 +56,10 @@ def cpu_has_vnni() -> bool:
     return all(features.get(f, False) for f in ("avx512f", "avx512bw", "avx512vnni"))
 
 
-#: Whether the kernels hold VNNI code at all: the CPU has it and ``LMCODEC_VNNI=0`` was not set when
-#: this module was imported (without it they compile as on a CPU that lacks it).
-_EMIT = cpu_has_vnni() and os.environ.get("LMCODEC_VNNI", "1") != "0"
+#: Whether the kernels hold VNNI code at all: the CPU has it, and neither ``LMCODEC_VNNI=0`` nor
+#: ``LMCODEC_CPU=generic`` was set when this module was imported (with either they compile as on a
+#: CPU that lacks it).
+_EMIT = cpu_has_vnni() and os.environ.get("LMCODEC_VNNI", "1") != "0" and not platform.GENERIC
 
 
 def available() -> bool:

@@ -268,7 +268,7 @@ def fingerprint(arch: ArchConfig, arrays: dict[str, np.ndarray], shifts: dict[st
     for name in sorted(arrays):
         arr = np.ascontiguousarray(arrays[name])
         h.update(f"{name}:{arr.dtype.str}:{arr.shape}\0".encode())
-        h.update(arr.tobytes())
+        h.update(memoryview(arr).cast("B"))      # the array's bytes, without a copy
     h.update(fixedmath.exp2_table().tobytes())
     h.update(fixedmath.sigmoid_table().tobytes())
     cos, sin = fixedmath.rope_tables(Fraction(arch.rope_theta), arch.head_dim, 1024)
@@ -305,13 +305,42 @@ def _assemble(arch: ArchConfig, arrays: dict[str, torch.Tensor], shifts: dict[st
 
 _LOADED: dict[tuple[bytes, bytes], IntModel] = {}
 
+#: safetensors' dtype names of the integer model's arrays.
+_DTYPES = {"I8": np.int8, "I16": np.int16, "I32": np.int32, "I64": np.int64, "U8": np.uint8}
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """A safetensors file's arrays, each read into its own memory with plain reads.
+
+    safetensors' own loaders read the whole file into one buffer, or map it, before the
+    arrays are copied out: either way the process holds the weights twice for a moment
+    (~130 MB more for SmolLM2), the larger part of a small file's peak memory.  The format
+    is an 8-byte little-endian header length, a JSON header of names, dtypes, shapes and
+    byte offsets, then the bytes (https://github.com/huggingface/safetensors).
+    """
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        base = 8 + n
+        out = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            start, stop = info["data_offsets"]
+            arr = np.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
+            f.seek(base + start)
+            if arr.nbytes != stop - start or f.readinto(arr.reshape(-1).view(np.uint8)) != arr.nbytes:
+                raise ValueError(f"{path}: {name} is truncated")
+            out[name] = arr
+    return out
+
 
 def load_int_model(model: LoadedModel, tokenizer_fingerprint: bytes) -> IntModel:
     """The integer model of ``model``, from the cache or quantized now (seconds, once)."""
     key = (model.model_fingerprint, tokenizer_fingerprint)
     if key in _LOADED:
         return _LOADED[key]
-    from safetensors.numpy import load_file, save_file
+    from safetensors.numpy import save_file
 
     target = cache_dir() / "engine" / f"{model.model_fingerprint.hex()}-{SPEC_VERSION}"
     meta_path, data_path = target / "meta.json", target / "int.safetensors"
@@ -319,7 +348,7 @@ def load_int_model(model: LoadedModel, tokenizer_fingerprint: bytes) -> IntModel
     if meta_path.is_file() and data_path.is_file():
         try:
             meta = json.loads(meta_path.read_text())
-            arrays = load_file(str(data_path))
+            arrays = read_safetensors(data_path)
             shifts, eps_q32 = meta["shifts"], int(meta["eps_q32"])
         except (OSError, ValueError, KeyError):
             arrays = None

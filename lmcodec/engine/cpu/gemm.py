@@ -1,0 +1,88 @@
+"""Exact int8 products at BLAS speed on any CPU: ``torch._int_mm``, or float32 GEMMs.
+
+Every product the engine's general path runs on a CPU (the layers' and the output head's,
+attention's score and value GEMMs in the parallel pass) is an int8 x int8 GEMM with int32
+sums.  Two kernels give the same integers (docs/ENGINE.md, "Exact products on any CPU"):
+
+* ``int8``: ``torch._int_mm``.  oneDNN's VNNI/AMX kernels where the CPU has them; elsewhere
+  torch runs a generic loop, ~1 GOPS (0.07x the float model on an AVX2 Zen 3).
+* ``float32``: the same operands as float32, one GEMM per chunk of at most
+  :data:`FLOAT32_EXACT_K` of the inner dimension.  A product is at most 128 x 127 = 16,256
+  in magnitude, so every partial sum of a chunk, in any order the BLAS adds them, is an
+  integer below 2^24 and exact in float32; the chunks' results are added in int32.  Any
+  BLAS (MKL, OpenBLAS, Accelerate, ARM's) is fast at float32.
+
+Which one runs is measured once per process at SmolLM2's shapes (:func:`kind`), never read
+from a CPU's name; ``LMCODEC_GEMM=int8|float32`` forces one.  No float copy of the weights
+is kept: each call converts the int8 weights it reads, in blocks of :data:`N_BLOCK` rows,
+so the float path costs no memory beyond one block.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from .platform import configure_torch
+
+configure_torch()
+
+#: int8 x int8 products are at most 128 * 127 = 16,256 in magnitude, so float32
+#: sums of up to 1,032 of them stay below 2^24: every float32 GEMM returns them exactly.
+FLOAT32_EXACT_K = 1024
+#: Rows of the right operand ([N, K] weights) converted to float32 at once: a block stays in
+#: cache, and the output head's 49,152 rows never exist as floats all together (113 MB).
+N_BLOCK = 4096
+
+_KIND: str | None = None
+
+
+def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a`` [M, K] int8 times ``b`` [K, N] int8 (any strides) -> int32 [M, N], exactly."""
+    if kind() == "float32":
+        return _float32_mm(a, b)
+    return torch._int_mm(a, b)
+
+
+def _float32_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """:func:`mm` by float32 GEMMs over K-chunks of at most FLOAT32_EXACT_K and N-blocks of N_BLOCK."""
+    m, k = a.shape
+    n = b.shape[1]
+    af = a.to(torch.float32)
+    out = torch.empty((m, n), dtype=torch.int32)
+    part = torch.empty((m, min(n, N_BLOCK)), dtype=torch.float32)
+    for n0 in range(0, n, N_BLOCK):
+        n1 = min(n, n0 + N_BLOCK)
+        p = part[:, :n1 - n0]
+        for c in range(0, k, FLOAT32_EXACT_K):
+            bf = b[c:c + FLOAT32_EXACT_K, n0:n1].to(torch.float32)
+            torch.mm(af[:, c:c + FLOAT32_EXACT_K], bf, out=p)
+            if c == 0:
+                out[:, n0:n1].copy_(p)
+            else:
+                out[:, n0:n1] += p.to(torch.int32)
+    return out
+
+
+def kind() -> str:
+    """``int8`` (``torch._int_mm``) or ``float32`` (exact float GEMMs): the faster here, measured
+    once at a layer product's shape ([64 x 576] x [576 x 1536]); ``LMCODEC_GEMM`` forces one."""
+    global _KIND
+    if _KIND is None:
+        forced = os.environ.get("LMCODEC_GEMM", "")
+        if forced in ("int8", "float32"):
+            _KIND = forced
+        else:
+            a = torch.ones((64, 576), dtype=torch.int8)
+            b = torch.ones((1536, 576), dtype=torch.int8).t()
+            timing = {}
+            for name, fn in (("int8", lambda: torch._int_mm(a, b)), ("float32", lambda: _float32_mm(a, b))):
+                fn()
+                t0 = time.perf_counter()
+                for _ in range(5):
+                    fn()
+                timing[name] = time.perf_counter() - t0
+            _KIND = min(timing, key=timing.get)
+    return _KIND
