@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -302,3 +303,24 @@ def test_python_dash_m_runs_the_command():
     bad = subprocess.run(run + ["-dc", "-"], input=b"garbage", capture_output=True)
     assert bad.returncode == 1
     assert bad.stderr.decode().strip() == "lmcodec: error: not an lmcodec archive (bad magic bytes)"
+
+
+SUMMARY = re.compile(r"(\d+) tokens in ([\d.]+) s: model ([\d.]+) s, coding ([\d.]+) s; (\d+) pass(es)?"
+                     r"(, [\d.]+ tokens a pass)?; coding \d+ us/token")
+
+
+def test_verbose_ends_each_way_with_where_the_time_went(runner, text_file):
+    """-v: one summary line per file, compressing and decompressing; its times add up."""
+    r = runner.invoke(main, ["compress", "-v", *FAST, str(text_file)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    m = SUMMARY.search(r.output.splitlines()[-1])
+    assert m, r.output
+    tokens, total, model, coding = int(m[1]), float(m[2]), float(m[3]), float(m[4])
+    assert tokens > 0 and int(m[5]) >= 1 and 0 < model <= total and abs(model + coding - total) < 0.02
+    archive = text_file.with_name("note.txt.lmc")
+    r = runner.invoke(main, ["decompress", "-v", "-f", str(archive)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    m = SUMMARY.search(r.output.splitlines()[-1])
+    assert m and int(m[1]) == tokens and int(m[5]) >= 1, r.output
+    r = runner.invoke(main, ["compress", *FAST, "-f", str(text_file)], catch_exceptions=False)
+    assert not SUMMARY.search(r.output)

@@ -26,13 +26,14 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
 import click
 
 from .. import __version__
-from ..coding.settings import DEFAULT_LEVEL
+from ..coding.settings import DEFAULT_LEVEL, summary
 from ..errors import UsageError
 from ..fileio import Counter, install_signal_handlers
 from ..format.container import End
@@ -120,7 +121,7 @@ def _levels(fn):
 @click.option("-f", "--force", is_flag=True,
               help="Overwrite outputs; write or read compressed data on a terminal; recompress FILE.lmc.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-@click.option("-v", "--verbose", is_flag=True, help="Say what was done with each file.")
+@click.option("-v", "--verbose", is_flag=True, help="Say what was done with each file, and where the time went.")
 @_levels
 @click.option("-T", "--threads", type=click.IntRange(0, 256), default=0, metavar="N",
               help="CPU threads, 0 = automatic (not recorded: results do not depend on them).")
@@ -248,6 +249,7 @@ def _compress_one(ctx: Context, name: str, target: Path | None, key, model, codi
     st = stats[0]
     say(f"{name}: {st.input_bytes} -> {st.output_bytes} bytes, {st.bpb:.3f} bits/byte "
         f"({st.seconds:.1f} s) -> {target if target is not None else 'stdout'}")
+    say(f"{name}: {summary(st.tokens, st.seconds, st.model_seconds, st.passes)}")
     _remove_input(name, target, keep)
 
 
@@ -257,6 +259,7 @@ def _decompress_one(ctx: Context, name: str, target: Path | None, key, model, ma
     bar = _progress_bar(ctx, None, f"decompress {name}")
     codec = _codec(model, bar.update, **machine)
     written = []
+    t0 = time.perf_counter()
     try:
         # Decompressed data may go to a terminal (lmcat FILE.lmc), so stdout needs no -f.
         _write_to(target, force or target is None,
@@ -264,7 +267,9 @@ def _decompress_one(ctx: Context, name: str, target: Path | None, key, model, ma
     finally:
         bar.close()
         _close(src)
+    d = codec.last_decode
     say(f"{name}: {written[0]} bytes -> {target if target is not None else 'stdout'}")
+    say(f"{name}: {summary(d.tokens, time.perf_counter() - t0, d.model_seconds, d.passes)}")
     _remove_input(name, target, keep)
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import click
 
 from .. import __version__
-from ..coding.settings import Stats
+from ..coding.settings import Stats, summary
 from ..errors import LMCodecError
 from ..fileio import Counter, install_signal_handlers
 from .common import (
@@ -37,6 +38,10 @@ from .options import (
 )
 from .probe import probe_command
 from .train import train_command
+
+#: ``-v``: after each file, one line of where the time went (model, coding, tokens, passes).
+VERBOSE = click.option("-v", "--verbose", is_flag=True,
+                       help="End with one line: time in the model and in coding, tokens, passes, us/token.")
 
 
 class _Main(click.Group):
@@ -71,20 +76,22 @@ def main(click_ctx, quiet: bool, debug: bool):
               help="Keep (default) or remove the input after success.")
 @click.option("-f", "--force", is_flag=True, help="Overwrite existing output files.")
 @click.option("--verify", is_flag=True, help="Decompress the result and compare before keeping it.")
+@VERBOSE
 @model_options
 @coding_options
 @cluster_option
 @click.pass_obj
 @handle_errors
-def compress(ctx: Context, inputs, output, stdout, keep, force, verify, prompt, prompt_file, model, cluster,
+def compress(ctx: Context, inputs, output, stdout, keep, force, verify, verbose, prompt, prompt_file, model, cluster,
              **coding):
     """Compress FILE(s) to FILE.lmc ('-' reads standard input)."""
     key = _prompt(prompt, prompt_file)
     with _executor(cluster, model, coding["device"], coding["threads"]) as executor:
-        _compress_files(ctx, inputs, output, stdout, keep, force, verify, key, model, executor, coding)
+        _compress_files(ctx, inputs, output, stdout, keep, force, verify, key, model, executor, coding, verbose)
 
 
-def _compress_files(ctx: Context, inputs, output, stdout, keep, force, verify, key, model, executor, coding):
+def _compress_files(ctx: Context, inputs, output, stdout, keep, force, verify, key, model, executor, coding,
+                    verbose: bool = False):
     def one(name, target):
         src, size = _open_input(name)
         bar = _progress_bar(ctx, size, f"compress {name}")
@@ -114,6 +121,8 @@ def _compress_files(ctx: Context, inputs, output, stdout, keep, force, verify, k
                     f"({st.seconds:.1f} s) -> {target}")
             if not keep and name != STDIO:
                 os.unlink(name)
+        if verbose:
+            ctx.say(f"{name}: {summary(st.tokens, st.seconds, st.model_seconds, st.passes)}")
 
     _for_each_file(executor, _io_targets(inputs, output, stdout, lambda p: p.with_name(p.name + SUFFIX)), one)
 
@@ -168,26 +177,28 @@ def _for_each_file(executor, targets, one) -> None:
 @click.option("-k/-K", "--keep/--rm", "keep", default=True, show_default=True,
               help="Keep (default) or remove the archive after success.")
 @click.option("-f", "--force", is_flag=True, help="Overwrite existing output files.")
+@VERBOSE
 @model_options
 @machine_options
 @cluster_option
 @click.pass_obj
 @handle_errors
-def decompress(ctx: Context, archives, output, stdout, keep, force, prompt, prompt_file, model, device, threads,
-               cluster, dictionary=None):
+def decompress(ctx: Context, archives, output, stdout, keep, force, verbose, prompt, prompt_file, model, device,
+               threads, cluster, dictionary=None):
     """Decompress ARCHIVE(s) (FILE.lmc -> FILE; '-' reads standard input)."""
     key = _prompt(prompt, prompt_file)
     with _executor(cluster, model, device, threads) as executor:
         _decompress_files(ctx, archives, output, stdout, keep, force, key, model, device, threads, executor,
-                          dictionary)
+                          dictionary, verbose)
 
 
 def _decompress_files(ctx: Context, archives, output, stdout, keep, force, key, model, device, threads, executor,
-                      dictionary=None):
+                      dictionary=None, verbose: bool = False):
     def one(name, target):
         src, size = _open_input(name)
         bar = _progress_bar(ctx, None, f"decompress {name}")
         codec = _codec(model, bar.update, executor, device=device, threads=threads, dictionary=dictionary)
+        t0 = time.perf_counter()
         try:
             _write_to(target, force, lambda dst: codec.decompress_stream(src, dst, key, size))
         finally:
@@ -198,6 +209,9 @@ def _decompress_files(ctx: Context, archives, output, stdout, keep, force, key, 
             ctx.say(f"{name} -> {target}")
             if not keep and name != STDIO:
                 os.unlink(name)
+        if verbose:
+            d = codec.last_decode
+            ctx.say(f"{name}: {summary(d.tokens, time.perf_counter() - t0, d.model_seconds, d.passes)}")
 
     _for_each_file(executor, _io_targets(archives, output, stdout, _strip_suffix), one)
 

@@ -10,6 +10,9 @@ Blocks are independent, so any worker may encode any block
 from __future__ import annotations
 
 import hashlib
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,6 +64,8 @@ class EncodedBlock:
     lm: bool = False           # coded by the model (its bits count in the stats)
     model_bits: float = 0.0    # exact code length of its symbols
     escapes: int = 0
+    model_seconds: float = 0.0  # in the model: parallel passes and output heads
+    passes: int = 0             # parallel passes
 
 
 class BlockEncoder:
@@ -88,14 +93,18 @@ class BlockEncoder:
             _, tok, _ = self.models.coding_model()
             symbols = tok.encode(raw)
             if s.method == "lm" or len(symbols) <= BINARY_SYMBOLS_PER_BYTE * len(raw):
-                block, bits = self._lm_block(raw, symbols, progress)
-                candidates.append(EncodedBlock(block, True, bits, int((symbols >= tok.vocab_size).sum())))
+                clock = ModelClock()
+                block, bits = self._lm_block(raw, symbols, progress, clock)
+                candidates.append(EncodedBlock(block, True, bits, int((symbols >= tok.vocab_size).sum()),
+                                               clock.seconds, clock.passes))
         if not any(c.lm for c in candidates):
             progress.bytes(len(raw))
         return min(candidates, key=lambda c: len(c.block.pack()))
 
-    def _lm_block(self, raw: bytes, symbols: np.ndarray, progress: Progress) -> tuple[Block, float]:
-        """Code ``symbols`` with the model; return the block and its exact code length in bits."""
+    def _lm_block(self, raw: bytes, symbols: np.ndarray, progress: Progress,
+                  clock: ModelClock) -> tuple[Block, float]:
+        """Code ``symbols`` with the model; return the block and its exact code length in bits
+        (the time in the model and its passes counted on ``clock``)."""
         s = self.settings
         model, tok, _ = self.models.coding_model()
         engine = self.models.engine(model, s.device)
@@ -106,7 +115,8 @@ class BlockEncoder:
         progress.start_block(len(raw), len(symbols))
         with torch_threads(s.threads), torch.inference_mode():
             prefix = self.models.prefix(tok, self.prompt, s.context)
-            pre = self.models.prefill(engine, prefix)
+            with clock.timing():
+                pre = self.models.prefill(engine, prefix)
             streams = [[slice(offsets[g], offsets[g + 1]) for g in group]
                        for group in stream_groups(len(lengths), s.lanes)]
             scorer = SegmentScorer(engine, prefix, pre, s.context, self.score_memo)
@@ -117,14 +127,33 @@ class BlockEncoder:
             ahead = PassAhead(engine.device)
             pending = ahead.start(score, streams[0]) if streams else None
             for k, segs in enumerate(streams):
-                hidden = pending()
+                with clock.timing():
+                    hidden = pending()
                 if k + 1 < len(streams):       # the next stream's pass runs while this one is coded (CUDA)
                     pending = ahead.start(score, streams[k + 1])
                 payload, b = encode_stream(engine, hidden, [symbols[seg] for seg in segs],
-                                           tok.alphabet_size, MixerConfig(s.mixer), progress)
+                                           tok.alphabet_size, MixerConfig(s.mixer), progress, clock)
                 payloads.append(payload)
                 bits += b
+            clock.passes += scorer.passes
         return Block.build(Method.LM, raw, payloads, lengths), bits
+
+
+class ModelClock:
+    """The time a block spends in the model (its parallel passes, prefill and output heads) and
+    its parallel passes: ``-v``'s split of a run into model and coding (Stats.model_seconds)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.passes = 0
+
+    @contextmanager
+    def timing(self) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - t0
 
 
 class SegmentScorer:
@@ -134,6 +163,7 @@ class SegmentScorer:
 
     def __init__(self, engine: Engine, prefix: list[int], pre: Prefix, context: int, memo: dict | None = None):
         self.engine, self.prefix, self.pre, self.context, self.memo = engine, prefix, pre, context, memo
+        self.passes = 0     # parallel passes run (chunks of up to SCORE_CHUNK positions, side by side)
 
     def __call__(self, inputs: list[np.ndarray]) -> list[SegmentRows]:
         """A stream's segments' hidden rows (the parallel pass), memoised when ``memo`` is a dict.
@@ -153,6 +183,7 @@ class SegmentScorer:
                        hashlib.blake2b(np.ascontiguousarray(x).tobytes(), digest_size=16).digest())
                 if key not in memo:
                     memo[key] = score_segment(engine, pre, x, context)
+                    self.passes += -(-len(x) // SCORE_CHUNK)
                 out.append(SegmentRows(iter([memo[key]])))
             return out
         longest = max(len(x) for x in inputs) + 1
@@ -162,8 +193,10 @@ class SegmentScorer:
             batch = inputs[b0:b0 + per_pass]
             if longest > EAGER_ROWS:
                 out += batch_rows(score_batch(engine, pre, batch, context), len(batch))
+                self.passes += -(-longest // SCORE_CHUNK)
                 continue
             chunks = list(score_batch(engine, pre, batch, context))
+            self.passes += len(chunks)
             for i in range(len(batch)):
                 h, e = (torch.cat([c[i][k] for c in chunks]) for k in (0, 1))
                 out.append(SegmentRows(iter([(h, e)])))
@@ -171,13 +204,15 @@ class SegmentScorer:
 
 
 def encode_stream(engine: Engine, hidden: list[SegmentRows], symbols: list[np.ndarray], alphabet: int,
-                  mixer: MixerConfig, progress: Progress) -> tuple[bytes, float]:
+                  mixer: MixerConfig, progress: Progress, clock: ModelClock | None = None) -> tuple[bytes, float]:
     """One stream's payload from its segments' hidden rows, in step-major order.
 
     At step t the stage-1 symbols of every live segment, then their stage-2
     symbols -- the order the decoder meets them (:mod:`lmcodec.coding.decoder`).
-    Returns the payload and the exact code length in bits.
+    Returns the payload and the exact code length in bits; the model's share of the time
+    (long segments' later chunks, the output head) is counted on ``clock``.
     """
+    clock = clock or ModelClock()
     enc = StreamEncoder()
     mix = StreamMixer(mixer, len(symbols), alphabet)
     lengths = [len(x) for x in symbols]
@@ -186,11 +221,12 @@ def encode_stream(engine: Engine, hidden: list[SegmentRows], symbols: list[np.nd
     for t0 in range(0, max(lengths), steps):
         t1 = min(t0 + steps, max(lengths))
         # The LM's token gaps of a chunk of steps at once (one head GEMM), then step by step.
-        part = [hidden[i].take(t0, min(t1, n)) if t0 < n else None for i, n in enumerate(lengths)]
-        rows = [(i, t - t0) for t in range(t0, t1) for i in range(len(symbols)) if t < lengths[i]]
-        h = torch.stack([part[i][0][t] for i, t in rows])
-        e = torch.stack([part[i][1][t] for i, t in rows])
-        gaps = engine.gaps(h, e)
+        with clock.timing():
+            part = [hidden[i].take(t0, min(t1, n)) if t0 < n else None for i, n in enumerate(lengths)]
+            rows = [(i, t - t0) for t in range(t0, t1) for i in range(len(symbols)) if t < lengths[i]]
+            h = torch.stack([part[i][0][t] for i, t in rows])
+            e = torch.stack([part[i][1][t] for i, t in rows])
+            gaps = engine.gaps(h, e)
         at = 0
         for t in range(t0, t1):
             live = [i for i in range(len(symbols)) if t < lengths[i]]

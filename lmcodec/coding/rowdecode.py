@@ -151,6 +151,7 @@ class Rows:
             return False
         t0 = time.perf_counter()
         u, where = self._gaps()
+        self.stats.model_seconds += time.perf_counter() - t0
         if self._pass is not None:
             queries, seconds = self._pass
             self.cost.record(queries, seconds + time.perf_counter() - t0)
@@ -271,6 +272,7 @@ class Rows:
         t0 = time.perf_counter()
         self.run.advance(self.feed[:, :T], self.live, guesses=np.where(self.live, self.width - 1, 0))
         self._pass = (self.run.rows * T, time.perf_counter() - t0)
+        self.stats.model_seconds += self._pass[1]
         self.stats.passes += 1
         self.stats.row_passes += int(self.live.sum())
 

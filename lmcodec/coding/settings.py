@@ -122,6 +122,8 @@ class Stats:
     model_bits: float = 0.0    # sum of -log2 (coding probability) over the coded symbols
     escapes: int = 0
     seconds: float = 0.0
+    model_seconds: float = 0.0  # of ``seconds``: in the model (parallel passes, output heads), this process's blocks
+    passes: int = 0            # the model's parallel passes (this process's blocks)
     methods: list[str] = field(default_factory=list)
 
     @property
@@ -148,12 +150,23 @@ class Stats:
             self.lm_bytes += encoded.block.raw_len
             self.tokens += encoded.block.n_tokens
             self.escapes += encoded.escapes
+        self.model_seconds += encoded.model_seconds
+        self.passes += encoded.passes
 
     def as_dict(self) -> dict:
         return dict(input_bytes=self.input_bytes, output_bytes=self.output_bytes, bpb=self.bpb,
                     model_bpb=self.model_bpb, coder_overhead=self.coder_overhead, tokens=self.tokens,
                     lm_bytes=self.lm_bytes, escapes=self.escapes, seconds=self.seconds,
-                    methods=sorted(set(self.methods)))
+                    model_seconds=self.model_seconds, passes=self.passes, methods=sorted(set(self.methods)))
+
+
+def summary(tokens: int, seconds: float, model_seconds: float, passes: int) -> str:
+    """``-v``'s last line: where a run's time went, model and coding (the rest), per token."""
+    coding = max(0.0, seconds - model_seconds)
+    per_pass = f", {tokens / passes:.2f} tokens a pass" if passes else ""
+    us = f"coding {1e6 * coding / tokens:.0f} us/token" if tokens else "no tokens coded"
+    return (f"{tokens} tokens in {seconds:.2f} s: model {model_seconds:.2f} s, coding {coding:.2f} s; "
+            f"{passes} pass{'' if passes == 1 else 'es'}{per_pass}; {us}")
 
 
 @dataclass
@@ -166,6 +179,7 @@ class DecodeStats:
     tokens: int = 0
     tried: int = 0
     held: int = 0
+    model_seconds: float = 0.0   # in the model's passes and output heads; the rest of a decode is coding
 
     @property
     def tokens_per_row_pass(self) -> float:
@@ -173,4 +187,5 @@ class DecodeStats:
 
     def as_dict(self) -> dict:
         return dict(passes=self.passes, row_passes=self.row_passes, tokens=self.tokens, guesses_tried=self.tried,
-                    guesses_held=self.held, tokens_per_row_pass=self.tokens_per_row_pass)
+                    guesses_held=self.held, tokens_per_row_pass=self.tokens_per_row_pass,
+                    model_seconds=self.model_seconds)
