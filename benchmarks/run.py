@@ -147,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     import lmcodec
     import lmcodec.engine.model.quantize
     from lmcodec.coding.mixing import MixerConfig
-    from lmcodec.engine.model import registry as models
     from lmcodec.engine.engine import pick_device
+    from lmcodec.engine.model import registry as models
 
     settings = {k: getattr(args, k.replace("-", "_")) for k in
                 ("device", "level", "threads", "lanes", "decode-rows", "segment-tokens", "context", "block-size")}

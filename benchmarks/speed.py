@@ -83,15 +83,16 @@ def float_forward_tokens_per_s(model_arg, tok, symbols, segment: int, threads: i
 
 def cpu_paths() -> dict:
     """The CPU's relevant flags and the exact paths the engine took on it (lmcodec.engine.cpu.platform)."""
-    from lmcodec.engine.cpu import platform
+    from lmcodec.engine.cpu import paths
 
-    return platform.describe()
+    return paths.describe()
 
 
 def describe_paths(paths: dict) -> str:
     """:func:`cpu_paths` on one line."""
     return (f"{paths['machine']} [{' '.join(paths['flags'])}]{', LMCODEC_CPU=generic' if paths['generic'] else ''}: "
-            f"products {paths['gemm']}, fused step {paths['fused_products']}, numba target {paths['numba_target']}")
+            f"layer products {paths['layer_products']}, int8 GEMMs {paths['gemm']}, "
+            f"fused step {paths['fused_products']}, numba target {paths['numba_target']}")
 
 
 def main(argv: list[str] | None = None) -> int:

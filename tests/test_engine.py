@@ -190,17 +190,23 @@ def test_fingerprint_is_by_content_not_name(loaded_model, tokenizer, tiny_model_
 
 
 def test_both_cpu_gemm_kernels_give_the_same_integers(monkeypatch):
+    """Every CPU product path (int_mm's halves on _int_mm or float32 GEMMs, or the int16 rows on
+    int_dots' portable loop) gives the exact sums, at the operand's and the weights' extremes."""
     from lmcodec.engine.cpu import gemm
 
     rng = np.random.default_rng(2)
-    x = torch.from_numpy(rng.integers(-32639, 32640, size=(19, 1536))).to(torch.int16)
-    x[0] = 32639
-    w = torch.from_numpy(rng.integers(-127, 128, size=(64, 1536))).to(torch.int8)
-    w[:, :] = torch.where(torch.rand(64, 1536) < 0.5, w, torch.full_like(w, -127))
-    ref = x.numpy().astype(np.int64) @ w.numpy().astype(np.int64).T
-    for kind in ("int8", "float32"):
-        monkeypatch.setattr(gemm, "_KIND", kind)
-        assert np.array_equal(ops_torch.combine(int_mm(x, w)).numpy(), ref), kind
+    for k in (1536, 2048):
+        x = torch.from_numpy(rng.integers(-32639, 32640, size=(19, k))).to(torch.int16)
+        x[0], x[1] = 32639, -32639
+        w = torch.from_numpy(rng.integers(-127, 128, size=(64, k))).to(torch.int8)
+        w[:, :] = torch.where(torch.rand(64, k) < 0.5, w, torch.full_like(w, -127))
+        w[0], w[1] = 127, -127
+        ref = x.numpy().astype(np.int64) @ w.numpy().astype(np.int64).T
+        for kind in ("int8", "float32"):
+            for products in ("halves", "int16"):
+                monkeypatch.setattr(gemm, "_KIND", kind)
+                monkeypatch.setattr(gemm, "_PRODUCTS", products)
+                assert np.array_equal(ops_torch.combine(int_mm(x, w)).numpy(), ref), (k, kind, products)
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: a thread count of 1 is the default")

@@ -276,9 +276,9 @@ def selftest(ctx: Context, model, device, threads, as_json, cluster):
            "tokens": res.tokens, "digest": res.digest, "golden": res.golden,
            "step_equals_pass": res.steps_agree, "ok": res.ok}
     if s.device == "cpu":   # which exact paths ran: they change the speed, never the digest
-        from ..engine.cpu import platform
+        from ..engine.cpu import paths
 
-        doc["cpu"] = platform.describe()
+        doc["cpu"] = paths.describe()
     if as_json:
         click.echo(json.dumps(doc, indent=2))
     else:

@@ -72,14 +72,15 @@ def int_mm(h16: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     int8 x int8 sums stay below 2^31 for K < 2^17, so every GEMM kernel returns the same
     integers; on a CPU :mod:`lmcodec.engine.cpu.gemm` picks the faster of two exact kernels.
     """
-    a = backend(h16.device).split(h16)  # on a CPU one numba pass: at a step's few rows tensor ops cost more
+    ops = backend(h16.device)
+    if h16.device.type == "cpu":
+        from .cpu import gemm
+
+        return gemm.products(h16, w, ops.split)
+    a = ops.split(h16)
     if a.device.type == "cuda" and a.shape[0] <= 16:  # cuBLASLt needs M > 16
         pad = torch.zeros((17 - a.shape[0], a.shape[1]), dtype=a.dtype, device=a.device)
         return torch._int_mm(torch.cat([a, pad]), w.t())[: a.shape[0]]
-    if a.device.type == "cpu":
-        from .cpu import gemm
-
-        return gemm.mm(a, w.t())
     return torch._int_mm(a, w.t())
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -37,6 +38,56 @@ FLOAT32_EXACT_K = 1024
 N_BLOCK = 4096
 
 _KIND: str | None = None
+_PRODUCTS: str | None = None
+
+
+def products(h16: torch.Tensor, w: torch.Tensor, split: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Operand rows ``h16`` [M, K] int16 times int8 weights ``w`` [N, K] -> [hi rows; lo rows] int32
+    (``256 y[i] + y[M + i]`` the exact sum): the int16 rows on int_dots' portable loop in one pass,
+    or ``split`` into int8 halves and :func:`mm`, whichever :func:`products_kind` measured faster."""
+    if products_kind(split) == "int16":
+        return _int16_products(h16, w)
+    return mm(split(h16), w.t())
+
+
+def _int16_products(h16: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    from . import int_dots  # numba: the kernels' module, loaded with the CPU backend anyway
+    from .jit import sync_threads
+
+    sync_threads()
+    y = torch.empty((2 * h16.shape[0], w.shape[0]), dtype=torch.int32)
+    int_dots.dots_halves(h16.contiguous().numpy(), w.numpy(), y.numpy())
+    return y
+
+
+def products_kind(split: Callable[[torch.Tensor], torch.Tensor]) -> str:
+    """``int16`` (int_dots' portable loop) or ``halves`` (split, then :func:`mm`): the faster here,
+    measured once at a layer product's shape; ``LMCODEC_PRODUCTS`` forces one."""
+    global _PRODUCTS
+    if _PRODUCTS is None:
+        forced = os.environ.get("LMCODEC_PRODUCTS", "")
+        if forced in ("int16", "halves"):
+            _PRODUCTS = forced
+        else:
+            h = torch.full((64, 576), 1000, dtype=torch.int16)
+            w = torch.ones((1536, 576), dtype=torch.int8)
+            _PRODUCTS = _faster({"int16": lambda: _int16_products(h, w), "halves": lambda: mm(split(h), w.t())})
+    return _PRODUCTS
+
+
+def _faster(fns: dict[str, Callable[[], object]]) -> str:
+    """The name of the fastest call: one warm-up (compiles), then the best of five, so that a
+    moment of other work on the machine does not decide it."""
+    timing = {}
+    for name, fn in fns.items():
+        fn()
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+        timing[name] = best
+    return min(timing, key=timing.get)
 
 
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -77,12 +128,5 @@ def kind() -> str:
         else:
             a = torch.ones((64, 576), dtype=torch.int8)
             b = torch.ones((1536, 576), dtype=torch.int8).t()
-            timing = {}
-            for name, fn in (("int8", lambda: torch._int_mm(a, b)), ("float32", lambda: _float32_mm(a, b))):
-                fn()
-                t0 = time.perf_counter()
-                for _ in range(5):
-                    fn()
-                timing[name] = time.perf_counter() - t0
-            _KIND = min(timing, key=timing.get)
+            _KIND = _faster({"int8": lambda: torch._int_mm(a, b), "float32": lambda: _float32_mm(a, b)})
     return _KIND

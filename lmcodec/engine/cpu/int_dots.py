@@ -199,3 +199,22 @@ def dots(h, u, w, wp, wsum, vnni, out):  # pragma: no cover - compiled
             for n in range(blk * _BLOCK, min(n_out, blk * _BLOCK + _BLOCK)):
                 for i in range(m_rows):
                     out[i, n] = _dot(h[i], w[n])
+
+
+@njit(parallel=True, **JIT)
+def dots_halves(h, w, y):  # pragma: no cover - compiled
+    """The general path's products on the portable loop: ``y`` [2M, N] int32 holds the sums
+    ``t = sum_k h[i, k] w[n, k]`` of rows h [M, K] int16 and weights w [N, K] int8 in int_mm's
+    layout, ``y[i] = t >> 8`` and ``y[M + i] = t & 255``, so ``256 y[i] + y[M + i] = t`` exactly
+    (|t| < K 2^22, so ``t >> 8`` fits int32 for K < 2^17; the sums themselves are :func:`_dot`'s).
+    Each int16 x int8 product pair is one ``vpmaddwd`` lane
+    where LLVM finds it (AVX2): twice float32 FMA's multiply-adds per instruction, with one pass
+    where the float32 path needs two (the operand's high and low bytes)."""
+    m_rows = h.shape[0]
+    n_out = w.shape[0]
+    for blk in prange((n_out + _BLOCK - 1) // _BLOCK):
+        for n in range(blk * _BLOCK, min(n_out, blk * _BLOCK + _BLOCK)):
+            for i in range(m_rows):
+                t = _dot(h[i], w[n])
+                y[i, n] = np.int32(t >> 8)
+                y[m_rows + i, n] = np.int32(t & 255)

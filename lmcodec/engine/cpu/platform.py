@@ -15,7 +15,6 @@ target from the environment.
 from __future__ import annotations
 
 import os
-import platform
 
 #: Set in the environment before lmcodec starts: every CPU path is the generic one.
 GENERIC = os.environ.get("LMCODEC_CPU", "").strip().lower() == "generic"
@@ -48,13 +47,3 @@ def configure_torch() -> None:
         import torch
 
         torch.backends.mkldnn.enabled = False
-
-
-def describe() -> dict:
-    """The CPU and the paths the engine takes on it (printed by ``lmcodec selftest`` and the benchmarks)."""
-    from . import gemm, int_dots  # numba and torch: only where the engine runs
-
-    return {"machine": platform.machine(), "flags": cpu_flags(), "generic": GENERIC,
-            "numba_target": os.environ.get("NUMBA_CPU_NAME", "host"),
-            "fused_products": "avx512-vnni" if int_dots.available() else "portable (vpmaddwd where LLVM finds it)",
-            "gemm": gemm.kind()}
