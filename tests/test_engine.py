@@ -204,8 +204,8 @@ def test_both_cpu_gemm_kernels_give_the_same_integers(monkeypatch):
         ref = x.numpy().astype(np.int64) @ w.numpy().astype(np.int64).T
         for kind in ("int8", "float32"):
             for products in ("halves", "int16"):
-                monkeypatch.setattr(gemm, "_KIND", kind)
-                monkeypatch.setattr(gemm, "_PRODUCTS", products)
+                monkeypatch.setitem(gemm._CHOSEN, "LMCODEC_GEMM", kind)
+                monkeypatch.setitem(gemm._CHOSEN, "LMCODEC_PRODUCTS", products)
                 assert np.array_equal(ops_torch.combine(int_mm(x, w)).numpy(), ref), (k, kind, products)
 
 

@@ -37,8 +37,8 @@ FLOAT32_EXACT_K = 1024
 #: cache, and the output head's 49,152 rows never exist as floats all together (113 MB).
 N_BLOCK = 4096
 
-_KIND: str | None = None
-_PRODUCTS: str | None = None
+#: The measured (or forced) choices, by the environment variable that forces each.
+_CHOSEN: dict[str, str] = {}
 
 
 def products(h16: torch.Tensor, w: torch.Tensor, split: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -63,16 +63,21 @@ def _int16_products(h16: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def products_kind(split: Callable[[torch.Tensor], torch.Tensor]) -> str:
     """``int16`` (int_dots' portable loop) or ``halves`` (split, then :func:`mm`): the faster here,
     measured once at a layer product's shape; ``LMCODEC_PRODUCTS`` forces one."""
-    global _PRODUCTS
-    if _PRODUCTS is None:
-        forced = os.environ.get("LMCODEC_PRODUCTS", "")
-        if forced in ("int16", "halves"):
-            _PRODUCTS = forced
-        else:
-            h = torch.full((64, 576), 1000, dtype=torch.int16)
-            w = torch.ones((1536, 576), dtype=torch.int8)
-            _PRODUCTS = _faster({"int16": lambda: _int16_products(h, w), "halves": lambda: mm(split(h), w.t())})
-    return _PRODUCTS
+    def candidates():
+        h = torch.full((64, 576), 1000, dtype=torch.int16)
+        w = torch.ones((1536, 576), dtype=torch.int8)
+        return {"int16": lambda: _int16_products(h, w), "halves": lambda: mm(split(h), w.t())}
+
+    return _chosen("LMCODEC_PRODUCTS", candidates)
+
+
+def _chosen(env: str, candidates: Callable[[], dict[str, Callable[[], object]]]) -> str:
+    """``$env`` where it names one of the candidates, else the fastest of them; decided once."""
+    if env not in _CHOSEN:
+        fns = candidates()
+        forced = os.environ.get(env, "")
+        _CHOSEN[env] = forced if forced in fns else _faster(fns)
+    return _CHOSEN[env]
 
 
 def _faster(fns: dict[str, Callable[[], object]]) -> str:
@@ -120,13 +125,9 @@ def _float32_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def kind() -> str:
     """``int8`` (``torch._int_mm``) or ``float32`` (exact float GEMMs): the faster here, measured
     once at a layer product's shape ([64 x 576] x [576 x 1536]); ``LMCODEC_GEMM`` forces one."""
-    global _KIND
-    if _KIND is None:
-        forced = os.environ.get("LMCODEC_GEMM", "")
-        if forced in ("int8", "float32"):
-            _KIND = forced
-        else:
-            a = torch.ones((64, 576), dtype=torch.int8)
-            b = torch.ones((1536, 576), dtype=torch.int8).t()
-            _KIND = _faster({"int8": lambda: torch._int_mm(a, b), "float32": lambda: _float32_mm(a, b)})
-    return _KIND
+    def candidates():
+        a = torch.ones((64, 576), dtype=torch.int8)
+        b = torch.ones((1536, 576), dtype=torch.int8).t()
+        return {"int8": lambda: torch._int_mm(a, b), "float32": lambda: _float32_mm(a, b)}
+
+    return _chosen("LMCODEC_GEMM", candidates)
