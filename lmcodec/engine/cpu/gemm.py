@@ -16,6 +16,10 @@ Which one runs is measured once per process at SmolLM2's shapes (:func:`kind`), 
 from a CPU's name; ``LMCODEC_GEMM=int8|float32`` forces one.  No float copy of the weights
 is kept: each call converts the int8 weights it reads, in blocks of :data:`N_BLOCK` rows,
 so the float path costs no memory beyond one block.
+
+The layers' products have int16 operand rows, which :func:`products` either splits into
+int8 halves for :func:`mm` or takes whole on int_dots' portable loop (one pass, ``vpmaddwd``
+on AVX2), whichever :func:`products_kind` measured faster (``LMCODEC_PRODUCTS``).
 """
 
 from __future__ import annotations
