@@ -30,6 +30,8 @@ from collections.abc import Callable
 
 import torch
 
+from . import int_dots
+from .jit import sync_threads
 from .platform import configure_torch
 
 configure_torch()
@@ -55,9 +57,6 @@ def products(h16: torch.Tensor, w: torch.Tensor, split: Callable[[torch.Tensor],
 
 
 def _int16_products(h16: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    from . import int_dots  # numba: the kernels' module, loaded with the CPU backend anyway
-    from .jit import sync_threads
-
     sync_threads()
     y = torch.empty((2 * h16.shape[0], w.shape[0]), dtype=torch.int32)
     int_dots.dots_halves(h16.contiguous().numpy(), w.numpy(), y.numpy())
