@@ -73,7 +73,7 @@ def _learn(q, rows, y, coded, rates, bias, cap, up):  # pragma: no cover - compi
         for k in range(m):
             down += q[rows[k], v] * rate // sums[k]
         b = bias[v] + up[v] - down
-        bias[v] = cap if b > cap else (-cap if b < -cap else b)
+        bias[v] = cap if b > cap else (max(b, -cap))
 
 
 def lm_weights(u: torch.Tensor, bias: torch.Tensor | None, frac: int, alphabet: int, width: int) -> torch.Tensor:
@@ -95,3 +95,43 @@ def learn_bias(q: torch.Tensor, rows: np.ndarray, y: np.ndarray, coded: torch.Te
     _count(coded.numpy(), y, count_cap)
     up = np.zeros(bias.shape[0], np.int64)
     _learn(q.numpy(), rows, y, coded.numpy(), rates, bias.numpy(), bias_cap, up)
+
+
+@njit(inline="always", **JIT)
+def floor_div(x, d, inv):  # pragma: no cover - compiled
+    """``x // d`` for 0 <= x < 2^53 and d >= 1 with ``inv = 1 / d``: the float estimate is within one of the
+    quotient (its relative error is below 2^-51 and quotients here stay below 2^21), and the integer
+    remainder corrects it, so the result is the exact floor on any machine."""
+    q = np.int64(np.float64(x) * inv)
+    r = x - q * d
+    if r < 0:
+        q -= 1
+    elif r >= d:
+        q += 1
+    return q
+
+
+@njit(inline="always", **JIT)
+def learn_step(q, totals, ys, n, coded, rates, bias, count_cap, bias_cap):  # pragma: no cover - compiled
+    """:func:`learn_bias` for the ``n`` rows of one step in one thread: ``q`` [>= n, >= V] their LM weights,
+    ``totals`` their tokens' sums, ``ys`` their symbols (escapes, >= V, teach nothing)."""
+    vocab = bias.shape[0]
+    for k in range(n):
+        if ys[k] < vocab:
+            coded[ys[k]] = min(coded[ys[k]] + 1, count_cap)
+    for k in range(n):
+        if ys[k] < vocab:
+            bias[ys[k]] += rates[coded[ys[k]]]
+    for k in range(n):
+        if ys[k] >= vocab:
+            continue
+        d = max(totals[k], np.int64(1))
+        inv = 1.0 / np.float64(d)
+        row = q[k]
+        for v in range(vocab):
+            x = row[v]
+            if x:
+                bias[v] -= floor_div(x * rates[coded[v]], d, inv)
+    for v in range(vocab):
+        b = bias[v]
+        bias[v] = bias_cap if b > bias_cap else (max(b, -bias_cap))

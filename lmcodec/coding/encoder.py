@@ -24,8 +24,10 @@ from ..format.container import Block, Method, segment_layout, stream_groups
 from ..progress import Progress
 from .coder import StreamEncoder
 from .frequencies import PRECISION, CodingTables
+from .mixedpass import MixedStream
 from .mixing import MixerConfig, StreamMixer
 from .modelcache import ModelCache
+from .passes import EncoderBuffer, OutputRows, encode_plain
 from .runner import (
     SCORE_CHUNK,
     Prefix,
@@ -213,11 +215,14 @@ def encode_stream(engine: Engine, hidden: list[SegmentRows], symbols: list[np.nd
     (long segments' later chunks, the output head) is counted on ``clock``.
     """
     clock = clock or ModelClock()
-    enc = StreamEncoder()
-    mix = StreamMixer(mixer, len(symbols), alphabet)
     lengths = [len(x) for x in symbols]
-    bits = 0.0
     steps = max(1, STEP_ROWS.get(engine.device.type, STEP_ROWS["cpu"]) // len(symbols))
+    compiled = engine.device.type == "cpu"     # the coding layer as compiled code (coding.passes, mixedpass)
+    coder = EncoderBuffer() if compiled else StreamEncoder()
+    mix = None if compiled else StreamMixer(mixer, len(symbols), alphabet)
+    online = MixedStream(mixer, lengths, alphabet) if compiled and mixer.mask else None
+    outputs = OutputRows(alphabet) if compiled and online is None else None
+    bits = 0.0
     for t0 in range(0, max(lengths), steps):
         t1 = min(t0 + steps, max(lengths))
         # The LM's token gaps of a chunk of steps at once (one head GEMM), then step by step.
@@ -227,22 +232,37 @@ def encode_stream(engine: Engine, hidden: list[SegmentRows], symbols: list[np.nd
             h = torch.stack([part[i][0][t] for i, t in rows])
             e = torch.stack([part[i][1][t] for i, t in rows])
             gaps = engine.gaps(h, e)
+            if outputs is not None:
+                p, mass, _ = outputs(gaps.numpy())     # the output step, for every row of the chunk
+        live = [[i for i, n in enumerate(lengths) if t < n] for t in range(t0, t1)]
+        if compiled:
+            spans = np.cumsum([0] + [len(lanes) for lanes in live])
+            sym = np.array([symbols[i][t0 + t] for i, t in rows], dtype=np.int64)
+            if online is not None:
+                bits += online.encode(gaps.numpy(), spans, np.array([i for i, _ in rows], dtype=np.int64), sym,
+                                      coder)
+            else:
+                coder.room(2 * len(sym))
+                coder.n, b = encode_plain(p, mass, spans, sym, coder.state, 0, coder.out, coder.n, outputs.width)
+                bits += b
+            progress.tokens(len(sym))
+            continue
         at = 0
-        for t in range(t0, t1):
-            live = [i for i in range(len(symbols)) if t < lengths[i]]
-            sym = np.array([symbols[i][t] for i in live], dtype=np.int64)
-            tables = CodingTables(mix.mix(live, gaps[at:at + len(live)]), alphabet)
-            at += len(live)
+        for t, lanes in zip(range(t0, t1), live):
+            n_live = len(lanes)
+            sym = np.array([symbols[i][t] for i in lanes], dtype=np.int64)
+            tables = CodingTables(mix.mix(lanes, gaps[at:at + n_live]), alphabet)
+            at += n_live
             b, j = tables.split(sym)
             rows1, rows2 = tables.stage1(), tables.stage2(b)
-            enc.encode(b, rows1)
-            enc.encode(j, rows2)
-            idx = np.arange(len(live))
-            bits += float(2 * PRECISION * len(live) - np.log2(rows1[idx, b].astype(np.float64)).sum()
+            coder.encode(b, rows1)
+            coder.encode(j, rows2)
+            idx = np.arange(n_live)
+            bits += float(2 * PRECISION * n_live - np.log2(rows1[idx, b].astype(np.float64)).sum()
                           - np.log2(rows2[idx, j].astype(np.float64)).sum())
             mix.update(sym.tolist())
-            progress.tokens(len(live))
-    return enc.finish(), bits
+            progress.tokens(n_live)
+    return coder.finish(), bits
 
 
 class PassAhead:

@@ -28,7 +28,9 @@ from ..errors import CorruptArchiveError
 from .coder import StreamDecoder
 from .draft import Acceptance, LaneDraft, PassCost, PrefixIndex, choose_width
 from .frequencies import CodingTables
+from .mixedpass import MixedStream
 from .mixing import MixerConfig, StreamMixer
+from .passes import DecoderBank, OutputRows, decode_rows_plain
 from .runner import Prefix
 from .schedule import Running, Scheduler
 from .settings import DecodeStats
@@ -53,14 +55,16 @@ def decode_streams(engine: Engine, pre: Prefix, groups: Sequence[range], payload
     one token a pass); the symbols are the same.  ``stats`` receives the passes made; ``draft``
     is what the guesses copy from before a segment (default: the prefix).
     """
-    symbols = [np.zeros(n, dtype=np.int64) for n in lengths]
+    base = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    flat = np.zeros(int(base[-1]), dtype=np.int64)      # every segment's symbols, segment g at base[g]
+    symbols = [flat[base[g]:base[g + 1]] for g in range(len(lengths))]
     if not groups:
         return symbols
     order = list(range(len(groups))) if order is None else list(order)
     parts = split_streams(groups, lengths, order, halves if rows >= 2 * halves else 1)
     share = max(1, rows // len(parts))
     sets = [Rows(engine, pre, [groups[k] for k in part], [payloads[k] for k in part], lengths, context, tok, mixer,
-                 share, symbols, guesses, stats, draft) for part in parts]
+                 share, (flat, base), guesses, stats, draft) for part in parts]
     if len(sets) == 1:
         one = sets[0]
         while one.code(tick):
@@ -98,8 +102,8 @@ class Rows:
     :meth:`code` is the host's part of a pass (admit streams, decode the tokens of
     every live lane from the last model pass, retire finished streams, choose the
     next guesses); :meth:`launch` is the model's part (feed the decoded tokens
-    and the guesses, compute the next hidden rows).  ``symbols`` (shared)
-    receives each segment's tokens.
+    and the guesses, compute the next hidden rows).  ``symbols`` (shared), a flat
+    array and each segment's offset in it, receives each segment's tokens.
 
     With ``guesses`` > 0 (exact speculative decoding) a pass feeds a row its last
     token and up to that many guesses (:mod:`lmcodec.coding.draft`); the stream
@@ -113,10 +117,10 @@ class Rows:
 
     def __init__(self, engine: Engine, pre: Prefix, groups: Sequence[range], payloads: Sequence[bytes],
                  lengths: Sequence[int], context: int, tok: ByteTokenizer, mixer: MixerConfig, rows: int,
-                 symbols: list[np.ndarray], guesses: int = 0, stats: DecodeStats | None = None,
+                 symbols: tuple[np.ndarray, np.ndarray], guesses: int = 0, stats: DecodeStats | None = None,
                  draft: PrefixIndex | None = None):
         self.groups, self.payloads, self.tok, self.mixer = groups, payloads, tok, mixer
-        self.symbols = symbols
+        self.flat, self.base = symbols      # segment g's symbols are flat[base[g]:base[g + 1]]
         rows = max(rows, max(len(g) for g in groups))
         self.sched = Scheduler([[lengths[g] for g in group] for group in groups], rows)
         longest = max((lengths[g] for group in groups for g in group), default=0)
@@ -126,8 +130,14 @@ class Rows:
         self.feed = np.full((rows, 1 + self.most), tok.placeholder, dtype=np.int64)
         self.width = np.ones(rows, dtype=np.int64)      # outputs of each row's last pass in use: 1 + its guesses
         self.live = np.zeros(rows, dtype=bool)
+        # On a CPU the coding is compiled (coding.passes): every stream's decoder is a row of one bank.
+        self.compiled = engine.device.type == "cpu"
+        self.bank = DecoderBank(list(payloads)) if self.compiled else None
+        self.outputs = OutputRows(tok.alphabet_size) if self.compiled else None
+        self.lengths = lengths
         self.coders: dict[int, StreamDecoder] = {}
         self.mixers: dict[int, StreamMixer] = {}
+        self.mixed: dict[int, MixedStream] = {}
         self.drafts: dict[int, list[LaneDraft]] = {}
         self.index = (draft or PrefixIndex(pre.ids)) if self.most else None
         self.accept = Acceptance(self.most)
@@ -140,8 +150,15 @@ class Rows:
         """Admit, decode every live lane's tokens from the last pass, retire; False once every stream is done."""
         for started in self.sched.admit():
             s = started.stream
-            self.coders[s] = StreamDecoder(self.payloads[s])
-            self.mixers[s] = StreamMixer(self.mixer, len(self.groups[s]), self.tok.alphabet_size)
+            if self.compiled:
+                self.bank.open(s)
+            else:
+                self.coders[s] = StreamDecoder(self.payloads[s])
+            if not self.compiled:
+                self.mixers[s] = StreamMixer(self.mixer, len(self.groups[s]), self.tok.alphabet_size)
+            elif self.mixer.mask:
+                self.mixed[s] = MixedStream(self.mixer, [self.lengths[g] for g in self.groups[s]],
+                                            self.tok.alphabet_size)
             if self.index is not None:
                 self.drafts[s] = [self.index.lane(self.accept) for _ in self.groups[s]]
             rows = [r for r in started.rows if r >= 0]
@@ -186,51 +203,76 @@ class Rows:
         """Decode one token of every live lane of ``streams`` from output ``j`` of its row; move
         each stream one step on; return the streams that decode output j + 1 next (every live
         lane's guess after this token held, and the stream goes on)."""
-        tok, alphabet = self.tok, self.tok.alphabet_size
+        tok = self.tok
         lanes = [r.live for r in streams]
         rows = [r.rows[i] for r, ls in zip(streams, lanes) for i in ls]
         gaps = u[torch.as_tensor([where[row, j] for row in rows], device=u.device)]
-        mixed, at = [], 0
-        for r, ls in zip(streams, lanes):
-            mixed.append(self.mixers[r.stream].mix(ls, gaps[at:at + len(ls)]))
-            at += len(ls)
-        tables = CodingTables(torch.cat(mixed), alphabet)
-        stage1 = tables.stage1()
         spans = np.cumsum([0] + [len(ls) for ls in lanes])
-        buckets = np.zeros(len(rows), dtype=np.int64)
-        for k, r in enumerate(streams):
-            buckets[spans[k]:spans[k + 1]] = self.coders[r.stream].decode(stage1[spans[k]:spans[k + 1]])
-        stage2 = tables.stage2(buckets)
+        if self.compiled and not self.mixer.mask:
+            slots = np.array([r.stream for r in streams], dtype=np.int64)
+            t0 = time.perf_counter()
+            p, mass, _ = self.outputs(gaps.numpy())      # the output step: the model's time
+            self.stats.model_seconds += time.perf_counter() - t0
+            symbols = decode_rows_plain(self.bank, p, mass, spans, slots)
+        elif self.compiled:
+            parts = [self.mixed[r.stream].decode(gaps[spans[k]:spans[k + 1]].numpy(), np.asarray(ls, np.int64),
+                                                 self.bank.state, r.stream, self.bank.words)
+                     for k, (r, ls) in enumerate(zip(streams, lanes))]
+            symbols = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        else:
+            symbols = self._decode_tensors(streams, lanes, gaps, spans)
         going = []
+        if (symbols >= tok.alphabet_size).any():
+            raise CorruptArchiveError("decoded a symbol outside the alphabet")
+        last = self.feed.shape[1] - 1
         for k, (r, ls) in enumerate(zip(streams, lanes)):
-            coder = self.coders[r.stream]
-            sym = buckets[spans[k]:spans[k + 1]] * tables.width + coder.decode(stage2[spans[k]:spans[k + 1]])
-            if (sym >= alphabet).any():
-                raise CorruptArchiveError("decoded a symbol outside the alphabet")
-            held = True
-            for i, x in zip(ls, sym.tolist()):
-                row = r.rows[i]
-                self.symbols[self.groups[r.stream][i]][r.step] = x
-                fed = x if x < tok.vocab_size else tok.placeholder
-                self.feed[row, 0] = fed
-                decoded[row] += 1
-                if j + 1 < self.width[row]:            # a guess followed this token: did it hold?
-                    ok = bool(self.feed[row, j + 1] == fed)
-                    self.stats.tried += 1
-                    self.stats.held += ok
-                    held &= ok
-                else:
-                    held = False
-                if self.drafts:
+            sym = symbols[spans[k]:spans[k + 1]]
+            rows_k = np.fromiter((r.rows[i] for i in ls), np.int64, len(ls))
+            segs = np.fromiter((self.groups[r.stream][i] for i in ls), np.int64, len(ls))
+            self.flat[self.base[segs] + r.step] = sym
+            fed = np.where(sym < tok.vocab_size, sym, tok.placeholder)
+            self.feed[rows_k, 0] = fed
+            decoded[rows_k] += 1
+            guessed = j + 1 < self.width[rows_k]       # a guess followed this token: did it hold?
+            ok = guessed & (self.feed[rows_k, min(j + 1, last)] == fed)
+            self.stats.tried += int(guessed.sum())
+            self.stats.held += int(ok.sum())
+            held = bool(ok.all())
+            if self.drafts:
+                for i, x in zip(ls, sym.tolist()):
                     self.drafts[r.stream][i].push(x)
-            self.mixers[r.stream].update(sym.tolist())
+            if r.stream in self.mixers:
+                self.mixers[r.stream].update(sym.tolist())
             self.sched.advance_stream(r)
             if r.done:
-                del self.coders[r.stream], self.mixers[r.stream]
+                self.coders.pop(r.stream, None)
+                self.mixers.pop(r.stream, None)
+                self.mixed.pop(r.stream, None)
                 self.drafts.pop(r.stream, None)
             elif held:
                 going.append(r)
         return going
+
+    def _decode_tensors(self, streams: list[Running], lanes: list[list[int]], gaps: torch.Tensor,
+                        spans: np.ndarray) -> np.ndarray:
+        """The symbols of one column through the tensor path (StreamMixer, CodingTables, StreamDecoder): on CUDA,
+        where the rows stay on the device and only stage 1's and the chosen buckets' rows cross to the host."""
+        mixed = [self.mixers[r.stream].mix(ls, gaps[spans[k]:spans[k + 1]])
+                 for k, (r, ls) in enumerate(zip(streams, lanes))]
+        tables = CodingTables(torch.cat(mixed), self.tok.alphabet_size)
+        stage1 = tables.stage1()
+        buckets = np.zeros(int(spans[-1]), dtype=np.int64)
+        for k, r in enumerate(streams):
+            buckets[spans[k]:spans[k + 1]] = self._coder(r.stream).decode(stage1[spans[k]:spans[k + 1]])
+        stage2 = tables.stage2(buckets)
+        symbols = np.zeros_like(buckets)
+        for k, r in enumerate(streams):
+            part = self._coder(r.stream).decode(stage2[spans[k]:spans[k + 1]])
+            symbols[spans[k]:spans[k + 1]] = buckets[spans[k]:spans[k + 1]] * tables.width + part
+        return symbols
+
+    def _coder(self, stream: int) -> StreamDecoder:
+        return self.coders[stream]
 
     def _guess(self) -> None:
         """Choose the next pass's guesses: each running stream's drafts, believed as far as they
@@ -298,7 +340,7 @@ class Overlap:
         """The context set ``k``'s host part and step run in (its stream on CUDA)."""
         return torch.cuda.stream(self._streams[k]) if self._streams else nullcontext()
 
-    def __enter__(self) -> "Overlap":
+    def __enter__(self) -> Overlap:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -1,0 +1,250 @@
+"""One compiled call per stream and step for the streams with online models (levels 4-9).
+
+After the engine's gaps, a stream's step is, per live lane (rows in lane order): the LM's weights after
+the adaptive bias and their bucket masses (:func:`~lmcodec.coding.tables_cpu.token_weights`, the output
+step's vocabulary pass), the online models' prediction (:func:`~lmcodec.coding.online.predict`: which
+components, their weights, the LM's scale, the sparse additions), the mixed row's bucket masses (one more
+vocabulary pass, never the mixed row itself), then the coder: every lane's bucket (stage 1), every lane's
+place in it (stage 2, from that bucket's mixed weights only), in the format's order.  Then the learning,
+in :class:`~lmcodec.coding.mixing.StreamMixer`'s order: the bias (:func:`~lmcodec.coding.bias_cpu.learn_step`),
+the mixing weights (:func:`~lmcodec.coding.online.learn`), the counts and the match model
+(:func:`~lmcodec.coding.online.append`).
+
+The integers are StreamMixer's and CodingTables' (``tests/test_passes.py`` runs both on the same rows):
+a bucket's mixed mass is the sum of its symbols' ``(p_v * scale) >> MASS_BITS``, plus the additions
+that fall in it, with each escape raised to the floor after its additions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..engine.cpu.jit import JIT, njit, sync_threads
+from ..engine.spec.constants import BUCKETS, ESCAPES
+from ..engine.spec.fixedmath import exp2_table
+from ..errors import CorruptArchiveError
+from .bias_cpu import learn_step
+from .frequencies import bucket_width
+from .mixerconfig import MixerConfig
+from .mixing import BIAS_CAP, BIAS_COUNT_CAP, BIAS_FRAC, MASS_BITS, _rate_array
+from .online import OnlineModels, append, learn, predict
+from .rangecoder import dec_quantile, dec_take, enc_put
+from .tables_cpu import find, left_of, stage1, stage2, token_weights
+
+# The pending row's columns of online.predict (prow): scale, escape floor, additions.
+_SCALE, _FLOOR, _ADDS = 2, 3, 5
+_PROW, _PADD_SYM, _PADD_VAL = 18, 23, 24
+
+
+@njit(inline="always", **JIT)
+def _mixed_masses(state, r, p, vocab, width, mm, esc):  # pragma: no cover - compiled
+    """mm [256] <- the bucket masses of pending row ``r``'s mixed weights of LM weights ``p``
+    (``esc`` [256]: zeros on entry and on return)."""
+    prow = state[_PROW]
+    scale = prow[r, _SCALE]
+    for b in range(BUCKETS):
+        m = np.int64(0)
+        for v in range(b * width, (b + 1) * width):
+            m += (p[v] * scale) >> MASS_BITS
+        mm[b] = m
+    sym = state[_PADD_SYM]
+    val = state[_PADD_VAL]
+    for j in range(prow[r, _ADDS]):
+        s = sym[r, j]
+        if s < vocab:
+            mm[s // width] += val[r, j]
+        else:
+            esc[s - vocab] += val[r, j]
+    floor = prow[r, _FLOOR]
+    for e in range(ESCAPES):
+        v = vocab + e
+        base = (p[v] * scale) >> MASS_BITS
+        mm[v // width] += max(base + esc[e], floor) - base
+        esc[e] = 0
+
+
+@njit(inline="always", **JIT)
+def _mixed_bucket(state, r, p, b, vocab, width, out):  # pragma: no cover - compiled
+    """out [width] <- pending row ``r``'s mixed weights of bucket ``b``."""
+    prow = state[_PROW]
+    scale = prow[r, _SCALE]
+    lo = b * width
+    for j in range(width):
+        out[j] = (p[lo + j] * scale) >> MASS_BITS
+    sym = state[_PADD_SYM]
+    val = state[_PADD_VAL]
+    for j in range(prow[r, _ADDS]):
+        s = sym[r, j]
+        if lo <= s < lo + width:
+            out[s - lo] += val[r, j]
+    floor = prow[r, _FLOOR]
+    for v in range(max(lo, vocab), min(lo + width, vocab + ESCAPES)):
+        out[v - lo] = max(out[v - lo], floor)
+
+
+@njit(inline="always", **JIT)
+def _predict_rows(u, lanes, n, online, mixing, has_bias, bias, frac, exp2, width, p, mass, totals, mm, esc
+                  ):  # pragma: no cover - compiled
+    """The LM's weights of ``n`` rows after the bias, and the online models' prediction and mixed masses
+    (into ``mm``; without online models the LM's masses are copied there)."""
+    vocab = u.shape[1]
+    for r in range(n):
+        totals[r] = token_weights(u[r], bias, has_bias, frac, exp2, width, p[r], mass[r])
+        if mixing:
+            full = np.int64(0)
+            for b in range(BUCKETS):
+                full += mass[r, b]
+            predict(online, r, lanes[r], full)
+            _mixed_masses(online, r, p[r], vocab, width, mm[r], esc)
+        else:
+            for b in range(BUCKETS):
+                mm[r, b] = mass[r, b]
+
+
+@njit(inline="always", **JIT)
+def _learn_rows(lanes, ys, n, online, mixing, has_bias, bias, coded, rates, count_cap, bias_cap, p, totals
+                ):  # pragma: no cover - compiled
+    """StreamMixer.update's order: the bias, then each row's mixing weights, then each row's counts."""
+    if has_bias:
+        learn_step(p, totals, ys, n, coded, rates, bias, count_cap, bias_cap)
+    if mixing:
+        for r in range(n):
+            learn(online, r, ys[r], p[r, ys[r]])
+        for r in range(n):
+            append(online, lanes[r], ys[r])
+
+
+@njit(**JIT)
+def decode_mixed(u, lanes, online, mixing, has_bias, bias, coded, rates, frac, count_cap, bias_cap, exp2,
+                 p, mass, totals, mm, esc, g1, g2, state, slot, words, symbols):  # pragma: no cover - compiled
+    """Decode one symbol for each row of gaps ``u`` [n, V] (lane ``lanes[r]`` of one stream, whose coder is
+    ``state[slot]``) into ``symbols``, and learn them.  False where the payload cannot be valid."""
+    n = u.shape[0]
+    width = g2.shape[0]
+    vocab = u.shape[1]
+    wbits = np.int64(0)
+    w = width
+    while w:
+        wbits += 1
+        w >>= 1
+    _predict_rows(u, lanes, n, online, mixing, has_bias, bias, frac, exp2, width, p, mass, totals, mm, esc)
+    for r in range(n):
+        q = dec_quantile(state, slot)
+        if q < 0:
+            return False
+        stage1(mm[r], wbits, g1)
+        b, left = find(g1, BUCKETS, q)
+        if not dec_take(state, slot, words, left, g1[b]):
+            return False
+        symbols[r] = b
+    for r in range(n):
+        b = symbols[r]
+        q = dec_quantile(state, slot)
+        if q < 0:
+            return False
+        if mixing:
+            _mixed_bucket(online, r, p[r], b, vocab, width, esc[:width])
+            stage2(esc, 0, width, mm[r, b], g2)
+            esc[:width] = 0
+        else:
+            stage2(p[r], b * width, width, mm[r, b], g2)
+        j, left = find(g2, width, q)
+        if not dec_take(state, slot, words, left, g2[j]):
+            return False
+        symbols[r] = b * width + j
+    _learn_rows(lanes, symbols, n, online, mixing, has_bias, bias, coded, rates, count_cap, bias_cap, p, totals)
+    return True
+
+
+@njit(**JIT)
+def encode_mixed(u, spans, lanes, ys, online, mixing, has_bias, bias, coded, rates, frac, count_cap, bias_cap,
+                 exp2, p, mass, totals, mm, esc, g1, g2, state, slot, out, n):  # pragma: no cover - compiled
+    """Code the symbols ``ys`` of a chunk of steps into stream ``state[slot]``: step t's rows are
+    ``spans[t]:spans[t + 1]`` of ``u`` / ``lanes`` / ``ys``, each step predicted, coded (stage 1 of every
+    row, then stage 2) and learned before the next.  Appends words to ``out`` from ``n``; returns (the new
+    count, the exact code length in bits)."""
+    width = g2.shape[0]
+    vocab = u.shape[1]
+    wbits = np.int64(0)
+    w = width
+    while w:
+        wbits += 1
+        w >>= 1
+    bits = 0.0
+    for t in range(len(spans) - 1):
+        a, z = spans[t], spans[t + 1]
+        m = z - a
+        _predict_rows(u[a:z], lanes[a:z], m, online, mixing, has_bias, bias, frac, exp2, width, p, mass, totals,
+                      mm, esc)
+        for r in range(m):
+            b = ys[a + r] // width
+            stage1(mm[r], wbits, g1)
+            n = enc_put(state, slot, out, n, left_of(g1, b), g1[b])
+            bits += 24.0 - math.log2(g1[b])
+        for r in range(m):
+            b = ys[a + r] // width
+            j = ys[a + r] - b * width
+            if mixing:
+                _mixed_bucket(online, r, p[r], b, vocab, width, esc[:width])
+                stage2(esc, 0, width, mm[r, b], g2)
+                esc[:width] = 0
+            else:
+                stage2(p[r], b * width, width, mm[r, b], g2)
+            n = enc_put(state, slot, out, n, left_of(g2, j), g2[j])
+            bits += 24.0 - math.log2(g2[j])
+        _learn_rows(lanes[a:z], ys[a:z], m, online, mixing, has_bias, bias, coded, rates, count_cap, bias_cap,
+                    p, totals)
+    return n, bits
+
+
+class MixedStream:
+    """One stream's online models and adaptive bias, with the scratch rows its compiled steps reuse.
+
+    ``lane_lengths``: the symbols each lane will hold (the decoder and the encoder both know them), which
+    sizes the online models' tables once (:class:`~lmcodec.coding.online.OnlineModels`)."""
+
+    def __init__(self, config: MixerConfig, lane_lengths: list[int], alphabet: int):
+        self.width = bucket_width(alphabet)
+        self.vocab = alphabet - ESCAPES
+        lanes = len(lane_lengths)
+        self.mixing = bool(config.orders) or config.match
+        self.has_bias = config.bias
+        models = config if self.mixing else MixerConfig()
+        self.online = OnlineModels(models, lanes, max(1, sum(lane_lengths)) if self.mixing else 1, alphabet,
+                                   list(lane_lengths) if self.mixing else None).state
+        self.bias = np.zeros(self.vocab if self.has_bias else 1, np.int64)
+        self.coded = np.zeros_like(self.bias)
+        self.rates = _rate_array()
+        self.exp2 = exp2_table()
+        self.p = np.empty((lanes, BUCKETS * self.width), np.int64)
+        self.mass = np.empty((lanes, BUCKETS), np.int64)
+        self.totals = np.empty(lanes, np.int64)
+        self.mm = np.empty((lanes, BUCKETS), np.int64)
+        self.esc = np.zeros(max(ESCAPES, self.width), np.int64)
+        self.g1 = np.empty(BUCKETS, np.int64)
+        self.g2 = np.empty(self.width, np.int64)
+
+    def decode(self, u: np.ndarray, lanes: np.ndarray, state: np.ndarray, slot: int, words: np.ndarray
+               ) -> np.ndarray:
+        """The symbols of one step's rows (gaps ``u`` [n, V] of lanes ``lanes``), from stream ``state[slot]``."""
+        sync_threads()
+        symbols = np.empty(u.shape[0], np.int64)
+        if not decode_mixed(np.ascontiguousarray(u), lanes, self.online, self.mixing, self.has_bias, self.bias,
+                            self.coded, self.rates, BIAS_FRAC, BIAS_COUNT_CAP, BIAS_CAP, self.exp2, self.p,
+                            self.mass, self.totals, self.mm, self.esc, self.g1, self.g2, state, slot, words,
+                            symbols):
+            raise CorruptArchiveError(f"range decoder failed: stream {slot} cannot be a valid stream")
+        return symbols
+
+    def encode(self, u: np.ndarray, spans: np.ndarray, lanes: np.ndarray, ys: np.ndarray, coder) -> float:
+        """Code a chunk of steps (see :func:`encode_mixed`) into ``coder`` (a passes.EncoderBuffer);
+        returns the exact code length in bits."""
+        sync_threads()
+        coder.room(2 * len(ys))
+        coder.n, bits = encode_mixed(np.ascontiguousarray(u), spans, lanes, ys, self.online, self.mixing,
+                                     self.has_bias, self.bias, self.coded, self.rates, BIAS_FRAC, BIAS_COUNT_CAP,
+                                     BIAS_CAP, self.exp2, self.p, self.mass, self.totals, self.mm, self.esc,
+                                     self.g1, self.g2, coder.state, 0, coder.out, coder.n)
+        return bits

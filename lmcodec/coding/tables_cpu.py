@@ -1,0 +1,137 @@
+"""The LM's symbol weights and the two coding tables as numba functions on one row: the integers of
+:class:`~lmcodec.coding.frequencies.CodingTables` and :meth:`~lmcodec.coding.mixing.StreamMixer.lm_weights`,
+without a tensor per step.
+
+Why here and not as tensor operations: the decoder codes one token per row per pass, and a
+tensor operation per row costs more in dispatch than the arithmetic (472 us for one row's
+tables through torch against a few us here).  These functions are called from the compiled
+passes (:mod:`lmcodec.coding.passes`), which also drive the range coder, so a pass crosses
+from Python into compiled code once.
+
+Every formula is the one docs/ENGINE.md and ``frequencies.py`` write down, in the same order
+of floors; ``tests/test_passes.py`` checks the rows equal CodingTables' and the archives equal
+the tensor path's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..engine.cpu.jit import JIT, njit, prange
+from ..engine.spec.constants import BUCKET_FLOOR, BUCKETS, ESCAPES, OUT_U_CAP, TOTAL
+
+
+@njit(inline="always", **JIT)
+def token_weights(u, bias, has_bias, frac, exp2, width, p, mass):  # pragma: no cover - compiled
+    """One row's symbol weights ``p`` [256 width] and bucket masses ``mass`` [256] from its gaps ``u`` [V];
+    returns the tokens' total (what the escapes, the mixer and the bias read).
+
+    Tokens: ``exp2[e & 1023] >> (e >> 10)`` of the gap e (with the bias: ``u - (bias >> frac)``, shifted
+    so the best token has 0, capped at OUT_U_CAP); the 256 escapes: ``max(1, total >> 24)``; padding 0.
+    A bucket's mass is the sum of its symbols' weights, summed where they are made.
+    """
+    vocab = u.shape[0]
+    low = np.int64(0)
+    if has_bias:
+        low = np.int64(1) << 62
+        for v in range(vocab):
+            low = min(low, u[v] - (bias[v] >> frac))
+    total = np.int64(0)
+    for b in range(BUCKETS):
+        lo = b * width
+        hi = min(lo + width, vocab)
+        m = np.int64(0)
+        if has_bias:
+            for v in range(lo, hi):
+                e = min(u[v] - (bias[v] >> frac) - low, OUT_U_CAP)
+                x = exp2[e & 1023] >> (e >> 10)
+                p[v] = x
+                m += x
+        else:
+            for v in range(lo, hi):
+                e = u[v]
+                x = exp2[e & 1023] >> (e >> 10)
+                p[v] = x
+                m += x
+        mass[b] = m
+        total += m
+    esc = max(total >> 24, np.int64(1))
+    for v in range(vocab, vocab + ESCAPES):
+        p[v] = esc
+        mass[v // width] += esc
+    for v in range(vocab + ESCAPES, p.shape[0]):
+        p[v] = 0
+    return total
+
+
+@njit(parallel=True, **JIT)
+def weights_rows(u, bias, has_bias, frac, exp2, width, p, mass, totals):  # pragma: no cover - compiled
+    """:func:`token_weights` of every row of ``u`` [n, V] (one bias for all rows), rows side by side."""
+    for i in prange(u.shape[0]):
+        totals[i] = token_weights(u[i], bias, has_bias, frac, exp2, width, p[i], mass[i])
+
+
+@njit(inline="always", **JIT)
+def stage1(mass, width_bits, g):  # pragma: no cover - compiled
+    """Bucket frequencies ``g`` [256] from bucket masses (CodingTables' stage 1):
+    m' = m >> max(0, bitlen(width) - 8); g = 256 + floor(m' (2^24 - 2^16) / sum m'), the rest to
+    the largest m' (the first on ties)."""
+    pre = max(0, width_bits - 8)
+    s = np.int64(0)
+    top = 0
+    best = np.int64(-1)
+    for b in range(BUCKETS):
+        m = mass[b] >> pre
+        s += m
+        if m > best:
+            best = m
+            top = b
+    s = max(s, np.int64(1))
+    free = TOTAL - BUCKETS * BUCKET_FLOOR
+    used = np.int64(0)
+    for b in range(BUCKETS):
+        x = BUCKET_FLOOR + (mass[b] >> pre) * free // s
+        g[b] = x
+        used += x
+    g[top] += TOTAL - used
+
+
+@njit(inline="always", **JIT)
+def stage2(p, lo, width, m_b, g):  # pragma: no cover - compiled
+    """Within-bucket frequencies ``g`` [width] of the bucket whose symbols are ``p[lo:lo + width]`` and whose
+    mass is ``m_b`` (CodingTables' stage 2): 1 + floor(p_j (2^24 - width) / m_b), the rest to the largest
+    p_j (the first on ties)."""
+    m = max(m_b, np.int64(1))
+    free = TOTAL - width
+    used = np.int64(0)
+    top = 0
+    best = np.int64(-1)
+    for j in range(width):
+        x = p[lo + j]
+        if x > best:
+            best = x
+            top = j
+        y = 1 + x * free // m
+        g[j] = y
+        used += y
+    g[top] += TOTAL - used
+
+
+@njit(inline="always", **JIT)
+def find(g, k, q):  # pragma: no cover - compiled
+    """The symbol i of frequencies ``g[:k]`` whose range [left, left + g_i) holds ``q``, and its left."""
+    left = np.int64(0)
+    for i in range(k - 1):
+        if q < left + g[i]:
+            return i, left
+        left += g[i]
+    return k - 1, left
+
+
+@njit(inline="always", **JIT)
+def left_of(g, i):  # pragma: no cover - compiled
+    """The cumulative frequency below symbol ``i``."""
+    left = np.int64(0)
+    for j in range(i):
+        left += g[j]
+    return left
