@@ -88,7 +88,7 @@ def compiled_decode(config: MixerConfig, lengths: list[int], plan, alphabet: int
     out = []
     for live, u, _ in plan:
         if mixed is not None:
-            out.append(mixed.decode(u, np.asarray(live, np.int64), bank.state, 0, bank.words))
+            out.append(mixed.decode(u, np.arange(len(live)), np.asarray(live, np.int64), bank.state, 0, bank.words))
         else:
             p, mass, _ = outputs(u)
             out.append(decode_rows_plain(bank, p, mass, np.array([0, len(live)]), np.zeros(1, np.int64)))

@@ -112,16 +112,19 @@ def floor_div(x, d, inv):  # pragma: no cover - compiled
 
 
 @njit(inline="always", **JIT)
-def learn_step(q, totals, ys, n, coded, rates, bias, count_cap, bias_cap):  # pragma: no cover - compiled
+def learn_step(q, totals, ys, n, coded, rates, rate_now, bias, count_cap, bias_cap):  # pragma: no cover - compiled
     """:func:`learn_bias` for the ``n`` rows of one step in one thread: ``q`` [>= n, >= V] their LM weights,
-    ``totals`` their tokens' sums, ``ys`` their symbols (escapes, >= V, teach nothing)."""
+    ``totals`` their tokens' sums, ``ys`` their symbols (escapes, >= V, teach nothing).  ``rate_now`` [V]
+    keeps ``rates[coded]`` (updated here for the tokens counted), so the vocabulary loop reads no table
+    through another and vectorises."""
     vocab = bias.shape[0]
     for k in range(n):
         if ys[k] < vocab:
             coded[ys[k]] = min(coded[ys[k]] + 1, count_cap)
+            rate_now[ys[k]] = rates[coded[ys[k]]]
     for k in range(n):
         if ys[k] < vocab:
-            bias[ys[k]] += rates[coded[ys[k]]]
+            bias[ys[k]] += rate_now[ys[k]]
     for k in range(n):
         if ys[k] >= vocab:
             continue
@@ -129,9 +132,6 @@ def learn_step(q, totals, ys, n, coded, rates, bias, count_cap, bias_cap):  # pr
         inv = 1.0 / np.float64(d)
         row = q[k]
         for v in range(vocab):
-            x = row[v]
-            if x:
-                bias[v] -= floor_div(x * rates[coded[v]], d, inv)
+            bias[v] -= floor_div(row[v] * rate_now[v], d, inv)
     for v in range(vocab):
-        b = bias[v]
-        bias[v] = bias_cap if b > bias_cap else (max(b, -bias_cap))
+        bias[v] = min(max(bias[v], -bias_cap), bias_cap)

@@ -85,13 +85,13 @@ def _mixed_bucket(state, r, p, b, vocab, width, out):  # pragma: no cover - comp
 
 
 @njit(inline="always", **JIT)
-def _predict_rows(u, lanes, n, online, mixing, has_bias, bias, frac, exp2, width, p, mass, totals, mm, esc
+def _predict_rows(u, at, lanes, n, online, mixing, has_bias, bias, frac, exp2, width, p, mass, totals, mm, esc
                   ):  # pragma: no cover - compiled
-    """The LM's weights of ``n`` rows after the bias, and the online models' prediction and mixed masses
-    (into ``mm``; without online models the LM's masses are copied there)."""
+    """The LM's weights of ``n`` rows (row r: gaps ``u[at[r]]``) after the bias, and the online models'
+    prediction and mixed masses (into ``mm``; without online models the LM's masses are copied there)."""
     vocab = u.shape[1]
     for r in range(n):
-        totals[r] = token_weights(u[r], bias, has_bias, frac, exp2, width, p[r], mass[r])
+        totals[r] = token_weights(u[at[r]], bias, has_bias, frac, exp2, width, p[r], mass[r])
         if mixing:
             full = np.int64(0)
             for b in range(BUCKETS):
@@ -104,11 +104,11 @@ def _predict_rows(u, lanes, n, online, mixing, has_bias, bias, frac, exp2, width
 
 
 @njit(inline="always", **JIT)
-def _learn_rows(lanes, ys, n, online, mixing, has_bias, bias, coded, rates, count_cap, bias_cap, p, totals
-                ):  # pragma: no cover - compiled
+def _learn_rows(lanes, ys, n, online, mixing, has_bias, bias, coded, rates, rate_now, count_cap, bias_cap, p,
+                totals):  # pragma: no cover - compiled
     """StreamMixer.update's order: the bias, then each row's mixing weights, then each row's counts."""
     if has_bias:
-        learn_step(p, totals, ys, n, coded, rates, bias, count_cap, bias_cap)
+        learn_step(p, totals, ys, n, coded, rates, rate_now, bias, count_cap, bias_cap)
     if mixing:
         for r in range(n):
             learn(online, r, ys[r], p[r, ys[r]])
@@ -117,11 +117,11 @@ def _learn_rows(lanes, ys, n, online, mixing, has_bias, bias, coded, rates, coun
 
 
 @njit(**JIT)
-def decode_mixed(u, lanes, online, mixing, has_bias, bias, coded, rates, frac, count_cap, bias_cap, exp2,
+def decode_mixed(u, at, lanes, online, mixing, has_bias, bias, coded, rates, rate_now, frac, count_cap, bias_cap, exp2,
                  p, mass, totals, mm, esc, g1, g2, state, slot, words, symbols):  # pragma: no cover - compiled
-    """Decode one symbol for each row of gaps ``u`` [n, V] (lane ``lanes[r]`` of one stream, whose coder is
-    ``state[slot]``) into ``symbols``, and learn them.  False where the payload cannot be valid."""
-    n = u.shape[0]
+    """Decode one symbol for each row r of gaps ``u[at[r]]`` (``u`` [*, V]; lane ``lanes[r]`` of one stream,
+    whose coder is ``state[slot]``) into ``symbols``, and learn them.  False where the payload cannot be valid."""
+    n = at.shape[0]
     width = g2.shape[0]
     vocab = u.shape[1]
     wbits = np.int64(0)
@@ -129,7 +129,7 @@ def decode_mixed(u, lanes, online, mixing, has_bias, bias, coded, rates, frac, c
     while w:
         wbits += 1
         w >>= 1
-    _predict_rows(u, lanes, n, online, mixing, has_bias, bias, frac, exp2, width, p, mass, totals, mm, esc)
+    _predict_rows(u, at, lanes, n, online, mixing, has_bias, bias, frac, exp2, width, p, mass, totals, mm, esc)
     for r in range(n):
         q = dec_quantile(state, slot)
         if q < 0:
@@ -154,12 +154,13 @@ def decode_mixed(u, lanes, online, mixing, has_bias, bias, coded, rates, frac, c
         if not dec_take(state, slot, words, left, g2[j]):
             return False
         symbols[r] = b * width + j
-    _learn_rows(lanes, symbols, n, online, mixing, has_bias, bias, coded, rates, count_cap, bias_cap, p, totals)
+    _learn_rows(lanes, symbols, n, online, mixing, has_bias, bias, coded, rates, rate_now, count_cap, bias_cap, p,
+                totals)
     return True
 
 
 @njit(**JIT)
-def encode_mixed(u, spans, lanes, ys, online, mixing, has_bias, bias, coded, rates, frac, count_cap, bias_cap,
+def encode_mixed(u, spans, lanes, ys, online, mixing, has_bias, bias, coded, rates, rate_now, frac, count_cap, bias_cap,
                  exp2, p, mass, totals, mm, esc, g1, g2, state, slot, out, n):  # pragma: no cover - compiled
     """Code the symbols ``ys`` of a chunk of steps into stream ``state[slot]``: step t's rows are
     ``spans[t]:spans[t + 1]`` of ``u`` / ``lanes`` / ``ys``, each step predicted, coded (stage 1 of every
@@ -176,8 +177,8 @@ def encode_mixed(u, spans, lanes, ys, online, mixing, has_bias, bias, coded, rat
     for t in range(len(spans) - 1):
         a, z = spans[t], spans[t + 1]
         m = z - a
-        _predict_rows(u[a:z], lanes[a:z], m, online, mixing, has_bias, bias, frac, exp2, width, p, mass, totals,
-                      mm, esc)
+        _predict_rows(u, np.arange(a, z), lanes[a:z], m, online, mixing, has_bias, bias, frac, exp2, width, p, mass,
+                      totals, mm, esc)
         for r in range(m):
             b = ys[a + r] // width
             stage1(mm[r], wbits, g1)
@@ -194,8 +195,8 @@ def encode_mixed(u, spans, lanes, ys, online, mixing, has_bias, bias, coded, rat
                 stage2(p[r], b * width, width, mm[r, b], g2)
             n = enc_put(state, slot, out, n, left_of(g2, j), g2[j])
             bits += 24.0 - math.log2(g2[j])
-        _learn_rows(lanes[a:z], ys[a:z], m, online, mixing, has_bias, bias, coded, rates, count_cap, bias_cap,
-                    p, totals)
+        _learn_rows(lanes[a:z], ys[a:z], m, online, mixing, has_bias, bias, coded, rates, rate_now, count_cap,
+                    bias_cap, p, totals)
     return n, bits
 
 
@@ -217,6 +218,7 @@ class MixedStream:
         self.bias = np.zeros(self.vocab if self.has_bias else 1, np.int64)
         self.coded = np.zeros_like(self.bias)
         self.rates = _rate_array()
+        self.rate_now = np.full_like(self.bias, self.rates[0])     # rates[coded], kept by learn_step
         self.exp2 = exp2_table()
         self.p = np.empty((lanes, BUCKETS * self.width), np.int64)
         self.mass = np.empty((lanes, BUCKETS), np.int64)
@@ -226,15 +228,15 @@ class MixedStream:
         self.g1 = np.empty(BUCKETS, np.int64)
         self.g2 = np.empty(self.width, np.int64)
 
-    def decode(self, u: np.ndarray, lanes: np.ndarray, state: np.ndarray, slot: int, words: np.ndarray
-               ) -> np.ndarray:
-        """The symbols of one step's rows (gaps ``u`` [n, V] of lanes ``lanes``), from stream ``state[slot]``."""
+    def decode(self, u: np.ndarray, at: np.ndarray, lanes: np.ndarray, state: np.ndarray, slot: int,
+               words: np.ndarray) -> np.ndarray:
+        """The symbols of one step's rows (row r: gaps ``u[at[r]]`` of lane ``lanes[r]``), from stream
+        ``state[slot]``."""
         sync_threads()
-        symbols = np.empty(u.shape[0], np.int64)
-        if not decode_mixed(np.ascontiguousarray(u), lanes, self.online, self.mixing, self.has_bias, self.bias,
-                            self.coded, self.rates, BIAS_FRAC, BIAS_COUNT_CAP, BIAS_CAP, self.exp2, self.p,
-                            self.mass, self.totals, self.mm, self.esc, self.g1, self.g2, state, slot, words,
-                            symbols):
+        symbols = np.empty(len(at), np.int64)
+        if not decode_mixed(u, at, lanes, self.online, self.mixing, self.has_bias, self.bias, self.coded,
+                            self.rates, self.rate_now, BIAS_FRAC, BIAS_COUNT_CAP, BIAS_CAP, self.exp2, self.p,
+                            self.mass, self.totals, self.mm, self.esc, self.g1, self.g2, state, slot, words, symbols):
             raise CorruptArchiveError(f"range decoder failed: stream {slot} cannot be a valid stream")
         return symbols
 
@@ -244,7 +246,7 @@ class MixedStream:
         sync_threads()
         coder.room(2 * len(ys))
         coder.n, bits = encode_mixed(np.ascontiguousarray(u), spans, lanes, ys, self.online, self.mixing,
-                                     self.has_bias, self.bias, self.coded, self.rates, BIAS_FRAC, BIAS_COUNT_CAP,
-                                     BIAS_CAP, self.exp2, self.p, self.mass, self.totals, self.mm, self.esc,
-                                     self.g1, self.g2, coder.state, 0, coder.out, coder.n)
+                                     self.has_bias, self.bias, self.coded, self.rates, self.rate_now, BIAS_FRAC,
+                                     BIAS_COUNT_CAP, BIAS_CAP, self.exp2, self.p, self.mass, self.totals, self.mm,
+                                     self.esc, self.g1, self.g2, coder.state, 0, coder.out, coder.n)
         return bits

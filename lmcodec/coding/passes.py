@@ -118,10 +118,13 @@ class OutputRows:
         self._mass = np.zeros((0, BUCKETS), np.int64)
         self._totals = np.zeros(0, np.int64)
 
-    def __call__(self, u: np.ndarray, bias: np.ndarray | None = None, frac: int = 0
+    def __call__(self, u: np.ndarray, at: np.ndarray | None = None, bias: np.ndarray | None = None, frac: int = 0
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(p, mass, totals) of gaps ``u`` [n, V] int64, after the adaptive ``bias`` [V] when given."""
-        n = u.shape[0]
+        """(p, mass, totals) of the rows ``at`` (default: all) of gaps ``u`` [*, V] int64, after the adaptive
+        ``bias`` [V] when given."""
+        u = np.ascontiguousarray(u)
+        at = np.arange(u.shape[0]) if at is None else np.asarray(at, np.int64)
+        n = at.shape[0]
         if n > self._p.shape[0]:
             self._p = np.empty((n, BUCKETS * self.width), np.int64)
             self._mass = np.empty((n, BUCKETS), np.int64)
@@ -129,7 +132,7 @@ class OutputRows:
         p, mass, totals = self._p[:n], self._mass[:n], self._totals[:n]
         if n:
             has = bias is not None
-            weights_rows(np.ascontiguousarray(u), bias if has else np.zeros(1, np.int64), has, frac, self.exp2,
+            weights_rows(u, at, bias if has else np.zeros(1, np.int64), has, frac, self.exp2,
                          self.width, p, mass, totals)
         return p, mass, totals
 

@@ -168,6 +168,8 @@ class Rows:
             return False
         t0 = time.perf_counter()
         u, where = self._gaps()
+        if self.compiled:
+            u = u.numpy()
         self.stats.model_seconds += time.perf_counter() - t0
         if self._pass is not None:
             queries, seconds = self._pass
@@ -198,29 +200,29 @@ class Rows:
         at = torch.as_tensor(idx, device=self.run.h.device)
         return self.run.engine.gaps(self.run.h[at], self.run.e[at]), where
 
-    def _decode(self, streams: list[Running], j: int, u: torch.Tensor, where: dict, decoded: np.ndarray
+    def _decode(self, streams: list[Running], j: int, u: torch.Tensor | np.ndarray, where: dict, decoded: np.ndarray
                 ) -> list[Running]:
         """Decode one token of every live lane of ``streams`` from output ``j`` of its row; move
         each stream one step on; return the streams that decode output j + 1 next (every live
         lane's guess after this token held, and the stream goes on)."""
         tok = self.tok
         lanes = [r.live for r in streams]
-        rows = [r.rows[i] for r, ls in zip(streams, lanes) for i in ls]
-        gaps = u[torch.as_tensor([where[row, j] for row in rows], device=u.device)]
-        spans = np.cumsum([0] + [len(ls) for ls in lanes])
+        at = np.fromiter((where[r.rows[i], j] for r, ls in zip(streams, lanes) for i in ls), np.int64)
+        spans = np.zeros(len(lanes) + 1, np.int64)
+        np.cumsum([len(ls) for ls in lanes], out=spans[1:])
         if self.compiled and not self.mixer.mask:
-            slots = np.array([r.stream for r in streams], dtype=np.int64)
+            slots = np.fromiter((r.stream for r in streams), np.int64, len(streams))
             t0 = time.perf_counter()
-            p, mass, _ = self.outputs(gaps.numpy())      # the output step: the model's time
+            p, mass, _ = self.outputs(u, at)      # the output step: the model's time
             self.stats.model_seconds += time.perf_counter() - t0
             symbols = decode_rows_plain(self.bank, p, mass, spans, slots)
         elif self.compiled:
-            parts = [self.mixed[r.stream].decode(gaps[spans[k]:spans[k + 1]].numpy(), np.asarray(ls, np.int64),
+            parts = [self.mixed[r.stream].decode(u, at[spans[k]:spans[k + 1]], np.asarray(ls, np.int64),
                                                  self.bank.state, r.stream, self.bank.words)
                      for k, (r, ls) in enumerate(zip(streams, lanes))]
-            symbols = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+            symbols = np.concatenate(parts) if len(parts) > 1 else parts[0]
         else:
-            symbols = self._decode_tensors(streams, lanes, gaps, spans)
+            symbols = self._decode_tensors(streams, lanes, u[torch.as_tensor(at, device=u.device)], spans)
         going = []
         if (symbols >= tok.alphabet_size).any():
             raise CorruptArchiveError("decoded a symbol outside the alphabet")

@@ -65,10 +65,10 @@ def token_weights(u, bias, has_bias, frac, exp2, width, p, mass):  # pragma: no 
 
 
 @njit(parallel=True, **JIT)
-def weights_rows(u, bias, has_bias, frac, exp2, width, p, mass, totals):  # pragma: no cover - compiled
-    """:func:`token_weights` of every row of ``u`` [n, V] (one bias for all rows), rows side by side."""
-    for i in prange(u.shape[0]):
-        totals[i] = token_weights(u[i], bias, has_bias, frac, exp2, width, p[i], mass[i])
+def weights_rows(u, at, bias, has_bias, frac, exp2, width, p, mass, totals):  # pragma: no cover - compiled
+    """:func:`token_weights` of rows ``u[at]`` (``u`` [*, V]; one bias for all rows), rows side by side."""
+    for i in prange(at.shape[0]):
+        totals[i] = token_weights(u[at[i]], bias, has_bias, frac, exp2, width, p[i], mass[i])
 
 
 @njit(inline="always", **JIT)
