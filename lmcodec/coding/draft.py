@@ -147,17 +147,26 @@ class PassCost:
     def estimate(self, queries: int) -> float:
         if queries in self.seen:
             return self.seen[queries]
-        q = np.array(list(self.seen), dtype=np.float64)
-        t = np.array(list(self.seen.values()), dtype=np.float64)
-        if len(q) >= 2:
+        seen = self.seen
+        if len(seen) >= 2:
             if self._slope is None:
-                self._slope = max(0.0, float(np.polyfit(q, t, 1)[0]))
-            near = int(np.argmin(np.abs(q - queries)))
-            return max(1e-9, float(t[near] + self._slope * (queries - q[near])))
-        if len(q) == 1:
-            one = t[0] / (1 + self.prior * (q[0] - 1))
+                self._slope = max(0.0, _slope(seen))
+            near = min(seen, key=lambda q: abs(q - queries))
+            return max(1e-9, seen[near] + self._slope * (queries - near))
+        if len(seen) == 1:
+            (q, t), = seen.items()
+            one = t / (1 + self.prior * (q - 1))
             return one * (1 + self.prior * (queries - 1))
         return 1 + self.prior * (queries - 1)
+
+
+def _slope(points: dict[int, float]) -> float:
+    """The least-squares slope of seconds against queries (a few points: plain floats, no array per pass)."""
+    n = len(points)
+    mq = sum(points) / n
+    mt = sum(points.values()) / n
+    var = sum((q - mq) ** 2 for q in points)
+    return sum((q - mq) * (t - mt) for q, t in points.items()) / var if var else 0.0
 
 
 def choose_width(live: int, rows: int, chances: Sequence[np.ndarray], cost: PassCost, most: int) -> int:

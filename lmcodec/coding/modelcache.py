@@ -15,7 +15,8 @@ from ..engine.model import registry as models
 from ..engine.model.quantize import IntModel, load_int_model
 from ..errors import DictionaryMismatchError, ModelMismatchError, ResourceLimitError
 from ..format.container import DICT_ID_BYTES, Header, prompt_check
-from .draft import DRAFT_PROMPT_BYTES, PrefixIndex
+from .draft import DRAFT_PROMPT_BYTES
+from .draftbank import PrefixTable
 from .runner import Prefix, prefill
 from .settings import max_kv_bytes
 from .tokens import ByteTokenizer
@@ -53,7 +54,7 @@ class ModelCache:
 
     def __init__(self, model: ModelSpec = None, adapter: ModelAdapter | None = None, *, ops=None):
         self.model_arg = model
-        self._drafts: dict[tuple, PrefixIndex] = {}     # the last prompt's draft index
+        self._drafts: dict[tuple, PrefixTable] = {}     # the last prompt's draft index
         self.ops = ops
         self.adapter = adapter
         self._models: dict[str, tuple[IntModel, ByteTokenizer, str]] = {}
@@ -154,17 +155,17 @@ class ModelCache:
             self._prefixes[key] = [tok.start_token] + tok.model_inputs(tok.encode(tail)).tolist()[-keep:]
         return self._prefixes[key]
 
-    def draft_index(self, tok: ByteTokenizer, prompt: bytes | None, prefix: list[int]) -> PrefixIndex:
+    def draft_index(self, tok: ByteTokenizer, prompt: bytes | None, prefix: list[int]) -> PrefixTable:
         """What the decoder's guesses may copy from before a segment: the prompt's last
         :data:`DRAFT_PROMPT_BYTES` as symbols (a dictionary's primer is far longer than the
         model's prefix, and the guesses may use all of it: they never change a symbol),
         else the prefix; built once per prompt."""
         if not prompt:
-            return PrefixIndex(prefix)
+            return PrefixTable(prefix)
         key = (tok.fingerprint, prompt_check(prompt), len(prompt))
         if key not in self._drafts:
             self._drafts.clear()
-            self._drafts[key] = PrefixIndex(tok.encode(prompt[-DRAFT_PROMPT_BYTES:]).tolist())
+            self._drafts[key] = PrefixTable(tok.encode(prompt[-DRAFT_PROMPT_BYTES:]))
         return self._drafts[key]
 
     def prefill(self, engine: Engine, prefix: list[int]) -> Prefix:

@@ -186,3 +186,33 @@ class EncoderBuffer:
         self.room(0)
         n = enc_finish(self.state, 0, self.out, self.n)
         return self.out[:n].astype("<u4").tobytes()
+
+
+@njit(**JIT)
+def settle(sym, rows, segs, step, j, flat, base, feed, width, decoded, alphabet, vocab, placeholder
+           ):  # pragma: no cover - compiled
+    """Record one stream's decoded symbols ``sym`` (its live lanes' rows ``rows``, segments ``segs``, all at
+    ``step``) from output ``j`` of their rows: each segment's symbol, the token fed next, the rows' counts, and
+    whether the guess fed after output j held.  Returns (guesses tried, guesses held, every lane's held), or
+    (-1, 0, False) for a symbol outside the alphabet (a corrupt stream)."""
+    tried = 0
+    held = 0
+    every = True
+    for i in range(sym.shape[0]):
+        x = sym[i]
+        if x < 0 or x >= alphabet:
+            return -1, 0, False
+        row = rows[i]
+        flat[base[segs[i]] + step] = x
+        fed = x if x < vocab else placeholder
+        feed[row, 0] = fed
+        decoded[row] += 1
+        if j + 1 < width[row]:
+            tried += 1
+            if feed[row, j + 1] == fed:
+                held += 1
+            else:
+                every = False
+        else:
+            every = False
+    return tried, held, every

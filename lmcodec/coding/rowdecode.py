@@ -16,6 +16,7 @@ row depend only on that row (docs/ENGINE.md, "Rows at their own positions").
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -26,11 +27,12 @@ import torch
 from ..engine.engine import Engine
 from ..errors import CorruptArchiveError
 from .coder import StreamDecoder
-from .draft import Acceptance, LaneDraft, PassCost, PrefixIndex, choose_width
+from .draft import PassCost, choose_width
+from .draftbank import DraftBank, PrefixTable
 from .frequencies import CodingTables
 from .mixedpass import MixedStream
 from .mixing import MixerConfig, StreamMixer
-from .passes import DecoderBank, OutputRows, decode_rows_plain
+from .passes import DecoderBank, OutputRows, decode_rows_plain, settle
 from .runner import Prefix
 from .schedule import Running, Scheduler
 from .settings import DecodeStats
@@ -42,7 +44,7 @@ def decode_streams(engine: Engine, pre: Prefix, groups: Sequence[range], payload
                    lengths: Sequence[int], context: int, tok: ByteTokenizer, mixer: MixerConfig, rows: int,
                    order: Sequence[int] | None = None,
                    tick: Callable[[int], None] | None = None, halves: int = 1, guesses: int = 0,
-                   stats: DecodeStats | None = None, draft: PrefixIndex | None = None) -> list[np.ndarray]:
+                   stats: DecodeStats | None = None, draft: PrefixTable | None = None) -> list[np.ndarray]:
     """The symbols of every segment (``lengths[g]`` tokens each) of the streams ``groups``
     (stream k carries segments ``groups[k]`` in ``payloads[k]``), decoded in ``rows`` rows.
 
@@ -118,7 +120,7 @@ class Rows:
     def __init__(self, engine: Engine, pre: Prefix, groups: Sequence[range], payloads: Sequence[bytes],
                  lengths: Sequence[int], context: int, tok: ByteTokenizer, mixer: MixerConfig, rows: int,
                  symbols: tuple[np.ndarray, np.ndarray], guesses: int = 0, stats: DecodeStats | None = None,
-                 draft: PrefixIndex | None = None):
+                 draft: PrefixTable | None = None):
         self.groups, self.payloads, self.tok, self.mixer = groups, payloads, tok, mixer
         self.flat, self.base = symbols      # segment g's symbols are flat[base[g]:base[g + 1]]
         rows = max(rows, max(len(g) for g in groups))
@@ -138,9 +140,10 @@ class Rows:
         self.coders: dict[int, StreamDecoder] = {}
         self.mixers: dict[int, StreamMixer] = {}
         self.mixed: dict[int, MixedStream] = {}
-        self.drafts: dict[int, list[LaneDraft]] = {}
-        self.index = (draft or PrefixIndex(pre.ids)) if self.most else None
-        self.accept = Acceptance(self.most)
+        self.rows_of: dict[int, np.ndarray] = {}     # per running stream: its lanes' rows, segments
+        self.segs_of: dict[int, np.ndarray] = {}
+        # Every lane's draft, in the slot of its row (one compiled call a column or pass for all of them).
+        self.drafts = DraftBank(draft or PrefixTable(pre.ids), rows, max(1, longest), self.most) if self.most else None
         self.cost = PassCost()
         self.stats = stats if stats is not None else DecodeStats()
         self._pass: tuple[int, float] | None = None     # (queries, seconds) of the last pass, gaps still to add
@@ -159,9 +162,12 @@ class Rows:
             elif self.mixer.mask:
                 self.mixed[s] = MixedStream(self.mixer, [self.lengths[g] for g in self.groups[s]],
                                             self.tok.alphabet_size)
-            if self.index is not None:
-                self.drafts[s] = [self.index.lane(self.accept) for _ in self.groups[s]]
+            self.rows_of[s] = np.asarray(started.rows, np.int64)
+            self.segs_of[s] = np.asarray(self.groups[s], np.int64)
             rows = [r for r in started.rows if r >= 0]
+            if self.drafts is not None:
+                self.drafts.open(np.asarray(rows, np.int64),
+                                 np.asarray([n for n in started.lengths if n > 0], np.int64))
             self.run.start(rows)
             self.width[rows] = 1
         if not self.sched.running:
@@ -208,8 +214,7 @@ class Rows:
         tok = self.tok
         lanes = [r.live for r in streams]
         at = np.fromiter((where[r.rows[i], j] for r, ls in zip(streams, lanes) for i in ls), np.int64)
-        spans = np.zeros(len(lanes) + 1, np.int64)
-        np.cumsum([len(ls) for ls in lanes], out=spans[1:])
+        spans = np.fromiter(itertools.accumulate((len(ls) for ls in lanes), initial=0), np.int64, len(lanes) + 1)
         if self.compiled and not self.mixer.mask:
             slots = np.fromiter((r.stream for r in streams), np.int64, len(streams))
             t0 = time.perf_counter()
@@ -224,25 +229,19 @@ class Rows:
         else:
             symbols = self._decode_tensors(streams, lanes, u[torch.as_tensor(at, device=u.device)], spans)
         going = []
-        if (symbols >= tok.alphabet_size).any():
-            raise CorruptArchiveError("decoded a symbol outside the alphabet")
-        last = self.feed.shape[1] - 1
         for k, (r, ls) in enumerate(zip(streams, lanes)):
             sym = symbols[spans[k]:spans[k + 1]]
-            rows_k = np.fromiter((r.rows[i] for i in ls), np.int64, len(ls))
-            segs = np.fromiter((self.groups[r.stream][i] for i in ls), np.int64, len(ls))
-            self.flat[self.base[segs] + r.step] = sym
-            fed = np.where(sym < tok.vocab_size, sym, tok.placeholder)
-            self.feed[rows_k, 0] = fed
-            decoded[rows_k] += 1
-            guessed = j + 1 < self.width[rows_k]       # a guess followed this token: did it hold?
-            ok = guessed & (self.feed[rows_k, min(j + 1, last)] == fed)
-            self.stats.tried += int(guessed.sum())
-            self.stats.held += int(ok.sum())
-            held = bool(ok.all())
-            if self.drafts:
-                for i, x in zip(ls, sym.tolist()):
-                    self.drafts[r.stream][i].push(x)
+            pick = np.asarray(ls, np.int64)
+            rows_k = self.rows_of[r.stream][pick]
+            tried, held, every = settle(sym, rows_k, self.segs_of[r.stream][pick], r.step, j,
+                                        self.flat, self.base, self.feed, self.width, decoded, tok.alphabet_size,
+                                        tok.vocab_size, tok.placeholder)
+            if tried < 0:
+                raise CorruptArchiveError("decoded a symbol outside the alphabet")
+            self.stats.tried += tried
+            self.stats.held += held
+            if self.drafts is not None:
+                self.drafts.push(rows_k, sym)
             if r.stream in self.mixers:
                 self.mixers[r.stream].update(sym.tolist())
             self.sched.advance_stream(r)
@@ -250,8 +249,9 @@ class Rows:
                 self.coders.pop(r.stream, None)
                 self.mixers.pop(r.stream, None)
                 self.mixed.pop(r.stream, None)
-                self.drafts.pop(r.stream, None)
-            elif held:
+                self.rows_of.pop(r.stream)
+                self.segs_of.pop(r.stream)
+            elif every:
                 going.append(r)
         return going
 
@@ -286,29 +286,26 @@ class Rows:
         plans, chances = [], []
         for r in self.sched.running:
             live = r.live
-            rows = [r.rows[i] for i in live]
+            rows = self.rows_of[r.stream][np.asarray(live, np.int64)]
             room = self.run.room(rows)
             most = int(min(room.min(), min(r.lengths[i] - r.step for i in live) - 1, self.most))
-            props = [self.drafts[r.stream][i].propose(most) for i in live]
-            for i, (guess, n) in zip(live, props):     # scored as the symbols come, fed or not
-                self.drafts[r.stream][i].watch(guess, n)
-            count = min(len(p[0]) for p in props)
+            # Proposed and watched: scored as the symbols come, fed or not.
+            guesses, counts, lengths = self.drafts.propose(rows, max(0, most), watch=True)
+            count = int(counts.min())
             if count == 0:
                 continue
-            chance = np.prod([self.accept.chances(n, count) for _, n in props], axis=0) * len(live)
-            plans.append((rows, props, count))
-            chances.append(chance)
+            plans.append((rows, guesses, count))
+            chances.append(self.drafts.chances(lengths, count))
         if not plans:
             return
         live_rows = sum(len(r.live) for r in self.sched.running)
         T = choose_width(live_rows, self.run.rows, chances, self.cost, self.most)
         self._next = T
-        for rows, props, count in plans:
+        for rows, guesses, count in plans:
             k = min(T - 1, count)
-            for row, (guess, _) in zip(rows, props):
-                g = np.asarray(guess[:k], dtype=np.int64)
-                self.feed[row, 1:1 + k] = np.where(g < self.tok.vocab_size, g, self.tok.placeholder)
-                self.width[row] = 1 + k
+            g = guesses[:, :k]
+            self.feed[rows, 1:1 + k] = np.where(g < self.tok.vocab_size, g, self.tok.placeholder)
+            self.width[rows] = 1 + k
 
     def launch(self) -> None:
         """The model pass: the tokens just decoded and their guesses in, the next hidden rows out."""

@@ -18,7 +18,7 @@ import torch
 
 from ..engine.engine import Engine
 from ..engine.kvcache import KVCache
-from .runner import Prefix, next_sink_move, sink_base
+from .runner import Prefix, sink_base, sink_step
 
 
 def cache_slots(arch, P: int, context: int, longest: int, spare: int = 0, capacity: int | None = None,
@@ -163,7 +163,8 @@ class RowStep:
         below :attr:`bound` and on one side of a move of the prefix, k <= :attr:`spare`."""
         pos = self.position[np.asarray(rows, dtype=np.int64)]
         P, trained = self.pre.length, self.engine.arch.max_position_embeddings
-        moves = np.array([next_sink_move(int(p), P, trained) for p in pos], dtype=np.int64)
+        q = sink_step(trained)
+        moves = P + q * np.maximum(4, (pos - P) // q + 1)        # next_sink_move of every row
         return np.clip(np.minimum(self.bound - 1 - pos, moves - 1 - pos), 0, self.spare)
 
     def _inputs(self, tokens: np.ndarray, guesses: np.ndarray | None = None) -> list[np.ndarray]:
