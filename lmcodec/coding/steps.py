@@ -165,7 +165,7 @@ class RowStep:
         P, trained = self.pre.length, self.engine.arch.max_position_embeddings
         q = sink_step(trained)
         moves = P + q * np.maximum(4, (pos - P) // q + 1)        # next_sink_move of every row
-        return np.clip(np.minimum(self.bound - 1 - pos, moves - 1 - pos), 0, self.spare)
+        return np.minimum(np.maximum(np.minimum(self.bound - 1 - pos, moves - 1 - pos), 0), self.spare)
 
     def _inputs(self, tokens: np.ndarray, guesses: np.ndarray | None = None) -> list[np.ndarray]:
         """This pass's [rows, T] host columns: ids, positions, slots, key sets (a, b, c), and
