@@ -31,7 +31,7 @@ from .mixerconfig import MixerConfig
 from .mixing import BIAS_CAP, BIAS_COUNT_CAP, BIAS_FRAC, MASS_BITS, _rate_array
 from .online import OnlineModels, append, learn, predict
 from .rangecoder import dec_quantile, dec_take, enc_put
-from .tables_cpu import find, left_of, stage1, stage2, token_weights
+from .tables_cpu import bitlen, find, left_of, stage1, stage2, token_weights
 
 # The pending row's columns of online.predict (prow): scale, escape floor, additions.
 _SCALE, _FLOOR, _ADDS = 2, 3, 5
@@ -124,11 +124,7 @@ def decode_mixed(u, at, lanes, online, mixing, has_bias, bias, coded, rates, rat
     n = at.shape[0]
     width = g2.shape[0]
     vocab = u.shape[1]
-    wbits = np.int64(0)
-    w = width
-    while w:
-        wbits += 1
-        w >>= 1
+    wbits = bitlen(width)
     _predict_rows(u, at, lanes, n, online, mixing, has_bias, bias, frac, exp2, width, p, mass, totals, mm, esc)
     for r in range(n):
         q = dec_quantile(state, slot)
@@ -168,11 +164,7 @@ def encode_mixed(u, spans, lanes, ys, online, mixing, has_bias, bias, coded, rat
     count, the exact code length in bits)."""
     width = g2.shape[0]
     vocab = u.shape[1]
-    wbits = np.int64(0)
-    w = width
-    while w:
-        wbits += 1
-        w >>= 1
+    wbits = bitlen(width)
     bits = 0.0
     for t in range(len(spans) - 1):
         a, z = spans[t], spans[t + 1]

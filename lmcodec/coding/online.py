@@ -167,6 +167,24 @@ def _find(idx, keys, k1, k2, collide):  # pragma: no cover - compiled
 
 
 @njit(inline="always", **JIT)
+def _id_of(idx, keys, k1, k2, used, pool, collide):  # pragma: no cover - compiled
+    """The id of key (k1, k2) in a table (``idx`` its index, ``keys`` its pool, ``used[pool]`` the ids given
+    out), given a new id if it has none; returns (id, new)."""
+    s = _find(idx, keys, k1, k2, collide)
+    i = idx[s]
+    if i >= 0:
+        return i, False
+    i = used[pool]
+    if i >= keys.shape[0]:
+        raise ValueError("OnlineModels: a table's pool is full")
+    used[pool] = i + 1
+    idx[s] = i
+    keys[i, 0] = k1
+    keys[i, 1] = k2
+    return i, True
+
+
+@njit(inline="always", **JIT)
 def _ctx_key(hist, end, k):  # pragma: no cover - compiled
     """The key of the order-k context ending at ``hist[end - 1]``."""
     k1 = np.int64(k)
@@ -417,28 +435,12 @@ def append(state, lane, x):  # pragma: no cover - compiled
         if hl < k:
             continue
         k1, k2 = _ctx_key(hist, off + hl, k)
-        s = _find(cidx, ckey, k1, k2, collide)
-        c = cidx[s]
-        if c < 0:
-            c = used[0]
-            if c >= ckey.shape[0]:
-                raise ValueError("OnlineModels: context pool full")
-            used[0] = c + 1
-            cidx[s] = c
-            ckey[c, 0] = k1
-            ckey[c, 1] = k2
+        c, new = _id_of(cidx, ckey, k1, k2, used, 0, collide)
+        if new:
             chead[c] = -1
             ctotal[c] = 0
-        s = _find(eidx, ekey, c, x, collide)
-        e = eidx[s]
-        if e < 0:
-            e = used[1]
-            if e >= ekey.shape[0]:
-                raise ValueError("OnlineModels: entry pool full")
-            used[1] = e + 1
-            eidx[s] = e
-            ekey[e, 0] = c
-            ekey[e, 1] = x
+        e, new = _id_of(eidx, ekey, c, x, used, 1, collide)
+        if new:
             ecount[e] = 0
         if ecount[e] == 0:   # new, or removed by a halving: back on the context's list
             enext[e] = chead[c]
@@ -473,16 +475,7 @@ def append(state, lane, x):  # pragma: no cover - compiled
                 lanest[lane, 5] = 0
         if hl >= MATCH_MIN:
             k1, k2 = _match_key(hist, off + hl)
-            s = _find(xidx, xkey, k1, k2, collide)
-            i = xidx[s]
-            if i < 0:
-                i = used[2]
-                if i >= xkey.shape[0]:
-                    raise ValueError("OnlineModels: match pool full")
-                used[2] = i + 1
-                xidx[s] = i
-                xkey[i, 0] = k1
-                xkey[i, 1] = k2
+            i, _ = _id_of(xidx, xkey, k1, k2, used, 2, collide)
             xval[i, 0] = lane
             xval[i, 1] = hl
     hist[off + hl] = x

@@ -34,7 +34,7 @@ from .rangecoder import (
     enc_put,
     new_state,
 )
-from .tables_cpu import find, left_of, stage1, stage2, weights_rows
+from .tables_cpu import bitlen, find, left_of, stage1, stage2, weights_rows
 
 
 @njit(**JIT)
@@ -42,11 +42,7 @@ def decode_plain(p, mass, spans, slots, state, words, width, symbols):  # pragma
     """Decode one symbol for each row of ``p`` [n, 256 width] / ``mass`` [n, 256]: stream k's rows are
     ``spans[k]:spans[k + 1]`` and its coder is ``state[slots[k]]``.  Writes ``symbols`` [n]; returns the
     index of the first stream whose payload is invalid, or -1."""
-    wbits = np.int64(0)
-    w = width
-    while w:
-        wbits += 1
-        w >>= 1
+    wbits = bitlen(width)
     g1 = np.empty(BUCKETS, np.int64)
     g2 = np.empty(width, np.int64)
     for k in range(len(slots)):
@@ -78,11 +74,7 @@ def encode_plain(p, mass, spans, symbols, state, slot, out, n, width):  # pragma
     """Code ``symbols`` [rows] under rows ``p`` / ``mass`` into stream ``state[slot]``: step t's rows are
     ``spans[t]:spans[t + 1]`` (its live lanes in order), each step's stage-1 symbols then its stage-2 ones.
     Appends the words to ``out`` from ``n``; returns (the new count, the exact code length in bits)."""
-    wbits = np.int64(0)
-    w = width
-    while w:
-        wbits += 1
-        w >>= 1
+    wbits = bitlen(width)
     g1 = np.empty(BUCKETS, np.int64)
     g2 = np.empty(width, np.int64)
     bits = 0.0

@@ -31,28 +31,25 @@ def token_weights(u, bias, has_bias, frac, exp2, width, p, mass):  # pragma: no 
     A bucket's mass is the sum of its symbols' weights, summed where they are made.
     """
     vocab = u.shape[0]
-    low = np.int64(0)
+    # Flat loops without a branch inside (the bucket sums after): they compile to tight loops.
     if has_bias:
         low = np.int64(1) << 62
         for v in range(vocab):
-            low = min(low, u[v] - (bias[v] >> frac))
+            g = u[v] - (bias[v] >> frac)
+            if g < low:
+                low = g
+        for v in range(vocab):
+            e = min(u[v] - (bias[v] >> frac) - low, OUT_U_CAP)
+            p[v] = exp2[e & 1023] >> (e >> 10)
+    else:
+        for v in range(vocab):
+            e = u[v]
+            p[v] = exp2[e & 1023] >> (e >> 10)
     total = np.int64(0)
     for b in range(BUCKETS):
-        lo = b * width
-        hi = min(lo + width, vocab)
         m = np.int64(0)
-        if has_bias:
-            for v in range(lo, hi):
-                e = min(u[v] - (bias[v] >> frac) - low, OUT_U_CAP)
-                x = exp2[e & 1023] >> (e >> 10)
-                p[v] = x
-                m += x
-        else:
-            for v in range(lo, hi):
-                e = u[v]
-                x = exp2[e & 1023] >> (e >> 10)
-                p[v] = x
-                m += x
+        for v in range(b * width, min((b + 1) * width, vocab)):
+            m += p[v]
         mass[b] = m
         total += m
     esc = max(total >> 24, np.int64(1))
@@ -69,6 +66,16 @@ def weights_rows(u, at, bias, has_bias, frac, exp2, width, p, mass, totals):  # 
     """:func:`token_weights` of rows ``u[at]`` (``u`` [*, V]; one bias for all rows), rows side by side."""
     for i in prange(at.shape[0]):
         totals[i] = token_weights(u[at[i]], bias, has_bias, frac, exp2, width, p[i], mass[i])
+
+
+@njit(inline="always", **JIT)
+def bitlen(n):  # pragma: no cover - compiled
+    """``n.bit_length()`` of an int64 n >= 0 (stage 1's shift reads the width's)."""
+    b = np.int64(0)
+    while n:
+        b += 1
+        n >>= 1
+    return b
 
 
 @njit(inline="always", **JIT)
