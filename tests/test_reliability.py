@@ -835,7 +835,9 @@ def test_a_signal_swallowed_inside_a_callback_still_ends_the_command(sig, name):
                                            (signal.SIGTERM, 143, "terminated")])
 def test_signal_during_compression(tmp_path, sig, code, word):
     src = tmp_path / "book.txt"
-    src.write_bytes(LONG_TEXT * 12)  # ~4 KB: about a minute with the default layout
+    # ~22 KB, ~5,500 tokens: its parallel pass alone outlasts the 3 s before the signal by far (at ~4 KB the
+    # compiled coding finished about then, and a signal in the interpreter's exit met the default action).
+    src.write_bytes(LONG_TEXT * 64)
     sha = _sha(src)
     rc, err = _interrupt(CLI + ["-q", "compress", "--method", "lm", "--threads", "2", str(src)], tmp_path, sig)
     assert rc == code and err.strip() == f"lmcodec: {word}", err
@@ -857,7 +859,8 @@ def long_archive(tmp_path_factory):
     d = tmp_path_factory.mktemp("long")
     arc = d / "book.txt.lmc"
     # One segment: the decoder steps through its ~150 tokens one at a time (the encoder
-    # scores it in one pass), so decoding lasts seconds while encoding does not.
+    # scores it in one pass), so decoding lasts over a second (1.2 s with the model loaded)
+    # while encoding does not; the signal comes 0.5 s after the temporary output appears.
     c = lmcodec.Codec(segment_tokens=400, lanes=1, context=32, threads=2)
     arc.write_bytes(c.compress(TALE))
     assert c.last_stats.methods == ["lm"] and c.last_stats.tokens > 100
@@ -870,7 +873,7 @@ def test_signal_during_decompression(tmp_path, long_archive, sig, code, word):
     arc = tmp_path / long_archive.name
     arc.write_bytes(long_archive.read_bytes())
     sha = _sha(arc)
-    rc, err = _interrupt(CLI + ["-q", "decompress", str(arc)], tmp_path, sig, after=1.0)
+    rc, err = _interrupt(CLI + ["-q", "decompress", str(arc)], tmp_path, sig, after=0.5)
     assert rc == code and err.strip() == f"lmcodec: {word}", err
     assert sorted(p.name for p in tmp_path.iterdir()) == [arc.name] and _sha(arc) == sha
 

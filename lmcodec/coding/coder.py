@@ -15,6 +15,10 @@ integer frequencies ``g >= 1`` that sum to 2^24 makes the weights sum to
 ``2^24 - n`` exactly, so ``scale`` is exactly 1, every floor is of an exact
 integer, and the coder uses precisely ``g``: no floating-point rounding enters
 the code (``tests/test_coder.py`` checks the code lengths bit for bit).
+
+Who calls it: the tensor path (CUDA) and the tests.  On a CPU the compiled coding layer
+codes through :mod:`lmcodec.coding.rangecoder`, a word-for-word port of this coder that
+other numba code can call, held to these classes byte for byte by ``tests/test_rangecoder.py``.
 """
 
 from __future__ import annotations

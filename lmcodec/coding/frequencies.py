@@ -28,6 +28,10 @@ Every bucket keeps at least 256 / 2^24, so the other 255 buckets hold at least
 65,280 / 2^24 of stage 1: a token always costs more than
 :data:`MIN_TOKEN_BITS`, which bounds how many tokens a payload can declare.
 Ties for "the largest" go to the lowest index.
+
+:class:`CodingTables` makes whole tables: the tensor path (CUDA), the probe's probabilities, the
+selftest's digest and the tests use it.  The CPU's compiled coding computes the same rows with
+:mod:`lmcodec.coding.tables_cpu`, stage 2 for the chosen bucket only.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from ..engine.cpu.jit import JIT, njit, sync_threads
+from ..engine.cpu.jit import JIT, njit
 from ..engine.spec.constants import BUCKETS, ESCAPES
 from ..engine.spec.fixedmath import exp2_table
 from ..errors import CorruptArchiveError
@@ -196,7 +196,8 @@ class MixedStream:
     """One stream's online models and adaptive bias, with the scratch rows its compiled steps reuse.
 
     ``lane_lengths``: the symbols each lane will hold (the decoder and the encoder both know them), which
-    sizes the online models' tables once (:class:`~lmcodec.coding.online.OnlineModels`)."""
+    sizes the online models' tables once (:class:`~lmcodec.coding.online.OnlineModels`).  Its steps run in
+    the calling thread: one stream's step is too short to share between threads."""
 
     def __init__(self, config: MixerConfig, lane_lengths: list[int], alphabet: int):
         self.width = bucket_width(alphabet)
@@ -224,7 +225,6 @@ class MixedStream:
                words: np.ndarray) -> np.ndarray:
         """The symbols of one step's rows (row r: gaps ``u[at[r]]`` of lane ``lanes[r]``), from stream
         ``state[slot]``."""
-        sync_threads()
         symbols = np.empty(len(at), np.int64)
         if not decode_mixed(u, at, lanes, self.online, self.mixing, self.has_bias, self.bias, self.coded,
                             self.rates, self.rate_now, BIAS_FRAC, BIAS_COUNT_CAP, BIAS_CAP, self.exp2, self.p,
@@ -235,7 +235,6 @@ class MixedStream:
     def encode(self, u: np.ndarray, spans: np.ndarray, lanes: np.ndarray, ys: np.ndarray, coder) -> float:
         """Code a chunk of steps (see :func:`encode_mixed`) into ``coder`` (a passes.EncoderBuffer);
         returns the exact code length in bits."""
-        sync_threads()
         coder.room(2 * len(ys))
         coder.n, bits = encode_mixed(np.ascontiguousarray(u), spans, lanes, ys, self.online, self.mixing,
                                      self.has_bias, self.bias, self.coded, self.rates, self.rate_now, BIAS_FRAC,

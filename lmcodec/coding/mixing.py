@@ -30,6 +30,11 @@ lockstep, so at step ``t`` every lane is predicted from the state after step
 ``t - 1`` -- including the symbols the *other* lanes have coded so far -- and
 the state then takes step ``t``'s symbols in lane order.  The encoder replays
 exactly that order.
+
+Who runs this code: the tensor path (CUDA) and the tests, for which it is the definition.
+On a CPU the same integers come from compiled code on arrays (:mod:`lmcodec.coding.online`,
+:mod:`lmcodec.coding.mixedpass`), held to :class:`StreamMixer` archive byte for archive byte
+by ``tests/test_passes.py`` and ``tests/test_online.py``.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from ..engine.cpu.jit import JIT, njit
+from ..engine.cpu.jit import JIT, njit, sync_threads
 from ..engine.spec.constants import BUCKETS
 from ..engine.spec.fixedmath import exp2_table
 from ..errors import CorruptArchiveError
@@ -123,6 +123,7 @@ class OutputRows:
             self._totals = np.empty(n, np.int64)
         p, mass, totals = self._p[:n], self._mass[:n], self._totals[:n]
         if n:
+            sync_threads()      # weights_rows runs rows side by side on numba's threads: as many as torch's
             has = bias is not None
             weights_rows(u, at, bias if has else np.zeros(1, np.int64), has, frac, self.exp2,
                          self.width, p, mass, totals)
