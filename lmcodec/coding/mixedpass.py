@@ -85,6 +85,18 @@ def _mixed_bucket(state, r, p, b, vocab, width, out):  # pragma: no cover - comp
 
 
 @njit(inline="always", **JIT)
+def _stage2(online, mixing, r, p, b, vocab, width, mm, esc, g2):  # pragma: no cover - compiled
+    """g2 <- stage 2's frequencies of row ``r``'s bucket ``b``: of its mixed weights (made in ``esc``, left
+    zero again) with online models, else of the LM's own."""
+    if mixing:
+        _mixed_bucket(online, r, p[r], b, vocab, width, esc[:width])
+        stage2(esc, 0, width, mm[r, b], g2)
+        esc[:width] = 0
+    else:
+        stage2(p[r], b * width, width, mm[r, b], g2)
+
+
+@njit(inline="always", **JIT)
 def _predict_rows(u, at, lanes, n, online, mixing, has_bias, bias, frac, exp2, width, p, mass, totals, mm, esc
                   ):  # pragma: no cover - compiled
     """The LM's weights of ``n`` rows (row r: gaps ``u[at[r]]``) after the bias, and the online models'
@@ -140,12 +152,7 @@ def decode_mixed(u, at, lanes, online, mixing, has_bias, bias, coded, rates, rat
         q = dec_quantile(state, slot)
         if q < 0:
             return False
-        if mixing:
-            _mixed_bucket(online, r, p[r], b, vocab, width, esc[:width])
-            stage2(esc, 0, width, mm[r, b], g2)
-            esc[:width] = 0
-        else:
-            stage2(p[r], b * width, width, mm[r, b], g2)
+        _stage2(online, mixing, r, p, b, vocab, width, mm, esc, g2)
         j, left = find(g2, width, q)
         if not dec_take(state, slot, words, left, g2[j]):
             return False
@@ -179,12 +186,7 @@ def encode_mixed(u, spans, lanes, ys, online, mixing, has_bias, bias, coded, rat
         for r in range(m):
             b = ys[a + r] // width
             j = ys[a + r] - b * width
-            if mixing:
-                _mixed_bucket(online, r, p[r], b, vocab, width, esc[:width])
-                stage2(esc, 0, width, mm[r, b], g2)
-                esc[:width] = 0
-            else:
-                stage2(p[r], b * width, width, mm[r, b], g2)
+            _stage2(online, mixing, r, p, b, vocab, width, mm, esc, g2)
             n = enc_put(state, slot, out, n, left_of(g2, j), g2[j])
             bits += 24.0 - math.log2(g2[j])
         _learn_rows(lanes[a:z], ys[a:z], m, online, mixing, has_bias, bias, coded, rates, rate_now, count_cap,
