@@ -73,7 +73,7 @@ def _learn(q, rows, y, coded, rates, bias, cap, up):  # pragma: no cover - compi
         for k in range(m):
             down += q[rows[k], v] * rate // sums[k]
         b = bias[v] + up[v] - down
-        bias[v] = cap if b > cap else (max(b, -cap))
+        bias[v] = min(max(b, -cap), cap)
 
 
 def lm_weights(u: torch.Tensor, bias: torch.Tensor | None, frac: int, alphabet: int, width: int) -> torch.Tensor:

@@ -93,11 +93,6 @@ def encode_plain(p, mass, spans, symbols, state, slot, out, n, width):  # pragma
     return n, bits
 
 
-def width_bits(width: int) -> int:
-    """``bitlen(width)``: stage 1's masses are shifted right by ``max(0, this - 8)``."""
-    return int(width).bit_length()
-
-
 class OutputRows:
     """The output step's rows on a CPU, reused from pass to pass: the LM's symbol weights ``p``
     [n, 256 width], bucket masses [n, 256] and token totals [n] of n rows of gaps
@@ -110,10 +105,9 @@ class OutputRows:
         self._mass = np.zeros((0, BUCKETS), np.int64)
         self._totals = np.zeros(0, np.int64)
 
-    def __call__(self, u: np.ndarray, at: np.ndarray | None = None, bias: np.ndarray | None = None, frac: int = 0
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(p, mass, totals) of the rows ``at`` (default: all) of gaps ``u`` [*, V] int64, after the adaptive
-        ``bias`` [V] when given."""
+    def __call__(self, u: np.ndarray, at: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(p, mass, totals) of the rows ``at`` (default: all) of gaps ``u`` [*, V] int64 (no adaptive bias:
+        streams with online models make their own rows, :mod:`lmcodec.coding.mixedpass`)."""
         u = np.ascontiguousarray(u)
         at = np.arange(u.shape[0]) if at is None else np.asarray(at, np.int64)
         n = at.shape[0]
@@ -124,9 +118,7 @@ class OutputRows:
         p, mass, totals = self._p[:n], self._mass[:n], self._totals[:n]
         if n:
             sync_threads()      # weights_rows runs rows side by side on numba's threads: as many as torch's
-            has = bias is not None
-            weights_rows(u, at, bias if has else np.zeros(1, np.int64), has, frac, self.exp2,
-                         self.width, p, mass, totals)
+            weights_rows(u, at, self.exp2, self.width, p, mass, totals)
         return p, mass, totals
 
 

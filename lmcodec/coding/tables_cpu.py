@@ -62,10 +62,11 @@ def token_weights(u, bias, has_bias, frac, exp2, width, p, mass):  # pragma: no 
 
 
 @njit(parallel=True, **JIT)
-def weights_rows(u, at, bias, has_bias, frac, exp2, width, p, mass, totals):  # pragma: no cover - compiled
-    """:func:`token_weights` of rows ``u[at]`` (``u`` [*, V]; one bias for all rows), rows side by side."""
+def weights_rows(u, at, exp2, width, p, mass, totals):  # pragma: no cover - compiled
+    """:func:`token_weights` of rows ``u[at]`` (``u`` [*, V]; no bias), rows side by side."""
+    no_bias = np.zeros(1, np.int64)
     for i in prange(at.shape[0]):
-        totals[i] = token_weights(u[at[i]], bias, has_bias, frac, exp2, width, p[i], mass[i])
+        totals[i] = token_weights(u[at[i]], no_bias, False, 0, exp2, width, p[i], mass[i])
 
 
 @njit(inline="always", **JIT)
