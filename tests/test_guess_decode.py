@@ -18,7 +18,7 @@ import torch
 from conftest import archive_blocks, guessed_passes, load_tiny, make_tiny_llama
 
 from lmcodec import Codec
-from lmcodec.coding import draft, rowdecode
+from lmcodec.coding import draft, draftbank, rowdecode
 from lmcodec.coding.mixing import ALL, MixerConfig
 from lmcodec.coding.runner import prefill
 from lmcodec.coding.settings import DecodeStats
@@ -61,22 +61,30 @@ def decode(im, tok, header, block, rows: int, guesses: int, prefix: list[int]) -
 
 @pytest.fixture
 def scrambled(monkeypatch):
-    """Drafts corrupted at random (a wrong token at a random place, random lengths) and the
-    pass width drawn at random: guesses rejected at every place, rows with different k."""
+    """Drafts corrupted at random (a wrong token at a random place, random lengths, guesses where no
+    match was found) and the pass width drawn at random: guesses rejected at every place, rows with
+    different k.  The decoder's drafts are a DraftBank: what it proposes is scrambled after the real
+    proposals were watched (scored), so only what is fed changes."""
     rng = np.random.default_rng(17)
-    real = draft.LaneDraft.propose
+    real = draftbank.DraftBank.propose
 
-    def propose(self, most):
-        guess, n = real(self, most)
-        if not guess and most and rng.random() < 0.3:
-            guess, n = [int(rng.integers(0, 49152)) for _ in range(int(rng.integers(1, most + 1)))], 2
-        guess = guess[:int(rng.integers(0, len(guess) + 1))] if guess and rng.random() < 0.3 else guess
-        if guess and rng.random() < 0.4:
-            guess = list(guess)
-            guess[int(rng.integers(0, len(guess)))] = int(rng.integers(0, 49152))
-        return guess, n
+    def propose(self, slots, most, *, watch=False):
+        guesses, counts, lengths = (a.copy() for a in real(self, slots, most, watch=watch))
+        limits = np.broadcast_to(np.asarray(most, dtype=np.int64).reshape(-1), (len(slots),))
+        for i in range(len(slots)):
+            m, c = int(limits[i]), int(counts[i])
+            if not c and m and rng.random() < 0.3:
+                c = int(rng.integers(1, m + 1))
+                guesses[i, :c] = rng.integers(0, 49152, c)
+                lengths[i] = 2
+            elif c and rng.random() < 0.3:
+                c = int(rng.integers(0, c + 1))
+            if c and rng.random() < 0.4:
+                guesses[i, int(rng.integers(0, c))] = int(rng.integers(0, 49152))
+            counts[i] = c
+        return guesses, counts, lengths
 
-    monkeypatch.setattr(draft.LaneDraft, "propose", propose)
+    monkeypatch.setattr(draftbank.DraftBank, "propose", propose)
     monkeypatch.setattr(rowdecode, "choose_width", lambda live, rows, chances, cost, most:
                         int(rng.integers(1, 2 + min(most, max(len(c) for c in chances)))))
 

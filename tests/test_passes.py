@@ -17,9 +17,11 @@ from hypothesis import strategies as st
 
 from lmcodec.coding.coder import StreamDecoder, StreamEncoder
 from lmcodec.coding.frequencies import CodingTables, bucket_width
+from lmcodec.coding.lanes import RunningLanes
 from lmcodec.coding.mixedpass import MixedStream
 from lmcodec.coding.mixing import ALL, BIAS_BIT, MixerConfig, StreamMixer
-from lmcodec.coding.passes import DecoderBank, EncoderBuffer, OutputRows, decode_rows_plain, encode_plain
+from lmcodec.coding.passes import DecoderBank, EncoderBuffer, OutputRows, PlainPasses, encode_plain
+from lmcodec.coding.schedule import Running
 from lmcodec.engine.spec.constants import ESCAPES, OUT_U_CAP
 from lmcodec.errors import CorruptArchiveError
 
@@ -82,17 +84,28 @@ def compiled_encode(config: MixerConfig, lengths: list[int], plan, alphabet: int
 
 
 def compiled_decode(config: MixerConfig, lengths: list[int], plan, alphabet: int, payload: bytes) -> list:
+    """The decoder's compiled path: MixedStream per step with online models, else PlainPasses (one pass a step,
+    the stream's lanes as RunningLanes' arrays, no guesses)."""
     bank = DecoderBank([payload])
     bank.open(0)
     mixed = MixedStream(config, lengths, alphabet) if config.mask else None
-    outputs = OutputRows(alphabet)
+    L = len(lengths)
+    lanes = RunningLanes([Running(0, tuple(lengths), tuple(range(L)))], [range(L)])
+    plain = PlainPasses(alphabet, bank)
+    base = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    flat = np.full(int(base[-1]), -1, np.int64)
+    where, feed = np.zeros((L, 1), np.int64), np.zeros((L, 1), np.int64)
+    widths, decoded, ended = np.ones(L, np.int64), np.zeros(L, np.int64), np.zeros(1, bool)
     out = []
-    for live, u, _ in plan:
+    for t, (live, u, _) in enumerate(plan):
         if mixed is not None:
             out.append(mixed.decode(u, np.arange(len(live)), np.asarray(live, np.int64), bank.state, 0, bank.words))
-        else:
-            p, mass, _ = outputs(u)
-            out.append(decode_rows_plain(bank, p, mass, np.array([0, len(live)]), np.zeros(1, np.int64)))
+            continue
+        where[live, 0] = np.arange(len(live))
+        plain.masses(u)
+        plain.decode(u, lanes, where, (flat, base), feed, widths, decoded, ended, alphabet - ESCAPES, 0)
+        assert lanes.step[0] == t + 1 and np.array_equal(decoded[live], np.full(len(live), t + 1))
+        out.append(flat[base[live] + t])
     return out
 
 

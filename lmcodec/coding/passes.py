@@ -1,13 +1,19 @@
-"""One compiled call per pass: the coding tables and the range coder for every row of a step.
+"""The coding tables and the range coder for every row of a pass, in compiled calls.
 
-Today's data flow after the engine's output step, per row: the LM's symbol weights and bucket
-masses (:func:`~lmcodec.coding.tables_cpu.token_weights`, a vocabulary-sized pass made where the
-weights are made), then -- the coding work proper, a few hundred integers a row -- stage 1's
-frequencies from the 256 masses, the bucket's symbol, stage 2's frequencies from that bucket's
-``width`` weights, the symbol's place.  The functions here do that for all the streams of a step
-in one call: the coders' states are rows of one array (:mod:`lmcodec.coding.rangecoder`), a
-stream's lanes are contiguous rows, and each stream meets its symbols in the format's order
-(every live lane's stage-1 symbol, then their stage-2 symbols).
+The data flow after the engine's output step, per row: the LM's symbol weights and bucket masses
+(:func:`~lmcodec.coding.tables_cpu.token_weights`, a vocabulary-sized pass made where the weights are
+made), then -- the coding work proper, a few hundred integers a row -- stage 1's frequencies from the
+256 masses, the bucket's symbol, stage 2's frequencies from that bucket's ``width`` weights, the
+symbol's place.  The coders' states are rows of one array (:mod:`lmcodec.coding.rangecoder`), and
+each stream meets its symbols in the format's order (every live lane's stage-1 symbol, then their
+stage-2 symbols).
+
+The decoder (:class:`PlainPasses`): the output step keeps only every gaps row's bucket masses and
+total (:func:`~lmcodec.coding.tables_cpu.masses_rows`), then :func:`decode_pass` decodes the whole
+pass -- every column its guesses allow, every stream, recording each symbol with
+:func:`~lmcodec.coding.lanes.record` -- in one call, remaking the chosen bucket's weights from the
+gaps.  The encoder (:func:`encode_plain`): a chunk of one stream's steps per call over the full rows
+(:class:`OutputRows`).
 
 This module covers the streams without online models (levels 1-3); streams with them go through
 :mod:`lmcodec.coding.mixedpass`, whose functions take the online models' arrays as well.
@@ -24,6 +30,7 @@ from ..engine.spec.constants import BUCKETS
 from ..engine.spec.fixedmath import exp2_table
 from ..errors import CorruptArchiveError
 from .frequencies import bucket_width
+from .lanes import RunningLanes, goes_on, record
 from .rangecoder import (
     dec_init,
     dec_quantile,
@@ -34,39 +41,97 @@ from .rangecoder import (
     enc_put,
     new_state,
 )
-from .tables_cpu import bitlen, find, left_of, stage1, stage2, weights_rows
+from .tables_cpu import bitlen, bucket_weights, find, left_of, masses_rows, stage1, stage2, weights_rows
 
 
 @njit(**JIT)
-def decode_plain(p, mass, spans, slots, state, words, width, symbols):  # pragma: no cover - compiled
-    """Decode one symbol for each row of ``p`` [n, 256 width] / ``mass`` [n, 256]: stream k's rows are
-    ``spans[k]:spans[k + 1]`` and its coder is ``state[slots[k]]``.  Writes ``symbols`` [n]; returns the
-    index of the first stream whose payload is invalid, or -1."""
+def decode_pass(u, mass, totals, exp2, width, where, rows, lengths, segs, step, streams, state, words, flat, base,
+                feed, widths, decoded, alphabet, vocab, placeholder, ended, log, out):  # pragma: no cover - compiled
+    """Decode a whole pass of the streams without online models, every column its guesses allow.
+
+    The running streams are :class:`~lmcodec.coding.lanes.RunningLanes`' arrays (``rows``, ``lengths``,
+    ``segs``, ``step``, ``streams``: stream k's coder is ``state[streams[k]]``); output ``j`` of row ``r`` is
+    row ``where[r, j]`` of the gaps ``u`` and of their bucket masses and totals
+    (:func:`~lmcodec.coding.tables_cpu.masses_rows`).  Column 0 decodes every stream; column j + 1 the
+    streams whose every live lane's guess after output j held (:func:`~lmcodec.coding.lanes.record`).
+    Each stream meets its symbols in the format's order: its live lanes' stage-1 symbols (the bucket,
+    from the 256 masses), then their stage-2 symbols (within the bucket, whose weights are remade from
+    the gaps, :func:`~lmcodec.coding.tables_cpu.bucket_weights`).  Each decoded (row, symbol) goes to
+    ``log`` [2, m] in order (the drafts' push).
+
+    ``out`` gets (guesses tried, held, symbols logged, status, lanes ended): status -1 when every stream
+    was valid, else the index of a stream whose payload failed (its range decoder, or a symbol outside
+    the alphabet); ``ended[k]`` is set where a lane of stream k ended.
+    """
+    n, L = rows.shape
     wbits = bitlen(width)
     g1 = np.empty(BUCKETS, np.int64)
     g2 = np.empty(width, np.int64)
-    for k in range(len(slots)):
-        s = slots[k]
-        for r in range(spans[k], spans[k + 1]):
-            q = dec_quantile(state, s)
-            if q < 0:
-                return k
-            stage1(mass[r], wbits, g1)
-            b, left = find(g1, BUCKETS, q)
-            if not dec_take(state, s, words, left, g1[b]):
-                return k
-            symbols[r] = b
-        for r in range(spans[k], spans[k + 1]):
-            b = symbols[r]
-            q = dec_quantile(state, s)
-            if q < 0:
-                return k
-            stage2(p[r], b * width, width, mass[r, b], g2)
-            j, left = find(g2, width, q)
-            if not dec_take(state, s, words, left, g2[j]):
-                return k
-            symbols[r] = b * width + j
-    return -1
+    pw = np.empty(width, np.int64)
+    syms = np.empty(L, np.int64)
+    active = np.arange(n)
+    na = n
+    tried = 0
+    held = 0
+    m = 0
+    j = 0
+    out[3] = -1
+    out[4] = 0
+    while na:
+        nn = 0
+        for a in range(na):
+            k = active[a]
+            s = streams[k]
+            t = step[k]
+            for i in range(L):
+                if t < lengths[k, i]:
+                    x = where[rows[k, i], j]
+                    q = dec_quantile(state, s)
+                    stage1(mass[x], wbits, g1)
+                    b, left = find(g1, BUCKETS, q)
+                    if q < 0 or not dec_take(state, s, words, left, g1[b]):
+                        out[3] = s
+                        return
+                    syms[i] = b
+            for i in range(L):
+                if t < lengths[k, i]:
+                    x = where[rows[k, i], j]
+                    b = syms[i]
+                    q = dec_quantile(state, s)
+                    bucket_weights(u[x], b, width, totals[x], exp2, pw)
+                    stage2(pw, 0, width, mass[x, b], g2)
+                    c, left = find(g2, width, q)
+                    if q < 0 or not dec_take(state, s, words, left, g2[c]):
+                        out[3] = s
+                        return
+                    syms[i] = b * width + c
+            every = True
+            for i in range(L):
+                if t < lengths[k, i]:
+                    y = syms[i]
+                    if y >= alphabet:
+                        out[3] = s
+                        return
+                    r = rows[k, i]
+                    h = record(y, r, base[segs[k, i]] + t, j, flat, feed, widths, decoded, vocab, placeholder)
+                    tried += h > 0
+                    held += h == 1
+                    every &= h == 1
+                    if t + 1 >= lengths[k, i]:
+                        ended[k] = True
+                        out[4] += 1
+                    log[0, m] = r
+                    log[1, m] = y
+                    m += 1
+            step[k] = t + 1
+            if every and goes_on(k, lengths, step):
+                active[nn] = k
+                nn += 1
+        na = nn
+        j += 1
+    out[0] = tried
+    out[1] = held
+    out[2] = m
 
 
 @njit(**JIT)
@@ -122,6 +187,51 @@ class OutputRows:
         return p, mass, totals
 
 
+class PlainPasses:
+    """The decoder's streams without online models (levels 1-3) on a CPU: the output step's bucket masses of
+    every row of a pass's gaps (:func:`~lmcodec.coding.tables_cpu.masses_rows`, the model's time), then the
+    whole pass's decoding in one call (:func:`decode_pass`).  Buffers are reused from pass to pass."""
+
+    def __init__(self, alphabet: int, bank: DecoderBank):
+        self.width = bucket_width(alphabet)
+        self.alphabet = alphabet
+        self.exp2 = exp2_table()
+        self.bank = bank
+        self._mass = np.zeros((0, BUCKETS), np.int64)
+        self._totals = np.zeros(0, np.int64)
+        self._log = np.zeros((2, 0), np.int64)
+        self._out = np.zeros(5, np.int64)
+
+    def masses(self, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Bucket masses [n, 256] and token totals [n] of every row of the gaps ``u`` [n, V]."""
+        n = u.shape[0]
+        if n > self._mass.shape[0]:
+            self._mass = np.empty((n, BUCKETS), np.int64)
+            self._totals = np.empty(n, np.int64)
+            self._log = np.empty((2, n), np.int64)
+        mass, totals = self._mass[:n], self._totals[:n]
+        if n:
+            sync_threads()      # masses_rows runs rows side by side on numba's threads: as many as torch's
+            masses_rows(u, self.exp2, self.width, mass, totals)
+        return mass, totals
+
+    def decode(self, u: np.ndarray, lanes: RunningLanes, where: np.ndarray, symbols: tuple[np.ndarray, np.ndarray],
+               feed: np.ndarray, widths: np.ndarray, decoded: np.ndarray, ended: np.ndarray, vocab: int,
+               placeholder: int) -> tuple[int, int, int, np.ndarray]:
+        """:func:`decode_pass` over ``u`` and the masses :meth:`masses` made of it last; returns (guesses
+        tried, held, lanes ended, the decoded (rows, symbols) in order [2, m]).  Raises CorruptArchiveError for a
+        stream that cannot be valid."""
+        n = u.shape[0]
+        flat, base = symbols
+        out = self._out
+        decode_pass(u, self._mass[:n], self._totals[:n], self.exp2, self.width, where, lanes.rows, lanes.lengths,
+                    lanes.segs, lanes.step, lanes.stream, self.bank.state, self.bank.words, flat, base, feed,
+                    widths, decoded, self.alphabet, vocab, placeholder, ended, self._log, out)
+        if out[3] >= 0:
+            raise CorruptArchiveError(f"range decoder failed: stream {int(out[3])} cannot be a valid stream")
+        return int(out[0]), int(out[1]), int(out[4]), self._log[:, :out[2]]
+
+
 class DecoderBank:
     """The range decoders of every stream of a decode, as rows of one state array over one array of words
     (stream k reads its payload's words; :func:`open` starts it)."""
@@ -136,18 +246,6 @@ class DecoderBank:
 
     def open(self, k: int) -> None:
         dec_init(self.state, k, self.words, int(self.at[k]), int(self.at[k + 1]))
-
-
-def decode_rows_plain(bank: DecoderBank, p: np.ndarray, mass: np.ndarray, spans: np.ndarray, slots: np.ndarray
-                      ) -> np.ndarray:
-    """One symbol per row of the output step's ``p`` / ``mass`` (streams without online models;
-    see :func:`decode_plain`)."""
-    symbols = np.empty(p.shape[0], np.int64)
-    width = p.shape[1] // BUCKETS
-    bad = decode_plain(p, mass, spans, slots, bank.state, bank.words, width, symbols)
-    if bad >= 0:
-        raise CorruptArchiveError(f"range decoder failed: stream {int(slots[bad])} cannot be a valid stream")
-    return symbols
 
 
 class EncoderBuffer:
@@ -171,33 +269,3 @@ class EncoderBuffer:
         self.room(0)
         n = enc_finish(self.state, 0, self.out, self.n)
         return self.out[:n].astype("<u4").tobytes()
-
-
-@njit(**JIT)
-def settle(sym, rows, segs, step, j, flat, base, feed, width, decoded, alphabet, vocab, placeholder
-           ):  # pragma: no cover - compiled
-    """Record one stream's decoded symbols ``sym`` (its live lanes' rows ``rows``, segments ``segs``, all at
-    ``step``) from output ``j`` of their rows: each segment's symbol, the token fed next, the rows' counts, and
-    whether the guess fed after output j held.  Returns (guesses tried, guesses held, every lane's held), or
-    (-1, 0, False) for a symbol outside the alphabet (a corrupt stream)."""
-    tried = 0
-    held = 0
-    every = True
-    for i in range(sym.shape[0]):
-        x = sym[i]
-        if x < 0 or x >= alphabet:
-            return -1, 0, False
-        row = rows[i]
-        flat[base[segs[i]] + step] = x
-        fed = x if x < vocab else placeholder
-        feed[row, 0] = fed
-        decoded[row] += 1
-        if j + 1 < width[row]:
-            tried += 1
-            if feed[row, j + 1] == fed:
-                held += 1
-            else:
-                every = False
-        else:
-            every = False
-    return tried, held, every

@@ -16,7 +16,6 @@ row depend only on that row (docs/ENGINE.md, "Rows at their own positions").
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -30,9 +29,10 @@ from .coder import StreamDecoder
 from .draft import PassCost, choose_width
 from .draftbank import DraftBank, PrefixTable
 from .frequencies import CodingTables
+from .lanes import RunningLanes, close_pass, guess_limits, settle, write_guesses
 from .mixedpass import MixedStream
 from .mixing import MixerConfig, StreamMixer
-from .passes import DecoderBank, OutputRows, decode_rows_plain, settle
+from .passes import DecoderBank, PlainPasses
 from .runner import Prefix
 from .schedule import Running, Scheduler
 from .settings import DecodeStats
@@ -135,15 +135,17 @@ class Rows:
         # On a CPU the coding is compiled (coding.passes): every stream's decoder is a row of one bank.
         self.compiled = engine.device.type == "cpu"
         self.bank = DecoderBank(list(payloads)) if self.compiled else None
-        self.outputs = OutputRows(tok.alphabet_size) if self.compiled else None
+        # Levels 1-3 (no online models): a whole pass's decoding in one call (coding.passes.PlainPasses).
+        self.plain = PlainPasses(tok.alphabet_size, self.bank) if self.compiled and not mixer.mask else None
         self.lengths = lengths
         self.coders: dict[int, StreamDecoder] = {}
         self.mixers: dict[int, StreamMixer] = {}
         self.mixed: dict[int, MixedStream] = {}
-        self.rows_of: dict[int, np.ndarray] = {}     # per running stream: its lanes' rows, segments
-        self.segs_of: dict[int, np.ndarray] = {}
         # Every lane's draft, in the slot of its row (one compiled call a column or pass for all of them).
         self.drafts = DraftBank(draft or PrefixTable(pre.ids), rows, max(1, longest), self.most) if self.most else None
+        self.lanes = RunningLanes([], groups)
+        self.where = np.zeros((rows, 1 + self.most), dtype=np.int64)     # row r's output j is gaps row where[r, j]
+        self.decoded = np.zeros(rows, dtype=np.int64)                    # tokens each row decoded this pass
         self.cost = PassCost()
         self.stats = stats if stats is not None else DecodeStats()
         self._pass: tuple[int, float] | None = None     # (queries, seconds) of the last pass, gaps still to add
@@ -151,161 +153,163 @@ class Rows:
 
     def code(self, tick: Callable[[int], None] | None = None) -> bool:
         """Admit, decode every live lane's tokens from the last pass, retire; False once every stream is done."""
-        for started in self.sched.admit():
-            s = started.stream
-            if self.compiled:
-                self.bank.open(s)
-            else:
-                self.coders[s] = StreamDecoder(self.payloads[s])
-            if not self.compiled:
-                self.mixers[s] = StreamMixer(self.mixer, len(self.groups[s]), self.tok.alphabet_size)
-            elif self.mixer.mask:
-                self.mixed[s] = MixedStream(self.mixer, [self.lengths[g] for g in self.groups[s]],
-                                            self.tok.alphabet_size)
-            self.rows_of[s] = np.asarray(started.rows, np.int64)
-            self.segs_of[s] = np.asarray(self.groups[s], np.int64)
-            rows = [r for r in started.rows if r >= 0]
-            if self.drafts is not None:
-                self.drafts.open(np.asarray(rows, np.int64),
-                                 np.asarray([n for n in started.lengths if n > 0], np.int64))
-            self.run.start(rows)
-            self.width[rows] = 1
+        started = self.sched.admit()
+        for run in started:
+            self._start(run)
+        if started:
+            self.lanes.sync()
+            self.lanes = RunningLanes(self.sched.running, self.groups)
         if not self.sched.running:
             return False
         t0 = time.perf_counter()
-        u, where = self._gaps()
-        if self.compiled:
-            u = u.numpy()
+        u = self._gaps()
         self.stats.model_seconds += time.perf_counter() - t0
         if self._pass is not None:
             queries, seconds = self._pass
             self.cost.record(queries, seconds + time.perf_counter() - t0)
             self._pass = None
-        decoded = np.zeros(self.run.rows, dtype=np.int64)
-        active, j = list(self.sched.running), 0
-        while active:
-            active = self._decode(active, j, u, where, decoded)
-            j += 1
-        moved = np.nonzero(decoded)[0]
-        self.run.skip(moved, decoded[moved] - 1)        # the next pass's column 0 follows the last token
-        self.live = decoded > 0
-        self.stats.tokens += int(decoded.sum())
+        self.decoded[:] = 0
+        if self.plain is not None:
+            tok = self.tok
+            tried, held, ends, log = self.plain.decode(u, self.lanes, self.where, (self.flat, self.base), self.feed,
+                                                       self.width, self.decoded, self.lanes.ended, tok.vocab_size,
+                                                       tok.placeholder)
+            self._settled(tried, held, log[0], log[1])
+        else:
+            active, j, ends = self.lanes.every, 0, 0
+            while len(active):
+                active, n = self._decode(active, j, u)
+                ends += n
+                j += 1
+        if ends:
+            self._retire()
+        # The next pass's column 0 follows each row's last token (its guesses that held moved it on).
+        count = close_pass(self.decoded, self.run.position, self.live)
+        self.stats.tokens += count
         if tick is not None:
-            tick(int(decoded.sum()))
+            tick(count)
         self._guess()
         return not self.sched.done
 
-    def _gaps(self) -> tuple[torch.Tensor, dict[tuple[int, int], int]]:
-        """The LM's gaps of every output the live lanes may use (one head pass); where each is."""
-        T, where, idx = self.run.T, {}, []
-        for run in self.sched.running:
-            for row in run.live_rows:
-                for j in range(int(self.width[row])):
-                    where[row, j] = len(idx)
-                    idx.append(row * T + j)
-        at = torch.as_tensor(idx, device=self.run.h.device)
-        return self.run.engine.gaps(self.run.h[at], self.run.e[at]), where
+    def _start(self, run: Running) -> None:
+        """A stream admitted: its coder (a row of the bank on a CPU), mixer and drafts; its rows at the prefix."""
+        s = run.stream
+        if self.compiled:
+            self.bank.open(s)
+            if self.mixer.mask:
+                self.mixed[s] = MixedStream(self.mixer, [self.lengths[g] for g in self.groups[s]],
+                                            self.tok.alphabet_size)
+        else:
+            self.coders[s] = StreamDecoder(self.payloads[s])
+            self.mixers[s] = StreamMixer(self.mixer, len(self.groups[s]), self.tok.alphabet_size)
+        rows = np.asarray([r for r in run.rows if r >= 0], np.int64)
+        if self.drafts is not None:
+            self.drafts.open(rows, np.asarray([n for n in run.lengths if n > 0], np.int64))
+        self.run.start(rows)
+        self.width[rows] = 1
 
-    def _decode(self, streams: list[Running], j: int, u: torch.Tensor | np.ndarray, where: dict, decoded: np.ndarray
-                ) -> list[Running]:
-        """Decode one token of every live lane of ``streams`` from output ``j`` of its row; move
-        each stream one step on; return the streams that decode output j + 1 next (every live
-        lane's guess after this token held, and the stream goes on)."""
-        tok = self.tok
-        lanes = [r.live for r in streams]
-        at = np.fromiter((where[r.rows[i], j] for r, ls in zip(streams, lanes) for i in ls), np.int64)
-        spans = np.fromiter(itertools.accumulate((len(ls) for ls in lanes), initial=0), np.int64, len(lanes) + 1)
-        if self.compiled and not self.mixer.mask:
-            slots = np.fromiter((r.stream for r in streams), np.int64, len(streams))
-            t0 = time.perf_counter()
-            p, mass, _ = self.outputs(u, at)      # the output step: the model's time
-            self.stats.model_seconds += time.perf_counter() - t0
-            symbols = decode_rows_plain(self.bank, p, mass, spans, slots)
-        elif self.compiled:
-            parts = [self.mixed[r.stream].decode(u, at[spans[k]:spans[k + 1]], np.asarray(ls, np.int64),
-                                                 self.bank.state, r.stream, self.bank.words)
-                     for k, (r, ls) in enumerate(zip(streams, lanes))]
+    def _retire(self) -> None:
+        """Tell the scheduler of the streams whose lanes ended this pass (their rows are free for the
+        next admission); drop the finished streams' coders and mixers."""
+        lanes, finished = self.lanes, False
+        ended = np.nonzero(lanes.ended)[0]
+        lanes.ended[:] = False
+        for k in ended:
+            run = lanes.runs[k]
+            self.sched.jump(run, int(lanes.step[k]))
+            if run.done:
+                finished = True
+                for per in (self.coders, self.mixers, self.mixed):
+                    per.pop(run.stream, None)
+        if finished:
+            lanes.sync()
+            self.lanes = RunningLanes(self.sched.running, self.groups)
+
+    def _gaps(self) -> torch.Tensor | np.ndarray:
+        """The LM's gaps of every output the live lanes may use (one head pass; ``self.where`` says where
+        each row's outputs are); a numpy array on a CPU."""
+        idx = self.lanes.gaps(self.width, self.run.T, self.where)
+        at = torch.from_numpy(idx).to(self.run.h.device)
+        u = self.run.engine.gaps(self.run.h[at], self.run.e[at])
+        if not self.compiled:
+            return u
+        u = u.numpy()
+        if self.plain is not None:
+            self.plain.masses(u)        # the output step's vocabulary pass: the model's time
+        return u
+
+    def _decode(self, active: np.ndarray, j: int, u: torch.Tensor | np.ndarray) -> tuple[np.ndarray, int]:
+        """Decode one token of every live lane of the streams ``active`` (indexes into ``self.lanes``) from
+        output ``j`` of its row; move each stream one step on; return the streams that decode output
+        j + 1 next (every live lane's guess after this token held, and the stream goes on) and the
+        number of lanes that ended (streams with online models, or on CUDA, a column at a time)."""
+        lanes, tok = self.lanes, self.tok
+        at, spans, lane, rows = lanes.column(active, j, self.where)
+        streams = lanes.stream[active]
+        if self.compiled:
+            parts = [self.mixed[int(s)].decode(u, at[spans[a]:spans[a + 1]], lane[spans[a]:spans[a + 1]],
+                                               self.bank.state, int(s), self.bank.words)
+                     for a, s in enumerate(streams)]
             symbols = np.concatenate(parts) if len(parts) > 1 else parts[0]
         else:
-            symbols = self._decode_tensors(streams, lanes, u[torch.as_tensor(at, device=u.device)], spans)
-        going = []
-        for k, (r, ls) in enumerate(zip(streams, lanes)):
-            sym = symbols[spans[k]:spans[k + 1]]
-            pick = np.asarray(ls, np.int64)
-            rows_k = self.rows_of[r.stream][pick]
-            tried, held, every = settle(sym, rows_k, self.segs_of[r.stream][pick], r.step, j,
-                                        self.flat, self.base, self.feed, self.width, decoded, tok.alphabet_size,
-                                        tok.vocab_size, tok.placeholder)
-            if tried < 0:
-                raise CorruptArchiveError("decoded a symbol outside the alphabet")
-            self.stats.tried += tried
-            self.stats.held += held
-            if self.drafts is not None:
-                self.drafts.push(rows_k, sym)
-            if r.stream in self.mixers:
-                self.mixers[r.stream].update(sym.tolist())
-            self.sched.advance_stream(r)
-            if r.done:
-                self.coders.pop(r.stream, None)
-                self.mixers.pop(r.stream, None)
-                self.mixed.pop(r.stream, None)
-                self.rows_of.pop(r.stream)
-                self.segs_of.pop(r.stream)
-            elif every:
-                going.append(r)
-        return going
+            symbols = self._decode_tensors(streams, lane, u[torch.as_tensor(at, device=u.device)], spans)
+        going = np.empty(len(active), dtype=np.int64)
+        tried, held, n, ends = settle(symbols, active, spans, lane, lanes.rows, lanes.segs, lanes.lengths, lanes.step,
+                                      j, self.flat, self.base, self.feed, self.width, self.decoded, tok.alphabet_size,
+                                      tok.vocab_size, tok.placeholder, going, lanes.ended)
+        if tried < 0:
+            raise CorruptArchiveError("decoded a symbol outside the alphabet")
+        self._settled(tried, held, rows, symbols)
+        for a, s in enumerate(streams if self.mixers else ()):
+            self.mixers[int(s)].update(symbols[spans[a]:spans[a + 1]].tolist())
+        return going[:n], ends
 
-    def _decode_tensors(self, streams: list[Running], lanes: list[list[int]], gaps: torch.Tensor,
-                        spans: np.ndarray) -> np.ndarray:
+    def _settled(self, tried: int, held: int, rows: np.ndarray, symbols: np.ndarray) -> None:
+        """Count the guesses; the drafts take the symbols decoded (in order, a row's several in turn)."""
+        self.stats.tried += tried
+        self.stats.held += held
+        if self.drafts is not None:
+            self.drafts.push(rows, symbols)
+
+    def _decode_tensors(self, streams: np.ndarray, lane: np.ndarray, gaps: torch.Tensor, spans: np.ndarray
+                        ) -> np.ndarray:
         """The symbols of one column through the tensor path (StreamMixer, CodingTables, StreamDecoder): on CUDA,
         where the rows stay on the device and only stage 1's and the chosen buckets' rows cross to the host."""
-        mixed = [self.mixers[r.stream].mix(ls, gaps[spans[k]:spans[k + 1]])
-                 for k, (r, ls) in enumerate(zip(streams, lanes))]
+        mixed = [self.mixers[int(s)].mix(lane[spans[a]:spans[a + 1]].tolist(), gaps[spans[a]:spans[a + 1]])
+                 for a, s in enumerate(streams)]
         tables = CodingTables(torch.cat(mixed), self.tok.alphabet_size)
         stage1 = tables.stage1()
         buckets = np.zeros(int(spans[-1]), dtype=np.int64)
-        for k, r in enumerate(streams):
-            buckets[spans[k]:spans[k + 1]] = self._coder(r.stream).decode(stage1[spans[k]:spans[k + 1]])
+        for a, s in enumerate(streams):
+            buckets[spans[a]:spans[a + 1]] = self.coders[int(s)].decode(stage1[spans[a]:spans[a + 1]])
         stage2 = tables.stage2(buckets)
         symbols = np.zeros_like(buckets)
-        for k, r in enumerate(streams):
-            part = self._coder(r.stream).decode(stage2[spans[k]:spans[k + 1]])
-            symbols[spans[k]:spans[k + 1]] = buckets[spans[k]:spans[k + 1]] * tables.width + part
+        for a, s in enumerate(streams):
+            part = self.coders[int(s)].decode(stage2[spans[a]:spans[a + 1]])
+            symbols[spans[a]:spans[a + 1]] = buckets[spans[a]:spans[a + 1]] * tables.width + part
         return symbols
-
-    def _coder(self, stream: int) -> StreamDecoder:
-        return self.coders[stream]
 
     def _guess(self) -> None:
         """Choose the next pass's guesses: each running stream's drafts, believed as far as they
         have held (:class:`Acceptance`), in as many columns as pay (:func:`choose_width`)."""
         self.width[:] = 1
         self._next = 1
+        lanes = self.lanes
         if not self.most or not self.sched.running:
             return
-        plans, chances = [], []
-        for r in self.sched.running:
-            live = r.live
-            rows = self.rows_of[r.stream][np.asarray(live, np.int64)]
-            room = self.run.room(rows)
-            most = int(min(room.min(), min(r.lengths[i] - r.step for i in live) - 1, self.most))
-            # Proposed and watched: scored as the symbols come, fed or not.
-            guesses, counts, lengths = self.drafts.propose(rows, max(0, most), watch=True)
-            count = int(counts.min())
-            if count == 0:
-                continue
-            plans.append((rows, guesses, count))
-            chances.append(self.drafts.chances(lengths, count))
-        if not plans:
+        rows, spans, limit = guess_limits(lanes.rows, lanes.lengths, lanes.step, self.run.position,
+                                          *self.run.room_limits(), self.most)
+        # Proposed and watched: scored as the symbols come, fed or not.
+        guesses, counts, lengths = self.drafts.propose(rows, limit, watch=True)
+        count = np.minimum.reduceat(counts, spans[:-1])        # a stream's lanes move together
+        if not count.any():
             return
-        live_rows = sum(len(r.live) for r in self.sched.running)
-        T = choose_width(live_rows, self.run.rows, chances, self.cost, self.most)
+        table = self.drafts.stream_chances(lengths, spans, count)
+        chances = [table[k, :c] for k, c in enumerate(count.tolist()) if c]
+        T = choose_width(len(rows), self.run.rows, chances, self.cost, self.most)
         self._next = T
-        for rows, guesses, count in plans:
-            k = min(T - 1, count)
-            g = guesses[:, :k]
-            self.feed[rows, 1:1 + k] = np.where(g < self.tok.vocab_size, g, self.tok.placeholder)
-            self.width[rows] = 1 + k
+        write_guesses(rows, spans, count, guesses, T, self.feed, self.width, self.tok.vocab_size,
+                      self.tok.placeholder)
 
     def launch(self) -> None:
         """The model pass: the tokens just decoded and their guesses in, the next hidden rows out."""

@@ -118,8 +118,16 @@ class Scheduler:
         """One stream's live lanes took one step (a guess-and-verify pass moves streams by
         different counts): free the rows of its segments that ended, retire it if it is
         done; return the rows freed."""
-        freed = [run.rows[i] for i in run.live if run.step + 1 >= run.lengths[i]]
-        run.step += 1
+        return self.jump(run, run.step + 1)
+
+    def jump(self, run: Running, step: int) -> list[int]:
+        """One stream's live lanes are at ``step`` now (``run.step`` or later: the decoder keeps
+        steps in arrays and reports a stream when one of its lanes ended): free the rows of its
+        segments that ended since ``run.step``, retire it if it is done; return the rows freed."""
+        if step < run.step:
+            raise ValueError("a stream's step never goes back")
+        freed = [run.rows[i] for i in run.live if step >= run.lengths[i]]
+        run.step = step
         if run.done:
             self.running.remove(run)
             self.finished.append(run.stream)

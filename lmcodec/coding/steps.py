@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..engine.cpu.jit import JIT, njit
 from ..engine.engine import Engine
 from ..engine.kvcache import KVCache
 from .runner import Prefix, sink_base, sink_step
@@ -40,6 +41,23 @@ def cache_slots(arch, P: int, context: int, longest: int, spare: int = 0, capaci
 def ring_slot(pos: int, sink: int, capacity: int) -> int:
     """Cache slot of position ``pos``: linear until full, then a ring after the sink."""
     return pos if pos < capacity else sink + (pos - sink) % (capacity - sink)
+
+
+@njit(inline="always", **JIT)
+def room_of(pos, P, q, bound, spare):  # pragma: no cover - compiled
+    """How many guesses a row at ``pos`` may take in the next pass: its positions pos .. pos + k below
+    ``bound`` and on one side of a move of the prefix (:func:`~lmcodec.coding.runner.next_sink_move`,
+    every ``q`` positions after P + 4q), k <= ``spare``."""
+    moves = P + q * max(4, (pos - P) // q + 1)
+    return min(max(min(bound - 1 - pos, moves - 1 - pos), 0), spare)
+
+
+@njit(**JIT)
+def rooms(position, rows, P, q, bound, spare):  # pragma: no cover - compiled
+    out = np.empty(rows.shape[0], np.int64)
+    for i in range(rows.shape[0]):
+        out[i] = room_of(position[rows[i]], P, q, bound, spare)
+    return out
 
 
 class Lockstep:
@@ -159,13 +177,12 @@ class RowStep:
             self.sink_at[pick] = base
 
     def room(self, rows) -> np.ndarray:
-        """How many guesses each of ``rows`` may take in the next pass: its positions p .. p+k
-        below :attr:`bound` and on one side of a move of the prefix, k <= :attr:`spare`."""
-        pos = self.position[np.asarray(rows, dtype=np.int64)]
-        P, trained = self.pre.length, self.engine.arch.max_position_embeddings
-        q = sink_step(trained)
-        moves = P + q * np.maximum(4, (pos - P) // q + 1)        # next_sink_move of every row
-        return np.minimum(np.maximum(np.minimum(self.bound - 1 - pos, moves - 1 - pos), 0), self.spare)
+        """How many guesses each of ``rows`` may take in the next pass (:func:`room_of`)."""
+        return rooms(self.position, np.asarray(rows, dtype=np.int64), *self.room_limits())
+
+    def room_limits(self) -> tuple[int, int, int, int]:
+        """What :func:`room_of` reads besides a row's position: P, the prefix's step, the bound, the spare."""
+        return (self.pre.length, sink_step(self.engine.arch.max_position_embeddings), self.bound, self.spare)
 
     def _inputs(self, tokens: np.ndarray, guesses: np.ndarray | None = None) -> list[np.ndarray]:
         """This pass's [rows, T] host columns: ids, positions, slots, key sets (a, b, c), and

@@ -22,6 +22,12 @@ from ..engine.spec.constants import BUCKET_FLOOR, BUCKETS, ESCAPES, OUT_U_CAP, T
 
 
 @njit(inline="always", **JIT)
+def weight_of(e, exp2):  # pragma: no cover - compiled
+    """A token's weight from its gap ``e`` (>= 0): ``exp2[e & 1023] >> (e >> 10)``."""
+    return exp2[e & 1023] >> (e >> 10)
+
+
+@njit(inline="always", **JIT)
 def token_weights(u, bias, has_bias, frac, exp2, width, p, mass):  # pragma: no cover - compiled
     """One row's symbol weights ``p`` [256 width] and bucket masses ``mass`` [256] from its gaps ``u`` [V];
     returns the tokens' total (what the escapes, the mixer and the bias read).
@@ -39,12 +45,10 @@ def token_weights(u, bias, has_bias, frac, exp2, width, p, mass):  # pragma: no 
             if g < low:
                 low = g
         for v in range(vocab):
-            e = min(u[v] - (bias[v] >> frac) - low, OUT_U_CAP)
-            p[v] = exp2[e & 1023] >> (e >> 10)
+            p[v] = weight_of(min(u[v] - (bias[v] >> frac) - low, OUT_U_CAP), exp2)
     else:
         for v in range(vocab):
-            e = u[v]
-            p[v] = exp2[e & 1023] >> (e >> 10)
+            p[v] = weight_of(u[v], exp2)
     total = np.int64(0)
     for b in range(BUCKETS):
         m = np.int64(0)
@@ -67,6 +71,43 @@ def weights_rows(u, at, exp2, width, p, mass, totals):  # pragma: no cover - com
     no_bias = np.zeros(1, np.int64)
     for i in prange(at.shape[0]):
         totals[i] = token_weights(u[at[i]], no_bias, False, 0, exp2, width, p[i], mass[i])
+
+
+@njit(parallel=True, **JIT)
+def masses_rows(u, exp2, width, mass, totals):  # pragma: no cover - compiled
+    """The bucket masses ``mass`` [n, 256] and token totals ``totals`` [n] of every row of ``u`` [n, V] (no
+    bias), rows side by side, without keeping the weights: :func:`token_weights`' sums, and stage 2
+    remakes the one bucket it needs (:func:`bucket_weights`)."""
+    vocab = u.shape[1]
+    for i in prange(u.shape[0]):
+        row = u[i]
+        total = np.int64(0)
+        for b in range(BUCKETS):
+            m = np.int64(0)
+            for v in range(b * width, min((b + 1) * width, vocab)):
+                m += weight_of(row[v], exp2)
+            mass[i, b] = m
+            total += m
+        esc = max(total >> 24, np.int64(1))
+        for v in range(vocab, vocab + ESCAPES):
+            mass[i, v // width] += esc
+        totals[i] = total
+
+
+@njit(inline="always", **JIT)
+def bucket_weights(u, b, width, total, exp2, out):  # pragma: no cover - compiled
+    """Bucket ``b``'s ``width`` symbol weights into ``out``, :func:`token_weights`' entries
+    ``p[b width:(b + 1) width]`` (no bias) remade from the row's gaps ``u`` [V] and token ``total``."""
+    vocab = u.shape[0]
+    esc = max(total >> 24, np.int64(1))
+    for j in range(width):
+        v = b * width + j
+        if v < vocab:
+            out[j] = weight_of(u[v], exp2)
+        elif v < vocab + ESCAPES:
+            out[j] = esc
+        else:
+            out[j] = 0
 
 
 @njit(inline="always", **JIT)
