@@ -55,14 +55,20 @@ def drive(seed: int, prefix_len: int, lanes: int, slots: int, most: int, collide
             bank.open(np.array([s]), rooms)
             live[s] = (g, 0, index.lane(accept))
         # decode: each live lane 1 .. a few tokens (a pass whose guesses held), pushed column by column
+        # (or, fused, all of them pushed by the plan after the pass: DraftBank.plan, as Rows._guess calls it)
         order = list(live)
+        fused, log = rng.random() < 0.4, ([], [])
         want = {s: min(len(segs[live[s][0]]) - live[s][1], int(rng.choice([1, 1, 2, 3, 9]))) for s in order}
         for j in range(max(want.values(), default=0)):
             col = [s for s in order if want[s] > j]
             xs = [int(segs[live[s][0]][live[s][1] + j]) for s in col]
             for s, x in zip(col, xs):
                 live[s][2].push(x)
-            bank.push(np.array(col, dtype=np.int64), np.array(xs, dtype=np.int64))
+            if fused:
+                log[0].extend(col)
+                log[1].extend(xs)
+            else:
+                bank.push(np.array(col, dtype=np.int64), np.array(xs, dtype=np.int64))
         for s in order:
             g, done, lane = live[s]
             live[s] = (g, done + want[s], lane)
@@ -71,13 +77,22 @@ def drive(seed: int, prefix_len: int, lanes: int, slots: int, most: int, collide
                 free.append(s)
         # guess: propose + watch for every live lane, as Rows._guess
         order = list(live)
+        if fused and not order:
+            bank.push(np.array(log[0], dtype=np.int64), np.array(log[1], dtype=np.int64))
         if order:
             mosts = np.array([min(most, len(segs[live[s][0]]) - live[s][1] - 1, int(rng.integers(-1, most + 1)))
                               for s in order], dtype=np.int64)
             if rng.random() < 0.3:     # one most for every lane (an int)
                 mosts[:] = mosts.min()
             most_arg = int(mosts[0]) if rng.random() < 0.3 and (mosts == mosts[0]).all() else mosts
-            if rng.random() < 0.5:
+            cuts = sorted(set(rng.integers(1, len(order) + 1, size=3).tolist()) | {len(order)})
+            spans = np.array([0] + cuts, dtype=np.int64)
+            if fused:
+                guesses, counts, cnt, table = bank.plan(np.array(log[0], dtype=np.int64),
+                                                        np.array(log[1], dtype=np.int64), np.array(order), spans,
+                                                        np.maximum(mosts, 0))
+                lengths = None
+            elif rng.random() < 0.5:
                 guesses, counts, lengths = bank.propose(np.array(order), most_arg)
                 bank.watch(np.array(order), guesses, counts, lengths)
             else:
@@ -86,20 +101,23 @@ def drive(seed: int, prefix_len: int, lanes: int, slots: int, most: int, collide
                 lane = live[s][2]
                 guess, n = lane.propose(int(mosts[i]))
                 lane.watch(guess, n)
-                assert counts[i] == len(guess) and lengths[i] == n, (s, guess, n, counts[i], lengths[i])
+                assert counts[i] == len(guess) and (fused or lengths[i] == n), (s, guess, n, counts[i])
                 assert guesses[i, :counts[i]].tolist() == guess
                 assert not guesses[i, counts[i]:].any()
             # the streams' chances (lanes grouped at random), as Rows._guess computes them
-            cuts = sorted(set(rng.integers(1, len(order) + 1, size=3).tolist()) | {len(order)})
-            spans = np.array([0] + cuts, dtype=np.int64)
-            cnt = np.array([counts[a:b].min() for a, b in pairwise(spans)], dtype=np.int64)
-            got = bank.stream_chances(lengths, spans, cnt)
+            if fused:
+                lengths = np.array([live[s][2].propose(int(m))[1] for s, m in zip(order, mosts)], dtype=np.int64)
+            else:
+                cnt = np.array([counts[a:b].min() for a, b in pairwise(spans)], dtype=np.int64)
+                table = bank.stream_chances(lengths, spans, cnt)
+            assert cnt.tolist() == [counts[a:b].min() for a, b in pairwise(spans)]
             for k, (a, b) in enumerate(pairwise(spans)):
                 c = int(cnt[k])
+                assert not table[k, c:].any()
                 if c == 0:
                     continue
                 ref = np.prod([accept.chances(int(n), c) for n in lengths[a:b]], axis=0) * (b - a)
-                assert np.array_equal(got[k, :c], ref)
+                assert np.array_equal(table[k, :c], ref)
                 assert np.array_equal(bank.chances(lengths[a:b], c), ref)
         passes += 1
         if passes % passes_per_check == 0 or not (waiting or live):

@@ -63,28 +63,28 @@ def decode(im, tok, header, block, rows: int, guesses: int, prefix: list[int]) -
 def scrambled(monkeypatch):
     """Drafts corrupted at random (a wrong token at a random place, random lengths, guesses where no
     match was found) and the pass width drawn at random: guesses rejected at every place, rows with
-    different k.  The decoder's drafts are a DraftBank: what it proposes is scrambled after the real
-    proposals were watched (scored), so only what is fed changes."""
+    different k.  The decoder's drafts are a DraftBank: what its plan proposes is scrambled after the
+    real proposals were watched (scored), so only what is fed changes."""
     rng = np.random.default_rng(17)
-    real = draftbank.DraftBank.propose
+    real = draftbank.DraftBank.plan
 
-    def propose(self, slots, most, *, watch=False):
-        guesses, counts, lengths = (a.copy() for a in real(self, slots, most, watch=watch))
-        limits = np.broadcast_to(np.asarray(most, dtype=np.int64).reshape(-1), (len(slots),))
+    def plan(self, pushed, symbols, slots, spans, most):
+        guesses, counts, _, _ = real(self, pushed, symbols, slots, spans, most)
+        guesses, counts = guesses.copy(), counts.copy()
         for i in range(len(slots)):
-            m, c = int(limits[i]), int(counts[i])
+            m, c = int(most[i]), int(counts[i])
             if not c and m and rng.random() < 0.3:
                 c = int(rng.integers(1, m + 1))
                 guesses[i, :c] = rng.integers(0, 49152, c)
-                lengths[i] = 2
             elif c and rng.random() < 0.3:
                 c = int(rng.integers(0, c + 1))
             if c and rng.random() < 0.4:
                 guesses[i, int(rng.integers(0, c))] = int(rng.integers(0, 49152))
             counts[i] = c
-        return guesses, counts, lengths
+        stream = np.array([counts[a:b].min() for a, b in zip(spans[:-1], spans[1:])], dtype=np.int64)
+        return guesses, counts, stream, np.full((len(stream), guesses.shape[1]), 0.5)
 
-    monkeypatch.setattr(draftbank.DraftBank, "propose", propose)
+    monkeypatch.setattr(draftbank.DraftBank, "plan", plan)
     monkeypatch.setattr(rowdecode, "choose_width", lambda live, rows, chances, cost, most:
                         int(rng.integers(1, 2 + min(most, max(len(c) for c in chances)))))
 

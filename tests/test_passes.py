@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from lmcodec.coding.coder import StreamDecoder, StreamEncoder
 from lmcodec.coding.frequencies import CodingTables, bucket_width
-from lmcodec.coding.lanes import RunningLanes
+from lmcodec.coding.lanes import RunningLanes, new_record
 from lmcodec.coding.mixedpass import MixedStream
 from lmcodec.coding.mixing import ALL, BIAS_BIT, MixerConfig, StreamMixer
 from lmcodec.coding.passes import DecoderBank, EncoderBuffer, OutputRows, PlainPasses, encode_plain
@@ -95,7 +95,7 @@ def compiled_decode(config: MixerConfig, lengths: list[int], plan, alphabet: int
     base = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     flat = np.full(int(base[-1]), -1, np.int64)
     where, feed = np.zeros((L, 1), np.int64), np.zeros((L, 1), np.int64)
-    widths, decoded, ended = np.ones(L, np.int64), np.zeros(L, np.int64), np.zeros(1, bool)
+    widths, decoded, log = np.ones(L, np.int64), np.zeros(L, np.int64), np.zeros((2, L), np.int64)
     out = []
     for t, (live, u, _) in enumerate(plan):
         if mixed is not None:
@@ -103,7 +103,7 @@ def compiled_decode(config: MixerConfig, lengths: list[int], plan, alphabet: int
             continue
         where[live, 0] = np.arange(len(live))
         plain.masses(u)
-        plain.decode(u, lanes, where, (flat, base), feed, widths, decoded, ended, alphabet - ESCAPES, 0)
+        plain.decode(u, lanes, where, (flat, base), feed, widths, decoded, alphabet - ESCAPES, 0, log, new_record())
         assert lanes.step[0] == t + 1 and np.array_equal(decoded[live], np.full(len(live), t + 1))
         out.append(flat[base[live] + t])
     return out

@@ -377,6 +377,23 @@ def _chances(acc, lengths, spans, counts, out):  # pragma: no cover - compiled
             out[k, j] = out[k, j] * lanes
 
 
+@njit(**JIT)
+def _plan(pre, ptab, ltok, ltab, lst, ring, acc, cfg, pushed, symbols, slots, spans, most, guesses, out, counts,
+          table):  # pragma: no cover - compiled
+    """The decoder's drafts after a pass, in one call: :func:`_push` of the pass's symbols (``pushed[i]``'s
+    lane decoded ``symbols[i]``, in order), then :func:`_propose` with watch for every live lane (``slots``,
+    each with its ``most``), then each stream's count (its lanes' least: they move together; stream k's
+    lanes are ``slots[spans[k]:spans[k + 1]]``) and :func:`_chances` for those counts."""
+    _push(pre, ltok, ltab, lst, ring, acc, cfg, pushed, symbols)
+    _propose(pre, ptab, ltok, ltab, lst, ring, cfg, slots, most, guesses, out, True)
+    for k in range(spans.shape[0] - 1):
+        c = np.int64(1) << 62
+        for i in range(spans[k], spans[k + 1]):
+            c = min(c, out[0, i])
+        counts[k] = c if spans[k + 1] > spans[k] else 0
+    _chances(acc, out[1], spans, counts, table)
+
+
 # -- Python -------------------------------------------------------------------------------------------------
 
 
@@ -484,6 +501,27 @@ class DraftBank:
         _watch(self.lst, self.ring, self.cfg, np.ascontiguousarray(slots, dtype=np.int64),
                np.ascontiguousarray(guesses, dtype=np.int64), np.ascontiguousarray(counts, dtype=np.int64),
                np.ascontiguousarray(lengths, dtype=np.int64))
+
+    def plan(self, pushed: np.ndarray, symbols: np.ndarray, slots: np.ndarray, spans: np.ndarray, most: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """After a decoder pass, in one call: :meth:`push` (``pushed``, ``symbols``), :meth:`propose` with
+        watch for ``slots`` (stream k's lanes ``slots[spans[k]:spans[k + 1]]``, lane i taking at most
+        ``most[i]``), then each stream's count (its lanes' least, since they move together) and
+        :meth:`stream_chances` for them.  Returns (guesses [n, max most], each lane's count, each stream's
+        count, the chances [streams, max most])."""
+        n = len(slots)
+        width = max(0, int(most.max())) if n else 0
+        guesses = np.zeros((n, width), dtype=np.int64)
+        out = np.zeros((2, n), dtype=np.int64)
+        counts = np.zeros(max(0, len(spans) - 1), dtype=np.int64)
+        table = np.zeros((len(counts), width), dtype=np.float64)
+        if width > self.most:
+            raise ValueError("more guesses asked than the bank keeps")
+        _plan(self.prefix.ids, self.prefix.table, self.ltok, self.ltab, self.lst, self.ring, self.acc, self.cfg,
+              np.ascontiguousarray(pushed, dtype=np.int64), np.ascontiguousarray(symbols, dtype=np.int64),
+              np.ascontiguousarray(slots, dtype=np.int64), np.ascontiguousarray(spans, dtype=np.int64),
+              np.ascontiguousarray(most, dtype=np.int64), guesses, out, counts, table)
+        return guesses, out[0], counts, table
 
     def chances(self, lengths: np.ndarray, count: int) -> np.ndarray:
         """``Rows._guess``'s chances of one stream whose lanes' proposals matched ``lengths``:

@@ -148,39 +148,54 @@ def goes_on(k, lengths, step):  # pragma: no cover - compiled
     return False
 
 
+#: A pass's record (``out``, int64): guesses tried, held, symbols logged, status (-1, or the stream whose
+#: payload failed), lanes ended.  :func:`settle` and :func:`~lmcodec.coding.passes.decode_pass` add to it.
+TRIED, HELD, LOGGED, STATUS, ENDED = range(5)
+
+
+def new_record() -> np.ndarray:
+    return np.array([0, 0, 0, -1, 0], dtype=np.int64)
+
+
 @njit(**JIT)
 def settle(symbols, active, spans, lane, rows, segs, lengths, step, j, flat, base, feed, width, decoded,
-           alphabet, vocab, placeholder, going, ended):  # pragma: no cover - compiled
+           alphabet, vocab, placeholder, going, ended, log, out):  # pragma: no cover - compiled
     """Record column ``j``'s symbols of the streams ``active`` (stream ``active[a]``'s live lanes are
-    ``spans[a]:spans[a + 1]``, lane ``lane[m]``) with :func:`record`; then each stream's step moves on.
-    ``going`` receives the streams that decode output ``j + 1`` (every live lane's guess held and a lane
-    goes on), ``ended[k]`` is set where a lane ended.  Returns (guesses tried, held, streams going on,
-    lanes ended), or (-1, 0, 0, 0) for a symbol outside the alphabet."""
-    tried = 0
-    held = 0
+    ``spans[a]:spans[a + 1]``, lane ``lane[m]``) with :func:`record`, and each (row, symbol) in ``log``
+    [2, *] after the ``out[LOGGED]`` already there; then each stream's step moves on.  ``going`` receives
+    the streams that decode output ``j + 1`` (every live lane's guess held and a lane goes on),
+    ``ended[k]`` is set where a lane ended; ``out`` (the pass's record) adds up the counts, and its status
+    names the stream of a symbol outside the alphabet.  Returns how many streams go on."""
     n = 0
-    ends = 0
+    x0 = out[LOGGED]
+    x = x0
     for a in range(active.shape[0]):
         k = active[a]
         t = step[k]
         every = True
         for m in range(spans[a], spans[a + 1]):
-            x = symbols[m]
-            if x < 0 or x >= alphabet:
-                return -1, 0, 0, 0
+            y = symbols[m]
+            if y < 0 or y >= alphabet:
+                out[STATUS] = k
+                return 0
             i = lane[m]
-            h = record(x, rows[k, i], base[segs[k, i]] + t, j, flat, feed, width, decoded, vocab, placeholder)
-            tried += h > 0
-            held += h == 1
+            r = rows[k, i]
+            h = record(y, r, base[segs[k, i]] + t, j, flat, feed, width, decoded, vocab, placeholder)
+            out[TRIED] += h > 0
+            out[HELD] += h == 1
             every &= h == 1
             if t + 1 >= lengths[k, i]:
                 ended[k] = True
-                ends += 1
+                out[ENDED] += 1
+            log[0, x] = r
+            log[1, x] = y
+            x += 1
         step[k] = t + 1
         if every and goes_on(k, lengths, step):
             going[n] = k
             n += 1
-    return tried, held, n, ends
+    out[LOGGED] = x
+    return n
 
 
 @njit(**JIT)

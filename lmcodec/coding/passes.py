@@ -59,9 +59,10 @@ def decode_pass(u, mass, totals, exp2, width, where, rows, lengths, segs, step, 
     the gaps, :func:`~lmcodec.coding.tables_cpu.bucket_weights`).  Each decoded (row, symbol) goes to
     ``log`` [2, m] in order (the drafts' push).
 
-    ``out`` gets (guesses tried, held, symbols logged, status, lanes ended): status -1 when every stream
-    was valid, else the index of a stream whose payload failed (its range decoder, or a symbol outside
-    the alphabet); ``ended[k]`` is set where a lane of stream k ended.
+    ``out`` adds up :func:`~lmcodec.coding.lanes.settle`'s counts (guesses tried, held, symbols logged,
+    status, lanes ended): status stays -1 while every stream is valid, else it is the index of a stream
+    whose payload failed (its range decoder, or a symbol outside the alphabet); ``ended[k]`` is set where
+    a lane of stream k ended.
     """
     n, L = rows.shape
     wbits = bitlen(width)
@@ -73,10 +74,8 @@ def decode_pass(u, mass, totals, exp2, width, where, rows, lengths, segs, step, 
     na = n
     tried = 0
     held = 0
-    m = 0
+    m = out[2]
     j = 0
-    out[3] = -1
-    out[4] = 0
     while na:
         nn = 0
         for a in range(na):
@@ -129,8 +128,8 @@ def decode_pass(u, mass, totals, exp2, width, where, rows, lengths, segs, step, 
                 nn += 1
         na = nn
         j += 1
-    out[0] = tried
-    out[1] = held
+    out[0] += tried
+    out[1] += held
     out[2] = m
 
 
@@ -199,8 +198,6 @@ class PlainPasses:
         self.bank = bank
         self._mass = np.zeros((0, BUCKETS), np.int64)
         self._totals = np.zeros(0, np.int64)
-        self._log = np.zeros((2, 0), np.int64)
-        self._out = np.zeros(5, np.int64)
 
     def masses(self, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Bucket masses [n, 256] and token totals [n] of every row of the gaps ``u`` [n, V]."""
@@ -208,7 +205,6 @@ class PlainPasses:
         if n > self._mass.shape[0]:
             self._mass = np.empty((n, BUCKETS), np.int64)
             self._totals = np.empty(n, np.int64)
-            self._log = np.empty((2, n), np.int64)
         mass, totals = self._mass[:n], self._totals[:n]
         if n:
             sync_threads()      # masses_rows runs rows side by side on numba's threads: as many as torch's
@@ -216,20 +212,18 @@ class PlainPasses:
         return mass, totals
 
     def decode(self, u: np.ndarray, lanes: RunningLanes, where: np.ndarray, symbols: tuple[np.ndarray, np.ndarray],
-               feed: np.ndarray, widths: np.ndarray, decoded: np.ndarray, ended: np.ndarray, vocab: int,
-               placeholder: int) -> tuple[int, int, int, np.ndarray]:
-        """:func:`decode_pass` over ``u`` and the masses :meth:`masses` made of it last; returns (guesses
-        tried, held, lanes ended, the decoded (rows, symbols) in order [2, m]).  Raises CorruptArchiveError for a
+               feed: np.ndarray, widths: np.ndarray, decoded: np.ndarray, vocab: int, placeholder: int,
+               log: np.ndarray, out: np.ndarray) -> None:
+        """:func:`decode_pass` over ``u`` and the masses :meth:`masses` made of it last (``log``, ``out``: its
+        record of the pass, :func:`~lmcodec.coding.lanes.settle`'s).  Raises CorruptArchiveError for a
         stream that cannot be valid."""
         n = u.shape[0]
         flat, base = symbols
-        out = self._out
         decode_pass(u, self._mass[:n], self._totals[:n], self.exp2, self.width, where, lanes.rows, lanes.lengths,
                     lanes.segs, lanes.step, lanes.stream, self.bank.state, self.bank.words, flat, base, feed,
-                    widths, decoded, self.alphabet, vocab, placeholder, ended, self._log, out)
+                    widths, decoded, self.alphabet, vocab, placeholder, lanes.ended, log, out)
         if out[3] >= 0:
             raise CorruptArchiveError(f"range decoder failed: stream {int(out[3])} cannot be a valid stream")
-        return int(out[0]), int(out[1]), int(out[4]), self._log[:, :out[2]]
 
 
 class DecoderBank:

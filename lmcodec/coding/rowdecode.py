@@ -29,7 +29,7 @@ from .coder import StreamDecoder
 from .draft import PassCost, choose_width
 from .draftbank import DraftBank, PrefixTable
 from .frequencies import CodingTables
-from .lanes import RunningLanes, close_pass, guess_limits, settle, write_guesses
+from .lanes import LOGGED, STATUS, RunningLanes, close_pass, guess_limits, new_record, settle, write_guesses
 from .mixedpass import MixedStream
 from .mixing import MixerConfig, StreamMixer
 from .passes import DecoderBank, PlainPasses
@@ -146,6 +146,8 @@ class Rows:
         self.lanes = RunningLanes([], groups)
         self.where = np.zeros((rows, 1 + self.most), dtype=np.int64)     # row r's output j is gaps row where[r, j]
         self.decoded = np.zeros(rows, dtype=np.int64)                    # tokens each row decoded this pass
+        self.log = np.zeros((2, 0), dtype=np.int64)                      # the pass's (row, symbol)s, in order
+        self.record = new_record()                                       # the pass's counts (lanes.settle)
         self.cost = PassCost()
         self.stats = stats if stats is not None else DecodeStats()
         self._pass: tuple[int, float] | None = None     # (queries, seconds) of the last pass, gaps still to add
@@ -169,18 +171,19 @@ class Rows:
             self.cost.record(queries, seconds + time.perf_counter() - t0)
             self._pass = None
         self.decoded[:] = 0
+        record = self.record = new_record()
         if self.plain is not None:
             tok = self.tok
-            tried, held, ends, log = self.plain.decode(u, self.lanes, self.where, (self.flat, self.base), self.feed,
-                                                       self.width, self.decoded, self.lanes.ended, tok.vocab_size,
-                                                       tok.placeholder)
-            self._settled(tried, held, log[0], log[1])
+            self.plain.decode(u, self.lanes, self.where, (self.flat, self.base), self.feed, self.width, self.decoded,
+                              tok.vocab_size, tok.placeholder, self.log, record)
         else:
-            active, j, ends = self.lanes.every, 0, 0
+            active, j = self.lanes.every, 0
             while len(active):
-                active, n = self._decode(active, j, u)
-                ends += n
+                active = self._decode(active, j, u)
                 j += 1
+        tried, held, _, _, ends = record.tolist()
+        self.stats.tried += tried
+        self.stats.held += held
         if ends:
             self._retire()
         # The next pass's column 0 follows each row's last token (its guesses that held moved it on).
@@ -230,6 +233,8 @@ class Rows:
         each row's outputs are); a numpy array on a CPU."""
         idx = self.lanes.gaps(self.width, self.run.T, self.where)
         at = torch.from_numpy(idx).to(self.run.h.device)
+        if self.log.shape[1] < len(idx):
+            self.log = np.empty((2, len(idx)), dtype=np.int64)     # at most a symbol per output
         u = self.run.engine.gaps(self.run.h[at], self.run.e[at])
         if not self.compiled:
             return u
@@ -238,11 +243,11 @@ class Rows:
             self.plain.masses(u)        # the output step's vocabulary pass: the model's time
         return u
 
-    def _decode(self, active: np.ndarray, j: int, u: torch.Tensor | np.ndarray) -> tuple[np.ndarray, int]:
+    def _decode(self, active: np.ndarray, j: int, u: torch.Tensor | np.ndarray) -> np.ndarray:
         """Decode one token of every live lane of the streams ``active`` (indexes into ``self.lanes``) from
         output ``j`` of its row; move each stream one step on; return the streams that decode output
-        j + 1 next (every live lane's guess after this token held, and the stream goes on) and the
-        number of lanes that ended (streams with online models, or on CUDA, a column at a time)."""
+        j + 1 next (every live lane's guess after this token held, and the stream goes on).  Streams with
+        online models, and CUDA's, go a column at a time."""
         lanes, tok = self.lanes, self.tok
         at, spans, lane, rows = lanes.column(active, j, self.where)
         streams = lanes.stream[active]
@@ -254,22 +259,14 @@ class Rows:
         else:
             symbols = self._decode_tensors(streams, lane, u[torch.as_tensor(at, device=u.device)], spans)
         going = np.empty(len(active), dtype=np.int64)
-        tried, held, n, ends = settle(symbols, active, spans, lane, lanes.rows, lanes.segs, lanes.lengths, lanes.step,
-                                      j, self.flat, self.base, self.feed, self.width, self.decoded, tok.alphabet_size,
-                                      tok.vocab_size, tok.placeholder, going, lanes.ended)
-        if tried < 0:
+        n = settle(symbols, active, spans, lane, lanes.rows, lanes.segs, lanes.lengths, lanes.step, j, self.flat,
+                   self.base, self.feed, self.width, self.decoded, tok.alphabet_size, tok.vocab_size, tok.placeholder,
+                   going, lanes.ended, self.log, self.record)
+        if self.record[STATUS] >= 0:
             raise CorruptArchiveError("decoded a symbol outside the alphabet")
-        self._settled(tried, held, rows, symbols)
         for a, s in enumerate(streams if self.mixers else ()):
             self.mixers[int(s)].update(symbols[spans[a]:spans[a + 1]].tolist())
-        return going[:n], ends
-
-    def _settled(self, tried: int, held: int, rows: np.ndarray, symbols: np.ndarray) -> None:
-        """Count the guesses; the drafts take the symbols decoded (in order, a row's several in turn)."""
-        self.stats.tried += tried
-        self.stats.held += held
-        if self.drafts is not None:
-            self.drafts.push(rows, symbols)
+        return going[:n]
 
     def _decode_tensors(self, streams: np.ndarray, lane: np.ndarray, gaps: torch.Tensor, spans: np.ndarray
                         ) -> np.ndarray:
@@ -295,17 +292,21 @@ class Rows:
         self.width[:] = 1
         self._next = 1
         lanes = self.lanes
-        if not self.most or not self.sched.running:
+        if not self.most:
+            return
+        if not self.sched.running:
+            logged = self.record[LOGGED]
+            self.drafts.push(self.log[0, :logged], self.log[1, :logged])     # (their rows are free now)
             return
         rows, spans, limit = guess_limits(lanes.rows, lanes.lengths, lanes.step, self.run.position,
                                           *self.run.room_limits(), self.most)
-        # Proposed and watched: scored as the symbols come, fed or not.
-        guesses, counts, lengths = self.drafts.propose(rows, limit, watch=True)
-        count = np.minimum.reduceat(counts, spans[:-1])        # a stream's lanes move together
-        if not count.any():
-            return
-        table = self.drafts.stream_chances(lengths, spans, count)
+        # The pass's symbols in, then every live lane's proposal, watched: scored as the symbols come,
+        # fed or not.  A stream's lanes move together, so it takes its lanes' least count.
+        logged = self.record[LOGGED]
+        guesses, _, count, table = self.drafts.plan(self.log[0, :logged], self.log[1, :logged], rows, spans, limit)
         chances = [table[k, :c] for k, c in enumerate(count.tolist()) if c]
+        if not chances:
+            return
         T = choose_width(len(rows), self.run.rows, chances, self.cost, self.most)
         self._next = T
         write_guesses(rows, spans, count, guesses, T, self.feed, self.width, self.tok.vocab_size,
