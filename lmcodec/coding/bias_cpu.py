@@ -113,7 +113,8 @@ def floor_div(x, d, inv):  # pragma: no cover - compiled
 
 @njit(inline="always", **JIT)
 def learn_step(q, totals, ys, n, coded, rates, rate_now, bias, count_cap, bias_cap):  # pragma: no cover - compiled
-    """:func:`learn_bias` for the ``n`` rows of one step in one thread: ``q`` [>= n, >= V] their LM weights,
+    """:func:`learn_bias` for the ``n`` rows of one step in one thread: ``q`` [>= n, >= V] their LM weights
+    (int32 or int64: weights are at most 2^30),
     ``totals`` their tokens' sums, ``ys`` their symbols (escapes, >= V, teach nothing).  ``rate_now`` [V]
     keeps ``rates[coded]`` (updated here for the tokens counted), so the vocabulary loop reads no table
     through another and vectorises."""
@@ -125,13 +126,22 @@ def learn_step(q, totals, ys, n, coded, rates, rate_now, bias, count_cap, bias_c
     for k in range(n):
         if ys[k] < vocab:
             bias[ys[k]] += rate_now[ys[k]]
+    last = -1
     for k in range(n):
+        if ys[k] < vocab:
+            last = k
+    # The clamp goes into the last teaching row's loop (one pass over the bias less); without a
+    # teaching row the bias did not move and stays within the cap.
+    for k in range(last + 1):
         if ys[k] >= vocab:
             continue
         d = max(totals[k], np.int64(1))
         inv = 1.0 / np.float64(d)
         row = q[k]
-        for v in range(vocab):
-            bias[v] -= floor_div(row[v] * rate_now[v], d, inv)
-    for v in range(vocab):
-        bias[v] = min(max(bias[v], -bias_cap), bias_cap)
+        if k < last:
+            for v in range(vocab):
+                bias[v] -= floor_div(np.int64(row[v]) * rate_now[v], d, inv)
+        else:
+            for v in range(vocab):
+                b = bias[v] - floor_div(np.int64(row[v]) * rate_now[v], d, inv)
+                bias[v] = min(max(b, -bias_cap), bias_cap)

@@ -123,7 +123,7 @@ def _learn_rows(lanes, ys, n, online, mixing, has_bias, bias, coded, rates, rate
         learn_step(p, totals, ys, n, coded, rates, rate_now, bias, count_cap, bias_cap)
     if mixing:
         for r in range(n):
-            learn(online, r, ys[r], p[r, ys[r]])
+            learn(online, r, ys[r], np.int64(p[r, ys[r]]))
         for r in range(n):
             append(online, lanes[r], ys[r])
 
@@ -215,7 +215,9 @@ class MixedStream:
         self.rates = _rate_array()
         self.rate_now = np.full_like(self.bias, self.rates[0])     # rates[coded], kept by learn_step
         self.exp2 = exp2_table()
-        self.p = np.empty((lanes, BUCKETS * self.width), np.int64)
+        # The LM's weights are at most 2^30 (an escape's, 2^-24 of their sum, far less): int32 halves the
+        # rows that the step's vocabulary passes read.
+        self.p = np.empty((lanes, BUCKETS * self.width), np.int32)
         self.mass = np.empty((lanes, BUCKETS), np.int64)
         self.totals = np.empty(lanes, np.int64)
         self.mm = np.empty((lanes, BUCKETS), np.int64)

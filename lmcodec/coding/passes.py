@@ -159,13 +159,13 @@ def encode_plain(p, mass, spans, symbols, state, slot, out, n, width):  # pragma
 
 class OutputRows:
     """The output step's rows on a CPU, reused from pass to pass: the LM's symbol weights ``p``
-    [n, 256 width], bucket masses [n, 256] and token totals [n] of n rows of gaps
-    (:func:`~lmcodec.coding.tables_cpu.weights_rows`; 25 MB for 64 rows of SmolLM2's alphabet)."""
+    [n, 256 width] (int32: a weight is at most 2^30), bucket masses [n, 256] and token totals [n] of n rows
+    of gaps (:func:`~lmcodec.coding.tables_cpu.weights_rows`; 13 MB for 64 rows of SmolLM2's alphabet)."""
 
     def __init__(self, alphabet: int):
         self.width = bucket_width(alphabet)
         self.exp2 = exp2_table()
-        self._p = np.zeros((0, BUCKETS * self.width), np.int64)
+        self._p = np.zeros((0, BUCKETS * self.width), np.int32)     # weights are at most 2^30
         self._mass = np.zeros((0, BUCKETS), np.int64)
         self._totals = np.zeros(0, np.int64)
 
@@ -176,7 +176,7 @@ class OutputRows:
         at = np.arange(u.shape[0]) if at is None else np.asarray(at, np.int64)
         n = at.shape[0]
         if n > self._p.shape[0]:
-            self._p = np.empty((n, BUCKETS * self.width), np.int64)
+            self._p = np.empty((n, BUCKETS * self.width), np.int32)
             self._mass = np.empty((n, BUCKETS), np.int64)
             self._totals = np.empty(n, np.int64)
         p, mass, totals = self._p[:n], self._mass[:n], self._totals[:n]
