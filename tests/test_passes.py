@@ -84,8 +84,8 @@ def compiled_encode(config: MixerConfig, lengths: list[int], plan, alphabet: int
 
 
 def compiled_decode(config: MixerConfig, lengths: list[int], plan, alphabet: int, payload: bytes) -> list:
-    """The decoder's compiled path: MixedStream per step with online models, else PlainPasses (one pass a step,
-    the stream's lanes as RunningLanes' arrays, no guesses)."""
+    """The decoder's compiled path, one pass a step (no guesses), the stream's lanes as RunningLanes' arrays:
+    MixedStream.decode_pass with online models, else PlainPasses."""
     bank = DecoderBank([payload])
     bank.open(0)
     mixed = MixedStream(config, lengths, alphabet) if config.mask else None
@@ -98,12 +98,14 @@ def compiled_decode(config: MixerConfig, lengths: list[int], plan, alphabet: int
     widths, decoded, log = np.ones(L, np.int64), np.zeros(L, np.int64), np.zeros((2, L), np.int64)
     out = []
     for t, (live, u, _) in enumerate(plan):
-        if mixed is not None:
-            out.append(mixed.decode(u, np.arange(len(live)), np.asarray(live, np.int64), bank.state, 0, bank.words))
-            continue
         where[live, 0] = np.arange(len(live))
-        plain.masses(u)
-        plain.decode(u, lanes, where, (flat, base), feed, widths, decoded, alphabet - ESCAPES, 0, log, new_record())
+        if mixed is not None:
+            mixed.decode_pass(u, lanes, 0, where, bank, (flat, base), feed, widths, decoded, alphabet - ESCAPES, 0, log,
+                              new_record())
+        else:
+            plain.masses(u)
+            plain.decode(u, lanes, where, (flat, base), feed, widths, decoded, alphabet - ESCAPES, 0, log,
+                         new_record())
         assert lanes.step[0] == t + 1 and np.array_equal(decoded[live], np.full(len(live), t + 1))
         out.append(flat[base[live] + t])
     return out

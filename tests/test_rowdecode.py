@@ -58,6 +58,41 @@ def test_any_admission_order_and_row_count_decode_the_same_symbols(archive, rows
     assert sum(ticks) == sum(lengths) and max(ticks) <= max(rows, header.lanes)
 
 
+@pytest.mark.parametrize("guesses", [0, 8])
+def test_cudas_plain_path_on_cpu_tensors_decodes_the_same_symbols(tiny_model_dir, monkeypatch, guesses):
+    """Streams without online models on CUDA keep the gaps on the device and move only bucket masses and
+    the chosen buckets' weights (coding.devicepass): the same symbols as the CPU's whole-pass decode,
+    with several streams sharing rows, lanes ending, guesses held and missed, and a damaged payload
+    refused as the CPU's path refuses it."""
+    from lmcodec.coding import rowdecode
+    from lmcodec.errors import CorruptArchiveError
+
+    data = TEXT * 3
+    blob = Codec(tiny_model_dir, **dict(SETTINGS, mixer=0), guesses=0).compress(data)
+    im, tok = load_tiny(tiny_model_dir)
+    header, (block,) = archive_blocks(blob)
+    lengths = list(block.tokens)
+    groups = stream_groups(len(lengths), header.lanes)
+    engine = Engine(im, "cpu")
+    got = {}
+    with torch.inference_mode():
+        pre = prefill(engine, [tok.start_token])
+        for device in (False, True):
+            monkeypatch.setattr(rowdecode.Rows, "device_plain", device)
+            stats = rowdecode.DecodeStats()
+            symbols = decode_streams(engine, pre, groups, block.payloads, lengths, header.context, tok,
+                                     MixerConfig(0), 3, guesses=guesses, stats=stats)
+            bad = [bytes(p[:4]) + bytes(reversed(p[4:])) for p in block.payloads]
+            try:
+                damaged = np.concatenate(decode_streams(engine, pre, groups, bad, lengths, header.context, tok,
+                                                        MixerConfig(0), 3, guesses=guesses)).tolist()
+            except CorruptArchiveError as exc:
+                damaged = str(exc)
+            got[device] = (np.concatenate(symbols).tolist(), stats.tried, stats.held, damaged)
+    assert got[True][0] == tok.encode(data).tolist() and got[True] == got[False]
+    assert got[True][3] != got[True][0]
+
+
 def test_streams_are_dealt_by_tokens_in_admission_order():
     from lmcodec.coding.rowdecode import split_streams
 

@@ -125,6 +125,15 @@ def column(active, j, rows, lengths, step, where):  # pragma: no cover - compile
     return at, spans, lane, row
 
 
+#: A pass's record (``out``, int64): guesses tried, held, symbols logged, status (-1, or the stream whose
+#: payload failed), lanes ended.  :func:`settle_stream` adds to it.
+TRIED, HELD, LOGGED, STATUS, ENDED = range(5)
+
+
+def new_record() -> np.ndarray:
+    return np.array([0, 0, 0, -1, 0], dtype=np.int64)
+
+
 @njit(inline="always", **JIT)
 def record(x, r, at, j, flat, feed, width, decoded, vocab, placeholder):  # pragma: no cover - compiled
     """One lane's decoded symbol ``x`` (row ``r``, output ``j``): the segment's symbol (``flat[at]``), the
@@ -148,53 +157,69 @@ def goes_on(k, lengths, step):  # pragma: no cover - compiled
     return False
 
 
-#: A pass's record (``out``, int64): guesses tried, held, symbols logged, status (-1, or the stream whose
-#: payload failed), lanes ended.  :func:`settle` and :func:`~lmcodec.coding.passes.decode_pass` add to it.
-TRIED, HELD, LOGGED, STATUS, ENDED = range(5)
+@njit(inline="always", **JIT)
+def settle_stream(k, symbols, lane, j, rows, segs, lengths, step, flat, base, feed, width, decoded, alphabet, vocab,
+                  placeholder, ended, log, out):  # pragma: no cover - compiled
+    """Record stream ``k``'s symbols of output ``j`` (``symbols[m]`` of its live lane ``lane[m]``, in lane order)
+    with :func:`record`, and each (row, symbol) in ``log`` [2, *] after the ``out[LOGGED]`` already there;
+    add the counts to ``out``, set ``ended[k]`` where a lane ended, move the stream's step on.  Returns 1
+    where the stream decodes output ``j + 1`` next (every live lane's guess held and a lane goes on), 0
+    where it does not, -1 for a symbol outside the alphabet (nothing recorded past it)."""
+    t = step[k]
+    every = True
+    x = out[LOGGED]
+    for m in range(symbols.shape[0]):
+        y = symbols[m]
+        if y < 0 or y >= alphabet:
+            return -1
+        i = lane[m]
+        r = rows[k, i]
+        h = record(y, r, base[segs[k, i]] + t, j, flat, feed, width, decoded, vocab, placeholder)
+        out[TRIED] += h > 0
+        out[HELD] += h == 1
+        every &= h == 1
+        if t + 1 >= lengths[k, i]:
+            ended[k] = True
+            out[ENDED] += 1
+        log[0, x] = r
+        log[1, x] = y
+        x += 1
+    out[LOGGED] = x
+    step[k] = t + 1
+    return 1 if every and goes_on(k, lengths, step) else 0
 
 
-def new_record() -> np.ndarray:
-    return np.array([0, 0, 0, -1, 0], dtype=np.int64)
+@njit(inline="always", **JIT)
+def live_lanes(k, j, rows, lengths, step, where, at, lane):  # pragma: no cover - compiled
+    """Stream ``k``'s live lanes at its step into ``lane``, and where output ``j`` of each one's row is among
+    the gaps into ``at``; returns how many."""
+    n = 0
+    for i in range(rows.shape[1]):
+        if step[k] < lengths[k, i]:
+            at[n] = where[rows[k, i], j]
+            lane[n] = i
+            n += 1
+    return n
 
 
 @njit(**JIT)
 def settle(symbols, active, spans, lane, rows, segs, lengths, step, j, flat, base, feed, width, decoded,
            alphabet, vocab, placeholder, going, ended, log, out):  # pragma: no cover - compiled
-    """Record column ``j``'s symbols of the streams ``active`` (stream ``active[a]``'s live lanes are
-    ``spans[a]:spans[a + 1]``, lane ``lane[m]``) with :func:`record`, and each (row, symbol) in ``log``
-    [2, *] after the ``out[LOGGED]`` already there; then each stream's step moves on.  ``going`` receives
-    the streams that decode output ``j + 1`` (every live lane's guess held and a lane goes on),
-    ``ended[k]`` is set where a lane ended; ``out`` (the pass's record) adds up the counts, and its status
-    names the stream of a symbol outside the alphabet.  Returns how many streams go on."""
+    """:func:`settle_stream` for each of the streams ``active`` (stream ``active[a]``'s symbols and lanes are
+    ``spans[a]:spans[a + 1]`` of ``symbols`` and ``lane``).  ``going`` receives the streams that decode
+    output ``j + 1``; returns how many.  A symbol outside the alphabet sets ``out[STATUS]`` to its stream."""
     n = 0
-    x0 = out[LOGGED]
-    x = x0
     for a in range(active.shape[0]):
         k = active[a]
-        t = step[k]
-        every = True
-        for m in range(spans[a], spans[a + 1]):
-            y = symbols[m]
-            if y < 0 or y >= alphabet:
-                out[STATUS] = k
-                return 0
-            i = lane[m]
-            r = rows[k, i]
-            h = record(y, r, base[segs[k, i]] + t, j, flat, feed, width, decoded, vocab, placeholder)
-            out[TRIED] += h > 0
-            out[HELD] += h == 1
-            every &= h == 1
-            if t + 1 >= lengths[k, i]:
-                ended[k] = True
-                out[ENDED] += 1
-            log[0, x] = r
-            log[1, x] = y
-            x += 1
-        step[k] = t + 1
-        if every and goes_on(k, lengths, step):
+        lo, hi = spans[a], spans[a + 1]
+        g = settle_stream(k, symbols[lo:hi], lane[lo:hi], j, rows, segs, lengths, step, flat, base, feed, width,
+                          decoded, alphabet, vocab, placeholder, ended, log, out)
+        if g < 0:
+            out[STATUS] = k
+            return 0
+        if g:
             going[n] = k
             n += 1
-    out[LOGGED] = x
     return n
 
 

@@ -1,4 +1,5 @@
-"""One compiled call per stream and step for the streams with online models (levels 4-9).
+"""The streams with online models (levels 4-9) in compiled calls: one per stream and decoder pass, one per
+stream and chunk of steps encoding.
 
 After the engine's gaps, a stream's step is, per live lane (rows in lane order): the LM's weights after
 the adaptive bias and their bucket masses (:func:`~lmcodec.coding.tables_cpu.token_weights`, the output
@@ -27,6 +28,7 @@ from ..engine.spec.fixedmath import exp2_table
 from ..errors import CorruptArchiveError
 from .bias_cpu import learn_step
 from .frequencies import bucket_width
+from .lanes import STATUS, RunningLanes, live_lanes, settle_stream
 from .mixerconfig import MixerConfig
 from .mixing import BIAS_CAP, BIAS_COUNT_CAP, BIAS_FRAC, MASS_BITS, _rate_array
 from .online import OnlineModels, append, learn, predict
@@ -163,6 +165,36 @@ def decode_mixed(u, at, lanes, online, mixing, has_bias, bias, coded, rates, rat
 
 
 @njit(**JIT)
+def decode_stream_pass(u, where, k, rows, lengths, segs, step, online, mixing, has_bias, bias, coded, rates, rate_now,
+                       frac, count_cap, bias_cap, exp2, p, mass, totals, mm, esc, g1, g2, state, slot, words, flat,
+                       base, feed, widths, decoded, alphabet, vocab, placeholder, ended, log, out
+                       ):  # pragma: no cover - compiled
+    """Stream ``k``'s part of a decoder pass (:class:`~lmcodec.coding.lanes.RunningLanes`' arrays): each
+    column its guesses allow, :func:`decode_mixed` of its live lanes' outputs (gaps row ``where[row, j]``)
+    then :func:`~lmcodec.coding.lanes.settle_stream`.  Streams are independent, so a stream may run its
+    columns before the next stream runs any.  A payload that cannot be valid sets ``out[STATUS]``."""
+    L = rows.shape[1]
+    at = np.empty(L, np.int64)
+    lane = np.empty(L, np.int64)
+    syms = np.empty(L, np.int64)
+    j = 0
+    while True:
+        n = live_lanes(k, j, rows, lengths, step, where, at, lane)
+        if not decode_mixed(u, at[:n], lane[:n], online, mixing, has_bias, bias, coded, rates, rate_now, frac,
+                            count_cap, bias_cap, exp2, p, mass, totals, mm, esc, g1, g2, state, slot, words, syms[:n]):
+            out[STATUS] = slot
+            return
+        g = settle_stream(k, syms[:n], lane[:n], j, rows, segs, lengths, step, flat, base, feed, widths, decoded,
+                          alphabet, vocab, placeholder, ended, log, out)
+        if g < 0:
+            out[STATUS] = slot
+            return
+        if g == 0:
+            return
+        j += 1
+
+
+@njit(**JIT)
 def encode_mixed(u, spans, lanes, ys, online, mixing, has_bias, bias, coded, rates, rate_now, frac, count_cap, bias_cap,
                  exp2, p, mass, totals, mm, esc, g1, g2, state, slot, out, n):  # pragma: no cover - compiled
     """Code the symbols ``ys`` of a chunk of steps into stream ``state[slot]``: step t's rows are
@@ -225,16 +257,21 @@ class MixedStream:
         self.g1 = np.empty(BUCKETS, np.int64)
         self.g2 = np.empty(self.width, np.int64)
 
-    def decode(self, u: np.ndarray, at: np.ndarray, lanes: np.ndarray, state: np.ndarray, slot: int,
-               words: np.ndarray) -> np.ndarray:
-        """The symbols of one step's rows (row r: gaps ``u[at[r]]`` of lane ``lanes[r]``), from stream
-        ``state[slot]``."""
-        symbols = np.empty(len(at), np.int64)
-        if not decode_mixed(u, at, lanes, self.online, self.mixing, self.has_bias, self.bias, self.coded,
-                            self.rates, self.rate_now, BIAS_FRAC, BIAS_COUNT_CAP, BIAS_CAP, self.exp2, self.p,
-                            self.mass, self.totals, self.mm, self.esc, self.g1, self.g2, state, slot, words, symbols):
+    def decode_pass(self, u: np.ndarray, lanes: RunningLanes, k: int, where: np.ndarray, bank,
+                    symbols: tuple[np.ndarray, np.ndarray], feed: np.ndarray, widths: np.ndarray, decoded: np.ndarray,
+                    vocab: int, placeholder: int, log: np.ndarray, out: np.ndarray) -> None:
+        """This stream's part of a decoder pass (it is stream ``k`` of ``lanes``; its coder a row of ``bank``, a
+        passes.DecoderBank): :func:`decode_stream_pass`.  Raises CorruptArchiveError for a payload that
+        cannot be valid."""
+        slot = int(lanes.stream[k])
+        flat, base = symbols
+        decode_stream_pass(u, where, k, lanes.rows, lanes.lengths, lanes.segs, lanes.step, self.online, self.mixing,
+                           self.has_bias, self.bias, self.coded, self.rates, self.rate_now, BIAS_FRAC,
+                           BIAS_COUNT_CAP, BIAS_CAP, self.exp2, self.p, self.mass, self.totals, self.mm, self.esc,
+                           self.g1, self.g2, bank.state, slot, bank.words, flat, base, feed, widths, decoded,
+                           self.vocab + ESCAPES, vocab, placeholder, lanes.ended, log, out)
+        if out[STATUS] >= 0:
             raise CorruptArchiveError(f"range decoder failed: stream {slot} cannot be a valid stream")
-        return symbols
 
     def encode(self, u: np.ndarray, spans: np.ndarray, lanes: np.ndarray, ys: np.ndarray, coder) -> float:
         """Code a chunk of steps (see :func:`encode_mixed`) into ``coder`` (a passes.EncoderBuffer);

@@ -30,7 +30,7 @@ from ..engine.spec.constants import BUCKETS
 from ..engine.spec.fixedmath import exp2_table
 from ..errors import CorruptArchiveError
 from .frequencies import bucket_width
-from .lanes import RunningLanes, goes_on, record
+from .lanes import STATUS, RunningLanes, live_lanes, settle_stream
 from .rangecoder import (
     dec_init,
     dec_quantile,
@@ -42,6 +42,62 @@ from .rangecoder import (
     new_state,
 )
 from .tables_cpu import bitlen, bucket_weights, find, left_of, masses_rows, stage1, stage2, weights_rows
+
+
+@njit(inline="always", **JIT)
+def take_bucket(mass, wbits, state, s, words, g1):  # pragma: no cover - compiled
+    """Stage 1 of one row: the bucket stream ``s`` decodes under the row's bucket masses (-1: the payload
+    cannot be valid)."""
+    q = dec_quantile(state, s)
+    if q < 0:
+        return -1
+    stage1(mass, wbits, g1)
+    b, left = find(g1, BUCKETS, q)
+    return b if dec_take(state, s, words, left, g1[b]) else -1
+
+
+@njit(inline="always", **JIT)
+def take_place(weights, m_b, state, s, words, g2):  # pragma: no cover - compiled
+    """Stage 2 of one row: the place within its bucket (``weights`` [width], mass ``m_b``) that stream ``s``
+    decodes (-1: the payload cannot be valid)."""
+    q = dec_quantile(state, s)
+    if q < 0:
+        return -1
+    width = g2.shape[0]
+    stage2(weights, 0, width, m_b, g2)
+    c, left = find(g2, width, q)
+    return c if dec_take(state, s, words, left, g2[c]) else -1
+
+
+@njit(**JIT)
+def decode_buckets(mass, at, spans, streams, state, words, width, buckets):  # pragma: no cover - compiled
+    """Stage 1 of one column (stream ``streams[k]``'s rows ``at[spans[k]:spans[k + 1]]`` of ``mass``): each
+    row's bucket into ``buckets``.  Returns -1, or the first stream whose payload cannot be valid."""
+    wbits = bitlen(width)
+    g1 = np.empty(BUCKETS, np.int64)
+    for k in range(streams.shape[0]):
+        for m in range(spans[k], spans[k + 1]):
+            b = take_bucket(mass[at[m]], wbits, state, streams[k], words, g1)
+            if b < 0:
+                return streams[k]
+            buckets[m] = b
+    return -1
+
+
+@njit(**JIT)
+def decode_places(weights, mass, at, buckets, spans, streams, state, words, symbols):  # pragma: no cover - compiled
+    """Stage 2 of one column after :func:`decode_buckets`: row m's bucket weights are ``weights[m]`` [width];
+    its symbol into ``symbols``.  Returns -1, or the first stream whose payload cannot be valid."""
+    width = weights.shape[1]
+    g2 = np.empty(width, np.int64)
+    for k in range(streams.shape[0]):
+        for m in range(spans[k], spans[k + 1]):
+            b = buckets[m]
+            c = take_place(weights[m], mass[at[m], b], state, streams[k], words, g2)
+            if c < 0:
+                return streams[k]
+            symbols[m] = b * width + c
+    return -1
 
 
 @njit(**JIT)
@@ -59,78 +115,52 @@ def decode_pass(u, mass, totals, exp2, width, where, rows, lengths, segs, step, 
     the gaps, :func:`~lmcodec.coding.tables_cpu.bucket_weights`).  Each decoded (row, symbol) goes to
     ``log`` [2, m] in order (the drafts' push).
 
-    ``out`` adds up :func:`~lmcodec.coding.lanes.settle`'s counts (guesses tried, held, symbols logged,
-    status, lanes ended): status stays -1 while every stream is valid, else it is the index of a stream
-    whose payload failed (its range decoder, or a symbol outside the alphabet); ``ended[k]`` is set where
-    a lane of stream k ended.
+    ``out`` adds up :func:`~lmcodec.coding.lanes.settle_stream`'s counts (guesses tried, held, symbols
+    logged, status, lanes ended): status stays -1 while every stream is valid, else it is the index of a
+    stream whose payload failed (its range decoder, or a symbol outside the alphabet); ``ended[k]`` is set
+    where a lane of stream k ended.
     """
     n, L = rows.shape
     wbits = bitlen(width)
     g1 = np.empty(BUCKETS, np.int64)
     g2 = np.empty(width, np.int64)
     pw = np.empty(width, np.int64)
+    at = np.empty(L, np.int64)
+    lane = np.empty(L, np.int64)
     syms = np.empty(L, np.int64)
     active = np.arange(n)
     na = n
-    tried = 0
-    held = 0
-    m = out[2]
     j = 0
     while na:
         nn = 0
         for a in range(na):
             k = active[a]
             s = streams[k]
-            t = step[k]
-            for i in range(L):
-                if t < lengths[k, i]:
-                    x = where[rows[k, i], j]
-                    q = dec_quantile(state, s)
-                    stage1(mass[x], wbits, g1)
-                    b, left = find(g1, BUCKETS, q)
-                    if q < 0 or not dec_take(state, s, words, left, g1[b]):
-                        out[3] = s
-                        return
-                    syms[i] = b
-            for i in range(L):
-                if t < lengths[k, i]:
-                    x = where[rows[k, i], j]
-                    b = syms[i]
-                    q = dec_quantile(state, s)
-                    bucket_weights(u[x], b, width, totals[x], exp2, pw)
-                    stage2(pw, 0, width, mass[x, b], g2)
-                    c, left = find(g2, width, q)
-                    if q < 0 or not dec_take(state, s, words, left, g2[c]):
-                        out[3] = s
-                        return
-                    syms[i] = b * width + c
-            every = True
-            for i in range(L):
-                if t < lengths[k, i]:
-                    y = syms[i]
-                    if y >= alphabet:
-                        out[3] = s
-                        return
-                    r = rows[k, i]
-                    h = record(y, r, base[segs[k, i]] + t, j, flat, feed, widths, decoded, vocab, placeholder)
-                    tried += h > 0
-                    held += h == 1
-                    every &= h == 1
-                    if t + 1 >= lengths[k, i]:
-                        ended[k] = True
-                        out[4] += 1
-                    log[0, m] = r
-                    log[1, m] = y
-                    m += 1
-            step[k] = t + 1
-            if every and goes_on(k, lengths, step):
-                active[nn] = k
+            m = live_lanes(k, j, rows, lengths, step, where, at, lane)
+            for i in range(m):
+                b = take_bucket(mass[at[i]], wbits, state, s, words, g1)
+                if b < 0:
+                    out[STATUS] = s
+                    return
+                syms[i] = b
+            for i in range(m):
+                x, b = at[i], syms[i]
+                bucket_weights(u[x], b, width, totals[x], exp2, pw)
+                c = take_place(pw, mass[x, b], state, s, words, g2)
+                if c < 0:
+                    out[STATUS] = s
+                    return
+                syms[i] = b * width + c
+            g = settle_stream(k, syms[:m], lane[:m], j, rows, segs, lengths, step, flat, base, feed, widths, decoded,
+                              alphabet, vocab, placeholder, ended, log, out)
+            if g < 0:
+                out[STATUS] = s
+                return
+            if g:
+                active[nn] = k       # nn <= a: a slot already read
                 nn += 1
         na = nn
         j += 1
-    out[0] += tried
-    out[1] += held
-    out[2] = m
 
 
 @njit(**JIT)

@@ -4,9 +4,13 @@ A batch of streams run in lockstep would leave idle the rows whose segments have
 ended until its longest segment ends.  Instead :class:`~lmcodec.coding.schedule.Scheduler`
 hands free rows to the next stream at once, and the model step runs rows at
 their own positions (:class:`~lmcodec.coding.steps.RowStep`; on CUDA the captured
-:class:`~lmcodec.coding.steps.GraphStep`).  All rows' gaps, mixtures and frequency
-tables stay on the model's device; only each stream's stage-1 rows, then its
-stage-2 rows, cross to the host for the range coder.
+:class:`~lmcodec.coding.steps.GraphStep`).  The running streams are arrays
+(:class:`~lmcodec.coding.lanes.RunningLanes`), so a pass's bookkeeping is a few compiled
+calls: on a CPU the coding is compiled too (:class:`~lmcodec.coding.passes.PlainPasses`,
+a whole pass in one call without online models; :class:`~lmcodec.coding.mixedpass.MixedStream`
+per stream and step with them); on CUDA the gaps stay on the device and only bucket-sized
+rows cross to the host (:class:`~lmcodec.coding.devicepass.DevicePasses`; with online
+models, the tensor path's stage-1 rows, then its stage-2 rows).
 
 What a stream decodes to does not depend on which rows it gets, when it is
 admitted or what shares its steps: its coder reads the same rows in the same
@@ -26,6 +30,7 @@ import torch
 from ..engine.engine import Engine
 from ..errors import CorruptArchiveError
 from .coder import StreamDecoder
+from .devicepass import DevicePasses
 from .draft import PassCost, choose_width
 from .draftbank import DraftBank, PrefixTable
 from .frequencies import CodingTables
@@ -117,6 +122,10 @@ class Rows:
     guesses.  What a stream decodes to never depends on the guesses.
     """
 
+    #: Streams without online models decode through coding.devicepass on a CPU too (the tests' switch:
+    #: CUDA's path, with CPU tensors, against the CPU's).
+    device_plain = False
+
     def __init__(self, engine: Engine, pre: Prefix, groups: Sequence[range], payloads: Sequence[bytes],
                  lengths: Sequence[int], context: int, tok: ByteTokenizer, mixer: MixerConfig, rows: int,
                  symbols: tuple[np.ndarray, np.ndarray], guesses: int = 0, stats: DecodeStats | None = None,
@@ -132,11 +141,15 @@ class Rows:
         self.feed = np.full((rows, 1 + self.most), tok.placeholder, dtype=np.int64)
         self.width = np.ones(rows, dtype=np.int64)      # outputs of each row's last pass in use: 1 + its guesses
         self.live = np.zeros(rows, dtype=bool)
-        # On a CPU the coding is compiled (coding.passes): every stream's decoder is a row of one bank.
+        # On a CPU the coding is compiled (coding.passes, coding.mixedpass): every stream's decoder is a row
+        # of one bank.  Levels 1-3 (no online models) use the bank on CUDA too: the gaps stay on the device
+        # and only bucket-sized rows cross (coding.devicepass); with online models CUDA runs the tensor path.
         self.compiled = engine.device.type == "cpu"
-        self.bank = DecoderBank(list(payloads)) if self.compiled else None
-        # Levels 1-3 (no online models): a whole pass's decoding in one call (coding.passes.PlainPasses).
-        self.plain = PlainPasses(tok.alphabet_size, self.bank) if self.compiled and not mixer.mask else None
+        plain = not mixer.mask
+        self.bank = DecoderBank(list(payloads)) if self.compiled or plain else None
+        on_device = plain and (not self.compiled or self.device_plain)
+        self.plain = (DevicePasses if on_device else PlainPasses)(tok.alphabet_size, self.bank) if plain else None
+        self.host_gaps = self.compiled and not on_device         # the gaps as a numpy array
         self.lengths = lengths
         self.coders: dict[int, StreamDecoder] = {}
         self.mixers: dict[int, StreamMixer] = {}
@@ -172,10 +185,14 @@ class Rows:
             self._pass = None
         self.decoded[:] = 0
         record = self.record = new_record()
+        tok = self.tok
         if self.plain is not None:
-            tok = self.tok
             self.plain.decode(u, self.lanes, self.where, (self.flat, self.base), self.feed, self.width, self.decoded,
                               tok.vocab_size, tok.placeholder, self.log, record)
+        elif self.compiled:             # one call a stream: its columns, then the next stream's
+            for k, s in enumerate(self.lanes.stream.tolist()):
+                self.mixed[s].decode_pass(u, self.lanes, k, self.where, self.bank, (self.flat, self.base), self.feed,
+                                          self.width, self.decoded, tok.vocab_size, tok.placeholder, self.log, record)
         else:
             active, j = self.lanes.every, 0
             while len(active):
@@ -195,14 +212,14 @@ class Rows:
         return not self.sched.done
 
     def _start(self, run: Running) -> None:
-        """A stream admitted: its coder (a row of the bank on a CPU), mixer and drafts; its rows at the prefix."""
+        """A stream admitted: its coder (a row of the bank; constriction on CUDA with online models), its online
+        models and drafts; its rows at the prefix."""
         s = run.stream
-        if self.compiled:
+        if self.bank is not None:
             self.bank.open(s)
-            if self.mixer.mask:
-                self.mixed[s] = MixedStream(self.mixer, [self.lengths[g] for g in self.groups[s]],
-                                            self.tok.alphabet_size)
-        else:
+        if self.plain is None and self.compiled:
+            self.mixed[s] = MixedStream(self.mixer, [self.lengths[g] for g in self.groups[s]], self.tok.alphabet_size)
+        elif self.plain is None:
             self.coders[s] = StreamDecoder(self.payloads[s])
             self.mixers[s] = StreamMixer(self.mixer, len(self.groups[s]), self.tok.alphabet_size)
         rows = np.asarray([r for r in run.rows if r >= 0], np.int64)
@@ -236,9 +253,8 @@ class Rows:
         if self.log.shape[1] < len(idx):
             self.log = np.empty((2, len(idx)), dtype=np.int64)     # at most a symbol per output
         u = self.run.engine.gaps(self.run.h[at], self.run.e[at])
-        if not self.compiled:
-            return u
-        u = u.numpy()
+        if self.host_gaps:
+            u = u.numpy()
         if self.plain is not None:
             self.plain.masses(u)        # the output step's vocabulary pass: the model's time
         return u
@@ -246,18 +262,12 @@ class Rows:
     def _decode(self, active: np.ndarray, j: int, u: torch.Tensor | np.ndarray) -> np.ndarray:
         """Decode one token of every live lane of the streams ``active`` (indexes into ``self.lanes``) from
         output ``j`` of its row; move each stream one step on; return the streams that decode output
-        j + 1 next (every live lane's guess after this token held, and the stream goes on).  Streams with
-        online models, and CUDA's, go a column at a time."""
+        j + 1 next (every live lane's guess after this token held, and the stream goes on).  The tensor
+        path's (CUDA, streams with online models): a column at a time."""
         lanes, tok = self.lanes, self.tok
         at, spans, lane, rows = lanes.column(active, j, self.where)
         streams = lanes.stream[active]
-        if self.compiled:
-            parts = [self.mixed[int(s)].decode(u, at[spans[a]:spans[a + 1]], lane[spans[a]:spans[a + 1]],
-                                               self.bank.state, int(s), self.bank.words)
-                     for a, s in enumerate(streams)]
-            symbols = np.concatenate(parts) if len(parts) > 1 else parts[0]
-        else:
-            symbols = self._decode_tensors(streams, lane, u[torch.as_tensor(at, device=u.device)], spans)
+        symbols = self._decode_tensors(streams, lane, u[torch.as_tensor(at, device=u.device)], spans)
         going = np.empty(len(active), dtype=np.int64)
         n = settle(symbols, active, spans, lane, lanes.rows, lanes.segs, lanes.lengths, lanes.step, j, self.flat,
                    self.base, self.feed, self.width, self.decoded, tok.alphabet_size, tok.vocab_size, tok.placeholder,
