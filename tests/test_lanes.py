@@ -11,11 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmcodec.coding.frequencies import bucket_width
-from lmcodec.coding.lanes import RunningLanes, close_pass, guess_limits
+from lmcodec.coding.lanes import RunningLanes, guess_limits
 from lmcodec.coding.passes import OutputRows
 from lmcodec.coding.runner import next_sink_move, sink_step
 from lmcodec.coding.schedule import Scheduler
-from lmcodec.coding.steps import rooms
+from lmcodec.coding.steps import rooms, skip_decoded
 from lmcodec.coding.tables_cpu import bucket_weights, masses_rows
 from lmcodec.engine.spec.constants import BUCKETS, ESCAPES, OUT_U_CAP
 from lmcodec.engine.spec.fixedmath import exp2_table
@@ -111,9 +111,9 @@ def test_a_jump_frees_what_single_steps_free(lengths, rows, steps):
             many.jump(run, run.step - 1)
 
 
-def test_close_pass_moves_rows_by_the_guesses_that_held():
+def test_skip_decoded_moves_rows_by_the_guesses_that_held():
     decoded = np.array([0, 1, 3, 0, 2], np.int64)
     position = np.array([10, 11, 12, 13, 14], np.int64)
     live = np.zeros(5, bool)
-    assert close_pass(decoded, position, live) == 6
+    assert skip_decoded(decoded, position, live) == 6
     assert position.tolist() == [10, 11, 14, 13, 15] and live.tolist() == [False, True, True, False, True]

@@ -256,20 +256,6 @@ def guess_limits(rows, lengths, step, position, P, q, bound, spare, most):  # pr
 
 
 @njit(**JIT)
-def close_pass(decoded, position, live):  # pragma: no cover - compiled
-    """After a pass: each row that decoded n > 0 tokens moves n - 1 more positions on (its guesses that
-    held; the step moved it one) and is live; returns the tokens decoded."""
-    count = 0
-    for r in range(decoded.shape[0]):
-        n = decoded[r]
-        if n > 0:
-            position[r] += n - 1
-        live[r] = n > 0
-        count += n
-    return count
-
-
-@njit(**JIT)
 def write_guesses(rows, spans, counts, guesses, T, feed, width, vocab, placeholder):  # pragma: no cover
     """Feed stream k's lanes (``rows[spans[k]:spans[k + 1]]``) their first ``min(T - 1, counts[k])``
     guesses (tokens outside the vocabulary as the placeholder) after column 0; set their widths."""

@@ -34,7 +34,7 @@ from .devicepass import DevicePasses
 from .draft import PassCost, choose_width
 from .draftbank import DraftBank, PrefixTable
 from .frequencies import CodingTables
-from .lanes import LOGGED, STATUS, RunningLanes, close_pass, guess_limits, new_record, settle, write_guesses
+from .lanes import LOGGED, STATUS, RunningLanes, guess_limits, new_record, settle, write_guesses
 from .mixedpass import MixedStream
 from .mixing import MixerConfig, StreamMixer
 from .passes import DecoderBank, PlainPasses
@@ -184,7 +184,8 @@ class Rows:
             self.cost.record(queries, seconds + time.perf_counter() - t0)
             self._pass = None
         self.decoded[:] = 0
-        record = self.record = new_record()
+        record = self.record
+        record[:] = new_record()
         tok = self.tok
         if self.plain is not None:
             self.plain.decode(u, self.lanes, self.where, (self.flat, self.base), self.feed, self.width, self.decoded,
@@ -204,7 +205,7 @@ class Rows:
         if ends:
             self._retire()
         # The next pass's column 0 follows each row's last token (its guesses that held moved it on).
-        count = close_pass(self.decoded, self.run.position, self.live)
+        count = self.run.skip_decoded(self.decoded, self.live)
         self.stats.tokens += count
         if tick is not None:
             tick(count)

@@ -60,6 +60,20 @@ def rooms(position, rows, P, q, bound, spare):  # pragma: no cover - compiled
     return out
 
 
+@njit(**JIT)
+def skip_decoded(decoded, position, live):  # pragma: no cover - compiled
+    """Each row that decoded n > 0 tokens in the last pass moves n - 1 more positions on (its guesses that held;
+    the pass moved it one) and is ``live``; returns the tokens decoded."""
+    count = 0
+    for r in range(decoded.shape[0]):
+        n = decoded[r]
+        if n > 0:
+            position[r] += n - 1
+        live[r] = n > 0
+        count += n
+    return count
+
+
 class Lockstep:
     """``rows`` segments advancing together, one token per row per step.
 
@@ -232,6 +246,11 @@ class RowStep:
     def skip(self, rows, n) -> None:
         """Move ``rows`` on by ``n`` more positions each: the guesses of the last pass that held."""
         self.position[np.asarray(rows, dtype=np.int64)] += np.asarray(n, dtype=np.int64)
+
+    def skip_decoded(self, decoded: np.ndarray, live: np.ndarray) -> int:
+        """:meth:`skip` every row by the tokens it decoded from the last pass, less the one the pass moved it
+        (``decoded`` [rows]); ``live`` [rows] gets the rows that decoded any.  Returns the tokens decoded."""
+        return skip_decoded(decoded, self.position, live)
 
     def advance(self, tokens: np.ndarray, live: np.ndarray | None = None, guesses: np.ndarray | None = None) -> None:
         """Feed one token per row (``tokens`` [rows] or [rows, T]: the token, then its guesses);
