@@ -65,8 +65,9 @@ class DevicePasses:
             if bad >= 0:
                 raise CorruptArchiveError(f"range decoder failed: stream {int(bad)} cannot be a valid stream")
             going = np.empty(len(active), np.int64)
-            n = settle(syms, active, spans, lane, lanes.rows, lanes.segs, lanes.lengths, lanes.step, j, flat, base,
-                       feed, widths, decoded, self.alphabet, vocab, placeholder, going, lanes.ended, log, out)
+            n = settle(syms, active, spans, lane, lanes.stream, lanes.rows, lanes.segs, lanes.lengths, lanes.step, j,
+                       flat, base, feed, widths, decoded, self.alphabet, vocab, placeholder, going, lanes.ended, log,
+                       out)
             if out[STATUS] >= 0:
-                raise CorruptArchiveError("decoded a symbol outside the alphabet")
+                raise CorruptArchiveError(f"stream {int(out[STATUS])} decoded a symbol outside the alphabet")
             active, j = going[:n], j + 1

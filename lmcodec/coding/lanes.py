@@ -203,11 +203,12 @@ def live_lanes(k, j, rows, lengths, step, where, at, lane):  # pragma: no cover 
 
 
 @njit(**JIT)
-def settle(symbols, active, spans, lane, rows, segs, lengths, step, j, flat, base, feed, width, decoded,
+def settle(symbols, active, spans, lane, stream, rows, segs, lengths, step, j, flat, base, feed, width, decoded,
            alphabet, vocab, placeholder, going, ended, log, out):  # pragma: no cover - compiled
     """:func:`settle_stream` for each of the streams ``active`` (stream ``active[a]``'s symbols and lanes are
     ``spans[a]:spans[a + 1]`` of ``symbols`` and ``lane``).  ``going`` receives the streams that decode
-    output ``j + 1``; returns how many.  A symbol outside the alphabet sets ``out[STATUS]`` to its stream."""
+    output ``j + 1``; returns how many.  A symbol outside the alphabet sets ``out[STATUS]`` to its stream
+    (``stream[k]``, its payload's index, as the decode passes set it)."""
     n = 0
     for a in range(active.shape[0]):
         k = active[a]
@@ -215,7 +216,7 @@ def settle(symbols, active, spans, lane, rows, segs, lengths, step, j, flat, bas
         g = settle_stream(k, symbols[lo:hi], lane[lo:hi], j, rows, segs, lengths, step, flat, base, feed, width,
                           decoded, alphabet, vocab, placeholder, ended, log, out)
         if g < 0:
-            out[STATUS] = k
+            out[STATUS] = stream[k]
             return 0
         if g:
             going[n] = k

@@ -270,11 +270,11 @@ class Rows:
         streams = lanes.stream[active]
         symbols = self._decode_tensors(streams, lane, u[torch.as_tensor(at, device=u.device)], spans)
         going = np.empty(len(active), dtype=np.int64)
-        n = settle(symbols, active, spans, lane, lanes.rows, lanes.segs, lanes.lengths, lanes.step, j, self.flat,
-                   self.base, self.feed, self.width, self.decoded, tok.alphabet_size, tok.vocab_size, tok.placeholder,
-                   going, lanes.ended, self.log, self.record)
+        n = settle(symbols, active, spans, lane, lanes.stream, lanes.rows, lanes.segs, lanes.lengths, lanes.step, j,
+                   self.flat, self.base, self.feed, self.width, self.decoded, tok.alphabet_size, tok.vocab_size,
+                   tok.placeholder, going, lanes.ended, self.log, self.record)
         if self.record[STATUS] >= 0:
-            raise CorruptArchiveError("decoded a symbol outside the alphabet")
+            raise CorruptArchiveError(f"stream {int(self.record[STATUS])} decoded a symbol outside the alphabet")
         for a, s in enumerate(streams if self.mixers else ()):
             self.mixers[int(s)].update(symbols[spans[a]:spans[a + 1]].tolist())
         return going[:n]
