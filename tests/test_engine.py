@@ -209,6 +209,25 @@ def test_both_cpu_gemm_kernels_give_the_same_integers(monkeypatch):
                 assert np.array_equal(ops_torch.combine(int_mm(x, w)).numpy(), ref), (k, kind, products)
 
 
+def test_gemm_blocks_and_out_buffer_give_the_exact_sums(monkeypatch):
+    """gemm.mm over several K-chunks and row and column blocks (PART_ELEMENTS), into a new
+    result or a caller's buffer, on both kernels."""
+    from lmcodec.engine.cpu import gemm
+
+    rng = np.random.default_rng(5)
+    a = torch.from_numpy(rng.integers(-128, 128, size=(1100, 1100))).to(torch.int8)
+    b = torch.from_numpy(rng.integers(-127, 128, size=(1030, 1100))).to(torch.int8)
+    a[0], b[0] = -128, -127
+    ref = a.numpy().astype(np.int64) @ b.numpy().astype(np.int64).T
+    assert gemm.PART_ELEMENTS // gemm.FLOAT32_EXACT_K < min(a.shape[0], b.shape[0]) and a.shape[1] > gemm.FLOAT32_EXACT_K
+    for kind in ("int8", "float32"):
+        monkeypatch.setitem(gemm._CHOSEN, "LMCODEC_GEMM", kind)
+        assert np.array_equal(gemm.mm(a, b.t()).numpy(), ref), kind
+        buf = torch.full((1100 * 1030 + 5,), 7, dtype=torch.int32)
+        got = gemm.mm(a, b.t(), buf[:1100 * 1030].view(1100, 1030))
+        assert got.data_ptr() == buf.data_ptr() and np.array_equal(got.numpy(), ref), kind
+
+
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: a thread count of 1 is the default")
 def test_threads_asked_are_the_threads_used():
     """``torch_threads(1)`` holds for the first kernel of a fresh process too.

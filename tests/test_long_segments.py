@@ -155,16 +155,16 @@ def test_a_batch_pass_gives_each_segment_its_own_rows(short, monkeypatch):
 
 @pytest.mark.parametrize("eager_rows", [1 << 16, 8])
 def test_segments_scored_side_by_side_make_the_same_archive(short_model_dir, eager_rows, monkeypatch):
-    """The encoder's batch of segments per pass (SCORE_ROWS: a GPU's fill) changes no byte."""
+    """The encoder's batch of segments per pass (SCORE_CHUNKS: a GPU's fill) changes no byte."""
     from lmcodec.coding import encoder as encoder_module
 
     monkeypatch.setattr(encoder_module, "EAGER_ROWS", eager_rows)
     monkeypatch.setattr(runner, "SCORE_CHUNK", 7)
     data = TEXT * 2
     c = Codec(short_model_dir, method="lm", segment_tokens=40, context=16, lanes=4, threads=2, mixer=ALL)
-    monkeypatch.setattr(encoder_module, "SCORE_ROWS", {"cpu": 1})        # one segment a pass
+    monkeypatch.setattr(encoder_module, "SCORE_CHUNKS", {"cpu": 1})        # one segment a pass
     one = c.compress(data)
-    monkeypatch.setattr(encoder_module, "SCORE_ROWS", {"cpu": 1 << 20})  # a stream's segments together
+    monkeypatch.setattr(encoder_module, "SCORE_CHUNKS", {"cpu": 1 << 20})  # a stream's segments together
     assert c.compress(data) == one
     assert Codec(short_model_dir).decompress(one) == data
 

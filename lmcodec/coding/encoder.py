@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import zstandard
 
+from ..engine.cpu.platform import release_free_memory
 from ..engine.engine import Engine, torch_threads
 from ..format.container import Block, Method, segment_layout, stream_groups
 from ..progress import Progress
@@ -29,11 +30,11 @@ from .mixing import MixerConfig, StreamMixer
 from .modelcache import ModelCache
 from .passes import EncoderBuffer, OutputRows, encode_plain
 from .runner import (
-    SCORE_CHUNK,
     Prefix,
     SegmentRows,
     batch_rows,
     score_batch,
+    score_chunk,
     score_segment,
 )
 from .settings import Settings
@@ -45,12 +46,12 @@ BINARY_SYMBOLS_PER_BYTE = 0.6
 #: Segments of up to this many rows are scored in one go before coding (9.5 MB of
 #: rows for 8,192); longer ones chunk by chunk as the coder reaches them.
 EAGER_ROWS = 1 << 16
-#: Positions one parallel pass may hold (segments side by side x chunk length).  On
-#: a GPU a stream's segments are scored together to fill it (a 2,048-row GEMM of a
-#: 576-wide model is launch-bound there); on a CPU a chunk of 2,048 rows is already
-#: a full GEMM, so only short segments are batched, and each batched segment's cache
-#: costs memory.  Results do not depend on it (runner.score_batch).
-SCORE_ROWS = {"cpu": SCORE_CHUNK, "cuda": 32 * SCORE_CHUNK}
+#: Positions one parallel pass may hold (segments side by side x chunk length), in chunks
+#: (runner.score_chunk) by device.  On a GPU a stream's segments are scored together to
+#: fill it (a 2,048-row GEMM of a 576-wide model is launch-bound there); on a CPU a chunk
+#: is already a full GEMM, so only short segments are batched, and each batched segment's
+#: cache costs memory.  Results do not depend on it (runner.score_batch).
+SCORE_CHUNKS = {"cpu": 1, "cuda": 32}
 #: Rows (steps x lanes) of a stream whose LM gaps the encoder computes at once, by device:
 #: one head GEMM per chunk, and a bound on the [rows, alphabet] int64 tensors the head makes
 #: (its int32 product, the logits and the gaps: 64 rows of SmolLM2's 49,408 symbols are
@@ -165,12 +166,12 @@ class SegmentScorer:
 
     def __init__(self, engine: Engine, prefix: list[int], pre: Prefix, context: int, memo: dict | None = None):
         self.engine, self.prefix, self.pre, self.context, self.memo = engine, prefix, pre, context, memo
-        self.passes = 0     # parallel passes run (chunks of up to SCORE_CHUNK positions, side by side)
+        self.passes = 0     # parallel passes run (chunks of runner.score_chunk positions, side by side)
 
     def __call__(self, inputs: list[np.ndarray]) -> list[SegmentRows]:
         """A stream's segments' hidden rows (the parallel pass), memoised when ``memo`` is a dict.
 
-        Segments are scored side by side, up to :data:`SCORE_ROWS` positions a
+        Segments are scored side by side, up to :data:`SCORE_CHUNKS` chunks a
         pass.  Segments of up to :data:`EAGER_ROWS` are scored at once (their
         caches freed); longer ones chunk by chunk as the coder reaches them (their
         rows would not fit, their caches do).  The memo lets a benchmark code the
@@ -185,17 +186,18 @@ class SegmentScorer:
                        hashlib.blake2b(np.ascontiguousarray(x).tobytes(), digest_size=16).digest())
                 if key not in memo:
                     memo[key] = score_segment(engine, pre, x, context)
-                    self.passes += -(-len(x) // SCORE_CHUNK)
+                    self.passes += -(-len(x) // score_chunk(engine.device))
                 out.append(SegmentRows(iter([memo[key]])))
             return out
         longest = max(len(x) for x in inputs) + 1
-        per_pass = max(1, SCORE_ROWS.get(engine.device.type, SCORE_CHUNK) // min(SCORE_CHUNK, longest))
+        chunk = score_chunk(engine.device)
+        per_pass = max(1, SCORE_CHUNKS.get(engine.device.type, 1) * chunk // min(chunk, longest))
         out = []
         for b0 in range(0, len(inputs), per_pass):
             batch = inputs[b0:b0 + per_pass]
             if longest > EAGER_ROWS:
                 out += batch_rows(score_batch(engine, pre, batch, context), len(batch))
-                self.passes += -(-longest // SCORE_CHUNK)
+                self.passes += -(-longest // chunk)
                 continue
             chunks = list(score_batch(engine, pre, batch, context))
             self.passes += len(chunks)
@@ -246,6 +248,8 @@ def encode_stream(engine: Engine, hidden: list[SegmentRows], symbols: list[np.nd
                 coder.n, b = encode_plain(p, mass, spans, sym, coder.state, 0, coder.out, coder.n, outputs.width)
                 bits += b
             progress.tokens(len(sym))
+            del gaps
+            release_free_memory()       # the head's [rows, alphabet] arrays of this chunk (platform.py)
             continue
         at = 0
         for t, lanes in zip(range(t0, t1), live):

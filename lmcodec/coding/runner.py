@@ -27,11 +27,21 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..engine.cpu.platform import release_free_memory
 from ..engine.engine import Engine
 from ..engine.kvcache import KVCache
 
 #: Positions per parallel pass (bounds activation memory for long segments).
 SCORE_CHUNK = 2048
+#: A CPU's positions per pass, at most SCORE_CHUNK: 512 positions already make full GEMMs
+#: there, and the pass's live arrays (the MLP's products: 12 MB, against 2,048's 50 MB)
+#: stay small beside the model.  A GPU wants the longer chunk to fill its launches.
+CPU_SCORE_CHUNK = 512
+
+
+def score_chunk(device: torch.device) -> int:
+    """Positions per parallel pass on ``device``."""
+    return min(SCORE_CHUNK, CPU_SCORE_CHUNK) if device.type == "cpu" else SCORE_CHUNK
 
 
 def sink_step(trained: int) -> int:
@@ -152,17 +162,18 @@ def score_batch(engine: Engine, pre: Prefix, inputs: Sequence[np.ndarray],
     slots and windows, and one pass serves them all; a shorter segment's row is
     padded past its end (causal: later positions never change earlier rows, and
     a row's numbers never depend on the other rows, docs/ENGINE.md), and those
-    rows are dropped.  The pass goes in chunks of at most :data:`SCORE_CHUNK`
+    rows are dropped.  The pass goes in chunks of :func:`score_chunk`
     positions over a sliding cache that keeps the prefix and the last
     ``context - P`` positions; a chunk never straddles a move of the prefix.
     Each segment's first chunk starts with row 0 (the prefix's last position).
     """
     P, C = pre.length, context
+    chunk = score_chunk(engine.device)
     lengths = [len(x) for x in inputs]
     B, T = len(inputs), max(lengths, default=0)
     trained = engine.arch.max_position_embeddings
     window = C - P
-    slots_cap = P + max(0, window - 1) + min(SCORE_CHUNK, T)
+    slots_cap = P + min(T, max(0, window - 1) + min(chunk, T))     # a short segment never slides
     cache = KVCache.empty(engine.model, B, slots_cap, engine.device)
     cache.copy_rows(pre.cache, P)
     base = P               # position held by slot P
@@ -173,7 +184,7 @@ def score_batch(engine: Engine, pre: Prefix, inputs: Sequence[np.ndarray],
     ids_t = torch.from_numpy(ids)
     s0 = P
     while s0 < P + T:
-        s1 = min(s0 + SCORE_CHUNK, P + T, next_sink_move(s0, P, trained))
+        s1 = min(s0 + chunk, P + T, next_sink_move(s0, P, trained))
         keep = max(P, s0 - window + 1)          # the earliest position this chunk's queries see
         if keep > base:                          # slide: move positions [keep, s0) down to slot P
             cache.move_slots(slice(P + keep - base, P + s0 - base), P)
@@ -184,6 +195,8 @@ def score_batch(engine: Engine, pre: Prefix, inputs: Sequence[np.ndarray],
         a = torch.full_like(pos, P)
         b = P + (pos - window + 1).clamp(min=P) - base
         h, e = engine.forward(ids_t[:, s0 - P:s1 - P], pos, cache, slot, (a, b, slot + 1))
+        if engine.device.type == "cpu":
+            release_free_memory()       # the chunk's freed arrays, before the next chunk or the coder
         n = s1 - s0
         out = []
         for row, length in enumerate(lengths):

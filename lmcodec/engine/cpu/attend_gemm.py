@@ -138,38 +138,60 @@ def attend(q16, qe, kt, kmax, vc, vmax, crow, a, b, c, lc: int | None = None) ->
     out = torch.empty((n_q, nh, hd), dtype=torch.int64)      # contiguous: tiles write through numpy views
     rows = crow.numpy()
     lc = fixedmath.att_log2e(hd) if lc is None else lc
+    work = _Work(min(TILE, n_q) * group, hd, nkv, int(max(int(c.max()), int(a.max()))))
     start = 0
     while start < n_q:
         stop = start + 1
         while stop < n_q and stop - start < TILE and rows[stop] == rows[start]:
             stop += 1
         _tile(q16[start:stop], qe[start:stop], kt, kmax, vc, vmax, int(rows[start]), a[start:stop],
-              b[start:stop], c[start:stop], group, lc, out[start:stop])
+              b[start:stop], c[start:stop], group, lc, work, out[start:stop])
         start = stop
     return out
 
 
-def _tile(q16, qe, kt, kmax, vc, vmax, r, a, b, c, group, lc, out) -> None:
+class _Work:
+    """A call's buffers, sized once for its largest tile (``M`` query-head rows, ``L`` keys)
+    and viewed smaller by each tile.  Tiles' key counts grow along a chunk; buffers allocated
+    per tile would be a new, larger size each time, which the heap cannot reuse, and the
+    process would keep hundreds of MB it no longer uses."""
+
+    def __init__(self, M: int, hd: int, nkv: int, L: int):
+        self.stacked = np.empty(nkv * 2 * M * hd, dtype=np.int8)
+        self.planes = torch.empty(5 * M * L, dtype=torch.int8)
+        self.scores = torch.empty(2 * M * L, dtype=torch.int32)
+        self.sums = torch.empty(5 * M * hd, dtype=torch.int32)
+        self.total, self.res = np.empty(M, dtype=np.int64), np.empty(M * hd, dtype=np.int64)
+        self.ksum, self.vsum = np.empty(L, dtype=np.int64), np.empty(hd, dtype=np.int64)
+
+
+def _view(flat, *shape):
+    """The first prod(shape) entries of a flat buffer, as a contiguous array of that shape."""
+    return flat[:int(np.prod(shape))].reshape(shape)
+
+
+def _tile(q16, qe, kt, kmax, vc, vmax, r, a, b, c, group, lc, work: _Work, out) -> None:
     """One tile of queries of cache row ``r`` against its keys [0, max c), head by KV head."""
     t, nh, hd = q16.shape
     nkv = kt.shape[1]
     L = int(max(int(c.max()), int(a.max())))
     an, bn, cn = a.numpy(), b.numpy(), c.numpy()
     M = t * group
-    stacked = np.empty((nkv, 2 * M, hd), dtype=np.int8)
+    stacked = _view(work.stacked, nkv, 2 * M, hd)
     _split_heads(q16.numpy(), group, stacked)
     qe_heads = qe.numpy().reshape(t, nkv, group).transpose(1, 0, 2).reshape(nkv, M)
-    planes = np.empty((5, M, L), dtype=np.int8)
-    total = np.empty(M, dtype=np.int64)
-    res = np.empty((M, hd), dtype=np.int64)
-    ksum, vsum = np.empty(L, dtype=np.int64), np.empty(hd, dtype=np.int64)
+    planes = _view(work.planes, 5 * M, L)
+    scores, sums = _view(work.scores, 2 * M, L), _view(work.sums, 5 * M, hd)
+    total, res = work.total[:M], _view(work.res, M, hd)
+    ksum, vsum = work.ksum[:L], work.vsum
     out_a = out.numpy().reshape(t, nkv, group, hd)
     for h in range(nkv):
         keys, values = kt[r, h, :, :L], vc[r, h, :L]                   # [hd, L], [L, hd] int8
         _column_sums(keys.numpy(), values.numpy(), ksum, vsum)
-        s = gemm.mm(torch.from_numpy(stacked[h]), keys).numpy()            # [2M, L] int32
+        s = gemm.mm(torch.from_numpy(stacked[h]), keys, scores).numpy()          # [2M, L] int32
         mags = np.concatenate([kmax[r, h, :L].numpy(), vmax[r, h, :L].numpy()])
-        _softmax_planes(s, ksum, mags, qe_heads[h], an, bn, cn, group, _EXP2, lc, planes, total)
-        rr = gemm.mm(torch.from_numpy(planes.reshape(5 * M, L)), values).numpy()
+        _softmax_planes(s, ksum, mags, qe_heads[h], an, bn, cn, group, _EXP2, lc,
+                        planes.numpy().reshape(5, M, L), total)
+        rr = gemm.mm(planes, values, sums).numpy()
         _finish(rr, vsum, total, res)
         out_a[:, h] = res.reshape(t, group, hd)

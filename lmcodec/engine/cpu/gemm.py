@@ -14,8 +14,8 @@ sums.  Two kernels give the same integers (docs/ENGINE.md, "Exact products on an
 
 Which one runs is measured once per process at SmolLM2's shapes (:func:`kind`), never read
 from a CPU's name; ``LMCODEC_GEMM=int8|float32`` forces one.  No float copy of the weights
-is kept: each call converts the int8 weights it reads, in blocks of :data:`N_BLOCK` rows,
-so the float path costs no memory beyond one block.
+is kept: each call converts the int8 operands it reads in blocks of at most
+:data:`PART_ELEMENTS` entries, so the float path costs no memory beyond a few blocks.
 
 The layers' products have int16 operand rows, which :func:`products` either splits into
 int8 halves for :func:`mm` or takes whole on int_dots' portable loop (one pass, ``vpmaddwd``
@@ -39,9 +39,11 @@ configure_torch()
 #: int8 x int8 products are at most 128 * 127 = 16,256 in magnitude, so float32
 #: sums of up to 1,032 of them stay below 2^24: every float32 GEMM returns them exactly.
 FLOAT32_EXACT_K = 1024
-#: Rows of the right operand ([N, K] weights) converted to float32 at once: a block stays in
-#: cache, and the output head's 49,152 rows never exist as floats all together (113 MB).
-N_BLOCK = 4096
+#: Entries of every float32 buffer a product makes (4 MiB): operand blocks stay in cache, the
+#: output head's 49,152 weight rows never exist as floats all together (113 MB), and the
+#: buffers are the same few sizes however long the pass, so the heap reuses them instead of
+#: growing with each new shape.
+PART_ELEMENTS = 1 << 20
 
 #: The measured (or forced) choices, by the environment variable that forces each.
 _CHOSEN: dict[str, str] = {}
@@ -98,30 +100,37 @@ def _faster(fns: dict[str, Callable[[], object]]) -> str:
     return min(timing, key=timing.get)
 
 
-def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a`` [M, K] int8 times ``b`` [K, N] int8 (any strides) -> int32 [M, N], exactly."""
+def mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``a`` [M, K] int8 times ``b`` [K, N] int8 (any strides) -> int32 [M, N], exactly;
+    into ``out`` (a contiguous [M, N] int32 tensor) when given, so that a caller can reuse one buffer."""
     if kind() == "float32":
-        return _float32_mm(a, b)
-    return torch._int_mm(a, b)
+        return _float32_mm(a, b, out)
+    return torch._int_mm(a, b) if out is None else torch._int_mm(a, b, out=out)
 
 
-def _float32_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """:func:`mm` by float32 GEMMs over K-chunks of at most FLOAT32_EXACT_K and N-blocks of N_BLOCK."""
+def _float32_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`mm` by float32 GEMMs over K-chunks of at most FLOAT32_EXACT_K, in blocks of rows
+    and columns whose float copies hold at most PART_ELEMENTS each; the chunks' sums are added
+    in int32."""
     m, k = a.shape
     n = b.shape[1]
-    af = a.to(torch.float32)
-    out = torch.empty((m, n), dtype=torch.int32)
-    part = torch.empty((m, min(n, N_BLOCK)), dtype=torch.float32)
-    for n0 in range(0, n, N_BLOCK):
-        n1 = min(n, n0 + N_BLOCK)
-        p = part[:, :n1 - n0]
-        for c in range(0, k, FLOAT32_EXACT_K):
-            bf = b[c:c + FLOAT32_EXACT_K, n0:n1].to(torch.float32)
-            torch.mm(af[:, c:c + FLOAT32_EXACT_K], bf, out=p)
-            if c == 0:
-                out[:, n0:n1].copy_(p)
-            else:
-                out[:, n0:n1] += p.to(torch.int32)
+    out = torch.empty((m, n), dtype=torch.int32) if out is None else out
+    kc = max(1, min(k, FLOAT32_EXACT_K))
+    mb = max(1, min(m, PART_ELEMENTS // kc))
+    nb = max(1, min(n, PART_ELEMENTS // mb, PART_ELEMENTS // kc))
+    part = torch.empty(mb * nb, dtype=torch.float32)
+    for m0 in range(0, m, mb):
+        m1 = min(m, m0 + mb)
+        for c in range(0, k, kc):
+            af = a[m0:m1, c:c + kc].to(torch.float32)
+            for n0 in range(0, n, nb):
+                n1 = min(n, n0 + nb)
+                p = part[:(m1 - m0) * (n1 - n0)].view(m1 - m0, n1 - n0)
+                torch.mm(af, b[c:c + kc, n0:n1].to(torch.float32), out=p)
+                if c == 0:
+                    out[m0:m1, n0:n1].copy_(p)
+                else:
+                    out[m0:m1, n0:n1] += p.to(torch.int32)
     return out
 
 
