@@ -109,3 +109,26 @@ def test_kernels_compile_without_vnni(tmp_path):
     env = dict(os.environ, LMCODEC_VNNI="0", NUMBA_CACHE_DIR=str(tmp_path))
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_portable_loop_without_avx2_blocks(tmp_path):
+    """With LMCODEC_AVX2=0 the kernels hold no AVX2 blocks (as on an ARM CPU or an x86 one without
+    AVX2): rows in fours take the portable loop and give the same exact products (a fresh
+    process and numba cache)."""
+    code = ("import numpy as np\n"
+            "from lmcodec.engine.cpu import int_dots\n"
+            "assert not int_dots.avx2_available()\n"
+            "rng = np.random.default_rng(3)\n"
+            "w = rng.integers(-127, 128, (32, 64), dtype=np.int8)\n"
+            "h = rng.integers(-32639, 32640, (9, 64), dtype=np.int16)\n"
+            "h[0] = 32639\n"
+            "out = np.empty((9, 32), np.int64)\n"
+            "wp, ws = int_dots.NO_PACK\n"
+            "int_dots.dots(h, np.empty((18, 64), np.uint8), w, wp, ws, False, out)\n"
+            "assert np.array_equal(out, h.astype(np.int64) @ w.astype(np.int64).T)\n"
+            "y = np.empty((18, 32), np.int32)\n"
+            "int_dots.dots_halves(h, w, y)\n"
+            "assert np.array_equal(256 * y[:9].astype(np.int64) + y[9:], out)\n")
+    env = dict(os.environ, LMCODEC_AVX2="0", NUMBA_CACHE_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

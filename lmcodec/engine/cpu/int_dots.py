@@ -1,4 +1,4 @@
-"""The fused CPU step's products: ``out[i, n] = sum_k h[i, k] q[n, k]`` exactly, two ways.
+"""The fused CPU step's products: ``out[i, n] = sum_k h[i, k] q[n, k]`` exactly, three ways.
 
 ``h`` is an int16 operand row (|h| <= ACT_MAX = 32,639), ``q`` an int8 weight row; every
 sum is the exact integer docs/ENGINE.md's products specify, whichever kernel makes it.
@@ -6,6 +6,14 @@ sum is the exact integer docs/ENGINE.md's products specify, whichever kernel mak
 * **The portable loop** (:func:`_dot`): int32 sums over chunks of ``DOT_CHUNK`` terms
   (512 x 32,639 x 127 < 2^31), added in int64.  LLVM makes it ``vpmaddwd``; it runs at
   ~33 GMAC/s a core here whatever the rows, because each row re-widens every weight.
+* **AVX2 blocks** (:func:`_avx2_block`): four operand rows against two weight rows at a
+  time, each run of 16 weights loaded and widened once for the four rows, the products on
+  ``vpmaddwd`` (emitted as the instruction: LLVM turns a numba loop with several sums into
+  ``vpmulld``, slower than one row at a time).  A lane adds two products per run of 16
+  columns, at most K / 8 of them: exact in int32 for K <= :data:`AVX2_MAX_K` (4,144); the
+  lanes are added in int64.  Used for blocks of four rows where the CPU has AVX2 (the
+  generic target too) and ``LMCODEC_AVX2=0`` is not set; the remaining rows, and a pass of
+  fewer than four, take the portable loop.
 * **AVX-512 VNNI blocks** (:func:`_vnni_block`): the operand split into bytes,
   ``h = 256 (hi + 128) + lo - 32,768`` with ``hi + 128`` and ``lo`` in 0..255, so
   ``sum h q = 256 (sum (hi+128) q - 128 sum q) + sum lo q``, and each unsigned-by-signed
@@ -21,7 +29,7 @@ LLVM does not make ``vpdpbusd`` from a numba loop (it widens the bytes to int16 
 ``vpdpwssd``), so the block is a numba intrinsic that emits the instruction itself; on a
 CPU without it (or with ``LMCODEC_VNNI=0``) the intrinsic compiles to a trap that
 :func:`available` never lets run.
-Both kernels are tested against each other and the reference (tests/test_int_dots.py).
+Every kernel is tested against the others and the reference (tests/test_int_dots.py).
 """
 
 from __future__ import annotations
@@ -138,6 +146,116 @@ _block4 = _vnni_block(4)
 _block8 = _vnni_block(8)
 
 
+#: vpmaddwd on 256 bits: per int32 lane, the sum of two int16 x int16 products.
+PMADDWD = "llvm.x86.avx2.pmadd.wd"
+_V8 = ir.VectorType(_I32, 8)
+_H16 = ir.VectorType(ir.IntType(16), 16)
+_B16 = ir.VectorType(ir.IntType(8), 16)
+#: The longest row the AVX2 blocks sum exactly in their int32 lanes: a lane adds two products
+#: (|h q| <= 32,639 x 127) per 16 columns, so K / 8 of them stay below 2^31 for K <= 4,144.
+AVX2_MAX_K = 16 * ((2**31 - 1) // (2 * 32639 * 127))
+
+
+def cpu_has_avx2() -> bool:
+    """Whether this CPU (as LLVM sees it) has AVX2: vpmaddwd on 256-bit registers."""
+    return llvm.get_host_cpu_features().get("avx2", False)
+
+
+#: Whether the kernels hold AVX2 blocks (:func:`_avx2_block`): the CPU has AVX2 (under
+#: ``LMCODEC_CPU=generic`` too: it is the AVX2 target) and ``LMCODEC_AVX2=0`` was not set.
+_EMIT_AVX2 = cpu_has_avx2() and os.environ.get("LMCODEC_AVX2", "1") != "0"
+
+
+def _avx2_block(rows: int, outs: int):
+    """An intrinsic: acc[r outs + o] = sum_k h[r0 + r, k] w[n0 + o, k] (int64) for r < rows,
+    o < outs, over ``nk16`` runs of 16 columns: each weight run loaded and widened once for
+    every row (what the portable loop repeats per row), the products on ``vpmaddwd``."""
+
+    @intrinsic
+    def block(typingctx, h, r0, w, n0, nk16, acc):
+        sig = types.void(h, r0, w, n0, nk16, acc)
+
+        def codegen(context, builder, signature, args):
+            ha, r0v, wa, n0v, nk, acca = args
+            harr = context.make_array(signature.args[0])(context, builder, ha)
+            warr = context.make_array(signature.args[2])(context, builder, wa)
+            hp = builder.bitcast(harr.data, ir.IntType(8).as_pointer())
+            wp = warr.data
+            hstride = builder.extract_value(harr.strides, 0)
+            wstride = builder.extract_value(warr.strides, 0)
+            out = context.make_array(signature.args[5])(context, builder, acca).data
+            zero = ir.Constant(_V8, None)
+            if _EMIT_AVX2:
+                sums = _emit_pmadd(builder, hp, hstride, r0v, wp, wstride, n0v, nk, rows, outs, zero)
+            else:   # never run (_EMIT_AVX2 is False): something any CPU compiles
+                trap(builder)
+                sums = [zero] * (rows * outs)
+            for j, s in enumerate(sums):
+                total = builder.extract_element(s, ir.Constant(_I32, 0))
+                total = builder.sext(total, _I64)
+                for lane in range(1, 8):
+                    total = builder.add(total, builder.sext(builder.extract_element(s, ir.Constant(_I32, lane)), _I64))
+                builder.store(total, builder.gep(out, [ir.Constant(_I64, j)]))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return block
+
+
+def _emit_pmadd(builder, hp, hstride, r0, wp, wstride, n0, nk, rows: int, outs: int, zero) -> list:
+    """for g < nk: acc[r outs + o] += vpmaddwd(h[r0 + r, 16g : 16g + 16], widen(w[n0 + o, 16g : 16g + 16]))."""
+    fn = declare(builder.module, PMADDWD, ir.FunctionType(_V8, [_H16, _H16]))
+
+    def step(g, accs):
+        col = builder.mul(g, ir.Constant(_I64, 16))
+        wv = []
+        for o in range(outs):
+            at = builder.add(builder.mul(builder.add(n0, ir.Constant(_I64, o)), wstride), col)
+            raw = builder.load(builder.bitcast(builder.gep(wp, [at]), _B16.as_pointer()), align=1)
+            wv.append(builder.sext(raw, _H16))
+        new = list(accs)
+        for r in range(rows):
+            at = builder.add(builder.mul(builder.add(r0, ir.Constant(_I64, r)), hstride),
+                             builder.mul(col, ir.Constant(_I64, 2)))
+            hv = builder.load(builder.bitcast(builder.gep(hp, [at]), _H16.as_pointer()), align=1)
+            for o in range(outs):
+                new[r * outs + o] = builder.add(accs[r * outs + o], builder.call(fn, [hv, wv[o]]))
+        return new
+
+    return counted_loop(builder, nk, [zero] * (rows * outs), step, "pmadd")
+
+
+_pmadd4x2 = _avx2_block(4, 2)
+
+
+def avx2_available() -> bool:
+    """The AVX2 blocks are used (decided at import: :data:`_EMIT_AVX2`)."""
+    return _EMIT_AVX2
+
+
+@njit(inline="always", **JIT)
+def _avx2_shapes(h, w):
+    """Rows and weights the AVX2 blocks take: whole runs of 16 columns within AVX2_MAX_K, weight
+    rows in pairs, unit steps along a row."""
+    k = w.shape[1]
+    return (k % 16 == 0 and 0 < k <= AVX2_MAX_K and w.shape[0] % 2 == 0
+            and h.strides[1] == 2 and w.strides[1] == 1)
+
+
+@njit(inline="always", **JIT)
+def _avx2_rows(h, i, w, n0, nk16, acc):
+    """The sums of operand rows i, i + 1, ... against weight rows n0 and n0 + 1 into ``acc``
+    (row-major, 2 a row): four rows on the AVX2 blocks where four are left, else one row on
+    the portable loop (faster for one row); returns how many rows."""
+    if h.shape[0] - i >= 4:
+        _pmadd4x2(h, np.int64(i), w, n0, nk16, acc)
+        return 4
+    acc[0] = _dot(h[i], w[n0])
+    acc[1] = _dot(h[i], w[n0 + 1])
+    return 1
+
+
 @njit(inline="always", **JIT)
 def _dot32(hr, wr):
     """sum hr wr in int32 (exact for at most DOT_CHUNK terms): a loop over whole views, which
@@ -194,6 +312,18 @@ def dots(h, u, w, wp, wsum, vnni, out):  # pragma: no cover - compiled
                         hi = np.int64(acc[r, lane]) - 128 * wsum[n]
                         out[(i + r) // 2, n] = (hi << 8) + np.int64(acc[r + 1, lane])
                 i += c
+    elif _EMIT_AVX2 and m_rows >= 4 and _avx2_shapes(h, w):
+        nk16 = np.int64(k // 16)
+        for b in prange(n_out // 2):
+            acc = np.empty(8, np.int64)
+            n0 = np.int64(2 * b)
+            i = 0
+            while i < m_rows:
+                c = _avx2_rows(h, i, w, n0, nk16, acc)
+                for r in range(c):
+                    out[i + r, n0] = acc[2 * r]
+                    out[i + r, n0 + 1] = acc[2 * r + 1]
+                i += c
     else:
         for blk in prange((n_out + _BLOCK - 1) // _BLOCK):
             for n in range(blk * _BLOCK, min(n_out, blk * _BLOCK + _BLOCK)):
@@ -212,9 +342,23 @@ def dots_halves(h, w, y):  # pragma: no cover - compiled
     where the float32 path needs two (the operand's high and low bytes)."""
     m_rows = h.shape[0]
     n_out = w.shape[0]
-    for blk in prange((n_out + _BLOCK - 1) // _BLOCK):
-        for n in range(blk * _BLOCK, min(n_out, blk * _BLOCK + _BLOCK)):
-            for i in range(m_rows):
-                t = _dot(h[i], w[n])
-                y[i, n] = np.int32(t >> 8)
-                y[m_rows + i, n] = np.int32(t & 255)
+    if _EMIT_AVX2 and m_rows >= 4 and _avx2_shapes(h, w):
+        nk16 = np.int64(w.shape[1] // 16)
+        for b in prange(n_out // 2):
+            acc = np.empty(8, np.int64)
+            n0 = np.int64(2 * b)
+            i = 0
+            while i < m_rows:
+                c = _avx2_rows(h, i, w, n0, nk16, acc)
+                for j in range(2 * c):
+                    t = acc[j]
+                    y[i + j // 2, n0 + j % 2] = np.int32(t >> 8)
+                    y[m_rows + i + j // 2, n0 + j % 2] = np.int32(t & 255)
+                i += c
+    else:
+        for blk in prange((n_out + _BLOCK - 1) // _BLOCK):
+            for n in range(blk * _BLOCK, min(n_out, blk * _BLOCK + _BLOCK)):
+                for i in range(m_rows):
+                    t = _dot(h[i], w[n])
+                    y[i, n] = np.int32(t >> 8)
+                    y[m_rows + i, n] = np.int32(t & 255)

@@ -32,10 +32,12 @@ from . import platform  # noqa: E402  (LMCODEC_CPU=generic sets numba's target b
 if "NUMBA_CACHE_DIR" not in os.environ:  # site-packages may be read-only
     from ...cache import cache_dir
 
-    # LMCODEC_VNNI=0 compiles the kernels without VNNI code (int_dots), LMCODEC_CPU=generic for a
-    # baseline AVX2 target: neither shares the cache of the kernels compiled for this CPU.
-    _VARIANT = ("-generic" if platform.GENERIC else
-                "-novnni" if os.environ.get("LMCODEC_VNNI", "1") == "0" else "")
+    # LMCODEC_VNNI=0 / LMCODEC_AVX2=0 compile the kernels without VNNI / AVX2 blocks (int_dots),
+    # LMCODEC_CPU=generic for a baseline AVX2 target: none shares the cache of the kernels
+    # compiled for this CPU.
+    _VARIANT = (("-generic" if platform.GENERIC else
+                 "-novnni" if os.environ.get("LMCODEC_VNNI", "1") == "0" else "")
+                + ("-noavx2" if os.environ.get("LMCODEC_AVX2", "1") == "0" else ""))
     os.environ["NUMBA_CACHE_DIR"] = str(cache_dir() / "numba" / (_sources_digest() + _VARIANT))
 
 import numba  # noqa: E402

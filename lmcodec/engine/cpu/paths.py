@@ -13,5 +13,7 @@ def describe() -> dict:
     """The CPU's flags and the paths taken: the layer products, the int8 GEMMs, the fused step."""
     return {"machine": _os_platform.machine(), "flags": platform.cpu_flags(), "generic": platform.GENERIC,
             "numba_target": os.environ.get("NUMBA_CPU_NAME", "host"),
-            "fused_products": "avx512-vnni" if int_dots.available() else "portable (vpmaddwd where LLVM finds it)",
+            "fused_products": "avx512-vnni" if int_dots.available() else
+            "avx2 blocks of 4 rows, portable loop for the rest" if int_dots.avx2_available() else
+            "portable (vpmaddwd where LLVM finds it)",
             "layer_products": gemm.products_kind(ops.split), "gemm": gemm.kind()}
