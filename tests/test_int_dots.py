@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,6 +92,13 @@ def test_head_kernel_takes_the_same_products(vnni):
     assert np.array_equal(lam, exact(h, w) * mult)
 
 
+def in_fresh_process(code: str, cache: Path, **env: str) -> None:
+    """Run ``code`` in a new interpreter with ``env`` set and its own numba cache; it must exit 0."""
+    done = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, NUMBA_CACHE_DIR=str(cache), **env),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_kernels_compile_without_vnni(tmp_path):
     """With LMCODEC_VNNI=0 (as on a CPU without it) the kernels hold no VNNI code, compile and
     give the exact products on the portable loop (a fresh process and numba cache)."""
@@ -106,9 +114,7 @@ def test_kernels_compile_without_vnni(tmp_path):
             "assert np.array_equal(out, h.astype(np.int64) @ w.astype(np.int64).T)\n"
             "asm = ''.join(int_dots.dots.inspect_asm(s) for s in int_dots.dots.signatures)\n"
             "assert 'vpdpbusd' not in asm\n")
-    env = dict(os.environ, LMCODEC_VNNI="0", NUMBA_CACHE_DIR=str(tmp_path))
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    in_fresh_process(code, tmp_path, LMCODEC_VNNI="0")
 
 
 def test_the_portable_loop_without_avx2_blocks(tmp_path):
@@ -129,6 +135,4 @@ def test_the_portable_loop_without_avx2_blocks(tmp_path):
             "y = np.empty((18, 32), np.int32)\n"
             "int_dots.dots_halves(h, w, y)\n"
             "assert np.array_equal(256 * y[:9].astype(np.int64) + y[9:], out)\n")
-    env = dict(os.environ, LMCODEC_AVX2="0", NUMBA_CACHE_DIR=str(tmp_path))
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    in_fresh_process(code, tmp_path, LMCODEC_AVX2="0")
