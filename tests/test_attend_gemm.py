@@ -81,3 +81,35 @@ def test_a_decoding_step_keeps_the_per_query_kernel():
     assert not attend_gemm.usable(torch.arange(8))                  # one query per row
     assert not attend_gemm.usable(torch.arange(4).repeat_interleave(9))
     assert attend_gemm.usable(torch.zeros(40, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("sparse_top", [1, 10**9])
+@pytest.mark.parametrize("seed,extreme", [(5, True), (6, False)])
+def test_the_top_byte_key_by_key_or_by_a_gemm(monkeypatch, sparse_top, seed, extreme):
+    """Every tile's top byte (w >= 2^32) added key by key (sparse_top 1), or by the fifth GEMM
+    wherever a tile has one (10^9): the same integers as the per-query kernel either way.  Every
+    fifth key's vmax is 2^20 or more, so the tiles hold some top bytes and not only top bytes, and
+    rows with a few (named in top_keys) and, at the extremes, rows with more (their plane searched)."""
+    monkeypatch.setattr(attend_gemm, "SPARSE_TOP", sparse_top)
+    seen = []
+    softmax_planes = attend_gemm._softmax_planes
+
+    def spy(*args):
+        softmax_planes(*args)
+        seen.extend(args[-2].tolist())
+    monkeypatch.setattr(attend_gemm, "_softmax_planes", spy)
+    rng = np.random.default_rng(seed)
+    args = case(rng, 2, 48 + 8, 9, 3, 64, 48, extreme)
+    args[5][..., ::5] = (1 << 24) - 1 if extreme else 1 << 20
+    if extreme:
+        args[0][2:6] = 0                    # flat: every key of these queries weighs 2^16
+    assert torch.equal(attend_gemm.attend(*args), per_query(*args))
+    assert any(0 < t <= attend_gemm.TOP_KEYS for t in seen)
+    assert max(seen) > attend_gemm.TOP_KEYS or not extreme
+
+
+def test_w_offsets():
+    for planes in (4, 5):
+        w = np.random.default_rng(planes).integers(0, 1 << (8 * planes), 1000, dtype=np.int64)
+        shifted = sum(((w >> (8 * q)) & 255) - 128 << (8 * q) for q in range(planes))
+        assert np.array_equal(shifted + attend_gemm.w_offset(planes), w)

@@ -11,8 +11,11 @@ oneDNN's VNNI/AMX kernels, or exact float32 GEMMs), decomposed exactly as the Tr
   ``lo = (q16 & 255) - 128`` (both int8), so ``s = 256 (hi . k) + (lo . k) +
   128 sum_d k``: one product of the stacked hi and lo rows with the keys;
 * value sums: ``w = p vmax`` is in [0, 2^40), ``w = sum_b 256^b (byte_b(w) -
-  128) + 128 (2^40 - 1) / 255``: one product of the five byte planes with the
-  values, plus the offset times the values' column sums.
+  128) + 128 (2^40 - 1) / 255``: one product of the byte planes with the
+  values, plus the offset times the values' column sums.  The top byte (``w >=
+  2^32``) is rare -- under 0.1% of a real pass's weights, about one key a query
+  -- so where a tile's are few it is added key by key (:func:`_finish`) instead
+  of by a fifth GEMM over every key.
 
 int32 sums stay below 2^31 (128 * 127 * 256 for scores; 128 * 127 * 8,192 keys
 for values) and int64 totals below 2^61, so every sum is exact.  Between the
@@ -38,16 +41,29 @@ from .rows import _EXP2
 TILE = 256
 #: Use the GEMM path when a cache row has at least this many queries in one call.
 MIN_QUERIES = 32
-#: 128 (2^40 - 1) / 255: the offset of the five shifted bytes of a w in [0, 2^40).
-W_OFFSET = 128 * ((1 << 40) - 1) // 255
+#: The byte planes of a w in [0, 2^40).
+PLANES = 5
+#: The top byte's weights are added key by key (not by a GEMM) when a tile has at most one in
+#: this many of its (query, head, key) entries: a key costs hd int64 products then, against a
+#: GEMM's hd products for every entry at BLAS speed.
+SPARSE_TOP = 32
+#: Top-byte keys a row names for :func:`_finish` (a row with more has its plane searched).
+TOP_KEYS = 8
+
+
+def w_offset(planes: int) -> int:
+    """128 (256^planes - 1) / 255: the offset of the low ``planes`` shifted bytes of a w."""
+    return 128 * ((1 << (8 * planes)) - 1) // 255
 
 
 @njit(parallel=True, **JIT)
-def _softmax_planes(s, ksum, kmax, qe, a, b, c, group, exp2, lc, planes, total):  # pragma: no cover - compiled
+def _softmax_planes(s, ksum, kmax, qe, a, b, c, group, exp2, lc, planes, total, tops,
+                    top_keys):  # pragma: no cover - compiled
     """Per (query n, head g) row m = n * group + g of the stacked scores ``s`` [2 M, L]
     (hi rows, then lo rows): z over its key set, the maximum, p and w = p vmax's five
-    shifted bytes into ``planes`` [5, M, L] (keys outside the set: w = 0),
-    and sum p into ``total`` [M]."""
+    shifted bytes into ``planes`` [5, M, L] (keys outside the set: w = 0), sum p into
+    ``total`` [M], the count of keys with w >= 2^32 into ``tops`` [M] and the first
+    TOP_KEYS of them into ``top_keys`` [M, TOP_KEYS]."""
     M = s.shape[0] // 2
     L = s.shape[1]
     for m in prange(M):
@@ -63,6 +79,7 @@ def _softmax_planes(s, ksum, kmax, qe, a, b, c, group, exp2, lc, planes, total):
                 zmax = max(zmax, zj)
         sh = ATT_PRESHIFT - qe[m]
         tot = np.int64(0)
+        top = 0
         for j in range(L):
             w = np.int64(0)
             if j < n1 or (j >= lo_b and j < hi_c):
@@ -72,9 +89,17 @@ def _softmax_planes(s, ksum, kmax, qe, a, b, c, group, exp2, lc, planes, total):
                     p = exp2[u & 1023] >> ((u >> 10) + ATT_P_SHIFT)
                     tot += p
                     w = p * np.int64(kmax[L + j])      # vmax rides behind kmax (one array)
-            for q in range(5):
+            for q in range(PLANES):
                 planes[q, m, j] = np.int8(((w >> (8 * q)) & 255) - 128)
+            top += w >= (np.int64(1) << 32)
         total[m] = tot
+        tops[m] = top
+        if 0 < top <= TOP_KEYS:                   # name them: w >= 2^32 where its top byte is not 0
+            k = 0
+            for j in range(L):
+                if planes[PLANES - 1, m, j] != -128:
+                    top_keys[m, k] = j
+                    k += 1
 
 
 @njit(parallel=True, **JIT)
@@ -109,17 +134,31 @@ def _column_sums(keys, values, ksum, vsum):  # pragma: no cover - compiled
 
 
 @njit(parallel=True, **JIT)
-def _finish(r, vsum, total, out):  # pragma: no cover - compiled
-    """out = floor((2 acc + 127 tot) / (2 * 127 tot)), acc = sum_b 256^b r_b + W_OFFSET * vsum."""
+def _finish(r, dense, offset, vsum, tops, top_keys, top_plane, values, total, out):  # pragma: no cover - compiled
+    """out = floor((2 acc + 127 tot) / (2 * 127 tot)), acc = sum_{b < dense} 256^b r_b + offset * vsum,
+    and with four ``dense`` planes, the top byte's products key by key: 2^32 (byte_4 + 128) v for
+    each key of a row whose byte is not 0 (``tops`` counts them, ``top_keys`` names them where they
+    are at most TOP_KEYS, else the row of ``top_plane`` [M, L] is searched)."""
     M = total.shape[0]
     hd = vsum.shape[0]
+    L = values.shape[0]
     for m in prange(M):
         den = 127 * total[m]
+        acc = np.empty(hd, np.int64)
         for d in range(hd):
-            acc = np.int64(W_OFFSET) * vsum[d]
-            for q in range(5):
-                acc += np.int64(r[q * M + m, d]) * (np.int64(1) << (8 * q))
-            out[m, d] = (2 * acc + den) // (2 * den)
+            acc[d] = np.int64(offset) * vsum[d]
+            for q in range(dense):
+                acc[d] += np.int64(r[q * M + m, d]) * (np.int64(1) << (8 * q))
+        if dense == PLANES - 1:
+            count = tops[m] if tops[m] <= TOP_KEYS else L
+            for i in range(count):
+                j = top_keys[m, i] if tops[m] <= TOP_KEYS else i
+                hi = np.int64(top_plane[m, j]) + 128
+                if hi != 0:
+                    for d in range(hd):
+                        acc[d] += (hi << 32) * np.int64(values[j, d])
+        for d in range(hd):
+            out[m, d] = (2 * acc[d] + den) // (2 * den)
 
 
 def usable(crow: torch.Tensor) -> bool:
@@ -158,10 +197,11 @@ class _Work:
 
     def __init__(self, M: int, hd: int, nkv: int, L: int):
         self.stacked = np.empty(nkv * 2 * M * hd, dtype=np.int8)
-        self.planes = torch.empty(5 * M * L, dtype=torch.int8)
+        self.planes = torch.empty(PLANES * M * L, dtype=torch.int8)
         self.scores = torch.empty(2 * M * L, dtype=torch.int32)
-        self.sums = torch.empty(5 * M * hd, dtype=torch.int32)
+        self.sums = torch.empty(PLANES * M * hd, dtype=torch.int32)
         self.total, self.res = np.empty(M, dtype=np.int64), np.empty(M * hd, dtype=np.int64)
+        self.tops, self.top_keys = np.empty(M, dtype=np.int64), np.empty((M, TOP_KEYS), dtype=np.int64)
         self.ksum, self.vsum = np.empty(L, dtype=np.int64), np.empty(hd, dtype=np.int64)
 
 
@@ -180,9 +220,9 @@ def _tile(q16, qe, kt, kmax, vc, vmax, r, a, b, c, group, lc, work: _Work, out) 
     stacked = _view(work.stacked, nkv, 2 * M, hd)
     _split_heads(q16.numpy(), group, stacked)
     qe_heads = qe.numpy().reshape(t, nkv, group).transpose(1, 0, 2).reshape(nkv, M)
-    planes = _view(work.planes, 5 * M, L)
-    scores, sums = _view(work.scores, 2 * M, L), _view(work.sums, 5 * M, hd)
-    total, res = work.total[:M], _view(work.res, M, hd)
+    planes = _view(work.planes, PLANES * M, L)
+    scores, sums = _view(work.scores, 2 * M, L), _view(work.sums, PLANES * M, hd)
+    total, res, tops, top_keys = work.total[:M], _view(work.res, M, hd), work.tops[:M], work.top_keys[:M]
     ksum, vsum = work.ksum[:L], work.vsum
     out_a = out.numpy().reshape(t, nkv, group, hd)
     for h in range(nkv):
@@ -190,8 +230,10 @@ def _tile(q16, qe, kt, kmax, vc, vmax, r, a, b, c, group, lc, work: _Work, out) 
         _column_sums(keys.numpy(), values.numpy(), ksum, vsum)
         s = gemm.mm(torch.from_numpy(stacked[h]), keys, scores).numpy()          # [2M, L] int32
         mags = np.concatenate([kmax[r, h, :L].numpy(), vmax[r, h, :L].numpy()])
-        _softmax_planes(s, ksum, mags, qe_heads[h], an, bn, cn, group, _EXP2, lc,
-                        planes.numpy().reshape(5, M, L), total)
-        rr = gemm.mm(planes, values, sums).numpy()
-        _finish(rr, vsum, total, res)
+        planes_a = planes.numpy().reshape(PLANES, M, L)
+        _softmax_planes(s, ksum, mags, qe_heads[h], an, bn, cn, group, _EXP2, lc, planes_a, total, tops, top_keys)
+        dense = PLANES - 1 if int(tops.sum()) * SPARSE_TOP <= M * L else PLANES
+        rr = gemm.mm(planes[:dense * M], values, sums[:dense * M]).numpy()
+        _finish(rr, dense, w_offset(dense), vsum, tops, top_keys, planes_a[PLANES - 1], values.numpy(), total,
+                res)
         out_a[:, h] = res.reshape(t, group, hd)
