@@ -194,7 +194,7 @@ def score_batch(engine: Engine, pre: Prefix, inputs: Sequence[np.ndarray],
         slot = P + pos - base
         a = torch.full_like(pos, P)
         b = P + (pos - window + 1).clamp(min=P) - base
-        h, e = engine.forward(ids_t[:, s0 - P:s1 - P], pos, cache, slot, (a, b, slot + 1))
+        h, e = engine.forward(ids_t[:, s0 - P:s1 - P], pos, cache, slot, (a, b, slot + 1), release=True)
         if engine.device.type == "cpu":
             release_free_memory()       # the chunk's freed arrays, before the next chunk or the coder
         n = s1 - s0

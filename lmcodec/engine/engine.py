@@ -36,6 +36,7 @@ import torch
 from ..errors import UsageError
 from . import gemma, ops_torch
 from .kvcache import KVCache
+from .model import mapped
 from .model.quantize import IntModel
 from .spec import fixedmath
 from .spec.constants import ACT_FRAC, MAX_HEAD_DIM, RESID_FRAC, bucket_width
@@ -131,6 +132,7 @@ def _flat_keys(slots: torch.Tensor, key_ranges, B: int, T: int, dev) -> tuple:
 ROPE_RANGE = 1024
 
 
+
 class Engine:
     """The exact forward pass of one :class:`~lmcodec.engine.model.quantize.IntModel` on one device."""
 
@@ -217,7 +219,8 @@ class Engine:
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor,
                 key_ranges: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                bound: int | None = None, local: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                bound: int | None = None, local: tuple | None = None,
+                release: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Run ``ids`` [B, T] at ``positions``, writing K/V at cache ``slots`` of rows 0..B-1.
 
         ``positions``, ``slots`` and each of ``key_ranges = (a, b, c)`` are either
@@ -232,6 +235,11 @@ class Engine:
         positions on the host: then nothing in the pass waits for the device.
         ``local = (slots, key_ranges)``, in the same layout: the local layers' own, for a
         cache that gives them their own slots (``KVCache.local_pos``; given exactly then).
+        ``release``: on a CPU, give each layer's weights back to the page cache after the layer
+        (:func:`lmcodec.engine.model.mapped.release`), for a sweep of wide passes (the encoder's
+        chunks of 512 positions): the process then holds one layer's weights at a time, and maps
+        the next chunk's back in ~15 ms (SmolLM2) against the chunk's seconds.  Not for
+        decoding's passes, which would pay those milliseconds on every pass.
         """
         a, ops, dev = self.arch, self.ops, self.device
         B, T = ids.shape
@@ -270,6 +278,7 @@ class Engine:
         if fused is not None:
             return fused(self, x, {a.rope_theta: (_per_row(cos, B, shared), _per_row(sin, B, shared))}, crow,
                          (_per_row(slots, B, shared), ka, kb, kc), cache)
+        release = release and dev.type == "cpu"
         for li, layer in enumerate(self.model.layers):
             h, e = ops.norm(x, layer.attn_gain, layer.attn_gain_shift, self._eps)
             lin = layer.qkv
@@ -282,6 +291,9 @@ class Engine:
             lin = layer.gate_up
             a16, sa = ops.mlp(int_mm(h, lin.weight), lin.mult, lin.shift, e, self._sigmoid)
             ops.residual_add(x, int_mm(a16, layer.down.weight), layer.down.mult, layer.down.shift, sa - 2 * ACT_FRAC)
+            if release:
+                for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
+                    mapped.release(lin.weight.numpy())
         return ops.norm(x, self.model.final_gain, self.model.final_gain_shift, self._eps)
 
     def _rope_flat(self, positions: torch.Tensor, bound: int | None, theta: float, B: int, shared: bool):
@@ -305,6 +317,13 @@ class Engine:
         if fused is not None and h16.shape[0] <= self.ops.FUSED_ROWS:
             return fused(self, h16, exp)
         return self.ops.gaps(int_mm(h16, head.weight), head.mult, exp - head.shift)
+
+    def release_head(self) -> None:
+        """Give the output head's weights back to the page cache (on a CPU, where they are mapped
+        from the model's file: :func:`lmcodec.engine.model.mapped.release`); the next product maps
+        them back.  For a caller that runs the head in a sweep of chunks with other work between."""
+        if self.device.type == "cpu":
+            mapped.release(self.model.head.weight.numpy())
 
     def logits(self, h16: torch.Tensor, exp: torch.Tensor) -> Logits:
         """Exact logits of hidden rows: lam = (h W_head^T) * mult, real logit = lam * 2^exp."""

@@ -29,6 +29,7 @@ import threading
 import numpy as np
 import torch
 
+from ..model import mapped
 from ..spec.constants import (
     ACT_FRAC,
     ACT_MAX,
@@ -270,6 +271,7 @@ def _packed(engine, lin) -> tuple:
     got = lin.__dict__.get("_vnni")
     if got is None or got[0] != lin.weight.data_ptr():
         got = lin.__dict__["_vnni"] = (lin.weight.data_ptr(), *int_dots.pack(lin.weight.numpy()))
+        mapped.release(lin.weight.numpy())      # steps read the packs; a wide pass maps it back
     return got[1:]
 
 

@@ -34,6 +34,7 @@ import torch
 
 from ...cache import cache_dir
 from ..spec import fixedmath
+from . import mapped
 from .registry import ArchConfig, LoadedModel
 
 #: Version of the integer engine's arithmetic (docs/ENGINE.md).  Any change to
@@ -305,35 +306,6 @@ def _assemble(arch: ArchConfig, arrays: dict[str, torch.Tensor], shifts: dict[st
 
 _LOADED: dict[tuple[bytes, bytes], IntModel] = {}
 
-#: safetensors' dtype names of the integer model's arrays.
-_DTYPES = {"I8": np.int8, "I16": np.int16, "I32": np.int32, "I64": np.int64, "U8": np.uint8}
-
-
-def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """A safetensors file's arrays, each read into its own memory with plain reads.
-
-    safetensors' own loaders read the whole file into one buffer, or map it, before the
-    arrays are copied out: either way the process holds the weights twice for a moment
-    (~130 MB more for SmolLM2), the larger part of a small file's peak memory.  The format
-    is an 8-byte little-endian header length, a JSON header of names, dtypes, shapes and
-    byte offsets, then the bytes (https://github.com/huggingface/safetensors).
-    """
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-        base = 8 + n
-        out = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            start, stop = info["data_offsets"]
-            arr = np.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
-            f.seek(base + start)
-            if arr.nbytes != stop - start or f.readinto(arr.reshape(-1).view(np.uint8)) != arr.nbytes:
-                raise ValueError(f"{path}: {name} is truncated")
-            out[name] = arr
-    return out
-
 
 def load_int_model(model: LoadedModel, tokenizer_fingerprint: bytes) -> IntModel:
     """The integer model of ``model``, from the cache or quantized now (seconds, once)."""
@@ -348,7 +320,7 @@ def load_int_model(model: LoadedModel, tokenizer_fingerprint: bytes) -> IntModel
     if meta_path.is_file() and data_path.is_file():
         try:
             meta = json.loads(meta_path.read_text())
-            arrays = read_safetensors(data_path)
+            arrays = mapped.map_safetensors(data_path)
             shifts, eps_q32 = meta["shifts"], int(meta["eps_q32"])
         except (OSError, ValueError, KeyError):
             arrays = None
@@ -368,10 +340,13 @@ def load_int_model(model: LoadedModel, tokenizer_fingerprint: bytes) -> IntModel
                         raise
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-        except OSError:
-            pass  # an unwritable cache only costs time
+            arrays = mapped.map_safetensors(data_path)      # the file's pages, as on every later load
+        except (OSError, ValueError):
+            pass  # an unwritable cache only costs time (and the weights stay in the process's memory)
     fp = fingerprint(model.arch, arrays, shifts, eps_q32, tokenizer_fingerprint)
-    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+    for v in arrays.values():
+        mapped.release(v)       # the fingerprint read every page; the paths read back what they use
+    tensors = {k: mapped.as_tensor(np.ascontiguousarray(v)) for k, v in arrays.items()}
     _LOADED[key] = _assemble(model.arch, tensors, shifts, eps_q32, fp)
     return _LOADED[key]
 
