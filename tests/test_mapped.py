@@ -82,3 +82,27 @@ def test_released_pages_leave_the_process_and_read_back_the_same(weights):
     anonymous = arrays["big"].copy()
     assert mapped.release(anonymous) == 0 and np.array_equal(anonymous, arrays["big"])
     assert mapped.release(got["mult"]) == 0              # a copy, not the file's pages
+
+
+@pytest.mark.skipif(not hasattr(mmap, "MADV_DONTNEED"), reason="no madvise here")
+def test_the_parallel_pass_gives_each_layers_weights_back(tiny_model_dir, monkeypatch):
+    """runner.score_segment (the encoder's pass) releases every layer's four matrices after the
+    layer, chunk by chunk, and they are the model file's pages; the same pass's bits against the
+    reference are test_exact's and test_gemma's."""
+    import torch
+    from conftest import load_tiny
+
+    from lmcodec.coding import runner
+    from lmcodec.engine.engine import Engine
+
+    im, _ = load_tiny(tiny_model_dir)
+    engine = Engine(im, "cpu")
+    freed = []
+    release = mapped.release
+    monkeypatch.setattr(mapped, "release", lambda arr: freed.append(release(arr)) or freed[-1])
+    monkeypatch.setattr(runner, "SCORE_CHUNK", 20)      # wider than a fused step (FUSED_ROWS)
+    with torch.inference_mode():
+        pre = runner.prefill(engine, [1, 2, 3])
+        runner.score_segment(engine, pre, np.arange(4, 44) % im.arch.vocab_size, 64)
+    assert len(freed) == 2 * 4 * len(im.layers)            # 40 positions: two chunks of 20
+    assert sum(freed) > 0

@@ -258,6 +258,7 @@ class Engine:
             raise ValueError("local slots and key sets go with a cache whose local layers have their own slots")
         # A step's few rows: one kernel per layer (cpu.ops's fused step), every value given per row.
         fused = getattr(ops, "forward_rows", None) if B * T <= getattr(ops, "FUSED_ROWS", 0) else None
+        release = release and dev.type == "cpu"
         if gemma.has_gemma_parts(a):
             pos = positions.to(dev).expand(B, T).reshape(B * T)
             local_keys = None if local is None else _flat_keys(local[0].to(dev), local[1], B, T, dev)
@@ -273,12 +274,12 @@ class Engine:
                 tables = {th: (_per_row(c, B, shared), _per_row(s, B, shared)) for th, (c, s) in rope.items()}
                 own = None if local_keys is None else (_per_row(local_keys[0], B, shared), *local_keys[1:])
                 return fused(self, x, tables, crow, (_per_row(slots, B, shared), ka, kb, kc), cache, own, lowest)
-            gemma.forward_layers(self, int_mm, x, rope, B, T, pos, cache, crow, (slots, ka, kb, kc), local_keys)
+            gemma.forward_layers(self, int_mm, x, rope, B, T, pos, cache, crow, (slots, ka, kb, kc), local_keys,
+                                 release)
             return ops.norm(x, self.model.final_gain, self.model.final_gain_shift, self._eps)
         if fused is not None:
             return fused(self, x, {a.rope_theta: (_per_row(cos, B, shared), _per_row(sin, B, shared))}, crow,
                          (_per_row(slots, B, shared), ka, kb, kc), cache)
-        release = release and dev.type == "cpu"
         for li, layer in enumerate(self.model.layers):
             h, e = ops.norm(x, layer.attn_gain, layer.attn_gain_shift, self._eps)
             lin = layer.qkv
@@ -292,8 +293,7 @@ class Engine:
             a16, sa = ops.mlp(int_mm(h, lin.weight), lin.mult, lin.shift, e, self._sigmoid)
             ops.residual_add(x, int_mm(a16, layer.down.weight), layer.down.mult, layer.down.shift, sa - 2 * ACT_FRAC)
             if release:
-                for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
-                    mapped.release(lin.weight.numpy())
+                self.release_layer(layer)
         return ops.norm(x, self.model.final_gain, self.model.final_gain_shift, self._eps)
 
     def _rope_flat(self, positions: torch.Tensor, bound: int | None, theta: float, B: int, shared: bool):
@@ -317,6 +317,11 @@ class Engine:
         if fused is not None and h16.shape[0] <= self.ops.FUSED_ROWS:
             return fused(self, h16, exp)
         return self.ops.gaps(int_mm(h16, head.weight), head.mult, exp - head.shift)
+
+    def release_layer(self, layer) -> None:
+        """Give a layer's weight matrices back to the page cache (``forward(release=True)``)."""
+        for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
+            mapped.release(lin.weight.numpy())
 
     def release_head(self) -> None:
         """Give the output head's weights back to the page cache (on a CPU, where they are mapped

@@ -53,14 +53,15 @@ def attention_constant(arch: ArchConfig) -> int:
 
 
 def forward_layers(engine, mm, x: torch.Tensor, rope: dict, B: int, T: int, positions: torch.Tensor,
-                   cache, crow: torch.Tensor, keys: tuple, local_keys: tuple | None) -> None:
+                   cache, crow: torch.Tensor, keys: tuple, local_keys: tuple | None, release: bool = False) -> None:
     """Run every layer on residual rows ``x`` [B*T, H] in place (``mm``: the engine's exact int8 product).
 
     ``rope``: RoPE base -> (cos, sin) rows of the queries; ``positions`` [B*T] (flattened
     per query) bound the local layers' windows: query at p sees keys at positions > p - W.
     ``keys = (slots, a, b, c)``: where each query writes its key and which slots it reads
     (Engine.forward); ``local_keys`` the same in the local layers' own slots (None: they
-    share the global layers' slots).
+    share the global layers' slots).  ``release``: each layer's weights back to the page cache after
+    the layer (Engine.forward's ``release``, already limited to a CPU).
     """
     a, ops, eps = engine.arch, engine.ops, engine._eps
     nh, nkv, hd = a.num_heads, a.num_kv_heads, a.head_dim
@@ -87,6 +88,8 @@ def forward_layers(engine, mm, x: torch.Tensor, rope: dict, B: int, T: int, posi
         a16, sa = ops.mlp(mm(h, lin.weight), lin.mult, lin.shift, e, engine._sigmoid)
         _add(ops, mm(a16, layer.down.weight), x, sa - 2 * ACT_FRAC, layer.down, layer.post_mlp_gain,
              layer.post_mlp_gain_shift, eps)
+        if release:
+            engine.release_layer(layer)
 
 
 def _add(ops, y: torch.Tensor, x: torch.Tensor, exp: torch.Tensor, lin, gain, gain_shift: int, eps) -> None:
