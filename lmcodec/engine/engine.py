@@ -132,7 +132,6 @@ def _flat_keys(slots: torch.Tensor, key_ranges, B: int, T: int, dev) -> tuple:
 ROPE_RANGE = 1024
 
 
-
 class Engine:
     """The exact forward pass of one :class:`~lmcodec.engine.model.quantize.IntModel` on one device."""
 

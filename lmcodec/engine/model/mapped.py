@@ -4,8 +4,10 @@ Read into the process's own memory, a model's int8 weights (122 MB for SmolLM2) 
 resident whether or not a path still reads them.  Mapped from the engine's cache file
 (:func:`map_safetensors`) they are the file's pages: :func:`release` drops a range of them
 from the process at once where no path reads it for a while -- all the weights after the
-fingerprint has read them, and each matrix the VNNI step has packed into its own layout
-(lmcodec.engine.cpu.fused) -- and the kernel reads them again from the page cache (or the
+fingerprint has read them, each matrix the VNNI step has packed into its own layout
+(lmcodec.engine.cpu.fused), each layer's after the layer in the encoder's parallel pass and
+the output head's between the encoder's head chunks (lmcodec.engine.engine) -- and the
+kernel reads them again from the page cache (or the
 disk) if a path touches them later.  So releasing is never wrong, only slower where the
 pages are read again.  The mapping is read-only: a stray write into a weight faults
 instead of changing the bits an archive depends on.
@@ -44,7 +46,6 @@ def map_safetensors(path: Path) -> dict[str, np.ndarray]:
     header = json.loads(mm[8:8 + n])
     base = 8 + n
     whole = np.frombuffer(mm, np.uint8)
-    _MAPS.append((whole.ctypes.data, whole.nbytes, mm))
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -56,6 +57,7 @@ def map_safetensors(path: Path) -> dict[str, np.ndarray]:
             raise ValueError(f"{path}: {name} is truncated")
         arr = whole[base + start:base + stop].view(dtype).reshape(info["shape"])
         out[name] = arr if dtype == np.int8 else arr.copy()
+    _MAPS.append((whole.ctypes.data, whole.nbytes, mm))
     return out
 
 
