@@ -234,7 +234,6 @@ def encode_stream(engine: Engine, hidden: list[SegmentRows], symbols: list[np.nd
             h = torch.stack([part[i][0][t] for i, t in rows])
             e = torch.stack([part[i][1][t] for i, t in rows])
             gaps = engine.gaps(h, e)
-            engine.release_head()       # the coding between two chunks holds the head's pages for nothing
             if outputs is not None:
                 p, mass, _ = outputs(gaps.numpy())     # the output step, for every row of the chunk
         live = [[i for i, n in enumerate(lengths) if t < n] for t in range(t0, t1)]

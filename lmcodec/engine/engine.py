@@ -322,13 +322,6 @@ class Engine:
         for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
             mapped.release(lin.weight.numpy())
 
-    def release_head(self) -> None:
-        """Give the output head's weights back to the page cache (on a CPU, where they are mapped
-        from the model's file: :func:`lmcodec.engine.model.mapped.release`); the next product maps
-        them back.  For a caller that runs the head in a sweep of chunks with other work between."""
-        if self.device.type == "cpu":
-            mapped.release(self.model.head.weight.numpy())
-
     def logits(self, h16: torch.Tensor, exp: torch.Tensor) -> Logits:
         """Exact logits of hidden rows: lam = (h W_head^T) * mult, real logit = lam * 2^exp."""
         head = self.model.head

@@ -5,9 +5,8 @@ resident whether or not a path still reads them.  Mapped from the engine's cache
 (:func:`map_safetensors`) they are the file's pages: :func:`release` drops a range of them
 from the process at once where no path reads it for a while -- all the weights after the
 fingerprint has read them, each matrix the VNNI step has packed into its own layout
-(lmcodec.engine.cpu.fused), each layer's after the layer in the encoder's parallel pass and
-the output head's between the encoder's head chunks (lmcodec.engine.engine) -- and the
-kernel reads them again from the page cache (or the
+(lmcodec.engine.cpu.fused), and each layer's after the layer in the encoder's parallel pass
+(lmcodec.engine.engine) -- and the kernel reads them again from the page cache (or the
 disk) if a path touches them later.  So releasing is never wrong, only slower where the
 pages are read again.  The mapping is read-only: a stray write into a weight faults
 instead of changing the bits an archive depends on.
