@@ -16,8 +16,9 @@ from lmcodec.coding.passes import OutputRows
 from lmcodec.coding.runner import next_sink_move, sink_step
 from lmcodec.coding.schedule import Scheduler
 from lmcodec.coding.steps import rooms, skip_decoded
-from lmcodec.coding.tables_cpu import bucket_weights, masses_rows
+from lmcodec.coding.tables_cpu import bucket_weights, masses_rows, token_weights
 from lmcodec.engine.spec.constants import BUCKETS, ESCAPES, OUT_U_CAP
+from lmcodec.engine.cpu.jit import njit
 from lmcodec.engine.spec.fixedmath import exp2_table
 
 
@@ -39,6 +40,38 @@ def test_masses_and_remade_buckets_are_the_full_rows(alphabet):
         for b in [0, 1, int(rng.integers(0, BUCKETS)), vocab // width, (vocab + ESCAPES - 1) // width, BUCKETS - 1]:
             bucket_weights(u[r], b, width, totals[r], exp2, out)
             assert np.array_equal(out, p[r, b * width:(b + 1) * width]), (r, b)
+
+
+@njit
+def _token_weights(u, bias, has_bias, frac, exp2, width, p, mass):
+    return token_weights(u, bias, has_bias, frac, exp2, width, p, mass)
+
+
+@settings(max_examples=40, deadline=None)
+@given(vocab=st.integers(1, 300), seed=st.integers(0, 2**32 - 1), has_bias=st.booleans(),
+       bias_type=st.sampled_from([np.int32, np.int64]), frac=st.sampled_from([0, 10]))
+def test_token_weights_are_the_statement(vocab, seed, has_bias, bias_type, frac):
+    """token_weights (8 tokens a gather, gather.py, then the tail one at a time) is, token by token,
+    exp2[e & 1023] >> (e >> 10) of e = u, or of min(u - (bias >> frac) - low, OUT_U_CAP) with the bias;
+    escapes max(1, total >> 24); padding 0; bucket masses their sums."""
+    rng = np.random.default_rng(seed)
+    alphabet = vocab + ESCAPES
+    width, exp2 = bucket_width(alphabet), exp2_table()
+    u = rng.integers(0, OUT_U_CAP + 1, size=vocab, dtype=np.int64) >> int(rng.integers(0, 6))
+    u[rng.integers(0, vocab, size=3)] = rng.choice([0, OUT_U_CAP], size=3)
+    bias = rng.integers(-(16 << 20), (16 << 20) + 1, size=vocab).astype(bias_type)
+    p, mass = np.full(BUCKETS * width, -1, np.int32), np.zeros(BUCKETS, np.int64)
+    total = _token_weights(u, bias, has_bias, frac, exp2, width, p, mass)
+    e = u
+    if has_bias:
+        g = u - (bias.astype(np.int64) >> frac)
+        e = np.minimum(g - g.min(), OUT_U_CAP)
+    want = np.zeros(BUCKETS * width, np.int64)
+    want[:vocab] = exp2[e & 1023] >> (e >> 10)
+    assert total == want.sum()
+    want[vocab:alphabet] = max(1, int(total) >> 24)
+    assert np.array_equal(p, want)
+    assert np.array_equal(mass, want.reshape(BUCKETS, width).sum(axis=1))
 
 
 @settings(max_examples=60, deadline=None)

@@ -182,6 +182,38 @@ def test_the_cpu_kernels_compute_the_tensor_steps_integers(seed):
     assert torch.equal(coded, want_coded) and torch.equal(got_bias, want)
 
 
+@pytest.mark.parametrize("rows", [3, 2_100])
+def test_the_compiled_step_on_an_int32_bias_is_the_tensor_step(rows):
+    """learn_step (the compiled decoder's and encoder's bias step, mixedpass) on the int32 bias it keeps,
+    against bias_step's int64 tensors: 2,100 rows that all weigh one token they never code lower it by
+    ~2^31 before the clamp, so that step runs on an int64 copy (bias_cpu.IN_PLACE_ROWS)."""
+    from lmcodec.coding.bias_cpu import IN_PLACE_ROWS, learn_step
+    from lmcodec.engine.cpu.jit import njit
+
+    @njit
+    def step(q, totals, ys, n, coded, rates, rate_now, bias, count_cap, bias_cap):
+        learn_step(q, totals, ys, n, coded, rates, rate_now, bias, count_cap, bias_cap)
+
+    vocab = 6
+    rng = np.random.default_rng(rows)
+    q = rng.integers(0, 1 << 10, size=(rows, vocab)).astype(np.int32)
+    q[:, 0] = 1 << 30                                    # every row's mass on token 0 ...
+    symbols = rng.integers(1, vocab + 2, size=rows)      # ... which none codes (>= vocab: escapes)
+    bias = np.full(vocab, -BIAS_CAP, np.int32)
+    bias[1:] = rng.integers(-BIAS_CAP, BIAS_CAP + 1, vocab - 1)
+    coded = rng.integers(0, 3, vocab).astype(np.int32)
+    rates = _rate_array()
+    want_coded = torch.from_numpy(coded.astype(np.int64))
+    want = bias_step(torch.from_numpy(q.astype(np.int64)), symbols.tolist(), want_coded,
+                     torch.from_numpy(bias.astype(np.int64)), vocab)
+    rate_now = rates[coded].astype(np.int32)
+    totals = q.astype(np.int64).sum(axis=1)
+    step(q, totals, symbols, rows, coded, rates, rate_now, bias, BIAS_COUNT_CAP, BIAS_CAP)
+    assert (rows > IN_PLACE_ROWS) == (rows > 1000)
+    assert np.array_equal(coded, want_coded.numpy()) and np.array_equal(bias, want.numpy())
+    assert np.array_equal(rate_now, rates[coded])
+
+
 def test_adaptive_bias_learns_the_document_and_stays_bounded():
     """A token the LM keeps under-predicting gains weight step by step, up to the cap and no further."""
     u = torch.full((1, VOCAB), 8 * 1024, dtype=torch.int64)

@@ -111,27 +111,21 @@ def floor_div(x, d, inv):  # pragma: no cover - compiled
     return q
 
 
+#: Rows a step may teach with the bias's running value kept in its own array: an int32 bias starts
+#: within +-2^24, a coded token's rise is below 2^26 and each row lowers a token by at most its rate,
+#: 2^20, so 1,024 rows stay above -2^31 before the clamp.  Wider steps work on an int64 copy.
+IN_PLACE_ROWS = 1024
+
+
 @njit(inline="always", **JIT)
-def learn_step(q, totals, ys, n, coded, rates, rate_now, bias, count_cap, bias_cap):  # pragma: no cover - compiled
-    """:func:`learn_bias` for the ``n`` rows of one step in one thread: ``q`` [>= n, >= V] their LM weights
-    (int32 or int64: weights are at most 2^30),
-    ``totals`` their tokens' sums, ``ys`` their symbols (escapes, >= V, teach nothing).  ``rate_now`` [V]
-    keeps ``rates[coded]`` (updated here for the tokens counted), so the vocabulary loop reads no table
-    through another and vectorises."""
-    vocab = bias.shape[0]
-    for k in range(n):
-        if ys[k] < vocab:
-            coded[ys[k]] = min(coded[ys[k]] + 1, count_cap)
-            rate_now[ys[k]] = rates[coded[ys[k]]]
-    for k in range(n):
-        if ys[k] < vocab:
-            bias[ys[k]] += rate_now[ys[k]]
+def _teach(q, totals, ys, n, rate_now, acc, vocab, bias_cap):  # pragma: no cover - compiled
+    """acc[:vocab] -= floor(q_kv rate_v / total_k) for each teaching row k, clamped to +-bias_cap after
+    the last; the clamp goes into the last teaching row's loop (one pass over the bias less).  Without a
+    teaching row the bias did not move and stays within the cap."""
     last = -1
     for k in range(n):
         if ys[k] < vocab:
             last = k
-    # The clamp goes into the last teaching row's loop (one pass over the bias less); without a
-    # teaching row the bias did not move and stays within the cap.
     for k in range(last + 1):
         if ys[k] >= vocab:
             continue
@@ -140,8 +134,31 @@ def learn_step(q, totals, ys, n, coded, rates, rate_now, bias, count_cap, bias_c
         row = q[k]
         if k < last:
             for v in range(vocab):
-                bias[v] -= floor_div(np.int64(row[v]) * rate_now[v], d, inv)
+                acc[v] -= floor_div(np.int64(row[v]) * rate_now[v], d, inv)
         else:
             for v in range(vocab):
-                b = bias[v] - floor_div(np.int64(row[v]) * rate_now[v], d, inv)
-                bias[v] = min(max(b, -bias_cap), bias_cap)
+                b = acc[v] - floor_div(np.int64(row[v]) * rate_now[v], d, inv)
+                acc[v] = min(max(b, -bias_cap), bias_cap)
+
+
+@njit(inline="always", **JIT)
+def learn_step(q, totals, ys, n, coded, rates, rate_now, bias, count_cap, bias_cap):  # pragma: no cover - compiled
+    """:func:`learn_bias` for the ``n`` rows of one step in one thread: ``q`` [>= n, >= V] their LM weights
+    (int32 or int64: weights are at most 2^30),
+    ``totals`` their tokens' sums, ``ys`` their symbols (escapes, >= V, teach nothing).  ``rate_now`` [V]
+    keeps ``rates[coded]`` (updated here for the tokens counted), so the vocabulary loop reads no table
+    through another and vectorises.  ``bias`` may be int32 (:data:`IN_PLACE_ROWS`)."""
+    vocab = bias.shape[0]
+    for k in range(n):
+        if ys[k] < vocab:
+            coded[ys[k]] = min(coded[ys[k]] + 1, count_cap)
+            rate_now[ys[k]] = rates[coded[ys[k]]]
+    for k in range(n):
+        if ys[k] < vocab:
+            bias[ys[k]] += rate_now[ys[k]]
+    if n <= IN_PLACE_ROWS:
+        _teach(q, totals, ys, n, rate_now, bias, vocab, bias_cap)
+    else:
+        acc = bias.astype(np.int64)
+        _teach(q, totals, ys, n, rate_now, acc, vocab, bias_cap)
+        bias[:] = acc

@@ -242,7 +242,10 @@ class MixedStream:
         models = config if self.mixing else MixerConfig()
         self.online = OnlineModels(models, lanes, max(1, sum(lane_lengths)) if self.mixing else 1, alphabet,
                                    list(lane_lengths) if self.mixing else None).state
-        self.bias = np.zeros(self.vocab if self.has_bias else 1, np.int64)
+        # int32: the bias stays within +-BIAS_CAP = 2^24 (a step's rows move it by at most a rate, 2^20, each
+        # before the clamp), counts stop at BIAS_COUNT_CAP and rates are at most 2^20.  Half the bytes of
+        # int64 for the three vocabulary-long arrays every step reads, which a model pass evicts.
+        self.bias = np.zeros(self.vocab if self.has_bias else 1, np.int32)
         self.coded = np.zeros_like(self.bias)
         self.rates = _rate_array()
         self.rate_now = np.full_like(self.bias, self.rates[0])     # rates[coded], kept by learn_step
