@@ -65,11 +65,14 @@ def _weights_block(biased: bool):
         if not all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and isinstance(a.dtype, types.Integer)
                    and a.dtype.signed for a in arrays) or exp2.dtype.bitwidth != 64 or p.dtype.bitwidth != 32:
             return None     # contiguous rows only: the vectors are read and written in place
+        if not all(isinstance(x, types.Integer) for x in (frac, low, at)):
+            return None
         sig = types.void(u, bias, frac, low, exp2, p, at)
 
         def codegen(context, builder, signature, args):
             ua, ba, fr, lo, ea, pa, i = args
-            ut, bt, _, _, et, pt, _ = signature.args
+            ut, bt, ft, lt, et, pt, it = signature.args
+            fr, lo, i = (context.cast(builder, v, t, types.int64) for v, t in ((fr, ft), (lo, lt), (i, it)))
             e = _load(builder, context, ut, ua, i)
             if biased:
                 b = _load(builder, context, bt, ba, i)
