@@ -11,14 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmcodec.coding.frequencies import bucket_width
-from lmcodec.coding.lanes import RunningLanes, guess_limits
+from lmcodec.coding.lanes import RunningLanes, fed_guesses, guess_limits
 from lmcodec.coding.passes import OutputRows
 from lmcodec.coding.runner import next_sink_move, sink_step
 from lmcodec.coding.schedule import Scheduler
 from lmcodec.coding.steps import rooms, skip_decoded
 from lmcodec.coding.tables_cpu import bucket_weights, masses_rows, token_weights
-from lmcodec.engine.spec.constants import BUCKETS, ESCAPES, OUT_U_CAP
 from lmcodec.engine.cpu.jit import njit
+from lmcodec.engine.spec.constants import BUCKETS, ESCAPES, OUT_U_CAP
 from lmcodec.engine.spec.fixedmath import exp2_table
 
 
@@ -150,3 +150,14 @@ def test_skip_decoded_moves_rows_by_the_guesses_that_held():
     live = np.zeros(5, bool)
     assert skip_decoded(decoded, position, live) == 6
     assert position.tolist() == [10, 11, 14, 13, 15] and live.tolist() == [False, True, True, False, True]
+    assert not decoded.any()            # ready for the next pass
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 9)), min_size=1, max_size=40))
+def test_fed_guesses_are_the_live_rows_widths(rows):
+    live = np.array([a for a, _ in rows], bool)
+    width = np.array([w for _, w in rows], np.int64)
+    out = np.full(len(rows), -1, np.int64)
+    assert fed_guesses(live, width, out) == live.sum()
+    assert np.array_equal(out, np.where(live, width - 1, 0))

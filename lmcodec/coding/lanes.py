@@ -257,6 +257,17 @@ def guess_limits(rows, lengths, step, position, P, q, bound, spare, most):  # pr
 
 
 @njit(**JIT)
+def fed_guesses(live, width, out):  # pragma: no cover - compiled
+    """The guesses each row is fed next pass, ``out[r]`` = ``width[r] - 1`` where ``live[r]``, else 0 (what
+    :meth:`~lmcodec.coding.steps.RowStep.advance` checks against its room); returns the live rows."""
+    n = 0
+    for r in range(live.shape[0]):
+        out[r] = width[r] - 1 if live[r] else 0
+        n += live[r]
+    return n
+
+
+@njit(**JIT)
 def write_guesses(rows, spans, counts, guesses, T, feed, width, vocab, placeholder):  # pragma: no cover
     """Feed stream k's lanes (``rows[spans[k]:spans[k + 1]]``) their first ``min(T - 1, counts[k])``
     guesses (tokens outside the vocabulary as the placeholder) after column 0; set their widths."""

@@ -34,7 +34,7 @@ from .devicepass import DevicePasses
 from .draft import PassCost, choose_width
 from .draftbank import DraftBank, PrefixTable
 from .frequencies import CodingTables
-from .lanes import LOGGED, STATUS, RunningLanes, guess_limits, new_record, settle, write_guesses
+from .lanes import LOGGED, STATUS, RunningLanes, fed_guesses, guess_limits, new_record, settle, write_guesses
 from .mixedpass import MixedStream
 from .mixing import MixerConfig, StreamMixer
 from .passes import DecoderBank, PlainPasses
@@ -161,6 +161,8 @@ class Rows:
         self.decoded = np.zeros(rows, dtype=np.int64)                    # tokens each row decoded this pass
         self.log = np.zeros((2, 0), dtype=np.int64)                      # the pass's (row, symbol)s, in order
         self.record = new_record()                                       # the pass's counts (lanes.settle)
+        self._fresh = new_record()                                       # what a pass's record starts from
+        self.fed = np.zeros(rows, dtype=np.int64)                        # the guesses each row is fed next pass
         self.cost = PassCost()
         self.stats = stats if stats is not None else DecodeStats()
         self._pass: tuple[int, float] | None = None     # (queries, seconds) of the last pass, gaps still to add
@@ -183,9 +185,8 @@ class Rows:
             queries, seconds = self._pass
             self.cost.record(queries, seconds + time.perf_counter() - t0)
             self._pass = None
-        self.decoded[:] = 0
-        record = self.record
-        record[:] = new_record()
+        record = self.record          # (``decoded`` was left zero by the last pass's skip_decoded)
+        record[:] = self._fresh
         tok = self.tok
         if self.plain is not None:
             self.plain.decode(u, self.lanes, self.where, (self.flat, self.base), self.feed, self.width, self.decoded,
@@ -326,12 +327,13 @@ class Rows:
     def launch(self) -> None:
         """The model pass: the tokens just decoded and their guesses in, the next hidden rows out."""
         T = self._next
+        live = fed_guesses(self.live, self.width, self.fed)
         t0 = time.perf_counter()
-        self.run.advance(self.feed[:, :T], self.live, guesses=np.where(self.live, self.width - 1, 0))
+        self.run.advance(self.feed[:, :T], self.live, guesses=self.fed)
         self._pass = (self.run.rows * T, time.perf_counter() - t0)
         self.stats.model_seconds += self._pass[1]
         self.stats.passes += 1
-        self.stats.row_passes += int(self.live.sum())
+        self.stats.row_passes += live
 
 
 class Overlap:

@@ -63,7 +63,8 @@ def rooms(position, rows, P, q, bound, spare):  # pragma: no cover - compiled
 @njit(**JIT)
 def skip_decoded(decoded, position, live):  # pragma: no cover - compiled
     """Each row that decoded n > 0 tokens in the last pass moves n - 1 more positions on (its guesses that held;
-    the pass moved it one) and is ``live``; returns the tokens decoded."""
+    the pass moved it one) and is ``live``; returns the tokens decoded.  ``decoded`` is left zero for the next
+    pass (one numpy call less a pass: after a model pass each costs several microseconds, docs/SPEED.md)."""
     count = 0
     for r in range(decoded.shape[0]):
         n = decoded[r]
@@ -71,6 +72,7 @@ def skip_decoded(decoded, position, live):  # pragma: no cover - compiled
             position[r] += n - 1
         live[r] = n > 0
         count += n
+        decoded[r] = 0
     return count
 
 
@@ -249,7 +251,8 @@ class RowStep:
 
     def skip_decoded(self, decoded: np.ndarray, live: np.ndarray) -> int:
         """:meth:`skip` every row by the tokens it decoded from the last pass, less the one the pass moved it
-        (``decoded`` [rows]); ``live`` [rows] gets the rows that decoded any.  Returns the tokens decoded."""
+        (``decoded`` [rows], left zero); ``live`` [rows] gets the rows that decoded any.  Returns the tokens
+        decoded."""
         return skip_decoded(decoded, self.position, live)
 
     def advance(self, tokens: np.ndarray, live: np.ndarray | None = None, guesses: np.ndarray | None = None) -> None:
