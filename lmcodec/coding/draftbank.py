@@ -378,12 +378,24 @@ def _chances(acc, lengths, spans, counts, out):  # pragma: no cover - compiled
 
 
 @njit(**JIT)
-def _plan(pre, ptab, ltok, ltab, lst, ring, acc, cfg, pushed, symbols, slots, spans, most, guesses, out, counts,
-          table):  # pragma: no cover - compiled
+def _plan(pre, ptab, ltok, ltab, lst, ring, acc, cfg, pushed, symbols, slots, spans, most
+          ):  # pragma: no cover - compiled
     """The decoder's drafts after a pass, in one call: :func:`_push` of the pass's symbols (``pushed[i]``'s
     lane decoded ``symbols[i]``, in order), then :func:`_propose` with watch for every live lane (``slots``,
     each with its ``most``), then each stream's count (its lanes' least: they move together; stream k's
-    lanes are ``slots[spans[k]:spans[k + 1]]``) and :func:`_chances` for those counts."""
+    lanes are ``slots[spans[k]:spans[k + 1]]``) and :func:`_chances` for those counts.  Returns
+    (guesses [n, max most], (counts, match lengths) [2, n], each stream's count, chances [streams, max most]),
+    made here: after a model pass each numpy call from Python costs several microseconds (docs/SPEED.md)."""
+    n = slots.shape[0]
+    width = 0
+    for i in range(n):
+        width = max(width, most[i])
+    if width > cfg[5]:
+        raise ValueError("more guesses asked than the bank keeps")
+    guesses = np.zeros((n, width), np.int64)
+    out = np.zeros((2, n), np.int64)
+    counts = np.zeros(max(0, spans.shape[0] - 1), np.int64)
+    table = np.zeros((counts.shape[0], width), np.float64)
     _push(pre, ltok, ltab, lst, ring, acc, cfg, pushed, symbols)
     _propose(pre, ptab, ltok, ltab, lst, ring, cfg, slots, most, guesses, out, True)
     for k in range(spans.shape[0] - 1):
@@ -392,9 +404,15 @@ def _plan(pre, ptab, ltok, ltab, lst, ring, acc, cfg, pushed, symbols, slots, sp
             c = min(c, out[0, i])
         counts[k] = c if spans[k + 1] > spans[k] else 0
     _chances(acc, out[1], spans, counts, table)
+    return guesses, out, counts, table
 
 
 # -- Python -------------------------------------------------------------------------------------------------
+
+
+def _int64(a: np.ndarray) -> np.ndarray:
+    """``a`` as int64 (the compiled calls' one signature); the decoder's arrays already are, and pass as they are."""
+    return a if isinstance(a, np.ndarray) and a.dtype == np.int64 else np.asarray(a, dtype=np.int64)
 
 
 class PrefixTable:
@@ -509,18 +527,9 @@ class DraftBank:
         ``most[i]``), then each stream's count (its lanes' least, since they move together) and
         :meth:`stream_chances` for them.  Returns (guesses [n, max most], each lane's count, each stream's
         count, the chances [streams, max most])."""
-        n = len(slots)
-        width = max(0, int(most.max())) if n else 0
-        guesses = np.zeros((n, width), dtype=np.int64)
-        out = np.zeros((2, n), dtype=np.int64)
-        counts = np.zeros(max(0, len(spans) - 1), dtype=np.int64)
-        table = np.zeros((len(counts), width), dtype=np.float64)
-        if width > self.most:
-            raise ValueError("more guesses asked than the bank keeps")
-        _plan(self.prefix.ids, self.prefix.table, self.ltok, self.ltab, self.lst, self.ring, self.acc, self.cfg,
-              np.ascontiguousarray(pushed, dtype=np.int64), np.ascontiguousarray(symbols, dtype=np.int64),
-              np.ascontiguousarray(slots, dtype=np.int64), np.ascontiguousarray(spans, dtype=np.int64),
-              np.ascontiguousarray(most, dtype=np.int64), guesses, out, counts, table)
+        guesses, out, counts, table = _plan(self.prefix.ids, self.prefix.table, self.ltok, self.ltab, self.lst,
+                                            self.ring, self.acc, self.cfg, _int64(pushed), _int64(symbols),
+                                            _int64(slots), _int64(spans), _int64(most))
         return guesses, out[0], counts, table
 
     def chances(self, lengths: np.ndarray, count: int) -> np.ndarray:
