@@ -156,6 +156,10 @@ def test_ring_and_room_limits():
         bank.push(np.array([1]), np.array([5]))
     with pytest.raises(ValueError):
         bank.propose(np.array([1]), 3)                  # past the acceptance table's places
+    before = bank.lst.copy()
+    with pytest.raises(ValueError):                     # the same bound through plan, before its push
+        bank.plan(np.array([0]), np.array([7]), np.array([0]), np.array([0, 1]), np.array([3]))
+    assert np.array_equal(bank.lst, before)
     bank.open(np.array([1]), 2)                         # the slot again, a shorter lane
     bank.push(np.array([1, 1]), np.array([1, 2]))
     with pytest.raises(ValueError):
